@@ -1,0 +1,140 @@
+"""Packaging, README and vendored-data checks (no GPU needed)."""
+import configparser
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VENDORED = [
+    "tiny-neox-q8_0.gguf",
+    "tiny-neox-q4_0.gguf",
+    "tiny-neox-seq-f32.gguf",
+    "reference.npz",
+    "reference-seq.npz",
+    "reference.json",
+    "heldout.txt",
+    "README.md",
+    "hf/tokenizer.json",
+    "hf/config.json",
+    "hf/tokenizer_config.json",
+]
+NOT_VENDORED = ["tiny-neox-f32.gguf", "tiny-neox-f16.gguf", "hf/model.safetensors"]
+MAX_VENDORED_BYTES = 20 * 1000 * 1000
+
+
+def _setup_cfg() -> configparser.ConfigParser:
+    cfg = configparser.ConfigParser()
+    assert cfg.read(ROOT / "setup.cfg"), "setup.cfg missing"
+    return cfg
+
+
+def _lines(value: str) -> list[str]:
+    return [x.strip() for x in value.strip().splitlines() if x.strip()]
+
+
+# --- setup.cfg ------------------------------------------------------------------
+
+def test_wgsl_is_package_data():
+    cfg = _setup_cfg()
+    assert "*.wgsl" in cfg.get("options.package_data", "tensorgpu.kernels").split()
+    include = _lines(cfg.get("options.packages.find", "include"))
+    assert "tensorgpu" in include and "tensorgpu.*" in include
+    assert "models" in include
+
+
+def test_kernels_dir_is_a_package_if_it_has_wgsl():
+    # find: only sees folders with __init__.py; without it the .wgsl files are not shipped.
+    kernels = ROOT / "tensorgpu" / "kernels"
+    if not list(kernels.glob("*.wgsl")):
+        pytest.skip("no .wgsl kernels yet")
+    assert (ROOT / "tensorgpu" / "__init__.py").is_file()
+    assert (kernels / "__init__.py").is_file(), (
+        "tensorgpu/kernels/__init__.py is missing: the .wgsl package data would not be installed"
+    )
+
+
+def test_install_requires_and_extras():
+    cfg = _setup_cfg()
+    reqs = _lines(cfg.get("options", "install_requires"))
+    names = {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in reqs}
+    assert {"wgpu", "numpy", "gguf", "tokenizers", "tqdm", "safetensors"} <= names
+    assert "wgpu==0.32.0" in reqs
+    assert cfg.get("options", "python_requires").strip() == ">=3.10"
+    test_extra = set(_lines(cfg.get("options.extras_require", "test")))
+    assert {"pytest", "hypothesis", "pytest-benchmark"} <= test_extra
+    assert "slow" in cfg.get("tool:pytest", "markers")
+
+
+def test_setuptools_finds_packages():
+    setupcfg = pytest.importorskip("setuptools.config.setupcfg")
+    old = os.getcwd()
+    os.chdir(ROOT)  # find: and file: are resolved relative to the cwd
+    try:
+        conf = setupcfg.read_configuration("setup.cfg")
+    finally:
+        os.chdir(old)
+    packages = set(conf["options"]["packages"])
+    assert "models" in packages
+    if (ROOT / "tensorgpu" / "__init__.py").is_file():
+        assert "tensorgpu" in packages
+    if (ROOT / "tensorgpu" / "kernels" / "__init__.py").is_file():
+        assert "tensorgpu.kernels" in packages
+    assert not any(p.startswith(("tests", "benchmarks")) for p in packages)
+
+
+# --- README / make / CI --------------------------------------------------------
+
+def test_readme_starts_with_the_two_commands():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    before, fence, rest = text.partition("```")
+    assert fence, "README.md has no code block"
+    head = [line for line in before.splitlines() if line.strip()]
+    assert head and head[0].startswith("# "), "README should start with a '# title' line"
+    assert len(head) <= 2, f"only a title and one sentence may precede the commands: {head}"
+    block = rest.split("```", 1)[0].splitlines()[1:]  # drop the info string (sh)
+    commands = [line.split("#", 1)[0].strip() for line in block]
+    assert [c for c in commands if c] == ["make run", "make test"]
+
+
+def test_make_targets_and_ci_script():
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("run", "test", "bench", "setup"):
+        assert re.search(rf"^{target}:", makefile, re.M), f"Makefile lacks '{target}:'"
+    assert ".venv/.installed" in makefile or "$(VENV)/.installed" in makefile
+    ci = ROOT / ".ci" / "run"
+    assert ci.is_file() and os.access(ci, os.X_OK), ".ci/run must be executable"
+    assert "make test" in ci.read_text()
+
+
+# --- vendored reference data ---------------------------------------------------
+
+def test_vendored_files_exist_and_are_small(tiny_neox_dir):
+    missing = [f for f in VENDORED if not (tiny_neox_dir / f).is_file()]
+    assert not missing, f"missing from {tiny_neox_dir}: {missing}"
+    total = sum(p.stat().st_size for p in tiny_neox_dir.rglob("*") if p.is_file())
+    assert total < MAX_VENDORED_BYTES, f"models/tiny-neox holds {total} bytes (limit {MAX_VENDORED_BYTES})"
+    present = [f for f in NOT_VENDORED if (tiny_neox_dir / f).exists()]
+    assert not present, f"too large to vendor: {present}"
+
+
+def test_vendored_gguf_headers(tiny_neox_dir):
+    for name in VENDORED:
+        if name.endswith(".gguf"):
+            with open(tiny_neox_dir / name, "rb") as f:
+                assert f.read(4) == b"GGUF", f"{name} is not a GGUF file (git-lfs pointer?)"
+
+
+def test_nothing_reads_shared_folder():
+    # Code and tests use the vendored copy in models/tiny-neox, never ../shared.
+    pattern = re.compile(r"(/work/shared|\.\./shared|\bshared/models)")
+    offenders = []
+    for top in ("tensorgpu", "models", "tests", "benchmarks"):
+        for path in (ROOT / top).rglob("*.py"):
+            if path.resolve() == Path(__file__).resolve():
+                continue
+            if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, f"these files refer to the shared folder: {offenders}"
