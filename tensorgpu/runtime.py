@@ -1,0 +1,441 @@
+"""The only module that talks to wgpu: adapter and limits, buffer pool, pipeline and bind-group
+caches, the queue of pending dispatches, and readback.
+
+Why a pending queue: WebGPU charges ~60-90 us per submit and ~25 us per extra compute pass, so
+every dispatch produced by any number of realizes is appended to one list and encoded into ONE
+command encoder / ONE compute pass / ONE submit when a value is read back (or `flush()` is
+called). Program order is kept by the order of the list; wgpu inserts the barriers between
+dispatches of one pass. Buffers referenced by pending dispatches are kept alive until the
+submit so the pool never hands them out early.
+"""
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+
+import wgpu  # noqa: E402
+
+MAX_WORKGROUPS_PER_DIM = 65535
+
+
+class NoAdapterError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class Stats(dict):
+    """Cumulative counters a user (or a test) inspects through `tg.debug.stats()`."""
+
+    KEYS = ("kernels_dispatched", "pipelines_compiled", "buffers_allocated", "bytes_allocated",
+            "bind_groups_created", "submits", "readbacks", "captures_traced", "captures_replayed")
+
+    def __init__(self):
+        super().__init__({k: 0 for k in self.KEYS})
+
+
+STATS = Stats()
+_kernel_logs: list = []  # active tg.debug.kernel_log() collectors
+
+
+@dataclass
+class KernelLogEntry:
+    name: str
+    wgsl: str
+    workgroups: tuple
+    buffers: int
+
+
+# ----------------------------------------------------------------------------- device
+
+
+@dataclass
+class Options:
+    """Soft switches for code generation, so tests can force the fallback paths on an adapter
+    that has the features (lavapipe has shader-f16 and subgroups). They change the generated
+    WGSL only; storage layouts are identical either way (f16 packed two per u32 word has the
+    same bytes as array<f16>)."""
+    use_f16: bool = True
+    use_subgroups: bool = True
+    max_storage_buffers: Optional[int] = None  # None: the adapter's limit
+
+
+OPTIONS = Options(
+    use_f16=os.environ.get("TENSORGPU_DISABLE_F16", "") in ("", "0"),
+    use_subgroups=os.environ.get("TENSORGPU_DISABLE_SUBGROUPS", "") in ("", "0"),
+    max_storage_buffers=int(os.environ["TENSORGPU_MAX_STORAGE_BUFFERS"]) if os.environ.get("TENSORGPU_MAX_STORAGE_BUFFERS") else None,
+)
+
+
+class Device:
+    """The wgpu adapter + device, requested with the adapter's own limits and useful features."""
+
+    WANTED_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "timestamp-query-inside-passes", "pipeline-cache")
+
+    def __init__(self):
+        adapters = [a for a in wgpu.gpu.enumerate_adapters_sync()]
+        want = os.environ.get("TENSORGPU_ADAPTER", "")
+        if want:
+            chosen = [a for a in adapters if want.lower() in a.info["device"].lower()
+                      or want.lower() in a.info["backend_type"].lower()]
+            if not chosen:
+                names = ", ".join(f"{a.info['device']} ({a.info['backend_type']})" for a in adapters) or "none"
+                raise NoAdapterError(f"TENSORGPU_ADAPTER={want!r} matches no adapter; found: {names}")
+            adapter = chosen[0]
+        else:
+            non_gl = [a for a in adapters if a.info["backend_type"] != "OpenGL"]
+            adapter = None
+            if non_gl:
+                adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+                if adapter is None or adapter.info["backend_type"] == "OpenGL":
+                    adapter = non_gl[0]
+        if adapter is None:
+            raise NoAdapterError(
+                "no WebGPU adapter found (Vulkan, Metal or DX12). On Linux without a GPU install "
+                "Mesa's software Vulkan driver: `apt-get install -y mesa-vulkan-drivers`; with a GPU, "
+                "install its Vulkan driver. TENSORGPU_ADAPTER=<substring> picks one of several.")
+        self.adapter = adapter
+        features = [f for f in self.WANTED_FEATURES if f in adapter.features]
+        limit_names = ("max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage",
+                       "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
+                       "max-compute-workgroup-size-x", "max-compute-workgroup-size-y",
+                       "max-compute-workgroups-per-dimension", "max-bindings-per-bind-group")
+        limits = {k: adapter.limits[k] for k in limit_names if k in adapter.limits}
+        self.device = adapter.request_device_sync(required_features=features, required_limits=limits)
+        self.queue = self.device.queue
+        self.features = set(self.device.features)
+        self.limits = dict(self.device.limits)
+        info = adapter.info
+        self.name = info["device"]
+        self.backend = info["backend_type"]
+        self.adapter_type = info["adapter_type"]
+
+    @property
+    def has_f16(self) -> bool:
+        return "shader-f16" in self.features and OPTIONS.use_f16
+
+    @property
+    def has_subgroups(self) -> bool:
+        return "subgroup" in self.features and OPTIONS.use_subgroups
+
+    @property
+    def max_storage_buffers(self) -> int:
+        lim = int(self.limits["max-storage-buffers-per-shader-stage"])
+        return min(lim, OPTIONS.max_storage_buffers) if OPTIONS.max_storage_buffers else lim
+
+    @property
+    def max_binding_size(self) -> int:
+        return int(self.limits["max-storage-buffer-binding-size"])
+
+    @property
+    def max_workgroup_storage(self) -> int:
+        return int(self.limits["max-compute-workgroup-storage-size"])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "adapter_type": self.adapter_type,
+                "limits": dict(self.limits), "features": sorted(self.features),
+                "f16": self.has_f16, "subgroups": self.has_subgroups}
+
+
+_DEVICE: Optional[Device] = None
+
+
+def get_device() -> Device:
+    global _DEVICE
+    if _DEVICE is None:
+        _DEVICE = Device()
+    return _DEVICE
+
+
+# ----------------------------------------------------------------------------- buffers
+
+
+def _size_class(nbytes: int) -> int:
+    """Round up so buffers of similar size share a pool slot: 256 B granularity below 64 KiB,
+    then steps of 1/8 of the power of two (at most 12.5% waste)."""
+    n = max(int(nbytes), 16)
+    if n <= 65536:
+        return (n + 255) // 256 * 256
+    step = 1 << (n.bit_length() - 4)
+    return (n + step - 1) // step * step
+
+
+class _Pool:
+    def __init__(self):
+        self.free: dict[int, list] = {}
+        self.bytes_held = 0
+
+    def take(self, size: int):
+        lst = self.free.get(size)
+        if lst:
+            return lst.pop()
+        dev = get_device()
+        if size > int(dev.limits["max-buffer-size"]):
+            raise MemoryError(f"buffer of {size} bytes exceeds the device's max_buffer_size {dev.limits['max-buffer-size']}")
+        buf = dev.device.create_buffer(size=size, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST)
+        STATS["buffers_allocated"] += 1
+        STATS["bytes_allocated"] += size
+        self.bytes_held += size
+        return buf
+
+    def give(self, size: int, buf) -> None:
+        self.free.setdefault(size, []).append(buf)
+
+
+POOL = _Pool()
+_live_bytes = [0]
+
+
+class Buffer:
+    """A GPU storage buffer holding `nbytes` bytes (capacity rounded up). Returned to the pool
+    when the last Python reference goes away."""
+
+    __slots__ = ("gpu", "nbytes", "capacity", "__weakref__")
+
+    def __init__(self, nbytes: int):
+        self.nbytes = int(nbytes)
+        self.capacity = _size_class(self.nbytes)
+        self.gpu = POOL.take(self.capacity)
+        _live_bytes[0] += self.capacity
+
+    def __del__(self):
+        try:
+            POOL.give(self.capacity, self.gpu)
+            _live_bytes[0] -= self.capacity
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __repr__(self):
+        return f"Buffer({self.nbytes} B)"
+
+
+def live_bytes() -> int:
+    """Bytes held by live Buffers (not counting free pool slots)."""
+    return _live_bytes[0]
+
+
+def upload(data, nbytes: Optional[int] = None) -> Buffer:
+    """A new Buffer filled with `data` (bytes-like or ndarray), padded to a multiple of 4 bytes."""
+    mv = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    n = len(mv) if nbytes is None else nbytes
+    buf = Buffer(max(n, 4))
+    write(buf, mv)
+    return buf
+
+
+def write(buf: Buffer, data, offset: int = 0) -> None:
+    """Write host bytes into `buf` at byte `offset`, after every pending dispatch that uses it."""
+    mv = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    if id(buf) in _pending_ids:
+        flush()
+    n = len(mv)
+    if n == 0:
+        return
+    if n % 4 or offset % 4:
+        start, end = offset - offset % 4, (offset + n + 3) // 4 * 4
+        cur = bytearray(read(buf, start, end - start)) if (offset % 4 or (offset + n) % 4) else bytearray(end - start)
+        cur[offset - start: offset - start + n] = mv
+        mv, offset = memoryview(bytes(cur)), start
+    get_device().queue.write_buffer(buf.gpu, offset, mv)
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+@dataclass
+class Pipeline:
+    pipeline: object
+    layout: object
+    wgsl: str
+    name: str
+
+
+_pipelines: dict = {}
+_bind_groups: dict = {}
+
+
+def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -> Pipeline:
+    """Compile (once) a compute pipeline. `access[i]` is "read" or "rw" for `@binding(i)` of
+    group 0; the layout is explicit so unused bindings never break bind-group creation."""
+    key = (wgsl, tuple(access), entry)
+    p = _pipelines.get(key)
+    if p is not None:
+        return p
+    dev = get_device()
+    entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE,
+                "buffer": {"type": wgpu.BufferBindingType.read_only_storage if a == "read" else wgpu.BufferBindingType.storage}}
+               for i, a in enumerate(access)]
+    bgl = dev.device.create_bind_group_layout(entries=entries)
+    layout = dev.device.create_pipeline_layout(bind_group_layouts=[bgl])
+    try:
+        module = dev.device.create_shader_module(code=wgsl, label=name)
+        pipe = dev.device.create_compute_pipeline(layout=layout, compute={"module": module, "entry_point": entry}, label=name)
+    except Exception as e:
+        raise RuntimeError(f"tensorgpu internal error: WGSL of kernel {name!r} failed to compile:\n{e}\n--- source ---\n{wgsl}") from e
+    STATS["pipelines_compiled"] += 1
+    p = Pipeline(pipe, bgl, wgsl, name)
+    _pipelines[key] = p
+    return p
+
+
+def _bind_group(p: Pipeline, buffers: Sequence[Buffer]):
+    key = (id(p), tuple(id(b.gpu) for b in buffers), tuple(b.capacity for b in buffers))
+    bg = _bind_groups.get(key)
+    if bg is None:
+        dev = get_device()
+        lim = dev.max_binding_size
+        entries = []
+        for i, b in enumerate(buffers):
+            size = b.capacity
+            if size > lim:
+                size = (min(b.nbytes, lim) + 3) // 4 * 4
+                if b.nbytes > lim:
+                    raise ValueError(f"kernel {p.name!r}: binding {i} is {b.nbytes} bytes, over the device's "
+                                     f"max_storage_buffer_binding_size of {lim} bytes")
+            entries.append({"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": size}})
+        bg = dev.device.create_bind_group(layout=p.layout, entries=entries)
+        STATS["bind_groups_created"] += 1
+        _bind_groups[key] = bg
+    return bg
+
+
+def grid_for(n_workgroups: int) -> tuple:
+    """A launch grid for `n_workgroups` workgroups, 2-D past 65,535. Kernels recover the linear
+    id as `wid.x + wid.y * nwg.x` (see WGSL_LINEAR_ID) and must bounds-check it."""
+    n = max(int(n_workgroups), 1)
+    if n <= MAX_WORKGROUPS_PER_DIM:
+        return (n, 1, 1)
+    y = (n + MAX_WORKGROUPS_PER_DIM - 1) // MAX_WORKGROUPS_PER_DIM
+    x = (n + y - 1) // y
+    if y > MAX_WORKGROUPS_PER_DIM:
+        raise ValueError(f"launch of {n} workgroups exceeds 65535 x 65535")
+    return (x, y, 1)
+
+
+WGSL_LINEAR_ID = "wid.x + wid.y * nwg.x"
+
+
+# ----------------------------------------------------------------------------- dispatch queue
+
+
+@dataclass
+class Dispatch:
+    pipe: Pipeline
+    buffers: tuple
+    grid: tuple
+    bind_group: object = None
+
+
+_pending: list = []
+_pending_ids: set = set()
+_recorders: list = []  # capture.py hooks: callables(Dispatch)
+
+
+def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Dispatch:
+    """Append one kernel launch to the pending queue.
+
+    bindings: sequence of (Buffer, "read" | "rw") in @binding order (group 0).
+    grid: workgroup counts (x, y, z); use `grid_for(n)` for a linear count.
+    """
+    access = tuple(a for _, a in bindings)
+    bufs = tuple(b for b, _ in bindings)
+    p = pipeline(name, wgsl, access)
+    if any(g > MAX_WORKGROUPS_PER_DIM for g in grid):
+        raise ValueError(f"kernel {name!r}: grid {grid} exceeds 65535 workgroups per dimension")
+    d = Dispatch(p, bufs, tuple(grid), _bind_group(p, bufs))
+    if 0 in grid:
+        return d
+    _pending.append(d)
+    _pending_ids.update(id(b) for b in bufs)
+    STATS["kernels_dispatched"] += 1
+    for log in _kernel_logs:
+        log.append(KernelLogEntry(name, wgsl, tuple(grid), len(bufs)))
+    for rec in _recorders:
+        rec(d)
+    return d
+
+
+def replay(dispatches: Sequence[Dispatch]) -> None:
+    """Queue already-built dispatches again (capture replay): no codegen, no new bind groups."""
+    _pending.extend(dispatches)
+    for d in dispatches:
+        _pending_ids.update(id(b) for b in d.buffers)
+    STATS["kernels_dispatched"] += len(dispatches)
+
+
+def _encode(encoder) -> None:
+    if not _pending:
+        return
+    cp = encoder.begin_compute_pass()
+    last = None
+    for d in _pending:
+        if d.pipe is not last:
+            cp.set_pipeline(d.pipe.pipeline)
+            last = d.pipe
+        cp.set_bind_group(0, d.bind_group)
+        cp.dispatch_workgroups(*d.grid)
+    cp.end()
+
+
+def flush() -> None:
+    """Encode every pending dispatch into one pass and submit once."""
+    if not _pending:
+        return
+    dev = get_device()
+    enc = dev.device.create_command_encoder()
+    _encode(enc)
+    dev.queue.submit([enc.finish()])
+    STATS["submits"] += 1
+    _pending.clear()
+    _pending_ids.clear()
+
+
+def pending_count() -> int:
+    return len(_pending)
+
+
+_staging: dict = {}
+
+
+def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
+    """Bytes of `buf` after all pending work: one submit (pending dispatches + the copy) and one map."""
+    dev = get_device()
+    n = buf.nbytes - offset if nbytes is None else int(nbytes)
+    if n <= 0:
+        return b""
+    start = offset - offset % 4
+    size = (offset + n - start + 3) // 4 * 4
+    cap = _size_class(size)
+    stage = _staging.pop(cap, None)
+    if stage is None:
+        stage = dev.device.create_buffer(size=cap, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    enc = dev.device.create_command_encoder()
+    _encode(enc)
+    enc.copy_buffer_to_buffer(buf.gpu, start, stage, 0, size)
+    dev.queue.submit([enc.finish()])
+    STATS["submits"] += 1
+    STATS["readbacks"] += 1
+    _pending.clear()
+    _pending_ids.clear()
+    stage.map_sync(wgpu.MapMode.READ, 0, size)
+    try:
+        data = bytes(stage.read_mapped(0, size, copy=True))
+    finally:
+        stage.unmap()
+    _staging[cap] = stage
+    return data[offset - start: offset - start + n]
+
+
+def sync() -> None:
+    """Wait until the GPU has finished all submitted work (benchmarks use this)."""
+    flush()
+    if not hasattr(sync, "_buf"):
+        sync._buf = Buffer(4)
+    read(sync._buf, 0, 4)
