@@ -80,8 +80,8 @@ def test_setuptools_finds_packages():
     assert "models" in packages
     if (ROOT / "tensorgpu" / "__init__.py").is_file():
         assert "tensorgpu" in packages
-    if (ROOT / "tensorgpu" / "kernels" / "__init__.py").is_file():
-        assert "tensorgpu.kernels" in packages
+        if (ROOT / "tensorgpu" / "kernels" / "__init__.py").is_file():
+            assert "tensorgpu.kernels" in packages
     assert not any(p.startswith(("tests", "benchmarks")) for p in packages)
 
 
