@@ -1,0 +1,339 @@
+"""Byte-level BPE tokenizer rebuilt from GGUF metadata.
+
+A GGUF file carries the vocabulary and merges (``tokenizer.ggml.*``) but not a
+tokenizer.json, so we rebuild the Hugging Face tokenizer from those lists. Using the
+HF ``tokenizers`` engine for encoding (instead of our own BPE) keeps ids identical to
+what transformers produces for GPT-NeoX models; decoding is done here from a byte
+table because it must be byte-exact and incremental for streaming.
+"""
+
+from __future__ import annotations
+
+import codecs
+import operator
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from functools import lru_cache
+from typing import Any
+
+from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers
+
+__all__ = ["Tokenizer", "StreamDecoder", "bytes_to_unicode", "read_gguf_metadata"]
+
+# token_type values (llama.cpp / gguf.TokenType)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# Values of tokenizer.ggml.pre whose llama.cpp pre-tokenizer is the single GPT-2 regex,
+# which is what HF's ByteLevel(use_regex=True) implements. A missing key or "default"
+# is accepted too: files without it come from converters that predate the key, and for
+# GPT-NeoX models the source tokenizer was a GPT-2-regex one.
+_GPT2_REGEX_PRES = {None, "default", "gpt2", "gpt-2", "mpt", "olmo"}
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table used to spell byte-level tokens."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1)
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@lru_cache(maxsize=1)
+def _unicode_to_bytes() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _token_bytes(token: str) -> bytes:
+    """Bytes a token stands for, as HF's ByteLevel decoder computes them.
+
+    A token made only of byte-table characters is byte-level spelled; any other token
+    (e.g. an added token containing a real space) contributes its own UTF-8 bytes.
+    """
+    table = _unicode_to_bytes()
+    try:
+        return bytes(table[c] for c in token)
+    except KeyError:
+        return token.encode("utf-8")
+
+
+def read_gguf_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """GGUF key/value metadata as plain Python values (strings decoded, arrays as lists).
+
+    Same shape as ``tensorgpu.load_gguf(path).metadata``; this one only needs the
+    ``gguf`` package, so tools and tests can get a tokenizer without touching a GPU.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(os.fspath(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _as_int(value: Any, key: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"GGUF metadata {key!r} must be an integer, got {value!r}") from None
+
+
+class StreamDecoder:
+    """Turns a stream of token ids into text pieces without splitting a UTF-8 character.
+
+    A multi-byte character can be spread over several byte-level tokens; the pieces
+    returned here only ever contain complete characters, and their concatenation
+    (including :meth:`flush`) equals ``Tokenizer.decode`` of all ids.
+    """
+
+    def __init__(self, tokenizer: "Tokenizer", skip_special: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, token_id: int) -> str:
+        """Feed one id; return the text that became complete (possibly '')."""
+        b = self._tok._bytes_of(token_id, self._skip)
+        return self._dec.decode(b, final=False)
+
+    def flush(self) -> str:
+        """End of stream: bytes of an unfinished character become U+FFFD."""
+        return self._dec.decode(b"", final=True)
+
+
+class Tokenizer:
+    """GPT-2 style byte-level BPE tokenizer of a GGUF model (``tokenizer.ggml.model == "gpt2"``)."""
+
+    def __init__(
+        self,
+        tokens: list[str],
+        merges: list[str],
+        token_types: list[int] | None = None,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        unk_id: int | None = None,
+        pad_id: int | None = None,
+        add_bos: bool = False,
+        add_eos: bool = False,
+        pre: str | None = None,
+    ):
+        n = len(tokens)
+        if n == 0:
+            raise ValueError("tokenizer vocabulary is empty")
+        if token_types is None:
+            token_types = [NORMAL] * n
+        token_types = [int(t) for t in token_types]
+        if len(token_types) != n:
+            raise ValueError(
+                f"tokenizer.ggml.token_type has {len(token_types)} entries but there are {n} tokens"
+            )
+        self._tokens = list(tokens)
+        self._types = token_types
+        for name, v in (("bos", bos_id), ("eos", eos_id), ("unknown", unk_id), ("padding", pad_id)):
+            if v is not None and not 0 <= v < n:
+                raise ValueError(f"tokenizer.ggml.{name}_token_id = {v} is out of range for vocab size {n}")
+        self.bos_id, self.eos_id, self.unk_id, self.pad_id = bos_id, eos_id, unk_id, pad_id
+        self.add_bos, self.add_eos = bool(add_bos), bool(add_eos)
+        self.pre = pre
+
+        self._token_bytes = [_token_bytes(t) for t in self._tokens]
+        self._special = frozenset(i for i, t in enumerate(token_types) if t == CONTROL)
+        self._hf = self._build_hf(merges)
+        self._hf_nospecial: _HFTokenizer | None = None
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_gguf_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
+        """Build from a GGUF metadata dict (``load_gguf(path).metadata``)."""
+        model = md.get("tokenizer.ggml.model")
+        if model is None:
+            raise ValueError("GGUF metadata has no 'tokenizer.ggml.model' key: the file carries no tokenizer")
+        if model != "gpt2":
+            raise ValueError(
+                f"tokenizer.ggml.model is {model!r}; only 'gpt2' (byte-level BPE, as used by GPT-NeoX) is supported"
+            )
+        for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+            if key not in md:
+                raise ValueError(f"GGUF metadata is missing {key!r}, required for a 'gpt2' tokenizer")
+        pre = md.get("tokenizer.ggml.pre")
+        if pre not in _GPT2_REGEX_PRES:
+            raise ValueError(
+                f"tokenizer.ggml.pre is {pre!r}: its pre-tokenizer regex is not the GPT-2 one; "
+                f"supported: {sorted(p for p in _GPT2_REGEX_PRES if p)}"
+            )
+
+        def opt_id(key: str) -> int | None:
+            v = md.get(key)
+            return None if v is None else _as_int(v, key)
+
+        return cls(
+            list(md["tokenizer.ggml.tokens"]),
+            list(md["tokenizer.ggml.merges"]),
+            md.get("tokenizer.ggml.token_type"),
+            bos_id=opt_id("tokenizer.ggml.bos_token_id"),
+            eos_id=opt_id("tokenizer.ggml.eos_token_id"),
+            unk_id=opt_id("tokenizer.ggml.unknown_token_id"),
+            pad_id=opt_id("tokenizer.ggml.padding_token_id"),
+            # llama.cpp's default for BPE vocabularies is not to add BOS/EOS
+            add_bos=bool(md.get("tokenizer.ggml.add_bos_token", False)),
+            add_eos=bool(md.get("tokenizer.ggml.add_eos_token", False)),
+            pre=pre,
+        )
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> "Tokenizer":
+        """Build from a GGUF file's metadata without loading its tensors."""
+        return cls.from_gguf_metadata(read_gguf_metadata(path))
+
+    def _build_hf(self, merges: list[str]) -> _HFTokenizer:
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(self._tokens):
+            # UNUSED entries are llama.cpp's [PADn] fillers up to the embedding size: BPE can
+            # never produce them, and leaving them out makes a saved tokenizer.json convert
+            # back to the same GGUF vocabulary. Duplicate strings (rare) keep their first id.
+            if self._types[i] != UNUSED:
+                vocab.setdefault(t, i)
+        pairs = []
+        for k, m in enumerate(merges):
+            # llama.cpp splits at the first space after position 0: a merge side is never empty
+            j = m.find(" ", 1)
+            if j < 0:
+                raise ValueError(f"tokenizer.ggml.merges[{k}] = {m!r} is not of the form 'left right'")
+            pairs.append((m[:j], m[j + 1 :]))
+        added = []
+        for i, t in enumerate(self._types):
+            if t == CONTROL:
+                added.append((i, AddedToken(self._tokens[i], special=True, normalized=False)))
+            elif t == USER_DEFINED:
+                # llama.cpp stores user-defined tokens pre-normalized (raw text); a
+                # byte-level spelled one is turned back into its text first.
+                b = self._token_bytes[i]
+                try:
+                    text = b.decode("utf-8")
+                except UnicodeDecodeError:
+                    text = self._tokens[i]
+                # tokenizers takes an added token's id from the model vocabulary by content
+                vocab.setdefault(text, i)
+                added.append((i, AddedToken(text, special=False, normalized=False)))
+        bpe = models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, byte_fallback=False)
+        tok = _HFTokenizer(bpe)
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        if added:
+            tok.add_special_tokens([a for _, a in added if a.special])
+            tok.add_tokens([a for _, a in added if not a.special])
+            for i, a in added:
+                if tok.token_to_id(a.content) != i:
+                    # HF cannot give one string two ids; its text encodes to the earlier id
+                    warnings.warn(f"token {i} ({a.content!r}) duplicates token {tok.token_to_id(a.content)}; "
+                                  "its text encodes to the latter", stacklevel=4)
+        return tok
+
+    # -- properties -----------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def hf(self) -> _HFTokenizer:
+        """The underlying ``tokenizers.Tokenizer`` (e.g. to save a tokenizer.json)."""
+        return self._hf
+
+    def _check_id(self, i: Any) -> int:
+        try:
+            j = operator.index(i)
+        except TypeError:
+            raise ValueError(f"token id {i!r} is not an integer") from None
+        if not 0 <= j < len(self._tokens):
+            raise ValueError(f"token id {j} is out of range for vocab size {len(self._tokens)}")
+        return j
+
+    def id_to_token(self, i: int) -> str:
+        """The vocabulary string of id ``i`` (byte-level spelling, e.g. 'Ġthe')."""
+        return self._tokens[self._check_id(i)]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._hf.token_to_id(token)
+
+    def token_type(self, i: int) -> int:
+        return self._types[self._check_id(i)]
+
+    def is_special(self, i: int) -> bool:
+        return self._check_id(i) in self._special
+
+    # -- encode / decode ------------------------------------------------------------------
+
+    def encode(self, text: str, *, add_bos: bool | None = None, add_eos: bool | None = None,
+               parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``.
+
+        BOS/EOS are added as the GGUF file says (``add_bos_token``/``add_eos_token``)
+        unless overridden. With ``parse_special`` (HF's default) a control token's text,
+        e.g. '<|endoftext|>', becomes its id; otherwise it is tokenized as plain text.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        hf = self._hf
+        if not parse_special:
+            if self._hf_nospecial is None:
+                self._hf_nospecial = _HFTokenizer.from_str(self._hf.to_str())
+                self._hf_nospecial.encode_special_tokens = True
+            hf = self._hf_nospecial
+        ids = hf.encode(text, add_special_tokens=False).ids
+        if self.add_bos if add_bos is None else add_bos:
+            if self.bos_id is None:
+                raise ValueError("add_bos requested but the GGUF metadata has no tokenizer.ggml.bos_token_id")
+            ids.insert(0, self.bos_id)
+        if self.add_eos if add_eos is None else add_eos:
+            if self.eos_id is None:
+                raise ValueError("add_eos requested but the GGUF metadata has no tokenizer.ggml.eos_token_id")
+            ids.append(self.eos_id)
+        return ids
+
+    def _bytes_of(self, i: Any, skip_special: bool) -> bytes:
+        j = self._check_id(i)
+        if skip_special and j in self._special:
+            return b""
+        return self._token_bytes[j]
+
+    def decode_bytes(self, ids: Iterable[int], *, skip_special: bool = False) -> bytes:
+        """The exact bytes the ids stand for (no UTF-8 validation)."""
+        return b"".join(self._bytes_of(i, skip_special) for i in ids)
+
+    def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
+        """Text of ``ids``: byte-exact, no space clean-up, invalid UTF-8 -> U+FFFD.
+
+        Control tokens are spelled out (e.g. '<|endoftext|>') unless ``skip_special``.
+        """
+        return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
+
+    def decode_stream(self, *, skip_special: bool = False) -> StreamDecoder:
+        """An incremental decoder for generation: ``piece = sd.step(id)``, then ``sd.flush()``."""
+        return StreamDecoder(self, skip_special)
+
+    def decode_iter(self, ids: Iterable[int], *, skip_special: bool = False) -> Iterator[str]:
+        """Yield non-empty text pieces as soon as complete characters are available."""
+        sd = self.decode_stream(skip_special=skip_special)
+        for i in ids:
+            piece = sd.step(i)
+            if piece:
+                yield piece
+        tail = sd.flush()
+        if tail:
+            yield tail
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id}, eos_id={self.eos_id}, "
+                f"add_bos={self.add_bos}, pre={self.pre!r})")
