@@ -1,0 +1,730 @@
+"""Float matmul and GEMV: out[*batch, M, N] (float32, contiguous) = a[*batch, M, K] @ b[*batch, K, N].
+
+Three paths, picked by `plan()` from shapes, strides, dtypes and device features:
+
+  gemv_k   M <= GEMV_MAX_M and b's K axis is the fast one (the `x @ w.T` decode case, w stored
+           [N, K]): a workgroup owns COLS output columns and its threads stride along K with
+           vector loads (vec4 f32, 8 f16 as one vec4<u32>), then reduce across the workgroup
+           (subgroupAdd + a few shared slots, or a shared-memory tree without subgroups).
+           Decode is weight-bandwidth bound, so the point is to stream each weight byte once at
+           full width; the activation rows are tiny and stay in cache.
+  gemv_n   M <= GEMV_MAX_M and b's N axis is the fast one (x @ w with w stored [K, N], attention's
+           p @ v): adjacent threads own adjacent columns (coalesced), K split across thread rows.
+  tiled    everything else: a 128x128 (8x8 per thread) or 64x64 (4x4 per thread) output tile per
+           256-thread workgroup, K in steps of 16 staged through shared memory with the next
+           step's global loads prefetched into registers. Each operand's tile load is specialised
+           to its layout: vec4 along K (row-major a, `w.T` b), vec4 along M/N (transposed a,
+           row-major b) or scalar strided reads for anything else. No copy is ever made.
+  naive    one thread per output; used for K == 0 (the epilogue of 0) and tiny problems.
+
+Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
+into the WGSL as u32 constants and all index arithmetic wraps modulo 2**32, so a negative stride
+is just a large constant. The pipeline cache is keyed by source, so one layout of one shape
+compiles once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .. import dtypes, runtime
+from ..runtime import Buffer
+from .common import NoEpilogue, Operand, epilogue_bindings
+
+GEMV_MAX_M = 4          # up to this many rows use GEMV (decode / small speculative batches)
+
+# Knobs the benchmarks sweep; plan() reads them at every call (values are chosen for H100-like
+# GPUs from H100-FACTS.md: 256-thread GEMV workgroups, 128x128 tiles with 8x8 per thread).
+TUNING = {
+    "gemv_cols": None,      # columns per GEMV workgroup; None: by M and weight dtype
+    "gemv_threads": None,   # GEMV workgroup size; None: by K
+    "tile": None,           # 128 or 64; None: 128 when that gives >= `tile128_min_wgs` workgroups
+    "tile128_min_wgs": 128,
+    "bk": 16,               # K step of the tiled kernel
+}
+
+_U32 = 1 << 32
+
+
+def _u(x: int) -> str:
+    """A u32 WGSL literal; negative values wrap (index arithmetic is modulo 2**32)."""
+    return f"{int(x) % _U32}u"
+
+
+# ----------------------------------------------------------------------------- storage access
+
+
+@dataclass
+class _Binding:
+    """One bound input buffer and how it is declared: `lanes` elements per array element.
+
+    f32: array<f32> (1) or array<vec4<f32>> (4). f16 with shader-f16: array<f16> (1) or
+    array<vec4<f16>> (4). f16 packed: array<u32> (2), array<vec2<u32>> (4), array<vec4<u32>> (8).
+    Loads are emitted as small WGSL functions taking an absolute element index."""
+    name: str
+    dtype: dtypes.DType
+    lanes: int
+    native_f16: bool
+
+    @property
+    def is_f16(self) -> bool:
+        return self.dtype is dtypes.float16
+
+    def decl(self, binding: int) -> str:
+        if not self.is_f16:
+            t = "f32" if self.lanes == 1 else "vec4<f32>"
+        elif self.native_f16 and self.lanes in (1, 4):
+            t = "f16" if self.lanes == 1 else "vec4<f16>"
+        else:
+            t = {2: "u32", 4: "vec2<u32>", 8: "vec4<u32>"}[self.lanes]
+        return f"@group(0) @binding({binding}) var<storage, read> {self.name}: array<{t}>;\n"
+
+    def _packed(self) -> bool:
+        return self.is_f16 and not (self.native_f16 and self.lanes in (1, 4))
+
+    def functions(self) -> str:
+        X, L = self.name, self.lanes
+        # scalar load
+        if not self._packed():
+            s = f"{X}[i]" if L == 1 else f"{X}[i >> 2u][i & 3u]"
+            s = f"f32({s})" if self.is_f16 else s
+        elif L == 2:
+            s = f"unpack2x16float({X}[i >> 1u])[i & 1u]"
+        elif L == 4:
+            s = f"unpack2x16float({X}[i >> 2u][(i >> 1u) & 1u])[i & 1u]"
+        else:
+            s = f"unpack2x16float({X}[i >> 3u][(i >> 1u) & 3u])[i & 1u]"
+        out = f"fn ld_{X}(i: u32) -> f32 {{ return {s}; }}\n"
+        # 4 contiguous elements at an index that is a multiple of 4 (only used where aligned)
+        if L == 4 and not self._packed():
+            v = f"{X}[i >> 2u]"
+            v = f"vec4<f32>({v})" if self.is_f16 else v
+        elif L == 4:
+            v = f"mm_up4({X}[i >> 2u])"
+        elif L == 8:
+            v = f"mm_up4(select({X}[i >> 3u].xy, {X}[i >> 3u].zw, (i & 4u) != 0u))"
+        else:
+            v = f"vec4<f32>(ld_{X}(i), ld_{X}(i + 1u), ld_{X}(i + 2u), ld_{X}(i + 3u))"
+        out += f"fn ld4_{X}(i: u32) -> vec4<f32> {{ return {v}; }}\n"
+        if L == 8:
+            out += (f"fn ld8_{X}(i: u32) -> mat2x4<f32> {{ let w = {X}[i >> 3u]; "
+                    f"return mat2x4<f32>(mm_up4(w.xy), mm_up4(w.zw)); }}\n")
+        return out
+
+
+_UP4 = "fn mm_up4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }\n"
+
+
+# ----------------------------------------------------------------------------- operand analysis
+
+
+@dataclass
+class _Mat:
+    """One operand reduced to what the kernels need: a [nb, R, C] strided matrix view."""
+    op: Operand
+    rows: int            # M for a, K for b
+    cols: int            # K for a, N for b
+    srow: int            # element strides (0 where that dim has size 1)
+    scol: int
+    offset: int
+    bstrides: tuple      # strides of the (merged) batch dims
+
+    @property
+    def dtype(self):
+        return self.op.dtype
+
+    def vec_ok(self, axis: str, width: int) -> bool:
+        """Can `width` consecutive elements along `axis` ('row'|'col') be read as one aligned
+        vector load at every position the kernels use (multiples of `width` along that axis)?"""
+        along, other = (self.srow, self.scol) if axis == "row" else (self.scol, self.srow)
+        size = self.rows if axis == "row" else self.cols
+        if along != 1 or size % width:
+            return False
+        if self.offset % width or other % width or any(s % width for s in self.bstrides):
+            return False
+        buf = self.op.buffer
+        # a binding clipped to max_binding_size is not a whole number of vectors
+        return buf.capacity <= runtime.get_device().max_binding_size or buf.nbytes % 16 == 0
+
+
+def _check_float(name: str, op: Operand) -> None:
+    if op.dtype not in (dtypes.float32, dtypes.float16):
+        raise TypeError(f"matmul: {name} has dtype {op.dtype}; only float32 and float16 are supported "
+                        f"(quantized weights go through the quantized GEMV kernels)")
+    if len(op.shape) != len(op.strides):
+        raise ValueError(f"matmul: {name} has shape {tuple(op.shape)} but strides {tuple(op.strides)}")
+
+
+def _check_bounds(name: str, op: Operand) -> None:
+    """Fail here, naming the view, rather than read another tensor's bytes (or clamp) on the GPU."""
+    if any(s == 0 for s in op.shape):
+        return
+    lo = op.offset + sum(min(0, (n - 1) * s) for n, s in zip(op.shape, op.strides))
+    hi = op.offset + sum(max(0, (n - 1) * s) for n, s in zip(op.shape, op.strides))
+    cap = int(op.buffer.nbytes // op.dtype.gpu_itemsize)
+    if lo < 0 or hi >= cap:
+        raise ValueError(f"matmul: {name} view (shape {tuple(op.shape)}, strides {tuple(op.strides)}, "
+                         f"offset {op.offset}) reaches elements [{lo}, {hi}] of a buffer holding {cap} "
+                         f"{op.dtype.name} elements")
+
+
+def _merge_batch(shape: tuple, sa: tuple, sb: tuple):
+    """Drop size-1 batch dims and merge adjacent ones that are contiguous in both operands (the
+    output is contiguous), so a kernel does as few div/mods per workgroup as possible."""
+    dims = [(n, x, y) for n, x, y in zip(shape, sa, sb) if n != 1]
+    merged: list = []
+    for n, x, y in dims:
+        if merged:
+            pn, px, py = merged[-1]
+            if px == x * n and py == y * n:
+                merged[-1] = (pn * n, x, y)
+                continue
+        merged.append((n, x, y))
+    return merged
+
+
+def _batch_code(dims, var: str = "bi") -> tuple:
+    """WGSL computing the a and b element offsets of batch index `var`."""
+    if not dims:
+        return "", "0u", "0u"
+    if len(dims) == 1:
+        _, x, y = dims[0]
+        return "", f"{var} * {_u(x)}", f"{var} * {_u(y)}"
+    lines = [f"    var br = {var};\n", "    var boa = 0u;\n", "    var bob = 0u;\n"]
+    for n, x, y in reversed(dims):
+        lines.append(f"    {{ let j = br % {_u(n)}; br = br / {_u(n)}; boa += j * {_u(x)}; bob += j * {_u(y)}; }}\n")
+    return "".join(lines), "boa", "bob"
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Launch:
+    """What `matmul` dispatches; returned by `plan` so tests and benchmarks can see the choice."""
+    kind: str                  # "gemv_k", "gemv_n", "tiled", "naive", "empty"
+    name: str
+    wgsl: str = ""
+    bindings: list = field(default_factory=list)
+    grid: tuple = (0, 0, 0)
+    info: dict = field(default_factory=dict)
+
+
+def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
+    """Queue out = epilogue(a @ b): a [*batch, M, K], b [*batch, K, N] (identical batch shapes; the
+    caller broadcasts with stride 0), float32/float16 each, any strides and offsets; out is a
+    contiguous float32 [*batch, M, N]. Accumulates in f32."""
+    launch = plan(out, a, b, epilogue)
+    if launch.kind != "empty":
+        runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+
+
+def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None) -> Launch:
+    """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive")
+    overrides the choice (tests use it to cover every path on every shape)."""
+    ep = epilogue if epilogue is not None else NoEpilogue()
+    _check_float("a", a)
+    _check_float("b", b)
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise ValueError(f"matmul needs a [*batch, M, K] and b [*batch, K, N]; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
+    if tuple(a.shape[:-2]) != tuple(b.shape[:-2]) or a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"matmul: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match "
+                         f"(batch dims must be identical, a's last dim must equal b's second-to-last)")
+    batch = tuple(int(x) for x in a.shape[:-2])
+    M, K = int(a.shape[-2]), int(a.shape[-1])
+    N = int(b.shape[-1])
+    nb = math.prod(batch)
+    numel = nb * M * N
+    if out.nbytes < numel * 4:
+        raise ValueError(f"matmul: output buffer holds {out.nbytes} bytes, {numel * 4} needed for float32 {batch + (M, N)}")
+    in_bufs = [a.buffer, b.buffer] + [o.buffer for o in getattr(ep, "operands", ())]
+    if any(buf is out for buf in in_bufs):
+        raise ValueError("matmul: the output buffer is also an input (a, b or an epilogue operand); "
+                         "a kernel cannot read and write one binding")
+    if numel == 0:
+        return Launch("empty", "matmul_empty")
+    _check_bounds("a", a)
+    _check_bounds("b", b)
+
+    def z(n, s):  # a size-1 dim never advances: stride 0 keeps it out of alignment checks
+        return 0 if n == 1 else int(s)
+
+    dims = _merge_batch(batch, tuple(z(n, s) for n, s in zip(batch, a.strides[:-2])),
+                        tuple(z(n, s) for n, s in zip(batch, b.strides[:-2])))
+    A = _Mat(a, M, K, z(M, a.strides[-2]), z(K, a.strides[-1]), int(a.offset), tuple(d[1] for d in dims))
+    B = _Mat(b, K, N, z(K, b.strides[-2]), z(N, b.strides[-1]), int(b.offset), tuple(d[2] for d in dims))
+    if a.buffer is b.buffer and a.dtype is not b.dtype:
+        raise TypeError(f"matmul: a ({a.dtype}) and b ({b.dtype}) are views of one buffer with different dtypes")
+
+    dev = runtime.get_device()
+    kind = force
+    if kind is None:
+        if K == 0 or (M * N * K <= 4096 and M > GEMV_MAX_M):
+            kind = "naive"
+        elif M <= GEMV_MAX_M:
+            kfast = B.srow == 1 or (B.scol != 1 and abs(B.srow) <= abs(B.scol))
+            kind = "gemv_k" if kfast else "gemv_n"
+        else:
+            kind = "tiled"
+    ctx = _Ctx(dev, A, B, M, N, K, nb, dims, ep)
+    gen = {"gemv_k": _gen_gemv_k, "gemv_n": _gen_gemv_n, "tiled": _gen_tiled, "naive": _gen_naive}[kind]
+    name, body, grid, info = gen(ctx)
+    wgsl = ctx.header() + body
+    bindings = [(out, "rw")] + ctx.input_bindings() + epilogue_bindings(ep)
+    return Launch(kind, name, wgsl, bindings, grid, info)
+
+
+class _Ctx:
+    """Shared state of one generation: operands, their binding declarations, epilogue text."""
+
+    def __init__(self, dev, A, B, M, N, K, nb, dims, ep):
+        self.dev, self.A, self.B, self.M, self.N, self.K, self.nb, self.dims, self.ep = dev, A, B, M, N, K, nb, dims, ep
+        self.lanes = {"a": 1, "b": 1}
+        self.out_vec = False
+
+    def want(self, which: str, lanes: int) -> None:
+        self.lanes[which] = lanes
+
+    def _bindings(self):
+        f16n = self.dev.has_f16
+        A, B = self.A, self.B
+
+        def base(m):
+            return 2 if (m.dtype is dtypes.float16 and not f16n) else 1
+
+        la, lb = max(self.lanes["a"], base(A)), max(self.lanes["b"], base(B))
+        if A.op.buffer is B.op.buffer:
+            lanes = la if la == lb else base(A)
+            one = _Binding("mm_ab", A.dtype, lanes, f16n)
+            return [one], one, one
+        ba = _Binding("mm_a", A.dtype, la, f16n)
+        bb = _Binding("mm_b", B.dtype, lb, f16n)
+        return [ba, bb], ba, bb
+
+    @property
+    def bind_a(self) -> _Binding:
+        return self._bindings()[1]
+
+    @property
+    def bind_b(self) -> _Binding:
+        return self._bindings()[2]
+
+    @property
+    def aliased(self) -> bool:
+        return self.A.op.buffer is self.B.op.buffer
+
+    def can_vec(self, which: str, axis: str, width: int) -> bool:
+        m = self.A if which == "a" else self.B
+        return m.vec_ok(axis, width)
+
+    def input_bindings(self) -> list:
+        binds = self._bindings()[0]
+        return [(self.A.op.buffer, "read")] + ([(self.B.op.buffer, "read")] if len(binds) == 2 else [])
+
+    def header(self) -> str:
+        binds = self._bindings()[0]
+        # `enable` directives must open the module: hoist any the epilogue brings
+        ep_lines = self.ep.wgsl(1 + len(binds)).splitlines(keepends=True)
+        enables = [ln.strip() for ln in ep_lines if ln.lstrip().startswith("enable ")]
+        ep_text = "".join(ln for ln in ep_lines if not ln.lstrip().startswith("enable "))
+        if self.dev.has_f16 and any(bd.is_f16 for bd in binds):
+            enables.insert(0, "enable f16;")
+        h = "".join(e + "\n" for e in dict.fromkeys(enables))
+        h += f"@group(0) @binding(0) var<storage, read_write> mm_out: array<{'vec4<f32>' if self.out_vec else 'f32'}>;\n"
+        for i, bd in enumerate(binds):
+            h += bd.decl(1 + i)
+        h += ep_text
+        h += _UP4
+        for bd in binds:
+            h += bd.functions()
+        return h
+
+    def dtag(self) -> str:
+        t = {dtypes.float32: "f32", dtypes.float16: "f16"}
+        return f"{t[self.A.dtype]}{t[self.B.dtype]}"
+
+
+_GRID_PRELUDE = """    let g = wid.x + wid.y * nwg.x;
+    if (g >= {total}) {{ return; }}
+"""
+
+
+# ----------------------------------------------------------------------------- GEMV, K fast
+
+
+def _gen_gemv_k(c: _Ctx):
+    A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
+    wbytes = B.dtype.itemsize
+    # vector width along K: 8 f16 (one 16-byte vec4<u32>) or 4, when every column is aligned
+    W = 1
+    if B.dtype is dtypes.float16 and c.can_vec("b", "row", 8):
+        W = 8
+    elif c.can_vec("b", "row", 4):
+        W = 4
+    la = 1
+    if W == 8 and A.dtype is dtypes.float16 and c.can_vec("a", "col", 8):
+        la = 8
+    elif W > 1 and c.can_vec("a", "col", 4):
+        la = 4
+    if c.aliased and la != W:
+        W = la = 1        # one declaration serves both views: plain scalar reads
+    c.want("a", la)
+    c.want("b", W)
+    ba, bb = c.bind_a, c.bind_b
+    a_vec = la >= 4
+    cols = TUNING["gemv_cols"] or min(4, 1 << max(0, math.ceil(math.log2(max(1.0, M * 4 / wbytes)))))
+    cols = max(1, min(cols, N))
+    nvec = K // W
+    threads = TUNING["gemv_threads"] or (256 if nvec >= 1024 else 128 if nvec >= 256 else 64)
+    iters = -(-nvec // threads)
+    ktail = K - nvec * W
+    ngroups = -(-N // cols)
+    total = c.nb * ngroups
+    sg = c.dev.has_subgroups
+    CM = cols * M
+    maxsg = threads // 4 if sg else threads
+
+    pre, boa, bob = _batch_code(c.dims)
+    s = []
+    s.append(f"var<workgroup> mm_part: array<f32, {CM * maxsg}>;\n")
+    builtins = ("@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
+                "@builtin(local_invocation_index) lid: u32")
+    if sg:
+        builtins += (", @builtin(subgroup_invocation_id) sgi: u32, @builtin(subgroup_id) sgid: u32, "
+                     "@builtin(num_subgroups) nsg: u32")
+    s.append(f"@compute @workgroup_size({threads})\nfn main({builtins}) {{\n")
+    s.append(_GRID_PRELUDE.format(total=_u(total)))
+    s.append(f"    let bi = g / {_u(ngroups)};\n    let n0 = (g % {_u(ngroups)}) * {_u(cols)};\n")
+    s.append(pre)
+    s.append(f"    let ab = {_u(A.offset)} + {boa};\n    let bb = {_u(B.offset)} + {bob};\n")
+    for j in range(cols):
+        s.append(f"    let wb{j} = bb + min(n0 + {_u(j)}, {_u(N - 1)}) * {_u(B.scol)};\n")
+    for m in range(M):
+        s.append(f"    let xb{m} = ab + {_u(m * A.srow)};\n")
+    vt = "vec4<f32>" if W > 1 else "f32"
+    for j in range(cols):
+        for m in range(M):
+            s.append(f"    var acc{j}_{m} = {vt}(0.0);\n")
+    if nvec:
+        s.append(f"    for (var it = 0u; it < {_u(iters)}; it++) {{\n        let kv = it * {_u(threads)} + lid;\n")
+        guard = nvec % threads != 0
+        if guard:
+            s.append(f"        if (kv < {_u(nvec)}) {{\n")
+        ind = "            " if guard else "        "
+        if W == 1:
+            s.append(f"{ind}let k = kv;\n")
+            for m in range(M):
+                s.append(f"{ind}let x{m} = ld_{ba.name}(xb{m} + k * {_u(A.scol)});\n")
+            for j in range(cols):
+                s.append(f"{ind}let w{j} = ld_{bb.name}(wb{j} + k * {_u(B.srow)});\n")
+                for m in range(M):
+                    s.append(f"{ind}acc{j}_{m} = fma(w{j}, x{m}, acc{j}_{m});\n")
+        else:
+            s.append(f"{ind}let k = kv * {W}u;\n")
+            halves = W // 4
+            for m in range(M):
+                for h in range(halves):
+                    if a_vec:
+                        s.append(f"{ind}let x{m}_{h} = ld4_{ba.name}(xb{m} + k + {4 * h}u);\n")
+                    else:
+                        sc = _u(A.scol)
+                        idx = f"xb{m} + (k + {4 * h}u) * {sc}"
+                        s.append(f"{ind}let xi{m}_{h} = {idx};\n")
+                        s.append(f"{ind}let x{m}_{h} = vec4<f32>(ld_{ba.name}(xi{m}_{h}), ld_{ba.name}(xi{m}_{h} + {sc}), "
+                                 f"ld_{ba.name}(xi{m}_{h} + {_u(2 * A.scol)}), ld_{ba.name}(xi{m}_{h} + {_u(3 * A.scol)}));\n")
+            for j in range(cols):
+                if W == 8:
+                    s.append(f"{ind}let w{j} = ld8_{bb.name}(wb{j} + k);\n")
+                    for m in range(M):
+                        s.append(f"{ind}acc{j}_{m} = fma(w{j}[0], x{m}_0, fma(w{j}[1], x{m}_1, acc{j}_{m}));\n")
+                else:
+                    s.append(f"{ind}let w{j} = ld4_{bb.name}(wb{j} + k);\n")
+                    for m in range(M):
+                        s.append(f"{ind}acc{j}_{m} = fma(w{j}, x{m}_0, acc{j}_{m});\n")
+        if guard:
+            s.append("        }\n")
+        s.append("    }\n")
+    if ktail:  # K % W leftover elements (W > 1 only), one per thread
+        s.append(f"    if (lid < {_u(ktail)}) {{\n        let k = {_u(nvec * W)} + lid;\n")
+        for m in range(M):
+            s.append(f"        let x{m} = ld_{ba.name}(xb{m} + k * {_u(A.scol)});\n")
+        for j in range(cols):
+            s.append(f"        let w{j} = ld_{bb.name}(wb{j} + k * {_u(B.srow)});\n")
+            for m in range(M):
+                s.append(f"        acc{j}_{m}.x = fma(w{j}, x{m}, acc{j}_{m}.x);\n")
+        s.append("    }\n")
+    for j in range(cols):
+        for m in range(M):
+            v = f"dot(acc{j}_{m}, vec4<f32>(1.0))" if W > 1 else f"acc{j}_{m}"
+            s.append(f"    let s{j}_{m} = {v};\n")
+    if sg:
+        for j in range(cols):
+            for m in range(M):
+                s.append(f"    let r{j}_{m} = subgroupAdd(s{j}_{m});\n")
+        s.append("    if (sgi == 0u) {\n")
+        for j in range(cols):
+            for m in range(M):
+                s.append(f"        mm_part[{(j * M + m) * maxsg}u + sgid] = r{j}_{m};\n")
+        s.append("    }\n    workgroupBarrier();\n")
+        s.append(f"    if (lid < {CM}u) {{\n        var t = 0.0;\n"
+                 f"        for (var q = 0u; q < nsg; q++) {{ t += mm_part[lid * {maxsg}u + q]; }}\n")
+    else:
+        for j in range(cols):
+            for m in range(M):
+                s.append(f"    mm_part[{(j * M + m) * threads}u + lid] = s{j}_{m};\n")
+        s.append(f"    for (var h = {threads // 2}u; h > 0u; h >>= 1u) {{\n        workgroupBarrier();\n"
+                 f"        if (lid < h) {{\n")
+        s.append(f"            for (var q = 0u; q < {CM}u; q++) {{ mm_part[q * {threads}u + lid] += mm_part[q * {threads}u + lid + h]; }}\n")
+        s.append("        }\n    }\n    workgroupBarrier();\n")
+        s.append(f"    if (lid < {CM}u) {{\n        let t = mm_part[lid * {threads}u];\n")
+    s.append(f"        let n = n0 + lid / {M}u;\n        let m = lid % {M}u;\n"
+             f"        if (n < {_u(N)}) {{\n"
+             f"            let o = bi * {_u(M * N)} + m * {_u(N)} + n;\n"
+             f"            mm_out[o] = epilogue(t, o);\n        }}\n    }}\n}}\n")
+    name = f"gemv_k_{c.dtag()}_w{W}_c{cols}_t{threads}_m{M}{'_sg' if sg else ''}"
+    info = {"W": W, "cols": cols, "threads": threads, "subgroups": sg}
+    return name, "".join(s), runtime.grid_for(total), info
+
+
+# ----------------------------------------------------------------------------- GEMV, N fast
+
+
+def _gen_gemv_n(c: _Ctx):
+    A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
+    ba, bb = c.bind_a, c.bind_b
+    tn = 32 if N >= 32 else 1 << max(0, math.ceil(math.log2(N)))
+    ks = 256 // tn
+    ngroups = -(-N // tn)
+    total = c.nb * ngroups
+    iters = -(-K // ks)
+    pre, boa, bob = _batch_code(c.dims)
+    s = [f"var<workgroup> mm_part: array<f32, {M * 256}>;\n",
+         "@compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+         "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
+         _GRID_PRELUDE.format(total=_u(total)),
+         f"    let bi = g / {_u(ngroups)};\n    let tn = lid % {tn}u;\n    let ks = lid / {tn}u;\n"
+         f"    let n = (g % {_u(ngroups)}) * {tn}u + tn;\n    let nn = min(n, {_u(N - 1)});\n",
+         pre,
+         f"    let ab = {_u(A.offset)} + {boa};\n    let wb = {_u(B.offset)} + {bob} + nn * {_u(B.scol)};\n"]
+    for m in range(M):
+        s.append(f"    var acc{m} = 0.0;\n")
+    s.append(f"    for (var it = 0u; it < {_u(iters)}; it++) {{\n        let k = it * {ks}u + ks;\n")
+    guard = K % ks != 0
+    ind = "            " if guard else "        "
+    if guard:
+        s.append(f"        if (k < {_u(K)}) {{\n")
+    s.append(f"{ind}let w = ld_{bb.name}(wb + k * {_u(B.srow)});\n")
+    for m in range(M):
+        s.append(f"{ind}acc{m} = fma(w, ld_{ba.name}(ab + {_u(m * A.srow)} + k * {_u(A.scol)}), acc{m});\n")
+    if guard:
+        s.append("        }\n")
+    s.append("    }\n")
+    for m in range(M):
+        s.append(f"    mm_part[{m * 256}u + lid] = acc{m};\n")
+    s.append("    workgroupBarrier();\n")
+    s.append(f"    if (ks == 0u && n < {_u(N)}) {{\n")
+    for m in range(M):
+        s.append(f"        {{ var t = 0.0;\n          for (var q = 0u; q < {ks}u; q++) {{ t += mm_part[{m * 256}u + q * {tn}u + tn]; }}\n"
+                 f"          let o = bi * {_u(M * N)} + {_u(m * N)} + n;\n          mm_out[o] = epilogue(t, o); }}\n")
+    s.append("    }\n}\n")
+    name = f"gemv_n_{c.dtag()}_tn{tn}_m{M}"
+    return name, "".join(s), runtime.grid_for(total), {"tn": tn, "ks": ks}
+
+
+# ----------------------------------------------------------------------------- naive
+
+
+def _gen_naive(c: _Ctx):
+    A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
+    ba, bb = c.bind_a, c.bind_b
+    total = c.nb * M * N
+    nwg = -(-total // 64)
+    pre, boa, bob = _batch_code(c.dims)
+    s = ("@compute @workgroup_size(64)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+         "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
+         "    let o = (wid.x + wid.y * nwg.x) * 64u + lid;\n"
+         f"    if (o >= {_u(total)}) {{ return; }}\n"
+         f"    let n = o % {_u(N)};\n    let m = (o / {_u(N)}) % {_u(M)};\n    let bi = o / {_u(M * N)};\n"
+         + pre +
+         f"    let ai = {_u(A.offset)} + {boa} + m * {_u(A.srow)};\n"
+         f"    let bj = {_u(B.offset)} + {bob} + n * {_u(B.scol)};\n"
+         "    var acc = 0.0;\n"
+         f"    for (var k = 0u; k < {_u(K)}; k++) {{\n"
+         f"        acc = fma(ld_{ba.name}(ai + k * {_u(A.scol)}), ld_{bb.name}(bj + k * {_u(B.srow)}), acc);\n"
+         "    }\n    mm_out[o] = epilogue(acc, o);\n}\n")
+    return f"matmul_naive_{c.dtag()}", s, runtime.grid_for(nwg), {}
+
+
+# ----------------------------------------------------------------------------- tiled
+
+
+def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True):
+    """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
+    memory into registers (`load`) and from registers into shared memory (`store`).
+
+    Shared layout: S[k * T/4 + t/4][t % 4] (vec4 rows along t) so the inner loop reads a thread's
+    4 consecutive m (or n) values as one vec4."""
+    m = c.A if which == "a" else c.B
+    X = "a" if which == "a" else "b"
+    S = "mm_As" if which == "a" else "mm_Bs"
+    # strides along k and along t
+    if which == "a":
+        sk, st, kaxis, taxis = m.scol, m.srow, "col", "row"
+    else:
+        sk, st, kaxis, taxis = m.srow, m.scol, "row", "col"
+    T4 = T // 4
+    regs, load, store = [], [], []
+    need_t = tdim % T != 0
+    need_k = K % BK != 0
+    if allow_vec and c.can_vec(which, kaxis, 4):
+        mode = "vk"
+        c.want(which, 4)
+        per = BK // 4                       # vec4s per tile row
+        count = T * per
+        R = -(-count // 256)
+        for r in range(R):
+            regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
+            load.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n"
+                        f"          let gt = {X}t0 + t; let gk = k0 + kv * 4u;\n")
+            conds = ([f"gt < {_u(tdim)}"] if need_t else []) + ([f"gk < {_u(K)}"] if need_k else [])
+            body = f"r{X}{r} = ld4_{{B}}({X}base + gt * {_u(st)} + gk);"
+            if conds:
+                load.append(f"          r{X}{r} = vec4<f32>(0.0);\n          if ({' && '.join(conds)}) {{ {body} }} }}\n")
+            else:
+                load.append(f"          {body} }}\n")
+            store.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
+            for j in range(4):
+                store.append(f"          {S}[(kv * 4u + {j}u) * {T4}u + t / 4u][t % 4u] = r{X}{r}[{j}];\n")
+            store.append("        }\n")
+    elif allow_vec and c.can_vec(which, taxis, 4):
+        mode = "vt"
+        c.want(which, 4)
+        count = BK * T4
+        R = -(-count // 256)
+        for r in range(R):
+            regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
+            load.append(f"        {{ let e = lid + {256 * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
+                        f"          let gt = {X}t0 + tv * 4u; let gk = k0 + kk;\n")
+            conds = ([f"gt < {_u(tdim)}"] if need_t else []) + ([f"gk < {_u(K)}"] if need_k else [])
+            body = f"r{X}{r} = ld4_{{B}}({X}base + gk * {_u(sk)} + gt);"
+            if conds:
+                load.append(f"          r{X}{r} = vec4<f32>(0.0);\n          if ({' && '.join(conds)}) {{ {body} }} }}\n")
+            else:
+                load.append(f"          {body} }}\n")
+            store.append(f"        {{ let e = lid + {256 * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
+    else:
+        mode = "s"
+        count = BK * T
+        R = -(-count // 256)
+        kfast = abs(sk) <= abs(st)
+        for r in range(R):
+            regs.append(f"    var r{X}{r} = 0.0;\n")
+            if kfast:
+                idx = f"let e = lid + {256 * r}u; let kk = e % {BK}u; let t = e / {BK}u;"
+            else:
+                idx = f"let e = lid + {256 * r}u; let t = e % {T}u; let kk = e / {T}u;"
+            load.append(f"        {{ {idx}\n          let gt = {X}t0 + t; let gk = k0 + kk;\n")
+            conds = ([f"gt < {_u(tdim)}"] if need_t else []) + ([f"gk < {_u(K)}"] if need_k else [])
+            body = f"r{X}{r} = ld_{{B}}({X}base + gt * {_u(st)} + gk * {_u(sk)});"
+            if conds:
+                load.append(f"          r{X}{r} = 0.0;\n          if ({' && '.join(conds)}) {{ {body} }} }}\n")
+            else:
+                load.append(f"          {body} }}\n")
+            store.append(f"        {{ {idx} {S}[kk * {T4}u + t / 4u][t % 4u] = r{X}{r}; }}\n")
+    if count % 256:
+        # the last item of each thread exists only for the first count % 256 threads
+        guard = f"if (lid + {256 * (R - 1)}u < {count}u) "
+        load = [(guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {256 * (R - 1)}u;") else x for x in load]
+        store = [(" " * 8 + guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {256 * (R - 1)}u;") else x for x in store]
+    return mode, "".join(regs), "".join(load), "".join(store)
+
+
+def _gen_tiled(c: _Ctx):
+    A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
+    BK = TUNING["bk"]
+    tile = TUNING["tile"]
+    if tile is None:
+        n128 = -(-M // 128) * -(-N // 128) * c.nb
+        tile = 128 if n128 >= TUNING["tile128_min_wgs"] else 64
+    smem = 2 * BK * tile * 4
+    if smem > c.dev.max_workgroup_storage:
+        tile = 64
+    TM = TN = tile
+    G = tile // 64          # vec4 groups per thread along m and along n
+    RM = 4 * G              # rows per thread
+    gm, gn = -(-M // TM), -(-N // TN)
+    total = gm * gn * c.nb
+    KT = -(-K // BK)
+    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K)
+    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K)
+    if c.aliased and c.lanes["a"] != c.lanes["b"]:
+        # one declaration serves both views: scalar loads for both
+        c.want("a", 1)
+        c.want("b", 1)
+        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False)
+        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False)
+    c.out_vec = N % 4 == 0
+    ba, bb = c.bind_a, c.bind_b
+    load_a = load_a.replace("{B}", ba.name)
+    load_b = load_b.replace("{B}", bb.name)
+    pre, boa, bob = _batch_code(c.dims)
+    s = [f"var<workgroup> mm_As: array<vec4<f32>, {BK * TM // 4}>;\n",
+         f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
+         "@compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+         "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
+         _GRID_PRELUDE.format(total=_u(total)),
+         f"    let tni = g % {_u(gn)};\n    let rest = g / {_u(gn)};\n"
+         f"    let tmi = rest % {_u(gm)};\n    let bi = rest / {_u(gm)};\n",
+         f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
+         pre,
+         f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
+         "    let tx = lid % 16u;\n    let ty = lid / 16u;\n"]
+    for r in range(RM):
+        for h in range(G):
+            s.append(f"    var c{r}_{h} = vec4<f32>(0.0);\n")
+    s.append(regs_a + regs_b)
+    s.append("    {\n        let k0 = 0u;\n" + load_a + load_b + "    }\n")
+    s.append(f"    for (var kt = 0u; kt < {_u(KT)}; kt++) {{\n")
+    s.append(store_a + store_b)
+    s.append("        workgroupBarrier();\n")
+    s.append(f"        if (kt + 1u < {_u(KT)}) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
+    s.append(f"        for (var kk = 0u; kk < {BK}u; kk++) {{\n")
+    for gi in range(G):
+        s.append(f"            let a{gi} = mm_As[kk * {TM // 4}u + {gi * 16}u + ty];\n")
+    for h in range(G):
+        s.append(f"            let b{h} = mm_Bs[kk * {TN // 4}u + {h * 16}u + tx];\n")
+    comp = "xyzw"
+    for r in range(RM):
+        gi, i = divmod(r, 4)
+        for h in range(G):
+            s.append(f"            c{r}_{h} = fma(vec4<f32>(a{gi}.{comp[i]}), b{h}, c{r}_{h});\n")
+    s.append("        }\n        workgroupBarrier();\n    }\n")
+    # store
+    s.append(f"    let ob = bi * {_u(M * N)};\n")
+    for r in range(RM):
+        gi, i = divmod(r, 4)
+        s.append(f"    {{ let m = at0 + {gi * 64 + i}u + ty * 4u;\n")
+        if M % TM:
+            s.append(f"      if (m < {_u(M)}) {{\n")
+        for h in range(G):
+            s.append(f"        {{ let n = bt0 + {h * 64}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
+            if c.out_vec:
+                st = ("mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
+                      "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
+                if N % TN:
+                    st = f"if (n < {_u(N)}) {{ {st} }}"
+                s.append(f"          {st} }}\n")
+            else:
+                for j in range(4):
+                    st = f"mm_out[o + {j}u] = epilogue(v.{comp[j]}, o + {j}u);"
+                    if N % TN:
+                        st = f"if (n + {j}u < {_u(N)}) {{ {st} }}"
+                    s.append(f"          {st}\n")
+                s.append("        }\n")
+        if M % TM:
+            s.append("      }\n")
+        s.append("    }\n")
+    s.append("}\n")
+    name = f"matmul_{c.dtag()}_t{TM}_{moda}{modb}_k{BK}"
+    return name, "".join(s), runtime.grid_for(total), {"tile": TM, "modes": (moda, modb), "bk": BK}

@@ -1,0 +1,370 @@
+"""matmul / GEMV kernels against NumPy (float64 reference over the same f32/f16 values).
+
+Tolerance: |gpu - ref| <= RTOL * (|a| @ |b|) + 1e-6 elementwise, i.e. relative to the sum of the
+magnitudes of the products (robust to cancellation), with RTOL = 1e-4 (f32 accumulation; f16
+inputs are compared with the same f16 values upcast, so only accumulation error remains).
+"""
+import math
+
+import numpy as np
+import pytest
+
+from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import matmul as mm
+from tensorgpu.kernels.common import Operand
+
+RTOL = 1e-4
+F32, F16 = dtypes.float32, dtypes.float16
+
+
+# ----------------------------------------------------------------------------- fixtures / helpers
+
+
+@pytest.fixture(params=[(True, True), (False, False)], ids=["f16+sg", "packed+nosg"])
+def paths(request):
+    """Both code paths: shader-f16 + subgroups, and packed-u32 f16 + shared-memory reductions."""
+    old = (runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups)
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = request.param
+    yield request.param
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old
+
+
+@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
+                ids=["f16+sg", "f16+nosg", "packed+sg", "packed+nosg"])
+def all_paths(request):
+    old = (runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups)
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = request.param
+    yield request.param
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old
+
+
+@pytest.fixture
+def tuning():
+    """Lets a test change mm.TUNING and restores it."""
+    old = dict(mm.TUNING)
+    yield mm.TUNING
+    mm.TUNING.clear()
+    mm.TUNING.update(old)
+
+
+_rng = np.random.default_rng(1234)
+
+
+def rand(*shape, dtype=np.float32):
+    return _rng.standard_normal(shape).astype(dtype)
+
+
+class Base:
+    """A contiguous host array uploaded once; `view(v)` makes an Operand for any NumPy view of it
+    (slices, transposes, broadcasts, negative steps) with its element strides and offset."""
+
+    def __init__(self, arr):
+        self.arr = np.ascontiguousarray(arr)
+        self.dtype = dtypes.from_numpy(self.arr.dtype)
+        self.buf = runtime.upload(self.arr)
+
+    def view(self, v):
+        isz = self.arr.itemsize
+        off = v.__array_interface__["data"][0] - self.arr.__array_interface__["data"][0]
+        assert off % isz == 0
+        return Operand(self.buf, self.dtype, tuple(v.shape), tuple(s // isz for s in v.strides), off // isz)
+
+
+def op(x):
+    base = Base(x)
+    return base.view(base.arr)
+
+
+def run(a_view, a_op, b_view, b_op, epilogue=None, force=None, ref_fn=None):
+    shape = np.broadcast_shapes(a_view.shape[:-2], b_view.shape[:-2]) + (a_view.shape[-2], b_view.shape[-1])
+    n = math.prod(shape)
+    out = runtime.Buffer(max(n, 1) * 4)
+    launch = mm.plan(out, a_op, b_op, epilogue, force=force)
+    if launch.kind != "empty":
+        runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+    got = np.frombuffer(runtime.read(out, 0, n * 4), np.float32).reshape(shape)
+    a64, b64 = a_view.astype(np.float64), b_view.astype(np.float64)
+    ref = a64 @ b64
+    bound = RTOL * (np.abs(a64) @ np.abs(b64)) + 1e-6
+    if ref_fn is not None:
+        ref = ref_fn(ref)
+        bound = bound * 2 + 1e-5
+    err = np.abs(got - ref)
+    assert got.shape == ref.shape
+    assert np.all(err <= bound), (f"{launch.name}: max err {err.max()} (bound {bound.flat[np.argmax(err - bound)]}) "
+                                  f"a {a_view.shape} {a_view.dtype} strides {a_op.strides} b {b_view.shape} {b_view.dtype} "
+                                  f"strides {b_op.strides}")
+    return launch
+
+
+def make(M, K, N, ta=False, tb=True, da=np.float32, db=np.float32, batch=()):
+    """a [*batch, M, K], b [*batch, K, N]; ta/tb store the operand transposed (tb: w [N, K] as for
+    x @ w.T, the linear-layer case)."""
+    a_store = rand(*batch, K, M, dtype=da) if ta else rand(*batch, M, K, dtype=da)
+    b_store = rand(*batch, N, K, dtype=db) if tb else rand(*batch, K, N, dtype=db)
+    A, B = Base(a_store), Base(b_store)
+    av = np.swapaxes(A.arr, -1, -2) if ta else A.arr
+    bv = np.swapaxes(B.arr, -1, -2) if tb else B.arr
+    return av, A.view(av), bv, B.view(bv)
+
+
+class BiasGelu:
+    """Hand-written Epilogue: out = gelu_erf(acc + bias[n])."""
+
+    def __init__(self, bias: np.ndarray):
+        self.bias = bias.astype(np.float32)
+        self.N = len(bias)
+        self.operands = [op(self.bias)]
+
+    def wgsl(self, first_binding: int) -> str:
+        return f"""@group(0) @binding({first_binding}) var<storage, read> ep_bias: array<f32>;
+fn ep_erf(x: f32) -> f32 {{
+    // Abramowitz & Stegun 7.1.26, |error| < 1.5e-7
+    let t = 1.0 / (1.0 + 0.3275911 * abs(x));
+    let y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592) * t * exp(-x * x);
+    return sign(x) * y;
+}}
+fn epilogue(acc: f32, i: u32) -> f32 {{
+    let v = acc + ep_bias[i % {self.N}u];
+    return 0.5 * v * (1.0 + ep_erf(v * 0.7071067811865476));
+}}
+"""
+
+    def ref(self, x):
+        v = x + self.bias.astype(np.float64)
+        return 0.5 * v * (1.0 + np.vectorize(math.erf)(v / math.sqrt(2.0)))
+
+
+# ----------------------------------------------------------------------------- tiled
+
+
+@pytest.mark.parametrize("M,K,N", [(5, 3, 7), (67, 45, 131), (64, 64, 64), (130, 36, 129)])
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN", "TT"])
+def test_tiled_layouts_f32(M, K, N, layout):
+    av, ao, bv, bo = make(M, K, N, ta=layout[0] == "T", tb=layout[1] == "T")
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.kind == "tiled"
+
+
+@pytest.mark.parametrize("tile", [64, 128])
+@pytest.mark.parametrize("layout", ["NT", "TN", "NN"])
+def test_tiled_tile_sizes_and_vec_modes(tile, layout, tuning):
+    tuning["tile"] = tile
+    av, ao, bv, bo = make(132, 48, 136, ta=layout[0] == "T", tb=layout[1] == "T")
+    launch = run(av, ao, bv, bo)
+    assert launch.kind == "tiled" and launch.info["tile"] == tile
+    want = {"NT": ("vk", "vk"), "TN": ("vt", "vt"), "NN": ("vk", "vt")}[layout]
+    assert launch.info["modes"] == want
+
+
+@pytest.mark.parametrize("da,db", [(np.float16, np.float16), (np.float32, np.float16), (np.float16, np.float32)])
+@pytest.mark.parametrize("layout", ["NT", "TN", "NN"])
+def test_tiled_f16(paths, da, db, layout):
+    av, ao, bv, bo = make(70, 40, 68, ta=layout[0] == "T", tb=layout[1] == "T", da=da, db=db)
+    run(av, ao, bv, bo)
+
+
+def test_tiled_f16_unaligned_scalar(paths):
+    # K odd: no vector loads along K; N odd: scalar stores
+    av, ao, bv, bo = make(33, 19, 21, tb=True, da=np.float16, db=np.float16)
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.info["modes"] == ("s", "s")
+
+
+def test_tiled_bk_not_dividing_k(tuning):
+    tuning["bk"] = 8
+    av, ao, bv, bo = make(40, 21, 36, tb=False)
+    run(av, ao, bv, bo, force="tiled")
+
+
+# ----------------------------------------------------------------------------- GEMV
+
+
+@pytest.mark.parametrize("M", [1, 2, 4])
+@pytest.mark.parametrize("K", [1, 7, 64, 257, 1000])
+@pytest.mark.parametrize("N", [1, 33])
+def test_gemv_linear_f32(M, K, N):
+    av, ao, bv, bo = make(M, K, N, tb=True)
+    launch = run(av, ao, bv, bo)
+    assert launch.kind == ("gemv_k" if K > 1 or N == 1 else "gemv_n")
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 40), (3, 200, 9), (1, 1000, 5)])
+@pytest.mark.parametrize("dt", [np.float32, np.float16])
+def test_gemv_paths(all_paths, M, K, N, dt):
+    """f16 on the shader-f16 and packed paths, subgroup and shared-memory reductions."""
+    av, ao, bv, bo = make(M, K, N, tb=True, da=dt, db=dt)
+    launch = run(av, ao, bv, bo)
+    assert launch.info["subgroups"] == (all_paths[1])
+    want_w = 8 if (dt == np.float16 and K % 8 == 0) else 4 if K % 4 == 0 else 1
+    assert launch.info["W"] == want_w
+
+
+@pytest.mark.parametrize("K", [12, 13])
+def test_gemv_f16_width4_and_tail(all_paths, K):
+    # K % 8 == 4 -> 4-wide f16 loads (vec4<f16> or vec2<u32>); K == 13 -> scalar
+    av, ao, bv, bo = make(2, K, 20, tb=True, da=np.float16, db=np.float16)
+    launch = run(av, ao, bv, bo)
+    assert launch.info["W"] == (4 if K == 12 else 1)
+
+
+def test_gemv_mixed_dtypes(paths):
+    av, ao, bv, bo = make(2, 96, 17, tb=True, da=np.float32, db=np.float16)
+    assert run(av, ao, bv, bo).info["W"] == 8
+    av, ao, bv, bo = make(1, 96, 17, tb=True, da=np.float16, db=np.float32)
+    assert run(av, ao, bv, bo).info["W"] == 4
+
+
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("dt", [np.float32, np.float16])
+def test_gemv_n_major(paths, M, dt):
+    """x @ w with w stored [K, N]: adjacent threads own adjacent columns."""
+    for K, N in [(50, 70), (9, 3)]:
+        av, ao, bv, bo = make(M, K, N, tb=False, da=dt, db=dt)
+        assert run(av, ao, bv, bo).kind == "gemv_n"
+
+
+def test_gemv_long_k():
+    av, ao, bv, bo = make(1, 16384, 8, tb=True)
+    launch = run(av, ao, bv, bo)
+    assert launch.kind == "gemv_k" and launch.info["threads"] == 256
+
+
+@pytest.mark.parametrize("cols,threads", [(1, 64), (2, 128), (4, 256), (3, 64)])
+def test_gemv_tuning_knobs(cols, threads, tuning):
+    tuning["gemv_cols"], tuning["gemv_threads"] = cols, threads
+    av, ao, bv, bo = make(2, 520, 11, tb=True)
+    launch = run(av, ao, bv, bo)
+    assert launch.info["cols"] == cols and launch.info["threads"] == threads
+
+
+def test_gemv_2d_grid():
+    """More than 65,535 workgroups: the launch is 2-D and every column is still written once."""
+    N = 70001
+    av, ao, bv, bo = make(1, 4, N, tb=True)
+    launch = run(av, ao, bv, bo)
+    assert launch.kind == "gemv_k" and launch.grid[1] > 1 and launch.grid[0] * launch.grid[1] >= N
+
+
+def test_tiled_2d_grid(tuning):
+    # a batch of 1-row-tile products, past 65,535 workgroups with the 64 tile
+    tuning["tile"] = 64
+    av, ao, bv, bo = make(5, 2, 3, batch=(65600,))
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.grid[1] > 1
+
+
+# ----------------------------------------------------------------------------- views
+
+
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_batch_broadcast(paths, M):
+    """b broadcast over batch with stride 0 (one weight for every batch), a batched [2, 3, M, K]."""
+    K, N = 24, 20
+    A, W = Base(rand(2, 3, M, K)), Base(rand(N, K, dtype=np.float16))
+    wv = np.broadcast_to(W.arr.T, (2, 3, K, N))
+    assert wv.strides[0] == 0
+    run(A.arr, A.view(A.arr), wv, W.view(wv))
+
+
+@pytest.mark.parametrize("M", [2, 33])
+def test_batch_both_strided(M):
+    """Batched, a transposed per batch and b permuted from a [K, B, N] layout (head-major attention)."""
+    B_, K, N = 3, 16, 12
+    A = Base(rand(B_, K, M))
+    Bb = Base(rand(K, B_, N))
+    av = np.swapaxes(A.arr, 1, 2)
+    bv = np.transpose(Bb.arr, (1, 0, 2))
+    run(av, A.view(av), bv, Bb.view(bv))
+
+
+@pytest.mark.parametrize("M", [1, 4, 37])
+def test_sliced_with_offsets(paths, M):
+    """Slices of bigger tensors: offset, row stride > K, column step."""
+    A = Base(rand(M + 3, 50))
+    W = Base(rand(40, 72, dtype=np.float16))
+    av = A.arr[2:2 + M, 5:5 + 32]                # offset 105, row stride 50
+    bv = W.arr[1:33, 3:3 + 2 * 19:2]              # [32, 19] with column step 2
+    run(av, A.view(av), bv, W.view(bv))
+    bv2 = W.arr[4:4 + 19, 8:8 + 32].T             # x @ w.T of a slice, offset 296: vector loads
+    launch = run(av, A.view(av), bv2, W.view(bv2))
+    if M <= mm.GEMV_MAX_M:
+        assert launch.kind == "gemv_k" and launch.info["W"] == 8
+    else:
+        assert launch.info["modes"] == ("s", "vk")
+
+
+def test_negative_strides():
+    A, W = Base(rand(6, 20)), Base(rand(20, 9))
+    av, bv = A.arr[::-1, ::-1], W.arr[::-1, :]
+    run(av, A.view(av), bv, W.view(bv))
+    av1 = A.arr[::-2]                             # M = 3 GEMV
+    run(av1, A.view(av1), bv, W.view(bv))
+
+
+@pytest.mark.parametrize("M", [1, 20])
+def test_same_buffer_for_a_and_b(M):
+    """x @ x.T and q @ k.T from one fused buffer: bound once, read through two views."""
+    X = Base(rand(M + 8, 32))
+    av = X.arr[:M]
+    bv = X.arr[M:M + 8].T
+    run(av, X.view(av), bv, X.view(bv))
+    run(X.arr, X.view(X.arr), X.arr.T, X.view(X.arr.T))
+
+
+# ----------------------------------------------------------------------------- epilogue, edges
+
+
+@pytest.mark.parametrize("M,force", [(1, None), (3, "gemv_n"), (40, None), (6, "naive")])
+def test_epilogue_bias_gelu(paths, M, force):
+    K, N = 36, 44
+    av, ao, bv, bo = make(M, K, N, tb=True)
+    ep = BiasGelu(rand(N))
+    launch = run(av, ao, bv, bo, epilogue=ep, force=force, ref_fn=ep.ref)
+    assert "ep_bias" in launch.wgsl and len(launch.bindings) == 4
+
+
+@pytest.mark.parametrize("force", [None, "gemv_k", "gemv_n", "tiled"])
+def test_every_path_on_one_awkward_shape(force):
+    av, ao, bv, bo = make(3, 29, 31, tb=True, da=np.float16)
+    run(av, ao, bv, bo, force=force)
+
+
+def test_k_zero_gives_epilogue_of_zero():
+    M, N = 3, 5
+    a, b = np.zeros((M, 0), np.float32), np.zeros((0, N), np.float32)
+    A, B = Base(np.zeros(4, np.float32)), Base(np.zeros(4, np.float32))
+    ao = Operand(A.buf, F32, (M, 0), (0, 1), 0)
+    bo = Operand(B.buf, F32, (0, N), (N, 1), 0)
+    ep = BiasGelu(rand(N))
+    launch = run(a, ao, b, bo, epilogue=ep, ref_fn=ep.ref)
+    assert launch.kind == "naive"
+
+
+def test_empty_output_is_a_noop():
+    out = runtime.Buffer(4)
+    a = Operand(runtime.Buffer(16), F32, (0, 4), (4, 1), 0)
+    b = op(rand(4, 3))
+    assert mm.plan(out, a, b).kind == "empty"
+    before = runtime.pending_count()
+    mm.matmul(out, a, b)
+    assert runtime.pending_count() == before
+
+
+def test_errors_name_shapes():
+    a, b = op(rand(2, 3)), op(rand(4, 5))
+    out = runtime.Buffer(64)
+    with pytest.raises(ValueError, match=r"\(2, 3\) @ \(4, 5\)"):
+        mm.matmul(out, a, b)
+    with pytest.raises(ValueError, match="batch"):
+        mm.matmul(out, op(rand(2, 2, 3)), op(rand(3, 3, 5)))
+    with pytest.raises(ValueError, match="output buffer holds 8 bytes"):
+        mm.matmul(runtime.Buffer(8), op(rand(2, 3)), op(rand(3, 5)))
+    ints = Operand(runtime.upload(np.zeros(6, np.int32)), dtypes.int32, (3, 2), (2, 1), 0)
+    with pytest.raises(TypeError, match="int32"):
+        mm.matmul(out, op(rand(2, 3)), ints)
+    with pytest.raises(ValueError, match="also an input"):
+        mm.matmul(a.buffer, a, op(rand(3, 1)))
+    bad = Operand(b.buffer, F32, (4, 5), (5, 1), 3)   # runs past the buffer's 20 elements
+    with pytest.raises(ValueError, match="reaches elements"):
+        mm.matmul(out, op(rand(2, 4)), bad)
