@@ -171,6 +171,9 @@ class _Pool:
     def __init__(self):
         self.free: dict[int, list] = {}
         self.bytes_held = 0
+        # every GPUBuffer ever made stays referenced here, so the garbage collector can never
+        # finalize (release) one that a dying Buffer wrapper is about to hand back to the pool
+        self.all: list = []
 
     def take(self, size: int):
         lst = self.free.get(size)
@@ -180,6 +183,7 @@ class _Pool:
         if size > int(dev.limits["max-buffer-size"]):
             raise MemoryError(f"buffer of {size} bytes exceeds the device's max_buffer_size {dev.limits['max-buffer-size']}")
         buf = dev.device.create_buffer(size=size, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST)
+        self.all.append(buf)
         STATS["buffers_allocated"] += 1
         STATS["bytes_allocated"] += size
         self.bytes_held += size

@@ -1,0 +1,47 @@
+"""tensorgpu: NumPy-like tensors that run lazily, fused into generated WGSL, on any GPU
+WebGPU reaches (Vulkan, Metal, DX12) through wgpu-py."""
+from . import debug, dtypes
+from .dtypes import (DType, bfloat16, float16, float32, int32, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0,
+                     uint32)
+from .dtypes import bool_ as bool  # noqa: A001 - tg.bool is part of the public API
+from .tensor import (Tensor, arange, broadcast_shapes, cat, empty, full, matmul, maximum, minimum, ones,
+                     ones_like, rand, randn, stack, tensor, where, zeros, zeros_like)
+from .runtime import NoAdapterError, flush, sync
+
+
+def device() -> dict:
+    """The adapter in use: name, backend, limits and enabled features."""
+    from .runtime import get_device
+    return get_device().describe()
+
+
+def _fn(name):
+    def f(x, *args, **kwargs):
+        if not isinstance(x, Tensor):
+            x = tensor(x)
+        return getattr(x, name)(*args, **kwargs)
+    f.__name__ = name
+    f.__doc__ = f"tg.{name}(x, ...) is x.{name}(...)"
+    return f
+
+
+for _n in ("exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "erf", "sigmoid", "relu", "silu", "gelu",
+           "reciprocal", "floor", "ceil", "abs", "clip", "sum", "mean", "max", "min", "argmax", "argmin", "var",
+           "std", "softmax", "log_softmax", "logsumexp", "reshape", "permute", "transpose", "expand",
+           "broadcast_to", "squeeze", "unsqueeze", "flatten", "contiguous", "split", "chunk", "astype"):
+    globals()[_n] = _fn(_n)
+del _n
+
+
+def __getattr__(name):
+    # heavier subsystems load on first use
+    if name == "nn":
+        from . import nn
+        return nn
+    if name in ("load_gguf", "save_gguf"):
+        from . import gguf
+        return getattr(gguf, name)
+    if name == "capture":
+        from .capture import capture
+        return capture
+    raise AttributeError(f"module 'tensorgpu' has no attribute {name!r}")

@@ -1,0 +1,488 @@
+"""Fused kernels -> WGSL source. Index arithmetic comes from Views and is baked in as constants,
+so one source (and one compiled pipeline) exists per kernel *structure*; new data reuses it.
+
+A KernelBuilder renders an expression tree of graph nodes: realized nodes become loads from
+bindings, unrealized elementwise nodes are inlined (re-indexed through their Views), and at
+most one "core" value (a reduction's accumulator or a hand-written kernel's result) appears as
+the variable `acc`. The same renderer produces elementwise kernels, reduction kernels (with
+prologue and epilogue) and the Epilogue objects hand-written kernels call on store.
+"""
+from __future__ import annotations
+
+import math
+import struct
+from math import prod
+from typing import Optional
+
+import numpy as np
+
+from . import dtypes as dt
+from .graph import Node
+from .ops import BINARY, REDUCE, UNARY, WGSL_HELPERS, Op, compute_type
+from .runtime import get_device
+from .view import View
+
+WG = 256  # threads per workgroup for generated kernels
+
+
+def f32_literal(v: float) -> str:
+    v = float(np.float32(v))
+    if math.isnan(v):
+        return "bitcast<f32>(0x7fc00000u)"
+    if math.isinf(v):
+        return "bitcast<f32>(0x7f800000u)" if v > 0 else "bitcast<f32>(0xff800000u)"
+    if v != 0 and abs(v) < 1.1754943508222875e-38:  # subnormal: WGSL may flush; keep exact bits
+        return f"bitcast<f32>({struct.unpack('<I', struct.pack('<f', v))[0]}u)"
+    return f"f32({repr(v)})" if "e" in repr(v) or "." in repr(v) else f"{v}.0"
+
+
+def literal(value, d: dt.DType) -> str:
+    ct = compute_type(d)
+    if ct == "f32":
+        return f32_literal(value)
+    if ct == "bool":
+        return "true" if value else "false"
+    if ct == "i32":
+        v = int(value)
+        return f"i32({v})" if v >= 0 else f"(-i32({-v}))" if v != -2**31 else "(-2147483647 - 1)"
+    return f"{int(value) & 0xffffffff}u"
+
+
+def convert(expr: str, src: str, dst: str) -> str:
+    """Convert a value between WGSL compute types with NumPy's semantics."""
+    if src == dst:
+        return expr
+    if dst == "bool":
+        zero = {"f32": "0.0", "i32": "0", "u32": "0u"}[src]
+        return f"({expr} != {zero})"
+    if src == "bool":
+        one, zero = {"f32": ("1.0", "0.0"), "i32": ("1", "0"), "u32": ("1u", "0u")}[dst]
+        return f"select({zero}, {one}, {expr})"
+    return f"{dst}({expr})"
+
+
+class KernelBuilder:
+    """Accumulates bindings, helper functions and statements for one WGSL kernel."""
+
+    def __init__(self, first_binding: int = 0):
+        self.first_binding = first_binding
+        self.bindings: list = []      # (Buffer, access, name, storage_type)
+        self._names: dict = {}
+        self.helpers: set = set()
+        self.uses_f16 = False
+        self.lines: list = []
+        self.memo: dict = {}
+        self.tmp = 0
+        self.core: Optional[Node] = None
+        self.core_var = "acc"
+        dev = get_device()
+        self.native_f16 = dev.has_f16
+
+    # -- bindings ------------------------------------------------------------------------
+
+    def storage_type(self, d: dt.DType) -> str:
+        if d is dt.float16 and self.native_f16:
+            self.uses_f16 = True
+            return "f16"
+        return {dt.float32: "f32", dt.int32: "i32"}.get(d, "u32")
+
+    def bind(self, buf, d: dt.DType, access: str = "read") -> str:
+        key = (id(buf), d.name, access)
+        name = self._names.get(key)
+        if name is None:
+            name = f"b{len(self.bindings) + self.first_binding}"
+            st = self.storage_type(d)
+            self.bindings.append((buf, access, name, st))
+            self._names[key] = name
+        return name
+
+    def decls(self) -> str:
+        out = []
+        for i, (buf, access, name, st) in enumerate(self.bindings):
+            mode = "read" if access == "read" else "read_write"
+            ty = f"array<{st}>" if access != "atomic" else "array<atomic<u32>>"
+            out.append(f"@group(0) @binding({i + self.first_binding}) var<storage, {mode}> {name}: {ty};")
+        return "\n".join(out)
+
+    def header(self) -> str:
+        return "enable f16;\n" if self.uses_f16 else ""
+
+    def helper_text(self) -> str:
+        return "\n".join(WGSL_HELPERS[h] for h in sorted(self.helpers))
+
+    def new(self, expr: str, ty: str) -> str:
+        self.tmp += 1
+        name = f"v{self.tmp}"
+        self.lines.append(f"let {name}: {ty} = {expr};")
+        return name
+
+    # -- loads ---------------------------------------------------------------------------
+
+    def load(self, buf, d: dt.DType, idx: str) -> str:
+        name = self.bind(buf, d)
+        if d is dt.float16:
+            if self.native_f16:
+                return f"f32({name}[{idx}])"
+            return f"unpack2x16float({name}[u32({idx}) >> 1u])[u32({idx}) & 1u]"
+        if d is dt.bool_:
+            return f"({name}[{idx}] != 0u)"
+        return f"{name}[{idx}]"
+
+    @staticmethod
+    def linear(view: View, coords: list) -> str:
+        terms = [str(view.offset)] if view.offset else []
+        for c, s, st in zip(coords, view.shape, view.strides):
+            if s == 1 or st == 0:
+                continue
+            terms.append(c if st == 1 else f"{c} * {st}")
+        return " + ".join(terms) if terms else "0"
+
+    @staticmethod
+    def unravel(lin: str, shape: tuple) -> list:
+        """Row-major coordinates of linear index `lin` (an i32 expression) in `shape`."""
+        coords = []
+        acc = 1
+        nd = len(shape)
+        for k in range(nd - 1, -1, -1):
+            s = shape[k]
+            if s == 1:
+                coords.append("0")
+            else:
+                e = lin if acc == 1 else f"({lin} / {acc})"
+                outer = all(x == 1 for x in shape[:k])
+                coords.append(e if outer else f"({e} % {s})")
+            acc *= s
+        return list(reversed(coords))
+
+    # -- expression rendering ------------------------------------------------------------
+
+    def render(self, node: Node, view: View, coords: list) -> str:
+        """WGSL value (compute type of node.dtype) of `node` read through `view` at `coords`."""
+        key = (id(node), view, tuple(coords))
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
+        ct = compute_type(node.dtype)
+        if node is self.core:
+            val = self.core_var
+        elif node.op is Op.CONST:
+            val = literal(node.arg, node.dtype)
+        elif node.buffer is not None:
+            lin = self.linear(view, coords)
+            idx = f"u32({lin})" if lin != "0" else "0u"
+            val = self.new(self.load(node.buffer, node.dtype, idx), ct)
+        elif node.is_elementwise:
+            if view.is_identity(node.shape):
+                ncoords = list(coords)
+            else:
+                lin = self.new(self.linear(view, coords), "i32")
+                ncoords = self.unravel(lin, node.shape)
+            val = self.render_elementwise(node, ncoords)
+        else:
+            raise AssertionError(f"cannot inline {node}: the scheduler must realize it first")
+        self.memo[key] = val
+        return val
+
+    def render_elementwise(self, node: Node, coords: list) -> str:
+        op = node.op
+        ct = compute_type(node.dtype)
+        if op is Op.CAT:
+            return self.render_cat(node, coords)
+        srcs = [self.render(n, v, coords) for n, v in node.srcs]
+        if op is Op.CAST:
+            return self.new(convert(srcs[0], compute_type(node.srcs[0][0].dtype), ct), ct)
+        if op is Op.WHERE:
+            return self.new(f"select({srcs[2]}, {srcs[1]}, {srcs[0]})", ct)
+        if op in UNARY:
+            tmpl = UNARY[op].wgsl
+            self._note_helpers(tmpl)
+            zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[compute_type(node.srcs[0][0].dtype)]
+            return self.new(tmpl.format(*srcs, zero=zero), ct)
+        if op in BINARY:
+            tmpl = BINARY[op].wgsl
+            sct = compute_type(node.srcs[0][0].dtype)
+            if op is Op.MOD:
+                fn = {"f32": "tg_fmod", "i32": "tg_imod", "u32": "tg_umod"}[sct]
+                self.helpers.add({"tg_fmod": "tg_fmod", "tg_imod": "tg_imod", "tg_umod": "tg_idiv_safe"}[fn])
+                return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
+            if op is Op.DIV and sct == "i32":
+                raise AssertionError("integer true division must be cast to float first")
+            self._note_helpers(tmpl)
+            return self.new(tmpl.format(*srcs), ct)
+        raise AssertionError(f"no WGSL for {op}")
+
+    def render_cat(self, node: Node, coords: list) -> str:
+        axis = node.arg
+        ct = compute_type(node.dtype)
+        self.tmp += 1
+        out = f"v{self.tmp}"
+        self.lines.append(f"var {out}: {ct};")
+        start = 0
+        c = coords[axis]
+        first = True
+        saved_lines, saved_memo = self.lines, self.memo
+        for n, v in node.srcs:
+            size = v.shape[axis]
+            sub = list(coords)
+            sub[axis] = f"({c} - {start})"
+            self.lines, self.memo = [], dict(saved_memo)
+            val = self.render(n, v, sub)
+            body = "\n  ".join(self.lines + [f"{out} = {val};"])
+            cond = f"({c} < {start + size})"
+            saved_lines.append(("if " if first else "else if ") + f"{cond} {{\n  {body}\n}}")
+            first = False
+            start += size
+        self.lines, self.memo = saved_lines, saved_memo
+        return out
+
+    def _note_helpers(self, tmpl: str) -> None:
+        for h in ("tg_erf", "tg_tanh", "tg_pow"):
+            if h in tmpl:
+                self.helpers.add(h)
+
+
+# ----------------------------------------------------------------------------- stores
+
+
+def store_stmt(b: KernelBuilder, out_buf, d: dt.DType, idx: str, val: str, access: str = "rw") -> str:
+    name = b.bind(out_buf, d, access)
+    ct = compute_type(d)
+    if d is dt.float16:
+        if b.native_f16:
+            return f"{name}[{idx}] = f16({val});"
+        raise AssertionError("packed f16 stores are handled by the caller")
+    if d is dt.bool_:
+        return f"{name}[{idx}] = select(0u, 1u, {val});"
+    return f"{name}[{idx}] = {val};"
+
+
+GRID_PREAMBLE = ("@compute @workgroup_size({wg})\n"
+                 "fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,"
+                 " @builtin(local_invocation_index) lid: u32) {{\n")
+
+
+def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node] = None):
+    """WGSL + bindings computing `root` for every coordinate of out_view.shape and storing it
+    through out_view into out_buf (contiguous for fresh results, strided for setitem)."""
+    b = KernelBuilder()
+    shape = out_view.shape
+    n = prod(shape)
+    d = root.dtype
+    packed_f16 = d is dt.float16 and not b.native_f16
+    pairs = packed_f16 and out_view.is_contiguous and out_view.offset % 2 == 0
+    body: list = []
+
+    def value_at(lin_expr: str) -> str:
+        b.memo = {}
+        lin = b.new(lin_expr, "i32")
+        coords = b.unravel(lin, shape)
+        return b.render(root, View.contiguous(shape), coords)
+
+    if pairs:
+        n_threads = (n + 1) // 2
+        b.lines = []
+        v0 = value_at("i32(e0)")
+        first = b.lines
+        b.lines = []
+        v1 = value_at("i32(min(e0 + 1u, " + str(max(n - 1, 0)) + "u))")
+        second = b.lines
+        name = b.bind(out_buf, d, "rw")
+        word = f"u32({out_view.offset // 2}) + (e0 >> 1u)"
+        body = first + second + [
+            f"let hi = select(0.0, {v1}, e0 + 1u < {n}u);",
+            f"{name}[{word}] = pack2x16float(vec2<f32>({v0}, hi));"]
+        prologue = "let e0 = gidx * 2u;"
+    else:
+        n_threads = n
+        b.lines = []
+        val = value_at("i32(gidx)")
+        coords_lin = "gidx"
+        if out_view.is_identity(shape):
+            idx = "gidx"
+        else:
+            lin = b.new("i32(gidx)", "i32")
+            idx = f"u32({b.linear(out_view, b.unravel(lin, shape))})"
+        if packed_f16:
+            name = b.bind(out_buf, d, "atomic")
+            b.lines += [
+                f"let oi = {idx};", "let sh = (oi & 1u) * 16u;",
+                f"let hv = pack2x16float(vec2<f32>({val}, 0.0)) & 0xffffu;",
+                "loop {", f"  let old = atomicLoad(&{name}[oi >> 1u]);",
+                "  let nv = (old & ~(0xffffu << sh)) | (hv << sh);",
+                f"  if (atomicCompareExchangeWeak(&{name}[oi >> 1u], old, nv).exchanged) {{ break; }}", "}"]
+        else:
+            b.lines.append(store_stmt(b, out_buf, d, idx, val))
+        body = b.lines
+        prologue = ""
+        del coords_lin
+    n_wg = (n_threads + WG - 1) // WG
+    src = (b.header() + b.decls() + "\n" + b.helper_text() + "\n" + GRID_PREAMBLE.format(wg=WG)
+           + f"  let gidx = ({'wid.x + wid.y * nwg.x'}) * {WG}u + lid;\n"
+           + f"  if (gidx >= {n_threads}u) {{ return; }}\n"
+           + ("  " + prologue + "\n" if prologue else "")
+           + "".join("  " + l + "\n" for l in body) + "}\n")
+    return src, b.bindings, n_wg
+
+
+# ----------------------------------------------------------------------------- reductions
+
+
+def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
+    """One kernel: the reduction `red` (prologue = its inlined source expression) and the
+    elementwise `root` of the reduced shape on top of it (epilogue), stored contiguously."""
+    op = red.op
+    axes = red.arg
+    src_node, src_view = red.srcs[0]
+    in_shape = src_view.shape
+    out_shape = red.shape                      # keepdims shape
+    n_out = prod(out_shape)
+    red_dims = [in_shape[a] for a in axes]
+    rlen = prod(red_dims)
+    sct = compute_type(src_node.dtype)
+    act = compute_type(red.dtype) if op not in (Op.ARGMAX, Op.ARGMIN) else sct
+    if act == "bool":
+        act = "i32"
+    is_arg = op in (Op.ARGMAX, Op.ARGMIN)
+    # strategy: a workgroup per output row when the reduced axis is contiguous (coalesced)
+    inner_stride = src_view.strides[axes[-1]] if axes else 1
+    per_thread = (inner_stride != 1 and n_out >= 256) or rlen <= 16
+    b = KernelBuilder()
+
+    def src_coords(out_c: list, r_lin: str) -> list:
+        rc = b.unravel(r_lin, tuple(red_dims))
+        c = list(out_c)
+        for a, e in zip(axes, rc):
+            c[a] = e
+        return c
+
+    identity = None if is_arg else REDUCE[op][1][act]
+    combine = None if is_arg else REDUCE[op][2]
+    cmp = ">" if op is Op.ARGMAX else "<"
+    lines_pro: list = []
+    b.lines = lines_pro
+    olin = b.new("i32(o)", "i32")
+    out_c = b.unravel(olin, out_shape)
+    # loop body
+    b.lines = []
+    b.memo = {}
+    rl = b.new("i32(r)", "i32")
+    v = b.render(src_node, src_view, src_coords(out_c, rl))
+    v = convert(v, sct, act)
+    if is_arg:
+        upd = [f"let cv: {act} = {v};",
+               f"if (cv {cmp} best || (best != best && false) || (cv != cv && best == best)) {{ best = cv; bi = i32(r); }}"]
+        # NaN: NumPy's argmax/argmin return the first NaN
+        if act == "f32":
+            upd = [f"let cv: f32 = {v};",
+                   f"if (!found_nan && ((cv != cv) || cv {cmp} best || bi < 0)) {{ best = cv; bi = i32(r); found_nan = (cv != cv); }}"]
+        else:
+            upd = [f"let cv: {act} = {v};", f"if (cv {cmp} best || bi < 0) {{ best = cv; bi = i32(r); }}"]
+        loop_body = b.lines + upd
+    else:
+        loop_body = b.lines + [f"acc_r = {combine.format('acc_r', v)};"]
+    # epilogue
+    b.lines = []
+    b.memo = {}
+    b.core = red
+    b.core_var = "accv"
+    val = b.render(root, View.contiguous(out_shape), out_c)
+    epi = b.lines + [store_stmt(b, out_buf, root.dtype, "o", val)] if root.dtype is not dt.float16 or b.native_f16 else None
+    if epi is None:  # packed f16 output of a reduction: write through an atomic CAS
+        name = b.bind(out_buf, root.dtype, "atomic")
+        epi = b.lines + ["let sh = (o & 1u) * 16u;", f"let hv = pack2x16float(vec2<f32>({val}, 0.0)) & 0xffffu;",
+                         "loop {", f"  let old = atomicLoad(&{name}[o >> 1u]);", "  let nv = (old & ~(0xffffu << sh)) | (hv << sh);",
+                         f"  if (atomicCompareExchangeWeak(&{name}[o >> 1u], old, nv).exchanged) {{ break; }}", "}"]
+    res_t = "i32" if is_arg else act
+    ind = lambda ls, k=2: "".join(" " * k + l + "\n" for l in ls)  # noqa: E731
+    init = (f"var best: {act} = {REDUCE[Op.RMAX if op is Op.ARGMIN else Op.RMIN][1][act]};\n  var bi: i32 = -1;\n"
+            + ("  var found_nan = false;\n" if act == "f32" else "")) if is_arg else f"var acc_r: {act} = {identity};\n"
+    head = b.header() + b.decls() + "\n" + b.helper_text() + "\n"
+    if per_thread:
+        src = (head + GRID_PREAMBLE.format(wg=WG)
+               + f"  let o = (wid.x + wid.y * nwg.x) * {WG}u + lid;\n  if (o >= {n_out}u) {{ return; }}\n"
+               + ind(lines_pro) + "  " + init
+               + f"  for (var r = 0u; r < {rlen}u; r = r + 1u) {{\n" + ind(loop_body, 4) + "  }\n"
+               + (f"  let accv: {res_t} = {'bi' if is_arg else 'acc_r'};\n")
+               + ind(epi) + "}\n")
+        return src, b.bindings, (n_out + WG - 1) // WG
+    # workgroup per output: strided loop, then a tree (or subgroup) reduction
+    wg = 256 if rlen >= 256 else 64
+    if is_arg:
+        shared = f"var<workgroup> sv: array<{act}, {wg}>;\nvar<workgroup> si: array<i32, {wg}>;\n"
+        store_sh = "sv[lid] = best; si[lid] = bi;\n"
+        nan = "(b != b)" if act == "f32" else "false"
+        nan_a = "(a != a)" if act == "f32" else "false"
+        merge = (f"    if (lid < s) {{\n      let a = sv[lid]; let ai = si[lid]; let b = sv[lid + s]; let bj = si[lid + s];\n"
+                 f"      var take = false;\n      if (bj >= 0) {{\n"
+                 f"        if (ai < 0) {{ take = true; }}\n"
+                 f"        else if ({nan_a}) {{ take = {nan} && bj < ai; }}\n"
+                 f"        else if ({nan}) {{ take = true; }}\n"
+                 f"        else {{ take = (b {cmp} a) || (b == a && bj < ai); }}\n      }}\n"
+                 f"      if (take) {{ sv[lid] = b; si[lid] = bj; }}\n    }}\n")
+        final = "let accv: i32 = si[0];"
+    else:
+        shared = f"var<workgroup> sv: array<{act}, {wg}>;\n"
+        if subgroups and act in ("f32", "i32", "u32"):
+            sg_fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
+            store_sh = (f"let sg = {sg_fn}(acc_r);\n  if (sgid == 0u) {{ sv[lid / sgsize] = sg; }}\n")
+            merge = None
+        else:
+            store_sh = "sv[lid] = acc_r;\n"
+            merge = f"    if (lid < s) {{ sv[lid] = {combine.format('sv[lid]', 'sv[lid + s]')}; }}\n"
+        final = f"let accv: {act} = sv[0];"
+    sg_args = ", @builtin(subgroup_invocation_id) sgid: u32, @builtin(subgroup_size) sgsize: u32" if (not is_arg and subgroups and merge is None) else ""
+    pre = GRID_PREAMBLE.format(wg=wg).replace(" @builtin(local_invocation_index) lid: u32)", f" @builtin(local_invocation_index) lid: u32{sg_args})")
+    if merge is None:
+        tree = (f"  workgroupBarrier();\n  if (lid == 0u) {{\n    var t: {act} = sv[0];\n"
+                f"    for (var k = 1u; k < {wg}u / sgsize; k = k + 1u) {{ t = {combine.format('t', 'sv[k]')}; }}\n"
+                f"    sv[0] = t;\n  }}\n  workgroupBarrier();\n")
+    else:
+        tree = (f"  workgroupBarrier();\n  for (var s = {wg // 2}u; s > 0u; s = s >> 1u) {{\n" + merge
+                + "    workgroupBarrier();\n  }\n")
+    src = (head + shared + pre
+           + f"  let o = wid.x + wid.y * nwg.x;\n  if (o >= {n_out}u) {{ return; }}\n"
+           + ind(lines_pro) + "  " + init
+           + f"  for (var r = lid; r < {rlen}u; r = r + {wg}u) {{\n" + ind(loop_body, 4) + "  }\n"
+           + "  " + store_sh + tree
+           + f"  if (lid == 0u) {{\n    {final}\n" + ind(epi, 4) + "  }\n}\n")
+    return src, b.bindings, n_out
+
+
+# ----------------------------------------------------------------------------- epilogues
+
+
+class GraphEpilogue:
+    """An Epilogue (see kernels/common.py) rendered from the graph: `root` evaluated with the
+    hand-written kernel's node `core` replaced by its computed value."""
+
+    def __init__(self, root: Node, core: Node):
+        self.root, self.core = root, core
+        self._b: Optional[KernelBuilder] = None
+        self._text = None
+        self._first = None
+        from .kernels.common import Operand
+        # discover operands by a dry render
+        b = KernelBuilder(0)
+        b.native_f16 = False  # the host kernel's module may not enable f16
+        b.core = core
+        b.core_var = "acc"
+        lin = "li"
+        b.render(root, View.contiguous(root.shape), b.unravel(lin, root.shape))
+        self.operands = [Operand(buf, _dtype_of(st), (buf.nbytes,), (1,), 0) for buf, _, _, st in b.bindings]
+        self._bind_dtypes = [(buf, st) for buf, _, _, st in b.bindings]
+        self.uses_f16 = b.uses_f16
+
+    def wgsl(self, first_binding: int) -> str:
+        b = KernelBuilder(first_binding)
+        b.native_f16 = False
+        b.core = self.core
+        b.core_var = "acc"
+        b.lines = ["let li = i32(i);"]
+        val = b.render(self.root, View.contiguous(self.root.shape), b.unravel("li", self.root.shape))
+        body = "".join("  " + l + "\n" for l in b.lines)
+        return (b.decls() + "\n" + b.helper_text() + "\n"
+                + f"fn epilogue(acc: f32, i: u32) -> f32 {{\n{body}  return f32({val});\n}}\n")
+
+
+def _dtype_of(storage: str) -> dt.DType:
+    return {"f32": dt.float32, "i32": dt.int32, "u32": dt.uint32, "f16": dt.float16}[storage]

@@ -1,0 +1,88 @@
+"""Lazy graph nodes. A Node is one value of `shape` (row-major, contiguous once realized);
+it reads each source through a View that maps this node's coordinates to the source's linear
+elements. Nothing here touches the GPU: schedule.py decides which nodes get buffers and
+codegen.py/runtime.py run them.
+"""
+from __future__ import annotations
+
+import weakref
+from math import prod
+from typing import Any, Optional
+
+from . import dtypes as dt
+from .ops import Op
+from .view import View
+
+
+class Node:
+    __slots__ = ("op", "srcs", "dtype", "shape", "arg", "buffer", "consumers", "tensors", "readers", "__weakref__")
+
+    def __init__(self, op: Op, srcs: tuple, dtype: dt.DType, shape: tuple, arg: Any = None, buffer=None):
+        self.op = op
+        self.srcs = srcs            # tuple of (Node, View); View.shape is this node's shape for elementwise
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.arg = arg
+        self.buffer = buffer        # runtime.Buffer once realized
+        self.consumers = 0          # nodes ever built on this one (fusion eligibility)
+        self.tensors = 0            # live Tensor objects wrapping this node
+        self.readers = None         # WeakSet of unrealized nodes reading this realized node
+        for n, _ in srcs:
+            n.consumers += 1
+            if n.buffer is not None:
+                if n.readers is None:
+                    n.readers = weakref.WeakSet()
+                n.readers.add(self)
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def realized(self) -> bool:
+        return self.buffer is not None or self.op is Op.CONST
+
+    @property
+    def is_elementwise(self) -> bool:
+        return self.op not in (Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM)
+
+    @property
+    def is_reduce(self) -> bool:
+        return self.op in (Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN)
+
+    def set_buffer(self, buf) -> None:
+        """Realized: keep the result, drop the sources so their memory can be reused."""
+        self.buffer = buf
+        for n, _ in self.srcs:
+            if n.readers is not None:
+                n.readers.discard(self)
+        self.srcs = ()
+
+    def __repr__(self):
+        return f"Node({self.op.name}, {self.shape}, {self.dtype.name}{', realized' if self.buffer is not None else ''})"
+
+
+def buffer_node(buf, shape, dtype: dt.DType) -> Node:
+    return Node(Op.BUFFER, (), dtype, shape, buffer=buf)
+
+
+def const_node(value, dtype: dt.DType) -> Node:
+    return Node(Op.CONST, (), dtype, (), arg=value)
+
+
+class CustomKernel:
+    """A hand-written kernel inside the graph (matmul, softmax, attention ...).
+
+    Subclasses implement `emit(out: Buffer, operands: list[Operand], epilogue)`; the scheduler
+    realizes every source first and passes it as an Operand read through its View.
+    `supports_epilogue`: elementwise consumers of the same shape may be fused into its store.
+    `contiguous_srcs`: indices of sources that must be contiguous (a copy is made otherwise)."""
+    name = "custom"
+    supports_epilogue = False
+    contiguous_srcs: tuple = ()
+
+    def key(self) -> tuple:
+        return (self.name,)
+
+    def emit(self, out, operands, epilogue) -> None:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,182 @@
+"""Every elementwise and reduce op, defined once: its enum member, its NumPy reference and its
+WGSL expression side by side. tensor.py builds graph nodes from these, codegen.py renders the
+WGSL column, and the tests compare against the NumPy column.
+
+To add an elementwise op: add an Op member, one row in UNARY/BINARY below (NumPy function,
+WGSL template over already-loaded values, result-dtype rule), and a method in tensor.py.
+Values inside generated kernels are f32 for float dtypes (f16 is widened on load), i32, u32
+or bool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum, auto
+from typing import Callable
+
+import numpy as np
+
+from . import dtypes as dt
+
+
+class Op(Enum):
+    # leaves and structure
+    BUFFER = auto(); CONST = auto(); CAST = auto(); CAT = auto()
+    # unary
+    NEG = auto(); ABS = auto(); EXP = auto(); LOG = auto(); SQRT = auto(); RSQRT = auto()
+    SIN = auto(); COS = auto(); TANH = auto(); ERF = auto(); SIGMOID = auto(); RELU = auto()
+    SILU = auto(); GELU = auto(); GELU_TANH = auto(); RECIP = auto(); FLOOR = auto(); CEIL = auto()
+    NOT = auto()
+    # binary
+    ADD = auto(); SUB = auto(); MUL = auto(); DIV = auto(); POW = auto(); MOD = auto()
+    MAX = auto(); MIN = auto(); LT = auto(); LE = auto(); GT = auto(); GE = auto(); EQ = auto(); NE = auto()
+    AND = auto(); OR = auto()
+    # ternary
+    WHERE = auto()
+    # reductions
+    SUM = auto(); RMAX = auto(); RMIN = auto(); ARGMAX = auto(); ARGMIN = auto()
+    # hand-written kernels (matmul, softmax, attention, ...)
+    CUSTOM = auto()
+
+
+def _erf_np(x):
+    from math import erf
+    return np.vectorize(erf, otypes=[np.float64])(x)
+
+
+def _gelu_np(x):
+    return 0.5 * x * (1.0 + _erf_np(x / np.sqrt(2.0)))
+
+
+def _gelu_tanh_np(x):
+    return 0.5 * x * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _mod_np(a, b):
+    return np.mod(a, b)
+
+
+@dataclass(frozen=True)
+class OpDef:
+    np_fn: Callable
+    wgsl: str            # template: {0}, {1}, {2} are operand expressions
+    float_only: bool = False   # ints are promoted to float32 first (exp, sqrt, ...)
+    result: str = "same"       # "same" | "bool"
+
+
+# WGSL helper functions the templates may call; codegen includes the ones used.
+WGSL_HELPERS = {
+    "tg_erf": """fn tg_erf(x: f32) -> f32 {
+  let z = abs(x);
+  let t = 1.0 / (1.0 + 0.5 * z);
+  let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))));
+  return select(r - 1.0, 1.0 - r, x >= 0.0);
+}""",
+    "tg_tanh": """fn tg_tanh(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }""",
+    "tg_pow": """fn tg_pow(x: f32, y: f32) -> f32 {
+  if (y == 0.0) { return 1.0; }
+  if (y == 1.0) { return x; }
+  if (y == 2.0) { return x * x; }
+  let yi = round(y);
+  let ax = abs(x);
+  if (x == 0.0) { return select(bitcast<f32>(0x7f800000u), 0.0, y > 0.0); }
+  let p = exp2(y * log2(ax));
+  if (x > 0.0) { return p; }
+  if (yi != y) { return bitcast<f32>(0x7fc00000u); }
+  let odd = (abs(yi) % 2.0) == 1.0;
+  return select(p, -p, odd);
+}""",
+    "tg_fmod": """fn tg_fmod(a: f32, b: f32) -> f32 {
+  let r = a - b * floor(a / b);
+  return select(r, r - b, r != 0.0 && (r < 0.0) != (b < 0.0) && abs(r) >= abs(b));
+}""",
+    "tg_imod": """fn tg_imod(a: i32, b: i32) -> i32 {
+  if (b == 0) { return 0; }
+  let r = a % b;
+  return select(r, r + b, r != 0 && ((r < 0) != (b < 0)));
+}""",
+    "tg_idiv_safe": """fn tg_umod(a: u32, b: u32) -> u32 { if (b == 0u) { return 0u; } return a % b; }""",
+}
+
+UNARY = {
+    Op.NEG: OpDef(np.negative, "(-{0})"),
+    Op.ABS: OpDef(np.abs, "abs({0})"),
+    Op.EXP: OpDef(np.exp, "exp({0})", True),
+    Op.LOG: OpDef(np.log, "log({0})", True),
+    Op.SQRT: OpDef(np.sqrt, "sqrt({0})", True),
+    Op.RSQRT: OpDef(lambda x: 1.0 / np.sqrt(x), "inverseSqrt({0})", True),
+    Op.SIN: OpDef(np.sin, "sin({0})", True),
+    Op.COS: OpDef(np.cos, "cos({0})", True),
+    Op.TANH: OpDef(np.tanh, "tg_tanh({0})", True),
+    Op.ERF: OpDef(_erf_np, "tg_erf({0})", True),
+    Op.SIGMOID: OpDef(lambda x: 1.0 / (1.0 + np.exp(-x)), "(1.0 / (1.0 + exp(-{0})))", True),
+    Op.RELU: OpDef(lambda x: np.maximum(x, 0), "max({0}, {zero})"),
+    Op.SILU: OpDef(lambda x: x / (1.0 + np.exp(-x)), "({0} / (1.0 + exp(-{0})))", True),
+    Op.GELU: OpDef(_gelu_np, "(0.5 * {0} * (1.0 + tg_erf({0} * 0.70710678118654752)))", True),
+    Op.GELU_TANH: OpDef(_gelu_tanh_np, "(0.5 * {0} * (1.0 + tg_tanh(0.79788456080286536 * ({0} + 0.044715 * {0} * {0} * {0}))))", True),
+    Op.RECIP: OpDef(lambda x: 1.0 / x, "(1.0 / {0})", True),
+    Op.FLOOR: OpDef(np.floor, "floor({0})", True),
+    Op.CEIL: OpDef(np.ceil, "ceil({0})", True),
+    Op.NOT: OpDef(np.logical_not, "(!{0})", result="bool"),
+}
+
+BINARY = {
+    Op.ADD: OpDef(np.add, "({0} + {1})"),
+    Op.SUB: OpDef(np.subtract, "({0} - {1})"),
+    Op.MUL: OpDef(np.multiply, "({0} * {1})"),
+    Op.DIV: OpDef(np.true_divide, "({0} / {1})", True),
+    Op.POW: OpDef(np.power, "tg_pow({0}, {1})", True),
+    Op.MOD: OpDef(_mod_np, "{mod}({0}, {1})"),
+    Op.MAX: OpDef(np.maximum, "max({0}, {1})"),
+    Op.MIN: OpDef(np.minimum, "min({0}, {1})"),
+    Op.LT: OpDef(np.less, "({0} < {1})", result="bool"),
+    Op.LE: OpDef(np.less_equal, "({0} <= {1})", result="bool"),
+    Op.GT: OpDef(np.greater, "({0} > {1})", result="bool"),
+    Op.GE: OpDef(np.greater_equal, "({0} >= {1})", result="bool"),
+    Op.EQ: OpDef(np.equal, "({0} == {1})", result="bool"),
+    Op.NE: OpDef(np.not_equal, "({0} != {1})", result="bool"),
+    Op.AND: OpDef(np.logical_and, "({0} && {1})", result="bool"),
+    Op.OR: OpDef(np.logical_or, "({0} || {1})", result="bool"),
+}
+
+# reduce op -> (NumPy reference, identity as a WGSL expression per compute type, combine template)
+REDUCE = {
+    Op.SUM: (np.sum, {"f32": "0.0", "i32": "0", "u32": "0u"}, "({0} + {1})"),
+    Op.RMAX: (np.max, {"f32": "bitcast<f32>(0xff800000u)", "i32": "-2147483647 - 1", "u32": "0u"}, "max({0}, {1})"),
+    Op.RMIN: (np.min, {"f32": "bitcast<f32>(0x7f800000u)", "i32": "2147483647", "u32": "4294967295u"}, "min({0}, {1})"),
+    Op.ARGMAX: (np.argmax, None, None),
+    Op.ARGMIN: (np.argmin, None, None),
+}
+
+
+def compute_type(d: dt.DType) -> str:
+    """The WGSL type a value of dtype `d` has inside a generated kernel."""
+    if d.kind == "float" or d.is_quant:
+        return "f32"
+    return {"int": "i32", "uint": "u32", "bool": "bool"}[d.kind]
+
+
+def unary_result(op: Op, d: dt.DType) -> dt.DType:
+    od = UNARY[op]
+    if od.result == "bool":
+        return dt.bool_
+    if od.float_only and not d.is_float:
+        return dt.float32
+    if d is dt.bool_ and op in (Op.NEG, Op.ABS, Op.RELU):
+        return dt.bool_ if op is not Op.NEG else dt.int32
+    return d
+
+
+def binary_operand_type(op: Op, a: dt.DType, b: dt.DType) -> dt.DType:
+    """The dtype both operands are converted to before the op."""
+    r = dt.result_type(a, b)
+    if BINARY[op].float_only and not r.is_float:
+        return dt.float32
+    if op in (Op.SUB, Op.MOD) and r is dt.bool_:
+        return dt.int32
+    return r
+
+
+def binary_result(op: Op, a: dt.DType, b: dt.DType) -> dt.DType:
+    if BINARY[op].result == "bool":
+        return dt.bool_
+    return binary_operand_type(op, a, b)

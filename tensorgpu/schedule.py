@@ -1,0 +1,199 @@
+"""The fuser: decides which graph nodes get a buffer and which are computed inline, then emits
+one kernel per materialized node into the runtime's pending queue.
+
+Rules (see ARCHITECTURE.md):
+- unrealized elementwise nodes are always inlined into their consumer (recomputed per read),
+  so a chain of elementwise ops with any broadcasts/strided views is one kernel;
+- a kernel holds at most one "core": a reduction, or a hand-written kernel that accepts an
+  epilogue. A core is fused only when it is read element-for-element (identity views all the
+  way up) by an output of its own shape, it has a single consumer and no live Tensor;
+  otherwise it is materialized first;
+- a kernel binds at most the adapter's storage-buffer limit: past it, the largest inlined
+  subtree is materialized and the plan is redone;
+- hand-written kernels read realized sources through their strides (no copies unless the
+  kernel asks for contiguous input).
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Optional
+
+from . import dtypes as dt
+from .codegen import GraphEpilogue, elementwise_kernel, reduce_kernel
+from .graph import CustomKernel, Node
+from .ops import Op
+from .runtime import Buffer, dispatch, get_device, grid_for, upload
+from .view import View
+
+
+def realize(node: Node) -> None:
+    """Make sure `node` has a buffer, queueing whatever kernels that takes."""
+    if node.buffer is not None:
+        return
+    if node.op is Op.CONST:
+        import numpy as np
+        node.buffer = upload(_const_bytes(node.arg, node.dtype))
+        node.shape = ()
+        return
+    if node.op is Op.CUSTOM:
+        _emit_custom(node, node, None)
+        return
+    core, root = _plan(node)
+    out = Buffer(max(node.dtype.nbytes(node.numel), 4))
+    if core is None:
+        src, bindings, n_wg = elementwise_kernel(root, out, View.contiguous(root.shape))
+        _dispatch(_name("E", root), src, bindings, n_wg)
+    elif core.is_reduce:
+        src, bindings, n_wg = reduce_kernel(core, root, out, get_device().has_subgroups)
+        _dispatch(_name("R", root, core), src, bindings, n_wg)
+    else:
+        _emit_custom(core, root, out)
+        return
+    root.set_buffer(out)
+
+
+def _const_bytes(value, d: dt.DType) -> bytes:
+    import numpy as np
+    if d is dt.bool_:
+        return np.array([1 if value else 0], np.uint32).tobytes()
+    if d is dt.float16:
+        return np.array([value, 0], np.float16).tobytes()
+    return np.array([value], d.np_dtype).tobytes()
+
+
+def _dispatch(name: str, src: str, bindings, n_wg: int) -> None:
+    access = {"read": "read", "rw": "rw", "atomic": "rw"}
+    dispatch(name, src, [(buf, access[a]) for buf, a, _, _ in bindings], grid_for(n_wg))
+
+
+def _name(prefix: str, root: Node, core: Optional[Node] = None) -> str:
+    ops, seen = [], set()
+
+    def walk(n, depth=0):
+        if n.buffer is not None or n.op is Op.CONST or id(n) in seen or len(ops) >= 4:
+            return
+        seen.add(id(n))
+        if n is not core:
+            for m, _ in n.srcs:
+                walk(m, depth + 1)
+        ops.append(n.op.name.lower())
+
+    if core is not None:
+        walk(core.srcs[0][0]) if core.is_reduce and core.srcs else None
+        ops.append(core.op.name.lower() if core.op is not Op.CUSTOM else core.arg.name)
+    walk(root)
+    return prefix + "_" + "_".join(ops[:6])
+
+
+def _eligible_core(m: Node, view: View, root: Node) -> bool:
+    if not view.is_identity(m.shape) or m.shape != root.shape or m.consumers != 1 or m.tensors != 0:
+        return False
+    if m.is_reduce:
+        return True
+    return (m.op is Op.CUSTOM and m.arg.supports_epilogue and root.dtype is dt.float32
+            and prod(m.shape) > 0)
+
+
+def _plan(root: Node):
+    """Choose the core of root's kernel and materialize every source that can't be inlined."""
+    limit = get_device().max_storage_buffers
+    while True:
+        core = root if root.is_reduce else None
+        leaves: dict = {}
+        inlined: list = []
+
+        def visit(n: Node, identity_path: bool) -> set:
+            nonlocal core
+            mine: set = set()
+            for m, v in n.srcs:
+                if m.buffer is not None:
+                    mine.add(id(m.buffer))
+                    continue
+                if m.op is Op.CONST:
+                    continue
+                if m.is_elementwise:
+                    sub = visit(m, identity_path and v.is_identity(m.shape) and n.op is not Op.CAT)
+                    inlined.append((len(sub), m))
+                    mine |= sub
+                elif core is None and identity_path and n.op is not Op.CAT and _eligible_core(m, v, root):
+                    core = m
+                    if m.is_reduce:
+                        mine |= visit(m, False)
+                    else:
+                        for s, sv in m.srcs:
+                            realize_source(s)
+                            mine.add(id(s.buffer))
+                else:
+                    realize(m)
+                    mine.add(id(m.buffer))
+            return mine
+
+        used = visit(root, True)
+        if len(used) + 1 <= limit or not inlined:
+            return core, root
+        # too many bindings: give the biggest inlined subtree its own kernel, then replan
+        inlined.sort(key=lambda t: -t[0])
+        realize(inlined[0][1])
+
+
+def realize_source(n: Node) -> None:
+    realize(n)
+
+
+def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
+    from .kernels.common import Operand
+    kernel: CustomKernel = node.arg
+    operands = []
+    for i, (m, v) in enumerate(node.srcs):
+        realize(m)
+        if i in kernel.contiguous_srcs and not v.is_contiguous:
+            c = Node(Op.CAST, ((m, v),), m.dtype, v.shape)  # identity cast = contiguous copy
+            realize(c)
+            m, v = c, View.contiguous(v.shape)
+        operands.append(Operand(m.buffer, m.dtype, v.shape, v.strides, v.offset))
+    epilogue = GraphEpilogue(root, node) if root is not node else None
+    if out is None:
+        out = Buffer(max(root.dtype.nbytes(root.numel), 4))
+    if root.numel:
+        kernel.emit(out, operands, epilogue)
+    root.set_buffer(out)
+    if root is not node:
+        node.srcs = ()
+
+
+def assign(target: Node, view: View, value: Node, value_view: View) -> None:
+    """Write `value` (read through value_view, already broadcast to view.shape) into the
+    realized node `target` through `view`: the in-place `t[idx] = v`."""
+    assert target.buffer is not None
+    # pending lazy readers of the old contents must see them: realize them first
+    if target.readers:
+        for r in list(target.readers):
+            if r.buffer is None:
+                realize(r)
+    if prod(view.shape) == 0:
+        return
+    root = Node(Op.CAST, ((value, value_view),), target.dtype, view.shape)
+    if _reads_buffer(root, target.buffer):
+        realize(value) if value.buffer is None else None
+        tmp = Node(Op.CAST, ((value, value_view),), value.dtype, view.shape)
+        realize(tmp)
+        root = Node(Op.CAST, ((tmp, View.contiguous(view.shape)),), target.dtype, view.shape)
+    core, root = _plan(root)
+    assert core is None
+    src, bindings, n_wg = elementwise_kernel(root, target.buffer, view)
+    _dispatch("E_assign", src, bindings, n_wg)
+
+
+def _reads_buffer(n: Node, buf) -> bool:
+    seen = set()
+    stack = [n]
+    while stack:
+        x = stack.pop()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if x.buffer is buf:
+            return True
+        if x.buffer is None:
+            stack.extend(m for m, _ in x.srcs)
+    return False

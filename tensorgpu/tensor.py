@@ -1,0 +1,744 @@
+"""Tensor: the NumPy-like front end. Every method builds graph nodes or Views and returns at
+once; nothing touches the GPU until `.numpy()`, `.item()`, `.realize()` or printing a value.
+Inputs are validated here, at the call that caused a problem, before any GPU work.
+"""
+from __future__ import annotations
+
+import builtins
+import numbers
+from math import prod
+from typing import Optional, Sequence, Union
+
+import numpy as np
+
+from . import dtypes as dt
+from . import runtime
+from .graph import Node, buffer_node, const_node
+from .ops import BINARY, UNARY, Op, binary_operand_type, binary_result, unary_result
+from .view import View
+
+Scalar = Union[int, float, bool]
+
+
+def broadcast_shapes(*shapes: tuple, what: str = "broadcast") -> tuple:
+    nd = max((len(s) for s in shapes), default=0)
+    out = []
+    for i in range(nd):
+        dims = {s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0}
+        dims.discard(1)
+        if len(dims) > 1:
+            raise ValueError(f"{what}: shapes {' and '.join(str(tuple(s)) for s in shapes)} cannot be broadcast together")
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def _norm_axis(axis: int, ndim: int) -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not -ndim <= axis < max(ndim, 1) or (ndim == 0 and axis not in (0, -1)):
+        raise np.exceptions.AxisError(f"axis {axis} is out of bounds for a tensor of dimension {ndim}") \
+            if hasattr(np, "exceptions") else ValueError(f"axis {axis} out of bounds for ndim {ndim}")
+    return axis % ndim if ndim else 0
+
+
+def _norm_axes(axis, ndim: int) -> tuple:
+    if axis is None:
+        return tuple(range(ndim))
+    if isinstance(axis, (tuple, list)):
+        axes = tuple(_norm_axis(a, ndim) for a in axis)
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"duplicate value in axis {axis}")
+        return tuple(sorted(axes))
+    return (_norm_axis(axis, ndim),)
+
+
+class Tensor:
+    __slots__ = ("node", "view", "__weakref__")
+    __array_priority__ = 1000  # NumPy defers to our reflected operators
+
+    def __init__(self, node: Node, view: Optional[View] = None):
+        self.node = node
+        self.view = view if view is not None else View.contiguous(node.shape)
+        node.tensors += 1
+
+    def __del__(self):
+        try:
+            self.node.tensors -= 1
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ creation helpers
+
+    @staticmethod
+    def from_numpy(a: np.ndarray, dtype=None) -> "Tensor":
+        a = np.asarray(a)
+        d = dt.as_dtype(dtype) if dtype is not None else dt.from_numpy(a.dtype)
+        if d.is_quant:
+            raise TypeError(f"tg.tensor cannot create {d} data from numbers; load a GGUF file or quantize with tg.save_gguf")
+        if a.dtype.kind == "c" or a.dtype.kind in "OUSV":
+            raise TypeError(f"unsupported dtype {a.dtype}: tensorgpu holds float32, float16, int32, uint32 and bool")
+        if d is dt.bool_:
+            host = a.astype(np.bool_).astype(np.uint32)
+        elif d is dt.int32 and a.dtype.kind in "iu" and a.size and (a.max() > 2**31 - 1 or a.min() < -2**31):
+            raise OverflowError(f"values of {a.dtype} array do not fit int32 (range {a.min()}..{a.max()})")
+        else:
+            host = a.astype(d.np_dtype)
+        host = np.ascontiguousarray(host)
+        buf = runtime.upload(host.reshape(-1).view(np.uint8), max(host.nbytes, 4))
+        return Tensor(buffer_node(buf, a.shape, d))
+
+    @staticmethod
+    def from_buffer(buf: runtime.Buffer, shape: Sequence[int], dtype: dt.DType) -> "Tensor":
+        """Wrap a filled buffer (for quantized dtypes: the raw GGUF block bytes)."""
+        shape = tuple(int(s) for s in shape)
+        need = dtype.nbytes(prod(shape))
+        if buf.nbytes < need:
+            raise ValueError(f"buffer of {buf.nbytes} bytes is too small for {shape} {dtype} ({need} bytes)")
+        return Tensor(buffer_node(buf, shape, dtype))
+
+    @staticmethod
+    def const(value: Scalar, dtype: dt.DType, shape: tuple = ()) -> "Tensor":
+        n = const_node(value, dtype)
+        return Tensor(n, View((), ()).expand(shape) if shape else View((), ()))
+
+    # ------------------------------------------------------------------ attributes
+
+    @property
+    def shape(self) -> tuple:
+        return self.view.shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self.view.shape)
+
+    @property
+    def size(self) -> int:
+        return prod(self.view.shape)
+
+    numel = size
+
+    @property
+    def dtype(self) -> dt.DType:
+        return self.node.dtype
+
+    @property
+    def strides(self) -> tuple:
+        return self.view.strides
+
+    @property
+    def T(self) -> "Tensor":
+        return self.permute(*reversed(range(self.ndim)))
+
+    @property
+    def is_realized(self) -> bool:
+        return self.node.buffer is not None or self.node.op is Op.CONST
+
+    def __len__(self) -> int:
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        head = f"shape={self.shape}, dtype={self.dtype.name}"
+        if self.is_realized and self.size <= 10_000:
+            body = np.array2string(self.numpy(), separator=", ", prefix="tensor(")
+            return f"tensor({body}, {head})"
+        return f"Tensor({head}, {'realized' if self.is_realized else 'lazy'})"
+
+    def __bool__(self) -> bool:
+        if self.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous")
+        return bool(self.item())
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __hash__(self):
+        return id(self)
+
+    # ------------------------------------------------------------------ realization
+
+    def realize(self) -> "Tensor":
+        from .schedule import realize
+        realize(self.node)
+        return self
+
+    def numpy(self) -> np.ndarray:
+        if self.dtype.is_quant:
+            return self.astype(dt.float32).numpy()
+        if self.size == 0:
+            return np.zeros(self.shape, self.dtype.np_dtype)
+        self.realize()
+        v, node = self.view, self.node
+        if node.op is Op.CONST:
+            return np.full(self.shape, node.arg, dtype=self.dtype.np_dtype)
+        if not v.is_contiguous:
+            c = self.contiguous().realize()
+            v, node = c.view, c.node
+        d = self.dtype
+        isz = {dt.float16: 2}.get(d, 4)
+        raw = runtime.read(node.buffer, v.offset * isz, self.size * isz)
+        host_t = {dt.float32: np.float32, dt.float16: np.float16, dt.int32: np.int32, dt.uint32: np.uint32, dt.bool_: np.uint32}[d]
+        arr = np.frombuffer(raw, host_t).reshape(self.shape)
+        return arr.astype(np.bool_) if d is dt.bool_ else arr.copy()
+
+    def item(self):
+        if self.size != 1:
+            raise ValueError(f"item() needs exactly one element, tensor has shape {self.shape}")
+        return self.numpy().reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a.astype(dtype) if dtype is not None else a
+
+    def contiguous(self) -> "Tensor":
+        """An explicit copy into a fresh row-major buffer (a visible kernel)."""
+        if self.dtype.is_quant:
+            raise TypeError(f"contiguous() of a {self.dtype} tensor: use .astype(tg.float32) to dequantize")
+        return Tensor(Node(Op.CAST, ((self.node, self.view),), self.dtype, self.shape))
+
+    # ------------------------------------------------------------------ elementwise
+
+    def _check_plain(self, what: str) -> None:
+        if self.dtype.is_quant:
+            raise TypeError(f"{what} of a {self.dtype} tensor {self.shape}: dequantize first with .astype(tg.float32)")
+
+    def astype(self, dtype) -> "Tensor":
+        d = dt.as_dtype(dtype)
+        if self.dtype.is_quant:
+            if not d.is_float:
+                raise TypeError(f"a {self.dtype} tensor converts only to float32/float16, not {d}")
+            from .customops import dequantize
+            out = dequantize(self)
+            return out if d is dt.float32 else out.astype(d)
+        if d.is_quant:
+            raise TypeError(f"cannot quantize to {d} on the GPU; use tg.save_gguf(..., quantize='{d.name}')")
+        if d is self.dtype:
+            return self
+        if self.node.op is Op.CONST:
+            return Tensor.const(_cast_scalar(self.node.arg, d), d, self.shape)
+        return Tensor(Node(Op.CAST, ((self.node, self.view),), d, self.shape))
+
+    def _unary(self, op: Op) -> "Tensor":
+        self._check_plain(op.name.lower())
+        if self.dtype is dt.bool_ and op in (Op.NEG,):
+            raise TypeError("negative of a bool tensor is not supported (use ~ / tg.logical_not)")
+        rd = unary_result(op, self.dtype)
+        src = self if (UNARY[op].result == "bool" or not UNARY[op].float_only or self.dtype.is_float) else self.astype(rd)
+        if op is Op.NOT and self.dtype is not dt.bool_:
+            src = self != 0
+        return Tensor(Node(op, ((src.node, src.view),), rd, self.shape))
+
+    def _binary(self, op: Op, other, reverse: bool = False) -> "Tensor":
+        self._check_plain(op.name.lower())
+        o = _as_operand(other, self.dtype)
+        a, b = (o, self) if reverse else (self, o)
+        a._check_plain(op.name.lower()); b._check_plain(op.name.lower())
+        if a.dtype is dt.bool_ and b.dtype is dt.bool_:
+            op = {Op.ADD: Op.OR, Op.MUL: Op.AND, Op.MAX: Op.OR, Op.MIN: Op.AND}.get(op, op)
+            if op is Op.SUB:
+                raise TypeError("subtracting bool tensors is not supported (use ^ or logical ops)")
+        shape = broadcast_shapes(a.shape, b.shape, what=f"{op.name.lower()}")
+        od = binary_operand_type(op, a.dtype, b.dtype)
+        a, b = a.astype(od), b.astype(od)
+        rd = binary_result(op, a.dtype, b.dtype)
+        return Tensor(Node(op, ((a.node, a.view.expand(shape)), (b.node, b.view.expand(shape))), rd, shape))
+
+    def __add__(self, o): return self._binary(Op.ADD, o)
+    def __radd__(self, o): return self._binary(Op.ADD, o, True)
+    def __sub__(self, o): return self._binary(Op.SUB, o)
+    def __rsub__(self, o): return self._binary(Op.SUB, o, True)
+    def __mul__(self, o): return self._binary(Op.MUL, o)
+    def __rmul__(self, o): return self._binary(Op.MUL, o, True)
+    def __truediv__(self, o): return self._binary(Op.DIV, o)
+    def __rtruediv__(self, o): return self._binary(Op.DIV, o, True)
+    def __pow__(self, o): return self._binary(Op.POW, o)
+    def __rpow__(self, o): return self._binary(Op.POW, o, True)
+    def __mod__(self, o): return self._binary(Op.MOD, o)
+    def __rmod__(self, o): return self._binary(Op.MOD, o, True)
+    def __lt__(self, o): return self._binary(Op.LT, o)
+    def __le__(self, o): return self._binary(Op.LE, o)
+    def __gt__(self, o): return self._binary(Op.GT, o)
+    def __ge__(self, o): return self._binary(Op.GE, o)
+    def __eq__(self, o): return self._binary(Op.EQ, o)  # type: ignore[override]
+    def __ne__(self, o): return self._binary(Op.NE, o)  # type: ignore[override]
+    def __and__(self, o): return self._logical(Op.AND, o)
+    def __or__(self, o): return self._logical(Op.OR, o)
+    def __invert__(self): return self._unary(Op.NOT)
+    def __neg__(self): return self._unary(Op.NEG)
+    def __pos__(self): return self
+    def __abs__(self): return self._unary(Op.ABS)
+    def __matmul__(self, o): return matmul(self, o)
+    def __rmatmul__(self, o): return matmul(_as_operand(o, self.dtype), self)
+
+    def _logical(self, op: Op, o) -> "Tensor":
+        o = _as_operand(o, self.dtype)
+        if self.dtype is not dt.bool_ or o.dtype is not dt.bool_:
+            raise TypeError(f"& and | need bool tensors, got {self.dtype} and {o.dtype}")
+        return self._binary(op, o)
+
+    def abs(self): return self._unary(Op.ABS)
+    def exp(self): return self._unary(Op.EXP)
+    def log(self): return self._unary(Op.LOG)
+    def sqrt(self): return self._unary(Op.SQRT)
+    def rsqrt(self): return self._unary(Op.RSQRT)
+    def sin(self): return self._unary(Op.SIN)
+    def cos(self): return self._unary(Op.COS)
+    def tanh(self): return self._unary(Op.TANH)
+    def erf(self): return self._unary(Op.ERF)
+    def sigmoid(self): return self._unary(Op.SIGMOID)
+    def relu(self): return self._unary(Op.RELU)
+    def silu(self): return self._unary(Op.SILU)
+    def reciprocal(self): return self._unary(Op.RECIP)
+    def floor(self): return self._unary(Op.FLOOR) if self.dtype.is_float else self
+    def ceil(self): return self._unary(Op.CEIL) if self.dtype.is_float else self
+
+    def gelu(self, approximate: str = "none"):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
+        return self._unary(Op.GELU if approximate == "none" else Op.GELU_TANH)
+
+    def maximum(self, o): return self._binary(Op.MAX, o)
+    def minimum(self, o): return self._binary(Op.MIN, o)
+
+    def clip(self, min=None, max=None):  # noqa: A002 - NumPy's names
+        out = self
+        if min is not None:
+            out = out.maximum(min)
+        if max is not None:
+            out = out.minimum(max)
+        return out
+
+    # ------------------------------------------------------------------ reductions
+
+    def _reduce(self, op: Op, axis, keepdims: bool) -> "Tensor":
+        self._check_plain(op.name.lower())
+        axes = _norm_axes(axis, self.ndim)
+        src = self
+        if self.dtype is dt.bool_ and op is Op.SUM:
+            src = self.astype(dt.int32)
+        elif self.dtype is dt.bool_:
+            src = self.astype(dt.int32)
+        if any(self.shape[a] == 0 for a in axes) and op is not Op.SUM:
+            raise ValueError(f"zero-size reduction ({op.name.lower()}) over axes {axes} of shape {self.shape} has no identity")
+        kshape = tuple(1 if i in axes else s for i, s in enumerate(self.shape))
+        rd = dt.int32 if op in (Op.ARGMAX, Op.ARGMIN) else src.dtype
+        if op is Op.SUM and src.dtype is dt.float16:
+            rd = dt.float32
+        if not axes:  # nothing to reduce (0-d tensor)
+            out = Tensor(Node(Op.CAST, ((src.node, src.view),), rd, self.shape)) if op not in (Op.ARGMAX, Op.ARGMIN) \
+                else Tensor.const(0, dt.int32, self.shape)
+        else:
+            node = Node(op, ((src.node, src.view),), rd, kshape, arg=axes)
+            out = Tensor(node)
+        if op is Op.SUM and self.dtype is dt.float16:
+            out = out.astype(dt.float16)
+        if op in (Op.RMAX, Op.RMIN) and self.dtype is dt.bool_:
+            out = out.astype(dt.bool_)
+        if not keepdims:
+            out = out.reshape(tuple(s for i, s in enumerate(self.shape) if i not in axes))
+        return out
+
+    def sum(self, axis=None, keepdims: bool = False): return self._reduce(Op.SUM, axis, keepdims)
+    def max(self, axis=None, keepdims: bool = False): return self._reduce(Op.RMAX, axis, keepdims)
+    def min(self, axis=None, keepdims: bool = False): return self._reduce(Op.RMIN, axis, keepdims)
+
+    def mean(self, axis=None, keepdims: bool = False):
+        axes = _norm_axes(axis, self.ndim)
+        n = prod(self.shape[a] for a in axes)
+        s = (self if self.dtype.is_float else self.astype(dt.float32)).sum(axis, keepdims)
+        return s * (1.0 / n) if n else s * float("nan")
+
+    def var(self, axis=None, keepdims: bool = False, ddof: int = 0):
+        axes = _norm_axes(axis, self.ndim)
+        n = prod(self.shape[a] for a in axes)
+        x = self if self.dtype.is_float else self.astype(dt.float32)
+        d = x - x.mean(axis, keepdims=True)
+        s = (d * d).sum(axis, keepdims)
+        return s * (1.0 / (n - ddof)) if n - ddof > 0 else s * float("nan")
+
+    def std(self, axis=None, keepdims: bool = False, ddof: int = 0):
+        return self.var(axis, keepdims, ddof).sqrt()
+
+    def _arg(self, op: Op, axis, keepdims: bool):
+        if axis is None:
+            flat = self.reshape(-1)
+            out = flat._reduce(op, 0, False)
+            return out.reshape((1,) * self.ndim) if keepdims else out
+        if isinstance(axis, (tuple, list)):
+            raise TypeError("argmax/argmin take a single int axis or None")
+        return self._reduce(op, axis, keepdims)
+
+    def argmax(self, axis=None, keepdims: bool = False): return self._arg(Op.ARGMAX, axis, keepdims)
+    def argmin(self, axis=None, keepdims: bool = False): return self._arg(Op.ARGMIN, axis, keepdims)
+
+    def logsumexp(self, axis=-1, keepdims: bool = False):
+        m = self.max(axis, keepdims=True)
+        m = where(m.abs() == float("inf"), 0.0, m)
+        out = (self - m).exp().sum(axis, keepdims=True).log() + m
+        return out if keepdims else out.reshape(tuple(s for i, s in enumerate(self.shape) if i not in _norm_axes(axis, self.ndim)))
+
+    def softmax(self, axis: int = -1):
+        from .customops import softmax
+        return softmax(self, axis)
+
+    def log_softmax(self, axis: int = -1):
+        from .customops import softmax
+        return softmax(self, axis, log=True)
+
+    # ------------------------------------------------------------------ views (no copies)
+
+    def _with_view(self, view: View) -> "Tensor":
+        return Tensor(self.node, view)
+
+    def reshape(self, *shape) -> "Tensor":
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        shape = tuple(int(s) for s in shape)
+        if shape.count(-1) > 1:
+            raise ValueError(f"reshape {self.shape} -> {shape}: only one dimension can be -1")
+        if -1 in shape:
+            rest = prod(s for s in shape if s != -1)
+            if rest == 0 or self.size % rest:
+                raise ValueError(f"cannot reshape tensor of shape {self.shape} ({self.size} elements) into {shape}")
+            shape = tuple(self.size // rest if s == -1 else s for s in shape)
+        if any(s < 0 for s in shape) or prod(shape) != self.size:
+            raise ValueError(f"cannot reshape tensor of shape {self.shape} ({self.size} elements) into {shape}")
+        v = self.view.reshape(shape)
+        if v is None:
+            c = self.contiguous()
+            return c._with_view(View.contiguous(shape))
+        return self._with_view(v)
+
+    def view_as(self, other: "Tensor") -> "Tensor":
+        return self.reshape(other.shape)
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "Tensor":
+        if self.ndim == 0:
+            return self.reshape(1)
+        s, e = _norm_axis(start_dim, self.ndim), _norm_axis(end_dim, self.ndim)
+        return self.reshape(self.shape[:s] + (prod(self.shape[s:e + 1]),) + self.shape[e + 1:])
+
+    def permute(self, *axes) -> "Tensor":
+        axes = tuple(axes[0]) if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else tuple(axes)
+        if len(axes) != self.ndim:
+            raise ValueError(f"permute of a {self.ndim}-d tensor {self.shape} needs {self.ndim} axes, got {axes}")
+        ax = tuple(_norm_axis(a, self.ndim) for a in axes)
+        if sorted(ax) != list(range(self.ndim)):
+            raise ValueError(f"permute axes {axes} are not a permutation of {self.ndim} dims")
+        return self._with_view(self.view.permute(ax))
+
+    def transpose(self, a: int = -2, b: int = -1) -> "Tensor":
+        if self.ndim < 2 and (a, b) == (-2, -1):
+            return self
+        a, b = _norm_axis(a, self.ndim), _norm_axis(b, self.ndim)
+        axes = list(range(self.ndim))
+        axes[a], axes[b] = axes[b], axes[a]
+        return self.permute(*axes)
+
+    def expand(self, *shape) -> "Tensor":
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        if len(shape) < self.ndim:
+            raise ValueError(f"expand {self.shape} -> {shape}: target has fewer dimensions")
+        pad = len(shape) - self.ndim
+        shape = tuple(self.shape[i - pad] if (s == -1 and i >= pad) else s for i, s in enumerate(shape))
+        for i, s in enumerate(self.shape):
+            if s != 1 and s != shape[i + pad]:
+                raise ValueError(f"cannot expand tensor of shape {self.shape} to {shape}")
+        return self._with_view(self.view.expand(shape))
+
+    def broadcast_to(self, shape) -> "Tensor":
+        return self.expand(tuple(shape))
+
+    def squeeze(self, axis=None) -> "Tensor":
+        if axis is None:
+            axes = tuple(i for i, s in enumerate(self.shape) if s == 1)
+        else:
+            axes = _norm_axes(axis, self.ndim)
+            for a in axes:
+                if self.shape[a] != 1:
+                    raise ValueError(f"cannot squeeze axis {a} of size {self.shape[a]} in shape {self.shape}")
+        v = self.view
+        for a in sorted(axes, reverse=True):
+            v = v.index(a, 0)
+        return self._with_view(v)
+
+    def unsqueeze(self, axis: int) -> "Tensor":
+        nd = self.ndim + 1
+        if not -nd <= axis < nd:
+            raise ValueError(f"unsqueeze axis {axis} out of range for a {self.ndim}-d tensor")
+        return self._with_view(self.view.unsqueeze(axis % nd))
+
+    def _index_view(self, idx) -> View:
+        if not isinstance(idx, tuple):
+            idx = (idx,)
+        if any(isinstance(i, (Tensor, np.ndarray, list)) for i in idx):
+            raise TypeError("indexing with tensors/arrays/lists (advanced indexing) is not supported; use tg.nn.embedding to gather rows")
+        n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+        if sum(1 for i in idx if i is Ellipsis) > 1:
+            raise IndexError("an index can only have a single ellipsis ('...')")
+        if n_real > self.ndim:
+            raise IndexError(f"too many indices for tensor of shape {self.shape}: {n_real} given")
+        expanded = []
+        for i in idx:
+            if i is Ellipsis:
+                expanded.extend([slice(None)] * (self.ndim - n_real))
+            else:
+                expanded.append(i)
+        expanded.extend([slice(None)] * (self.ndim - sum(1 for i in expanded if i is not None)))
+        v = self.view
+        axis = 0
+        for i in expanded:
+            if i is None:
+                v = v.unsqueeze(axis)
+                axis += 1
+            elif isinstance(i, slice):
+                start, stop, step = i.indices(v.shape[axis])
+                if step == 0:
+                    raise ValueError("slice step cannot be zero")
+                v = v.slice(axis, start, stop, step)
+                axis += 1
+            elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
+                n = v.shape[axis]
+                if not -n <= i < n:
+                    raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n} (shape {self.shape})")
+                v = v.index(axis, int(i) % n)
+            else:
+                raise TypeError(f"unsupported index {i!r} of type {type(i).__name__}")
+        return v
+
+    def __getitem__(self, idx) -> "Tensor":
+        return self._with_view(self._index_view(idx))
+
+    def __setitem__(self, idx, value) -> None:
+        """In-place write, ordered after every pending read of the old contents."""
+        from .schedule import assign, realize
+        self._check_plain("assignment")
+        if self.node.buffer is None or self.node.op is Op.CONST or 0 in self.view.strides and self.size > 1:
+            # own the memory first (NumPy semantics: a fresh array is writable)
+            if self.node.op is Op.CONST or self.node.buffer is None or not _owns(self.view):
+                c = self.contiguous()
+                realize(c.node)
+                self._adopt(c)
+        target = self._index_view(idx)
+        v = _as_operand(value, self.dtype)
+        v._check_plain("assignment")
+        broadcast_shapes(target.shape, v.shape, what=f"assign value of shape {v.shape} to index of shape {target.shape}")
+        if v.ndim > len(target.shape) or broadcast_shapes(target.shape, v.shape) != target.shape:
+            raise ValueError(f"could not broadcast value of shape {v.shape} into index result of shape {target.shape}")
+        assign(self.node, target, v.node, v.view.expand(target.shape))
+
+    def _adopt(self, other: "Tensor") -> None:
+        self.node.tensors -= 1
+        self.node = other.node
+        self.node.tensors += 1
+        self.view = other.view
+
+    # ------------------------------------------------------------------ splitting
+
+    def split(self, split_size_or_sections, axis: int = 0) -> list:
+        ax = _norm_axis(axis, self.ndim)
+        n = self.shape[ax]
+        if isinstance(split_size_or_sections, int):
+            if split_size_or_sections <= 0:
+                raise ValueError(f"split size must be positive, got {split_size_or_sections}")
+            sizes = [split_size_or_sections] * (n // split_size_or_sections)
+            if n % split_size_or_sections:
+                sizes.append(n % split_size_or_sections)
+        else:
+            sizes = list(split_size_or_sections)
+            if sum(sizes) != n:
+                raise ValueError(f"split sizes {sizes} do not add up to {n} (axis {ax} of {self.shape})")
+        out, start = [], 0
+        for s in sizes:
+            out.append(self._with_view(self.view.slice(ax, start, start + s, 1)))
+            start += s
+        return out
+
+    def chunk(self, chunks: int, axis: int = 0) -> list:
+        ax = _norm_axis(axis, self.ndim)
+        if chunks <= 0:
+            raise ValueError(f"chunks must be positive, got {chunks}")
+        size = -(-self.shape[ax] // chunks) if self.shape[ax] else 1
+        return self.split(max(size, 1), ax)
+
+
+def _owns(view: View) -> bool:
+    return 0 not in [st for s, st in zip(view.shape, view.strides) if s > 1]
+
+
+def _cast_scalar(value, d: dt.DType):
+    if d is dt.bool_:
+        return bool(value)
+    if d.kind in ("int", "uint"):
+        return int(value)
+    return float(value)
+
+
+def _as_operand(x, like: dt.DType) -> Tensor:
+    """Tensors pass through; Python scalars become weakly-typed constants (NumPy 2 rules)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (bool, np.bool_)):
+        return Tensor.const(bool(x), dt.bool_)
+    if isinstance(x, (numbers.Integral,)):
+        d = like if like.kind in ("int", "uint", "float") else dt.int32
+        if like.kind == "uint" and x < 0:
+            d = dt.int32
+        return Tensor.const(int(x), d)
+    if isinstance(x, numbers.Real):
+        d = like if like.is_float else dt.float32
+        return Tensor.const(float(x), d)
+    if isinstance(x, (np.ndarray, list, tuple)):
+        return tensor(x)
+    raise TypeError(f"unsupported operand of type {type(x).__name__}")
+
+
+# ---------------------------------------------------------------------- module functions
+
+
+def tensor(data, dtype=None) -> Tensor:
+    if isinstance(data, Tensor):
+        return data.astype(dtype) if dtype is not None else data
+    if isinstance(data, (bool, np.bool_)):
+        a = np.array(data)
+    elif isinstance(data, numbers.Integral) and dtype is None:
+        a = np.array(data, np.int32) if -2**31 <= data < 2**31 else np.array(data)
+    elif isinstance(data, numbers.Real) and dtype is None:
+        a = np.array(data, np.float32)
+    else:
+        a = np.asarray(data)
+        if dtype is None and a.dtype == np.float64:
+            a = a.astype(np.float32)
+    return Tensor.from_numpy(a, dtype)
+
+
+def _shape_arg(shape) -> tuple:
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    shape = tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise ValueError(f"negative dimensions are not allowed: {shape}")
+    return shape
+
+
+def full(shape, value, dtype=None) -> Tensor:
+    shape = _shape_arg(shape)
+    d = dt.as_dtype(dtype) if dtype is not None else (dt.bool_ if isinstance(value, bool) else dt.int32 if isinstance(value, int) else dt.float32)
+    if d.is_quant:
+        raise TypeError(f"cannot create a {d} tensor with full()")
+    return Tensor.const(_cast_scalar(value, d), d, shape)
+
+
+def zeros(shape, dtype=dt.float32) -> Tensor:
+    return full(shape, 0, dtype)
+
+
+def ones(shape, dtype=dt.float32) -> Tensor:
+    return full(shape, 1, dtype)
+
+
+def empty(shape, dtype=dt.float32) -> Tensor:
+    """An uninitialised realized tensor (e.g. a KV cache to be written with t[...] = v)."""
+    shape = _shape_arg(shape)
+    d = dt.as_dtype(dtype)
+    buf = runtime.Buffer(max(d.nbytes(prod(shape)), 4))
+    return Tensor(buffer_node(buf, shape, d))
+
+
+def zeros_like(t: Tensor, dtype=None) -> Tensor:
+    return zeros(t.shape, dtype or t.dtype)
+
+
+def ones_like(t: Tensor, dtype=None) -> Tensor:
+    return ones(t.shape, dtype or t.dtype)
+
+
+def arange(start, stop=None, step=1, dtype=None) -> Tensor:
+    if stop is None:
+        start, stop = 0, start
+    if step == 0:
+        raise ValueError("arange step must not be zero")
+    a = np.arange(start, stop, step)
+    if dtype is None:
+        dtype = dt.int32 if a.dtype.kind in "iu" else dt.float32
+    return Tensor.from_numpy(a, dtype)
+
+
+def rand(shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
+    """Uniform [0, 1) numbers from NumPy's PCG64 (reproducible for a given seed)."""
+    return Tensor.from_numpy(np.random.default_rng(seed).random(_shape_arg(shape), dtype=np.float32), dtype)
+
+
+def randn(shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
+    return Tensor.from_numpy(np.random.default_rng(seed).standard_normal(_shape_arg(shape), dtype=np.float32), dtype)
+
+
+def where(cond, a, b) -> Tensor:
+    c = cond if isinstance(cond, Tensor) else tensor(cond)
+    if c.dtype is not dt.bool_:
+        c = c != 0
+    if isinstance(a, Tensor):
+        like = a.dtype
+    elif isinstance(b, Tensor):
+        like = b.dtype
+    else:
+        like = dt.float32 if isinstance(a, float) or isinstance(b, float) else dt.int32
+    ta, tb = _as_operand(a, like), _as_operand(b, like)
+    ta._check_plain("where"); tb._check_plain("where")
+    shape = broadcast_shapes(c.shape, ta.shape, tb.shape, what="where")
+    d = dt.result_type(ta.dtype, tb.dtype)
+    ta, tb = ta.astype(d), tb.astype(d)
+    return Tensor(Node(Op.WHERE, ((c.node, c.view.expand(shape)), (ta.node, ta.view.expand(shape)),
+                                  (tb.node, tb.view.expand(shape))), d, shape))
+
+
+def maximum(a, b) -> Tensor:
+    return (a if isinstance(a, Tensor) else _as_operand(a, b.dtype))._binary(Op.MAX, b)
+
+
+def minimum(a, b) -> Tensor:
+    return (a if isinstance(a, Tensor) else _as_operand(a, b.dtype))._binary(Op.MIN, b)
+
+
+def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
+    if not tensors:
+        raise ValueError("cat needs at least one tensor")
+    nd = tensors[0].ndim
+    if nd == 0:
+        raise ValueError("zero-dimensional tensors cannot be concatenated")
+    ax = _norm_axis(axis, nd)
+    for t in tensors:
+        if t.ndim != nd or any(s != s0 for i, (s, s0) in enumerate(zip(t.shape, tensors[0].shape)) if i != ax):
+            raise ValueError(f"cat along axis {ax}: shapes {[t.shape for t in tensors]} differ outside that axis")
+    d = tensors[0].dtype
+    for t in tensors[1:]:
+        d = dt.result_type(d, t.dtype)
+    tensors = [t.astype(d) for t in tensors]
+    shape = list(tensors[0].shape)
+    shape[ax] = sum(t.shape[ax] for t in tensors)
+    srcs = tuple((t.node, t.view) for t in tensors if t.shape[ax] > 0) or ((tensors[0].node, tensors[0].view),)
+    return Tensor(Node(Op.CAT, srcs, d, tuple(shape), arg=ax))
+
+
+def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
+    if not tensors:
+        raise ValueError("stack needs at least one tensor")
+    s0 = tensors[0].shape
+    for t in tensors:
+        if t.shape != s0:
+            raise ValueError(f"stack needs equal shapes, got {[t.shape for t in tensors]}")
+    ax = axis % (len(s0) + 1) if -(len(s0) + 1) <= axis <= len(s0) else None
+    if ax is None:
+        raise ValueError(f"stack axis {axis} out of range for {len(s0)}-d tensors")
+    return cat([t.unsqueeze(ax) for t in tensors], ax)
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    from .customops import matmul as _mm
+    return _mm(a, b)
