@@ -35,13 +35,11 @@ del _n
 
 def __getattr__(name):
     # heavier subsystems load on first use
-    if name == "nn":
-        from . import nn
-        return nn
-    if name in ("load_gguf", "save_gguf"):
-        from . import gguf
-        return getattr(gguf, name)
+    import importlib
+    if name in ("nn", "gguf", "capture_mod"):
+        return importlib.import_module(f"tensorgpu.{name}")
+    if name in ("load_gguf", "save_gguf", "GGUFError"):
+        return getattr(importlib.import_module("tensorgpu.gguf"), name)
     if name == "capture":
-        from .capture import capture
-        return capture
+        return importlib.import_module("tensorgpu.capture").capture
     raise AttributeError(f"module 'tensorgpu' has no attribute {name!r}")

@@ -143,6 +143,13 @@ def realize_source(n: Node) -> None:
 def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     from .kernels.common import Operand
     kernel: CustomKernel = node.arg
+    # a kernel that writes some of its sources in place (a KV-cache write) runs after every
+    # pending lazy read of their old contents
+    for i in getattr(kernel, "writes", ()):
+        m = node.srcs[i][0]
+        for r in list(m.readers or ()):
+            if r.buffer is None and r is not node and r is not root:
+                realize(r)
     operands = []
     for i, (m, v) in enumerate(node.srcs):
         realize(m)

@@ -1,0 +1,295 @@
+"""tg.nn: the functional building blocks of a transformer, as tensor-level functions.
+
+Each returns a lazy Tensor. Where generated code can't reach the speed (layer norm, rope,
+attention, the row gather) the node runs a hand-written kernel from tensorgpu/kernels/;
+elementwise consumers of the result (bias, gelu, residual add) fuse into its store.
+"""
+from __future__ import annotations
+
+from math import prod
+from typing import Optional
+
+from . import dtypes as dt
+from .customops import _custom, matmul, softmax as _softmax
+from .graph import CustomKernel
+from .tensor import Tensor, tensor
+from .view import View
+
+__all__ = ["linear", "layer_norm", "embedding", "rope", "rope_kv_write", "scaled_dot_product_attention",
+           "gelu", "softmax", "log_softmax"]
+
+
+def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    return x.gelu(approximate)
+
+
+def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return _softmax(x, axis)
+
+
+def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    return _softmax(x, axis, log=True)
+
+
+def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """x [..., in] @ w[out, in].T (+ b [out]); w as GGUF stores it, float or quantized. The bias
+    and any elementwise consumer fuse into the matmul's store."""
+    if w.ndim != 2:
+        raise ValueError(f"linear: weight must be 2-D [out, in], got {w.shape}")
+    if x.shape[-1:] != (w.shape[1],):
+        raise ValueError(f"linear: input {x.shape} does not match weight {w.shape} (in_features {w.shape[1]})")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"linear: bias {b.shape} does not match weight {w.shape} (out_features {w.shape[0]})")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
+    y = matmul(x2, w.T)
+    if b is not None:
+        y = y + b.astype(dt.float32) if b.dtype is not dt.float32 else y + b
+    return y.reshape(lead + (w.shape[0],)) if x.ndim != 2 else y
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+class LayerNormKernel(CustomKernel):
+    name = "layer_norm"
+    supports_epilogue = True
+
+    def __init__(self, eps: float, has_w: bool, has_b: bool):
+        self.eps, self.has_w, self.has_b = eps, has_w, has_b
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.common import Operand
+        from .kernels.layernorm import layer_norm as k
+        x = operands[0]
+        rest = list(operands[1:])
+        w = rest.pop(0) if self.has_w else None
+        b = rest.pop(0) if self.has_b else None
+        rows, cols = prod(x.shape[:-1]), x.shape[-1]
+        flat = _rows_operand(x, rows, cols)
+        k(out, flat, w, b, rows, cols, self.eps, epilogue)
+
+
+def _rows_operand(x, rows: int, cols: int):
+    """View an Operand [..., cols] as [rows, cols] (the caller guarantees leading dims collapse)."""
+    from .kernels.common import Operand
+    if len(x.shape) == 1:
+        return Operand(x.buffer, x.dtype, (1, cols), (cols, x.strides[-1]), x.offset)
+    lead = View(tuple(x.shape[:-1]), tuple(x.strides[:-1]), 0).reshape((rows,))
+    return Operand(x.buffer, x.dtype, (rows, cols), (lead.strides[0], x.strides[-1]), x.offset)
+
+
+def _rows_ok(t: Tensor) -> bool:
+    v = t.view
+    return t.ndim <= 1 or View(v.shape[:-1], v.strides[:-1], 0).reshape((prod(v.shape[:-1]),)) is not None
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, in f32."""
+    x._check_plain("layer_norm")
+    if x.ndim == 0:
+        raise ValueError("layer_norm needs at least 1 dimension")
+    cols = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and p.shape != (cols,):
+            raise ValueError(f"layer_norm: {name} has shape {p.shape}, expected ({cols},) for input {x.shape}")
+    if not x.dtype.is_float:
+        x = x.astype(dt.float32)
+    if x.size == 0:
+        return x.astype(dt.float32)
+    if not _rows_ok(x):
+        x = x.contiguous()
+    srcs = [x] + [p for p in (weight, bias) if p is not None]
+    return _custom(LayerNormKernel(float(eps), weight is not None, bias is not None), srcs, x.shape)
+
+
+# ----------------------------------------------------------------------------- embedding
+
+
+class EmbeddingKernel(CustomKernel):
+    name = "embedding"
+
+    def __init__(self, n, vocab, dim, table_dtype):
+        self.n, self.vocab, self.dim, self.table_dtype = n, vocab, dim, table_dtype
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.embedding import embedding as k
+        ids, table = operands
+        k(out, ids.buffer, table.buffer, self.table_dtype, self.n, self.vocab, self.dim, ids_offset=ids.offset)
+
+
+def embedding(ids: Tensor, table: Tensor) -> Tensor:
+    """Rows of `table` [vocab, dim] (float or quantized) picked by integer `ids` -> float32 [*ids.shape, dim].
+    Ids are checked on the host only when already known (a realized tensor read cheaply is
+    not done here: out-of-range ids read as zero rows on the GPU)."""
+    if not isinstance(ids, Tensor):
+        import numpy as np
+        arr = np.asarray(ids)
+        if arr.size and (arr.min() < 0 or arr.max() >= table.shape[0]):
+            bad = arr[(arr < 0) | (arr >= table.shape[0])][0]
+            raise IndexError(f"embedding: id {bad} is out of range for a table of {table.shape[0]} rows")
+        ids = tensor(arr.astype(np.int32))
+    if ids.dtype not in (dt.int32, dt.uint32):
+        raise TypeError(f"embedding: ids must be int32, got {ids.dtype}")
+    if table.ndim != 2:
+        raise ValueError(f"embedding: table must be [vocab, dim], got {table.shape}")
+    n = ids.size
+    flat = ids.reshape(-1)
+    if not flat.view.is_contiguous:
+        flat = flat.contiguous()
+    vocab, dim = table.shape
+    if not table.dtype.is_quant and table.view != View.contiguous(table.node.shape):
+        table = table.contiguous()
+    out = _custom(EmbeddingKernel(n, vocab, dim, table.dtype), [flat, Tensor(table.node)], (n, dim))
+    return out.reshape(ids.shape + (dim,))
+
+
+# ----------------------------------------------------------------------------- rope
+
+
+class RopeKernel(CustomKernel):
+    name = "rope"
+
+    def __init__(self, seq, n_heads, head_dim, rot_dims, base, mode):
+        self.args = (seq, n_heads, head_dim, rot_dims, base, mode)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.rope import rope as k
+        x, pos = operands
+        seq, n_heads, head_dim, rot_dims, base, mode = self.args
+        k(out, x, pos.buffer, seq, n_heads, head_dim, rot_dims, base, mode)
+
+
+def _positions(positions, seq: int) -> Tensor:
+    if not isinstance(positions, Tensor):
+        import numpy as np
+        positions = tensor(np.asarray(positions, dtype=np.int32))
+    if positions.shape != (seq,):
+        raise ValueError(f"positions must have shape ({seq},), got {positions.shape}")
+    if positions.dtype is not dt.int32:
+        positions = positions.astype(dt.int32)
+    if positions.node.buffer is None or not positions.view.is_identity(positions.node.shape):
+        positions = positions.contiguous()
+    return positions
+
+
+def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str = "neox") -> Tensor:
+    """Rotary embedding (NeoX rotate-half) on the first `rot_dims` of each head.
+    x: [..., seq, n_heads, head_dim]; positions: int [seq]. Returns float32, same shape."""
+    if mode != "neox":
+        raise ValueError(f"rope mode {mode!r} is not supported (only 'neox', as GPT-NeoX uses)")
+    if x.ndim < 3:
+        raise ValueError(f"rope: x must be [..., seq, n_heads, head_dim], got {x.shape}")
+    seq, n_heads, head_dim = x.shape[-3:]
+    if rot_dims % 2 or not 0 <= rot_dims <= head_dim:
+        raise ValueError(f"rope: rot_dims must be even and <= head_dim {head_dim}, got {rot_dims}")
+    pos = _positions(positions, seq)
+    lead = x.shape[:-3]
+    x3 = x.reshape((-1, n_heads, head_dim)) if lead else x
+    if lead:  # fold leading dims into seq: positions repeat per batch entry
+        reps = prod(lead)
+        pos = tensor(__import__("numpy").tile(pos.numpy(), reps))
+    if not x3.dtype.is_float:
+        x3 = x3.astype(dt.float32)
+    out = _custom(RopeKernel(x3.shape[0], n_heads, head_dim, rot_dims, float(base), mode), [x3, pos], x3.shape)
+    return out.reshape(x.shape)
+
+
+class RopeKVWriteKernel(CustomKernel):
+    """q = rope(q); k_cache[h, pos] = rope(k); v_cache[h, pos] = v — one kernel (decode/prefill)."""
+    name = "rope_kv_write"
+    writes = (2, 3)
+
+    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype):
+        self.args = (seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.rope import rope_kv_write as k
+        qkv, pos, kc, vc = operands
+        seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype = self.args
+        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
+
+
+def rope_kv_write(qkv: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, rot_dims: int,
+                  base: float = 10000.0) -> Tensor:
+    """For a fused projection qkv [seq, 3, n_heads, head_dim]: write rope(k) and v into the
+    caches [n_heads, max_ctx, head_dim] at rows positions[s], return rope(q) as float32
+    [n_heads, seq, head_dim]. The cache write happens when the result is realized, after
+    any pending reads of the caches."""
+    seq, three, n_heads, head_dim = qkv.shape
+    if three != 3:
+        raise ValueError(f"rope_kv_write: qkv must be [seq, 3, n_heads, head_dim], got {qkv.shape}")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.ndim != 3 or c.shape[0] != n_heads or c.shape[2] != head_dim or c.node.buffer is None:
+            raise ValueError(f"rope_kv_write: {name} must be a realized [n_heads={n_heads}, max_ctx, head_dim={head_dim}] tensor, got {c.shape}")
+        if not c.view.is_identity(c.node.shape):
+            raise ValueError(f"rope_kv_write: {name} must be a whole cache tensor, not a view")
+    pos = _positions(positions, seq)
+    max_ctx = k_cache.shape[1]
+    kern = RopeKVWriteKernel(seq, n_heads, head_dim, rot_dims, max_ctx, float(base), k_cache.dtype)
+    return _custom(kern, [qkv, pos, k_cache, v_cache], (n_heads, seq, head_dim))
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+class AttentionKernel(CustomKernel):
+    name = "attention"
+
+    def __init__(self, causal, scale, kv_len_static, out_layout):
+        self.causal, self.scale, self.kv_len_static, self.out_layout = causal, scale, kv_len_static, out_layout
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.attention import attention as k
+        q, kc, vc = operands[:3]
+        kv_len = operands[3].buffer if len(operands) > 3 else self.kv_len_static
+        k(out, q, kc, vc, kv_len, causal=self.causal, scale=self.scale, out_layout=self.out_layout)
+
+
+def _fold_batch(t: Tensor) -> Tensor:
+    """[..., s, d] -> [B, s, d] as a view when strides allow, else a copy."""
+    if t.ndim == 3:
+        return t
+    if t.ndim == 2:
+        return t.unsqueeze(0)
+    return t.reshape((-1,) + t.shape[-2:])
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
+                                 scale: Optional[float] = None, kv_len: Optional[Tensor] = None,
+                                 out_layout: str = "bsd") -> Tensor:
+    """softmax(q k^T * scale + causal mask) v with q [..., sq, d], k, v [..., sk, d], sk >= sq; the
+    mask aligns the last query with the last key (query i sees keys j <= i + sk - sq).
+
+    kv_len (int32 [1] tensor, optional): only the first kv_len keys are valid — a KV cache
+    preallocated to max context; one compiled kernel serves every decode step.
+    out_layout "sbd" returns [sq, B, d] (heads next to each other, ready for the output
+    projection) instead of [..., sq, d]."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        t._check_plain("attention")
+        if t.ndim < 2:
+            raise ValueError(f"attention: {name} must be [..., seq, d], got {t.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {k.shape} and v {v.shape} must have the same shape")
+    if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} must share batch dims and head size")
+    sq, d = q.shape[-2:]
+    sk = k.shape[-2]
+    if kv_len is None and sk < sq:
+        raise ValueError(f"attention: sk ({sk}) must be >= sq ({sq})")
+    scale = float(scale) if scale is not None else 1.0 / d ** 0.5
+    batch = q.shape[:-2]
+    q3, k3, v3 = _fold_batch(q), _fold_batch(k), _fold_batch(v)
+    if not q3.dtype.is_float:
+        q3 = q3.astype(dt.float32)
+    srcs = [q3, k3, v3]
+    if kv_len is not None:
+        if kv_len.shape != (1,) or kv_len.dtype is not dt.int32:
+            raise ValueError(f"attention: kv_len must be an int32 tensor of shape (1,), got {kv_len.shape} {kv_len.dtype}")
+        srcs.append(kv_len if kv_len.node.buffer is not None else kv_len.contiguous())
+    B = q3.shape[0]
+    shape = (B, sq, d) if out_layout == "bsd" else (sq, B, d)
+    out = _custom(AttentionKernel(causal, scale, None if kv_len is not None else sk, out_layout), srcs, shape)
+    if out_layout == "bsd":
+        return out.reshape(batch + (sq, d))
+    return out
