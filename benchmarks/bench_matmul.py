@@ -127,3 +127,17 @@ def test_matmul_sweep(benchmark, dt, tile, bk):
         test_matmul(benchmark, 2048, 2048, 2048, dt, "T")
     finally:
         mm.TUNING.update(old)
+
+
+@SWEEP
+@pytest.mark.parametrize("path", ["gemv", "tiled"])
+@pytest.mark.parametrize("M", [2, 4, 8, 16])
+@pytest.mark.parametrize("wdt", ["float32", "float16"])
+def test_small_m_sweep(benchmark, wdt, M, path):
+    """Where GEMV stops beating the tiled kernel (sets TUNING["gemv_max_m"])."""
+    old = dict(mm.TUNING)
+    mm.TUNING.update(gemv_max_m=64 if path == "gemv" else 0)
+    try:
+        test_gemv(benchmark, M, 4096, 4096, wdt)
+    finally:
+        mm.TUNING.update(old)

@@ -2,13 +2,13 @@
 
 Three paths, picked by `plan()` from shapes, strides, dtypes and device features:
 
-  gemv_k   M <= GEMV_MAX_M and b's K axis is the fast one (the `x @ w.T` decode case, w stored
+  gemv_k   M <= TUNING['gemv_max_m'] (4) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
            [N, K]): a workgroup owns COLS output columns and its threads stride along K with
            vector loads (vec4 f32, 8 f16 as one vec4<u32>), then reduce across the workgroup
            (subgroupAdd + a few shared slots, or a shared-memory tree without subgroups).
            Decode is weight-bandwidth bound, so the point is to stream each weight byte once at
            full width; the activation rows are tiny and stay in cache.
-  gemv_n   M <= GEMV_MAX_M and b's N axis is the fast one (x @ w with w stored [K, N], attention's
+  gemv_n   M <= TUNING['gemv_max_m'] and b's N axis is the fast one (x @ w with w stored [K, N], attention's
            p @ v): adjacent threads own adjacent columns (coalesced), K split across thread rows.
   tiled    everything else: a 128x128 (8x8 per thread) or 64x64 (4x4 per thread) output tile per
            256-thread workgroup, K in steps of 16 staged through shared memory with the next
@@ -32,11 +32,12 @@ from .. import dtypes, runtime
 from ..runtime import Buffer
 from .common import NoEpilogue, Operand, epilogue_bindings
 
-GEMV_MAX_M = 4          # up to this many rows use GEMV (decode / small speculative batches)
+GEMV_MAX_M = 4          # default of TUNING["gemv_max_m"]
 
 # Knobs the benchmarks sweep; plan() reads them at every call (values are chosen for H100-like
 # GPUs from H100-FACTS.md: 256-thread GEMV workgroups, 128x128 tiles with 8x8 per thread).
 TUNING = {
+    "gemv_max_m": GEMV_MAX_M,  # up to this many rows use GEMV (decode / small speculative batches)
     "gemv_cols": None,      # columns per GEMV workgroup; None: by M and weight dtype
     "gemv_threads": None,   # GEMV workgroup size; None: by K
     "tile": None,           # 128 or 64; None: 128 when that gives >= `tile128_min_wgs` workgroups
@@ -260,9 +261,9 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
     dev = runtime.get_device()
     kind = force
     if kind is None:
-        if K == 0 or (M * N * K <= 4096 and M > GEMV_MAX_M):
+        if K == 0 or (M * N * K <= 4096 and M > TUNING["gemv_max_m"]):
             kind = "naive"
-        elif M <= GEMV_MAX_M:
+        elif M <= TUNING["gemv_max_m"]:
             kfast = B.srow == 1 or (B.scol != 1 and abs(B.srow) <= abs(B.scol))
             kind = "gemv_k" if kfast else "gemv_n"
         else:
@@ -373,7 +374,9 @@ def _gen_gemv_k(c: _Ctx):
     c.want("b", W)
     ba, bb = c.bind_a, c.bind_b
     a_vec = la >= 4
-    cols = TUNING["gemv_cols"] or min(4, 1 << max(0, math.ceil(math.log2(max(1.0, M * 4 / wbytes)))))
+    # columns per workgroup: enough that the f32 activation bytes re-read per workgroup do not
+    # outweigh the weight bytes it streams, few enough to keep cols * M accumulators in registers
+    cols = TUNING["gemv_cols"] or min(4, max(1, 8 // M), 1 << max(0, math.ceil(math.log2(max(1.0, M * 4 / wbytes)))))
     cols = max(1, min(cols, N))
     nvec = K // W
     threads = TUNING["gemv_threads"] or (256 if nvec >= 1024 else 128 if nvec >= 256 else 64)
