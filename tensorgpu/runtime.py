@@ -340,6 +340,7 @@ class Dispatch:
 _pending: list = []
 _pending_ids: set = set()
 _recorders: list = []  # capture.py hooks: callables(Dispatch)
+_tracing = [0]         # > 0 while tg.capture traces a function
 
 
 def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Dispatch:
@@ -389,12 +390,15 @@ def _encode(encoder) -> None:
 
 
 def flush() -> None:
-    """Encode every pending dispatch into one pass and submit once."""
-    if not _pending:
+    """Encode every pending dispatch into one pass (plus queued readback copies) and submit once."""
+    if not _pending and not _pending_copies:
         return
     dev = get_device()
     enc = dev.device.create_command_encoder()
     _encode(enc)
+    for src, off, stage, size in _pending_copies:
+        enc.copy_buffer_to_buffer(src.gpu, off, stage, 0, size)
+    _pending_copies.clear()
     dev.queue.submit([enc.finish()])
     STATS["submits"] += 1
     _pending.clear()
@@ -406,11 +410,55 @@ def pending_count() -> int:
 
 
 _staging: dict = {}
+_pending_copies: list = []
+
+
+class Ticket:
+    """A readback queued with the next submit and mapped only when `.result()` is asked for,
+    so the CPU can queue step N+1 before it waits for step N's bytes (pipelined decode)."""
+
+    def __init__(self, stage, offset_in_stage: int, nbytes: int, cap: int):
+        self.stage, self.off, self.nbytes, self.cap = stage, offset_in_stage, nbytes, cap
+        self._data = None
+
+    def result(self) -> bytes:
+        if self._data is None:
+            if any(c[2] is self.stage for c in _pending_copies):
+                flush()
+            size = self.off + self.nbytes
+            size = (size + 3) // 4 * 4
+            self.stage.map_sync(wgpu.MapMode.READ, 0, size)
+            try:
+                self._data = bytes(self.stage.read_mapped(0, size, copy=True))[self.off:self.off + self.nbytes]
+            finally:
+                self.stage.unmap()
+            _free_stages.setdefault(self.cap, []).append(self.stage)
+            STATS["readbacks"] += 1
+        return self._data
+
+
+_free_stages: dict = {}
+
+
+def read_later(buf: "Buffer", offset: int = 0, nbytes: Optional[int] = None) -> Ticket:
+    """Queue a copy of `buf`'s bytes into a mappable buffer with the next submit."""
+    n = buf.nbytes - offset if nbytes is None else int(nbytes)
+    start = offset - offset % 4
+    size = (offset + n - start + 3) // 4 * 4
+    cap = _size_class(size)
+    lst = _free_stages.get(cap)
+    stage = lst.pop() if lst else get_device().device.create_buffer(
+        size=cap, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    _pending_copies.append((buf, start, stage, size))
+    return Ticket(stage, offset - start, n, cap)
 
 
 def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
     """Bytes of `buf` after all pending work: one submit (pending dispatches + the copy) and one map."""
     dev = get_device()
+    if _tracing[0]:
+        raise RuntimeError("a value was read back (.numpy()/.item()) inside a tg.capture'd function: "
+                           "return the tensor instead and read it after the call")
     n = buf.nbytes - offset if nbytes is None else int(nbytes)
     if n <= 0:
         return b""
@@ -422,6 +470,9 @@ def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
         stage = dev.device.create_buffer(size=cap, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
     enc = dev.device.create_command_encoder()
     _encode(enc)
+    for src, off, st, sz in _pending_copies:
+        enc.copy_buffer_to_buffer(src.gpu, off, st, 0, sz)
+    _pending_copies.clear()
     enc.copy_buffer_to_buffer(buf.gpu, start, stage, 0, size)
     dev.queue.submit([enc.finish()])
     STATS["submits"] += 1

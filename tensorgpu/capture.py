@@ -1,0 +1,153 @@
+"""Capture: trace a function once, then replay its kernel list with new inputs.
+
+The first call with a given input signature runs the function normally while recording every
+dispatch (pipeline + cached bind group + grid). Later calls skip graph building, fusion and
+codegen entirely: new inputs are written into the traced input buffers (host data with one
+`write_buffer`, device tensors with one small copy kernel) and the recorded dispatches are
+queued again. Python scalars (a position, a length) become one-element tensors, so one
+capture serves every decode step. Returned tensors alias the capture's output buffers: their
+values are those of the latest call (like CUDA graphs' static outputs).
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+from typing import Any, Callable
+
+import numpy as np
+
+from . import dtypes as dt
+from . import runtime
+from .runtime import STATS
+from .tensor import Tensor
+
+
+def _copy_kernel(n_words: int) -> str:
+    return (
+        "@group(0) @binding(0) var<storage, read> src: array<u32>;\n"
+        "@group(0) @binding(1) var<storage, read_write> dst: array<u32>;\n"
+        "@compute @workgroup_size(64)\n"
+        "fn main(@builtin(global_invocation_id) g: vec3<u32>) {\n"
+        f"  if (g.x < {n_words}u) {{ dst[g.x] = src[g.x]; }}\n}}\n")
+
+
+class _Slot:
+    """One traced input: where a new value is written before a replay."""
+
+    def __init__(self, kind: str, tensor: Tensor):
+        self.kind = kind              # "tensor" | "array" | "scalar"
+        self.tensor = tensor
+
+    def load(self, value) -> None:
+        buf = self.tensor.node.buffer
+        if self.kind == "tensor":
+            value = value.realize() if value.view.is_identity(value.node.shape) else value.contiguous().realize()
+            src = value.node.buffer
+            if src is buf:
+                return
+            n_words = (self.tensor.dtype.nbytes(self.tensor.size) + 3) // 4
+            runtime.dispatch("capture_input_copy", _copy_kernel(n_words), [(src, "read"), (buf, "rw")],
+                             runtime.grid_for(-(-n_words // 64)))
+        else:
+            host = np.asarray(value, dtype=self.tensor.dtype.np_dtype).reshape(-1)
+            if self.tensor.dtype is dt.bool_:
+                host = host.astype(np.uint32)
+            runtime.write(buf, host.view(np.uint8))
+
+
+def _signature(args) -> tuple:
+    sig = []
+    for a in args:
+        if isinstance(a, Tensor):
+            sig.append(("tensor", a.shape, a.dtype.name))
+        elif isinstance(a, np.ndarray):
+            sig.append(("array", a.shape, str(a.dtype)))
+        elif isinstance(a, (bool, np.bool_)):
+            sig.append(("const", bool(a)))
+        elif isinstance(a, numbers.Integral):
+            sig.append(("scalar", "int"))
+        elif isinstance(a, numbers.Real):
+            sig.append(("scalar", "float"))
+        else:
+            sig.append(("const", a))  # hashable Python values select a separate trace
+    return tuple(sig)
+
+
+class _Trace:
+    def __init__(self, slots, dispatches, outputs):
+        self.slots, self.dispatches, self.outputs = slots, dispatches, outputs
+
+
+class Captured:
+    """The callable `tg.capture(fn)` returns."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.traces: dict = {}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        key = _signature(args)
+        tr = self.traces.get(key)
+        if tr is None:
+            tr = self._trace(args)
+            self.traces[key] = tr
+            STATS["captures_traced"] += 1
+            return tr.outputs
+        for slot, a in zip(tr.slots, args):
+            if slot is not None:
+                slot.load(a)
+        runtime.replay(tr.dispatches)
+        STATS["captures_replayed"] += 1
+        return tr.outputs
+
+    def _trace(self, args):
+        slots, call_args = [], []
+        for a in args:
+            if isinstance(a, Tensor):
+                t = Tensor.from_buffer(runtime.Buffer(max(a.dtype.nbytes(a.size), 4)), a.shape, a.dtype)
+                slot = _Slot("tensor", t)
+            elif isinstance(a, np.ndarray):
+                t = Tensor.from_buffer(runtime.Buffer(max(a.nbytes, 4)), a.shape, dt.from_numpy(a.dtype))
+                slot = _Slot("array", t)
+            elif isinstance(a, numbers.Real) and not isinstance(a, (bool, np.bool_)):
+                d = dt.int32 if isinstance(a, numbers.Integral) else dt.float32
+                t = Tensor.from_buffer(runtime.Buffer(4), (1,), d)
+                slot = _Slot("scalar", t)
+            else:
+                slots.append(None)
+                call_args.append(a)
+                continue
+            slot.load(a)
+            slots.append(slot)
+            call_args.append(slot.tensor)
+        recorded: list = []
+        runtime._recorders.append(recorded.append)
+        runtime._tracing[0] += 1
+        try:
+            out = self.fn(*call_args)
+            for t in _tensors_in(out):
+                t.realize()
+        finally:
+            runtime._tracing[0] -= 1
+            runtime._recorders.remove(recorded.append)
+        return _Trace(slots, recorded, out)
+
+
+def _tensors_in(out) -> list:
+    if isinstance(out, Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _tensors_in(o)]
+    if isinstance(out, dict):
+        return [t for o in out.values() for t in _tensors_in(o)]
+    return []
+
+
+def capture(fn: Callable) -> Captured:
+    """Decorator: trace `fn` on its first call per input signature, replay afterwards.
+
+    Arguments may be Tensors, NumPy arrays, Python ints/floats (passed to fn as int32/float32
+    tensors of shape (1,)) and other hashable values (each distinct value traces separately).
+    fn must not read values back (.numpy()/.item()) — that would end the captured step."""
+    return Captured(fn)
