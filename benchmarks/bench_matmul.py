@@ -6,7 +6,7 @@ the GEMV / tile knobs in matmul.TUNING.
 
 Layout is the linear-layer one, x @ w.T with w stored [N, K] row-major; activations f32, weights
 f32 or f16 (GEMV); matmul "f16" means both operands f16, f32 accumulation. Timing: 300 ms warm-up,
-then [wall(2R) - wall(R)] / R per dispatch (probe.time_per_dispatch).
+then GPU timestamps around a pass of R copies of the dispatch (probe.gpu_time_per_dispatch).
 """
 import os
 
@@ -44,25 +44,23 @@ def _operands(M, K, N, a_dt, b_dt, b_layout="T"):
 
 def _measure(benchmark, out, A, B, ref, M, N):
     launch = mm.plan(out, A, B)
-
-    def enqueue():
-        runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
-    enqueue()
+    d = runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
     got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
     assert np.allclose(got, ref, rtol=1e-2, atol=1e-2), f"{launch.name}: wrong result"
-    probe.warm_up(enqueue)
-    t = probe.time_per_dispatch(enqueue)
+    t = probe.gpu_time_per_dispatch([d])
 
     def step():
         for _ in range(4):
-            enqueue()
+            runtime.replay([d])
         runtime.sync()
     benchmark.pedantic(step, rounds=3, iterations=1)
+    benchmark.extra_info["wall_us_per_dispatch"] = benchmark.stats.stats.min / 4 * 1e6
     return launch, t
 
 
 def _info(benchmark, launch, t, **kw):
     benchmark.extra_info.update({"kernel": launch.name, "us_per_dispatch": t * 1e6,
+                                 "timestamps": probe.has_timestamps(),
                                  "device": runtime.get_device().name, "clocks": probe.gpu_clocks(),
                                  "f16": runtime.get_device().has_f16,
                                  "subgroups": runtime.get_device().has_subgroups, **kw})

@@ -5,9 +5,14 @@ is from the limit on the same machine in the same run.
             much slower on some drivers, e.g. ~850 GB/s vs ~3000 GB/s on an H100)
   fma_peak  independent vec4 FMA chains in registers, no memory traffic: the f32 FLOP/s ceiling
 
-and `time_per_dispatch`, the timing method the benchmarks share: the wall time of 2R queued
-dispatches minus that of R, divided by R, so the fixed submit + readback cost (hundreds of
-microseconds) cancels out.
+and the timing the benchmarks share:
+
+  gpu_time_per_dispatch  GPU timestamps written at the beginning and end of one compute pass
+            holding R copies of already-built dispatches: GPU time only. Wall clock cannot give
+            this for short kernels, because dispatches are queued in Python and encoded at submit,
+            so the CPU cost per dispatch (~5-10 us) never overlaps the GPU work.
+  time_per_dispatch      wall-clock fallback: [wall(2R) - wall(R)] / R, which cancels the fixed
+            submit + readback cost but includes the per-dispatch CPU cost.
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ import functools
 import shutil
 import subprocess
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import wgpu
 
 from .. import runtime
 from ..runtime import Buffer
@@ -35,7 +43,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 """
 
 
-def copy(dst: Buffer, src: Buffer, nbytes: int) -> None:
+def copy(dst: Buffer, src: Buffer, nbytes: int) -> runtime.Dispatch:
     """Queue a copy of the first `nbytes` (a multiple of 16) of src into dst, one vec4 per thread."""
     if nbytes % 16:
         raise ValueError(f"probe.copy: nbytes={nbytes} is not a multiple of 16")
@@ -44,7 +52,7 @@ def copy(dst: Buffer, src: Buffer, nbytes: int) -> None:
     if src is dst:
         raise ValueError("probe.copy: src and dst are the same buffer")
     n = nbytes // 16
-    runtime.dispatch("probe_copy", _copy_wgsl(n), [(dst, "rw"), (src, "read")], runtime.grid_for(-(-n // _COPY_WG)))
+    return runtime.dispatch("probe_copy", _copy_wgsl(n), [(dst, "rw"), (src, "read")], runtime.grid_for(-(-n // _COPY_WG)))
 
 
 FMA_WG = 256
@@ -72,14 +80,14 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 """
 
 
-def fma_peak(buf: Buffer, workgroups: int, iters: int) -> int:
-    """Queue the FMA micro-kernel on `workgroups` x 256 threads; returns its FLOP count.
+def fma_peak(buf: Buffer, workgroups: int, iters: int) -> tuple:
+    """Queue the FMA micro-kernel on `workgroups` x 256 threads; returns (FLOP count, Dispatch).
     `buf` (>= 16 bytes) must hold the multiplier and addend as f32 at [0] and [1] (e.g. 0.9999, 1e-4,
     so values stay finite)."""
     if buf.nbytes < 12:
         raise ValueError("probe.fma_peak: buf needs at least 3 f32 slots")
-    runtime.dispatch("probe_fma", _fma_wgsl(iters), [(buf, "rw")], runtime.grid_for(workgroups))
-    return 2 * 4 * FMA_CHAINS * iters * FMA_WG * workgroups
+    d = runtime.dispatch("probe_fma", _fma_wgsl(iters), [(buf, "rw")], runtime.grid_for(workgroups))
+    return 2 * 4 * FMA_CHAINS * iters * FMA_WG * workgroups, d
 
 
 # ----------------------------------------------------------------------------- timing
@@ -121,6 +129,61 @@ def time_per_dispatch(enqueue: Callable[[], None], target_s: float = 0.05, round
     return best
 
 
+def has_timestamps() -> bool:
+    return "timestamp-query" in runtime.get_device().features
+
+
+def gpu_time(dispatches: Sequence[runtime.Dispatch], reps: int) -> float:
+    """GPU seconds for `reps` repetitions of `dispatches` (Dispatch objects as returned by
+    runtime.dispatch) encoded into one compute pass bracketed by timestamps. Pending work is
+    flushed first; this submits its own command buffer and waits for it."""
+    runtime.flush()
+    dev = runtime.get_device()
+    qs = dev.device.create_query_set(type=wgpu.QueryType.timestamp, count=2)
+    resolve = dev.device.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    stage = dev.device.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    enc = dev.device.create_command_encoder()
+    cp = enc.begin_compute_pass(timestamp_writes={"query_set": qs, "beginning_of_pass_write_index": 0,
+                                                  "end_of_pass_write_index": 1})
+    last = None
+    for _ in range(reps):
+        for d in dispatches:
+            if d.pipe is not last:
+                cp.set_pipeline(d.pipe.pipeline)
+                last = d.pipe
+            cp.set_bind_group(0, d.bind_group)
+            cp.dispatch_workgroups(*d.grid)
+    cp.end()
+    enc.resolve_query_set(qs, 0, 2, resolve, 0)
+    enc.copy_buffer_to_buffer(resolve, 0, stage, 0, 16)
+    dev.queue.submit([enc.finish()])
+    stage.map_sync(wgpu.MapMode.READ, 0, 16)
+    try:
+        t0, t1 = np.frombuffer(bytes(stage.read_mapped(0, 16, copy=True)), np.uint64)
+    finally:
+        stage.unmap()
+    return float(int(t1) - int(t0)) * 1e-9   # wgpu normalises timestamps to nanoseconds
+
+
+def gpu_time_per_dispatch(dispatches: Sequence[runtime.Dispatch], warmup_s: float = 0.3,
+                          target_s: float = 0.05, rounds: int = 5) -> float:
+    """Warm up for `warmup_s` of back-to-back GPU work (compiles nothing new; lifts the clocks),
+    then the min over `rounds` of timestamped passes of R repetitions, R sized to ~target_s,
+    divided by R. Falls back to wall-clock timing without the timestamp-query feature."""
+    if not has_timestamps():
+        def enqueue():
+            for d in dispatches:
+                runtime.replay([d])
+        warm_up(enqueue, warmup_s)
+        return time_per_dispatch(enqueue, target_s, rounds)
+    one = max(gpu_time(dispatches, 2) / 2, 1e-7)
+    reps = max(1, min(10000, int(target_s / one)))
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < warmup_s:
+        gpu_time(dispatches, reps)
+    return min(gpu_time(dispatches, reps) for _ in range(rounds)) / reps
+
+
 def gpu_clocks() -> Optional[str]:
     """`nvidia-smi` SM / memory clocks where available (the H100 throttles on bursty work)."""
     exe = shutil.which("nvidia-smi")
@@ -139,19 +202,13 @@ def copy_bandwidth(nbytes: int) -> float:
     """Measured copy bandwidth in bytes/s (read + write) for buffers of `nbytes`; cached per process
     so other benchmarks can quote "% of copy bandwidth" from the same run."""
     src, dst = Buffer(nbytes), Buffer(nbytes)
-    enqueue = functools.partial(copy, dst, src, nbytes)
-    warm_up(enqueue)
-    return 2 * nbytes / time_per_dispatch(enqueue)
+    d = copy(dst, src, nbytes)
+    return 2 * nbytes / gpu_time_per_dispatch([d])
 
 
 @functools.lru_cache(maxsize=None)
 def fma_flops(workgroups: int, iters: int) -> float:
     """Measured f32 FMA throughput in FLOP/s; cached per process."""
-    import numpy as np
     buf = runtime.upload(np.array([0.9999, 1e-4, 0.0, 0.0], np.float32))
-    flops = [0]
-
-    def enqueue():
-        flops[0] = fma_peak(buf, workgroups, iters)
-    warm_up(enqueue)
-    return flops[0] / time_per_dispatch(enqueue)
+    flops, d = fma_peak(buf, workgroups, iters)
+    return flops / gpu_time_per_dispatch([d])
