@@ -1,12 +1,16 @@
 """GGUF files in and out: `load_gguf` uploads every tensor's raw bytes (quant blocks as-is) to
 the GPU once, `save_gguf` writes dicts of Tensors / arrays through `gguf.GGUFWriter`.
 
-Why a scanner of our own in front of `gguf.GGUFReader`: the reader trusts every count and length
+Why a parser of our own instead of `gguf.GGUFReader`: the reader trusts every count and length
 in the file. On a corrupt file it raises whatever numpy or struct happen to raise, and an array
-whose length field says 2**60 makes it loop forever over empty slices. `_scan` walks the same
-structure with every count checked against the bytes left in the file, and checks every tensor
-(type, dimensions, offsets, device limits) before a single byte goes to the GPU. The reader then
-parses a file already known to be well formed; anything it still raises becomes a `GGUFError`.
+whose length field says 2**60 makes it loop forever over empty slices. It is also slow: it builds
+numpy views per array element, ~2 s for a 50k-token vocabulary plus its merges. `_scan` walks the
+structure with every count checked against the bytes left in the file, decodes the metadata
+(~15 ms for the same vocabulary), and checks every tensor (type, dimensions, offsets, device
+limits) before a single byte goes to the GPU. Tensor bytes are uploaded straight from an
+np.memmap of the file, as GGUFReader would give them. `check_with_gguf_reader=True` (and the
+tests) parse with GGUFReader too and require identical results; anything it raises becomes a
+GGUFError.
 
 Spec: llama.cpp docs/gguf.md. Layout (little-endian, v2/v3):
     magic "GGUF" | u32 version | u64 tensor_count | u64 kv_count
@@ -43,7 +47,10 @@ UPLOAD_CHUNK = 64 * 1024 * 1024        # bytes per queue.write_buffer call (boun
 _VT_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32",
              7: "bool", 8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 _VT_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_VT_STRING, _VT_ARRAY, _VT_UINT32 = 8, 9, 4
+_VT_STRUCT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+_VT_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
+             12: "<f8"}
+_VT_STRING, _VT_ARRAY, _VT_UINT32, _VT_BOOL = 8, 9, 4, 7
 
 # GGML tensor types tensorgpu can hold (see dtypes.py) and the names of all known ones.
 _SUPPORTED_GGML = {d.ggml_type: d for d in (dt.float32, dt.float16, dt.bfloat16, dt.int32, dt.q8_0, dt.q4_0,
@@ -86,11 +93,13 @@ class _Scan:
     alignment: int
     data_start: int
     kv_types: dict       # key -> value type id
+    metadata: dict       # key -> Python value
     tensors: list        # [_TensorEntry] in file order
 
 
 class _Scanner:
-    """Bounds-checked reads from the mapped file; every failure names the path and offset."""
+    """Bounds-checked reads from the mapped file; every failure names the path and offset.
+    Reads copy bytes out (slicing an mmap gives bytes), so no view pins the map."""
 
     def __init__(self, buf, size: int, path: str):
         self.buf, self.size, self.path = buf, size, path
@@ -110,55 +119,63 @@ class _Scanner:
         self.need(off, 8, what)
         return struct.unpack_from("<Q", self.buf, off)[0]
 
-    def string(self, off: int, what: str, decode: bool = True):
+    def string(self, off: int, what: str):
         n = self.u64(off, f"{what} (string length)")
         if n > self.size - off - 8:
             self.fail(f"{what}: string length {n} at offset {off} runs past the end of the file ({self.size} bytes)")
-        raw = bytes(self.buf[off + 8: off + 8 + n]) if decode else None
-        if decode:
-            try:
-                return raw.decode("utf-8"), off + 8 + n
-            except UnicodeDecodeError as e:
-                self.fail(f"{what} at offset {off} is not valid UTF-8 ({e.reason} at byte {e.start}): {raw[:64]!r}")
-        return None, off + 8 + n
+        raw = self.buf[off + 8: off + 8 + n]
+        try:
+            return raw.decode("utf-8"), off + 8 + n
+        except UnicodeDecodeError as e:
+            self.fail(f"{what} at offset {off} is not valid UTF-8 ({e.reason} at byte {e.start}): {raw[:64]!r}")
 
-    def value(self, off: int, vtype: int, what: str, depth: int = 0) -> int:
-        """Skip one value of type `vtype` at `off`; return the offset after it."""
-        size = _VT_SIZE.get(vtype)
-        if size is not None:
-            self.need(off, size, what)
-            return off + size
+    def value(self, off: int, vtype: int, what: str, depth: int = 0):
+        """Decode one value of type `vtype` at `off`: (Python value, offset after it)."""
+        fmt = _VT_STRUCT.get(vtype)
+        if fmt is not None:
+            self.need(off, _VT_SIZE[vtype], what)
+            v = struct.unpack_from(fmt, self.buf, off)[0]
+            return (v != 0 if vtype == _VT_BOOL else v), off + _VT_SIZE[vtype]
         if vtype == _VT_STRING:
-            return self.string(off, what, decode=False)[1]
+            return self.string(off, what)
         if vtype != _VT_ARRAY:
             self.fail(f"{what} at offset {off}: unknown value type {vtype}")
         if depth >= MAX_ARRAY_NESTING:
             self.fail(f"{what} at offset {off}: arrays nested more than {MAX_ARRAY_NESTING} deep")
         etype = self.u32(off, f"{what} (array element type)")
         count = self.u64(off + 4, f"{what} (array length)")
+        if etype not in _VT_NAMES:
+            self.fail(f"{what} at offset {off}: unknown array element type {etype}")
         off += 12
         esize = _VT_SIZE.get(etype)
-        if etype not in _VT_NAMES:
-            self.fail(f"{what} at offset {off - 12}: unknown array element type {etype}")
         min_size = esize if esize is not None else (8 if etype == _VT_STRING else 12)
         if count * min_size > self.size - off:
             self.fail(f"{what}: array of {count} {_VT_NAMES[etype]} at offset {off - 12} needs at least "
                       f"{count * min_size} bytes but only {self.size - off} remain in the file")
         if esize is not None:
-            return off + count * esize
-        if etype == _VT_STRING:  # hot loop for tokenizer vocabularies: lengths only
+            arr = np.frombuffer(self.buf[off: off + count * esize], dtype=_VT_NUMPY[etype])
+            return (arr != 0 if etype == _VT_BOOL else arr).tolist(), off + count * esize
+        if etype == _VT_STRING:  # hot loop for tokenizer vocabularies
             buf, end, unpack = self.buf, self.size, struct.Struct("<Q").unpack_from
+            out = []
             for i in range(count):
                 if off + 8 > end:
                     self.need(off, 8, f"{what} (element {i} length)")
                 n = unpack(buf, off)[0]
+                if n > end - off - 8:
+                    self.fail(f"{what}: string element {i} of length {n} at offset {off} runs past the end of "
+                              f"the file ({end} bytes)")
+                try:
+                    out.append(buf[off + 8: off + 8 + n].decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    self.fail(f"{what}: string element {i} at offset {off} is not valid UTF-8 ({e.reason})")
                 off += 8 + n
-                if off > end:
-                    self.fail(f"{what}: string element {i} of length {n} runs past the end of the file ({end} bytes)")
-            return off
+            return out, off
+        out = []
         for i in range(count):
-            off = self.value(off, etype, f"{what}[{i}]", depth + 1)
-        return off
+            v, off = self.value(off, etype, f"{what}[{i}]", depth + 1)
+            out.append(v)
+        return out, off
 
 
 def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Optional[int]) -> _Scan:
@@ -184,6 +201,7 @@ def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Opt
         s.fail(f"header claims {n_tensors} tensors, which cannot fit in the {size - off} bytes after the header")
 
     kv_types: dict = {}
+    metadata: dict = {}
     alignment = DEFAULT_ALIGNMENT
     for i in range(n_kv):
         kv_off = off
@@ -199,7 +217,7 @@ def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Opt
             alignment = s.u32(off + 4, "general.alignment")
             if alignment == 0 or alignment & (alignment - 1):
                 s.fail(f"general.alignment is {alignment}, not a power of two")
-        off = s.value(off + 4, vtype, f"metadata value of {key!r}")
+        metadata[key], off = s.value(off + 4, vtype, f"metadata value of {key!r}")
         kv_types[key] = vtype
 
     entries: list = []
@@ -235,8 +253,11 @@ def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Opt
         numel = 1
         for d in ne:
             numel *= d
-        if ne and ne[0] % dtype.block_size:
-            s.fail(f"{where}: bad dimensions: ne[0] = {ne[0]} (ne = {list(ne)}) is not a multiple of the "
+        if any(d >= 1 << 63 for d in ne) or numel >= 1 << 63:
+            s.fail(f"{where}: bad dimensions: ne = {list(ne)} overflows 63 bits")
+        ne0 = ne[0] if ne else 1  # a 0-d tensor is one element
+        if ne0 % dtype.block_size:
+            s.fail(f"{where}: bad dimensions: ne[0] = {ne0} (ne = {list(ne)}) is not a multiple of the "
                    f"{dtype.name} block size {dtype.block_size}")
         nbytes = numel // dtype.block_size * (dtype.block_bytes if dtype.is_quant else dtype.itemsize)
         if rel % alignment:
@@ -260,7 +281,7 @@ def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Opt
                    f"max_storage_buffer_binding_size of {max_binding} bytes (splitting is not supported)")
         if max_buffer is not None and t.nbytes > max_buffer:
             s.fail(f"tensor {t.name!r} is {t.nbytes} bytes, over the device's max_buffer_size of {max_buffer} bytes")
-    return _Scan(version, alignment, data_start, kv_types, tensors)
+    return _Scan(version, alignment, data_start, kv_types, metadata, tensors)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -288,6 +309,11 @@ class GGUFFile:
         self.file_data_bytes = sum(info[3] for info in tensor_info.values())
         self.version = version
         self.alignment = alignment
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held by this file's buffers, pool size-class rounding included."""
+        return sum(b.capacity for b in self.buffers.values())
 
     @property
     def architecture(self) -> Optional[str]:
@@ -342,81 +368,89 @@ def _upload(view: np.ndarray, nbytes: int, bar) -> runtime.Buffer:
     return buf
 
 
-def _convert_value(value):
-    """numpy scalars from GGUFReader.contents() are already Python values; make sure."""
-    if isinstance(value, list):
-        return [_convert_value(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def load_gguf(path, progress: Optional[bool] = None) -> GGUFFile:
+def load_gguf(path, progress: Optional[bool] = None, *, check_with_gguf_reader: bool = False) -> GGUFFile:
     """Validate a GGUF file completely, then upload each tensor's bytes to the GPU once.
 
     progress: True / False forces a tqdm bar over bytes on / off; None shows one for files over
-    50 MB. Raises GGUFError (a ValueError) naming the file and what is wrong; on any failure no
-    device buffer from this call stays alive.
+    50 MB. check_with_gguf_reader: also parse the file with gguf.GGUFReader and require it to agree
+    (slow on large vocabularies: ~2 s for 100k strings, against ~15 ms for our own scan).
+    Raises GGUFError (a ValueError) naming the file and what is wrong; on any failure no device
+    buffer from this call stays alive.
     """
     path = os.fspath(path)
     try:
         size = os.path.getsize(path)
-    except OSError as e:
-        raise GGUFError(f"{path}: cannot open GGUF file: {e}") from e
-    if size < 24:
         with open(path, "rb") as f:
             head = f.read(4)
-        if head != GGUF_MAGIC:
-            raise GGUFError(f"{path}: not a GGUF file: magic bytes are {head!r} ({head.hex(' ')}), expected b'GGUF'")
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot open GGUF file: {e}") from e
+    if head != GGUF_MAGIC:
+        raise GGUFError(f"{path}: not a GGUF file: magic bytes are {head!r} ({head.hex(' ')}), "
+                        "expected b'GGUF' (47 47 55 46)")
+    if size < 24:
         raise GGUFError(f"{path}: truncated in the header: the file has {size} bytes, a GGUF header needs 24")
 
     dev = runtime.get_device()
     max_binding = dev.max_binding_size
     max_buffer = int(dev.limits.get("max-buffer-size", 0)) or None
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        scan = _scan(mm, size, path, max_binding, max_buffer)
-
-    metadata, reader = _read_with_gguf(path, scan)
     try:
-        return _upload_all(path, scan, metadata, reader, size, progress)
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            scan = _scan(mm, size, path, max_binding, max_buffer)
+    except GGUFError:
+        raise
+    except Exception as e:  # a bug in the scan must still surface as a file error, not a crash
+        raise GGUFError(f"{path}: cannot parse GGUF file: {type(e).__name__}: {e}") from None
+    if check_with_gguf_reader:
+        _cross_check(path, scan)
+    data = np.memmap(path, mode="r")
+    try:
+        return _upload_all(path, scan, data, progress)
     finally:
-        del reader  # releases the memory map
+        del data  # releases the memory map
 
 
-def _read_with_gguf(path: str, scan: _Scan):
-    """Parse the (already validated) file with gguf.GGUFReader and cross-check it against the scan."""
+def _flatten(v):
+    if isinstance(v, list):
+        return [x for item in v for x in (_flatten(item) if isinstance(item, list) else [item])]
+    return v
+
+
+def _same(a, b) -> bool:
+    """Equality of decoded metadata in which NaN equals NaN."""
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (a != a and b != b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _cross_check(path: str, scan: _Scan) -> None:
+    """Parse the (already validated) file with gguf.GGUFReader and require the same contents."""
     import gguf
     try:
         reader = gguf.GGUFReader(path)
-    except Exception as e:  # the scan should have caught it; never let a raw numpy/struct error out
-        raise GGUFError(f"{path}: gguf.GGUFReader failed on the file: {type(e).__name__}: {e}") from e
-    metadata = {}
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            metadata[key] = _convert_value(field.contents())
-        except UnicodeDecodeError as e:
-            raise GGUFError(f"{path}: metadata key {key!r} at offset {field.offset}: string is not valid UTF-8 "
-                            f"({e.reason} at byte {e.start})") from None
-        except Exception as e:
-            raise GGUFError(f"{path}: metadata key {key!r} at offset {field.offset} cannot be decoded: "
-                            f"{type(e).__name__}: {e}") from None
-    if list(metadata) != list(scan.kv_types):
-        raise GGUFError(f"{path}: gguf.GGUFReader found metadata keys {list(metadata)[:8]}... that differ from the "
-                        f"file's structure {list(scan.kv_types)[:8]}...")
+        theirs_meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        theirs = [(t.name, int(t.tensor_type), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+        data_offset = int(reader.data_offset)
+    except Exception as e:
+        raise GGUFError(f"{path}: gguf.GGUFReader failed on the file: {type(e).__name__}: {e}") from None
+    finally:
+        reader = None
+    mine_meta = {k: _flatten(v) for k, v in scan.metadata.items()}  # GGUFReader flattens nested arrays
+    if not _same(mine_meta, theirs_meta) or list(mine_meta) != list(theirs_meta):
+        bad = [k for k in set(mine_meta) | set(theirs_meta) if not _same(mine_meta.get(k), theirs_meta.get(k))]
+        raise GGUFError(f"{path}: gguf.GGUFReader reads different metadata for {sorted(bad)[:8]}")
     mine = [(t.name, t.type_id, t.offset, t.nbytes) for t in scan.tensors]
-    theirs = [(t.name, int(t.tensor_type), int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
-    if mine != theirs or reader.data_offset != scan.data_start:
-        bad = next((a, b) for a, b in zip(mine + [None], theirs + [None]) if a != b) if mine != theirs else ("data start", reader.data_offset)
-        raise GGUFError(f"{path}: gguf.GGUFReader disagrees with the file's structure: {bad}")
-    return metadata, reader
+    if mine != theirs or (scan.tensors and data_offset != scan.data_start):
+        raise GGUFError(f"{path}: gguf.GGUFReader reads different tensor infos or data offset "
+                        f"({data_offset} vs {scan.data_start})")
 
 
-def _upload_all(path, scan, metadata, reader, size, progress) -> GGUFFile:
+def _upload_all(path, scan, data, progress) -> GGUFFile:
     total = sum(t.nbytes for t in scan.tensors)
-    show = progress if progress is not None else size > PROGRESS_THRESHOLD
+    show = progress if progress is not None else len(data) > PROGRESS_THRESHOLD
     bar = None
     if show:
         from tqdm import tqdm
@@ -430,7 +464,7 @@ def _upload_all(path, scan, metadata, reader, size, progress) -> GGUFFile:
     try:
         for t in scan.tensors:
             current = t
-            view = reader.data[t.offset: t.offset + t.nbytes]
+            view = data[t.offset: t.offset + t.nbytes]
             buf = _upload(view, t.nbytes, bar)
             del view
             buffers[t.name] = buf
@@ -452,7 +486,7 @@ def _upload_all(path, scan, metadata, reader, size, progress) -> GGUFFile:
     finally:
         if bar is not None:
             bar.close()
-    return GGUFFile(path, metadata, tensors, buffers, info, scan.version, scan.alignment)
+    return GGUFFile(path, scan.metadata, tensors, buffers, info, scan.version, scan.alignment)
 
 
 # ----------------------------------------------------------------------------- saving
@@ -545,26 +579,20 @@ def _value_type(key: str, value):
 
 
 def _tensor_raw_blocks(t) -> Optional[np.ndarray]:
-    """The raw GGML bytes of a quantized tensorgpu Tensor, as uint8 of shape (..., bytes per row),
-    or None when `t` is not a quantized Tensor."""
-    dtype = getattr(t, "dtype", None)
-    if not isinstance(dtype, dt.DType) or not dtype.is_quant:
-        return None
-    raw = t.raw_bytes() if hasattr(t, "raw_bytes") else _buffer_bytes(t)
-    shape = tuple(t.shape)
-    row = shape[-1] // dtype.block_size * dtype.block_bytes if shape else dtype.block_bytes
-    return np.frombuffer(raw, dtype=np.uint8, count=int(np.prod(shape[:-1], dtype=np.int64)) * row).reshape(shape[:-1] + (row,))
-
-
-def _buffer_bytes(t) -> bytes:
-    """Fallback for Tensors without raw_bytes(): realize and read the node's buffer."""
+    """The raw GGML bytes of a quantized Tensor as uint8 (..., bytes per row), or None when they
+    cannot be read as-is (the Tensor is a strided/offset view of its buffer, or not a tg Tensor)."""
     if hasattr(t, "realize"):
-        t = t.realize() or t
-    node = getattr(t, "node", None) or getattr(t, "_node", None)
-    buf = getattr(node, "buffer", None) if node is not None else getattr(t, "buffer", None)
-    if buf is None:
-        raise TypeError(f"save_gguf: cannot reach the device buffer of quantized tensor {t!r}")
-    return runtime.read(buf, 0, t.dtype.nbytes(int(np.prod(t.shape, dtype=np.int64))))
+        t.realize()
+    node, view = getattr(t, "node", None), getattr(t, "view", None)
+    buf = getattr(node, "buffer", None)
+    if buf is None or view is None:
+        return None
+    if not view.is_contiguous or view.offset != 0 or tuple(node.shape) != tuple(t.shape):
+        return None
+    dtype, shape = t.dtype, tuple(t.shape)
+    raw = runtime.read(buf, 0, dtype.nbytes(int(np.prod(shape, dtype=np.int64))))
+    row = (shape[-1] // dtype.block_size * dtype.block_bytes) if shape else dtype.block_bytes
+    return np.frombuffer(raw, dtype=np.uint8).reshape(shape[:-1] + (row,))
 
 
 def _prepare_tensor(name: str, t, qspec, explicit: bool):
@@ -572,11 +600,20 @@ def _prepare_tensor(name: str, t, qspec, explicit: bool):
     import gguf
     from gguf.quants import quantize as gquantize
     Q = gguf.GGMLQuantizationType
-    raw = _tensor_raw_blocks(t) if not isinstance(t, np.ndarray) else None
-    if raw is not None:
-        own = Q(t.dtype.ggml_type)
+    tdtype = getattr(t, "dtype", None)
+    if not isinstance(t, np.ndarray) and isinstance(tdtype, dt.DType) and tdtype.is_quant:
+        own = Q(tdtype.ggml_type)
         if qspec is None or _qtype(qspec, name) == own:
-            return raw, own
+            raw = _tensor_raw_blocks(t)
+            if raw is not None:
+                return raw, own
+            if qspec is None:  # a view of a quantized tensor: quantize its values to the same type again
+                if own.name in _SAVE_TYPES.values():
+                    qspec = own.name.lower()
+                else:
+                    warnings.warn(f"save_gguf: tensor {name!r} is a view of {tdtype.name} data, which gguf cannot "
+                                  "quantize; stored as F32", stacklevel=3)
+                    qspec = "f32"
     arr = t if isinstance(t, np.ndarray) else np.asarray(t.numpy())
     if qspec is None:
         if arr.dtype == np.float16 or arr.dtype == np.float32:

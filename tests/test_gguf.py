@@ -113,6 +113,20 @@ def test_metadata_matches_gguf_reader(loaded, which):
     assert f.architecture == "gptneox" and f.version == 3 and f.path == str(FILES[which])
 
 
+def test_cross_check_with_gguf_reader(monkeypatch):
+    f = load_gguf(FILES["q4_0"], progress=False, check_with_gguf_reader=True)
+    assert f.metadata["general.file_type"] == 2
+    del f
+
+    def broken(path):
+        raise IndexError("index 0 is out of bounds for axis 0 with size 0")
+
+    monkeypatch.setattr(gguf, "GGUFReader", broken)
+    msg = _expect_error(FILES["seq-f32"], "GGUFReader failed", "IndexError", check_with_gguf_reader=True)
+    assert "out of bounds" in msg
+    load_gguf(FILES["seq-f32"], progress=False)  # the default path never calls it
+
+
 @pytest.mark.parametrize("which", list(FILES))
 def test_tensor_shapes_dtypes_and_offsets(loaded, which):
     f = loaded(which)
@@ -148,6 +162,7 @@ def test_memory_close_to_file_size():
     f = load_gguf(FILES["q4_0"], progress=False)
     used = _live() - before
     assert f.file_data_bytes <= used <= 1.05 * f.file_data_bytes, (used, f.file_data_bytes)
+    assert f.device_bytes == used
     f.close()
     del f
     assert _live() == before
@@ -225,10 +240,10 @@ def _patch(path, offset, fmt, *values, out=None):
     return out
 
 
-def _expect_error(path, *fragments):
+def _expect_error(path, *fragments, **kwargs):
     before = _live()
     with pytest.raises(GGUFError) as ei:
-        load_gguf(path, progress=False)
+        load_gguf(path, progress=False, **kwargs)
     msg = str(ei.value)
     assert str(path) in msg, msg
     for frag in fragments:
@@ -375,7 +390,9 @@ def test_nested_array_length_checked(tmp_path):
     w = gguf.GGUFWriter(tmp_path / "n.gguf", "test")
     w.add_key_value("nested", [[1, 2], [3, 4]], gguf.GGUFValueType.ARRAY)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    assert load_gguf(tmp_path / "n.gguf", progress=False).metadata["nested"] == [1, 2, 3, 4]  # GGUFReader flattens
+    assert load_gguf(tmp_path / "n.gguf", progress=False).metadata["nested"] == [[1, 2], [3, 4]]
+    # GGUFReader flattens nested arrays; the cross-check allows for that
+    assert load_gguf(tmp_path / "n.gguf", progress=False, check_with_gguf_reader=True).metadata["nested"] == [[1, 2], [3, 4]]
     lay = _layout(tmp_path / "n.gguf")
     inner = lay.kv["nested"] + 8 + len("nested") + 4 + 12 + 4  # first inner array's length field
     _patch(tmp_path / "n.gguf", inner, "<Q", 1 << 61)
@@ -547,6 +564,22 @@ def test_tiny_neox_metadata_round_trip(tmp_path):
     t_src = {k: f.types for k, f in gguf.GGUFReader(FILES["q4_0"]).fields.items() if not k.startswith("GGUF.")}
     t_new = {k: f.types for k, f in gguf.GGUFReader(p).fields.items() if not k.startswith("GGUF.")}
     assert t_new == t_src
+
+
+@needs_tensor
+def test_save_quantized_view_requantizes(tmp_path):
+    """A slice of a quantized Tensor is not its whole buffer: it is dequantized and quantized again."""
+    pytest.importorskip("tensorgpu.kernels.quant")
+    src = load_gguf(FILES["q8_0"], progress=False)
+    emb = src.tensors["token_embd.weight"]
+    p = tmp_path / "view.gguf"
+    save_gguf(p, {"rows": emb[2:4]}, {}, architecture="test")
+    f = load_gguf(p, progress=False)
+    assert f.tensor_info["rows"][:2] == ((2, 256), dt.q8_0)
+    row = 256 // 32 * 34
+    blocks = np.frombuffer(src.raw_bytes("token_embd.weight")[2 * row:4 * row], np.uint8).reshape(2, row)
+    values = gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)
+    assert f.raw_bytes("rows") == gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0).tobytes()
 
 
 @needs_tensor
