@@ -324,6 +324,35 @@ def test_epilogue_bias_gelu(paths, M, force):
     assert "ep_bias" in launch.wgsl and len(launch.bindings) == 4
 
 
+class F16Bias:
+    """An epilogue that brings its own `enable f16;` (an f16 bias): the kernel must hoist it."""
+
+    def __init__(self, bias: np.ndarray):
+        self.bias = bias.astype(np.float16)
+        self.N = len(bias)
+        self.operands = [op(self.bias)]
+
+    def wgsl(self, first_binding: int) -> str:
+        if runtime.get_device().has_f16:
+            return (f"enable f16;\n@group(0) @binding({first_binding}) var<storage, read> ep_b: array<f16>;\n"
+                    f"fn epilogue(acc: f32, i: u32) -> f32 {{ return acc + f32(ep_b[i % {self.N}u]); }}\n")
+        return (f"@group(0) @binding({first_binding}) var<storage, read> ep_b: array<u32>;\n"
+                f"fn epilogue(acc: f32, i: u32) -> f32 {{ let j = i % {self.N}u; "
+                f"return acc + unpack2x16float(ep_b[j >> 1u])[j & 1u]; }}\n")
+
+    def ref(self, x):
+        return x + self.bias.astype(np.float64)
+
+
+@pytest.mark.parametrize("M,dt", [(1, np.float16), (2, np.float32), (20, np.float16)])
+def test_epilogue_with_enable_directive(paths, M, dt):
+    av, ao, bv, bo = make(M, 40, 12, tb=True, da=dt, db=dt)
+    ep = F16Bias(rand(12))
+    launch = run(av, ao, bv, bo, epilogue=ep, ref_fn=ep.ref)
+    assert launch.wgsl.count("enable f16;") == (1 if paths[0] else 0)
+    assert launch.wgsl.startswith("enable f16;") == paths[0]
+
+
 @pytest.mark.parametrize("force", [None, "gemv_k", "gemv_n", "tiled"])
 def test_every_path_on_one_awkward_shape(force):
     av, ao, bv, bo = make(3, 29, 31, tb=True, da=np.float16)

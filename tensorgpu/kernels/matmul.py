@@ -329,7 +329,7 @@ class _Ctx:
         ep_lines = self.ep.wgsl(1 + len(binds)).splitlines(keepends=True)
         enables = [ln.strip() for ln in ep_lines if ln.lstrip().startswith("enable ")]
         ep_text = "".join(ln for ln in ep_lines if not ln.lstrip().startswith("enable "))
-        if self.dev.has_f16 and any(bd.is_f16 for bd in binds):
+        if any(bd.is_f16 and not bd._packed() for bd in binds):
             enables.insert(0, "enable f16;")
         h = "".join(e + "\n" for e in dict.fromkeys(enables))
         h += f"@group(0) @binding(0) var<storage, read_write> mm_out: array<{'vec4<f32>' if self.out_vec else 'f32'}>;\n"
