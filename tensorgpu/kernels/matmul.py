@@ -20,7 +20,13 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
 Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
 into the WGSL as u32 constants and all index arithmetic wraps modulo 2**32, so a negative stride
 is just a large constant. The pipeline cache is keyed by source, so one layout of one shape
-compiles once.
+compiles once -- and a new (shape, strides, offsets, dtypes) compiles a new pipeline (tens of ms
+on an H100 for the tiled kernel): keep per-token-varying lengths out of matmul operands.
+
+Bindings: 0 = out (rw), 1 = a, 2 = b (a and b share binding 1 when they view one buffer, e.g. q and
+k of a fused qkv), then the epilogue's operands. Module-scope names `mm_*`, `ld_mm_*`, `ld4_mm_*`,
+`ld8_mm_*` and `epilogue` belong to this module; an epilogue may bring `enable` directives (they
+are hoisted to the top). Each binding must fit max_storage_buffer_binding_size (no splitting).
 """
 from __future__ import annotations
 
