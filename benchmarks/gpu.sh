@@ -1,0 +1,33 @@
+#!/bin/bash
+# The GPU-machine benchmark run (see README "Benchmarks on the GPU machine").
+# Usage, on the GPU machine from the repo root (after `source .device/setup.sh`):
+#   bash benchmarks/gpu.sh [kernels] [models] [baseline]     (default: all three)
+# Writes everything under $OUT (default /tmp/tg-bench): kernels.json (pytest-benchmark),
+# models.json (our prefill/decode), torch.json (PyTorch baseline), clocks.log, and a log.
+set -uo pipefail
+OUT=${OUT:-/tmp/tg-bench}
+mkdir -p "$OUT"
+what=${*:-kernels models baseline}
+export TENSORGPU_BENCH_FULL=1 PYTHONUNBUFFERED=1
+clocks() { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader >> "$OUT/clocks.log" 2>&1 || true; }
+clocks
+( while sleep 5; do clocks; done ) & CLK=$!
+trap 'kill $CLK 2>/dev/null' EXIT
+python3 -c "import tensorgpu as tg; d = tg.device(); print('adapter:', d['name'], d['backend'], 'f16' if d['f16'] else 'no-f16', 'subgroups' if d['subgroups'] else '')"
+if [[ " $what " == *" kernels "* ]]; then
+  # each benchmark warms the GPU >= 300 ms before timing (kernels/probe.py: warm_up)
+  python3 -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/kernels.json" \
+    -k "${BENCH_K:-not sweep and not decode and not prefill}" 2>&1 | tail -n 60
+fi
+if [[ " $what " == *" models "* ]]; then
+  mkdir -p /tmp/ggufs
+  for spec in ${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}; do
+    m=${spec%%:*}; d=${spec##*:}
+    [ -f /tmp/ggufs/$m-$d.gguf ] || python3 .device/make_random_neox_gguf.py --preset "$m" --dtype "$d" -o /tmp/ggufs/$m-$d.gguf >/dev/null
+  done
+  python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json"
+fi
+if [[ " $what " == *" baseline "* ]]; then
+  python3 .device/baseline_torch_neox.py --models "${TORCH_MODELS:-pythia-160m,pythia-1.4b,redpajama-3b}" \
+    --compile "${TORCH_COMPILE:-pythia-160m,pythia-1.4b,redpajama-3b}" --json "$OUT/torch.json" 2>&1 | grep -E "RESULT|Error|error" | tail -n 60
+fi
