@@ -145,10 +145,12 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     kernel: CustomKernel = node.arg
     # a kernel that writes some of its sources in place (a KV-cache write) runs after every
     # pending lazy read of their old contents
+    # (a reader built on this kernel's own result, e.g. attention over the cache it fills, reads
+    # the new contents by construction and is not one of them)
     for i in getattr(kernel, "writes", ()):
         m = node.srcs[i][0]
         for r in list(m.readers or ()):
-            if r.buffer is None and r is not node and r is not root:
+            if r.buffer is None and r is not node and r is not root and not _depends_on(r, node):
                 realize(r)
     operands = []
     for i, (m, v) in enumerate(node.srcs):
@@ -166,6 +168,20 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     root.set_buffer(out)
     if root is not node:
         node.srcs = ()
+
+
+def _depends_on(n: Node, target: Node) -> bool:
+    """Whether the unrealized node n reads target's (unrealized) result, directly or through others."""
+    seen, stack = set(), [n]
+    while stack:
+        x = stack.pop()
+        if x is target:
+            return True
+        if id(x) in seen or x.buffer is not None:
+            continue
+        seen.add(id(x))
+        stack.extend(m for m, _ in x.srcs)
+    return False
 
 
 def assign(target: Node, view: View, value: Node, value_view: View) -> None:
