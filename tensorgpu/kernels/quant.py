@@ -686,23 +686,22 @@ def _gemv_config(K: int, mt: int) -> tuple:
 
 
 def _plan_gemv(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
-    chunk = max(1, int(TUNING["gemv_m_chunk"]))
-    passes = []
-    info = {}
-    for m0 in range(0, X.rows, chunk):
-        mt = min(chunk, X.rows - m0)
-        threads, R = _gemv_config(K, mt)
-        R = max(1, min(R, N))
-        wgsl, grid = _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, m0, mt, threads, R)
-        binds = [(out, "rw"), (X.op.buffer, "read"), (w, "read")] + epilogue_bindings(ep)
-        passes.append((f"qgemv_{dt.name}", wgsl, binds, grid))
-        info = {"threads": threads, "rows": R, "m_chunk": chunk}
-    return Launch("gemv", passes, info)
+    """One dispatch: workgroup g takes row group g % groups of x-row chunk g / groups."""
+    mt = max(1, min(int(TUNING["gemv_m_chunk"]), X.rows))
+    threads, R = _gemv_config(K, mt)
+    R = max(1, min(R, N))
+    if dt is dtypes.bfloat16 and K % 16 and X.vec:
+        X = _X(X.op, X.rows, X.K, X.sk, X.row_dims, False)   # guarded x loads past the row end
+    wgsl, grid = _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, mt, threads, R)
+    binds = [(out, "rw"), (X.op.buffer, "read"), (w, "read")] + epilogue_bindings(ep)
+    return Launch("gemv", [(f"qgemv_{dt.name}", wgsl, binds, grid)],
+                  {"threads": threads, "rows": R, "m_chunk": mt, "x_vec": X.vec})
 
 
-def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, m0, mt, T, R) -> tuple:
+def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, mt, T, R) -> tuple:
     upr = -(-K // 16)
     groups = -(-N // R)
+    chunks = -(-X.rows // mt)
     sg = dev.has_subgroups
     RM = R * mt
     s = [_header(dev, X, ep), _format_wgsl(dt, False, K, True)]
@@ -713,11 +712,13 @@ def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, m0, mt, T, R) -> tuple:
     if sg:
         b += ", @builtin(subgroup_invocation_id) sgl: u32, @builtin(subgroup_id) sgid: u32, @builtin(num_subgroups) nsg: u32"
     s.append(f"@compute @workgroup_size({T})\nfn main({b}) {{\n")
-    s.append(f"    let n0 = ({runtime.WGSL_LINEAR_ID}) * {R}u;\n")   # past the end: clamped rows, no store
+    # past the end (N or x rows): clamped reads, no store; no early return before the barriers
+    s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = (g % {_u(groups)}) * {R}u;\n"
+             f"    let m0 = (g / {_u(groups)}) * {mt}u;\n")
     for r in range(R):
         s.append(f"    let rb{r} = WB + min(n0 + {r}u, N - 1u) * RB;\n")
     for m in range(mt):
-        s.append(f"    let xo{m} = xrow({_u(m0 + m)});\n")
+        s.append(f"    let xo{m} = xrow(min(m0 + {m}u, {_u(X.rows - 1)}));\n")
         for r in range(R):
             s.append(f"    var acc{r}_{m} = 0.0;\n")
     s.append(f"    for (var u = lid; u < {_u(upr)}; u += {T}u) {{\n")
@@ -757,9 +758,9 @@ def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, m0, mt, T, R) -> tuple:
         s.append("        }\n    }\n    workgroupBarrier();\n")
         s.append(f"    if (lid < {RM}u) {{\n        let v = red[lid * {T}u];\n")
     # output slot lid = r * mt + m
-    s.append(f"        let n = n0 + lid / {mt}u;\n        let m = {_u(m0)} + lid % {mt}u;\n"
-             f"        if (n < N) {{ let i = m * N + n; OUT[i] = epilogue(v, i); }}\n    }}\n}}\n")
-    return "".join(s), runtime.grid_for(groups)
+    s.append(f"        let n = n0 + lid / {mt}u;\n        let m = m0 + lid % {mt}u;\n"
+             f"        if (n < N && m < {_u(X.rows)}) {{ let i = m * N + n; OUT[i] = epilogue(v, i); }}\n    }}\n}}\n")
+    return "".join(s), runtime.grid_for(groups * chunks)
 
 
 def _plan_tiled(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:

@@ -1,0 +1,344 @@
+"""GGML block formats (tensorgpu.kernels.quant) against gguf.quants (NumPy).
+
+dequantize: bit-identical float32 to gguf.quants.dequantize for every format, including f16
+scales that are subnormal, zero, negative, inf or NaN (random bytes), signed zeros of the
+products, a block offset into the source, and bf16 NaN payloads.
+
+quant_matmul: reference = gguf.quants.dequantize(W) in float64 @ x (x's f16 values upcast when
+x is f16). Tolerance: max|gpu - ref| <= RTOL * max|ref| with RTOL = 1e-4 (f32 accumulation; the
+GEMV decode adds a few ulps per 16-element unit, measured ~1e-6).
+Weights: q8_0/q4_0/q4_1/q5_0/q5_1/bf16 via gguf.quants.quantize of random normals (the package
+cannot quantize k-quants); q4_k/q5_k/q6_k are random bytes with finite f16 scales.
+"""
+import math
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import quant
+from tensorgpu.kernels.common import Operand
+
+RTOL = 1e-4
+F32, F16 = dtypes.float32, dtypes.float16
+ALL = list(quant.SUPPORTED)
+IDS = [d.name for d in ALL]
+_rng = np.random.default_rng(20240601)
+
+
+# ----------------------------------------------------------------------------- fixtures / helpers
+
+
+@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
+                ids=["f16+sg", "f16+nosg", "packed+sg", "packed+nosg"])
+def paths(request):
+    """Every code path: shader-f16 or packed-u32 f16 loads x subgroup or shared-memory reductions."""
+    old = (runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups)
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = request.param
+    yield request.param
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old
+
+
+@pytest.fixture
+def tuning():
+    old = dict(quant.TUNING)
+    yield quant.TUNING
+    quant.TUNING.clear()
+    quant.TUNING.update(old)
+
+
+def random_blocks(dt, nblocks: int, raw: bool = False) -> np.ndarray:
+    """uint8 GGUF bytes of `nblocks` blocks. raw=True: uniformly random bytes (any f16 scale)."""
+    if raw:
+        return _rng.integers(0, 256, size=nblocks * dt.block_bytes, dtype=np.uint8)
+    data = _rng.standard_normal((nblocks, dt.block_size)).astype(np.float32)
+    try:
+        return np.ascontiguousarray(gguf.quants.quantize(data, QT(dt.ggml_type))).view(np.uint8).reshape(-1)
+    except NotImplementedError:
+        pass
+    b = _rng.integers(0, 256, size=(nblocks, dt.block_bytes), dtype=np.uint8)
+
+    def scale(off, lo, hi):
+        v = _rng.uniform(lo, hi, nblocks) * _rng.choice([-1.0, 1.0], nblocks)
+        b[:, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(nblocks, 2)
+    if dt in (dtypes.q4_k, dtypes.q5_k):
+        scale(0, 1e-3, 0.05)
+        scale(2, 1e-3, 0.05)
+    elif dt is dtypes.q6_k:
+        scale(208, 1e-3, 0.05)
+    return b.reshape(-1)
+
+
+def ref_dequant(dt, raw: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):   # random-bytes scales include inf / NaN
+        return np.asarray(gguf.quants.dequantize(raw, QT(dt.ggml_type)), np.float32).reshape(-1)
+
+
+def read_f32(buf, n):
+    return np.frombuffer(runtime.read(buf, 0, n * 4), np.float32).copy()
+
+
+def x_operand(x: np.ndarray, dt=F32):
+    """Upload x (host array, possibly a view of a larger base) as an Operand of its own base."""
+    base = x.base if x.base is not None else x
+    base = np.ascontiguousarray(base).astype(dt.np_dtype)
+    buf = runtime.upload(base)
+    isz = x.itemsize
+    if x.base is None:
+        return Operand(buf, dt, tuple(x.shape), tuple(s // isz for s in x.strides), 0), base
+    off = (x.__array_interface__["data"][0] - x.base.__array_interface__["data"][0]) // isz
+    return Operand(buf, dt, tuple(x.shape), tuple(s // isz for s in x.strides), off), base
+
+
+def run_matmul(dt, x: np.ndarray, N: int, xdt=F32, epilogue=None, ep_ref=None, force=None, w_offset_blocks=0,
+               raw=None):
+    """Run quant_matmul on x (a NumPy view) and a random [N, K] weight; check against NumPy."""
+    K = x.shape[-1]
+    nb = N * K // dt.block_size
+    if raw is None:
+        raw = random_blocks(dt, nb + w_offset_blocks)
+    W = ref_dequant(dt, raw)[w_offset_blocks * dt.block_size:][:N * K].reshape(N, K).astype(np.float64)
+    xop, _ = x_operand(x, xdt)
+    xv = x.astype(xdt.np_dtype).astype(np.float64)
+    ref = xv @ W.T
+    if ep_ref is not None:
+        ref = ep_ref(ref)
+    numel = math.prod(ref.shape)
+    wbuf = runtime.upload(raw)
+    out = runtime.Buffer(numel * 4)
+    launch = quant.plan_matmul(out, xop, wbuf, dt, N, K, epilogue, w_offset_blocks, force=force)
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    got = read_f32(out, numel).reshape(ref.shape)
+    scale = max(np.abs(ref).max(), 1e-30)
+    err = np.abs(got - ref).max() / scale
+    assert err <= RTOL, f"{dt.name} {launch.kind} x{tuple(x.shape)} N={N}: max rel err {err:.3e}"
+    return launch
+
+
+class BiasGelu:
+    """out = quick_gelu(acc + bias[n]) — a hand-written Epilogue with one operand."""
+
+    def __init__(self, bias: np.ndarray):
+        self.N = bias.shape[0]
+        self.operands = [Operand(runtime.upload(bias.astype(np.float32)), F32, (self.N,), (1,), 0)]
+
+    def wgsl(self, first: int) -> str:
+        return (f"@group(0) @binding({first}) var<storage, read> ep_bias: array<f32>;\n"
+                f"fn epilogue(acc: f32, i: u32) -> f32 {{ let v = acc + ep_bias[i % {self.N}u]; "
+                f"return v / (1.0 + exp(-1.702 * v)); }}\n")
+
+    def ref(self, bias):
+        def f(r):
+            v = r + bias.astype(np.float64)
+            with np.errstate(over="ignore"):
+                return v / (1.0 + np.exp(-1.702 * v))
+        return f
+
+
+# ----------------------------------------------------------------------------- dequantize
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+@pytest.mark.parametrize("raw", [False, True], ids=["quantized", "random-bytes"])
+def test_dequantize_bit_exact(dt, raw):
+    nb = 5 if dt.block_size == 256 else 41
+    if dt is dtypes.bfloat16:
+        nb = 1003   # not a multiple of 4 elements: the guarded tail
+    blocks = random_blocks(dt, nb, raw=raw)
+    ref = ref_dequant(dt, blocks)
+    numel = ref.size
+    out = runtime.Buffer(numel * 4)
+    quant.dequantize(out, runtime.upload(blocks), dt, numel)
+    got = read_f32(out, numel)
+    nan = np.isnan(ref)
+    assert np.array_equal(np.isnan(got), nan), f"{dt.name}: NaN positions differ"
+    gb, rb = got.view(np.uint32), ref.view(np.uint32)
+    bad = np.nonzero((gb != rb) & ~nan)[0]
+    assert bad.size == 0, (f"{dt.name}: {bad.size} of {numel} elements differ, first at {bad[0]}: "
+                           f"{got[bad[0]]!r} vs {ref[bad[0]]!r}")
+    if dt is dtypes.bfloat16 and raw:   # bits straight through: NaN payloads survive too
+        assert np.array_equal(gb, rb)
+
+
+@pytest.mark.parametrize("dt", [dtypes.q8_0, dtypes.q4_0, dtypes.q6_k, dtypes.bfloat16], ids=lambda d: d.name)
+def test_dequantize_offset_and_special_scales(dt):
+    """A slice starting at a block offset (odd: misaligned for q8_0/q4_0/q6_k), and f16 scales that
+    are subnormal, +-0, -1, the largest f16 and the smallest subnormal."""
+    nb = 18 if dt.block_size == 256 else 40
+    blocks = random_blocks(dt, nb).reshape(nb, dt.block_bytes).copy()
+    if dt is not dtypes.bfloat16:
+        off = 208 if dt is dtypes.q6_k else 0
+        specials = np.array([0x0001, 0x03ff, 0x8001, 0x0000, 0x8000, 0xbc00, 0x7bff, 0x0200], np.uint16)
+        blocks[:len(specials), off:off + 2] = specials.view(np.uint8).reshape(-1, 2)
+        blocks[len(specials):2 * len(specials), off:off + 2] = specials.view(np.uint8).reshape(-1, 2)
+    else:
+        specials = np.array([0x0001, 0x8000, 0x7f80, 0xff80, 0x0080, 0x807f], np.uint16)
+        blocks[:len(specials)] = specials.view(np.uint8).reshape(-1, 2)
+    blocks = blocks.reshape(-1)
+    ref_all = ref_dequant(dt, blocks)
+    off_blocks = 3
+    count = (nb - off_blocks - 1) * dt.block_size
+    ref = ref_all[off_blocks * dt.block_size:][:count]
+    out = runtime.Buffer(count * 4)
+    quant.dequantize(out, runtime.upload(blocks), dt, count, src_offset_blocks=off_blocks)
+    got = read_f32(out, count)
+    assert np.array_equal(got.view(np.uint32), ref.view(np.uint32))
+    # from block 0 (the specials themselves)
+    out0 = runtime.Buffer(ref_all.size * 4)
+    quant.dequantize(out0, runtime.upload(blocks), dt, ref_all.size)
+    assert np.array_equal(read_f32(out0, ref_all.size).view(np.uint32), ref_all.view(np.uint32))
+
+
+def test_dequantize_errors():
+    src = runtime.upload(np.zeros(34 * 4, np.uint8))
+    out = runtime.Buffer(128 * 4)
+    with pytest.raises(ValueError, match="block"):
+        quant.dequantize(out, src, dtypes.q8_0, 100)
+    with pytest.raises(ValueError, match="need"):
+        quant.dequantize(out, src, dtypes.q8_0, 160)
+    with pytest.raises(TypeError, match="float16"):
+        quant.dequantize(out, src, dtypes.float16, 128)
+    with pytest.raises(ValueError, match="output"):
+        quant.dequantize(runtime.Buffer(16), src, dtypes.q8_0, 128)
+
+
+def test_quant_nbytes():
+    assert quant.quant_nbytes(dtypes.q8_0, 64) == 68
+    assert quant.quant_nbytes(dtypes.q4_0, 4096 * 4096) == 4096 * 4096 // 32 * 18
+    assert quant.quant_nbytes(dtypes.q4_k, 512) == 288
+    assert quant.quant_nbytes(dtypes.q6_k, 256) == 210
+    assert quant.quant_nbytes(dtypes.bfloat16, 7) == 14
+    for dt in quant.SUPPORTED:
+        assert quant.quant_nbytes(dt, dt.block_size * 3) == dtypes.as_dtype(dt).nbytes(dt.block_size * 3)
+    with pytest.raises(ValueError, match="q4_k"):
+        quant.quant_nbytes(dtypes.q4_k, 100)
+    with pytest.raises(TypeError):
+        quant.quant_nbytes(dtypes.float32, 4)
+
+
+# ----------------------------------------------------------------------------- quant_matmul: formats
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+@pytest.mark.parametrize("M,N,kblocks", [(1, 7, 3), (3, 5, 2), (67, 9, 1)], ids=["M1", "M3", "M67"])
+def test_matmul_formats(dt, M, N, kblocks):
+    """Odd row counts, rows of several blocks; M=1/3 take GEMV, M=67 the tiled path (not a
+    multiple of the tile)."""
+    K = kblocks * max(dt.block_size, 32) * (2 if dt.block_size == 32 else 1)
+    if dt is dtypes.bfloat16:
+        K = 200 + kblocks   # any length, not a multiple of 16 or 4
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    launch = run_matmul(dt, x, N)
+    assert launch.kind == ("gemv" if M <= quant.TUNING["gemv_max_m"] else "tiled")
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+def test_matmul_both_paths_same_shape(dt):
+    K = 512 if dt.block_size == 256 else 96
+    x = _rng.standard_normal((5, K)).astype(np.float32)
+    raw = random_blocks(dt, 11 * K // dt.block_size)
+    run_matmul(dt, x, 11, force="gemv", raw=raw)
+    run_matmul(dt, x, 11, force="tiled", raw=raw)
+
+
+# ----------------------------------------------------------------------------- paths and layouts
+
+KEY = [dtypes.q8_0, dtypes.q4_0, dtypes.q4_k, dtypes.q6_k, dtypes.bfloat16]
+
+
+@pytest.mark.parametrize("dt", KEY, ids=lambda d: d.name)
+@pytest.mark.parametrize("xdt", [F32, F16], ids=["x32", "x16"])
+def test_matmul_paths(paths, dt, xdt):
+    """f16 x through array<f16>/vec4<f16> and through packed u32 words; subgroup and shared-memory
+    reductions; GEMV (M=2) and tiled (M=9, forced) with a bias+gelu epilogue."""
+    K = 512 if dt.block_size == 256 else 128
+    N = 13
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    for M, force in [(2, None), (9, "tiled")]:
+        x = _rng.standard_normal((M, K)).astype(np.float32)
+        run_matmul(dt, x, N, xdt=xdt, epilogue=ep, ep_ref=ep.ref(bias), force=force)
+
+
+@pytest.mark.parametrize("dt", [dtypes.q8_0, dtypes.q4_1, dtypes.q5_k], ids=lambda d: d.name)
+@pytest.mark.parametrize("force", ["gemv", "tiled"])
+def test_matmul_batch_and_strides(dt, force):
+    """x with batch dims, a transposed (non-unit K stride) view, a sliced view at an odd offset,
+    and a broadcast (stride 0) batch dim."""
+    K = 256 if dt.block_size == 256 else 64
+    N = 6
+    base = _rng.standard_normal((2, 3, K)).astype(np.float32)
+    run_matmul(dt, base, N, force=force)                                   # [2, 3, K] contiguous
+    t = _rng.standard_normal((K, 3)).astype(np.float32)
+    run_matmul(dt, t.T, N, force=force)                                    # K stride 3
+    big = _rng.standard_normal((4, K + 3)).astype(np.float32)
+    run_matmul(dt, big[1:, 1:K + 1], N, force=force)                       # offset K+4, row stride K+3
+    row = _rng.standard_normal((1, 2, K)).astype(np.float32)
+    run_matmul(dt, np.broadcast_to(row, (3, 2, K)), N, force=force)        # batch stride 0
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0, dtypes.q4_k], ids=lambda d: d.name)
+def test_gemv_loops_and_row_groups(tuning, dt):
+    """Threads that take several units each (small workgroup), 1-row and 3-row workgroups with N
+    not a multiple, and an x-row chunk that does not divide M."""
+    K = 1024 if dt.block_size == 256 else 512
+    tuning.update(gemv_threads=32, gemv_rows=3, gemv_m_chunk=2)
+    x = _rng.standard_normal((5, K)).astype(np.float32)
+    launch = run_matmul(dt, x, 10)
+    assert launch.info["threads"] == 32 and launch.info["rows"] == 3
+    tuning.update(gemv_threads=None, gemv_rows=1, gemv_m_chunk=4)
+    run_matmul(dt, x[:1], 5)
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0], ids=lambda d: d.name)
+def test_tiled_128(tuning, dt):
+    """The 128x128 (8x8 per thread) tile with M, N not multiples of it, and an epilogue."""
+    tuning.update(tile=128)
+    K, M, N = 64, 131, 133
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    launch = run_matmul(dt, x, N, epilogue=ep, ep_ref=ep.ref(bias))
+    assert launch.info["tile"][0] == 128
+
+
+@pytest.mark.parametrize("dt", [dtypes.q8_0, dtypes.q6_k, dtypes.q4_1], ids=lambda d: d.name)
+@pytest.mark.parametrize("force", ["gemv", "tiled"])
+def test_matmul_weight_offset(dt, force):
+    """A weight that starts at a block offset of its buffer (rows of a larger tensor)."""
+    K = 256 if dt.block_size == 256 else 64
+    x = _rng.standard_normal((2, K)).astype(np.float32)
+    run_matmul(dt, x, 4, force=force, w_offset_blocks=3)
+
+
+def test_matmul_errors():
+    x = Operand(runtime.upload(np.zeros((2, 48), np.float32)), F32, (2, 48), (48, 1), 0)
+    w = runtime.upload(np.zeros(34 * 16, np.uint8))
+    out = runtime.Buffer(2 * 8 * 4)
+    with pytest.raises(ValueError, match=r"K=48 is not a multiple of the block size 32.*\(2, 48\)"):
+        quant.quant_matmul(out, x, w, dtypes.q8_0, 8, 48)
+    x64 = Operand(runtime.upload(np.zeros((2, 64), np.float32)), F32, (2, 64), (64, 1), 0)
+    with pytest.raises(ValueError, match=r"\(2, 64\).*K=32"):
+        quant.quant_matmul(out, x64, w, dtypes.q8_0, 8, 32)
+    with pytest.raises(ValueError, match="needs 680 bytes"):
+        quant.quant_matmul(runtime.Buffer(2 * 10 * 4), x64, w, dtypes.q8_0, 10, 64)
+    with pytest.raises(ValueError, match="output buffer"):
+        quant.quant_matmul(runtime.Buffer(16), x64, w, dtypes.q8_0, 8, 64)
+    xi = Operand(x64.buffer, dtypes.int32, (2, 64), (64, 1), 0)
+    with pytest.raises(TypeError, match="int32"):
+        quant.quant_matmul(out, xi, w, dtypes.q8_0, 8, 64)
+    with pytest.raises(TypeError, match="float16"):
+        quant.quant_matmul(out, x64, w, dtypes.float16, 8, 64)
+    with pytest.raises(ValueError, match="also an input"):
+        quant.quant_matmul(x64.buffer, x64, w, dtypes.q8_0, 8, 64)
+
+
+def test_matmul_f16_x_fallback_no_pipeline_error(paths):
+    """f16 x at an offset that is not a multiple of 4 (scalar loads) compiles on every path."""
+    dt = dtypes.q4_0
+    base = _rng.standard_normal((3, 70)).astype(np.float32)
+    run_matmul(dt, base[:, 3:67], 6, xdt=F16)
+    run_matmul(dt, base[:, 3:67], 6, xdt=F16, force="tiled")
