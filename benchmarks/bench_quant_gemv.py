@@ -1,0 +1,141 @@
+"""Quantized GEMV (decode) and tiled matmul (prefill) straight from GGUF blocks.
+
+Figure of merit for GEMV: quantized-weight bytes read per second, as % of the vec4 copy kernel's
+bandwidth measured in the same run (target on the H100: >= 50%, copy ~3000 GB/s). Prefill:
+GFLOP/s. Small sizes by default (lavapipe); TENSORGPU_BENCH_FULL=1 gives the H100 sizes:
+GEMV 1x4096 @ 4096x4096 and 1x2048 @ 2048x8192 (x [M, K] f32, W [N, K]) for q8_0, q4_0, q4_k,
+and prefill 512x2048 @ 2048x2048 for q8_0 / q4_0.
+
+Sweeps: TENSORGPU_QGEMV="threads,rows;threads,rows;..." runs each GEMV case once per
+(workgroup size, weight rows per workgroup) pair, e.g. "256,4;128,4;256,8;128,2", and
+TENSORGPU_QTILE="64;128" the tile sizes of the prefill case. Timing: 300 ms warm-up, then GPU
+timestamps around a pass of R copies of the dispatch (probe.gpu_time_per_dispatch).
+"""
+import os
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import probe, quant
+from tensorgpu.kernels.common import Operand
+
+FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
+
+GEMV_SHAPES = [(1, 4096, 4096), (1, 2048, 8192)] if FULL else [(1, 512, 256)]      # (M, K, N)
+PREFILL_SHAPES = [(512, 2048, 2048)] if FULL else [(64, 256, 128)]
+COPY_BYTES = (256 << 20) if FULL else (4 << 20)
+GEMV_TYPES = ["q8_0", "q4_0", "q4_k"]
+PREFILL_TYPES = ["q8_0", "q4_0"]
+
+
+def _sweep(env: str, parse):
+    v = os.environ.get(env, "")
+    return [parse(p) for p in v.split(";") if p.strip()] or [None]
+
+
+GEMV_CFGS = _sweep("TENSORGPU_QGEMV", lambda p: tuple(int(t) for t in p.split(",")))
+TILE_CFGS = _sweep("TENSORGPU_QTILE", int)
+
+
+def _weights(dt, N, K):
+    """GGUF bytes of a random [N, K] weight: quantized normals where gguf can quantize the type,
+    else random bytes with small f16 scales (q4_k). Big weights are tiled from one slab of rows
+    (quantizing 16M floats in NumPy takes long; the bytes read are what matter)."""
+    rng = np.random.default_rng(0)
+    rows = min(N, 256)
+    try:
+        slab = np.asarray(gguf.quants.quantize(rng.standard_normal((rows, K)).astype(np.float32) / np.sqrt(K),
+                                               QT(dt.ggml_type)), np.uint8).reshape(rows, -1)
+    except NotImplementedError:
+        nb = rows * K // dt.block_size
+        b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
+        b[:, 0:4] = rng.uniform(1e-3, 1e-2, (nb, 2)).astype(np.float16).view(np.uint8).reshape(nb, 4)
+        slab = b.reshape(rows, -1)
+    return np.ascontiguousarray(np.tile(slab, (-(-N // rows), 1))[:N]).reshape(-1)
+
+
+def _check(out, raw, dt, x, N, K):
+    """Spot-check 64 outputs against NumPy (full dequantize of those rows only)."""
+    M = x.shape[0]
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+    rows = np.unique(np.linspace(0, N - 1, 64).astype(int))
+    rb = K // dt.block_size * dt.block_bytes
+    W = np.stack([np.asarray(gguf.quants.dequantize(raw[r * rb:(r + 1) * rb], QT(dt.ggml_type)), np.float64).reshape(-1)
+                  for r in rows])
+    ref = x.astype(np.float64) @ W.T
+    err = np.abs(got[:, rows] - ref).max() / max(np.abs(ref).max(), 1e-30)
+    assert err < 1e-3, f"quant {dt.name}: wrong result (rel err {err:.2e})"
+
+
+def _time(benchmark, dispatches, reps=4):
+    t = probe.gpu_time_per_dispatch(dispatches)
+
+    def step():
+        for _ in range(reps):
+            runtime.replay(dispatches)
+        runtime.sync()
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    dev = runtime.get_device()
+    benchmark.extra_info.update({"us_per_dispatch": t * 1e6, "timestamps": probe.has_timestamps(),
+                                 "wall_us_per_dispatch": benchmark.stats.stats.min / reps * 1e6,
+                                 "device": dev.name, "clocks": probe.gpu_clocks(),
+                                 "f16": dev.has_f16, "subgroups": dev.has_subgroups})
+    return t
+
+
+@pytest.fixture
+def tuning():
+    old = dict(quant.TUNING)
+    yield quant.TUNING
+    quant.TUNING.clear()
+    quant.TUNING.update(old)
+
+
+@pytest.mark.parametrize("cfg", GEMV_CFGS, ids=lambda c: "default" if c is None else f"t{c[0]}r{c[1]}")
+@pytest.mark.parametrize("wdt", GEMV_TYPES)
+@pytest.mark.parametrize("M,K,N", GEMV_SHAPES, ids=lambda x: str(x))
+def test_quant_gemv(benchmark, tuning, M, K, N, wdt, cfg):
+    dt = dtypes.as_dtype(wdt)
+    if cfg is not None:
+        tuning.update(gemv_threads=cfg[0], gemv_rows=cfg[1])
+    raw = _weights(dt, N, K)
+    x = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)
+    xop = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
+    w = runtime.upload(raw)
+    out = runtime.Buffer(M * N * 4)
+    launch = quant.plan_matmul(out, xop, w, dt, N, K)
+    ds = [runtime.dispatch(*p) for p in launch.passes]
+    _check(out, raw, dt, x, N, K)
+    t = _time(benchmark, ds)
+    wbytes = raw.nbytes
+    copy_bw = probe.copy_bandwidth(COPY_BYTES)
+    gbs = wbytes / t / 1e9
+    benchmark.extra_info.update({"kernel": launch.passes[0][0], **launch.info, "weight_bytes": wbytes,
+                                 "weight GB/s": gbs, "copy GB/s": copy_bw / 1e9,
+                                 "% of copy BW": 100 * gbs * 1e9 / copy_bw})
+    print(f"\nqgemv {wdt} {M}x{K} @ {N}x{K} {launch.info}: {t * 1e6:.1f} us, {gbs:.0f} GB/s weights "
+          f"({100 * gbs * 1e9 / copy_bw:.0f}% of copy {copy_bw / 1e9:.0f} GB/s)")
+
+
+@pytest.mark.parametrize("tile", TILE_CFGS, ids=lambda c: "default" if c is None else f"tile{c}")
+@pytest.mark.parametrize("wdt", PREFILL_TYPES)
+@pytest.mark.parametrize("M,K,N", PREFILL_SHAPES, ids=lambda x: str(x))
+def test_quant_prefill(benchmark, tuning, M, K, N, wdt, tile):
+    dt = dtypes.as_dtype(wdt)
+    if tile is not None:
+        tuning.update(tile=tile)
+    raw = _weights(dt, N, K)
+    x = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)
+    xop = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
+    w = runtime.upload(raw)
+    out = runtime.Buffer(M * N * 4)
+    launch = quant.plan_matmul(out, xop, w, dt, N, K)
+    ds = [runtime.dispatch(*p) for p in launch.passes]
+    _check(out, raw, dt, x, N, K)
+    t = _time(benchmark, ds)
+    flops = 2 * M * N * K
+    benchmark.extra_info.update({"kernel": launch.passes[0][0], **launch.info, "GFLOP/s": flops / t / 1e9})
+    print(f"\nqmatmul {wdt} {M}x{K} @ {N}x{K} {launch.info}: {t * 1e6:.1f} us, {flops / t / 1e9:.0f} GFLOP/s")
