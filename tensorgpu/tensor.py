@@ -220,17 +220,21 @@ class Tensor:
         if d is self.dtype:
             return self
         if self.node.op is Op.CONST:
-            return Tensor.const(_cast_scalar(self.node.arg, d), d, self.shape)
+            return Tensor.const(_fold(lambda v: v, d, self), d, self.shape)
         return Tensor(Node(Op.CAST, ((self.node, self.view),), d, self.shape))
 
     def _unary(self, op: Op) -> "Tensor":
         self._check_plain(op.name.lower())
         if self.dtype is dt.bool_ and op in (Op.NEG,):
             raise TypeError("negative of a bool tensor is not supported (use ~ / tg.logical_not)")
+        if op is Op.NOT and self.dtype is not dt.bool_:
+            raise TypeError(f"~ is logical not of a bool tensor; got {self.dtype} (bitwise ops on integers are not supported)")
+        if self.dtype is dt.bool_ and op in (Op.ABS, Op.RELU):
+            return self  # NumPy: abs(bool) is bool; max(bool, False) is itself
         rd = unary_result(op, self.dtype)
         src = self if (UNARY[op].result == "bool" or not UNARY[op].float_only or self.dtype.is_float) else self.astype(rd)
-        if op is Op.NOT and self.dtype is not dt.bool_:
-            src = self != 0
+        if src.node.op is Op.CONST:  # fold on the host: WGSL would const-evaluate literals and reject inf/overflow
+            return Tensor.const(_fold(UNARY[op].np_fn, rd, src), rd, self.shape)
         return Tensor(Node(op, ((src.node, src.view),), rd, self.shape))
 
     def _binary(self, op: Op, other, reverse: bool = False) -> "Tensor":
@@ -246,6 +250,8 @@ class Tensor:
         od = binary_operand_type(op, a.dtype, b.dtype)
         a, b = a.astype(od), b.astype(od)
         rd = binary_result(op, a.dtype, b.dtype)
+        if a.node.op is Op.CONST and b.node.op is Op.CONST:  # fold on the host (see _unary)
+            return Tensor.const(_fold(BINARY[op].np_fn, rd, a, b), rd, shape)
         return Tensor(Node(op, ((a.node, a.view.expand(shape)), (b.node, b.view.expand(shape))), rd, shape))
 
     def __add__(self, o): return self._binary(Op.ADD, o)
@@ -575,7 +581,31 @@ def _cast_scalar(value, d: dt.DType):
         return bool(value)
     if d.kind in ("int", "uint"):
         return int(value)
+    if d is dt.float16:  # a float16 constant holds a float16 value, as NumPy's weak scalars do
+        return float(np.float16(value))
     return float(value)
+
+
+def _const_value(t: "Tensor") -> np.ndarray:
+    """The value of a constant tensor as a 0-d NumPy array of its dtype."""
+    return np.asarray(t.node.arg).astype(t.dtype.np_dtype) if t.dtype is not dt.bool_ else np.asarray(bool(t.node.arg))
+
+
+def _np_scalar(a: np.ndarray, d: dt.DType):
+    a = np.asarray(a)
+    return bool(a) if d is dt.bool_ else int(a) if d.kind in ("int", "uint") else float(a)
+
+
+def _fold(fn, rd: dt.DType, *consts: "Tensor"):
+    """Evaluate an op over constant operands with NumPy (wrapping ints, IEEE floats)."""
+    import warnings
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        vals = [_const_value(c) for c in consts]
+        if rd.is_float:  # GPU math on floats is f32 (f16 widened on load)
+            vals = [v.astype(np.float32) if v.dtype == np.float16 else v for v in vals]
+        r = np.asarray(fn(*vals)).astype(rd.np_dtype)
+    return _cast_scalar(_np_scalar(r, rd), rd)
 
 
 def _as_operand(x, like: dt.DType) -> Tensor:
@@ -588,10 +618,13 @@ def _as_operand(x, like: dt.DType) -> Tensor:
         d = like if like.kind in ("int", "uint", "float") else dt.int32
         if like.kind == "uint" and x < 0:
             d = dt.int32
-        return Tensor.const(int(x), d)
+        lo, hi = (0, 2**32) if d is dt.uint32 else (-2**31, 2**31)
+        if d.kind in ("int", "uint") and not lo <= x < hi:
+            raise OverflowError(f"Python integer {x} out of bounds for {d.name} (operand of a {like.name} tensor)")
+        return Tensor.const(_cast_scalar(int(x), d), d)
     if isinstance(x, numbers.Real):
         d = like if like.is_float else dt.float32
-        return Tensor.const(float(x), d)
+        return Tensor.const(_cast_scalar(float(x), d), d)
     if isinstance(x, (np.ndarray, list, tuple)):
         return tensor(x)
     raise TypeError(f"unsupported operand of type {type(x).__name__}")
@@ -692,6 +725,8 @@ def where(cond, a, b) -> Tensor:
     shape = broadcast_shapes(c.shape, ta.shape, tb.shape, what="where")
     d = dt.result_type(ta.dtype, tb.dtype)
     ta, tb = ta.astype(d), tb.astype(d)
+    if c.node.op is Op.CONST and ta.node.op is Op.CONST and tb.node.op is Op.CONST:
+        return Tensor.const(_fold(np.where, d, c, ta, tb), d, shape)
     return Tensor(Node(Op.WHERE, ((c.node, c.view.expand(shape)), (ta.node, ta.view.expand(shape)),
                                   (tb.node, tb.view.expand(shape))), d, shape))
 
