@@ -18,7 +18,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .graph import Node
-from .ops import BINARY, REDUCE, UNARY, WGSL_HELPERS, Op, compute_type
+from .ops import BINARY, F32_OVERRIDES, REDUCE, UNARY, WGSL_HELPERS, Op, compute_type
 from .runtime import get_device
 from .view import View
 
@@ -54,7 +54,7 @@ def convert(expr: str, src: str, dst: str) -> str:
         return expr
     if dst == "bool":
         zero = {"f32": "0.0", "i32": "0", "u32": "0u"}[src]
-        return f"({expr} != {zero})"
+        return f"(!({expr} == {zero}))"  # not `!=`: drivers compare ordered, so NaN != 0 would be false
     if src == "bool":
         one, zero = {"f32": ("1.0", "0.0"), "i32": ("1", "0"), "u32": ("1u", "0u")}[dst]
         return f"select({zero}, {one}, {expr})"
@@ -108,7 +108,13 @@ class KernelBuilder:
         return "enable f16;\n" if self.uses_f16 else ""
 
     def helper_text(self) -> str:
-        return "\n".join(WGSL_HELPERS[h] for h in sorted(self.helpers))
+        need, todo = set(), list(self.helpers)
+        while todo:  # helpers may call other helpers
+            h = todo.pop()
+            if h not in need:
+                need.add(h)
+                todo.extend(o for o in WGSL_HELPERS if o != h and o + "(" in WGSL_HELPERS[h])
+        return "\n".join(WGSL_HELPERS[h] for h in sorted(need))
 
     def new(self, expr: str, ty: str) -> str:
         self.tmp += 1
@@ -196,7 +202,11 @@ class KernelBuilder:
         if op in UNARY:
             tmpl = UNARY[op].wgsl
             self._note_helpers(tmpl)
-            zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[compute_type(node.srcs[0][0].dtype)]
+            sct = compute_type(node.srcs[0][0].dtype)
+            zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[sct]
+            if sct == "f32" and op in F32_OVERRIDES:
+                tmpl = F32_OVERRIDES[op]
+            self._note_helpers(tmpl)
             return self.new(tmpl.format(*srcs, zero=zero), ct)
         if op in BINARY:
             tmpl = BINARY[op].wgsl
@@ -207,6 +217,21 @@ class KernelBuilder:
                 return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
             if op is Op.DIV and sct == "i32":
                 raise AssertionError("integer true division must be cast to float first")
+            divisor = node.srcs[1][0]
+            if op is Op.DIV and divisor.op is Op.CONST and (divisor.arg == 0 or math.isinf(divisor.arg)):
+                # drivers fold `x / 0.0` (lavapipe stores nothing at all); x * (1/c) is the same IEEE value here
+                with np.errstate(divide="ignore"):
+                    recip = np.float32(1.0) / np.float32(divisor.arg)
+                return self.new(f"({srcs[0]} * {f32_literal(recip)})", ct)
+            # likewise `0.0 / x` and `x * 0.0` are folded to 0; NumPy gives NaN for 0/0, 0/NaN, 0 * inf
+            zero_side = [i for i, (m, _) in enumerate(node.srcs) if m.op is Op.CONST and sct == "f32" and m.arg == 0]
+            if (op is Op.DIV and zero_side == [0]) or (op is Op.MUL and len(zero_side) == 1):
+                x = srcs[1 - zero_side[0]]
+                bad = f"(tg_isnan({x}) || {x} == 0.0)" if op is Op.DIV else f"tg_nonfinite({x})"
+                self.helpers |= {"tg_isnan", "tg_nonfinite"}
+                return self.new(f"select(0.0, bitcast<f32>(0x7fc00000u), {bad})", ct)
+            if sct == "f32" and op in F32_OVERRIDES:
+                tmpl = F32_OVERRIDES[op]
             self._note_helpers(tmpl)
             return self.new(tmpl.format(*srcs), ct)
         raise AssertionError(f"no WGSL for {op}")
@@ -236,9 +261,10 @@ class KernelBuilder:
         return out
 
     def _note_helpers(self, tmpl: str) -> None:
-        for h in ("tg_erf", "tg_tanh", "tg_pow"):
-            if h in tmpl:
+        for h in WGSL_HELPERS:
+            if h + "(" in tmpl:
                 self.helpers.add(h)
+
 
 
 # ----------------------------------------------------------------------------- stores
@@ -357,6 +383,12 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
 
     identity = None if is_arg else REDUCE[op][1][act]
     combine = None if is_arg else REDUCE[op][2]
+    nan_aware = act == "f32" and op in (Op.RMAX, Op.RMIN)
+    if nan_aware:  # NumPy's max/min propagate NaN; WGSL's max/min need not
+        combine = "tg_fmax({0}, {1})" if op is Op.RMAX else "tg_fmin({0}, {1})"
+        b.helpers |= {"tg_isnan", "tg_fmax" if op is Op.RMAX else "tg_fmin"}
+    if is_arg and act == "f32":
+        b.helpers.add("tg_isnan")
     cmp = ">" if op is Op.ARGMAX else "<"
     lines_pro: list = []
     b.lines = lines_pro
@@ -374,7 +406,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
         # NaN: NumPy's argmax/argmin return the first NaN
         if act == "f32":
             upd = [f"let cv: f32 = {v};",
-                   f"if (!found_nan && ((cv != cv) || cv {cmp} best || bi < 0)) {{ best = cv; bi = i32(r); found_nan = (cv != cv); }}"]
+                   f"if (!found_nan && (tg_isnan(cv) || cv {cmp} best || bi < 0)) {{ best = cv; bi = i32(r); found_nan = tg_isnan(cv); }}"]
         else:
             upd = [f"let cv: {act} = {v};", f"if (cv {cmp} best || bi < 0) {{ best = cv; bi = i32(r); }}"]
         loop_body = b.lines + upd
@@ -410,8 +442,8 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
     if is_arg:
         shared = f"var<workgroup> sv: array<{act}, {wg}>;\nvar<workgroup> si: array<i32, {wg}>;\n"
         store_sh = "sv[lid] = best; si[lid] = bi;\n"
-        nan = "(b != b)" if act == "f32" else "false"
-        nan_a = "(a != a)" if act == "f32" else "false"
+        nan = "tg_isnan(b)" if act == "f32" else "false"
+        nan_a = "tg_isnan(a)" if act == "f32" else "false"
         merge = (f"    if (lid < s) {{\n      let a = sv[lid]; let ai = si[lid]; let b = sv[lid + s]; let bj = si[lid + s];\n"
                  f"      var take = false;\n      if (bj >= 0) {{\n"
                  f"        if (ai < 0) {{ take = true; }}\n"
@@ -425,6 +457,10 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
         if subgroups and act in ("f32", "i32", "u32"):
             sg_fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
             store_sh = (f"let sg = {sg_fn}(acc_r);\n  if (sgid == 0u) {{ sv[lid / sgsize] = sg; }}\n")
+            if nan_aware:  # subgroupMax/Min may drop NaN: carry a NaN flag through the subgroup
+                store_sh = (f"let sgn = subgroupMax(select(0u, 1u, tg_isnan(acc_r)));\n"
+                            f"  let sg = select({sg_fn}(acc_r), bitcast<f32>(0x7fc00000u), sgn != 0u);\n"
+                            f"  if (sgid == 0u) {{ sv[lid / sgsize] = sg; }}\n")
             merge = None
         else:
             store_sh = "sv[lid] = acc_r;\n"

@@ -71,9 +71,9 @@ WGSL_HELPERS = {
   let r = t * exp(-z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))));
   return select(r - 1.0, 1.0 - r, x >= 0.0);
 }""",
-    "tg_tanh": """fn tg_tanh(x: f32) -> f32 { return tanh(clamp(x, -15.0, 15.0)); }""",
+    "tg_tanh": """fn tg_tanh(x: f32) -> f32 { return select(tanh(clamp(x, -15.0, 15.0)), x, tg_isnan(x)); }""",
     "tg_pow": """fn tg_pow(x: f32, y: f32) -> f32 {
-  if (y == 0.0) { return 1.0; }
+  if (y == 0.0 || x == 1.0) { return 1.0; }
   if (y == 1.0) { return x; }
   if (y == 2.0) { return x * x; }
   let yi = round(y);
@@ -86,6 +86,8 @@ WGSL_HELPERS = {
   return select(p, -p, odd);
 }""",
     "tg_fmod": """fn tg_fmod(a: f32, b: f32) -> f32 {
+  if (b == 0.0 || tg_nonfinite(a) || tg_isnan(b)) { return bitcast<f32>(0x7fc00000u); }
+  if (tg_nonfinite(b)) { return select(b, a, a == 0.0 || (a < 0.0) == (b < 0.0)); }
   let r = a - b * floor(a / b);
   return select(r, r - b, r != 0.0 && (r < 0.0) != (b < 0.0) && abs(r) >= abs(b));
 }""",
@@ -94,6 +96,10 @@ WGSL_HELPERS = {
   let r = a % b;
   return select(r, r + b, r != 0 && ((r < 0) != (b < 0)));
 }""",
+    "tg_isnan": """fn tg_isnan(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) > 0x7f800000u; }""",
+    "tg_nonfinite": """fn tg_nonfinite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u; }""",
+    "tg_fmax": """fn tg_fmax(a: f32, b: f32) -> f32 { return select(select(max(a, b), b, tg_isnan(b)), a, tg_isnan(a)); }""",
+    "tg_fmin": """fn tg_fmin(a: f32, b: f32) -> f32 { return select(select(min(a, b), b, tg_isnan(b)), a, tg_isnan(a)); }""",
     "tg_idiv_safe": """fn tg_umod(a: u32, b: u32) -> u32 { if (b == 0u) { return 0u; } return a % b; }""",
 }
 
@@ -136,6 +142,16 @@ BINARY = {
     Op.NE: OpDef(np.not_equal, "({0} != {1})", result="bool"),
     Op.AND: OpDef(np.logical_and, "({0} && {1})", result="bool"),
     Op.OR: OpDef(np.logical_or, "({0} || {1})", result="bool"),
+}
+
+# f32 variants where WGSL's builtins differ from NumPy: drivers may treat NaN as absent
+# (max/min drop it) and compare ordered (NaN != x would be false); NumPy propagates NaN.
+# NaN is tested on the bits (tg_isnan), since `x != x` may be folded to false.
+F32_OVERRIDES = {
+    Op.MAX: "tg_fmax({0}, {1})",
+    Op.MIN: "tg_fmin({0}, {1})",
+    Op.RELU: "tg_fmax({0}, 0.0)",
+    Op.NE: "(!({0} == {1}))",
 }
 
 # reduce op -> (NumPy reference, identity as a WGSL expression per compute type, combine template)
