@@ -417,7 +417,11 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
     b.memo = {}
     b.core = red
     b.core_var = "accv"
-    val = b.render(root, View.contiguous(out_shape), out_c)
+    if root.shape != out_shape:  # the consumer reads the reduction through a reshape (keepdims=False)
+        root_c = b.unravel(b.new("i32(o)", "i32"), root.shape)
+    else:
+        root_c = out_c
+    val = b.render(root, View.contiguous(root.shape), root_c)
     epi = b.lines + [store_stmt(b, out_buf, root.dtype, "o", val)] if root.dtype is not dt.float16 or b.native_f16 else None
     if epi is None:  # packed f16 output of a reduction: write through an atomic CAS
         name = b.bind(out_buf, root.dtype, "atomic")

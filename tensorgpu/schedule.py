@@ -85,11 +85,19 @@ def _name(prefix: str, root: Node, core: Optional[Node] = None) -> str:
     return prefix + "_" + "_".join(ops[:6])
 
 
+def _same_linear(view: View, m: Node) -> bool:
+    """Reading `m` through `view` maps each linear index to the same linear index of m (the
+    identity, or a reshape of it, e.g. a reduction's keepdims=False result)."""
+    return view.offset == 0 and view.is_contiguous and prod(view.shape) == m.numel
+
+
 def _eligible_core(m: Node, view: View, root: Node) -> bool:
-    if not view.is_identity(m.shape) or m.shape != root.shape or m.consumers != 1 or m.tensors != 0:
+    if m.consumers != 1 or m.tensors != 0:
         return False
     if m.is_reduce:
-        return True
+        return _same_linear(view, m) and m.numel == root.numel
+    if not view.is_identity(m.shape) or m.shape != root.shape:
+        return False
     return (m.op is Op.CUSTOM and m.arg.supports_epilogue and root.dtype is dt.float32
             and prod(m.shape) > 0)
 
@@ -112,7 +120,7 @@ def _plan(root: Node):
                 if m.op is Op.CONST:
                     continue
                 if m.is_elementwise:
-                    sub = visit(m, identity_path and v.is_identity(m.shape) and n.op is not Op.CAT)
+                    sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT)
                     inlined.append((len(sub), m))
                     mine |= sub
                 elif core is None and identity_path and n.op is not Op.CAT and _eligible_core(m, v, root):
@@ -129,11 +137,56 @@ def _plan(root: Node):
             return mine
 
         used = visit(root, True)
-        if len(used) + 1 <= limit or not inlined:
+        if len(used) + 1 <= limit:
             return core, root
-        # too many bindings: give the biggest inlined subtree its own kernel, then replan
-        inlined.sort(key=lambda t: -t[0])
-        realize(inlined[0][1])
+        # too many bindings: give the biggest inlined subtree that fits its own kernel, then replan
+        fitting = [t for t in inlined if 2 <= t[0] <= limit - 1]
+        cats = [m for _, m in inlined if m.op is Op.CAT] + ([root] if root.op is Op.CAT else [])
+        if fitting:
+            realize(max(fitting, key=lambda t: t[0])[1])
+        elif cats and _split_cat(cats[0], limit):
+            pass
+        elif inlined:
+            realize(max(inlined, key=lambda t: t[0])[1])
+        else:
+            raise RuntimeError(f"kernel for {root} needs {len(used) + 1} storage buffers, over the limit of {limit}")
+
+
+def _buffers_read(n: Node, v: View) -> set:
+    """Buffers an inlined read of n would bind."""
+    if n.buffer is not None:
+        return {id(n.buffer)}
+    if n.op is Op.CONST:
+        return set()
+    if not n.is_elementwise:
+        return {id(n)}
+    out: set = set()
+    for m, mv in n.srcs:
+        out |= _buffers_read(m, mv)
+    return out
+
+
+def _split_cat(node: Node, limit: int) -> bool:
+    """Turn cat(s0, s1, ..., sk) into cat(cat(s0..sj) realized, sj+1, ...) so that each kernel
+    binds at most `limit` buffers. Returns False when no split makes progress."""
+    axis = node.arg
+    used: set = set()
+    j = 0
+    for m, v in node.srcs:
+        b = _buffers_read(m, v)
+        if j >= 2 and len(used | b) > limit - 1:
+            break
+        used |= b
+        j += 1
+    if j < 2 or j >= len(node.srcs):
+        return False
+    head = node.srcs[:j]
+    shape = list(node.shape)
+    shape[axis] = sum(v.shape[axis] for _, v in head)
+    sub = Node(Op.CAT, head, node.dtype, tuple(shape), arg=axis)
+    realize(sub)
+    node.srcs = ((sub, View.contiguous(sub.shape)),) + node.srcs[j:]
+    return True
 
 
 def realize_source(n: Node) -> None:
