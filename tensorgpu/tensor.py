@@ -57,6 +57,8 @@ class Tensor:
     __array_priority__ = 1000  # NumPy defers to our reflected operators
 
     def __init__(self, node: Node, view: Optional[View] = None):
+        if node.tensors == 0 and node.buffer is None and node.op is not Op.CONST:
+            _check_fits(node.shape, node.dtype, node.op.name.lower())  # refuse a new lazy result now, not at dispatch
         self.node = node
         self.view = view if view is not None else View.contiguous(node.shape)
         node.tensors += 1
@@ -83,6 +85,7 @@ class Tensor:
             raise OverflowError(f"values of {a.dtype} array do not fit int32 (range {a.min()}..{a.max()})")
         else:
             host = a.astype(d.np_dtype)
+        _check_fits(a.shape, d, "tg.tensor")
         host = np.ascontiguousarray(host)
         buf = runtime.upload(host.reshape(-1).view(np.uint8), max(host.nbytes, 4))
         return Tensor(buffer_node(buf, a.shape, d))
@@ -572,6 +575,18 @@ class Tensor:
         return self.split(max(size, 1), ax)
 
 
+def _check_fits(shape: tuple, d: dt.DType, what: str = "result") -> None:
+    """A kernel binds a whole tensor: refuse one over the device's storage-binding limit."""
+    if d.is_quant:
+        return
+    n = d.nbytes(prod(shape))
+    dev = runtime._DEVICE or runtime.get_device()
+    lim = dev.max_binding_size
+    if n > lim:
+        raise ValueError(f"{what}: a {d.name} tensor of shape {tuple(shape)} needs {n} bytes, over this device's "
+                         f"max_storage_buffer_binding_size of {lim} bytes")
+
+
 def _owns(view: View) -> bool:
     return 0 not in [st for s, st in zip(view.shape, view.strides) if s > 1]
 
@@ -678,6 +693,7 @@ def empty(shape, dtype=dt.float32) -> Tensor:
     """An uninitialised realized tensor (e.g. a KV cache to be written with t[...] = v)."""
     shape = _shape_arg(shape)
     d = dt.as_dtype(dtype)
+    _check_fits(shape, d, "tg.empty")
     buf = runtime.Buffer(max(d.nbytes(prod(shape)), 4))
     return Tensor(buffer_node(buf, shape, d))
 
