@@ -215,6 +215,10 @@ class KernelBuilder:
                 fn = {"f32": "tg_fmod", "i32": "tg_imod", "u32": "tg_umod"}[sct]
                 self.helpers.add({"tg_fmod": "tg_fmod", "tg_imod": "tg_imod", "tg_umod": "tg_idiv_safe"}[fn])
                 return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
+            if op is Op.POW and sct in ("i32", "u32"):
+                fn = "tg_ipow" if sct == "i32" else "tg_upow"
+                self.helpers.add(fn)
+                return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
             if op is Op.DIV and sct == "i32":
                 raise AssertionError("integer true division must be cast to float first")
             divisor = node.srcs[1][0]

@@ -100,6 +100,21 @@ WGSL_HELPERS = {
     "tg_nonfinite": """fn tg_nonfinite(x: f32) -> bool { return (bitcast<u32>(x) & 0x7f800000u) == 0x7f800000u; }""",
     "tg_fmax": """fn tg_fmax(a: f32, b: f32) -> f32 { return select(select(max(a, b), b, tg_isnan(b)), a, tg_isnan(a)); }""",
     "tg_fmin": """fn tg_fmin(a: f32, b: f32) -> f32 { return select(select(min(a, b), b, tg_isnan(b)), a, tg_isnan(a)); }""",
+    "tg_ipow": """fn tg_ipow(a: i32, b: i32) -> i32 {
+  if (b < 0) { return select(0, select(1, -1, a == -1 && (b & 1) == 1), a == 1 || a == -1); }
+  var r = 1;
+  var base = a;
+  var e = u32(b);
+  loop { if (e == 0u) { break; } if ((e & 1u) == 1u) { r = r * base; } base = base * base; e = e >> 1u; }
+  return r;
+}""",
+    "tg_upow": """fn tg_upow(a: u32, b: u32) -> u32 {
+  var r = 1u;
+  var base = a;
+  var e = b;
+  loop { if (e == 0u) { break; } if ((e & 1u) == 1u) { r = r * base; } base = base * base; e = e >> 1u; }
+  return r;
+}""",
     "tg_idiv_safe": """fn tg_umod(a: u32, b: u32) -> u32 { if (b == 0u) { return 0u; } return a % b; }""",
 }
 
@@ -185,6 +200,8 @@ def unary_result(op: Op, d: dt.DType) -> dt.DType:
 def binary_operand_type(op: Op, a: dt.DType, b: dt.DType) -> dt.DType:
     """The dtype both operands are converted to before the op."""
     r = dt.result_type(a, b)
+    if op is Op.POW and not r.is_float:  # NumPy: integer powers stay integer (wrapping)
+        return dt.int32 if r is dt.bool_ else r
     if BINARY[op].float_only and not r.is_float:
         return dt.float32
     if op in (Op.SUB, Op.MOD) and r is dt.bool_:

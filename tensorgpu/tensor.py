@@ -253,6 +253,9 @@ class Tensor:
         od = binary_operand_type(op, a.dtype, b.dtype)
         a, b = a.astype(od), b.astype(od)
         rd = binary_result(op, a.dtype, b.dtype)
+        if op is Op.POW and rd.kind == "int" and b.node.op is Op.CONST and b.node.arg < 0:
+            raise ValueError(f"integers to negative integer powers are not allowed ({a.dtype} ** {b.node.arg}); "
+                             "use a float base")
         if a.node.op is Op.CONST and b.node.op is Op.CONST:  # fold on the host (see _unary)
             return Tensor.const(_fold(BINARY[op].np_fn, rd, a, b), rd, shape)
         return Tensor(Node(op, ((a.node, a.view.expand(shape)), (b.node, b.view.expand(shape))), rd, shape))
