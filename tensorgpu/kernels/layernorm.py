@@ -27,6 +27,13 @@ def _param_check(name: str, op: Optional[Operand], cols: int) -> None:
     check_fits(name, op, "layer_norm")
 
 
+# The mean m is rounded to f32; the second pass also sums the deviations (c = sum(x - m) / n,
+# the rounding error of m) so var = E[(x-m)^2] - c^2 and the output uses (x - m) - c: exact to
+# ~1e-7 of the output scale even when |mean| >> std (x - m itself is exact then).
+_FINISH = ["  let c = CQ.x * INV_N;",
+           "  let rstd = 1.0 / sqrt(max(CQ.y * INV_N - c * c, 0.0) + EPS);"]
+
+
 def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, cols: int, eps: float, ep) -> tuple:
     dev = get_device()
     sub = dev.has_subgroups
@@ -66,6 +73,7 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
         f"@group(0) @binding({out_binding}) var<storage, read_write> out: array<{vt}>;",
         ep.wgsl(out_binding + 1),
         seg_reduce("red_sum", "+", T, WG, sub, "0.0"),
+        seg_reduce("red_sum2", "+", T, WG, sub, "vec2<f32>(0.0)", "vec2<f32>"),
         f"const ROWS: u32 = {rows}u;\nconst COLS: u32 = {cols}u;\nconst NV: u32 = {NV}u;",
         f"const INV_N: f32 = 1.0f / {cols}.0f;\nconst EPS: f32 = {f32_lit(eps)};",
         f"@compute @workgroup_size({WG})",
@@ -84,20 +92,24 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
         body.append("  var s = 0.0;")
         body += [f"  s += {plan.hsum(f'v{k}')};" for k in range(K)]
         body.append(f"  let mean = red_sum(s, lid, {sg}) * INV_N;")
-        body.append("  var q = 0.0;")
+        body.append("  var cq = vec2<f32>(0.0);")
         for k in range(K):
-            body.append(f"  v{k} = select({sp('0.0')}, v{k} - {sp('mean')}, ok{k}); {{ let d2 = v{k} * v{k}; q += {plan.hsum('d2')}; }}")
-        body.append(f"  let rstd = 1.0 / sqrt(red_sum(q, lid, {sg}) * INV_N + EPS);")
+            body.append(f"  v{k} = select({sp('0.0')}, v{k} - {sp('mean')}, ok{k}); "
+                        f"{{ let d2 = v{k} * v{k}; cq += vec2<f32>({plan.hsum(f'v{k}')}, {plan.hsum('d2')}); }}")
+        body += [f"  let CQ = red_sum2(cq, lid, {sg});", *_FINISH]
+        cv = sp("c")
         for k in range(K):
             j = f"t + {k * T}u"
-            body.append(f"  if (ok{k}) {plan.store('out', f'row * NV + {j}', f'row * COLS + ({j}) * {V}u', affine(f'v{k}', j))}")
+            val = affine(f"(v{k} - {cv})", j)
+            body.append(f"  if (ok{k}) {plan.store('out', f'row * NV + {j}', f'row * COLS + ({j}) * {V}u', val)}")
     else:
         loop = f"  for (var j = t; j < select(0u, NV, valid); j = j + {T}u) {{"
         body += ["  var s = 0.0;", loop, f"    s += {plan.hsum(ld('j'))};", "  }",
                  f"  let mean = red_sum(s, lid, {sg}) * INV_N;",
-                 "  var q = 0.0;", loop, f"    let d = {ld('j')} - {sp('mean')};", "    let d2 = d * d;", f"    q += {plan.hsum('d2')};", "  }",
-                 f"  let rstd = 1.0 / sqrt(red_sum(q, lid, {sg}) * INV_N + EPS);",
-                 loop, f"    let d = {ld('j')} - {sp('mean')};",
+                 "  var cq = vec2<f32>(0.0);", loop, f"    let d = {ld('j')} - {sp('mean')};", "    let d2 = d * d;",
+                 f"    cq += vec2<f32>({plan.hsum('d')}, {plan.hsum('d2')});", "  }",
+                 f"  let CQ = red_sum2(cq, lid, {sg});", *_FINISH,
+                 loop, f"    let d = ({ld('j')} - {sp('mean')}) - {sp('c')};",
                  f"    {plan.store('out', 'row * NV + j', f'row * COLS + j * {V}u', affine('d', 'j'))}", "  }"]
     src = "\n".join(lines + body + ["}\n"])
     return src, plan

@@ -163,8 +163,9 @@ def enable_f16(*readers_or_flags) -> str:
 # ----------------------------------------------------------------------------- reductions
 
 
-def seg_reduce(fname: str, op: str, T: int, WG: int, subgroups: bool, identity: str) -> str:
-    """WGSL `fn {fname}(v: f32, lid: u32, sg: u32) -> f32` reducing `v` over aligned segments
+def seg_reduce(fname: str, op: str, T: int, WG: int, subgroups: bool, identity: str, ty: str = "f32") -> str:
+    """WGSL `fn {fname}(v: ty, lid: u32, sg: u32) -> ty` (ty f32 or vecN<f32>; max and + act
+    per component) reducing `v` over aligned segments
     of T invocations (T a power of two dividing WG). Every invocation of the workgroup must
     call it (it may contain barriers); every invocation gets its segment's result. `op` is a
     WGSL binary function name ("max") or "+".
@@ -175,10 +176,10 @@ def seg_reduce(fname: str, op: str, T: int, WG: int, subgroups: bool, identity: 
     comb = (lambda a, b: f"({a} + {b})") if op == "+" else (lambda a, b: f"{op}({a}, {b})")
     buf = f"{fname}_buf"
     if T == 1:
-        return f"fn {fname}(v: f32, lid: u32, sg: u32) -> f32 {{ return v; }}\n"
+        return f"fn {fname}(v: {ty}, lid: u32, sg: u32) -> {ty} {{ return v; }}\n"
     if subgroups:
-        return f"""var<workgroup> {buf}: array<f32, {WG}>;
-fn {fname}(v0: f32, lid: u32, sg: u32) -> f32 {{
+        return f"""var<workgroup> {buf}: array<{ty}, {WG}>;
+fn {fname}(v0: {ty}, lid: u32, sg: u32) -> {ty} {{
   var v = v0;
   let lim = min({T}u, sg);
   for (var m = 1u; m < lim; m = m << 1u) {{ v = {comb('v', 'subgroupShuffleXor(v, m)')}; }}
@@ -193,8 +194,8 @@ fn {fname}(v0: f32, lid: u32, sg: u32) -> f32 {{
   return r;
 }}
 """
-    return f"""var<workgroup> {buf}: array<f32, {WG}>;
-fn {fname}(v0: f32, lid: u32, sg: u32) -> f32 {{
+    return f"""var<workgroup> {buf}: array<{ty}, {WG}>;
+fn {fname}(v0: {ty}, lid: u32, sg: u32) -> {ty} {{
   workgroupBarrier();
   {buf}[lid] = v0;
   workgroupBarrier();

@@ -63,9 +63,10 @@ def _source(x: Operand, rows: int, cols: int, mode: str, ep) -> tuple:
         if mode == "logsumexp":
             body.append("  if (valid && t == 0u) { out[row] = epilogue(M + log(S), row); }")
         else:
-            body.append("  let inv = 1.0 / S;" if mode == "softmax" else "  let lse = M + log(S);")
+            body.append("  let inv = 1.0 / S;" if mode == "softmax" else "  let lns = log(S);")
             for k in range(K):
-                val = f"v{k} * {plan.splat('inv')}" if mode == "softmax" else f"v{k} - {plan.splat('lse')}"
+                # (x - max) - log(sum): x - max is exact, so large logits keep their precision
+                val = f"v{k} * {plan.splat('inv')}" if mode == "softmax" else f"(v{k} - {plan.splat('M')}) - {plan.splat('lns')}"
                 j = f"t + {k * T}u"
                 body.append(f"  if (valid && {j} < NV) {plan.store('out', f'row * NV + {j}', f'row * COLS + ({j}) * {V}u', val)}")
     else:
@@ -81,9 +82,9 @@ def _source(x: Operand, rows: int, cols: int, mode: str, ep) -> tuple:
         if mode == "logsumexp":
             body.append("  if (valid && t == 0u) { out[row] = epilogue(M + log(S), row); }")
         else:
-            body.append("  let inv = 1.0 / S;" if mode == "softmax" else "  let lse = M + log(S);")
+            body.append("  let inv = 1.0 / S;" if mode == "softmax" else "  let lns = log(S);")
             val = f"exp({ld('j')} - {plan.splat('M')}) * {plan.splat('inv')}" if mode == "softmax" \
-                else f"{ld('j')} - {plan.splat('lse')}"
+                else f"({ld('j')} - {plan.splat('M')}) - {plan.splat('lns')}"
             body += [f"  for (var j = t; j < select(0u, NV, valid); j = j + {T}u) {{",
                      f"    {plan.store('out', 'row * NV + j', f'row * COLS + j * {V}u', val)}",
                      "  }"]
