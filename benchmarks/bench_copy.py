@@ -21,6 +21,11 @@ COPY_SIZES = [64 << 20, 256 << 20] if FULL else [4 << 20]
 FMA_SHAPES = [(2048, 2048)] if FULL else [(8, 64)]   # (workgroups of 256 threads, iterations)
 
 
+def _wall_min(benchmark) -> float:
+    stats = getattr(benchmark, "stats", None)   # None under --benchmark-disable
+    return stats.stats.min if stats else float("nan")
+
+
 def record(benchmark, dispatches, reps: int = 10) -> float:
     """GPU seconds per repetition of `dispatches`; also lets pytest-benchmark time `reps` replays
     plus a sync (wall clock) for its table, and stores both in extra_info."""
@@ -32,7 +37,7 @@ def record(benchmark, dispatches, reps: int = 10) -> float:
         runtime.sync()
     benchmark.pedantic(step, rounds=3, iterations=1)
     benchmark.extra_info.update({"us_per_dispatch": t * 1e6,
-                                 "wall_us_per_dispatch": benchmark.stats.stats.min / reps * 1e6,
+                                 "wall_us_per_dispatch": _wall_min(benchmark) / reps * 1e6,
                                  "timestamps": probe.has_timestamps(),
                                  "device": runtime.get_device().name, "clocks": probe.gpu_clocks()})
     return t
