@@ -41,7 +41,10 @@ class _Slot:
     def load(self, value) -> None:
         buf = self.tensor.node.buffer
         if self.kind == "tensor":
-            value = value.realize() if value.view.is_identity(value.node.shape) else value.contiguous().realize()
+            value.realize()
+            v = value.view
+            if not (v.is_contiguous and v.offset == 0 and value.node.buffer is not None):
+                value = value.contiguous().realize()
             src = value.node.buffer
             if src is buf:
                 return

@@ -1,0 +1,162 @@
+"""Model-level prefill and decode throughput on real-size GGUFs (the GPU-machine figures).
+
+For each GGUF: load time, first-token latency (pipelines compiled on first use), prefill of
+512 tokens, and batch-1 greedy decode of 128 tokens after a 32-token prompt with the decode
+step captured once and replayed (`tg.capture`): the token stays on the GPU (argmax feeds the
+next step's embedding), one submit per token, and each token is read back one step late
+(`runtime.read_later`) so the CPU queues step N+1 before it waits for token N. Also the same
+loop with a blocking readback every token, and the steady-state counters that must be zero.
+
+    python benchmarks/run_models.py --dir /tmp/ggufs --specs "pythia-1.4b:f16 pythia-1.4b:q4_0"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import tensorgpu as tg  # noqa: E402
+from tensorgpu import runtime  # noqa: E402
+from models.gpt_neox import GPTNeoX  # noqa: E402
+
+
+def warm(seconds: float, fn) -> None:
+    """Keep the GPU busy >= `seconds` (the SM clock drops under bursty Vulkan work)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        runtime.sync()
+
+
+def bench_prefill(model, n: int, reps: int = 3) -> dict:
+    cache = model.new_cache(n + 8)
+    ids = tg.tensor(np.random.default_rng(0).integers(0, model.config.n_vocab, n).astype(np.int32))
+    pos = tg.tensor(np.arange(n, dtype=np.int32))
+    kv = tg.tensor(np.array([n], np.int32))
+
+    def run():
+        model.forward(ids, pos, kv, cache, last_only=True).realize()
+
+    t0 = time.perf_counter()
+    run()
+    runtime.sync()
+    first = time.perf_counter() - t0
+    warm(0.3, run)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        runtime.sync()
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"prefill_tokens": n, "prefill_first_s": first, "prefill_s": best, "prefill_tok_s": n / best}
+
+
+def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
+    c = model.config
+    cache = model.new_cache(prompt + new + 8)
+
+    @tg.capture
+    def step(tok, p, kv_len):
+        return model.forward(tok, p, kv_len, cache, last_only=True).argmax(-1)   # int32 [1]
+
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, c.n_vocab, prompt).astype(np.int32)
+    t0 = time.perf_counter()
+    logits = model.forward(tg.tensor(ids), tg.tensor(np.arange(prompt, dtype=np.int32)),
+                           tg.tensor(np.array([prompt], np.int32)), cache, last_only=True)
+    tok = logits.argmax(-1).realize()
+    runtime.sync()
+    prefill_s = time.perf_counter() - t0
+    # first decode step: trace (graph + fusion + codegen + pipeline compiles)
+    t0 = time.perf_counter()
+    with tg.debug.kernel_log() as log:
+        out = step(tok, prompt, prompt + 1)
+    first_ids = [int(out.item())]
+    first_step_s = time.perf_counter() - t0
+    n_kernels = len(log)
+
+    start_tok = tg.tensor(np.array(first_ids, np.int32))
+
+    def decode_loop(n_steps: int, start: int, blocking: bool) -> tuple:
+        ids_out, prev = [], None
+        t = start_tok
+        t0 = time.perf_counter()
+        for i in range(n_steps):
+            p = start + i
+            t = step(t, p, p + 1)
+            if blocking:
+                ids_out.append(int(np.frombuffer(runtime.read(t.node.buffer, 0, 4), np.int32)[0]))
+            else:
+                ticket = runtime.read_later(t.node.buffer, 0, 4)
+                runtime.flush()
+                if prev is not None:
+                    ids_out.append(int(np.frombuffer(prev.result(), np.int32)[0]))
+                prev = ticket
+        if prev is not None:
+            ids_out.append(int(np.frombuffer(prev.result(), np.int32)[0]))
+        return time.perf_counter() - t0, ids_out
+
+    # warm the clocks with real decode steps, then reuse the same cache rows for timing
+    warm_steps = 0
+    t_w = time.perf_counter()
+    while time.perf_counter() - t_w < 0.4:
+        decode_loop(16, prompt + 1, False)
+        warm_steps += 16
+    s0 = dict(tg.debug.stats())
+    t_pipe, ids_pipe = decode_loop(new - 1, prompt + 1, False)
+    s1 = dict(tg.debug.stats())
+    t_block, ids_block = decode_loop(new - 1, prompt + 1, True)
+    steady = {k: s1[k] - s0[k] for k in ("pipelines_compiled", "bind_groups_created", "submits", "buffers_allocated")}
+    return {
+        "decode_prompt": prompt, "decode_new": new,
+        "decode_first_step_s": first_step_s, "prompt_prefill_s": prefill_s,
+        "decode_tok_s": (new - 1) / t_pipe, "decode_blocking_tok_s": (new - 1) / t_block,
+        "dispatches_per_step": n_kernels, "dispatches_per_layer": round(n_kernels / c.n_layer, 2),
+        "steady_state_per_token": {k: v / (new - 1) for k, v in steady.items()},
+        "same_tokens_pipelined_vs_blocking": ids_pipe == ids_block,
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--specs", required=True, help="space-separated model:dtype, files DIR/model-dtype.gguf")
+    ap.add_argument("--prefill", type=int, default=512)
+    ap.add_argument("--new", type=int, default=128)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = tg.device()
+    results = {"device": dev["name"], "backend": dev["backend"], "date": time.strftime("%Y-%m-%d"), "models": {}}
+    print(f"device: {dev['name']} ({dev['backend']})", flush=True)
+    for spec in args.specs.split():
+        path = os.path.join(args.dir, spec.replace(":", "-") + ".gguf")
+        r: dict = {}
+        model = None
+        try:
+            t0 = time.perf_counter()
+            model = GPTNeoX.from_gguf(path, progress=False)
+            runtime.sync()
+            r["load_s"] = time.perf_counter() - t0
+            r.update(bench_decode(model, 32, args.new))
+            r.update(bench_prefill(model, args.prefill))
+        except Exception as e:  # report and go on to the next model
+            import traceback
+            traceback.print_exc()
+            r["error"] = f"{type(e).__name__}: {e}"
+        results["models"][spec] = r
+        print("RESULT", spec, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}), flush=True)
+        del model
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
