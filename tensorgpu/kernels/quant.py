@@ -103,7 +103,10 @@ fn rd32x4(b: u32) -> vec4<u32> {
 }
 fn bytes4(w: u32) -> vec4<f32> { return vec4<f32>(unpack4xU8(w)); }
 fn spread4(x: u32) -> u32 { return (x | (x << 7u) | (x << 14u) | (x << 21u)) & 0x01010101u; }
-fn sext8(x: u32) -> f32 { return f32(bitcast<i32>(x << 24u) >> 24u); }
+fn small4(w: u32) -> vec4<f32> {   // the 4 bytes of w as floats, without int->float conversions
+    return bitcast<vec4<f32>>(unpack4xU8(w) | vec4<u32>(0x4b000000u)) - vec4<f32>(8388608.0);
+}
+fn sext8(x: u32) -> f32 { return bitcast<f32>((x ^ 0x80u) | 0x4b000000u) - 8388736.0; }   // int8 byte
 """
 
 # f16 bits -> f32. The exact decoder never depends on the driver's handling of f16 subnormals
@@ -170,18 +173,15 @@ fn scmin(bb: u32, sb: u32) -> vec2<f32> {
     let mn = select(s1 & 63u, (s2 >> 4u) | ((s1 >> 6u) << 4u), hi);
     return vec2<f32>(f32(sc), f32(mn));
 }
-// Both sub-blocks 2c, 2c+1 of a unit from the scale words s0 (bytes 0-3), s1 (4-7), s2 (8-11).
+// Both sub-blocks 2c, 2c+1 of a unit from the scale words s0 (bytes 0-3), s1 (4-7), s2 (8-11):
+// (sc0, sc1, m0, m1). The two 6-bit values of a pair sit in one 16-bit half; small ints become
+// floats through the 2^23 mantissa trick (no int->float conversion, which is slow on GPUs).
 fn scmin2(s0: u32, s1: u32, s2: u32, c: u32) -> vec4<f32> {
-    let k = (c & 1u) << 4u;                  // bit offset of bytes 2c&3, (2c+1)&3
-    let a0 = (s0 >> k) & 0xffffu; let a1 = (s1 >> k) & 0xffffu; let a2 = (s2 >> k) & 0xffffu;
-    let lo = vec2<u32>(a0 & 63u, (a0 >> 8u) & 63u);
-    let lm = vec2<u32>(a1 & 63u, (a1 >> 8u) & 63u);
-    let hs = vec2<u32>((a2 & 0xfu) | (((a0 >> 6u) & 3u) << 4u), ((a2 >> 8u) & 0xfu) | (((a0 >> 14u) & 3u) << 4u));
-    let hm = vec2<u32>(((a2 >> 4u) & 0xfu) | (((a1 >> 6u) & 3u) << 4u), ((a2 >> 12u) & 0xfu) | (((a1 >> 14u) & 3u) << 4u));
-    let hi = c >= 2u;
-    let sc = select(lo, hs, vec2<bool>(hi, hi));
-    let mn = select(lm, hm, vec2<bool>(hi, hi));
-    return vec4<f32>(f32(sc.x), f32(mn.x), f32(sc.y), f32(mn.y));   // (sc0, m0, sc1, m1)
+    let k = (c & 1u) << 4u;
+    let a0 = s0 >> k; let a1 = s1 >> k; let a2 = s2 >> k;
+    let lo = (a0 & 0x3f3fu) | ((a1 & 0x3f3fu) << 16u);
+    let hi = ((a2 & 0x0f0fu) | ((a0 >> 2u) & 0x3030u)) | ((((a2 >> 4u) & 0x0f0fu) | ((a1 >> 2u) & 0x3030u)) << 16u);
+    return small4(select(lo, hi, c >= 2u));
 }
 """
 
@@ -317,8 +317,8 @@ fn unit(rb: u32, u: u32) -> QU {
     let dm = unpack2x16float(W[wi]);
     let sm = scmin2(W[wi + 1u], W[wi + 2u], W[wi + 3u], c);
     let qa = W[wi + 4u + 8u * c + 2u * i]; let qb = W[wi + 5u + 8u * c + 2u * i];
-    let a0 = dm.x * sm.x; let a1 = dm.x * sm.z;
-    let b0 = -dm.y * sm.y; let b1 = -dm.y * sm.w;
+    let a0 = dm.x * sm.x; let a1 = dm.x * sm.y;
+    let b0 = -dm.y * sm.z; let b1 = -dm.y * sm.w;
     let A = vec4<f32>(16.0 * a0, 16.0 * a0, 16.0 * a1, 16.0 * a1);
     let C = vec4<f32>(b0 - A.x, b0 - A.x, b1 - A.z, b1 - A.z);
     return QU(m4(qa), m4(qb), m4(qa >> 4u), m4(qb >> 4u), A, C);
@@ -346,8 +346,8 @@ fn unit(rb: u32, u: u32) -> QU {
     let ha = W[wi + 4u + 2u * i]; let hb = W[wi + 5u + 2u * i];
     let qa = W[wi + 12u + 8u * c + 2u * i]; let qb = W[wi + 13u + 8u * c + 2u * i];
     let s0 = 2u * c; let s1 = s0 + 1u;
-    let a0 = dm.x * sm.x; let a1 = dm.x * sm.z;
-    let b0 = -dm.y * sm.y; let b1 = -dm.y * sm.w;
+    let a0 = dm.x * sm.x; let a1 = dm.x * sm.y;
+    let b0 = -dm.y * sm.z; let b1 = -dm.y * sm.w;
     let A = vec4<f32>(32.0 * a0, 32.0 * a0, 32.0 * a1, 32.0 * a1);
     let C = vec4<f32>(b0 - A.x, b0 - A.x, b1 - A.z, b1 - A.z);
     return QU(m5((qa & 0x0f0f0f0fu) | (((ha >> s0) & 0x01010101u) << 4u)),
@@ -777,6 +777,9 @@ def _plan_tiled(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
 
 
 def _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN) -> tuple:
+    """Software-pipelined: the global loads (and decode) of K step kt+1 are issued into registers
+    before step kt's FMA block, which is fully unrolled so the compiler can overlap the two; one
+    barrier pair per step publishes the prefetched tiles to workgroup memory."""
     M = X.rows
     TX, TY = BN // TN, BM // TM
     T = TX * TY
@@ -787,7 +790,7 @@ def _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN) -> tup
     s.append(f"const N: u32 = {_u(N)};\nconst M: u32 = {_u(M)};\nconst K: u32 = {_u(K)};\n"
              f"const RB: u32 = {_u(rb)};\nconst WB: u32 = {_u(wbase)};\n")
     s.append(f"var<workgroup> XS: array<vec4<f32>, {BK * BM // 4}>;\nvar<workgroup> WS: array<vec4<f32>, {BK * BN // 4}>;\n")
-    # weight element k (multiple of 4) of the row at byte rbase
+    # weight elements k..k+3 (k a multiple of 4) of the row at byte rbase
     if bf16:
         s.append("fn wq4(rbase: u32, k: u32) -> vec4<f32> { return dq4(rbase, k); }\n")
     else:
@@ -798,46 +801,59 @@ def _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN) -> tup
     s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    if (g >= {_u(tiles_n * tiles_m)}) {{ return; }}\n")
     s.append(f"    let n0 = (g % {tiles_n}u) * {BN}u;\n    let m0 = (g / {tiles_n}u) * {BM}u;\n")
     s.append(f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n")
-    # x tile: BM rows x BK/4 vec4s
-    xq = BM * BK // 4
-    xper = -(-xq // T)
+    # x tile: BM rows x BK/4 vec4s; W tile: BN rows x BK/4 groups (consecutive lanes: consecutive n)
+    xq, wq = BM * BK // 4, BN * BK // 4
+    xper, wper = -(-xq // T), -(-wq // T)
     for p in range(xper):
-        s.append(f"    let xi{p} = lid + {p * T}u;\n    let xm{p} = xi{p} / {BK // 4}u;\n"
+        s.append(f"    let xi{p} = min(lid + {p * T}u, {xq - 1}u);\n    let xm{p} = xi{p} / {BK // 4}u;\n"
                  f"    let xk{p} = (xi{p} % {BK // 4}u) * 4u;\n"
-                 f"    let xok{p} = m0 + xm{p} < M && xi{p} < {xq}u;\n"
-                 f"    let xo{p} = xrow(min(m0 + xm{p}, M - 1u));\n")
-    wq = BN * BK // 4
-    wper = -(-wq // T)
+                 f"    let xok{p} = m0 + xm{p} < M;\n"
+                 f"    let xo{p} = xrow(min(m0 + xm{p}, M - 1u));\n"
+                 f"    var xv{p}: vec4<f32>;\n")
     for p in range(wper):
-        s.append(f"    let wi{p} = lid + {p * T}u;\n    let wn{p} = wi{p} % {BN}u;\n"
+        s.append(f"    let wi{p} = min(lid + {p * T}u, {wq - 1}u);\n    let wn{p} = wi{p} % {BN}u;\n"
                  f"    let wk{p} = (wi{p} / {BN}u) * 4u;\n"
-                 f"    let wr{p} = WB + min(n0 + wn{p}, N - 1u) * RB;\n")
+                 f"    let wr{p} = WB + min(n0 + wn{p}, N - 1u) * RB;\n"
+                 f"    var wv{p}: vec4<f32>;\n")
+
+    def fetch(k0: str) -> str:
+        out = []
+        for p in range(xper):
+            ok = f"xok{p}" + ("" if K % BK == 0 else f" && {k0} + xk{p} < K")
+            out.append(f"        xv{p} = select(vec4<f32>(0.0), xl4(xo{p}, {k0} + xk{p}), {ok});\n")
+        for p in range(wper):
+            out.append(f"        wv{p} = wq4(wr{p}, {k0} + wk{p});\n")
+        return "".join(out)
+
+    def publish() -> str:
+        out = []
+        for p in range(xper):
+            g = "" if xq % T == 0 or p < xper - 1 else f"if (lid + {p * T}u < {xq}u) "
+            for c in range(4):
+                out.append(f"        {g}{{ XS[(xk{p} + {c}u) * {BM // 4}u + (xm{p} >> 2u)][xm{p} & 3u] = xv{p}[{c}]; }}\n")
+        for p in range(wper):
+            g = "" if wq % T == 0 or p < wper - 1 else f"if (lid + {p * T}u < {wq}u) "
+            for c in range(4):
+                out.append(f"        {g}{{ WS[(wk{p} + {c}u) * {BN // 4}u + (wn{p} >> 2u)][wn{p} & 3u] = wv{p}[{c}]; }}\n")
+        return "".join(out)
+
     for i in range(TM):
         for q in range(TN // 4):
             s.append(f"    var c{i}_{q} = vec4<f32>(0.0);\n")
-    s.append(f"    for (var kt = 0u; kt < {nk}u; kt++) {{\n        let k0 = kt * {BK}u;\n")
-    for p in range(xper):
-        guard = f"xok{p}" + ("" if K % BK == 0 else f" && k0 + xk{p} < K")
-        s.append(f"        {{\n            var v = vec4<f32>(0.0);\n            if ({guard}) {{ v = xl4(xo{p}, k0 + xk{p}); }}\n")
-        s.append(f"            if (xi{p} < {xq}u) {{\n")
-        for c in range(4):
-            s.append(f"                XS[(xk{p} + {c}u) * {BM // 4}u + (xm{p} >> 2u)][xm{p} & 3u] = v[{c}];\n")
-        s.append("            }\n        }\n")
-    for p in range(wper):
-        s.append(f"        if (wi{p} < {wq}u) {{\n            let v = wq4(wr{p}, k0 + wk{p});\n")
-        for c in range(4):
-            s.append(f"            WS[(wk{p} + {c}u) * {BN // 4}u + (wn{p} >> 2u)][wn{p} & 3u] = v[{c}];\n")
-        s.append("        }\n")
-    s.append("        workgroupBarrier();\n")
-    s.append(f"        for (var kk = 0u; kk < {BK}u; kk++) {{\n")
-    for q in range(TM // 4):
-        s.append(f"            let a{q} = XS[kk * {BM // 4}u + ty + {q * TY}u];\n")
-    for q in range(TN // 4):
-        s.append(f"            let b{q} = WS[kk * {BN // 4}u + tx + {q * TX}u];\n")
-    for i in range(TM):
+    s.append("    {\n" + fetch("0u") + publish() + "    }\n    workgroupBarrier();\n")
+    s.append(f"    for (var kt = 0u; kt < {nk}u; kt++) {{\n")
+    s.append(f"        let kn = min(kt + 1u, {nk - 1}u) * {BK}u;\n")   # the last step re-fetches itself
+    s.append(fetch("kn"))
+    for kk in range(BK):
+        for q in range(TM // 4):
+            s.append(f"        {{ let a{q} = XS[{kk * BM // 4}u + ty + {q * TY}u];\n")
         for q in range(TN // 4):
-            s.append(f"            c{i}_{q} = fma(vec4<f32>(a{i // 4}[{i % 4}]), b{q}, c{i}_{q});\n")
-    s.append("        }\n        workgroupBarrier();\n    }\n")
+            s.append(f"        let b{q} = WS[{kk * BN // 4}u + tx + {q * TX}u];\n")
+        for i in range(TM):
+            for q in range(TN // 4):
+                s.append(f"        c{i}_{q} = fma(vec4<f32>(a{i // 4}[{i % 4}]), b{q}, c{i}_{q});\n")
+        s.append("        " + "}" * (TM // 4) + "\n")
+    s.append("        workgroupBarrier();\n" + publish() + "        workgroupBarrier();\n    }\n")
     # thread rows m = 4*(ty + q*TY) + c, cols n = 4*(tx + q*TX) + c
     for i in range(TM):
         s.append(f"    {{\n        let m = m0 + 4u * (ty + {(i // 4) * TY}u) + {i % 4}u;\n        if (m < M) {{\n")
