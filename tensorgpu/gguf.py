@@ -253,8 +253,11 @@ def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Opt
         numel = 1
         for d in ne:
             numel *= d
-        if any(d >= 1 << 63 for d in ne) or numel >= 1 << 63:
-            s.fail(f"{where}: bad dimensions: ne = {list(ne)} overflows 63 bits")
+        extent = 1
+        for d in ne:
+            extent *= max(d, 1)
+        if extent * max(dtype.gpu_itemsize, 1) >= 1 << 53:  # also for zero-size tensors: no 2**62-wide shapes
+            s.fail(f"{where}: bad dimensions: ne = {list(ne)} is impossibly large")
         ne0 = ne[0] if ne else 1  # a 0-d tensor is one element
         if ne0 % dtype.block_size:
             s.fail(f"{where}: bad dimensions: ne[0] = {ne0} (ne = {list(ne)}) is not a multiple of the "
@@ -272,7 +275,7 @@ def _scan(buf, size: int, path: str, max_binding: Optional[int], max_buffer: Opt
     by_off = sorted(tensors, key=lambda t: (t.offset, t.nbytes))
     for a, b in zip(by_off, by_off[1:]):
         if a.nbytes and b.nbytes and a.offset + a.nbytes > b.offset:
-            s.fail(f"bad dimensions: tensor {a.name!r} ({a.dtype.name}, ne = {list(a.ne)}) needs {a.nbytes} bytes "
+            s.fail(f"bad dimensions or offsets: tensor {a.name!r} ({a.dtype.name}, ne = {list(a.ne)}) needs {a.nbytes} bytes "
                    f"from offset {a.offset}, but tensor {b.name!r} starts at {b.offset} "
                    f"(only {b.offset - a.offset} bytes between them)")
     for t in tensors:
@@ -643,6 +646,20 @@ def _prepare_tensor(name: str, t, qspec, explicit: bool):
     return gquantize(np.ascontiguousarray(arr, dtype=np.float32), q), q
 
 
+def _add_kv(writer, key, value, vtype, sub) -> None:
+    """add_key_value, also on gguf releases whose writer has no sub_type (arrays then take the
+    type GGUFValueType.get_type gives their first element)."""
+    import inspect
+    import gguf
+    if sub is None or "sub_type" in inspect.signature(writer.add_key_value).parameters:
+        writer.add_key_value(key, value, vtype, sub) if sub is not None else writer.add_key_value(key, value, vtype)
+        return
+    if gguf.GGUFValueType.get_type(value[0]) != sub:
+        raise ValueError(f"save_gguf: metadata {key!r}: an array of {sub.name} needs a newer gguf package "
+                         "(GGUFWriter.add_key_value with sub_type)")
+    writer.add_key_value(key, value, vtype)
+
+
 def save_gguf(path, tensors: dict, metadata: Optional[dict] = None, quantize=None,
               architecture: Optional[str] = None, progress: bool = False) -> None:
     """Write `tensors` (name -> Tensor or np.ndarray, numpy-order shapes) and `metadata` to a GGUF v3 file.
@@ -685,7 +702,7 @@ def save_gguf(path, tensors: dict, metadata: Optional[dict] = None, quantize=Non
                 if vtype != gguf.GGUFValueType.UINT32 or value <= 0 or value & (value - 1):
                     raise ValueError(f"save_gguf: general.alignment must be a power-of-two uint32, got {value!r}")
                 writer.data_alignment = value
-            writer.add_key_value(key, value, vtype, sub)
+            _add_kv(writer, key, value, vtype, sub)
         for name, arr, raw_dtype in prepared:
             writer.add_tensor(name, arr, raw_dtype=raw_dtype)
         writer.write_header_to_file()

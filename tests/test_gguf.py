@@ -50,6 +50,16 @@ def _live() -> int:
     return runtime.live_bytes()
 
 
+@pytest.fixture
+def fast_gc():
+    """Move everything alive now out of the collector's sight, so the many gc.collect() calls of
+    a test cost microseconds instead of ~60 ms each."""
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
 # ----------------------------------------------------------------------------- vendored files
 
 
@@ -294,7 +304,7 @@ def test_version_2_accepted(small):
     assert f.version == 2 and f.metadata["test.count"] == 7
 
 
-def test_truncated_everywhere(small, tmp_path):
+def test_truncated_everywhere(small, tmp_path, fast_gc):
     """Cut points in the header, every kv, every tensor info, the padding and every tensor's data."""
     lay = _layout(small)
     data = Path(small).read_bytes()
