@@ -1,0 +1,149 @@
+"""attention kernel (flash prefill tiles / flash-decoding splits + combine) against float64 NumPy."""
+import numpy as np
+import pytest
+
+from nn_kernel_util import Base, paths, read_f32  # noqa: F401
+from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import attention as attn_mod
+from tensorgpu.kernels.attention import attention
+
+rng = np.random.default_rng(5)
+
+
+def ref_attention(q, k, v, kvl, causal=True, scale=None, qp0=None):
+    """q [B, sq, d], k/v [B, sk_max, d]; rows that see no key are zeros."""
+    B, sq, D = q.shape
+    scale = 1.0 / np.sqrt(D) if scale is None else scale
+    qp0 = kvl - sq if qp0 is None else qp0
+    s = np.einsum("bqd,bkd->bqk", q.astype(np.float64), k[:, :kvl].astype(np.float64)) * scale
+    vis = np.ones((sq, kvl), bool)
+    if causal:
+        vis = np.arange(kvl)[None, :] <= qp0 + np.arange(sq)[:, None]
+    s = np.where(vis[None], s, -np.inf)
+    m = np.max(s, -1, keepdims=True, initial=-np.inf)
+    p = np.where(vis[None], np.exp(s - np.where(np.isfinite(m), m, 0)), 0.0)
+    l = p.sum(-1, keepdims=True)
+    o = np.einsum("bqk,bkd->bqd", p, v[:, :kvl].astype(np.float64))
+    return np.where(l > 0, o / np.where(l > 0, l, 1), 0.0)
+
+
+def run(qb, qv, kb, kv, vb, vv, kv_len, out_layout="bsd", **kw):
+    B, sq, D = qv.shape
+    out = runtime.Buffer(4 * B * sq * D)
+    attention(out, qb.view(qv), kb.view(kv), vb.view(vv), kv_len, out_layout=out_layout, **kw)
+    got = read_f32(out, B * sq * D)
+    return got.reshape(B, sq, D) if out_layout == "bsd" else got.reshape(sq, B, D).transpose(1, 0, 2)
+
+
+def case(B, sq, sk_max, D, kv_dtype=np.float32):
+    q = rng.standard_normal((B, sq, D)).astype(np.float32)
+    k = rng.standard_normal((B, sk_max, D)).astype(kv_dtype)
+    v = rng.standard_normal((B, sk_max, D)).astype(kv_dtype)
+    return q, k, v
+
+
+TOL = dict(atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("B,sq,D", [(3, 40, 64), (2, 9, 80), (1, 33, 6)], ids=str)
+def test_causal_prefill(paths, B, sq, D):
+    q, k, v = case(B, sq, sq, D)
+    got = run(Base(q), q, Base(k), k, Base(v), v, sq)
+    np.testing.assert_allclose(got, ref_attention(q, k, v, sq), **TOL)
+
+
+def test_prefill_without_splits(paths, monkeypatch):
+    monkeypatch.setattr(attn_mod, "TARGET_WORKGROUPS_PREFILL", 1)
+    q, k, v = case(2, 48, 48, 32)
+    assert attn_mod._Plan(2, 48, 48, 32).NSPLIT == 1
+    np.testing.assert_allclose(run(Base(q), q, Base(k), k, Base(v), v, 48), ref_attention(q, k, v, 48), **TOL)
+
+
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_decode_long_context_splits(paths, kv_dtype):
+    B, sk_max, D, kvl = 4, 1024, 64, 1000
+    q, k, v = case(B, 1, sk_max, D, kv_dtype)
+    assert attn_mod._Plan(B, 1, sk_max, D).NSPLIT > 1
+    got = run(Base(q), q, Base(k), k, Base(v), v, runtime.upload(np.array([kvl], np.int32)))
+    np.testing.assert_allclose(got, ref_attention(q, k, v, kvl), **TOL)
+
+
+@pytest.mark.parametrize("sq", [2, 5, 20])
+def test_chunked_prefill(paths, sq):
+    q, k, v = case(2, sq, 96, 32, np.float16)
+    got = run(Base(q), q, Base(k), k, Base(v), v, 70)
+    np.testing.assert_allclose(got, ref_attention(q, k, v, 70), **TOL)
+
+
+@pytest.mark.parametrize("sq,kvl", [(1, 50), (12, 30), (30, 30)])
+def test_non_causal_and_scale(paths, sq, kvl):
+    q, k, v = case(3, sq, 64, 16)
+    got = run(Base(q), q, Base(k), k, Base(v), v, kvl, causal=False, scale=0.3)
+    np.testing.assert_allclose(got, ref_attention(q, k, v, kvl, causal=False, scale=0.3), **TOL)
+
+
+def test_model_layouts(paths):
+    """q sliced out of a fused projection [sq, 3, H, D] (no copy), caches [H, max_ctx, D] f16,
+    output straight into [sq, H*D] (out_layout='sbd')."""
+    sq, H, D, max_ctx = 6, 4, 32, 40
+    qkv = rng.standard_normal((sq, 3, H, D)).astype(np.float32)
+    kc = rng.standard_normal((H, max_ctx, D)).astype(np.float16)
+    vc = rng.standard_normal((H, max_ctx, D)).astype(np.float16)
+    qv = qkv[:, 0].transpose(1, 0, 2)          # [H, sq, D], strides (D, 3*H*D, 1)
+    got = run(Base(qkv), qv, Base(kc), kc, Base(vc), vc, 25, out_layout="sbd")
+    np.testing.assert_allclose(got, ref_attention(np.ascontiguousarray(qv), kc, vc, 25), **TOL)
+    # a cache view with a padded row stride (a slice of a wider allocation)
+    wide = rng.standard_normal((H, max_ctx, D + 8)).astype(np.float32)
+    kvv = wide[:, :, 4:4 + D]
+    got = run(Base(qkv), qv, Base(wide), kvv, Base(vc), vc, 30)
+    np.testing.assert_allclose(got, ref_attention(np.ascontiguousarray(qv), kvv, vc, 30), **TOL)
+
+
+def test_kv_len_buffer_reuses_pipeline(paths):
+    """One pipeline + bind group serves every decode step: only the buffer's value changes."""
+    B, sk_max, D = 2, 256, 32
+    q, k, v = case(B, 1, sk_max, D, np.float16)
+    qb, kb, vb = Base(q), Base(k), Base(v)
+    kvl = runtime.upload(np.array([5], np.int32))
+    out = runtime.Buffer(4 * B * D)
+
+    def step():
+        attention(out, qb.whole(), kb.whole(), vb.whole(), kvl)
+        return read_f32(out, B * D, (B, 1, D))
+
+    np.testing.assert_allclose(step(), ref_attention(q, k, v, 5), **TOL)
+    before = dict(runtime.STATS)
+    for n in (9, 200, 256, 1):
+        runtime.write(kvl, np.array([n], np.int32))
+        np.testing.assert_allclose(step(), ref_attention(q, k, v, n), **TOL)
+    assert runtime.STATS["pipelines_compiled"] == before["pipelines_compiled"]
+    assert runtime.STATS["bind_groups_created"] == before["bind_groups_created"]
+
+
+def test_q_pos0(paths):
+    q, k, v = case(2, 4, 32, 16)
+    got = run(Base(q), q, Base(k), k, Base(v), v, 20, q_pos0=10)
+    np.testing.assert_allclose(got, ref_attention(q, k, v, 20, qp0=10), **TOL)
+    got = run(Base(q), q, Base(k), k, Base(v), v, runtime.upload(np.array([24], np.int32)),
+              q_pos0=runtime.upload(np.array([3], np.int32)))
+    np.testing.assert_allclose(got, ref_attention(q, k, v, 24, qp0=3), **TOL)
+
+
+def test_empty_context_gives_zeros(paths):
+    q, k, v = case(2, 1, 16, 8)
+    got = run(Base(q), q, Base(k), k, Base(v), v, runtime.upload(np.array([0], np.int32)))
+    assert np.all(got == 0)
+
+
+def test_errors():
+    q, k, v = case(2, 3, 8, 4)
+    qb, kb, vb = Base(q), Base(k), Base(v)
+    out = runtime.Buffer(4 * 2 * 3 * 4)
+    with pytest.raises(ValueError, match="kv_len=9"):
+        attention(out, qb.whole(), kb.whole(), vb.whole(), 9)
+    with pytest.raises(ValueError, match="k_cache"):
+        attention(out, qb.whole(), Base(k[:, :, :2]).whole(), vb.whole(), 3)
+    with pytest.raises(ValueError, match="out_layout"):
+        attention(out, qb.whole(), kb.whole(), vb.whole(), 3, out_layout="bds")
+    with pytest.raises(ValueError, match="same Buffer"):
+        attention(out, qb.whole(), kb.whole(), kb.whole(), 3)
