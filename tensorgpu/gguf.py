@@ -26,7 +26,7 @@ import os
 import struct
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -366,7 +366,7 @@ def _upload(view: np.ndarray, nbytes: int, bar) -> runtime.Buffer:
             if bar is not None:
                 bar.update(nbytes % 4)
     except BaseException:
-        del buf  # the traceback keeps this frame alive
+        buf = None  # the traceback keeps this frame alive
         raise
     return buf
 
