@@ -25,7 +25,7 @@ if [[ " $what " == *" models "* ]]; then
     m=${spec%%:*}; d=${spec##*:}
     [ -f /tmp/ggufs/$m-$d.gguf ] || python3 .device/make_random_neox_gguf.py --preset "$m" --dtype "$d" -o /tmp/ggufs/$m-$d.gguf >/dev/null
   done
-  python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json"
+  python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json" ${PROFILE:+--profile}
 fi
 if [[ " $what " == *" baseline "* ]]; then
   python3 .device/baseline_torch_neox.py --models "${TORCH_MODELS:-pythia-160m,pythia-1.4b,redpajama-3b}" \

@@ -26,6 +26,9 @@ from tensorgpu import runtime  # noqa: E402
 from models.gpt_neox import GPTNeoX  # noqa: E402
 
 
+PROFILE = False
+
+
 def warm(seconds: float, fn) -> None:
     """Keep the GPU busy >= `seconds` (the SM clock drops under bursty Vulkan work)."""
     t0 = time.perf_counter()
@@ -55,6 +58,10 @@ def bench_prefill(model, n: int, reps: int = 3) -> dict:
         runtime.sync()
         times.append(time.perf_counter() - t0)
     best = min(times)
+    if PROFILE and "timestamp-query-inside-passes" in tg.device()["features"]:
+        with tg.debug.profile() as prof:
+            run()
+        print(f"--- prefill {n} profile (GPU time per kernel)\n" + prof.table(), flush=True)
     return {"prefill_tokens": n, "prefill_first_s": first, "prefill_s": best, "prefill_tok_s": n / best}
 
 
@@ -109,6 +116,10 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
     while time.perf_counter() - t_w < 0.4:
         decode_loop(16, prompt + 1, False)
         warm_steps += 16
+    if PROFILE and "timestamp-query-inside-passes" in tg.device()["features"]:
+        with tg.debug.profile() as prof:
+            decode_loop(8, prompt + 1, False)
+        print("--- decode profile, 8 steps (GPU time per kernel)\n" + prof.table(), flush=True)
     s0 = dict(tg.debug.stats())
     t_pipe, ids_pipe = decode_loop(new - 1, prompt + 1, False)
     s1 = dict(tg.debug.stats())
@@ -131,7 +142,10 @@ def main(argv=None) -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print per-kernel GPU time tables")
     args = ap.parse_args(argv)
+    global PROFILE
+    PROFILE = args.profile
     dev = tg.device()
     results = {"device": dev["name"], "backend": dev["backend"], "date": time.strftime("%Y-%m-%d"), "models": {}}
     print(f"device: {dev['name']} ({dev['backend']})", flush=True)

@@ -7,6 +7,7 @@ from .dtypes import bool_ as bool  # noqa: A001 - tg.bool is part of the public 
 from .tensor import (Tensor, arange, broadcast_shapes, cat, empty, full, matmul, maximum, minimum, ones,
                      ones_like, rand, randn, stack, tensor, where, zeros, zeros_like)
 from .runtime import NoAdapterError, flush, sync
+from .capture import capture
 
 
 def device() -> dict:
@@ -40,6 +41,4 @@ def __getattr__(name):
         return importlib.import_module(f"tensorgpu.{name}")
     if name in ("load_gguf", "save_gguf", "GGUFError"):
         return getattr(importlib.import_module("tensorgpu.gguf"), name)
-    if name == "capture":
-        return importlib.import_module("tensorgpu.capture").capture
     raise AttributeError(f"module 'tensorgpu' has no attribute {name!r}")

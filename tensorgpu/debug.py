@@ -25,3 +25,39 @@ def stats() -> dict:
     s = dict(runtime.STATS)
     s["live_bytes"] = runtime.live_bytes()
     return s
+
+
+class Profile(list):
+    """(kernel name, GPU ns) per dispatch, from timestamps written between dispatches."""
+
+    def table(self, top: int = 25) -> str:
+        agg: dict = {}
+        for name, ns in self:
+            key = name.split("[")[0]
+            t, c = agg.get(key, (0, 0))
+            agg[key] = (t + ns, c + 1)
+        total = sum(t for t, _ in agg.values()) or 1
+        rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
+        lines = [f"{'kernel':40s} {'calls':>6s} {'total us':>10s} {'us/call':>9s} {'%':>6s}"]
+        for k, (t, c) in rows:
+            lines.append(f"{k[:40]:40s} {c:6d} {t / 1e3:10.1f} {t / 1e3 / c:9.2f} {100 * t / total:6.1f}")
+        lines.append(f"{'total':40s} {sum(c for _, c in agg.values()):6d} {total / 1e3:10.1f}")
+        return "\n".join(lines)
+
+
+@contextmanager
+def profile():
+    """GPU time per dispatch of everything submitted inside the block (needs the adapter's
+    timestamp-query-inside-passes feature; adds a timestamp per dispatch, so use it to find
+    the slow kernels, not for headline numbers)."""
+    if "timestamp-query-inside-passes" not in runtime.get_device().features:
+        raise RuntimeError("tg.debug.profile() needs the timestamp-query-inside-passes feature")
+    p = Profile()
+    runtime.flush()
+    runtime._profilers.append(p)
+    try:
+        yield p
+        runtime.flush()
+        runtime._collect_profile()
+    finally:
+        runtime._profilers.remove(p)

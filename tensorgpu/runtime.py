@@ -375,9 +375,14 @@ def replay(dispatches: Sequence[Dispatch]) -> None:
     STATS["kernels_dispatched"] += len(dispatches)
 
 
+_profilers: list = []   # active tg.debug.profile() collectors
+
+
 def _encode(encoder) -> None:
     if not _pending:
         return
+    if _profilers:
+        return _encode_profiled(encoder)
     cp = encoder.begin_compute_pass()
     last = None
     for d in _pending:
@@ -387,6 +392,42 @@ def _encode(encoder) -> None:
         cp.set_bind_group(0, d.bind_group)
         cp.dispatch_workgroups(*d.grid)
     cp.end()
+
+
+def _encode_profiled(encoder) -> None:
+    """Same pass, with a GPU timestamp between dispatches (timestamp-query-inside-passes);
+    the per-kernel times land in the active profilers after the submit completes."""
+    dev = get_device()
+    n = len(_pending)
+    qs = dev.device.create_query_set(type=wgpu.QueryType.timestamp, count=n + 1)
+    cp = encoder.begin_compute_pass()
+    cp._write_timestamp(qs, 0)
+    for i, d in enumerate(_pending):
+        cp.set_pipeline(d.pipe.pipeline)
+        cp.set_bind_group(0, d.bind_group)
+        cp.dispatch_workgroups(*d.grid)
+        cp._write_timestamp(qs, i + 1)
+    cp.end()
+    res = dev.device.create_buffer(size=8 * (n + 1), usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    stage = dev.device.create_buffer(size=8 * (n + 1), usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+    encoder.resolve_query_set(qs, 0, n + 1, res, 0)
+    encoder.copy_buffer_to_buffer(res, 0, stage, 0, 8 * (n + 1))
+    names = [d.pipe.name for d in _pending]
+    _profile_reads.append((stage, names))
+
+
+_profile_reads: list = []
+
+
+def _collect_profile() -> None:
+    while _profile_reads:
+        stage, names = _profile_reads.pop(0)
+        stage.map_sync(wgpu.MapMode.READ)
+        ts = np.frombuffer(bytes(stage.read_mapped(copy=True)), np.uint64).astype(np.int64)
+        stage.unmap()
+        for name, dt_ns in zip(names, np.diff(ts)):
+            for p in _profilers:
+                p.append((name, int(dt_ns)))
 
 
 def flush() -> None:
@@ -403,6 +444,8 @@ def flush() -> None:
     STATS["submits"] += 1
     _pending.clear()
     _pending_ids.clear()
+    if _profile_reads:
+        _collect_profile()
 
 
 def pending_count() -> int:
@@ -485,6 +528,8 @@ def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
     finally:
         stage.unmap()
     _staging[cap] = stage
+    if _profile_reads:
+        _collect_profile()
     return data[offset - start: offset - start + n]
 
 
