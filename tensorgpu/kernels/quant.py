@@ -453,7 +453,7 @@ def dequantize(out: Buffer, src: Buffer, dtype: dtypes.DType, numel: int, src_of
     """Queue out[0:numel] (contiguous float32) = the GGML blocks of `src` starting at block
     `src_offset_blocks` (elements for bf16), decoded bit-identically to gguf.quants.dequantize."""
     dtype = dtypes.as_dtype(dtype)
-    f = _fmt(dtype)
+    _fmt(dtype)   # raises TypeError for a type without a GPU decoder
     numel, off = int(numel), int(src_offset_blocks)
     if numel < 0 or off < 0:
         raise ValueError(f"dequantize({dtype.name}): numel={numel} and src_offset_blocks={off} must be >= 0")
@@ -625,9 +625,9 @@ def plan_matmul(out: Buffer, x: Operand, w: Buffer, w_dtype: dtypes.DType, N: in
         raise ValueError(f"quant_matmul: weight [{N}, {K}] {w_dtype.name} needs {need} bytes "
                          f"(from block {woff}), its buffer holds {w.nbytes}")
     dev = runtime.get_device()
-    if w.capacity > dev.max_binding_size and need > dev.max_binding_size:
-        raise ValueError(f"quant_matmul: weight [{N}, {K}] {w_dtype.name} is {need} bytes, over the device's "
-                         f"max_storage_buffer_binding_size {dev.max_binding_size}; split it by rows")
+    if w.nbytes > dev.max_binding_size:
+        raise ValueError(f"quant_matmul: weight [{N}, {K}] {w_dtype.name} lives in a buffer of {w.nbytes} bytes, over "
+                         f"the device's max_storage_buffer_binding_size {dev.max_binding_size}; split it by rows")
     X = _X.of(x, K)
     rows = X.rows
     numel = rows * N
@@ -663,8 +663,8 @@ def _check_x_bounds(x: Operand) -> None:
                          f"{x.offset}) reaches elements [{lo}, {hi}] of a buffer holding {cap} {x.dtype.name} elements")
 
 
-def _header(dev, X: _X, ep, extra_enable: bool = False) -> tuple:
-    """(module text up to the kernel-specific part, bindings after out): out, X, W, epilogue."""
+def _header(dev, X: _X, ep) -> str:
+    """Module text shared by both kernels: bindings out (0), X (1), W (2), epilogue (3..)."""
     native = dev.has_f16
     xdecl, xfns = X.decl_and_loads(1, native)
     ep_lines = ep.wgsl(3).splitlines(keepends=True)
