@@ -111,8 +111,13 @@ def embedding(out: Buffer, ids: Buffer, table: Buffer, table_dtype, n: int, voca
     fn = "embedding"
     if n < 0 or vocab < 0 or dim < 0:
         raise ValueError(f"embedding: n={n}, vocab={vocab}, dim={dim} must be >= 0")
+    if table_dtype not in (dtypes.float32, dtypes.float16) and not table_dtype.is_quant:
+        raise TypeError(f"embedding: table dtype {table_dtype} is not a float or GGML block type")
     if ids.nbytes < 4 * (ids_offset + n):
         raise ValueError(f"embedding: ids holds {ids.nbytes // 4} int32 values, needs ids_offset+n={ids_offset + n}")
+    if table_dtype.is_quant and table_dtype is not dtypes.bfloat16 and dim % table_dtype.block_size:
+        raise ValueError(f"embedding: a {table_dtype.name} table row of dim={dim} is not a whole number of "
+                         f"{table_dtype.block_size}-element blocks")
     need = table_dtype.nbytes(vocab * dim) if table_dtype.is_quant else (table_offset + vocab * dim) * table_dtype.gpu_itemsize
     if table.nbytes < need:
         raise ValueError(f"embedding: table buffer holds {table.nbytes} bytes, a {table_dtype.name} [{vocab}, {dim}] "
