@@ -1,0 +1,261 @@
+"""GPT-NeoX (Pythia, RedPajama-INCITE, StableLM-alpha) as plain tensorgpu code.
+
+    model = GPTNeoX.from_gguf("models/tiny-neox/tiny-neox-q8_0.gguf")
+    sess = model.session()
+    logits = sess.forward(model.tokenizer.encode("In the beginning"))   # Tensor [seq, vocab]
+    for tok in sess.generate("In the beginning", max_new_tokens=16): ...
+
+The model holds the weights exactly as the GGUF file stores them (quantized blocks stay
+quantized on the GPU); a Session owns a preallocated KV cache and a position, so many sessions
+share one copy of the weights. Names follow the GGUF tensors (llama.cpp's `gptneox` layout).
+
+One forward of T tokens, per layer (C = n_embd, H = n_head, D = head_dim = C / H):
+
+    h   = layer_norm(x)                          [T, C]
+    qkv = h @ attn_qkv.T + b                     [T, 3C] viewed as [T, 3, H, D] (GGUF's order)
+    q   = rope(q); cache[:, pos] = rope(k), v    q: [H, T, D]; caches [H, max_ctx, D]
+    a   = attention(q, cache[:, :kv_len])        [T, H, D] -> [T, C]
+    parallel:    x = x + attn_output(a) + mlp(ffn_norm(x))
+    sequential:  x = x + attn_output(a);  x = x + mlp(ffn_norm(x))
+
+Every per-step scalar (the token positions, the number of valid cache rows) enters the forward
+as a small int32 tensor, never as a Python int baked into the graph, so the decode step has the
+same structure every token (what capture/replay needs).
+
+`python -m models.gpt_neox {generate,perplexity,convert} --help` is the command line
+(models/cli.py).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import tensorgpu as tg
+
+__all__ = ["GPTNeoX", "GPTNeoXConfig", "Session", "ModelError", "ContextOverflowError", "DEFAULT_MODEL"]
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny-neox" / "tiny-neox-q8_0.gguf"
+ARCH = "gptneox"
+
+
+class ModelError(ValueError):
+    """A GGUF file that is not a usable GPT-NeoX model (wrong architecture, missing keys/tensors, bad shapes)."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class GPTNeoXConfig:
+    n_vocab: int
+    n_ctx: int              # gptneox.context_length
+    n_embd: int             # gptneox.embedding_length
+    n_layer: int            # gptneox.block_count
+    n_head: int             # gptneox.attention.head_count
+    n_ff: int               # gptneox.feed_forward_length
+    rot_dims: int           # gptneox.rope.dimension_count (Pythia: 25% of head_dim)
+    rope_base: float        # gptneox.rope.freq_base, 10000 when absent
+    norm_eps: float         # gptneox.attention.layer_norm_epsilon
+    parallel_residual: bool  # gptneox.use_parallel_residual
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    _REQUIRED = ("context_length", "embedding_length", "block_count", "feed_forward_length",
+                 "rope.dimension_count", "attention.head_count", "attention.layer_norm_epsilon",
+                 "use_parallel_residual")
+
+    @classmethod
+    def from_metadata(cls, md: dict, n_vocab: int, where: str = "GGUF file") -> "GPTNeoXConfig":
+        arch = md.get("general.architecture")
+        if arch != ARCH:
+            raise ModelError(f"{where}: general.architecture is {arch!r}; GPTNeoX loads only {ARCH!r} models")
+        missing = [f"{ARCH}.{k}" for k in cls._REQUIRED if f"{ARCH}.{k}" not in md]
+        if missing:
+            raise ModelError(f"{where}: missing required metadata key(s): {', '.join(missing)}")
+
+        def num(key, kind=int):
+            v = md[f"{ARCH}.{key}"]
+            if isinstance(v, (list, str)) or (kind is int and (isinstance(v, float) or int(v) <= 0)):
+                raise ModelError(f"{where}: metadata {ARCH}.{key} = {v!r} is not a positive integer")
+            return kind(v)
+
+        cfg = cls(n_vocab=n_vocab, n_ctx=num("context_length"), n_embd=num("embedding_length"),
+                  n_layer=num("block_count"), n_head=num("attention.head_count"), n_ff=num("feed_forward_length"),
+                  rot_dims=int(md[f"{ARCH}.rope.dimension_count"]),
+                  rope_base=float(md.get(f"{ARCH}.rope.freq_base", 10000.0)),
+                  norm_eps=num("attention.layer_norm_epsilon", float),
+                  parallel_residual=bool(md[f"{ARCH}.use_parallel_residual"]))
+        if cfg.n_embd % cfg.n_head:
+            raise ModelError(f"{where}: embedding_length {cfg.n_embd} is not divisible by head_count {cfg.n_head}")
+        if cfg.rot_dims % 2 or not 0 <= cfg.rot_dims <= cfg.head_dim:
+            raise ModelError(f"{where}: rope.dimension_count {cfg.rot_dims} must be even and <= head_dim {cfg.head_dim}")
+        return cfg
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+class _Params:
+    """Attribute access to one GGUF name prefix: blk.0 -> .attn_qkv.weight is 'blk.0.attn_qkv.weight'."""
+
+    def __init__(self, tensors: dict, prefix: str):
+        self._t, self._p = tensors, prefix
+
+    def __getattr__(self, name):
+        key = f"{self._p}.{name}"
+        if key in self._t:
+            return self._t[key]
+        return _Params(self._t, key)
+
+
+def _expected_shapes(c: GPTNeoXConfig) -> dict:
+    """numpy-order shape of every tensor the model reads (GGUF ne reversed)."""
+    C, F, V = c.n_embd, c.n_ff, c.n_vocab
+    shapes = {"token_embd.weight": (V, C), "output_norm.weight": (C,), "output_norm.bias": (C,),
+              "output.weight": (V, C)}
+    for i in range(c.n_layer):
+        b = f"blk.{i}"
+        shapes.update({
+            f"{b}.attn_norm.weight": (C,), f"{b}.attn_norm.bias": (C,),
+            f"{b}.attn_qkv.weight": (3 * C, C), f"{b}.attn_qkv.bias": (3 * C,),
+            f"{b}.attn_output.weight": (C, C), f"{b}.attn_output.bias": (C,),
+            f"{b}.ffn_norm.weight": (C,), f"{b}.ffn_norm.bias": (C,),
+            f"{b}.ffn_up.weight": (F, C), f"{b}.ffn_up.bias": (F,),
+            f"{b}.ffn_down.weight": (C, F), f"{b}.ffn_down.bias": (C,),
+        })
+    return shapes
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class GPTNeoX:
+    """The resident model: config, weights (as stored in the GGUF), tokenizer."""
+
+    def __init__(self, config: GPTNeoXConfig, tensors: dict, tokenizer=None, path: Optional[str] = None,
+                 metadata: Optional[dict] = None):
+        self.config = config
+        self.tensors = tensors          # GGUF name -> Tensor (file dtype)
+        self.tokenizer = tokenizer
+        self.path = path
+        self.metadata = metadata or {}
+        self.token_embd = tensors["token_embd.weight"]      # [V, C]
+        self.blk = [_Params(tensors, f"blk.{i}") for i in range(config.n_layer)]
+        self.output_norm = _Params(tensors, "output_norm")
+        self.output = tensors["output.weight"]               # [V, C]
+
+    # -- loading --------------------------------------------------------------------
+
+    @classmethod
+    def from_gguf(cls, path: Union[str, os.PathLike] = DEFAULT_MODEL, progress: Optional[bool] = None) -> "GPTNeoX":
+        """Load a llama.cpp `gptneox` GGUF. Raises ModelError naming what is wrong; on failure the
+        file's device buffers are released."""
+        path = os.fspath(path)
+        f = tg.load_gguf(path, progress=progress)
+        try:
+            md = f.metadata
+            emb = f.tensors.get("token_embd.weight")
+            if md.get("general.architecture") == ARCH and emb is None:
+                raise ModelError(f"{path}: missing required tensor(s): token_embd.weight")
+            n_vocab = emb.shape[0] if emb is not None and emb.ndim == 2 else 0
+            config = GPTNeoXConfig.from_metadata(md, n_vocab, where=path)
+            expected = _expected_shapes(config)
+            missing = [k for k in expected if k not in f.tensors]
+            if missing:
+                more = f" (and {len(missing) - 12} more)" if len(missing) > 12 else ""
+                raise ModelError(f"{path}: missing required tensor(s): {', '.join(missing[:12])}{more}")
+            bad = [f"{k} is {f.tensors[k].shape} {f.tensors[k].dtype.name}, expected {s}"
+                   for k, s in expected.items() if f.tensors[k].shape != s]
+            if bad:
+                raise ModelError(f"{path}: tensor shapes do not match the metadata: {'; '.join(bad[:6])}")
+            tensors = {k: f.tensors[k] for k in expected}
+            tokenizer = None
+            if "tokenizer.ggml.model" in md:
+                from .tokenizer import Tokenizer
+                tokenizer = Tokenizer.from_gguf_metadata(md)
+                if tokenizer.vocab_size > config.n_vocab:
+                    raise ModelError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd "
+                                     f"only {config.n_vocab} rows")
+            model = cls(config, tensors, tokenizer, path, md)
+        except BaseException:
+            f.close()
+            raise
+        f.close()  # drops the file's references; the model keeps the tensors it uses
+        return model
+
+    # -- the forward pass -----------------------------------------------------------
+
+    def forward(self, ids: tg.Tensor, positions: tg.Tensor, kv_len: tg.Tensor, cache: Sequence,
+                last_only: bool = False) -> tg.Tensor:
+        """Logits for `ids` (int32 [T]) at `positions` (int32 [T]); K/V rows are written into
+        `cache` (per layer a (k, v) pair of [H, max_ctx, D] tensors) and attention reads the first
+        kv_len (int32 [1]) rows. Returns float32 [T, vocab] ([1, vocab]: the last token only)."""
+        c = self.config
+        T = ids.shape[0]
+        x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
+        for blk, (k_cache, v_cache) in zip(self.blk, cache):
+            x = self._block(blk, x, positions, kv_len, k_cache, v_cache)
+        if last_only and T > 1:
+            x = x[T - 1:]                                                  # [1, C]
+        x = tg.nn.layer_norm(x, self.output_norm.weight, self.output_norm.bias, c.norm_eps)
+        return tg.nn.linear(x, self.output)                                # [T, V]
+
+    def _block(self, blk, x, positions, kv_len, k_cache, v_cache):
+        c = self.config
+        T, H, D = x.shape[0], c.n_head, c.head_dim
+        # attention
+        h = tg.nn.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, c.norm_eps)
+        qkv = tg.nn.linear(h, blk.attn_qkv.weight, blk.attn_qkv.bias)       # [T, 3C]
+        qkv = qkv.reshape(T, 3, H, D)                                      # GGUF rows: all q, all k, all v
+        q = tg.nn.rope_kv_write(qkv, positions, k_cache, v_cache, c.rot_dims, c.rope_base)  # [H, T, D]
+        a = tg.nn.scaled_dot_product_attention(q, k_cache, v_cache, causal=True, kv_len=kv_len,
+                                               out_layout="sbd")          # [T, H, D]
+        a = a.reshape(T, c.n_embd)
+        if c.parallel_residual:
+            m = self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
+            # x + attn + mlp: the adds fuse into the output projections' stores
+            return tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias) + x + m
+        x = tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias) + x
+        m = self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
+        return m + x
+
+    def _mlp(self, blk, h):
+        u = tg.nn.linear(h, blk.ffn_up.weight, blk.ffn_up.bias).gelu()        # [T, F], exact erf GELU
+        return tg.nn.linear(u, blk.ffn_down.weight, blk.ffn_down.bias)       # [T, C]
+
+    # -- sessions -------------------------------------------------------------------
+
+    def session(self, max_context: Optional[int] = None, cache_dtype=tg.float16) -> "Session":
+        """A new conversation over this model's weights with its own KV cache."""
+        return Session(self, max_context, cache_dtype)
+
+    def new_cache(self, max_context: int, cache_dtype=tg.float16) -> list:
+        """Per layer a (k, v) pair of zeroed [H, max_context, D] tensors on the GPU."""
+        c = self.config
+        shape = (c.n_head, max_context, c.head_dim)
+        return [(tg.zeros(shape, cache_dtype).contiguous().realize(), tg.zeros(shape, cache_dtype).contiguous().realize())
+                for _ in range(c.n_layer)]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.size for t in self.tensors.values())
+
+    def __repr__(self):
+        c = self.config
+        return (f"GPTNeoX({os.path.basename(self.path or '?')}: {c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads, "
+                f"vocab {c.n_vocab}, ctx {c.n_ctx}, rot {c.rot_dims}, "
+                f"{'parallel' if c.parallel_residual else 'sequential'} residual, weights {self.token_embd.dtype.name})")
+
+
+from .session import ContextOverflowError, Session  # noqa: E402  (session.py does not import this module)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from models.cli import main
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Session: one conversation over a resident GPTNeoX — a preallocated KV cache and a position.
+
+Why a separate object: the weights are large and read-only, the cache is per conversation.
+Sessions of one model share its weight tensors; each holds n_layer (k, v) pairs of
+[n_head, max_context, head_dim] tensors (f16 by default) and nothing else on the GPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+import tensorgpu as tg
+
+from .sampling import Sampler
+
+
+class ContextOverflowError(ValueError):
+    """The tokens do not fit in what is left of the session's context (the session is unchanged)."""
+
+
+class Session:
+    def __init__(self, model, max_context: Optional[int] = None, cache_dtype=tg.float16):
+        c = model.config
+        if max_context is None:
+            max_context = c.n_ctx
+        if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context <= 0:
+            raise ValueError(f"max_context must be a positive int, got {max_context!r}")
+        if max_context > c.n_ctx:
+            raise ValueError(f"max_context {max_context} exceeds the model's context_length {c.n_ctx}")
+        cache_dtype = tg.dtypes.as_dtype(cache_dtype)
+        if cache_dtype not in (tg.float16, tg.float32):
+            raise TypeError(f"cache_dtype must be float16 or float32, got {cache_dtype}")
+        self.model = model
+        self.max_context = max_context
+        self.cache_dtype = cache_dtype
+        self.cache = model.new_cache(max_context, cache_dtype)
+        self.tokens: list = []          # every token id the cache holds, in order
+        self._pending: list = []        # the last token generate() yielded, not yet run through the model
+
+    @property
+    def position(self) -> int:
+        """How many tokens the context holds (the position of the next token)."""
+        return len(self.tokens) + len(self._pending)
+
+    @property
+    def remaining(self) -> int:
+        """How many more tokens fit in the context."""
+        return self.max_context - self.position
+
+    # -- forward ----------------------------------------------------------------------
+
+    def _check_ids(self, token_ids) -> np.ndarray:
+        if isinstance(token_ids, tg.Tensor):
+            token_ids = token_ids.numpy()
+        if isinstance(token_ids, str):
+            raise TypeError("forward() takes token ids; encode text with model.tokenizer.encode(text) "
+                            "(generate() accepts text)")
+        arr = np.asarray(token_ids)
+        if arr.ndim == 0:
+            arr = arr.reshape(1)
+        if arr.ndim != 1:
+            raise ValueError(f"token ids must be a 1-D sequence, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError("empty token sequence: give at least one token id")
+        if arr.dtype.kind not in "iu":
+            if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
+                arr = arr.astype(np.int64)
+            else:
+                raise TypeError(f"token ids must be integers, got dtype {arr.dtype}")
+        V = self.model.config.n_vocab
+        bad = (arr < 0) | (arr >= V)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise IndexError(f"token id {int(arr[i])} at index {i} is outside the vocabulary [0, {V})")
+        if arr.size > self.remaining:
+            raise ContextOverflowError(
+                f"{arr.size} tokens do not fit: the session holds {self.position} of max_context "
+                f"{self.max_context} ({self.remaining} left); nothing was added")
+        return arr.astype(np.int32)
+
+    def forward(self, token_ids, last_only: bool = False) -> tg.Tensor:
+        """Append `token_ids` to the context and return their logits, float32 [len, vocab]
+        (last_only: [1, vocab], the last token's). Validation happens before any GPU work:
+        on an error the session is unchanged."""
+        ids = self._check_ids(token_ids)
+        return self._feed(ids.tolist(), last_only)
+
+    def _feed(self, ids: list, last_only: bool) -> tg.Tensor:
+        """Run the (validated) ids, after any token generate() yielded but did not run yet."""
+        pending, self._pending = self._pending, []
+        run = pending + list(ids)
+        p, T = len(self.tokens), len(run)
+        positions = tg.tensor(np.arange(p, p + T, dtype=np.int32))        # [T]
+        kv_len = tg.tensor(np.array([p + T], dtype=np.int32))             # [1]
+        try:
+            logits = self.model.forward(tg.tensor(np.asarray(run, np.int32)), positions, kv_len, self.cache,
+                                        last_only=last_only)
+            logits.realize()  # the cache rows are written now: tokens and cache stay consistent
+        except BaseException:
+            self._pending = pending
+            raise
+        self.tokens.extend(run)
+        return logits[len(pending):] if pending and not last_only else logits
+
+    @property
+    def context(self) -> list:
+        """Every token of the conversation so far (including one generate() yielded last)."""
+        return self.tokens + self._pending
+
+    def reset(self) -> None:
+        """Forget the context (the cache memory is kept and overwritten)."""
+        self.tokens, self._pending = [], []
+
+    def fork(self) -> "Session":
+        """A new session with a copy of this one's cache and context (e.g. to reuse a prefilled prompt)."""
+        new = Session.__new__(Session)
+        new.model, new.max_context, new.cache_dtype = self.model, self.max_context, self.cache_dtype
+        new.cache = [(k.contiguous().realize(), v.contiguous().realize()) for k, v in self.cache]
+        new.tokens, new._pending = list(self.tokens), list(self._pending)
+        return new
+
+    # -- generation ---------------------------------------------------------------------
+
+    def generate(self, prompt: Union[str, Sequence[int], None], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
+                 stop: Optional[Iterable[Union[str, int]]] = None, stop_on_eos: bool = True) -> Iterator[int]:
+        """Yield new token ids one at a time (streaming).
+
+        `prompt` (text or ids) is appended to the context first; None or "" continues the current
+        context. Greedy when temperature is 0; otherwise top_k / top_p / repetition_penalty
+        sampling from a NumPy Generator seeded with `seed`. Generation ends after max_new_tokens,
+        at EOS (stop_on_eos), after a token in `stop` (ids) or once the decoded continuation
+        contains a `stop` string (the stopping token is yielded), or when the context is full.
+        The last yielded token joins the context when the session runs next.
+        Afterwards `self.last_stats` holds prefill/decode token counts and seconds."""
+        if isinstance(stop, (str, int)):
+            stop = [stop]
+        stop_strs = [s for s in (stop or ()) if isinstance(s, str) and s]
+        stop_ids = {int(s) for s in (stop or ()) if not isinstance(s, str)}
+        sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)  # validates its arguments
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        tok = self.model.tokenizer
+        if isinstance(prompt, str):
+            if tok is None:
+                raise ValueError("this model has no tokenizer in its GGUF metadata: pass token ids")
+            ids = tok.encode(prompt) if prompt else []
+        else:
+            ids = [] if prompt is None else [int(i) for i in np.asarray(prompt).reshape(-1)]
+        if not ids and not self.position:
+            raise ValueError("empty prompt and empty context: nothing to continue from")
+        if ids:
+            self._check_ids(ids)  # every input error is raised here, before the generator starts
+        return self._generate(ids, max_new_tokens, sampler, stop_ids, stop_strs,
+                              tok.eos_id if (stop_on_eos and tok is not None) else None)
+
+    def _generate(self, ids, max_new_tokens, sampler, stop_ids, stop_strs, eos):
+        import time
+        stats = self.last_stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        if max_new_tokens == 0:
+            return
+        stream = self.model.tokenizer.decode_stream() if stop_strs else None
+        text = ""
+        t0 = time.perf_counter()
+        if ids or self._pending:
+            stats["prefill_tokens"] = len(ids) + len(self._pending)
+            logits = self._feed(ids, last_only=True)
+        else:  # continue: recompute the last token's logits into its own cache row
+            last = self.tokens.pop()
+            logits = self._feed([last], last_only=True)
+        history = self.tokens
+        nxt = sampler.pick(logits, history)
+        stats["prefill_s"] = time.perf_counter() - t0
+        for n in range(max_new_tokens):
+            self._pending = [nxt]
+            yield nxt
+            if nxt in stop_ids or nxt == eos:
+                return
+            if stream is not None:
+                text += stream.step(nxt)
+                if any(s in text for s in stop_strs):
+                    return
+            if n + 1 == max_new_tokens or self.remaining == 0:
+                return
+            t = time.perf_counter()
+            logits = self._feed([], last_only=True)
+            nxt = sampler.pick(logits, self.tokens)
+            stats["decode_s"] += time.perf_counter() - t
+            stats["decode_tokens"] += 1
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def nll(self, token_ids) -> np.ndarray:
+        """Append `token_ids` and return the negative log-likelihood (nats, float64) of each token
+        after the first given the ones before it: [len - 1]. Reduced on the GPU (one float per
+        token is read back, not the logits)."""
+        ids = self._check_ids(token_ids)
+        logits = self.forward(ids)[:-1]                                    # [T-1, V]
+        V = self.model.config.n_vocab
+        target = tg.tensor(ids[1:].astype(np.int32))                       # [T-1]
+        hit = tg.arange(V)[None, :] == target[:, None]                      # [T-1, V] one-hot, fused
+        picked = tg.where(hit, logits, 0.0).sum(-1)                        # logit of the target
+        return (logits.logsumexp(-1) - picked).numpy().astype(np.float64)
+
+    def __repr__(self):
+        return f"Session(position={self.position}/{self.max_context}, cache {self.cache_dtype.name})"
+
+
+@dataclass
+class Perplexity:
+    ppl: float
+    nll_sum: float
+    n_scored: int
+    n_windows: int
+
+
+def perplexity(model, ids: Sequence[int], ctx: int = 256, first_scored: int = 1, max_windows: Optional[int] = None,
+               progress: bool = False, cache_dtype=tg.float16) -> Perplexity:
+    """Perplexity over non-overlapping windows of `ctx` tokens, each run from position 0.
+    Within a window the tokens at positions first_scored..ctx-1 are scored (1: every token that
+    has a predecessor, as HF's definition in tiny-neox's reference.json; ctx // 2 + 1 matches
+    llama-perplexity). A trailing partial window is dropped."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ctx < 2 or not 1 <= first_scored < ctx:
+        raise ValueError(f"need ctx >= 2 and 1 <= first_scored < ctx, got ctx={ctx}, first_scored={first_scored}")
+    n = len(ids) // ctx
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens do not fill one window of {ctx}")
+    sess = model.session(max_context=ctx, cache_dtype=cache_dtype)
+    total, count = 0.0, 0
+    windows = range(n)
+    if progress:
+        from tqdm import tqdm
+        windows = tqdm(windows, desc="perplexity", unit="window")
+    for w in windows:
+        sess.reset()
+        nll = sess.nll(ids[w * ctx:(w + 1) * ctx])[first_scored - 1:]
+        total += float(nll.sum())
+        count += nll.size
+        if progress:
+            windows.set_postfix(ppl=f"{np.exp(total / count):.4f}")
+    return Perplexity(float(np.exp(total / count)), total, count, n)
