@@ -18,7 +18,7 @@ import numpy as np
 
 from . import dtypes as dt
 from .graph import Node
-from .ops import BINARY, F32_OVERRIDES, REDUCE, UNARY, WGSL_HELPERS, Op, compute_type
+from .ops import BINARY, F32_OVERRIDES, REDUCE, U32_OVERRIDES, UNARY, WGSL_HELPERS, Op, compute_type
 from .runtime import get_device
 from .view import View
 
@@ -204,8 +204,7 @@ class KernelBuilder:
             self._note_helpers(tmpl)
             sct = compute_type(node.srcs[0][0].dtype)
             zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[sct]
-            if sct == "f32" and op in F32_OVERRIDES:
-                tmpl = F32_OVERRIDES[op]
+            tmpl = {"f32": F32_OVERRIDES, "u32": U32_OVERRIDES}.get(sct, {}).get(op, tmpl)
             self._note_helpers(tmpl)
             return self.new(tmpl.format(*srcs, zero=zero), ct)
         if op in BINARY:
@@ -222,16 +221,17 @@ class KernelBuilder:
             if op is Op.DIV and sct == "i32":
                 raise AssertionError("integer true division must be cast to float first")
             divisor = node.srcs[1][0]
-            if op is Op.DIV and divisor.op is Op.CONST and (divisor.arg == 0 or math.isinf(divisor.arg)):
+            if op is Op.DIV and divisor.op is Op.CONST and divisor.arg == 0:
                 # drivers fold `x / 0.0` (lavapipe stores nothing at all); x * (1/c) is the same IEEE value here
                 with np.errstate(divide="ignore"):
                     recip = np.float32(1.0) / np.float32(divisor.arg)
                 return self.new(f"({srcs[0]} * {f32_literal(recip)})", ct)
             # likewise `0.0 / x` and `x * 0.0` are folded to 0; NumPy gives NaN for 0/0, 0/NaN, 0 * inf
             zero_side = [i for i, (m, _) in enumerate(node.srcs) if m.op is Op.CONST and sct == "f32" and m.arg == 0]
-            if (op is Op.DIV and zero_side == [0]) or (op is Op.MUL and len(zero_side) == 1):
-                x = srcs[1 - zero_side[0]]
-                bad = f"(tg_isnan({x}) || {x} == 0.0)" if op is Op.DIV else f"tg_nonfinite({x})"
+            inf_div = op is Op.DIV and sct == "f32" and divisor.op is Op.CONST and math.isinf(divisor.arg)
+            if (op is Op.DIV and zero_side == [0]) or (op is Op.MUL and len(zero_side) == 1) or inf_div:
+                x = srcs[0] if inf_div else srcs[1 - zero_side[0]]
+                bad = f"(tg_isnan({x}) || {x} == 0.0)" if op is Op.DIV and not inf_div else f"tg_nonfinite({x})"
                 self.helpers |= {"tg_isnan", "tg_nonfinite"}
                 return self.new(f"select(0.0, bitcast<f32>(0x7fc00000u), {bad})", ct)
             if sct == "f32" and op in F32_OVERRIDES:

@@ -168,6 +168,8 @@ F32_OVERRIDES = {
     Op.RELU: "tg_fmax({0}, 0.0)",
     Op.NE: "(!({0} == {1}))",
 }
+# u32 variants: WGSL has no unary minus on u32 (NumPy wraps)
+U32_OVERRIDES = {Op.NEG: "(0u - {0})"}
 
 # reduce op -> (NumPy reference, identity as a WGSL expression per compute type, combine template)
 REDUCE = {
@@ -204,7 +206,7 @@ def binary_operand_type(op: Op, a: dt.DType, b: dt.DType) -> dt.DType:
         return dt.int32 if r is dt.bool_ else r
     if BINARY[op].float_only and not r.is_float:
         return dt.float32
-    if op in (Op.SUB, Op.MOD) and r is dt.bool_:
+    if op in (Op.SUB, Op.MOD, Op.LT, Op.LE, Op.GT, Op.GE) and r is dt.bool_:  # WGSL can't order bools
         return dt.int32
     return r
 
