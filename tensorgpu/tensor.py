@@ -681,6 +681,10 @@ def full(shape, value, dtype=None) -> Tensor:
     d = dt.as_dtype(dtype) if dtype is not None else (dt.bool_ if isinstance(value, bool) else dt.int32 if isinstance(value, int) else dt.float32)
     if d.is_quant:
         raise TypeError(f"cannot create a {d} tensor with full()")
+    if d.kind in ("int", "uint") and not isinstance(value, bool):
+        lo, hi = (0, 2**32) if d is dt.uint32 else (-2**31, 2**31)
+        if isinstance(value, numbers.Integral) and not lo <= value < hi:
+            raise OverflowError(f"full(): fill value {value} out of bounds for {d.name}")
     return Tensor.const(_cast_scalar(value, d), d, shape)
 
 
