@@ -1,0 +1,148 @@
+"""Bandwidth / throughput of the hand-written transformer kernels (softmax, layer_norm,
+attention decode and prefill, rope_kv_write, sampling), measured against this adapter's own
+copy bandwidth in the same run (tensorgpu.kernels.probe).
+
+Small sizes by default (lavapipe); the H100 sizes with TENSORGPU_BENCH_FULL=1:
+  softmax / layer_norm [4096, 4096] f32          GB/s = (read + write bytes) / time, % of copy BW
+  attention decode: 1 query vs 2048 keys, 16 heads x 128, f16 KV cache (kv_len in a buffer,
+                    cache capacity 2048 and 4096)  GB/s of K+V bytes read, % of copy BW
+  attention prefill: 512 queries, causal, 16 heads x 128   GFLOP/s (causal half counted)
+  rope_kv_write decode (1 token, 16 x 128) and sample (50k vocab, greedy / top-k+top-p): us
+Timing: 300 ms warm-up, then GPU timestamps around a pass of R repetitions of the kernel's
+dispatches (probe.gpu_time_per_dispatch); every kernel's result is checked first.
+"""
+import os
+
+import numpy as np
+import pytest
+
+from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import probe
+from tensorgpu.kernels.attention import _Plan, attention
+from tensorgpu.kernels.common import Operand
+from tensorgpu.kernels.layernorm import layer_norm
+from tensorgpu.kernels.rope import rope_kv_write
+from tensorgpu.kernels.sampling import sample, sample_reference
+from tensorgpu.kernels.softmax import softmax
+
+FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
+ROWS_COLS = [(4096, 4096), (1, 4096), (4096, 50304)] if FULL else [(256, 1024)]
+DECODE = [(16, 128, 2048, 2048), (16, 128, 2048, 4096)] if FULL else [(4, 64, 256, 256)]   # (H, D, kv_len, capacity)
+PREFILL = [(16, 128, 512)] if FULL else [(2, 64, 64)]                                      # (H, D, seq)
+VOCAB = 50304 if FULL else 4096
+COPY_BYTES = (256 << 20) if FULL else (4 << 20)
+
+rng = np.random.default_rng(0)
+
+
+def recorded(enqueue) -> list:
+    """The Dispatch objects that `enqueue()` queues (for timestamped replay)."""
+    rec: list = []
+    runtime._recorders.append(rec.append)
+    try:
+        enqueue()
+    finally:
+        runtime._recorders.remove(rec.append)
+    return rec
+
+
+def measure(benchmark, dispatches, nbytes=None, flop=None, reps: int = 10) -> float:
+    t = probe.gpu_time_per_dispatch(dispatches)
+
+    def step():
+        for _ in range(reps):
+            runtime.replay(dispatches)
+        runtime.sync()
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    info = {"us": t * 1e6, "dispatches": len(dispatches), "timestamps": probe.has_timestamps(),
+            "device": runtime.get_device().name, "clocks": probe.gpu_clocks()}
+    if nbytes is not None:
+        copy = probe.copy_bandwidth(COPY_BYTES)
+        info.update({"bytes": nbytes, "GB/s": nbytes / t / 1e9, "copy_GB/s": copy / 1e9,
+                     "pct_of_copy": 100 * nbytes / t / copy})
+    if flop is not None:
+        info.update({"flop": flop, "GFLOP/s": flop / t / 1e9})
+    benchmark.extra_info.update(info)
+    print("\n" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in info.items()))
+    return t
+
+
+@pytest.mark.parametrize("rows,cols", ROWS_COLS, ids=lambda s: str(s))
+def test_softmax(benchmark, rows, cols):
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    xb, out = runtime.upload(x), runtime.Buffer(4 * rows * cols)
+    ds = recorded(lambda: softmax(out, Operand(xb, dtypes.float32, (rows, cols), (cols, 1)), rows, cols))
+    got = np.frombuffer(runtime.read(out, 0, 4 * cols), np.float32)
+    e = np.exp(x[0].astype(np.float64) - x[0].max())
+    assert np.allclose(got, e / e.sum(), rtol=1e-5, atol=1e-7)
+    measure(benchmark, ds, nbytes=2 * 4 * rows * cols)
+
+
+@pytest.mark.parametrize("rows,cols", ROWS_COLS, ids=lambda s: str(s))
+def test_layer_norm(benchmark, rows, cols):
+    x = rng.standard_normal((rows, cols)).astype(np.float32)
+    w, b = rng.standard_normal(cols).astype(np.float32), rng.standard_normal(cols).astype(np.float32)
+    xb, wb, bb, out = runtime.upload(x), runtime.upload(w), runtime.upload(b), runtime.Buffer(4 * rows * cols)
+    op = lambda buf, shape, strides: Operand(buf, dtypes.float32, shape, strides)  # noqa: E731
+    ds = recorded(lambda: layer_norm(out, op(xb, (rows, cols), (cols, 1)), op(wb, (cols,), (1,)), op(bb, (cols,), (1,)),
+                                     rows, cols, 1e-5))
+    got = np.frombuffer(runtime.read(out, 0, 4 * cols), np.float32)
+    r = x[0].astype(np.float64)
+    assert np.allclose(got, (r - r.mean()) / np.sqrt(r.var() + 1e-5) * w + b, rtol=1e-4, atol=1e-5)
+    measure(benchmark, ds, nbytes=2 * 4 * rows * cols + 8 * cols)
+
+
+@pytest.mark.parametrize("H,D,kvl,cap", DECODE, ids=lambda s: str(s))
+def test_attention_decode(benchmark, H, D, kvl, cap):
+    q = rng.standard_normal((H, 1, D)).astype(np.float32)
+    k = rng.standard_normal((H, cap, D)).astype(np.float16)
+    v = rng.standard_normal((H, cap, D)).astype(np.float16)
+    qb, kb, vb = runtime.upload(q), runtime.upload(k), runtime.upload(v)
+    n = runtime.upload(np.array([kvl], np.int32))
+    out = runtime.Buffer(4 * H * D)
+    kv = lambda buf: Operand(buf, dtypes.float16, (H, cap, D), (cap * D, D, 1))  # noqa: E731
+    ds = recorded(lambda: attention(out, Operand(qb, dtypes.float32, (H, 1, D), (D, D, 1)), kv(kb), kv(vb), n))
+    got = np.frombuffer(runtime.read(out), np.float32)[:H * D].reshape(H, D)
+    s = np.einsum("hd,hkd->hk", q[:, 0].astype(np.float64), k[:, :kvl].astype(np.float64)) / np.sqrt(D)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("hk,hkd->hd", p / p.sum(-1, keepdims=True), v[:, :kvl].astype(np.float64))
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-5)
+    benchmark.extra_info["splits"] = _Plan(H, 1, cap, D).NSPLIT
+    measure(benchmark, ds, nbytes=2 * H * kvl * D * 2)
+
+
+@pytest.mark.parametrize("H,D,S", PREFILL, ids=lambda s: str(s))
+def test_attention_prefill(benchmark, H, D, S):
+    q = rng.standard_normal((H, S, D)).astype(np.float32)
+    k = rng.standard_normal((H, S, D)).astype(np.float16)
+    v = rng.standard_normal((H, S, D)).astype(np.float16)
+    qb, kb, vb, out = runtime.upload(q), runtime.upload(k), runtime.upload(v), runtime.Buffer(4 * H * S * D)
+    op = lambda buf, dt: Operand(buf, dt, (H, S, D), (S * D, D, 1))  # noqa: E731
+    ds = recorded(lambda: attention(out, op(qb, dtypes.float32), op(kb, dtypes.float16), op(vb, dtypes.float16), S,
+                                    out_layout="sbd"))
+    got = np.frombuffer(runtime.read(out, 0, 4 * H * D), np.float32).reshape(H, D)   # query 0 sees key 0 only
+    assert np.allclose(got, v[:, 0].astype(np.float32), rtol=1e-3, atol=1e-3)
+    benchmark.extra_info["splits"] = _Plan(H, S, S, D).NSPLIT
+    measure(benchmark, ds, flop=4 * H * D * S * (S + 1) / 2)
+
+
+def test_rope_kv_write_decode(benchmark):
+    H, D, ctx = (16, 128, 2048) if FULL else (4, 64, 128)
+    qkv = runtime.upload(rng.standard_normal((1, 3, H, D)).astype(np.float32))
+    kc, vc, qo = runtime.Buffer(2 * H * ctx * D), runtime.Buffer(2 * H * ctx * D), runtime.Buffer(4 * H * D)
+    pos = runtime.upload(np.array([ctx // 2], np.int32))
+    ds = recorded(lambda: rope_kv_write(qo, kc, vc, Operand(qkv, dtypes.float32, (1, 3, H, D), (3 * H * D, H * D, D, 1)),
+                                        pos, 1, H, D, D // 4, ctx))
+    measure(benchmark, ds)
+
+
+@pytest.mark.parametrize("mode", ["greedy", "topk40_topp0.9", "topp0.9"])
+def test_sample(benchmark, mode):
+    l = (rng.standard_normal(VOCAB) * 3).astype(np.float32)
+    lb, out, u = runtime.upload(l), runtime.Buffer(4), runtime.upload(np.array([0.37], np.float32))
+    kw = {"greedy": {}, "topk40_topp0.9": dict(temperature=0.8, top_k=40, top_p=0.9, rand=u),
+          "topp0.9": dict(temperature=0.8, top_p=0.9, rand=u)}[mode]
+    ds = recorded(lambda: sample(out, lb, VOCAB, **kw))
+    got = int(np.frombuffer(runtime.read(out), np.int32)[0])
+    assert got == sample_reference(l, kw.get("temperature", 0.0), kw.get("top_k", 0), kw.get("top_p", 1.0), 0.37)
+    measure(benchmark, ds)
