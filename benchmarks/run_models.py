@@ -90,6 +90,7 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
     n_kernels = len(log)
 
     start_tok = tg.tensor(np.array(first_ids, np.int32))
+    host = [0.0]  # CPU seconds spent queueing + encoding/submitting steps
 
     def decode_loop(n_steps: int, start: int, blocking: bool) -> tuple:
         ids_out, prev = [], None
@@ -97,12 +98,16 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
         t0 = time.perf_counter()
         for i in range(n_steps):
             p = start + i
+            h0 = time.perf_counter()
             t = step(t, p, p + 1)
+            host[0] += time.perf_counter() - h0
             if blocking:
                 ids_out.append(int(np.frombuffer(runtime.read(t.node.buffer, 0, 4), np.int32)[0]))
             else:
                 ticket = runtime.read_later(t.node.buffer, 0, 4)
+                h0 = time.perf_counter()
                 runtime.flush()
+                host[0] += time.perf_counter() - h0
                 if prev is not None:
                     ids_out.append(int(np.frombuffer(prev.result(), np.int32)[0]))
                 prev = ticket
@@ -110,25 +115,35 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
             ids_out.append(int(np.frombuffer(prev.result(), np.int32)[0]))
         return time.perf_counter() - t0, ids_out
 
-    # warm the clocks with real decode steps, then reuse the same cache rows for timing
-    warm_steps = 0
-    t_w = time.perf_counter()
-    while time.perf_counter() - t_w < 0.4:
-        decode_loop(16, prompt + 1, False)
-        warm_steps += 16
     if PROFILE and "timestamp-query-inside-passes" in tg.device()["features"]:
         with tg.debug.profile() as prof:
             decode_loop(8, prompt + 1, False)
         print("--- decode profile, 8 steps (GPU time per kernel)\n" + prof.table(), flush=True)
-    s0 = dict(tg.debug.stats())
-    t_pipe, ids_pipe = decode_loop(new - 1, prompt + 1, False)
-    s1 = dict(tg.debug.stats())
-    t_block, ids_block = decode_loop(new - 1, prompt + 1, True)
+
+    def warm_decode():  # real decode steps right before timing: the SM clock drops within ~1 s
+        t_w = time.perf_counter()
+        while time.perf_counter() - t_w < 0.4:
+            decode_loop(16, prompt + 1, False)
+
+    best_pipe, best_block = 1e9, 1e9
+    for _ in range(2):
+        warm_decode()
+        s0 = dict(tg.debug.stats())
+        host[0] = 0.0
+        t_pipe, ids_pipe = decode_loop(new - 1, prompt + 1, False)
+        host_ms = host[0] / (new - 1) * 1e3
+        s1 = dict(tg.debug.stats())
+        best_pipe = min(best_pipe, t_pipe)
+        warm_decode()
+        t_block, ids_block = decode_loop(new - 1, prompt + 1, True)
+        best_block = min(best_block, t_block)
+    t_pipe, t_block = best_pipe, best_block
     steady = {k: s1[k] - s0[k] for k in ("pipelines_compiled", "bind_groups_created", "submits", "buffers_allocated")}
     return {
         "decode_prompt": prompt, "decode_new": new,
         "decode_first_step_s": first_step_s, "prompt_prefill_s": prefill_s,
         "decode_tok_s": (new - 1) / t_pipe, "decode_blocking_tok_s": (new - 1) / t_block,
+        "host_ms_per_step": host_ms,
         "dispatches_per_step": n_kernels, "dispatches_per_layer": round(n_kernels / c.n_layer, 2),
         "steady_state_per_token": {k: v / (new - 1) for k, v in steady.items()},
         "same_tokens_pipelined_vs_blocking": ids_pipe == ids_block,

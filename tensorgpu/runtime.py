@@ -384,14 +384,41 @@ def _encode(encoder) -> None:
     if _profilers:
         return _encode_profiled(encoder)
     cp = encoder.begin_compute_pass()
-    last = None
-    for d in _pending:
-        if d.pipe is not last:
-            cp.set_pipeline(d.pipe.pipeline)
-            last = d.pipe
-        cp.set_bind_group(0, d.bind_group)
-        cp.dispatch_workgroups(*d.grid)
+    if _RAW is not None:
+        # straight to wgpu-native: wgpu-py's wrappers cost several us per call, and a decode
+        # step encodes a few hundred dispatches
+        set_pipe, set_bg, disp, null = _RAW
+        h = cp._internal
+        last = None
+        for d in _pending:
+            p = d.pipe.pipeline._internal
+            if p is not last:
+                set_pipe(h, p)
+                last = p
+            set_bg(h, 0, d.bind_group._internal, 0, null)
+            x, y, z = d.grid
+            disp(h, x, y, z)
+    else:
+        last = None
+        for d in _pending:
+            if d.pipe is not last:
+                cp.set_pipeline(d.pipe.pipeline)
+                last = d.pipe
+            cp.set_bind_group(0, d.bind_group)
+            cp.dispatch_workgroups(*d.grid)
     cp.end()
+
+
+def _raw_entry_points():
+    try:
+        from wgpu.backends.wgpu_native._api import ffi, libf
+        return (libf.wgpuComputePassEncoderSetPipeline, libf.wgpuComputePassEncoderSetBindGroup,
+                libf.wgpuComputePassEncoderDispatchWorkgroups, ffi.NULL)
+    except Exception:  # another wgpu backend: use the public API
+        return None
+
+
+_RAW = _raw_entry_points() if os.environ.get("TENSORGPU_RAW_ENCODE", "1") != "0" else None
 
 
 def _encode_profiled(encoder) -> None:
