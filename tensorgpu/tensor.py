@@ -48,8 +48,9 @@ def _norm_axes(axis, ndim: int) -> tuple:
         axes = tuple(_norm_axis(a, ndim) for a in axis)
         if len(set(axes)) != len(axes):
             raise ValueError(f"duplicate value in axis {axis}")
-        return tuple(sorted(axes))
-    return (_norm_axis(axis, ndim),)
+        return tuple(sorted(axes)) if ndim else ()
+    a = _norm_axis(axis, ndim)
+    return (a,) if ndim else ()  # a 0-d tensor accepts axis 0/-1 (as PyTorch) and has nothing to reduce
 
 
 class Tensor:
@@ -363,7 +364,8 @@ class Tensor:
         axes = _norm_axes(axis, self.ndim)
         n = prod(self.shape[a] for a in axes)
         s = (self if self.dtype.is_float else self.astype(dt.float32)).sum(axis, keepdims)
-        return s * (1.0 / n) if n else s * float("nan")
+        # mean of nothing is NaN (NumPy); not s * nan: the driver folds 0 * NaN to 0
+        return s * (1.0 / n) if n else full(s.shape, float("nan"), s.dtype)
 
     def var(self, axis=None, keepdims: bool = False, ddof: int = 0):
         axes = _norm_axes(axis, self.ndim)
@@ -371,7 +373,7 @@ class Tensor:
         x = self if self.dtype.is_float else self.astype(dt.float32)
         d = x - x.mean(axis, keepdims=True)
         s = (d * d).sum(axis, keepdims)
-        return s * (1.0 / (n - ddof)) if n - ddof > 0 else s * float("nan")
+        return s * (1.0 / (n - ddof)) if n - ddof > 0 else full(s.shape, float("nan"), s.dtype)
 
     def std(self, axis=None, keepdims: bool = False, ddof: int = 0):
         return self.var(axis, keepdims, ddof).sqrt()
