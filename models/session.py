@@ -215,13 +215,19 @@ class Perplexity:
     nll_sum: float
     n_scored: int
     n_windows: int
+    nll: np.ndarray     # [n_windows, ctx - 1]: NLL of every token after the first of its window
+
+    def ppl_from(self, first_scored: int) -> float:
+        """The perplexity scoring only positions first_scored..ctx-1 of each window
+        (ctx // 2 + 1 is what llama-perplexity scores)."""
+        return float(np.exp(self.nll[:, first_scored - 1:].mean()))
 
 
 def perplexity(model, ids: Sequence[int], ctx: int = 256, first_scored: int = 1, max_windows: Optional[int] = None,
                progress: bool = False, cache_dtype=tg.float16) -> Perplexity:
     """Perplexity over non-overlapping windows of `ctx` tokens, each run from position 0.
     Within a window the tokens at positions first_scored..ctx-1 are scored (1: every token that
-    has a predecessor, as HF's definition in tiny-neox's reference.json; ctx // 2 + 1 matches
+    has a predecessor, the definition of tiny-neox's reference.json; ctx // 2 + 1 matches
     llama-perplexity). A trailing partial window is dropped."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ctx < 2 or not 1 <= first_scored < ctx:
@@ -232,16 +238,15 @@ def perplexity(model, ids: Sequence[int], ctx: int = 256, first_scored: int = 1,
     if n == 0:
         raise ValueError(f"{len(ids)} tokens do not fill one window of {ctx}")
     sess = model.session(max_context=ctx, cache_dtype=cache_dtype)
-    total, count = 0.0, 0
+    nll = np.zeros((n, ctx - 1))
     windows = range(n)
     if progress:
         from tqdm import tqdm
         windows = tqdm(windows, desc="perplexity", unit="window")
     for w in windows:
         sess.reset()
-        nll = sess.nll(ids[w * ctx:(w + 1) * ctx])[first_scored - 1:]
-        total += float(nll.sum())
-        count += nll.size
+        nll[w] = sess.nll(ids[w * ctx:(w + 1) * ctx])
         if progress:
-            windows.set_postfix(ppl=f"{np.exp(total / count):.4f}")
-    return Perplexity(float(np.exp(total / count)), total, count, n)
+            windows.set_postfix(ppl=f"{np.exp(nll[:w + 1, first_scored - 1:].mean()):.4f}")
+    scored = nll[:, first_scored - 1:]
+    return Perplexity(float(np.exp(scored.mean())), float(scored.sum()), scored.size, n, nll)
