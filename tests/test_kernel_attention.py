@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from nn_kernel_util import Base, paths, read_f32  # noqa: F401
-from tensorgpu import dtypes, runtime
+from tensorgpu import runtime
 from tensorgpu.kernels import attention as attn_mod
 from tensorgpu.kernels.attention import attention
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
-from .. import dtypes
 from ..runtime import Buffer, dispatch, get_device, grid_for
 from .common import Operand
 from .nn_wgsl import (NEG_INF, Reader, check_fits, check_float_operand, check_out, distinct, enable_f16,

@@ -251,7 +251,13 @@ class RowPlan:
     K <= kmax the items stay in registers between the reduction and the store (the row is read
     from memory once); otherwise the store pass reads the row again."""
 
-    def __init__(self, rows: int, cols: int, vec: bool, kt: int = 4, kmax: int = 16):
+    # Below this many rows the GPU is not filled by one workgroup per row, so each row gets as
+    # many invocations as it has items (latency of a decode-sized layer norm, not bandwidth).
+    FEW_ROWS = 128
+
+    def __init__(self, rows: int, cols: int, vec: bool, kt: Optional[int] = None, kmax: int = 16):
+        if kt is None:
+            kt = 1 if rows < self.FEW_ROWS else 4
         self.V = 4 if vec else 1
         self.nv = -(-cols // self.V)
         wgmax = max_workgroup_size()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from ..runtime import Buffer, dispatch, get_device, grid_for
 from .common import Operand, epilogue_bindings
 from .nn_wgsl import (NEG_INF, Reader, RowPlan, check_out, distinct, enable_f16, epilogue_or_default,
-                      index_fn, merged_dims, row_operand_check, seg_reduce, sg_builtin, vec4_ok)
+                      index_fn, row_operand_check, seg_reduce, sg_builtin, vec4_ok)
 
 
 def _source(x: Operand, rows: int, cols: int, mode: str, ep) -> tuple:
