@@ -147,3 +147,11 @@ def test_errors():
         attention(out, qb.whole(), kb.whole(), vb.whole(), 3, out_layout="bds")
     with pytest.raises(ValueError, match="same Buffer"):
         attention(out, qb.whole(), kb.whole(), kb.whole(), 3)
+
+
+@pytest.mark.parametrize("sq", [1, 12])
+def test_f16_query(paths, sq):
+    q, k, v = case(2, sq, 40, 24, np.float16)
+    q = q.astype(np.float16)
+    got = run(Base(q), q, Base(k), k, Base(v), v, 33)
+    np.testing.assert_allclose(got, ref_attention(q, k, v, 33), **TOL)
