@@ -1,0 +1,237 @@
+"""What the fuser promises, observed through tg.debug: laziness, one kernel per elementwise
+chain (broadcasts and views included), a reduction fused with its producer and its consumer,
+no pipeline recompiled for new data, no buffer for fused intermediates, buffer reuse, the
+storage-buffer limit respected by splitting, one submit per readback, 2-D grids for large
+launches, and the fallback code paths (no shader-f16, no subgroups) actually generated.
+"""
+import gc
+
+import numpy as np
+import pytest
+
+import tensorgpu as tg
+from core_util import check, kernels, options
+from tensorgpu import runtime
+
+rng = np.random.default_rng(17)
+S = tg.debug.stats
+
+
+def _inputs(seed=0):
+    r = np.random.default_rng(seed)
+    return (r.standard_normal((8, 16)).astype(np.float32), r.standard_normal((16,)).astype(np.float32),
+            r.standard_normal((8, 1)).astype(np.float32), r.standard_normal((1, 16)).astype(np.float32))
+
+
+def test_building_is_lazy_and_numpy_dispatches():
+    a, b, c, d = (tg.tensor(v) for v in _inputs())
+    runtime.flush()
+    s0 = S()
+    e = ((a * b + c).exp() * 2 - d).sum(1).sqrt().T
+    f = e.reshape(2, 4)[:, ::-1] + 1
+    s1 = S()
+    assert s1["kernels_dispatched"] == s0["kernels_dispatched"]
+    assert s1["pipelines_compiled"] == s0["pipelines_compiled"]
+    assert s1["buffers_allocated"] == s0["buffers_allocated"]
+    assert runtime.pending_count() == 0
+    assert "lazy" in repr(f)
+    f.numpy()
+    assert S()["kernels_dispatched"] > s1["kernels_dispatched"]
+
+
+def test_broadcast_chain_is_exactly_one_kernel():
+    an, bn, cn, dn = _inputs()
+    a, b, c, d = (tg.tensor(v) for v in (an, bn, cn, dn))
+    expr = (a * b + c).exp() * 2 - d
+    log = kernels(lambda: expr.numpy())
+    assert len(log) == 1, [k.name for k in log]
+    k = log[0]
+    assert k.name and "fn main" in k.wgsl and k.workgroups[0] >= 1 and k.buffers == 5  # 4 inputs + output
+    check(expr, np.exp(an * bn + cn) * 2 - dn, rtol=1e-5)
+
+
+def test_same_structure_on_new_data_compiles_nothing():
+    def run(seed):
+        a, b, c, d = (tg.tensor(v) for v in _inputs(seed))
+        return ((a * b + c).exp() * 2 - d).numpy()
+
+    run(0)
+    p0 = S()["pipelines_compiled"]
+    for seed in (1, 2, 3):
+        an, bn, cn, dn = _inputs(seed)
+        np.testing.assert_allclose(run(seed), np.exp(an * bn + cn) * 2 - dn, rtol=1e-5, atol=1e-6)
+    assert S()["pipelines_compiled"] == p0
+
+
+def test_bind_groups_are_cached_for_the_same_buffers():
+    a = tg.tensor(rng.standard_normal(100).astype(np.float32))
+    out = tg.empty((100,))
+    out[...] = a * 2  # warm up: compiles and creates the bind group
+    runtime.flush()
+    bg0, p0 = S()["bind_groups_created"], S()["pipelines_compiled"]
+    for _ in range(3):
+        out[...] = a * 2
+    out.numpy()
+    assert S()["bind_groups_created"] == bg0 and S()["pipelines_compiled"] == p0
+
+
+def test_diamond_and_repeated_operands_stay_one_kernel():
+    x = tg.tensor(rng.standard_normal((5, 7)).astype(np.float32))
+    y = x * 2 + 1
+    z = y * y - y.exp() + y[:, ::-1] / (y.T.T + 10)
+    log = kernels(lambda: z.realize())
+    assert len(log) == 1
+    xn = x.numpy()
+    yn = xn * 2 + 1
+    check(z, yn * yn - np.exp(yn) + yn[:, ::-1] / (yn + 10), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("keepdims", [True, False])
+def test_reduction_fuses_producer_and_consumer(keepdims):
+    xn = rng.standard_normal((6, 50)).astype(np.float32)
+    x = tg.tensor(xn)
+    r = ((x * 2).exp().sum(1, keepdims=keepdims) + 1).log()
+    log = kernels(lambda: r.realize())
+    assert len(log) == 1, [k.name for k in log]
+    check(r, np.log(np.exp(xn * 2).sum(1, keepdims=keepdims) + 1), rtol=1e-5)
+    m = (x.abs().max(0) * 3 - 1)
+    log = kernels(lambda: m.realize())
+    assert len(log) == 1
+    check(m, np.abs(xn).max(0) * 3 - 1)
+
+
+def test_reduction_consumer_with_other_operands():
+    xn, bn = rng.standard_normal((6, 50)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    x, b = tg.tensor(xn), tg.tensor(bn)
+    r = x.sum(1) * b + b.exp()
+    log = kernels(lambda: r.realize())
+    assert len(log) == 1
+    check(r, xn.sum(1) * bn + np.exp(bn), rtol=1e-5, atol=1e-5)
+
+
+def test_normalization_pattern_kernel_count():
+    """x - max(x) needs the max first (it is read broadcast): two kernels, not more."""
+    xn = rng.standard_normal((4, 30)).astype(np.float32)
+    x = tg.tensor(xn)
+    e = (x - x.max(1, keepdims=True)).exp()
+    log = kernels(lambda: e.realize())
+    assert len(log) == 2
+    check(e, np.exp(xn - xn.max(1, keepdims=True)), rtol=1e-6)
+
+
+def test_fused_intermediates_allocate_no_buffers(monkeypatch):
+    x = tg.tensor(rng.standard_normal((3, 1000)).astype(np.float32))
+    y = tg.tensor(rng.standard_normal((1000,)).astype(np.float32))
+    runtime.flush()
+    monkeypatch.setattr(runtime.POOL, "free", {})  # every allocation below is a fresh one
+    b0 = S()["buffers_allocated"]
+    z = ((x * 2 + y).exp() - 3).sqrt() * y + x.T.T
+    z.realize()
+    assert S()["buffers_allocated"] - b0 == 1  # the output only
+    r = ((x * y).sum(1) + 1).exp()
+    b1 = S()["buffers_allocated"]
+    r.realize()
+    assert S()["buffers_allocated"] - b1 == 1
+
+
+def test_freed_buffers_are_reused():
+    n = 12345
+    a = tg.tensor(rng.standard_normal(n).astype(np.float32))
+    (a * 2).numpy()  # the size class exists and has been freed once (pending dispatches hold theirs)
+    gc.collect()
+    b0, bytes0 = S()["buffers_allocated"], S()["bytes_allocated"]
+    for i in range(5):
+        t = (a * float(i)).realize()
+        t.numpy()
+        del t
+        gc.collect()
+    assert S()["buffers_allocated"] == b0 and S()["bytes_allocated"] == bytes0
+    live0 = tg.debug.stats()["live_bytes"]
+    t = tg.zeros((n,)) + a
+    t.realize()
+    assert tg.debug.stats()["live_bytes"] > live0
+    runtime.flush()  # pending dispatches keep their buffers until submitted
+    del t
+    gc.collect()
+    assert tg.debug.stats()["live_bytes"] == live0
+
+
+def test_one_submit_per_readback():
+    xn = rng.standard_normal((8, 40)).astype(np.float32)
+    x = tg.tensor(xn)
+    y = (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1)  # several kernels
+    runtime.flush()
+    s0 = S()["submits"]
+    log = kernels(lambda: y.numpy())
+    assert len(log) >= 2
+    assert S()["submits"] - s0 == 1
+    x64 = xn.astype(np.float64)
+    check(y, (x64 - x64.mean(1, keepdims=True)) / (x64.std(1, keepdims=True) + 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("limit", [8, 5])
+def test_storage_buffer_limit_splits_kernels(limit):
+    with options(max_storage_buffers=limit):
+        ins = [rng.standard_normal((5, 7)).astype(np.float32) for _ in range(12)]
+        ts = [tg.tensor(v) for v in ins]
+        expr, ref = ts[0], ins[0]
+        for t, v in zip(ts[1:], ins[1:]):
+            expr, ref = expr * 0.5 + t.exp(), ref * 0.5 + np.exp(v)
+        log = kernels(lambda: expr.realize())
+        assert len(log) >= 2
+        assert all(k.buffers <= limit for k in log), [(k.name, k.buffers) for k in log]
+        assert len(log) <= 11 // (limit - 2) + 1  # splits into few kernels, not one per op
+        check(expr, ref, rtol=1e-5, atol=1e-5)
+        # the same with broadcasting operands, a reduction and a cat of many parts
+        e2 = sum((t[:, :1] * t.T[:1].T[:, :1]).sum(1) for t in ts)
+        log = kernels(lambda: e2.realize())
+        assert all(k.buffers <= limit for k in log)
+        check(e2, sum((v[:, :1] * v[:, :1]).sum(1) for v in ins), rtol=1e-5, atol=1e-5)
+        c = tg.cat([t * 2 for t in ts], 1)
+        log = kernels(lambda: c.realize())
+        assert all(k.buffers <= limit for k in log), [(k.name, k.buffers) for k in log]
+        check(c, np.concatenate([v * 2 for v in ins], 1))
+    assert runtime.get_device().max_storage_buffers >= 8
+
+
+def test_large_launch_uses_a_2d_grid():
+    n = 65535 * 256 + 1000  # more workgroups than one grid dimension holds
+    x = tg.arange(n, dtype=tg.float32)
+    y = x * 2 + 1
+    log = kernels(lambda: y.realize())
+    assert len(log) == 1
+    gx, gy, _ = log[0].workgroups
+    assert gy >= 2 and gx <= 65535 and gx * gy * 256 >= n
+    got = y.numpy()
+    assert got[0] == 1 and got[-1] == (n - 1) * 2 + 1
+    np.testing.assert_array_equal(got[::9973], np.arange(n, dtype=np.float32)[::9973] * 2 + 1)
+    s = x[:65535 * 256].reshape(65535 * 2, 128).sum(1)  # a reduction with > 65535 outputs
+    got = s.numpy()
+    i = np.arange(65535 * 2, dtype=np.float64)
+    np.testing.assert_allclose(got[[0, 1, 70000, -1]], (i * 128 * 128 + 127 * 128 / 2)[[0, 1, 70000, -1]], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- code paths
+
+
+def test_f16_fallback_generates_packed_loads_and_stores():
+    h = tg.tensor(rng.standard_normal(9).astype(np.float16))
+    with options(use_f16=False):
+        log = kernels(lambda: (h * 2 + 1).astype(tg.float16).realize())
+    src = log[0].wgsl
+    assert "enable f16" not in src and "unpack2x16float" in src and "pack2x16float" in src and "array<f16>" not in src
+    if "shader-f16" in runtime.get_device().features:
+        with options(use_f16=True):
+            log = kernels(lambda: (h * 3 + 1).astype(tg.float16).realize())
+        assert "enable f16" in log[0].wgsl and "array<f16>" in log[0].wgsl
+
+
+def test_subgroup_switch_changes_reduction_code():
+    x = tg.tensor(rng.standard_normal((4, 512)).astype(np.float32))
+    with options(use_subgroups=False):
+        log = kernels(lambda: x.sum(1).realize())
+    assert "subgroup" not in log[0].wgsl
+    if "subgroup" in runtime.get_device().features:
+        with options(use_subgroups=True):
+            log = kernels(lambda: (x * 1.5).sum(1).realize())
+        assert "subgroupAdd" in log[0].wgsl
