@@ -1,0 +1,324 @@
+"""Sessions over one resident model: independence, fork, reset, generation controls, bad input.
+
+Uses the small sequential-residual tiny-neox variant (2 layers, 128 wide) where the exact
+numbers don't matter, and the q8_0 model where text does.
+"""
+import gc
+
+import numpy as np
+import pytest
+
+import tensorgpu as tg
+from models.gpt_neox import ContextOverflowError, GPTNeoX, ModelError
+from models.sampling import Sampler, sample_row
+
+
+@pytest.fixture(scope="module")
+def seq(tiny_neox_dir):
+    return GPTNeoX.from_gguf(tiny_neox_dir / "tiny-neox-seq-f32.gguf")
+
+
+@pytest.fixture(scope="module")
+def q8(tiny_neox_dir):
+    return GPTNeoX.from_gguf(tiny_neox_dir / "tiny-neox-q8_0.gguf")
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_neox_dir):
+    return np.load(tiny_neox_dir / "reference.npz")
+
+
+def _greedy(sess, prompt, n):
+    return list(sess.generate(prompt, max_new_tokens=n, stop_on_eos=False))
+
+
+# ----------------------------------------------------------------------------- independence
+
+
+def test_interleaved_sessions_match_each_alone(q8, ref):
+    a_ids, b_ids = ref["p0_ids"], ref["p1_ids"]
+    alone_a = _greedy(q8.session(), a_ids, 12)
+    alone_b = _greedy(q8.session(), b_ids, 12)
+    sa, sb = q8.session(), q8.session()
+    ga = sa.generate(a_ids, max_new_tokens=12, stop_on_eos=False)
+    gb = sb.generate(b_ids, max_new_tokens=12, stop_on_eos=False)
+    got_a, got_b = [], []
+    for ta, tb in zip(ga, gb):  # one token of each, alternately
+        got_a.append(ta)
+        got_b.append(tb)
+    assert got_a == alone_a == ref["p0_greedy_ids_q8_0"][:12].tolist()
+    assert got_b == alone_b == ref["p1_greedy_ids_q8_0"][:12].tolist()
+
+
+def test_sessions_share_the_weights(q8):
+    s1, s2 = q8.session(max_context=64), q8.session(max_context=64)
+    assert s1.model is s2.model
+    before = tg.debug.stats()["live_bytes"]
+    s3 = q8.session(max_context=64)
+    grown = tg.debug.stats()["live_bytes"] - before
+    c = q8.config
+    cache_bytes = c.n_layer * 2 * c.n_head * 64 * c.head_dim * 2
+    assert grown <= cache_bytes + 4096, f"a new session allocated {grown} bytes, its f16 cache is {cache_bytes}"
+    del s3
+
+
+def test_fork_continues_like_the_original(q8, ref):
+    ids = ref["p2_ids"]
+    base = q8.session()
+    base.forward(ids)
+    fork = base.fork()
+    assert fork.context == base.context and fork.cache[0][0] is not base.cache[0][0]
+    want = ref["p2_greedy_ids_q8_0"][:10].tolist()
+    assert _greedy(fork, None, 10) == want
+    # the fork's writes did not touch the original
+    assert _greedy(base, None, 10) == want
+    # fork after generation carries the pending token too
+    f2 = base.fork()
+    assert f2.context == base.context and f2.position == len(ids) + 10
+
+
+def test_reset_and_generate_continuation(q8, ref):
+    ids = ref["p0_ids"]
+    want = ref["p0_greedy_ids_q8_0"][:12].tolist()
+    s = q8.session()
+    first = _greedy(s, ids, 5)
+    rest = _greedy(s, None, 7)  # continues from the context, the last yielded token included
+    assert first + rest == want
+    assert s.position == len(ids) + 12 and s.context[len(ids):] == want
+    s.reset()
+    assert s.position == 0 and _greedy(s, ids, 12) == want
+
+
+def test_forward_after_generate_runs_the_pending_token(seq):
+    ids = [5, 6, 7, 8]
+    s = seq.session(cache_dtype="float32")
+    tok = _greedy(s, ids, 1)[0]
+    out = s.forward([9]).numpy()            # runs [tok, 9], returns only 9's row
+    t = seq.session(cache_dtype="float32")
+    want = t.forward(ids + [tok, 9]).numpy()[-1:]
+    assert out.shape == (1, seq.config.n_vocab)
+    np.testing.assert_allclose(out, want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- generation controls
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(q8, ref):
+    ids = ref["p1_ids"]
+    kw = dict(max_new_tokens=10, temperature=1.0, top_k=40, top_p=0.95, stop_on_eos=False)
+    a = list(q8.session().generate(ids, seed=7, **kw))
+    b = list(q8.session().generate(ids, seed=7, **kw))
+    c = list(q8.session().generate(ids, seed=8, **kw))
+    assert a == b and a != c
+    greedy = ref["p1_greedy_ids_q8_0"][:10].tolist()
+    assert list(q8.session().generate(ids, max_new_tokens=10, temperature=0.7, top_k=1, seed=1,
+                                      stop_on_eos=False)) == greedy
+    assert list(q8.session().generate(ids, max_new_tokens=10, temperature=0.7, top_p=1e-6, seed=1,
+                                      stop_on_eos=False)) == greedy
+
+
+def test_repetition_penalty_changes_a_repetitive_continuation(q8, ref):
+    ids = ref["p0_ids"]  # its greedy continuation repeats "the earth" a lot
+    plain = _greedy(q8.session(), ids, 24)
+    pen = list(q8.session().generate(ids, max_new_tokens=24, repetition_penalty=1.5, stop_on_eos=False))
+    assert pen != plain
+    assert len(set(pen)) > len(set(plain))
+
+
+def test_stop_strings_and_ids(q8, ref):
+    ids = ref["p0_ids"]
+    full = _greedy(q8.session(), ids, 32)
+    text = q8.tokenizer.decode(full)
+    # stop at the first "earth": the token that completes it is the last one yielded
+    got = list(q8.session().generate(ids, max_new_tokens=32, stop=["earth"], stop_on_eos=False))
+    assert got == full[:len(got)] and "earth" in q8.tokenizer.decode(got)
+    assert "earth" not in q8.tokenizer.decode(got[:-1]) and len(got) < len(full)
+    assert text.count("earth") > 1
+    got = list(q8.session().generate(ids, max_new_tokens=32, stop=[full[3]], stop_on_eos=False))
+    assert got == full[:full.index(full[3]) + 1]
+    assert list(q8.session().generate(ids, max_new_tokens=0)) == []
+
+
+def test_stops_when_the_context_is_full(seq):
+    s = seq.session(max_context=8)
+    got = list(s.generate([5, 6, 7], max_new_tokens=50, stop_on_eos=False))
+    assert len(got) == 5 and s.remaining == 0 and s.position == 8
+    with pytest.raises(ContextOverflowError):
+        s.forward([1])
+
+
+def test_generate_stats(q8, ref):
+    s = q8.session()
+    list(s.generate(ref["p0_ids"], max_new_tokens=4, stop_on_eos=False))
+    st = s.last_stats
+    assert st["prefill_tokens"] == len(ref["p0_ids"]) and st["decode_tokens"] == 3
+    assert st["prefill_s"] > 0 and st["decode_s"] > 0
+
+
+def test_sampler_on_the_host():
+    rng = np.random.default_rng(0)
+    row = np.array([0.0, 1.0, 3.0, 2.0])
+    assert sample_row(row.copy(), [], 0.0, None, None, None, rng) == 2
+    # repetition penalty: 3 / 4 < 2
+    assert sample_row(row.copy(), [2], 0.0, None, None, 4.0, rng) == 3
+    # top_k=2 only ever picks 2 or 3
+    picks = {sample_row(row.copy(), [], 1.0, 2, None, None, rng) for _ in range(200)}
+    assert picks == {2, 3}
+    # top_p: 0.6 of the mass is token 2 alone
+    picks = {sample_row(np.log(np.array([0.1, 0.1, 0.6, 0.2])), [], 1.0, None, 0.5, None, rng) for _ in range(100)}
+    assert picks == {2}
+    # frequencies follow the softmax
+    p = np.array([0.1, 0.2, 0.7])
+    counts = np.bincount([sample_row(np.log(p), [], 1.0, None, None, None, rng) for _ in range(3000)], minlength=3)
+    assert np.allclose(counts / 3000, p, atol=0.04)
+    for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=0)):
+        with pytest.raises(ValueError):
+            Sampler(**{"temperature": 1.0, **bad})
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_prompt_longer_than_context_leaves_the_session_unchanged(seq):
+    s = seq.session(max_context=16, cache_dtype="float32")
+    first = s.forward(list(range(2, 12))).numpy()
+    with pytest.raises(ContextOverflowError, match="6 left"):
+        s.forward(list(range(2, 12)))
+    with pytest.raises(ContextOverflowError):
+        s.generate(list(range(100, 120)), max_new_tokens=4)
+    assert s.position == 10
+    # the cache still holds exactly the first 10 tokens: the next logits match a fresh run
+    nxt = s.forward([40, 41]).numpy()
+    want = seq.session(max_context=16, cache_dtype="float32").forward(list(range(2, 12)) + [40, 41]).numpy()
+    np.testing.assert_allclose(np.concatenate([first, nxt]), want, atol=1e-4)
+    with pytest.raises(ValueError, match="exceeds the model's context_length"):
+        seq.session(max_context=seq.config.n_ctx + 1)
+
+
+@pytest.mark.parametrize("bad, exc, msg", [
+    ([5, 4096], IndexError, "4096 at index 1 is outside the vocabulary"),
+    ([-1], IndexError, "-1 at index 0"),
+    ([], ValueError, "empty"),
+    ([[1, 2]], ValueError, "1-D"),
+    ([1.5], TypeError, "integers"),
+    ("hello", TypeError, "encode"),
+])
+def test_bad_token_ids(seq, bad, exc, msg):
+    s = seq.session(max_context=16)
+    with pytest.raises(exc, match=msg):
+        s.forward(bad)
+    assert s.position == 0
+
+
+def test_bad_generate_arguments(q8):
+    s = q8.session(max_context=32)
+    with pytest.raises(ValueError, match="empty prompt"):
+        s.generate("", max_new_tokens=3)
+    with pytest.raises(ValueError, match="empty prompt"):
+        s.generate([], max_new_tokens=3)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        s.generate([99999], max_new_tokens=3)
+    with pytest.raises(ValueError, match="temperature"):
+        s.generate("hi", temperature=-0.5)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        s.generate("hi", max_new_tokens=-1)
+    assert s.position == 0
+
+
+# -- bad files: variants of the seq model written with tg.save_gguf
+
+
+@pytest.fixture(scope="module")
+def seq_parts(tiny_neox_dir):
+    import gguf
+
+    from models.tokenizer import read_gguf_metadata
+    path = tiny_neox_dir / "tiny-neox-seq-f32.gguf"
+    md = read_gguf_metadata(path)
+    r = gguf.GGUFReader(path)
+    tensors = {t.name: np.array(t.data).reshape(tuple(reversed([int(x) for x in t.shape]))) for t in r.tensors}
+    return md, tensors
+
+
+def _write(tmp_path, md, tensors, name="bad.gguf"):
+    path = tmp_path / name
+    tg.save_gguf(path, tensors, md)
+    return path
+
+
+def _no_leak(fn):
+    gc.collect()
+    before = tg.debug.stats()["live_bytes"]
+    fn()
+    gc.collect()
+    assert tg.debug.stats()["live_bytes"] <= before + 4096, "a failed load left tensors on the device"
+
+
+def test_other_architecture_is_named(tmp_path, seq_parts):
+    md, tensors = seq_parts
+    md = {k.replace("gptneox.", "llama."): v for k, v in md.items()}
+    md["general.architecture"] = "llama"
+    path = _write(tmp_path, md, tensors)
+
+    def load():
+        with pytest.raises(ModelError, match="'llama'"):
+            GPTNeoX.from_gguf(path)
+    _no_leak(load)
+
+
+def test_missing_metadata_keys_are_named(tmp_path, seq_parts):
+    md, tensors = seq_parts
+    md = {k: v for k, v in md.items() if k not in ("gptneox.rope.dimension_count", "gptneox.block_count")}
+    path = _write(tmp_path, md, tensors)
+
+    def load():
+        with pytest.raises(ModelError, match="gptneox.block_count.*gptneox.rope.dimension_count"):
+            GPTNeoX.from_gguf(path)
+    _no_leak(load)
+
+
+def test_missing_tensors_are_named(tmp_path, seq_parts):
+    md, tensors = seq_parts
+    tensors = {k: v for k, v in tensors.items() if k not in ("blk.1.ffn_up.bias", "output.weight")}
+    path = _write(tmp_path, md, tensors)
+
+    def load():
+        with pytest.raises(ModelError, match="missing required tensor") as e:
+            GPTNeoX.from_gguf(path)
+        assert "blk.1.ffn_up.bias" in str(e.value) and "output.weight" in str(e.value)
+    _no_leak(load)
+
+
+def test_wrong_tensor_shape_is_named(tmp_path, seq_parts):
+    md, tensors = seq_parts
+    tensors = dict(tensors)
+    tensors["blk.0.attn_qkv.weight"] = tensors["blk.0.attn_qkv.weight"][:300]
+    with pytest.raises(ModelError, match=r"blk.0.attn_qkv.weight is \(300, 128\).*expected \(384, 128\)"):
+        GPTNeoX.from_gguf(_write(tmp_path, md, tensors))
+
+
+def test_bad_metadata_values(tmp_path, seq_parts):
+    md, tensors = seq_parts
+    with pytest.raises(ModelError, match="not divisible"):
+        GPTNeoX.from_gguf(_write(tmp_path, {**md, "gptneox.attention.head_count": 3}, tensors, "a.gguf"))
+    with pytest.raises(ModelError, match="rope.dimension_count"):
+        GPTNeoX.from_gguf(_write(tmp_path, {**md, "gptneox.rope.dimension_count": 33}, tensors, "b.gguf"))
+
+
+def test_not_a_gguf_file(tmp_path):
+    p = tmp_path / "x.gguf"
+    p.write_bytes(b"not a gguf file at all, just text")
+    with pytest.raises(tg.GGUFError, match="not a GGUF file"):
+        GPTNeoX.from_gguf(p)
+    with pytest.raises(tg.GGUFError):
+        GPTNeoX.from_gguf(tmp_path / "missing.gguf")
+
+
+def test_model_without_tokenizer(tmp_path, seq_parts):
+    md, tensors = seq_parts
+    md = {k: v for k, v in md.items() if not k.startswith("tokenizer.")}
+    m = GPTNeoX.from_gguf(_write(tmp_path, md, tensors))
+    assert m.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        m.session().generate("text")
+    assert len(list(m.session().generate([5, 6], max_new_tokens=3))) == 3
