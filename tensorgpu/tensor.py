@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import numbers
+import weakref
 from math import prod
 from typing import Optional, Sequence, Union
 
@@ -60,6 +61,13 @@ class Tensor:
     def __init__(self, node: Node, view: Optional[View] = None):
         if node.tensors == 0 and node.buffer is None and node.op is not Op.CONST:
             _check_fits(node.shape, node.dtype, node.op.name.lower())  # refuse a new lazy result now, not at dispatch
+            for n, _ in node.srcs:
+                # graph.Node registers readers of realized sources; a source still lazy now may be
+                # realized and then written in place (t[i] = v) before this node runs: register it too
+                if n.buffer is None and n.op is not Op.CONST:
+                    if n.readers is None:
+                        n.readers = weakref.WeakSet()
+                    n.readers.add(node)
         self.node = node
         self.view = view if view is not None else View.contiguous(node.shape)
         node.tensors += 1
