@@ -299,7 +299,9 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
     n = prod(shape)
     d = root.dtype
     packed_f16 = d is dt.float16 and not b.native_f16
-    pairs = packed_f16 and out_view.is_contiguous and out_view.offset % 2 == 0
+    # two halves per thread; an odd count may write the half after the last only if that is padding
+    pairs = (packed_f16 and out_view.is_contiguous and out_view.offset % 2 == 0
+             and (n % 2 == 0 or out_view.offset + n >= out_buf.nbytes // 2))
     body: list = []
 
     def value_at(lin_expr: str) -> str:
