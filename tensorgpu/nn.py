@@ -16,7 +16,7 @@ from .tensor import Tensor, tensor
 from .view import View
 
 __all__ = ["linear", "layer_norm", "embedding", "rope", "rope_kv_write", "scaled_dot_product_attention",
-           "gelu", "softmax", "log_softmax"]
+           "gelu", "softmax", "log_softmax", "sample"]
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -293,3 +293,93 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     if out_layout == "bsd":
         return out.reshape(batch + (sq, d))
     return out
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+class SampleKernel(CustomKernel):
+    """One token from one row of logits (kernels/sampling.py); with append, the token is also
+    written into the prev_tokens history and n_prev is incremented, on the GPU."""
+    name = "sample"
+
+    def __init__(self, vocab, temperature, top_k, top_p, penalty, has_u, has_prev, n_prev_static, append):
+        self.vocab, self.temperature, self.top_k, self.top_p = vocab, temperature, top_k, top_p
+        self.penalty, self.has_u, self.has_prev, self.n_prev_static, self.append = \
+            penalty, has_u, has_prev, n_prev_static, append
+        if append:
+            self.writes = (1 + has_u, 2 + has_u)   # prev_tokens, n_prev (after logits and u)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.sampling import sample as k
+        ops = list(operands)
+        logits = ops.pop(0)
+        u = ops.pop(0).buffer if self.has_u else None
+        prev = ops.pop(0).buffer if self.has_prev else None
+        n_prev = ops.pop(0).buffer if ops else self.n_prev_static
+        k(out, logits.buffer, self.vocab, self.temperature, self.top_k, self.top_p, rand=u,
+          repetition_penalty=self.penalty, prev_tokens=prev, n_prev=n_prev, logits_offset=logits.offset,
+          append=self.append)
+
+
+def _whole(t: Tensor, name: str) -> Tensor:
+    if t.node.buffer is None or not t.view.is_identity(t.node.shape):
+        raise ValueError(f"sample: {name} must be a whole realized tensor (it is read and written in place)")
+    return t
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, u=None,
+           repetition_penalty: Optional[float] = None, prev_tokens: Optional[Tensor] = None, n_prev=None,
+           append: bool = False) -> Tensor:
+    """The next token (int32 [1]) from the last row of `logits` ([..., vocab]), chosen on the GPU:
+    greedy when temperature is 0, else temperature / top_k (<= 256) / top_p and an inverse-CDF
+    draw with the uniform number `u` (a float, or a float32 [1] tensor so one compiled kernel
+    serves every step). The repetition penalty applies to prev_tokens[:n_prev] (int32 tensors;
+    n_prev an int or an int32 [1] tensor). append=True also writes the token to
+    prev_tokens[n_prev] and increments n_prev in place (both whole realized tensors), so a
+    decode loop can keep its history on the GPU. Semantics: kernels/sampling.py."""
+    import numpy as np
+    logits._check_plain("sample")
+    if logits.ndim == 0:
+        raise ValueError("sample: logits must have a vocabulary axis, got a 0-d tensor")
+    vocab = logits.shape[-1]
+    row = logits.reshape(-1, vocab)[-1] if logits.ndim > 1 else logits
+    if row.dtype is not dt.float32:
+        row = row.astype(dt.float32)
+    if row.view.strides != (1,) and vocab > 1:  # the kernel reads one contiguous f32 row at an offset
+        row = row.contiguous()
+    temperature = float(temperature)
+    top_k = int(top_k or 0)
+    top_p = 1.0 if top_p is None else float(top_p)
+    greedy = temperature == 0
+    srcs = [row]
+    if not greedy:
+        if u is None:
+            raise ValueError("sample: temperature > 0 needs u, a uniform number in [0, 1) (float or float32 [1] tensor)")
+        if not isinstance(u, Tensor):
+            u = tensor(np.array([float(u)], np.float32))
+        if u.shape != (1,) or u.dtype is not dt.float32:
+            raise ValueError(f"sample: u must be a float32 tensor of shape (1,), got {u.shape} {u.dtype}")
+        srcs.append(u if u.node.buffer is not None and u.view.is_identity(u.node.shape) else u.contiguous())
+    penalty = None if repetition_penalty in (None, 1.0) else float(repetition_penalty)
+    has_prev = prev_tokens is not None and (penalty is not None or append)
+    if (penalty is not None or append) and prev_tokens is None:
+        raise ValueError("sample: repetition_penalty / append need prev_tokens")
+    n_static = None
+    if has_prev:
+        if prev_tokens.ndim != 1 or prev_tokens.dtype is not dt.int32:
+            raise ValueError(f"sample: prev_tokens must be int32 [capacity], got {prev_tokens.shape} {prev_tokens.dtype}")
+        srcs.append(_whole(prev_tokens, "prev_tokens") if append else
+                    (prev_tokens if prev_tokens.node.buffer is not None and prev_tokens.view.is_identity(prev_tokens.node.shape)
+                     else prev_tokens.contiguous()))
+        if isinstance(n_prev, Tensor):
+            if n_prev.shape != (1,) or n_prev.dtype is not dt.int32:
+                raise ValueError(f"sample: n_prev must be an int32 tensor of shape (1,), got {n_prev.shape} {n_prev.dtype}")
+            srcs.append(_whole(n_prev, "n_prev") if append else
+                        (n_prev if n_prev.node.buffer is not None else n_prev.contiguous()))
+        elif append:
+            raise ValueError("sample: append=True needs n_prev as an int32 [1] tensor (incremented on the GPU)")
+        else:
+            n_static = prev_tokens.shape[0] if n_prev is None else int(n_prev)
+    kern = SampleKernel(vocab, temperature, top_k, top_p, penalty, not greedy, has_prev, n_static, append)
+    return _custom(kern, srcs, (1,), dt.int32)
