@@ -1,8 +1,10 @@
 """Next-token choice from a row of logits: greedy, temperature, top-k, top-p, repetition penalty.
 
-Greedy without a penalty is an argmax on the GPU (a 4-byte readback). Anything else reads the
-last row of logits back (vocab x 4 bytes) and samples on the host from a seeded NumPy
-Generator, so a given seed gives the same tokens on every machine and backend.
+On the GPU (tg.nn.sample, one kernel, a 4-byte readback) whenever the logits are a Tensor and
+top_k <= 256; the uniform number of each draw comes from a NumPy Generator seeded with `seed`,
+so a seed reproduces its tokens. `sample_row` is the host fallback (NumPy arrays, top_k > 256).
+Both follow Hugging Face's conventions; they may pick different tokens for the same seed
+because they walk the candidates in different orders.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 import tensorgpu as tg
+
+GPU_MAX_TOP_K = 256   # tensorgpu.kernels.sampling.KCAP
 
 
 class Sampler:
@@ -36,10 +40,16 @@ class Sampler:
 
     def pick(self, logits: tg.Tensor, history: Sequence[int] = ()) -> int:
         """The next token from the last row of `logits` ([T, vocab] tensor or array)."""
-        if self.greedy and self.penalty is None:
-            if isinstance(logits, tg.Tensor):
-                return int(logits[-1].argmax().item())
-            return int(np.argmax(np.asarray(logits)[-1]))
+        if isinstance(logits, tg.Tensor) and (self.top_k or 0) <= GPU_MAX_TOP_K:
+            prev = None
+            if self.penalty is not None and len(history):
+                prev = tg.tensor(np.asarray(history, dtype=np.int32))
+            if self.greedy:
+                return int(tg.nn.sample(logits, repetition_penalty=self.penalty if prev is not None else None,
+                                        prev_tokens=prev).item())
+            return int(tg.nn.sample(logits, self.temperature, self.top_k or 0, self.top_p or 1.0, u=self.rng.random(),
+                                    repetition_penalty=self.penalty if prev is not None else None,
+                                    prev_tokens=prev).item())
         row = (logits[-1].numpy() if isinstance(logits, tg.Tensor) else np.asarray(logits)[-1]).astype(np.float64)
         return sample_row(row, history, self.temperature, self.top_k, self.top_p, self.penalty, self.rng)
 

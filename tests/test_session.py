@@ -176,6 +176,45 @@ def test_sampler_on_the_host():
             Sampler(**{"temperature": 1.0, **bad})
 
 
+def test_tg_nn_sample_glue_matches_the_reference():
+    from tensorgpu.kernels.sampling import sample_reference
+    rng = np.random.default_rng(1)
+    L = rng.standard_normal((3, 777)).astype(np.float32) * 3
+    lg = tg.tensor(L)
+    assert tg.nn.sample(lg).item() == np.argmax(L[-1])
+    assert tg.nn.sample(lg[0]).item() == np.argmax(L[0])
+    assert tg.nn.sample(lg * 2.0).item() == np.argmax(L[-1])        # an unrealized row
+    for T, k, p in [(1.0, 0, 1.0), (0.7, 40, 0.9), (1.3, 0, 0.6), (0.5, 256, 1.0)]:
+        for u in (0.05, 0.5, 0.97):
+            want = sample_reference(L[-1], T, k, p, u)
+            assert tg.nn.sample(lg, T, k, p, u=u).item() == want
+            assert tg.nn.sample(lg, T, k, p, u=tg.tensor(np.array([u], np.float32))).item() == want
+    best = int(np.argmax(L[-1]))
+    prev = tg.tensor(np.array([best, 3, 0, 0], np.int32))
+    assert tg.nn.sample(lg, repetition_penalty=50.0, prev_tokens=prev, n_prev=1).item() == \
+        sample_reference(L[-1], repetition_penalty=50.0, prev_tokens=[best])
+    # append: the history grows on the GPU
+    hist = tg.tensor(np.array([best, 0, 0, 0], np.int32)).contiguous().realize()
+    n = tg.tensor(np.array([1], np.int32)).contiguous().realize()
+    tok = tg.nn.sample(lg, repetition_penalty=50.0, prev_tokens=hist, n_prev=n, append=True).item()
+    assert tok != best and hist.numpy().tolist()[:2] == [best, tok] and n.item() == 2
+    with pytest.raises(ValueError, match="needs u"):
+        tg.nn.sample(lg, 1.0)
+    with pytest.raises(ValueError, match="prev_tokens"):
+        tg.nn.sample(lg, repetition_penalty=1.2)
+
+
+def test_sampler_gpu_path_uses_the_seeded_stream():
+    from tensorgpu.kernels.sampling import sample_reference
+    L = np.random.default_rng(2).standard_normal((1, 500)).astype(np.float32)
+    u = np.random.default_rng(11).random()
+    s = Sampler(temperature=0.9, top_k=30, top_p=0.8, seed=11)
+    assert s.pick(tg.tensor(L)) == sample_reference(L[0], 0.9, 30, 0.8, u)
+    # numpy logits take the host path, also seeded
+    a = [Sampler(1.0, seed=5).pick(L) for _ in range(3)]
+    assert len(set(a)) == 1
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
