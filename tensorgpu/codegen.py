@@ -359,9 +359,15 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
 # ----------------------------------------------------------------------------- reductions
 
 
-def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
+def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, index_src=None, core_node=None):
     """One kernel: the reduction `red` (prologue = its inlined source expression) and the
-    elementwise `root` of the reduced shape on top of it (epilogue), stored contiguously."""
+    elementwise `root` of the reduced shape on top of it (epilogue), stored contiguously.
+
+    Long reductions with few outputs run in two kernels (see schedule.py): `split=(C, CH,
+    P_buf, I_buf)` makes this the first stage — workgroup (o, c) reduces elements
+    [c*CH, (c+1)*CH) of row o into P[o*C + c] (and the arg index into I); the second stage is
+    an ordinary call over P with `index_src` (the I buffer, argmax/argmin) and `core_node`
+    (the original reduction, which `root` refers to)."""
     op = red.op
     axes = red.arg
     src_node, src_view = red.srcs[0]
@@ -377,7 +383,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
     is_arg = op in (Op.ARGMAX, Op.ARGMIN)
     # strategy: a workgroup per output row when the reduced axis is contiguous (coalesced)
     inner_stride = src_view.strides[axes[-1]] if axes else 1
-    per_thread = (inner_stride != 1 and n_out >= 256) or rlen <= 16
+    per_thread = ((inner_stride != 1 and n_out >= 256) or rlen <= 16) and split is None
     b = KernelBuilder()
 
     def src_coords(out_c: list, r_lin: str) -> list:
@@ -406,29 +412,39 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
     rl = b.new("i32(r)", "i32")
     v = b.render(src_node, src_view, src_coords(out_c, rl))
     v = convert(v, sct, act)
+    ridx = "i32(r)"
+    if index_src is not None:
+        ridx = b.render(index_src[0], index_src[1], src_coords(out_c, rl))
     if is_arg:
         upd = [f"let cv: {act} = {v};",
                f"if (cv {cmp} best || (best != best && false) || (cv != cv && best == best)) {{ best = cv; bi = i32(r); }}"]
         # NaN: NumPy's argmax/argmin return the first NaN
         if act == "f32":
             upd = [f"let cv: f32 = {v};",
-                   f"if (!found_nan && (tg_isnan(cv) || cv {cmp} best || bi < 0)) {{ best = cv; bi = i32(r); found_nan = tg_isnan(cv); }}"]
+                   f"if (!found_nan && (tg_isnan(cv) || cv {cmp} best || bi < 0)) {{ best = cv; bi = {ridx}; found_nan = tg_isnan(cv); }}"]
         else:
-            upd = [f"let cv: {act} = {v};", f"if (cv {cmp} best || bi < 0) {{ best = cv; bi = i32(r); }}"]
+            upd = [f"let cv: {act} = {v};", f"if (cv {cmp} best || bi < 0) {{ best = cv; bi = {ridx}; }}"]
         loop_body = b.lines + upd
     else:
         loop_body = b.lines + [f"acc_r = {combine.format('acc_r', v)};"]
     # epilogue
     b.lines = []
     b.memo = {}
-    b.core = red
+    b.core = red if core_node is None else core_node
     b.core_var = "accv"
     if root.shape != out_shape:  # the consumer reads the reduction through a reshape (keepdims=False)
         root_c = b.unravel(b.new("i32(o)", "i32"), root.shape)
     else:
         root_c = out_c
-    val = b.render(root, View.contiguous(root.shape), root_c)
-    epi = b.lines + [store_stmt(b, out_buf, root.dtype, "o", val)] if root.dtype is not dt.float16 or b.native_f16 else None
+    val = b.render(root, View.contiguous(root.shape), root_c) if split is None else "accv"
+    if split is not None:
+        b.lines = []
+        pn = b.bind(split[2], {"f32": dt.float32, "i32": dt.int32, "u32": dt.uint32}[act], "rw")
+        epi = [f"{pn}[o * {split[0]}u + c] = {'sv[0]' if is_arg else 'accv'};"]
+        if is_arg:
+            epi.append(f"{b.bind(split[3], dt.int32, 'rw')}[o * {split[0]}u + c] = accv;")
+    else:
+        epi = b.lines + [store_stmt(b, out_buf, root.dtype, "o", val)] if root.dtype is not dt.float16 or b.native_f16 else None
     if epi is None:  # packed f16 output of a reduction: write through an atomic CAS
         name = b.bind(out_buf, root.dtype, "atomic")
         epi = b.lines + ["let sh = (o & 1u) * 16u;", f"let hv = pack2x16float(vec2<f32>({val}, 0.0)) & 0xffffu;",
@@ -485,13 +501,21 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool):
     else:
         tree = (f"  workgroupBarrier();\n  for (var s = {wg // 2}u; s > 0u; s = s >> 1u) {{\n" + merge
                 + "    workgroupBarrier();\n  }\n")
-    src = (head + shared + pre
-           + f"  let o = wid.x + wid.y * nwg.x;\n  if (o >= {n_out}u) {{ return; }}\n"
+    if split is not None:
+        C, CH = split[0], split[1]
+        head = b.header() + b.decls() + "\n" + b.helper_text() + "\n"
+        start = (f"  let wl = wid.x + wid.y * nwg.x;\n  if (wl >= {n_out * C}u) {{ return; }}\n"
+                 f"  let o = wl / {C}u;\n  let c = wl % {C}u;\n")
+        loop = f"  for (var r = c * {CH}u + lid; r < min({rlen}u, (c + 1u) * {CH}u); r = r + {wg}u) {{\n"
+    else:
+        start = f"  let o = wid.x + wid.y * nwg.x;\n  if (o >= {n_out}u) {{ return; }}\n"
+        loop = f"  for (var r = lid; r < {rlen}u; r = r + {wg}u) {{\n"
+    src = (head + shared + pre + start
            + ind(lines_pro) + "  " + init
-           + f"  for (var r = lid; r < {rlen}u; r = r + {wg}u) {{\n" + ind(loop_body, 4) + "  }\n"
+           + loop + ind(loop_body, 4) + "  }\n"
            + "  " + store_sh + tree
            + f"  if (lid == 0u) {{\n    {final}\n" + ind(epi, 4) + "  }\n}\n")
-    return src, b.bindings, n_out
+    return src, b.bindings, n_out * (split[0] if split is not None else 1)
 
 
 # ----------------------------------------------------------------------------- epilogues

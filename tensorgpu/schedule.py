@@ -20,7 +20,7 @@ from typing import Optional
 
 from . import dtypes as dt
 from .codegen import GraphEpilogue, elementwise_kernel, reduce_kernel
-from .graph import CustomKernel, Node
+from .graph import CustomKernel, Node, buffer_node
 from .ops import Op
 from .runtime import Buffer, dispatch, get_device, grid_for, upload
 from .view import View
@@ -44,12 +44,56 @@ def realize(node: Node) -> None:
         src, bindings, n_wg = elementwise_kernel(root, out, View.contiguous(root.shape))
         _dispatch(_name("E", root), src, bindings, n_wg)
     elif core.is_reduce:
-        src, bindings, n_wg = reduce_kernel(core, root, out, get_device().has_subgroups)
-        _dispatch(_name("R", root, core), src, bindings, n_wg)
+        _emit_reduce(core, root, out)
     else:
         _emit_custom(core, root, out)
         return
     root.set_buffer(out)
+
+
+SPLIT_MIN_LEN = 32768   # reductions this long with few outputs run in two stages
+SPLIT_CHUNK = 4096
+
+
+def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
+    """A reduction kernel; one long row is split over many workgroups (stage 1 writes a
+    partial per chunk, stage 2 reduces the partials and applies the epilogue), so a 50k-vocab
+    argmax or a 1M-element sum uses the whole GPU instead of one workgroup."""
+    subgroups = get_device().has_subgroups
+    axes = core.arg
+    src_view = core.srcs[0][1]
+    rlen = prod(src_view.shape[a] for a in axes)
+    n_out = prod(core.shape)
+    inner_contig = src_view.strides[axes[-1]] == 1 if axes else True
+    if rlen < SPLIT_MIN_LEN or n_out > 64 or not inner_contig:
+        src, bindings, n_wg = reduce_kernel(core, root, out, subgroups)
+        _dispatch(_name("R", root, core), src, bindings, n_wg)
+        return
+    C = min(-(-rlen // SPLIT_CHUNK), 1024)
+    CH = -(-rlen // C)
+    C = -(-rlen // CH)
+    is_arg = core.op in (Op.ARGMAX, Op.ARGMIN)
+    pd = core.srcs[0][0].dtype if is_arg else core.dtype
+    pd = {dt.float16: dt.float32, dt.bool_: dt.int32}.get(pd, pd)
+    P = Buffer(4 * n_out * C)
+    I = Buffer(4 * n_out * C) if is_arg else None
+    src, bindings, n_wg = reduce_kernel(core, core, None, subgroups, split=(C, CH, P, I))
+    _dispatch(_name("R1", core, core), src, bindings, n_wg)
+    # stage 2: the same reduction over P viewed with the first reduced axis of length C
+    strides = [0] * len(core.shape)
+    cs = View.contiguous(core.shape).strides
+    for i, s in enumerate(core.shape):
+        if i not in axes:
+            strides[i] = cs[i] * C
+    strides[axes[0]] = 1
+    shape = list(core.shape)
+    shape[axes[0]] = C
+    pview = View(tuple(shape), tuple(strides), 0)
+    pnode = buffer_node(P, (n_out * C,), pd)
+    inode = (buffer_node(I, (n_out * C,), dt.int32), pview) if is_arg else None
+    red2 = Node(core.op, ((pnode, pview),), core.dtype, core.shape, arg=(axes[0],))
+    src, bindings, n_wg = reduce_kernel(red2, root, out, subgroups, index_src=inode, core_node=core)
+    _dispatch(_name("R2", root, core), src, bindings, n_wg)
 
 
 def _const_bytes(value, d: dt.DType) -> bytes:
