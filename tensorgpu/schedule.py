@@ -151,8 +151,8 @@ def _plan(root: Node):
     limit = get_device().max_storage_buffers
     while True:
         core = root if root.is_reduce else None
-        leaves: dict = {}
         inlined: list = []
+        misread: list = []  # the core reached again on a path that needs another element of it
 
         def visit(n: Node, identity_path: bool) -> set:
             nonlocal core
@@ -162,6 +162,12 @@ def _plan(root: Node):
                     mine.add(id(m.buffer))
                     continue
                 if m.op is Op.CONST:
+                    continue
+                if m is core and m is not root:
+                    # a shared elementwise node above the core is read on two paths: the kernel's
+                    # accumulator serves only reads of the same element
+                    if not (identity_path and n.op is not Op.CAT and _same_linear(v, m)):
+                        misread.append(m)
                     continue
                 if m.is_elementwise:
                     sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT)
@@ -181,6 +187,9 @@ def _plan(root: Node):
             return mine
 
         used = visit(root, True)
+        if misread:
+            realize(misread[0])
+            continue
         if len(used) + 1 <= limit:
             return core, root
         # too many bindings: give the biggest inlined subtree that fits its own kernel, then replan
