@@ -196,7 +196,12 @@ class KernelBuilder:
             return self.render_cat(node, coords)
         srcs = [self.render(n, v, coords) for n, v in node.srcs]
         if op is Op.CAST:
-            return self.new(convert(srcs[0], compute_type(node.srcs[0][0].dtype), ct), ct)
+            src_dt = node.srcs[0][0].dtype
+            val = convert(srcs[0], compute_type(src_dt), ct)
+            if node.dtype is dt.float16 and src_dt is not dt.float16:
+                # f16 values live in f32 registers: round here, or a cast inside a chain is a no-op
+                val = f"unpack2x16float(pack2x16float(vec2<f32>({val}, 0.0))).x"
+            return self.new(val, ct)
         if op is Op.WHERE:
             return self.new(f"select({srcs[2]}, {srcs[1]}, {srcs[0]})", ct)
         if op in UNARY:
