@@ -148,3 +148,13 @@ def test_binary_promotion(a, b, want):
     assert tg.cat([x, y]).dtype is want
     assert (x < y).dtype is tg.bool
     assert (x / y).dtype is (want if want in (tg.float16, tg.float32) else tg.float32)
+
+
+def test_float16_cast_inside_a_chain_rounds(f16_path):
+    """astype(float16) in the middle of a fused expression rounds, as NumPy does."""
+    x = np.array([0.1, 1 / 3, 2049, 2051, 1e-6, -7.3], np.float32)
+    t = tg.tensor(x)
+    check(t.astype(tg.float16).astype(tg.float32) - t, x.astype(np.float16).astype(np.float32) - x)
+    i = np.array([2049, 4097, -2051], np.int32)
+    check(tg.tensor(i).astype(tg.float16).astype(tg.float32), i.astype(np.float16).astype(np.float32))
+    check((t * 3).astype(tg.float16) * 1.0, ((x * 3).astype(np.float16).astype(np.float32) * 1.0).astype(np.float16))

@@ -239,3 +239,89 @@ def test_subgroup_switch_changes_reduction_code():
         with options(use_subgroups=True):
             log = kernels(lambda: (x * 1.5).sum(1).realize())
         assert "subgroupAdd" in log[0].wgsl
+
+
+# ----------------------------------------------------------------------------- random graphs
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _bshape(a, b):
+    try:
+        return np.broadcast_shapes(a, b)
+    except ValueError:
+        return None
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_random_expression_graphs_property(data):
+    """Random DAGs of elementwise ops, views, reductions (with and without keepdims), where,
+    cat, float16 round trips and explicit realizes, under a random storage-buffer limit: the
+    value equals NumPy's (float64 reference, 1e-4 relative to the magnitude)."""
+    draw = data.draw
+    r = np.random.default_rng(draw(st.integers(0, 2**16)))
+    dims = [draw(st.sampled_from([1, 2, 3, 5])) for _ in range(3)]
+    pool = []
+    for _ in range(draw(st.integers(2, 4))):
+        shape = tuple(d if draw(st.booleans()) else 1 for d in dims)[draw(st.integers(0, 2)):]
+        v = r.uniform(-2, 2, shape).astype(np.float32)
+        pool.append((tg.tensor(v), v.astype(np.float64)))
+    limit = draw(st.sampled_from([None, 4, 6]))
+    scale, tol = 1.0, 1e-4
+    with options(max_storage_buffers=limit):
+        for _ in range(draw(st.integers(1, 10))):
+            op = draw(st.sampled_from(["un", "bin", "bin", "view", "red", "where", "cat", "f16", "realize"]))
+            i = draw(st.integers(0, len(pool) - 1))
+            t, a = pool[i]
+            if op == "un":
+                k = draw(st.sampled_from(["exp", "neg", "abs", "relu", "sin", "sqrt", "tanh", "sigmoid"]))
+                t, a = {"exp": (t.clip(-4, 4).exp(), np.exp(np.clip(a, -4, 4))), "neg": (-t, -a),
+                        "abs": (t.abs(), np.abs(a)), "relu": (t.relu(), np.maximum(a, 0)), "sin": (t.sin(), np.sin(a)),
+                        "sqrt": ((t.abs() + 0.1).sqrt(), np.sqrt(np.abs(a) + 0.1)), "tanh": (t.tanh(), np.tanh(a)),
+                        "sigmoid": (t.sigmoid(), 1 / (1 + np.exp(-a)))}[k]
+            elif op == "bin":
+                t2, a2 = pool[draw(st.integers(0, len(pool) - 1))]
+                if _bshape(a.shape, a2.shape) is None:
+                    continue
+                k = draw(st.sampled_from(["add", "sub", "mul", "max", "div"]))
+                t, a = {"add": (t + t2, a + a2), "sub": (t - t2, a - a2), "mul": (t * t2, a * a2),
+                        "max": (tg.maximum(t, t2), np.maximum(a, a2)),
+                        "div": (t / (t2.abs() + 1), a / (np.abs(a2) + 1))}[k]
+            elif op == "view" and a.ndim:
+                k = draw(st.sampled_from(["T", "flip", "none", "slice"]))
+                if k == "T":
+                    t, a = t.T, a.T
+                elif k == "flip":
+                    t, a = t[..., ::-1], a[..., ::-1]
+                elif k == "none":
+                    t, a = t[None], a[None]
+                elif a.shape[0] > 1:
+                    t, a = t[1:], a[1:]
+            elif op == "red" and a.ndim and a.size:
+                ax = draw(st.integers(0, a.ndim - 1))
+                keep = draw(st.booleans())
+                k = draw(st.sampled_from(["sum", "max", "min", "mean"]))
+                t, a = getattr(t, k)(ax, keepdims=keep), getattr(a, k)(ax, keepdims=keep)
+                if draw(st.booleans()):  # an elementwise consumer of the reduced shape
+                    t, a = t * 0.5 + 1, a * 0.5 + 1
+            elif op == "where":
+                t2, a2 = pool[draw(st.integers(0, len(pool) - 1))]
+                if _bshape(a.shape, a2.shape) is None:
+                    continue
+                t, a = tg.where(t > 0, t, t2), np.where(a > 0, a, a2)
+            elif op == "cat" and a.ndim:
+                ax = draw(st.integers(0, a.ndim - 1))
+                t, a = tg.cat([t, t * 2, t], ax), np.concatenate([a, a * 2, a], ax)
+            elif op == "f16":  # float16 rounding of an f32 vs an f64 value may differ by an f16 ULP
+                t, a = t.astype(tg.float16).astype(tg.float32) * 1, a.astype(np.float16).astype(np.float64)
+                tol = 2e-3
+            elif op == "realize":
+                t.realize()
+            pool.append((t, a))
+            scale = max(scale, float(np.abs(a).max(initial=0)))
+        t, a = pool[-1]
+        got = t.numpy()
+    assert got.shape == a.shape
+    np.testing.assert_allclose(got, a, rtol=tol, atol=tol * scale)  # errors scale with the largest intermediate
