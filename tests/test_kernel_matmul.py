@@ -82,6 +82,8 @@ def run(a_view, a_op, b_view, b_op, epilogue=None, force=None, ref_fn=None):
     launch = mm.plan(out, a_op, b_op, epilogue, force=force)
     if launch.kind != "empty":
         runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+        for e in launch.extra:   # split-K reduction
+            runtime.dispatch(*e)
     got = np.frombuffer(runtime.read(out, 0, n * 4), np.float32).reshape(shape)
     a64, b64 = a_view.astype(np.float64), b_view.astype(np.float64)
     ref = a64 @ b64
@@ -152,7 +154,7 @@ def test_tiled_tile_sizes_and_vec_modes(tile, layout, tuning):
     tuning["tile"] = tile
     av, ao, bv, bo = make(132, 48, 136, ta=layout[0] == "T", tb=layout[1] == "T")
     launch = run(av, ao, bv, bo)
-    assert launch.kind == "tiled" and launch.info["tile"] == tile
+    assert launch.kind == "tiled" and launch.info["tile"] == (tile, tile)
     want = {"NT": ("vk", "vk"), "TN": ("vt", "vt"), "NN": ("vk", "vt")}[layout]
     assert launch.info["modes"] == want
 
@@ -175,6 +177,45 @@ def test_tiled_bk_not_dividing_k(tuning):
     tuning["bk"] = 8
     av, ao, bv, bo = make(40, 21, 36, tb=False)
     run(av, ao, bv, bo, force="tiled")
+
+
+@pytest.mark.parametrize("tm,tn", [(128, 64), (64, 128), (128, 128), (64, 64)])
+@pytest.mark.parametrize("layout", ["NT", "NN"])
+def test_tiled_rectangular_tiles(tm, tn, layout, tuning):
+    tuning["tile_mn"] = (tm, tn)
+    av, ao, bv, bo = make(140, 24, 76, ta=layout[0] == "T", tb=layout[1] == "T")
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.info["tile"] == (tm, tn) and launch.info["split"] == 1
+
+
+@pytest.mark.parametrize("split,M,K,N", [(2, 70, 64, 68), (3, 33, 100, 21), (4, 64, 36, 64), (5, 9, 80, 130)])
+def test_tiled_split_k(paths, split, M, K, N, tuning):
+    # partial sums in a scratch buffer, summed (epilogue applied once) by a second kernel;
+    # K % 16 != 0 and K steps not dividing by the split factor leave a short last split
+    tuning["split_k"] = split
+    tuning["tile_mn"] = (64, 64)
+    av, ao, bv, bo = make(M, K, N, tb=True, da=np.float16 if M % 2 else np.float32, db=np.float16)
+    ep = BiasGelu(rand(N))
+    launch = run(av, ao, bv, bo, epilogue=ep, force="tiled", ref_fn=ep.ref)
+    KT = -(-K // 16)
+    assert launch.info["split"] == -(-KT // -(-KT // split)) > 1 and len(launch.extra) == 1
+    assert "ep_bias" not in launch.wgsl and "ep_bias" in launch.extra[0][1]
+
+
+def test_tiled_split_k_batched(tuning):
+    tuning["split_k"] = 2
+    av, ao, bv, bo = make(20, 64, 12, tb=False, batch=(3,))
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.info["split"] == 2
+
+
+def test_tiled_auto_split_for_prefill_shapes(tuning):
+    # few output tiles and a long K: the planner splits K (plan only; nothing runs)
+    a = Operand(runtime.Buffer(512 * 8192 * 4), dtypes.float32, (512, 8192), (8192, 1), 0)
+    b = Operand(runtime.Buffer(2048 * 8192 * 2), dtypes.float16, (8192, 2048), (1, 8192), 0)
+    launch = mm.plan(runtime.Buffer(512 * 2048 * 4), a, b)
+    tiles = -(-512 // launch.info["tile"][0]) * -(-2048 // launch.info["tile"][1])
+    assert launch.kind == "tiled" and tiles * launch.info["split"] >= 128
 
 
 # ----------------------------------------------------------------------------- GEMV

@@ -305,6 +305,32 @@ def test_tiled_128(tuning, dt):
     assert launch.info["tile"][0] == 128
 
 
+@pytest.mark.parametrize("dt", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_k, dtypes.q6_k], ids=lambda d: d.name)
+@pytest.mark.parametrize("xdt", [F32, F16], ids=["x32", "x16"])
+def test_dequant_path(paths, tuning, dt, xdt):
+    """Prefill path: W decoded once into an f32 scratch, then the float tiled matmul (split-K
+    forced here so its reduction, which applies the epilogue, runs too); x a sliced view."""
+    K = 512 if dt.block_size == 256 else 128
+    N, M = 20, 37
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    base = _rng.standard_normal((M, K + 8)).astype(np.float32)
+    launch = run_matmul(dt, base[:, 4:K + 4], N, xdt=xdt, epilogue=ep, ep_ref=ep.ref(bias), force="dequant")
+    assert launch.kind == "dequant" and launch.passes[0][0].startswith("dequantize")
+    from tensorgpu.kernels import matmul as mm
+    old = dict(mm.TUNING)
+    try:
+        mm.TUNING.update(split_k=3, tile_mn=(64, 64))
+        launch = run_matmul(dt, base[:, :K], N, xdt=xdt, epilogue=ep, ep_ref=ep.ref(bias), force="dequant",
+                            w_offset_blocks=2)
+        assert len(launch.passes) == 3
+    finally:
+        mm.TUNING.clear()
+        mm.TUNING.update(old)
+    tuning.update(dequant_min_rows=M)
+    assert run_matmul(dt, base[:, :K], N).kind == "dequant"
+
+
 @pytest.mark.parametrize("dt", [dtypes.q8_0, dtypes.q6_k, dtypes.q4_1], ids=lambda d: d.name)
 @pytest.mark.parametrize("force", ["gemv", "tiled"])
 def test_matmul_weight_offset(dt, force):

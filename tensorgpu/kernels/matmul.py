@@ -46,8 +46,12 @@ TUNING = {
     "gemv_max_m": GEMV_MAX_M,  # up to this many rows use GEMV (decode / small speculative batches)
     "gemv_cols": None,      # columns per GEMV workgroup; None: by M and weight dtype
     "gemv_threads": None,   # GEMV workgroup size; None: by K
-    "tile": None,           # 128 or 64; None: 128 when that gives >= `tile128_min_wgs` workgroups
+    "tile": None,           # 128 or 64: force a square tile (no split-K unless split_k); None: chosen
     "tile128_min_wgs": 128,
+    "tile_mn": None,        # (TM, TN) in {64, 128}^2: force the tiled kernel's output tile
+    "split_k": None,        # force a split-K factor (None: chosen with the tile)
+    "target_wgs": 256,      # workgroups the tile / split-K choice aims for (about 2 per SM on an H100)
+    "split_min_k": 256,     # K elements per split, at least
     "bk": 16,               # K step of the tiled kernel
 }
 
@@ -216,6 +220,7 @@ class Launch:
     bindings: list = field(default_factory=list)
     grid: tuple = (0, 0, 0)
     info: dict = field(default_factory=dict)
+    extra: list = field(default_factory=list)   # follow-up dispatches (name, wgsl, bindings, grid): split-K reduction
 
 
 def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
@@ -225,6 +230,8 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
     launch = plan(out, a, b, epilogue)
     if launch.kind != "empty":
         runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+        for name, wgsl, bindings, grid in launch.extra:
+            runtime.dispatch(name, wgsl, bindings, grid)
 
 
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None) -> Launch:
@@ -278,6 +285,11 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
     gen = {"gemv_k": _gen_gemv_k, "gemv_n": _gen_gemv_n, "tiled": _gen_tiled, "naive": _gen_naive}[kind]
     name, body, grid, info = gen(ctx)
     wgsl = ctx.header() + body
+    split = info.get("split", 1)
+    if split > 1:   # the main pass writes partial sums to a scratch buffer; a second pass reduces
+        part = _scratch_buffer("splitk", split * numel * 4)
+        bindings = [(part, "rw")] + ctx.input_bindings()
+        return Launch(kind, name, wgsl, bindings, grid, info, [_splitk_reduce(out, part, numel, split, ep)])
     bindings = [(out, "rw")] + ctx.input_bindings() + epilogue_bindings(ep)
     return Launch(kind, name, wgsl, bindings, grid, info)
 
@@ -649,22 +661,76 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
     return mode, "".join(regs), "".join(load), "".join(store)
 
 
+def _tiled_config(c: _Ctx, BK: int) -> tuple:
+    """(TM, TN, S): output tile and split-K factor.
+
+    Why: a prefill-sized matmul (M = 512 rows) has few 128x128 tiles (N = 2048 gives 64
+    workgroups for 132 SMs on an H100), so most of the GPU idles while the big tiles that make
+    2048^3 fast run one wave. Rectangular tiles and splitting K over several workgroups (partial
+    sums reduced, epilogue applied, by a second small kernel) raise the workgroup count while
+    keeping the 8x8 (or 8x4) register blocks that reach ~70% of the FMA peak.
+    Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape; TUNING["tile"] forces
+    a square tile (no split unless split_k says so)."""
+    M, N, K, nb = c.M, c.N, c.K, c.nb
+    smem_ok = lambda tm, tn: 2 * BK * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
+    forced = TUNING.get("tile_mn")
+    if forced:
+        TM, TN = (int(x) for x in forced)
+    elif TUNING["tile"]:
+        TM = TN = int(TUNING["tile"])
+    else:
+        TM = TN = None
+    if TM is not None and not smem_ok(TM, TN):
+        TM = TN = 64
+    KT = -(-K // BK)
+    S = TUNING.get("split_k")
+    if TM is not None:
+        S = int(S or 1)
+    else:
+        target = int(TUNING.get("target_wgs", 256))
+        min_kt = max(1, int(TUNING.get("split_min_k", 256)) // BK)   # K steps per split, at least
+        best = None
+        for tm, tn, eff in ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6)):
+            if not smem_ok(tm, tn):
+                continue
+            tiles = -(-M // tm) * -(-N // tn) * nb
+            for s in ((int(S),) if S else range(1, 9)):
+                if s > 1 and not S and KT // s < min_kt:
+                    break
+                wgs = tiles * s
+                # work done per unit time: tile efficiency x how full the target workgroup count is,
+                # a small cost per extra split (partials written and reduced)
+                fill = min(1.0, wgs / target)
+                waves = -(-wgs // target)
+                quant = wgs / (waves * target) if wgs > target else 1.0
+                score = eff * fill * quant * (1.0 - 0.03 * (s - 1))
+                # useless work on partial tiles at the M / N edges
+                score *= (M * N * nb) / (tiles * tm * tn)
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, tm, tn, s)
+        if best is None:
+            TM = TN = 64
+            S = 1
+        else:
+            _, TM, TN, S = best
+    S = max(1, min(int(S), KT))
+    KC = -(-KT // S)            # K steps per split
+    S = -(-KT // KC)            # no empty splits
+    return TM, TN, S, KC
+
+
 def _gen_tiled(c: _Ctx):
     A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
     BK = TUNING["bk"]
-    tile = TUNING["tile"]
-    if tile is None:
-        n128 = -(-M // 128) * -(-N // 128) * c.nb
-        tile = 128 if n128 >= TUNING["tile128_min_wgs"] else 64
-    smem = 2 * BK * tile * 4
-    if smem > c.dev.max_workgroup_storage:
-        tile = 64
-    TM = TN = tile
-    G = tile // 64          # vec4 groups per thread along m and along n
-    RM = 4 * G              # rows per thread
+    TM, TN, S, KC = _tiled_config(c, BK)
+    GM, GN = TM // 64, TN // 64     # vec4 groups per thread along m and along n
+    RM = 4 * GM                     # rows per thread
     gm, gn = -(-M // TM), -(-N // TN)
-    total = gm * gn * c.nb
+    tiles = gm * gn * c.nb
+    total = tiles * S
     KT = -(-K // BK)
+    if S > 1:
+        c.ep = NoEpilogue()         # raw partial sums; the reduction kernel applies the epilogue
     moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K)
     modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K)
     if c.aliased and c.lanes["a"] != c.lanes["b"]:
@@ -682,51 +748,63 @@ def _gen_tiled(c: _Ctx):
          f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
          "@compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
          "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
-         _GRID_PRELUDE.format(total=_u(total)),
-         f"    let tni = g % {_u(gn)};\n    let rest = g / {_u(gn)};\n"
-         f"    let tmi = rest % {_u(gm)};\n    let bi = rest / {_u(gm)};\n",
-         f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
-         pre,
-         f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
-         "    let tx = lid % 16u;\n    let ty = lid / 16u;\n"]
+         _GRID_PRELUDE.format(total=_u(total))]
+    if S > 1:
+        s.append(f"    let si = g / {_u(tiles)};\n    let gt = g % {_u(tiles)};\n"
+                 f"    let kt0 = si * {_u(KC)};\n    let kt1 = min(kt0 + {_u(KC)}, {_u(KT)});\n")
+    else:
+        s.append(f"    let gt = g;\n    let kt0 = 0u;\n    let kt1 = {_u(KT)};\n")
+    s += [f"    let tni = gt % {_u(gn)};\n    let rest = gt / {_u(gn)};\n"
+          f"    let tmi = rest % {_u(gm)};\n    let bi = rest / {_u(gm)};\n",
+          f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
+          pre,
+          f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
+          "    let tx = lid % 16u;\n    let ty = lid / 16u;\n"]
     for r in range(RM):
-        for h in range(G):
+        for h in range(GN):
             s.append(f"    var c{r}_{h} = vec4<f32>(0.0);\n")
     s.append(regs_a + regs_b)
-    s.append("    {\n        let k0 = 0u;\n" + load_a + load_b + "    }\n")
-    s.append(f"    for (var kt = 0u; kt < {_u(KT)}; kt++) {{\n")
+    s.append(f"    {{\n        let k0 = kt0 * {BK}u;\n" + load_a + load_b + "    }\n")
+    s.append("    for (var kt = kt0; kt < kt1; kt++) {\n")
     s.append(store_a + store_b)
     s.append("        workgroupBarrier();\n")
-    s.append(f"        if (kt + 1u < {_u(KT)}) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
+    s.append(f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
     s.append(f"        for (var kk = 0u; kk < {BK}u; kk++) {{\n")
-    for gi in range(G):
+    for gi in range(GM):
         s.append(f"            let a{gi} = mm_As[kk * {TM // 4}u + {gi * 16}u + ty];\n")
-    for h in range(G):
+    for h in range(GN):
         s.append(f"            let b{h} = mm_Bs[kk * {TN // 4}u + {h * 16}u + tx];\n")
     comp = "xyzw"
     for r in range(RM):
         gi, i = divmod(r, 4)
-        for h in range(G):
+        for h in range(GN):
             s.append(f"            c{r}_{h} = fma(vec4<f32>(a{gi}.{comp[i]}), b{h}, c{r}_{h});\n")
     s.append("        }\n        workgroupBarrier();\n    }\n")
-    # store
-    s.append(f"    let ob = bi * {_u(M * N)};\n")
+    # store (a split stores its raw partial sums at partial si's copy of the output)
+    if S > 1:
+        s.append(f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n")
+        ep = ("v.x", "v.y", "v.z", "v.w")
+        st_vec = "mm_out[o >> 2u] = v;"
+    else:
+        s.append(f"    let ob = bi * {_u(M * N)};\n")
+        st_vec = ("mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
+                  "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
     for r in range(RM):
         gi, i = divmod(r, 4)
         s.append(f"    {{ let m = at0 + {gi * 64 + i}u + ty * 4u;\n")
         if M % TM:
             s.append(f"      if (m < {_u(M)}) {{\n")
-        for h in range(G):
+        for h in range(GN):
             s.append(f"        {{ let n = bt0 + {h * 64}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
             if c.out_vec:
-                st = ("mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
-                      "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
+                st = st_vec
                 if N % TN:
                     st = f"if (n < {_u(N)}) {{ {st} }}"
                 s.append(f"          {st} }}\n")
             else:
                 for j in range(4):
-                    st = f"mm_out[o + {j}u] = epilogue(v.{comp[j]}, o + {j}u);"
+                    val = f"v.{comp[j]}" if S > 1 else f"epilogue(v.{comp[j]}, o + {j}u)"
+                    st = f"mm_out[o + {j}u] = {val};"
                     if N % TN:
                         st = f"if (n + {j}u < {_u(N)}) {{ {st} }}"
                     s.append(f"          {st}\n")
@@ -735,5 +813,46 @@ def _gen_tiled(c: _Ctx):
             s.append("      }\n")
         s.append("    }\n")
     s.append("}\n")
-    name = f"matmul_{c.dtag()}_t{TM}_{moda}{modb}_k{BK}"
-    return name, "".join(s), runtime.grid_for(total), {"tile": TM, "modes": (moda, modb), "bk": BK}
+    name = f"matmul_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
+    return name, "".join(s), runtime.grid_for(total), {"tile": (TM, TN), "modes": (moda, modb), "bk": BK, "split": S}
+
+
+_scratch: dict = {}
+
+
+def _scratch_buffer(tag: str, nbytes: int) -> Buffer:
+    """A cached scratch Buffer of at least nbytes: the same object while big enough, so bind groups
+    (and captured dispatches) that use it stay valid. Dispatches run in queue order, so one scratch
+    serves every split-K matmul of a graph."""
+    buf = _scratch.get(tag)
+    if buf is None or buf.nbytes < nbytes:
+        buf = Buffer(nbytes)
+        _scratch[tag] = buf
+    return buf
+
+
+def _splitk_reduce(out: Buffer, part: Buffer, numel: int, S: int, ep) -> tuple:
+    """The dispatch (name, wgsl, bindings, grid) summing S partial outputs (each `numel` floats,
+    back to back in `part`) into out, applying the epilogue once per element."""
+    vec = numel % 4 == 0
+    n = numel // 4 if vec else numel
+    ep_lines = ep.wgsl(2).splitlines(keepends=True)
+    enables = [ln.strip() for ln in ep_lines if ln.lstrip().startswith("enable ")]
+    ep_text = "".join(ln for ln in ep_lines if not ln.lstrip().startswith("enable "))
+    t = "vec4<f32>" if vec else "f32"
+    src = "".join(e + "\n" for e in dict.fromkeys(enables))
+    src += (f"@group(0) @binding(0) var<storage, read_write> mm_out: array<{t}>;\n"
+            f"@group(0) @binding(1) var<storage, read> mm_part: array<{t}>;\n" + ep_text +
+            "@compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+            "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n"
+            f"    let i = ({runtime.WGSL_LINEAR_ID}) * 256u + lid;\n    if (i >= {_u(n)}) {{ return; }}\n"
+            "    var v = mm_part[i];\n")
+    for k in range(1, S):
+        src += f"    v += mm_part[i + {_u(k * n)}];\n"
+    if vec:
+        src += ("    let o = i * 4u;\n    mm_out[i] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
+                "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));\n}\n")
+    else:
+        src += "    mm_out[i] = epilogue(v, i);\n}\n"
+    binds = [(out, "rw"), (part, "read")] + epilogue_bindings(ep)
+    return (f"matmul_splitk_reduce_s{S}", src, binds, runtime.grid_for(-(-n // 256)))

@@ -49,6 +49,8 @@ TUNING = {
     "gemv_rows": None,    # weight rows per GEMV workgroup; None: from the M chunk (4 for M=1)
     "tile": None,         # 128 or 64 (tiled path); None: 128 when M and N are both >= 128
     "bk": 16,             # K step of the tiled kernel (divides every block size)
+    "dequant_min_rows": 256,          # from this many x rows: dequantize W to f32, float tiled matmul
+    "dequant_max_bytes": 256 << 20,   # largest f32 weight copy the dequant path makes
 }
 
 _U32 = 1 << 32
@@ -501,8 +503,28 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     O[g] = dq4({_u(base)} + (g / {gpb}u) * {dtype.block_bytes}u, g % {gpb}u);
 }}
 """
-    runtime.dispatch(f"dequantize_{dtype.name}", body, [(out, "rw"), (src, "read")],
-                     runtime.grid_for(-(-groups // _DQ_WG)))
+    runtime.dispatch(*_dequantize_pass(out, src, dtype, numel, off, body, groups))
+
+
+def _dequantize_pass(out: Buffer, src: Buffer, dtype: dtypes.DType, numel: int, off: int,
+                     body: Optional[str] = None, groups: Optional[int] = None) -> tuple:
+    """(name, wgsl, bindings, grid) of dequantize (arguments already validated)."""
+    if body is None:
+        groups = -(-numel // 4)
+        assert dtype is not dtypes.bfloat16, "bf16 dequantize passes come from dequantize()"
+        body = f"""
+@group(0) @binding(0) var<storage, read_write> O: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> W: array<u32>;
+{_format_wgsl(dtype, True, numel, False)}
+@compute @workgroup_size({_DQ_WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {{
+    let g = ({runtime.WGSL_LINEAR_ID}) * {_DQ_WG}u + lid;
+    if (g >= {_u(groups)}) {{ return; }}
+    O[g] = dq4({_u(off * dtype.block_bytes)} + (g / {dtype.block_size // 4}u) * {dtype.block_bytes}u, g % {dtype.block_size // 4}u);
+}}
+"""
+    return (f"dequantize_{dtype.name}", body, [(out, "rw"), (src, "read")], runtime.grid_for(-(-groups // _DQ_WG)))
 
 
 # ----------------------------------------------------------------------------- x operand access
@@ -643,12 +665,19 @@ def plan_matmul(out: Buffer, x: Operand, w: Buffer, w_dtype: dtypes.DType, N: in
         return Launch("empty")
     _check_x_bounds(x)
 
-    kind = force or ("gemv" if rows <= TUNING["gemv_max_m"] else "tiled")
+    kind = force or ("gemv" if rows <= TUNING["gemv_max_m"] else
+                     "dequant" if rows >= TUNING["dequant_min_rows"] and _dequant_ok(dev, X, w_dtype, N, K) else "tiled")
     ctx = dict(dev=dev, X=X, w=w, dt=w_dtype, fmt=fmt, N=N, K=K, rb=row_bytes, wbase=wbase, ep=ep, out=out)
     if kind == "gemv":
         return _plan_gemv(**ctx)
     if kind == "tiled":
         return _plan_tiled(**ctx)
+    if kind == "dequant":
+        if not _dequant_ok(dev, X, w_dtype, N, K):
+            raise ValueError(f"quant_matmul: the dequant path needs x rows with one stride, a {w_dtype.name} "
+                             f"block format (not bf16) and an f32 copy of the [{N}, {K}] weight within "
+                             f"TUNING['dequant_max_bytes'] and the binding size limit")
+        return _plan_dequant(**ctx)
     raise ValueError(f"quant_matmul: unknown path {force!r}")
 
 
@@ -761,6 +790,28 @@ def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, mt, T, R) -> tuple:
     s.append(f"        let n = n0 + lid / {mt}u;\n        let m = m0 + lid % {mt}u;\n"
              f"        if (n < N && m < {_u(X.rows)}) {{ let i = m * N + n; OUT[i] = epilogue(v, i); }}\n    }}\n}}\n")
     return "".join(s), runtime.grid_for(groups * chunks)
+
+
+def _dequant_ok(dev, X: _X, dt: dtypes.DType, N: int, K: int) -> bool:
+    nbytes = N * K * 4
+    return (dt is not dtypes.bfloat16 and len(X.row_dims) <= 1 and nbytes <= TUNING["dequant_max_bytes"]
+            and nbytes <= dev.max_binding_size)
+
+
+def _plan_dequant(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
+    """Prefill (many x rows): decode the whole weight once into an f32 scratch [N, K] (exact, a
+    bandwidth-bound pass: ~2% of the matmul's time at 512 rows) and run the float tiled matmul
+    on it, so quantized prefill gets the float kernel's tile / split-K tuning instead of
+    decoding each W tile once per row tile."""
+    from . import matmul as mm
+    scratch = mm._scratch_buffer("dequant_w", N * K * 4)
+    dq = _dequantize_pass(scratch, w, dt, N * K, wbase // dt.block_bytes)
+    rs = X.row_dims[0][1] if X.row_dims else 0
+    A = Operand(X.op.buffer, X.op.dtype, (X.rows, K), (rs, X.sk), int(X.op.offset))
+    B = Operand(scratch, dtypes.float32, (K, N), (1, K), 0)
+    ml = mm.plan(out, A, B, ep, force="tiled")
+    passes = [dq, (ml.name, ml.wgsl, ml.bindings, ml.grid)] + list(ml.extra)
+    return Launch("dequant", passes, dict(ml.info))
 
 
 def _plan_tiled(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
