@@ -197,14 +197,15 @@ class GPTNeoX:
         c = self.config
         T = ids.shape[0]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
-        for blk, (k_cache, v_cache) in zip(self.blk, cache):
-            x = self._block(blk, x, positions, kv_len, k_cache, v_cache)
-        if last_only and T > 1:
-            x = x[T - 1:]                                                  # [1, C]
+        for i, (blk, (k_cache, v_cache)) in enumerate(zip(self.blk, cache)):
+            # last_only: the last layer still writes every token's K/V, then works on one row
+            x = self._block(blk, x, positions, kv_len, k_cache, v_cache, last_only and i == c.n_layer - 1)
+        if last_only and x.shape[0] > 1:
+            x = x[T - 1:]                                                  # [1, C] (no layers)
         x = tg.nn.layer_norm(x, self.output_norm.weight, self.output_norm.bias, c.norm_eps)
         return tg.nn.linear(x, self.output)                                # [T, V]
 
-    def _block(self, blk, x, positions, kv_len, k_cache, v_cache):
+    def _block(self, blk, x, positions, kv_len, k_cache, v_cache, last_only=False):
         c = self.config
         T, H, D = x.shape[0], c.n_head, c.head_dim
         # attention
@@ -212,6 +213,8 @@ class GPTNeoX:
         qkv = tg.nn.linear(h, blk.attn_qkv.weight, blk.attn_qkv.bias)       # [T, 3C]
         qkv = qkv.reshape(T, 3, H, D)                                      # GGUF rows: all q, all k, all v
         q = tg.nn.rope_kv_write(qkv, positions, k_cache, v_cache, c.rot_dims, c.rope_base)  # [H, T, D]
+        if last_only and T > 1:                                            # only the last query onwards
+            q, x, T = q[:, T - 1:], x[T - 1:], 1                           # [H, 1, D], [1, C]
         a = tg.nn.scaled_dot_product_attention(q, k_cache, v_cache, causal=True, kv_len=kv_len,
                                                out_layout="sbd")          # [T, H, D]
         a = a.reshape(T, c.n_embd)
