@@ -155,3 +155,76 @@ def test_f16_query(paths, sq):
     q = q.astype(np.float16)
     got = run(Base(q), q, Base(k), k, Base(v), v, 33)
     np.testing.assert_allclose(got, ref_attention(q, k, v, 33), **TOL)
+
+
+# ----------------------------------------------------------------------------- fused decode step
+
+from tensorgpu import dtypes  # noqa: E402
+from tensorgpu.kernels.attention import rope_attention_decode  # noqa: E402
+
+
+def _ref_rope(x, pos, rot, base=10000.0):
+    from tensorgpu.kernels.rope import inv_freq
+    f = inv_freq(rot, base)
+    ang = (np.float32(pos) * f).astype(np.float64)
+    c, s = np.cos(ang), np.sin(ang)
+    y = x.astype(np.float64).copy()
+    half = rot // 2
+    a, b = y[..., :half].copy(), y[..., half:rot].copy()
+    y[..., :half] = a * c - b * s
+    y[..., half:rot] = b * c + a * s
+    return y
+
+
+@pytest.mark.parametrize("H,D,rot,max_ctx,kvls", [(3, 32, 16, 200, (1, 30, 64, 65, 130, 200, 64)),
+                                                  (2, 80, 80, 70, (70, 5)), (2, 8, 4, 9, (9,))], ids=str)
+@pytest.mark.parametrize("cache_dtype", [np.float16, np.float32], ids=["f16", "f32"])
+def test_rope_attention_decode(paths, H, D, rot, max_ctx, kvls, cache_dtype):
+    """One dispatch = rope_kv_write + attention (+ the split combine) for one token, over short
+    and split contexts; repeated calls reuse the per-head counters (they must come back to 0)."""
+    K = rng.standard_normal((H, max_ctx, D)).astype(cache_dtype)
+    V = rng.standard_normal((H, max_ctx, D)).astype(cache_dtype)
+    kc, vc = runtime.upload(K), runtime.upload(V)
+    out = runtime.Buffer(4 * H * D)
+    for kvl in kvls:
+        qkv = rng.standard_normal((1, 3, H, D)).astype(np.float32)
+        pos = kvl - 1
+        rope_attention_decode(out, kc, vc, Base(qkv).whole(), runtime.upload(np.array([pos], np.int32)),
+                              runtime.upload(np.array([kvl], np.int32)), H, D, rot, max_ctx,
+                              cache_dtype=dtypes.from_numpy(cache_dtype))
+        got = read_f32(out, H * D, (H, D))
+        K[:, pos] = _ref_rope(qkv[0, 1], pos, rot).astype(cache_dtype)
+        V[:, pos] = qkv[0, 2].astype(cache_dtype)
+        q = _ref_rope(qkv[0, 0], pos, rot)[:, None, :]
+        want = ref_attention(q, K.astype(np.float64), V.astype(np.float64), kvl)[:, 0]
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
+        np.testing.assert_array_equal(np.frombuffer(runtime.read(vc), cache_dtype).reshape(V.shape), V)
+        Kg = np.frombuffer(runtime.read(kc), cache_dtype).reshape(K.shape)
+        np.testing.assert_allclose(Kg.astype(np.float64), K.astype(np.float64), atol=2e-3 if cache_dtype == np.float16 else 2e-6)
+        K = Kg.copy()   # keep the GPU's rounding of the new row
+
+
+def test_rope_attention_decode_position_out_of_range(paths):
+    H, D, max_ctx = 2, 16, 10
+    K = rng.standard_normal((H, max_ctx, D)).astype(np.float16)
+    kc, vc = runtime.upload(K), runtime.upload(K)
+    out = runtime.Buffer(4 * H * D)
+    qkv = rng.standard_normal((1, 3, H, D)).astype(np.float32)
+    rope_attention_decode(out, kc, vc, Base(qkv).whole(), runtime.upload(np.array([max_ctx], np.int32)),
+                          runtime.upload(np.array([4], np.int32)), H, D, 8, max_ctx)
+    np.testing.assert_array_equal(np.frombuffer(runtime.read(kc), np.float16).reshape(K.shape), K)
+    q = _ref_rope(qkv[0, 0], max_ctx, 8)[:, None, :]
+    want = ref_attention(q, K.astype(np.float64), K.astype(np.float64), 4)[:, 0]
+    np.testing.assert_allclose(read_f32(out, H * D, (H, D)), want, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "generic"])
+@pytest.mark.parametrize("B,sq,sk_max,D,kvl", [(2, 70, 80, 128, 75), (3, 33, 300, 80, 290), (1, 12, 64, 48, 40)], ids=str)
+def test_prefill_tiled_and_generic(paths, monkeypatch, kernel, B, sq, sk_max, D, kvl):
+    """The register-blocked prefill kernel (d % 16 == 0: vec4 units for d % 64 == 0, scalar dims
+    otherwise; key splits + combine for a long cache) and the generic one agree with NumPy."""
+    monkeypatch.setattr(attn_mod, "PREFILL_KERNEL", kernel)
+    q, k, v = case(B, sq, sk_max, D, np.float16)
+    assert attn_mod._TilePlan(B, sq, sk_max, D, ()).ok == (kernel == "auto")
+    got = run(Base(q), q, Base(k), k, Base(v), v, kvl, out_layout="sbd")
+    np.testing.assert_allclose(got, ref_attention(q, k, v, kvl), **TOL)

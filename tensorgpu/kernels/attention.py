@@ -334,6 +334,242 @@ def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, 
     return "\n".join(L), binds
 
 
+# ----------------------------------------------------------------------------- prefill: register-blocked tiles
+
+# "auto": the register-blocked prefill kernel where it applies (sq > DECODE_MAX_SQ, d % 16 == 0,
+# tiles fit workgroup memory), else the generic one; "generic" forces the generic kernel.
+PREFILL_KERNEL = "auto"
+
+
+class _TilePlan:
+    """Launch shape of the register-blocked prefill kernel.
+
+    Why another kernel: the generic staged kernel keeps a scalar dot product per (query, key)
+    thread pair and re-reads Q from workgroup memory for every key, so a 512-token prefill ran
+    at a few TFLOP/s. Here a 128-invocation workgroup owns BQ = 32 queries and treats S = Q K^T
+    and O += P V as small register-blocked matmuls: invocation (ty, tx) computes S for 4
+    queries x BK/16 keys (Q stored transposed, one vec4 of 4 queries per d) and accumulates O
+    for the same 4 queries x D/16 dims; the row max / sum reduce over the 16 invocations that
+    share a query group (subgroup shuffles where available). K/V tiles are prefetched into
+    registers one phase ahead."""
+    WG, BQ, TX = 128, 32, 16
+
+    def __init__(self, B: int, sq: int, sk_max: int, D: int, vecs: tuple):
+        dev = get_device()
+        self.ok = False
+        if sq <= DECODE_MAX_SQ or D % 16 or PREFILL_KERNEL == "generic":
+            return
+        self.D, self.D4 = D, D // 4
+        self.VW = 4 if D % 64 == 0 else 1          # V / O per invocation: vec4 units or scalars
+        self.NU = D // (self.TX * self.VW)          # units per invocation
+        lim = dev.max_workgroup_storage
+        for bk in (32, 16):
+            self.BK = bk
+            if self.shared_bytes() <= lim:
+                break
+        else:
+            return
+        self.KPT = self.BK // self.TX
+        self.NQT = -(-sq // self.BQ)
+        self.REGS = -(-(self.BK * self.D4) // self.WG)      # K/V vec4 registers per invocation
+        max_split = max(1, -(-sk_max // self.BK))
+        nsplit = max(1, min(max_split, -(-TARGET_WORKGROUPS_PREFILL // (B * self.NQT))))
+        self.CHUNK = -(-max_split // nsplit) * self.BK
+        self.NSPLIT = max(1, -(-sk_max // self.CHUNK))
+        self.ok = True
+
+    def shared_bytes(self) -> int:
+        # Qs [D][BQ], KV [BK * D], Ps [BK][BQ], two vec4 reduction buffers, l exchange
+        return 4 * (self.D * self.BQ + self.BK * self.D + self.BK * self.BQ) + 2 * 16 * self.WG
+
+
+def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: int, sk_max: int, D: int,
+                  kv_len, q_pos0, causal: bool, scale: float, layout: str) -> tuple:
+    dev = get_device()
+    sub = dev.has_subgroups
+    vq, vk, vv = (vec4_ok(o, D) for o in (q, k, v))
+    rq, rk, rv = Reader("qb", q, 0, vq), Reader("kb", k, 1, vk), Reader("vb", v, 2, vv)
+    decls, kvl, qp0, pbufs = _params_wgsl(kv_len, q_pos0, sq, sk_max, 3)
+    nb = 3 + len(pbufs)
+    WG, BQ, BK, TX, D4, VW, NU, KPT, R = p.WG, p.BQ, p.BK, p.TX, p.D4, p.VW, p.NU, p.KPT, p.REGS
+    BQ4 = BQ // 4
+    NS = p.NSPLIT
+    split = NS > 1
+    if split:
+        outs = (f"@group(0) @binding({nb}) var<storage, read_write> part_o: array<vec4<f32>>;\n"
+                f"@group(0) @binding({nb + 1}) var<storage, read_write> part_ml: array<vec2<f32>>;\n")
+    else:
+        outs = f"@group(0) @binding({nb}) var<storage, read_write> out: array<vec4<f32>>;\n"
+    sgp, sg = sg_builtin(sub)
+    qs, ks, vs = q.strides, k.strides, v.strides
+    L = [enable_f16(rq, rk, rv), rq.decl(), rk.decl(), rv.decl(), decls, outs,
+         _load4_fn("ld_q", rq, q, D), _load4_fn("ld_k", rk, k, D), _load4_fn("ld_v", rv, v, D),
+         seg_reduce("red_max", "max", TX, WG, sub, NEG_INF, "vec4<f32>"),
+         seg_reduce("red_sum", "+", TX, WG, sub, "vec4<f32>(0.0)", "vec4<f32>"),
+         f"var<workgroup> Qs: array<vec4<f32>, {D * BQ4}>;",        # [d][query/4]
+         f"var<workgroup> KV: array<vec4<f32>, {BK * D4}>;",        # K: [d][key/4]; V: [key][d/4]
+         f"var<workgroup> Ps: array<vec4<f32>, {BK * BQ4}>;",       # [key][query/4]
+         f"fn qrow(b: u32, i: u32) -> u32 {{ return {q.offset}u + b * {qs[0]}u + i * {qs[1]}u; }}",
+         f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + b * {ks[0]}u + j * {ks[1]}u; }}",
+         f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + b * {vs[0]}u + j * {vs[1]}u; }}",
+         f"const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};",
+         f"@compute @workgroup_size({WG})",
+         f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
+         f"@builtin(local_invocation_index) lid: u32{sgp}) {{",
+         "  let wg = wid.x + wid.y * nwg.x;",
+         f"  if (wg >= {B * p.NQT * NS}u) {{ return; }}",
+         f"  let split = wg % {NS}u;",
+         # the longest causal rows first: they take the most key tiles
+         f"  let qt = {p.NQT - 1}u - (wg / {NS}u) % {p.NQT}u;",
+         f"  let b = wg / {NS * p.NQT}u;",
+         f"  let q0 = qt * {BQ}u;",
+         f"  let kvl = {kvl};",
+         f"  let qp0 = {qp0};",
+         f"  let ninf = {NEG_INF};",
+         f"  let k_lo = split * {p.CHUNK}u;",
+         f"  var k_hi = min(k_lo + {p.CHUNK}u, kvl);",
+         f"  let tx = lid % {TX}u;",
+         f"  let ty = lid / {TX}u;"]
+    if causal:
+        L += [f"  let lim = qp0 + i32(min(q0 + {BQ}u, {sq}u));",
+              "  k_hi = u32(clamp(lim, 0, i32(k_hi)));"]
+    L += [f"  let kt_n = select(0u, (k_hi - k_lo + {BK - 1}u) / {BK}u, k_hi > k_lo);"]
+    # Q tile, transposed and pre-scaled (scores in the log2 domain)
+    L += [f"  for (var e = lid; e < {BQ * D4}u; e = e + {WG}u) {{",
+          f"    let qi = e / {D4}u;",
+          f"    let d4 = e % {D4}u;",
+          "    var x = vec4<f32>(0.0);",
+          f"    if (q0 + qi < {sq}u) {{ x = ld_q(qrow(b, q0 + qi), d4) * SCALE_LOG2E; }}",
+          "    for (var c = 0u; c < 4u; c = c + 1u) {",
+          f"      Qs[(d4 * 4u + c) * {BQ4}u + qi / 4u][qi % 4u] = x[c];",
+          "    }",
+          "  }"]
+    # register staging of one K or V tile: item e = lid + r*WG -> key e / D4, d4 = e % D4
+    for r in range(R):
+        L.append(f"  var rg{r} = vec4<f32>(0.0);")
+
+    def fetch(fn: str, row: str, t0: str) -> list:
+        out = []
+        for r in range(R):
+            g = f"lid + {r * WG}u < {BK * D4}u && " if (BK * D4) % WG and r == R - 1 else ""
+            out += [f"    {{ let e = lid + {r * WG}u; let j = e / {D4}u;",
+                    f"      rg{r} = vec4<f32>(0.0);",
+                    f"      if ({g}{t0} + j < k_hi) {{ rg{r} = {fn}({row}(b, {t0} + j), e % {D4}u); }} }}"]
+        return out
+
+    def put_k() -> list:
+        out = []
+        for r in range(R):
+            g = f"if (lid + {r * WG}u < {BK * D4}u) " if (BK * D4) % WG and r == R - 1 else ""
+            out += [f"    {g}{{ let e = lid + {r * WG}u; let j = e / {D4}u; let d4 = e % {D4}u;",
+                    "      for (var c = 0u; c < 4u; c = c + 1u) {",
+                    f"        KV[(d4 * 4u + c) * {BK // 4}u + j / 4u][j % 4u] = rg{r}[c];",
+                    "      } }"]
+        return out
+
+    def put_v() -> list:
+        out = []
+        for r in range(R):
+            g = f"if (lid + {r * WG}u < {BK * D4}u) " if (BK * D4) % WG and r == R - 1 else ""
+            out.append(f"    {g}{{ KV[lid + {r * WG}u] = rg{r}; }}")
+        return out
+
+    L += ["  var m_run = vec4<f32>(ninf);",     # per query row of this invocation (4 rows)
+          "  var l_run = vec4<f32>(0.0);"]     # partial over this invocation's keys
+    for u in range(NU):
+        if VW == 4:
+            L += [f"  var o{r4}_{u} = vec4<f32>(0.0);" for r4 in range(4)]
+        else:
+            L.append(f"  var o_{u} = vec4<f32>(0.0);")   # 4 rows of one dim
+    L += ["  if (kt_n > 0u) {"] + fetch("ld_k", "krow", "k_lo") + ["  }"]
+    L += ["  for (var it = 0u; it < kt_n; it = it + 1u) {",
+          f"    let t0 = k_lo + it * {BK}u;",
+          "    workgroupBarrier();"]
+    L += put_k()
+    L += ["    workgroupBarrier();"]
+    L += fetch("ld_v", "vrow", "t0")
+    # S = Q K^T: keys tx + 16 * kk
+    for kk in range(KPT):
+        L.append(f"    var s{kk} = vec4<f32>(0.0);")
+    L += [f"    for (var d = 0u; d < {D}u; d = d + 1u) {{",
+          f"      let qv = Qs[d * {BQ4}u + ty];"]
+    for kk in range(KPT):
+        key = f"tx + {kk * TX}u"
+        L.append(f"      s{kk} = fma(qv, vec4<f32>(KV[d * {BK // 4}u + ({key}) / 4u][({key}) % 4u]), s{kk});")
+    L += ["    }"]
+    # mask: key past the range / causal / query past sq
+    L.append(f"    let qrow4 = vec4<i32>(i32(q0 + ty * 4u)) + vec4<i32>(0, 1, 2, 3);")
+    for kk in range(KPT):
+        key = f"(t0 + tx + {kk * TX}u)"
+        conds = [f"vec4<bool>({key} >= k_hi)", f"qrow4 >= vec4<i32>({sq})"]
+        if causal:
+            conds.append(f"vec4<i32>(i32{key}) > vec4<i32>(qp0) + qrow4")
+        L.append(f"    s{kk} = select(s{kk}, vec4<f32>(ninf), {' | '.join(conds)});")
+    tmax = "s0" if KPT == 1 else "max(s0, s1)"
+    L += [f"    let m_new = max(m_run, red_max({tmax}, lid, {sg}));",
+          "    let alpha = select(exp2(m_run - m_new), vec4<f32>(1.0), m_new == vec4<f32>(ninf));",
+          "    m_run = m_new;"]
+    for kk in range(KPT):
+        L.append(f"    let p{kk} = select(exp2(s{kk} - m_new), vec4<f32>(0.0), s{kk} == vec4<f32>(ninf));")
+    L.append(f"    l_run = l_run * alpha + {' + '.join(f'p{kk}' for kk in range(KPT))};")
+    for kk in range(KPT):
+        L.append(f"    Ps[(tx + {kk * TX}u) * {BQ4}u + ty] = p{kk};")
+    for u in range(NU):
+        if VW == 4:
+            L += [f"    o{r4}_{u} *= alpha[{r4}];" for r4 in range(4)]
+        else:
+            L.append(f"    o_{u} *= alpha;")
+    L += ["    workgroupBarrier();"]
+    L += put_v()
+    L += ["    workgroupBarrier();",
+          "    if (it + 1u < kt_n) {",
+          f"      let tn = t0 + {BK}u;"]
+    L += ["  " + x for x in fetch("ld_k", "krow", "tn")]
+    L += ["    }",
+          f"    let nk = min({BK}u, k_hi - t0);",
+          "    for (var j = 0u; j < nk; j = j + 1u) {",
+          f"      let pj = Ps[j * {BQ4}u + ty];"]
+    for u in range(NU):
+        if VW == 4:
+            L.append(f"      let v{u} = KV[j * {D4}u + tx + {u * TX}u];")
+            L += [f"      o{r4}_{u} = fma(vec4<f32>(pj[{r4}]), v{u}, o{r4}_{u});" for r4 in range(4)]
+        else:
+            dd = f"tx + {u * TX}u"
+            L.append(f"      o_{u} = fma(pj, vec4<f32>(KV[j * {D4}u + ({dd}) / 4u][({dd}) % 4u]), o_{u});")
+    L += ["    }", "  }"]
+    # finish
+    L += [f"  let lsum = red_sum(l_run, lid, {sg});"]
+    for r4 in range(4):
+        L += ["  {",
+              f"    let qi = ty * 4u + {r4}u;",
+              "    let qg = q0 + qi;",
+              f"    if (qg < {sq}u) {{"]
+        if split:
+            L.append(f"      let po = ((b * {sq}u + qg) * {NS}u + split) * {D4}u;")
+            for u in range(NU):
+                if VW == 4:
+                    L.append(f"      part_o[po + tx + {u * TX}u] = o{r4}_{u};")
+                else:
+                    dd = f"tx + {u * TX}u"
+                    L.append(f"      part_o[po + ({dd}) / 4u][({dd}) % 4u] = o_{u}[{r4}];")
+            L.append(f"      if (tx == 0u) {{ part_ml[(b * {sq}u + qg) * {NS}u + split] = "
+                     f"vec2<f32>(m_run[{r4}], lsum[{r4}]); }}")
+        else:
+            L += [f"      let l = lsum[{r4}];",
+                  "      let inv = select(0.0, 1.0 / l, l > 0.0);",
+                  f"      let ob = {_out_index(layout, B, sq, D, 'b', 'qg')};"]
+            for u in range(NU):
+                if VW == 4:
+                    L.append(f"      out[ob / 4u + tx + {u * TX}u] = o{r4}_{u} * inv;")
+                else:
+                    dd = f"tx + {u * TX}u"
+                    L.append(f"      out[(ob + {dd}) / 4u][({dd}) % 4u] = o_{u}[{r4}] * inv;")
+        L += ["    }", "  }"]
+    L.append("}\n")
+    binds = [(q.buffer, "read"), (k.buffer, "read"), (v.buffer, "read")] + [(x, "read") for x in pbufs]
+    return "\n".join(L), binds
+
+
 def _combine_source(p: _Plan, B: int, sq: int, D: int, layout: str) -> str:
     NS, D4 = p.NSPLIT, p.D4
     WG = min(max(next_pow2(D4), 32), 256)
@@ -410,10 +646,16 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
     distinct(fn, out=out, q=q.buffer, k_cache=k_cache.buffer, v_cache=v_cache.buffer,
              kv_len=kv_len if isinstance(kv_len, Buffer) else None,
              q_pos0=q_pos0 if isinstance(q_pos0, Buffer) else None)
-    p = _Plan(B, sq, sk_max, D)
-    src, binds = _main_source(p, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
+    tp = _TilePlan(B, sq, sk_max, D, ())
+    if tp.ok:
+        p = tp
+        src, binds = _tiled_source(tp, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
+        name = f"attention_tiled[{B}x{sq}x{sk_max}x{D}]"
+    else:
+        p = _Plan(B, sq, sk_max, D)
+        src, binds = _main_source(p, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
+        name = f"attention[{B}x{sq}x{sk_max}x{D}]"
     n_wg = B * p.NQT * p.NSPLIT
-    name = f"attention[{B}x{sq}x{sk_max}x{D}]"
     if p.NSPLIT == 1:
         dispatch(name, src, binds + [(out, "rw")], grid_for(n_wg))
         return
@@ -423,3 +665,261 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
     dispatch(name, src, binds + [(part_o, "rw"), (part_ml, "rw")], grid_for(n_wg))
     dispatch(f"attention_combine[{B}x{sq}x{D}]", _combine_source(p, B, sq, D, out_layout),
              [(part_o, "read"), (part_ml, "read"), (out, "rw")], grid_for(rows))
+
+
+# ----------------------------------------------------------------------------- fused decode step
+
+# Keys per workgroup of the fused decode kernel. A short context (<= DECODE_CHUNK keys) is one
+# workgroup per head that writes the output itself; a longer one is split into chunks whose
+# partial (max, sum, acc) the last workgroup of each head to finish merges (no second dispatch).
+DECODE_CHUNK = 64
+DECODE_WG = 128
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    t = 1
+    while t * 2 <= cap and n % (t * 2) == 0:
+        t *= 2
+    return t
+
+
+def rope_attention_decode_supported(qkv: Operand, n_heads: int, head_dim: int, cache_dtype) -> bool:
+    """Whether `rope_attention_decode` takes these shapes (else: rope_kv_write + attention)."""
+    from .. import dtypes
+    D4 = head_dim // 4
+    return (head_dim % 4 == 0 and 0 < D4 <= DECODE_WG and cache_dtype in (dtypes.float16, dtypes.float32)
+            and qkv.dtype in (dtypes.float32, dtypes.float16) and len(qkv.shape) == 4 and qkv.shape[0] == 1)
+
+
+def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Operand, positions: Buffer,
+                          kv_len: Buffer, n_heads: int, head_dim: int, rot_dims: int, max_ctx: int,
+                          base: float = 10000.0, cache_dtype=None, scale: Optional[float] = None,
+                          mode: str = "neox") -> None:
+    """One decode token's attention in ONE dispatch: for every head h,
+        q = rope(qkv[0, 0, h]); k_cache[h, pos] = rope(qkv[0, 1, h]); v_cache[h, pos] = qkv[0, 2, h]
+        out[0, h, :] = softmax(scale * q . k_cache[h, :kv_len]) @ v_cache[h, :kv_len]
+    with pos = positions[0] and kv_len (both int32 buffers read on the GPU, so one pipeline
+    serves every step). The key that pos names is written by the workgroup that reads it, before
+    it reads it (a position outside [0, max_ctx) writes nothing, as in rope_kv_write).
+
+    Why fused: at batch 1 every dispatch costs a few microseconds of GPU drain/launch; rope + KV
+    write, attention and the split combine were three dependent dispatches per layer doing
+    microseconds of work. The cross-split combine uses the last-workgroup-done pattern: each
+    split stores its partial through atomics (coherent at device scope), bumps a per-head
+    counter, and the workgroup that brings it to the split count merges and resets it.
+
+    qkv: f32/f16 Operand [1, 3, n_heads, head_dim] (any strides); caches [n_heads, max_ctx,
+    head_dim] of cache_dtype (f16 default, or f32); out: contiguous float32 [1, n_heads, head_dim]."""
+    from .. import dtypes
+    from .rope import _check_common, _rope_wgsl
+    fn = "rope_attention_decode"
+    cache_dtype = dtypes.float16 if cache_dtype is None else dtypes.as_dtype(cache_dtype)
+    _check_common(fn, head_dim, rot_dims, mode)
+    check_float_operand("qkv", qkv, fn)
+    H, D = int(n_heads), int(head_dim)
+    if tuple(qkv.shape) != (1, 3, H, D):
+        raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected [1, 3, n_heads={H}, head_dim={D}]")
+    if not rope_attention_decode_supported(qkv, H, D, cache_dtype):
+        raise ValueError(f"{fn}: head_dim {D} / cache {cache_dtype} not supported (head_dim % 4 == 0, <= {4 * DECODE_WG})")
+    check_fits("qkv", qkv, fn)
+    for name, b in (("positions", positions), ("kv_len", kv_len)):
+        if not isinstance(b, Buffer) or b.nbytes < 4:
+            raise ValueError(f"{fn}: {name} must be a Buffer holding an int32")
+    csize = H * max_ctx * D * cache_dtype.itemsize
+    check_out("k_cache", k_cache, csize, fn)
+    check_out("v_cache", v_cache, csize, fn)
+    check_out("out", out, 4 * H * D, fn)
+    distinct(fn, out=out, k_cache=k_cache, v_cache=v_cache, qkv=qkv.buffer, positions=positions, kv_len=kv_len)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale)
+    scratch = _decode_scratch(H, NS, D)
+    dispatch(f"attention_decode[{H}x{max_ctx}x{D}]", src,
+             [(qkv.buffer, "read"), (positions, "read"), (kv_len, "read"), (k_cache, "rw"), (v_cache, "rw"),
+              (out, "rw"), (scratch, "rw")], grid_for(H * NS))
+
+
+def _decode_layout(H: int, NS: int, D: int) -> tuple:
+    """u32 offsets in the scratch buffer: counters [H] (padded), (m, l) [H, NS], acc [H, NS, D]."""
+    ml = -(-H // 4) * 4
+    acc = ml + 2 * H * NS
+    return ml, acc, acc + H * NS * D
+
+
+def _decode_scratch(H: int, NS: int, D: int) -> Buffer:
+    """The split partials + counters; counters must start at 0 (the kernel leaves them at 0)."""
+    from ..runtime import write
+    n = _decode_layout(H, NS, D)[2] * 4
+    buf = _scratch.get("decode")
+    if buf is None or buf.nbytes < n:
+        import numpy as np
+        buf = Buffer(n)
+        write(buf, np.zeros(n // 4, np.uint32))
+        _scratch["decode"] = buf
+    return buf
+
+
+def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
+                   cache_dtype, scale: float) -> tuple:
+    from .. import dtypes
+    from .rope import _rope_wgsl
+    dev = get_device()
+    sub = dev.has_subgroups
+    WG, CH = DECODE_WG, DECODE_CHUNK
+    NS = max(1, -(-max_ctx // CH))
+    D4 = D // 4
+    TPK = _pow2_divisor(D4, 8)          # threads per key in q.k (interleaved vec4s: coalesced)
+    VPT = D4 // TPK
+    KPP = WG // TPK                      # keys per pass
+    PASSES = -(-CH // KPP)
+    KG = WG // D4                        # key groups in p.v
+    JPG = -(-CH // KG)
+    ML, ACC, _ = _decode_layout(H, NS, D)
+    f16 = cache_dtype is dtypes.float16
+    native = f16 and dev.has_f16
+    if not f16:
+        ctype, ld, st = "vec4<f32>", "{a}[{i}]", "{v}"
+    elif native:
+        ctype, ld, st = "vec4<f16>", "vec4<f32>({a}[{i}])", "vec4<f16>({v})"
+    else:
+        ctype, ld = "vec2<u32>", "vec4<f32>(unpack2x16float({a}[{i}].x), unpack2x16float({a}[{i}].y))"
+        st = "vec2<u32>(pack2x16float(({v}).xy), pack2x16float(({v}).zw))"
+    rd = Reader("x", qkv, 0, False)
+    ss, s3, sh, sd = qkv.strides
+    sgp, sg = sg_builtin(sub)
+    lk = lambda a, i: ld.format(a=a, i=i)   # noqa: E731
+    src = f"""{enable_f16(rd, native)}{rd.decl()}
+@group(0) @binding(1) var<storage, read> positions: array<i32>;
+@group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;
+@group(0) @binding(3) var<storage, read_write> kc: array<{ctype}>;
+@group(0) @binding(4) var<storage, read_write> vc: array<{ctype}>;
+@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read_write> scr: array<atomic<u32>>;
+{_rope_wgsl(rot, base, mode)}
+{seg_reduce("red_max", "max", WG, WG, sub, NEG_INF)}
+{seg_reduce("red_sum", "+", WG, WG, sub, "0.0")}
+const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};
+var<workgroup> Qs: array<vec4<f32>, {D4}>;
+var<workgroup> Sp: array<f32, {PASSES * KPP * TPK}>;
+var<workgroup> Ps: array<f32, {CH}>;
+var<workgroup> Xs: array<vec4<f32>, {KG * D4}>;
+var<workgroup> last_sh: u32;
+fn val(b: u32, d: u32, pos: f32) -> f32 {{
+  let v = x_at(b + d * {sd}u);
+  if (d >= ROT) {{ return v; }}
+  let cs = rope_cs(pos, d);
+  return v * cs.x + rope_sign(d) * x_at(b + rope_partner(d) * {sd}u) * cs.y;
+}}
+fn val4(b: u32, d4: u32, pos: f32) -> vec4<f32> {{
+  let d = d4 * 4u;
+  return vec4<f32>(val(b, d, pos), val(b, d + 1u, pos), val(b, d + 2u, pos), val(b, d + 3u, pos));
+}}
+fn st_f(i: u32, v: f32) {{ atomicStore(&scr[i], bitcast<u32>(v)); }}
+fn ld_f(i: u32) -> f32 {{ return bitcast<f32>(atomicLoad(&scr[i])); }}
+@compute @workgroup_size({WG})
+fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32{sgp}) {{
+  let wg = wid.x + wid.y * nwg.x;
+  if (wg >= {H * NS}u) {{ return; }}
+  let h = wg / {NS}u;
+  let s = wg % {NS}u;
+  let ipos = positions[0];
+  let posf = f32(ipos);
+  let kvl = min(u32(max(kvlen_buf[0], 0)), {max_ctx}u);
+  let nse = clamp((kvl + {CH - 1}u) / {CH}u, 1u, {NS}u);
+  let bq = {qkv.offset}u + h * {sh}u;
+  // the new key/value row, written by the split that holds it
+  if (ipos >= 0 && ipos < {max_ctx} && u32(ipos) / {CH}u == s) {{
+    let row = (h * {max_ctx}u + u32(ipos)) * {D4}u;
+    for (var d4 = lid; d4 < {D4}u; d4 = d4 + {WG}u) {{
+      let kv = val4(bq + {s3}u, d4, posf);
+      kc[row + d4] = {st.format(v="kv")};
+      let b = bq + {2 * s3}u + d4 * {4 * sd}u;
+      let vv = vec4<f32>(x_at(b), x_at(b + {sd}u), x_at(b + {2 * sd}u), x_at(b + {3 * sd}u));
+      vc[row + d4] = {st.format(v="vv")};
+    }}
+  }}
+  if (s >= nse) {{ return; }}
+  if (lid < {D4}u) {{ Qs[lid] = val4(bq, lid, posf) * SCALE_LOG2E; }}
+  storageBarrier();
+  workgroupBarrier();
+  let k_lo = s * {CH}u;
+  let nk = min(kvl - min(kvl, k_lo), {CH}u);
+  let kbase = h * {max_ctx}u;
+  // scores: TPK threads per key, PASSES x KPP keys, all loads independent
+  let kt = lid % {TPK}u;
+  let kk = lid / {TPK}u;
+"""
+    L = []
+    for p in range(PASSES):
+        L.append(f"  {{ let j = {p * KPP}u + kk; let r = (kbase + min(k_lo + j, {max_ctx - 1}u)) * {D4}u; var d = 0.0;")
+        for v in range(VPT):
+            L.append(f"    d += dot(Qs[kt + {v * TPK}u], {lk('kc', f'r + kt + {v * TPK}u')});")
+        L.append(f"    Sp[j * {TPK}u + kt] = d; }}")
+    src += "\n".join(L) + f"""
+  workgroupBarrier();
+  var sc = {NEG_INF};
+  if (lid < nk) {{
+    var t = 0.0;
+    for (var q = 0u; q < {TPK}u; q = q + 1u) {{ t += Sp[lid * {TPK}u + q]; }}
+    sc = t;
+  }}
+  let m = red_max(sc, lid, {sg});
+  let p = select(0.0, exp2(sc - m), lid < nk);
+  let l = red_sum(p, lid, {sg});
+  if (lid < {CH}u) {{ Ps[lid] = p; }}
+  workgroupBarrier();
+  // p.v: KG groups of D4 lanes; lane d4 of group g sums keys g, g + KG, ...
+  let g = lid / {D4}u;
+  let d4 = lid % {D4}u;
+  var acc = vec4<f32>(0.0);
+  if (g < {KG}u) {{
+"""
+    L = []
+    for i in range(JPG):
+        L.append(f"    {{ let j = g + {i * KG}u; if (j < nk) {{ acc += Ps[j] * "
+                 f"{lk('vc', f'(kbase + k_lo + j) * {D4}u + d4')}; }} }}")
+    src += "\n".join(L) + f"""
+    Xs[g * {D4}u + d4] = acc;
+  }}
+  workgroupBarrier();
+  var o = vec4<f32>(0.0);
+  if (lid < {D4}u) {{
+    for (var q = 0u; q < {KG}u; q = q + 1u) {{ o += Xs[q * {D4}u + lid]; }}
+  }}
+  if (nse == 1u) {{
+    if (lid < {D4}u) {{ out[h * {D4}u + lid] = select(vec4<f32>(0.0), o / l, l > 0.0); }}
+    return;
+  }}
+  let slot = h * {NS}u + s;
+  if (lid < {D4}u) {{
+    let a = {ACC}u + (slot * {D4}u + lid) * 4u;
+    st_f(a, o.x); st_f(a + 1u, o.y); st_f(a + 2u, o.z); st_f(a + 3u, o.w);
+  }}
+  if (lid == 0u) {{ st_f({ML}u + 2u * slot, m); st_f({ML}u + 2u * slot + 1u, l); }}
+  storageBarrier();
+  if (lid == 0u) {{
+    let done = atomicAdd(&scr[h], 1u) + 1u;
+    let last = done == nse;
+    if (last) {{ atomicStore(&scr[h], 0u); }}
+    last_sh = select(0u, 1u, last);
+  }}
+  let is_last = workgroupUniformLoad(&last_sh);
+  if (is_last == 0u) {{ return; }}
+  storageBarrier();
+  if (lid < {D4}u) {{
+    var M = {NEG_INF};
+    for (var q = 0u; q < nse; q = q + 1u) {{ M = max(M, ld_f({ML}u + 2u * (h * {NS}u + q))); }}
+    var Ls = 0.0;
+    var O = vec4<f32>(0.0);
+    for (var q = 0u; q < nse; q = q + 1u) {{
+      let sl = h * {NS}u + q;
+      let w = exp2(ld_f({ML}u + 2u * sl) - M);
+      Ls += ld_f({ML}u + 2u * sl + 1u) * w;
+      let a = {ACC}u + (sl * {D4}u + lid) * 4u;
+      O += vec4<f32>(ld_f(a), ld_f(a + 1u), ld_f(a + 2u), ld_f(a + 3u)) * w;
+    }}
+    out[h * {D4}u + lid] = select(vec4<f32>(0.0), O / Ls, Ls > 0.0);
+  }}
+}}
+"""
+    return src, NS
