@@ -273,6 +273,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         raise ValueError(f"attention: k {k.shape} and v {v.shape} must have the same shape")
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: q {q.shape} and k {k.shape} must share batch dims and head size")
+    fused = _fused_decode_attention(q, k, v, causal, scale, kv_len, out_layout)
+    if fused is not None:
+        return fused
     sq, d = q.shape[-2:]
     sk = k.shape[-2]
     if kv_len is None and sk < sq:
@@ -383,3 +386,48 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: floa
             n_static = prev_tokens.shape[0] if n_prev is None else int(n_prev)
     kern = SampleKernel(vocab, temperature, top_k, top_p, penalty, not greedy, has_prev, n_static, append)
     return _custom(kern, srcs, (1,), dt.int32)
+
+
+# ----------------------------------------------------------------------------- fused decode attention
+
+
+class RopeAttentionDecodeKernel(CustomKernel):
+    """rope(q, k) + KV-cache write + attention + split combine of one decode token: one dispatch."""
+    name = "attention_decode"
+    writes = (3, 4)
+
+    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale):
+        self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.attention import rope_attention_decode as k
+        qkv, pos, kvl, kc, vc = operands
+        H, D, rot, max_ctx, base, cache_dtype, scale = self.args
+        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, kvl.buffer, H, D, rot, max_ctx, base, cache_dtype, scale)
+
+
+def _fused_decode_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale, kv_len, out_layout: str):
+    """attention(rope_kv_write(qkv, ...)) of ONE query token over the caches that rope_kv_write
+    fills: the rope, cache write, attention and split combine run as one kernel (the lazy
+    rope_kv_write node is left unused). None when the pattern does not match."""
+    from .kernels.attention import rope_attention_decode_supported
+    from .kernels.common import Operand
+    n = q.node
+    if not (isinstance(n.arg, RopeKVWriteKernel) and n.buffer is None and causal and kv_len is not None
+            and kv_len.shape == (1,) and kv_len.dtype is dt.int32 and q.view.is_identity(n.shape)):
+        return None
+    seq, H, D, rot, max_ctx, base, cache_dtype = n.arg.args
+    if seq != 1 or len(n.srcs) != 4:
+        return None
+    (qkv_n, qkv_v), (pos_n, pos_v), (kc_n, kc_v), (vc_n, vc_v) = n.srcs
+    if k.node is not kc_n or v.node is not vc_n or not (k.view == kc_v and v.view == vc_v):
+        return None
+    probe = Operand(None, qkv_n.dtype, qkv_v.shape, qkv_v.strides, qkv_v.offset)
+    if not rope_attention_decode_supported(probe, H, D, cache_dtype):
+        return None
+    scale = float(scale) if scale is not None else 1.0 / D ** 0.5
+    kvl = kv_len if kv_len.node.buffer is not None and kv_len.view.is_identity(kv_len.node.shape) else kv_len.contiguous()
+    srcs = [Tensor(qkv_n, qkv_v), Tensor(pos_n, pos_v), kvl, Tensor(kc_n, kc_v), Tensor(vc_n, vc_v)]
+    kern = RopeAttentionDecodeKernel(H, D, rot, max_ctx, base, cache_dtype, scale)
+    shape = (1, H, D) if out_layout == "sbd" else (H, 1, D)
+    return _custom(kern, srcs, shape)

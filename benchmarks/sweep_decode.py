@@ -1,0 +1,121 @@
+"""Decode-kernel sweeps on real model shapes (GPU machine): GEMV per weight format and launch
+shape, attention decode per context length. Not a pytest suite: a quick table for tuning.
+
+Each GEMV case rotates over enough copies of the weight (> 120 MB together) that the H100's
+50 MB L2 cannot serve repeats, and times back-to-back dependent dispatches (each writes the same
+output buffer, so they serialise like a decode step does) with GPU timestamps.
+
+    python benchmarks/sweep_decode.py gemv_f16 gemv_q4_0 gemv_q8_0 attn
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tensorgpu import dtypes, runtime  # noqa: E402
+from tensorgpu.kernels import matmul as mm, probe, quant  # noqa: E402
+from tensorgpu.kernels.common import Operand  # noqa: E402
+
+SHAPES = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192),        # pythia-1.4b qkv/out/up/down
+          (7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)]      # redpajama-3b
+
+
+def _copies(nbytes: int) -> int:
+    return max(2, -(-(120 << 20) // nbytes))
+
+
+def _time(dispatches, reps=None) -> float:
+    one = max(probe.gpu_time(dispatches, 1), 1e-6)
+    reps = reps or max(1, min(200, int(0.02 / one)))
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.08:
+        probe.gpu_time(dispatches, reps)
+    return min(probe.gpu_time(dispatches, reps) for _ in range(3)) / (reps * len(dispatches))
+
+
+def _x(K):
+    return runtime.upload(np.random.default_rng(1).standard_normal(K).astype(np.float32))
+
+
+def gemv_f16(cfgs):
+    rng = np.random.default_rng(0)
+    for N, K in SHAPES:
+        nbytes = N * K * 2
+        ws = [runtime.upload((rng.standard_normal((N, K)) * 0.02).astype(np.float16)) for _ in range(_copies(nbytes))]
+        x = _x(K)
+        out = runtime.Buffer(N * 4)
+        res = []
+        for cols, threads in cfgs:
+            old = dict(mm.TUNING)
+            mm.TUNING.update(gemv_cols=cols, gemv_threads=threads)
+            try:
+                ds = []
+                for w in ws:
+                    l = mm.plan(out, Operand(x, dtypes.float32, (1, K), (K, 1)), Operand(w, dtypes.float16, (K, N), (1, K)))
+                    ds.append(runtime.dispatch(l.name, l.wgsl, l.bindings, l.grid))
+                runtime.flush()
+                t = _time(ds)
+            finally:
+                mm.TUNING.update(old)
+            res.append(f"c{cols}t{threads}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
+        print(f"f16 {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
+
+
+def _qweights(dt, N, K, rng):
+    nb = N * K // dt.block_size
+    b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
+    b[:, 0:2] = np.full((nb, 1), 0.01, np.float16).view(np.uint8)
+    return b.reshape(-1)
+
+
+def gemv_quant(dtname, cfgs):
+    dt = dtypes.as_dtype(dtname)
+    rng = np.random.default_rng(0)
+    for N, K in SHAPES:
+        raw = _qweights(dt, N, K, rng)
+        nbytes = raw.nbytes
+        ws = [runtime.upload(raw) for _ in range(_copies(nbytes))]
+        x = _x(K)
+        out = runtime.Buffer(N * 4)
+        res = []
+        for threads, rows in cfgs:
+            old = dict(quant.TUNING)
+            quant.TUNING.update(gemv_threads=threads, gemv_rows=rows)
+            try:
+                ds = []
+                for w in ws:
+                    l = quant.plan_matmul(out, Operand(x, dtypes.float32, (1, K), (K, 1)), w, dt, N, K)
+                    for name, wgsl, binds, grid in l.passes:
+                        ds.append(runtime.dispatch(name, wgsl, binds, grid))
+                runtime.flush()
+                t = _time(ds)
+            finally:
+                quant.TUNING.update(old)
+            res.append(f"t{threads}r{rows}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
+        print(f"{dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
+
+
+def main(argv):
+    what = argv or ["gemv_f16", "gemv_q4_0", "gemv_q8_0"]
+    print("device:", runtime.get_device().describe().get("name"), probe.gpu_clocks(), flush=True)
+    cb = min(256 << 20, runtime.get_device().max_binding_size // 2)
+    print(f"copy bandwidth {probe.copy_bandwidth(cb) / 1e9:.0f} GB/s", flush=True)
+    fcfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
+            os.environ.get("F16_CFGS", "-,-;1,256;2,128;2,256;4,128;4,256;8,128;8,256").split(";")]
+    qcfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
+            os.environ.get("Q_CFGS", "-,-;128,8;256,8;128,16;256,16;64,8;64,16").split(";")]
+    for w in what:
+        if w == "gemv_f16":
+            gemv_f16(fcfg)
+        elif w.startswith("gemv_"):
+            gemv_quant(w[5:], qcfg)
+    print("clocks after:", probe.gpu_clocks(), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
