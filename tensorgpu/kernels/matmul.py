@@ -52,6 +52,7 @@ TUNING = {
     "split_k": None,        # force a split-K factor (None: chosen with the tile)
     "target_wgs": 256,      # workgroups the tile / split-K choice aims for (about 2 per SM on an H100)
     "split_min_k": 256,     # K elements per split, at least
+    "tile_policy": "auto",  # "auto": rectangular tiles + split-K by the cost model; "square": the first policy
     "bk": 16,               # K step of the tiled kernel
 }
 
@@ -678,6 +679,8 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         TM, TN = (int(x) for x in forced)
     elif TUNING["tile"]:
         TM = TN = int(TUNING["tile"])
+    elif TUNING.get("tile_policy") == "square":   # the first policy: square tiles, no split (for comparisons)
+        TM = TN = 128 if -(-M // 128) * -(-N // 128) * nb >= TUNING["tile128_min_wgs"] else 64
     else:
         TM = TN = None
     if TM is not None and not smem_ok(TM, TN):

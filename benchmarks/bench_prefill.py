@@ -1,0 +1,295 @@
+"""Prefill-shaped kernels: the matmuls of a 512-token prompt (M = 512 rows against each GPT-NeoX
+weight), quantized prefill matmuls and causal prefill attention, at the exact model shapes.
+
+Why a separate suite: the square 2048^3 benchmark in bench_matmul.py hides what limits prefill --
+with M = 512 rows a 128x128 tile grid has few workgroups (N = 2048 gives 64 for 132 SMs), so the
+figure that matters is TFLOP/s at these shapes, per tile / split-K choice.
+
+    pytest benchmarks/bench_prefill.py --benchmark-only        (lavapipe: small shapes)
+    TENSORGPU_BENCH_FULL=1 pytest benchmarks/bench_prefill.py  (H100: the pythia-1.4b shapes)
+    python benchmarks/bench_prefill.py sweep [--quick]         (tile x split-K table per shape)
+    python benchmarks/bench_prefill.py models --dir D --specs "pythia-1.4b:f16 pythia-1.4b:q4_0"
+        (model prefill tok/s, first policy vs current in one process, host vs GPU time, profile)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tensorgpu import dtypes, runtime  # noqa: E402
+from tensorgpu.kernels import attention as attn  # noqa: E402
+from tensorgpu.kernels import matmul as mm  # noqa: E402
+from tensorgpu.kernels import probe, quant  # noqa: E402
+from tensorgpu.kernels.common import Operand  # noqa: E402
+
+FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
+
+# (N, K) of each linear layer: qkv, attention out, mlp up, mlp down
+MODEL_SHAPES = {
+    "pythia-160m": [(2304, 768), (768, 768), (3072, 768), (768, 3072)],
+    "pythia-1.4b": [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)],
+    "redpajama-3b": [(7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)],
+}
+# (heads, head_dim) for prefill attention
+ATTN_SHAPES = {"pythia-160m": (12, 64), "pythia-1.4b": (16, 128), "redpajama-3b": (32, 80)}
+PREFILL = 512
+
+BENCH_SHAPES = [(PREFILL, n, k) for n, k in MODEL_SHAPES["pythia-1.4b"]] if FULL else [(64, 96, 128), (40, 64, 256)]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _linear_operands(M, N, K, w_dt=dtypes.float16):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = (rng.standard_normal((N, K)) / np.sqrt(K)).astype(w_dt.np_dtype)
+    A = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
+    B = Operand(runtime.upload(w), w_dt, (K, N), (1, K), 0)
+    return A, B, x, w
+
+
+def _time(passes, check=None, warm=0.1) -> float:
+    """GPU seconds of one run of `passes` ([(name, wgsl, bindings, grid)]), timestamps around
+    repeated replays; `check()` is called after a first run."""
+    ds = [runtime.dispatch(*p) for p in passes]
+    if check is not None:
+        check()
+    return probe.gpu_time_per_dispatch(ds, warmup_s=warm, target_s=0.03, rounds=3)
+
+
+def _mm_passes(out, A, B, tuning=None):
+    old = dict(mm.TUNING)
+    try:
+        if tuning:
+            mm.TUNING.update(tuning)
+        la = mm.plan(out, A, B)
+    finally:
+        mm.TUNING.clear()
+        mm.TUNING.update(old)
+    return la, [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra)
+
+
+def _mm_check(out, x, w, M, N):
+    def check():
+        got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+        ref = x[:64].astype(np.float64) @ w.astype(np.float64).T
+        assert np.allclose(got[:64], ref, rtol=2e-2, atol=2e-2), "wrong matmul result"
+    return check
+
+
+def matmul_us(M, N, K, w_dt=dtypes.float16, tuning=None, check=True):
+    A, B, x, w = _linear_operands(M, N, K, w_dt)
+    out = runtime.Buffer(M * N * 4)
+    la, passes = _mm_passes(out, A, B, tuning)
+    t = _time(passes, _mm_check(out, x, w, M, N) if check else None)
+    return la, t
+
+
+def quant_us(M, N, K, qdt, tuning):
+    rng = np.random.default_rng(1)
+    nbytes = quant.quant_nbytes(qdt, N * K)
+    raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    bs = qdt.block_bytes
+    raw.reshape(-1, bs)[:, 0:2] = np.frombuffer(np.full(nbytes // bs, 0.01, np.float16).tobytes(), np.uint8).reshape(-1, 2)
+    wbuf = runtime.upload(raw)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    X = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
+    out = runtime.Buffer(M * N * 4)
+    old = dict(quant.TUNING)
+    try:
+        quant.TUNING.update(tuning)
+        la = quant.plan_matmul(out, X, wbuf, qdt, N, K)
+    finally:
+        quant.TUNING.clear()
+        quant.TUNING.update(old)
+    return la, _time(la.passes)
+
+
+def attention_us(H, D, S=PREFILL, kernel="auto"):
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((H, S, D)).astype(np.float32)
+    kc = rng.standard_normal((H, S, D)).astype(np.float16)
+    vc = rng.standard_normal((H, S, D)).astype(np.float16)
+    Q = Operand(runtime.upload(q), dtypes.float32, (H, S, D), (S * D, D, 1), 0)
+    Kc = Operand(runtime.upload(kc), dtypes.float16, (H, S, D), (S * D, D, 1), 0)
+    Vc = Operand(runtime.upload(vc), dtypes.float16, (H, S, D), (S * D, D, 1), 0)
+    out = runtime.Buffer(4 * H * S * D)
+    old = attn.PREFILL_KERNEL
+    attn.PREFILL_KERNEL = kernel
+    try:
+        from tensorgpu import debug
+        with debug.kernel_log() as log:
+            attn.attention(out, Q, Kc, Vc, S, out_layout="sbd")
+        ds = list(runtime._pending[-len(log):])
+    finally:
+        attn.PREFILL_KERNEL = old
+    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.1, target_s=0.03, rounds=3)
+    return [e.name for e in log], t
+
+
+def _tf(M, N, K, t):
+    return 2 * M * N * K / t / 1e12
+
+
+# ----------------------------------------------------------------------------- pytest-benchmark
+
+
+def _bench(benchmark, passes_fn):
+    def step():
+        passes_fn()
+        runtime.sync()
+    benchmark.pedantic(step, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("M,N,K", BENCH_SHAPES, ids=str)
+def test_prefill_matmul(benchmark, M, N, K):
+    la, t = matmul_us(M, N, K)
+    benchmark.extra_info.update({"kernel": la.name, "us": t * 1e6, "TFLOP/s": _tf(M, N, K, t),
+                                 "split": la.info["split"], "tile": la.info["tile"], "clocks": probe.gpu_clocks()})
+    print(f"\n{la.name} M={M} N={N} K={K}: {t * 1e6:.1f} us, {_tf(M, N, K, t):.2f} TFLOP/s")
+    _bench(benchmark, lambda: None)
+
+
+@pytest.mark.parametrize("M,N,K", BENCH_SHAPES[:2], ids=str)
+def test_prefill_quant_matmul(benchmark, M, N, K):
+    la, t = quant_us(M, N, K, dtypes.q4_0, {"dequant_min_rows": 1 if FULL else 8})
+    benchmark.extra_info.update({"kind": la.kind, "us": t * 1e6, "TFLOP/s": _tf(M, N, K, t)})
+    print(f"\nq4_0 {la.kind} M={M} N={N} K={K}: {t * 1e6:.1f} us, {_tf(M, N, K, t):.2f} TFLOP/s")
+    _bench(benchmark, lambda: None)
+
+
+def test_prefill_attention(benchmark):
+    H, D = ATTN_SHAPES["pythia-1.4b"] if FULL else (2, 64)
+    S = PREFILL if FULL else 64
+    names, t = attention_us(H, D, S)
+    fl = 4 * H * D * S * S / 2       # causal: QK^T and PV over half the square
+    benchmark.extra_info.update({"kernels": names, "us": t * 1e6, "TFLOP/s": fl / t / 1e12})
+    print(f"\nattention {names} H={H} S={S} D={D}: {t * 1e6:.1f} us, {fl / t / 1e12:.2f} TFLOP/s (causal FLOPs)")
+    _bench(benchmark, lambda: None)
+
+
+# ----------------------------------------------------------------------------- sweeps (GPU machine)
+
+
+def sweep(quick: bool) -> None:
+    print(f"device: {runtime.get_device().name}; clocks {probe.gpu_clocks()}", flush=True)
+    probe.warm_up(lambda: None, 0.0)
+    M = PREFILL
+    big = "pythia-1.4b"
+    print("\n== f32 x f16 weights (x @ w.T), M=512: us (TFLOP/s) per tile x split; 'auto' = the planner", flush=True)
+    for model, shapes in MODEL_SHAPES.items():
+        for N, K in shapes:
+            la, t = matmul_us(M, N, K, tuning={"tile_policy": "square"})
+            row = [f"square {la.info['tile'][0]}: {t * 1e6:.0f} ({_tf(M, N, K, t):.1f})"]
+            la, t = matmul_us(M, N, K)
+            row.append(f"auto {la.info['tile'][0]}x{la.info['tile'][1]} s{la.info['split']}: {t * 1e6:.0f} ({_tf(M, N, K, t):.1f})")
+            print(f"{model} N={N} K={K}: " + " | ".join(row), flush=True)
+            if model != big or quick:
+                continue
+            res = []
+            for tm, tn in ((128, 128), (128, 64), (64, 128), (64, 64)):
+                for s in (1, 2, 3, 4, 6, 8):
+                    if K // 16 // s < 8:
+                        continue
+                    la, t = matmul_us(M, N, K, tuning={"tile_mn": (tm, tn), "split_k": s}, check=False)
+                    res.append((t, f"{tm}x{tn} s{s}"))
+            for bk, s in ((32, 1), (32, 2), (32, 4), (8, 2)):
+                la, t = matmul_us(M, N, K, tuning={"tile_mn": (128, 128), "split_k": s, "bk": bk}, check=False)
+                res.append((t, f"128x128 s{s} bk{bk}"))
+            res.sort()
+            print("   " + ", ".join(f"{n}: {t * 1e6:.0f} ({_tf(M, N, K, t):.1f})" for t, n in res), flush=True)
+    print("\n== f32 weights (the dequant path's float matmul), pythia-1.4b shapes", flush=True)
+    for N, K in MODEL_SHAPES[big]:
+        la, t = matmul_us(M, N, K, dtypes.float32)
+        print(f"N={N} K={K}: auto {la.info['tile']} s{la.info['split']}: {t * 1e6:.0f} us ({_tf(M, N, K, t):.1f})", flush=True)
+    print("\n== quantized prefill matmul, pythia-1.4b shapes: in-kernel decode (first path) vs dequant + float", flush=True)
+    for qdt in (dtypes.q4_0, dtypes.q8_0):
+        for N, K in MODEL_SHAPES[big]:
+            la0, t0 = quant_us(M, N, K, qdt, {"dequant_min_rows": 1 << 30})
+            la1, t1 = quant_us(M, N, K, qdt, {})
+            print(f"{qdt.name} N={N} K={K}: {la0.kind} {t0 * 1e6:.0f} us ({_tf(M, N, K, t0):.1f}) | "
+                  f"{la1.kind} {t1 * 1e6:.0f} us ({_tf(M, N, K, t1):.1f})", flush=True)
+    print("\n== causal prefill attention, 512 tokens (f32 q, f16 K/V cache)", flush=True)
+    for model, (H, D) in ATTN_SHAPES.items():
+        fl = 4 * H * D * PREFILL * PREFILL / 2
+        row = []
+        for kernel in ("generic", "auto"):
+            names, t = attention_us(H, D, kernel=kernel)
+            row.append(f"{'+'.join(n.split('[')[0] for n in names)} {t * 1e6:.0f} us ({fl / t / 1e12:.2f})")
+        print(f"{model} H={H} D={D}: " + " | ".join(row), flush=True)
+    print(f"clocks {probe.gpu_clocks()}", flush=True)
+
+
+# ----------------------------------------------------------------------------- model prefill
+
+
+def _policy(first: bool) -> None:
+    mm.TUNING["tile_policy"] = "square" if first else "auto"
+    quant.TUNING["dequant_min_rows"] = (1 << 30) if first else 256
+    attn.PREFILL_KERNEL = "generic" if first else "auto"
+
+
+def models(directory: str, specs: str, n: int, profile: bool) -> None:
+    import tensorgpu as tg
+    from models.gpt_neox import GPTNeoX
+    print(f"device: {runtime.get_device().name}", flush=True)
+    for spec in specs.split():
+        model = GPTNeoX.from_gguf(os.path.join(directory, spec.replace(":", "-") + ".gguf"), progress=False)
+        cache = model.new_cache(n + 8)
+        ids = tg.tensor(np.random.default_rng(0).integers(0, model.config.n_vocab, n).astype(np.int32))
+        pos = tg.tensor(np.arange(n, dtype=np.int32))
+        kv = tg.tensor(np.array([n], np.int32))
+
+        def run():
+            t0 = time.perf_counter()
+            y = model.forward(ids, pos, kv, cache, last_only=True)
+            t1 = time.perf_counter()
+            y.realize()
+            t2 = time.perf_counter()
+            runtime.sync()
+            return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+        for first in (True, False):
+            _policy(first)
+            run()
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.4:
+                run()
+            times = [run() for _ in range(4)]
+            best = min(times, key=sum)
+            gpu = None
+            if profile and "timestamp-query-inside-passes" in runtime.get_device().features:
+                with tg.debug.profile() as prof:
+                    run()
+                gpu = sum(ns for _, ns in prof) / 1e9
+            tag = "first policy" if first else "current"
+            print(f"RESULT {spec} {tag}: prefill {n} tok/s {n / sum(best):.0f}  wall {sum(best) * 1e3:.1f} ms = "
+                  f"build {best[0] * 1e3:.1f} + realize {best[1] * 1e3:.1f} + submit/GPU wait {best[2] * 1e3:.1f}"
+                  + (f"; profiled GPU sum {gpu * 1e3:.1f} ms" if gpu else ""), flush=True)
+            if profile and gpu:
+                print(prof.table(14), flush=True)
+        _policy(False)
+        del model, cache
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["sweep", "models"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dir", default="/tmp/ggufs")
+    ap.add_argument("--specs", default="pythia-1.4b:f16 pythia-1.4b:q4_0")
+    ap.add_argument("--n", type=int, default=PREFILL)
+    ap.add_argument("--profile", action="store_true")
+    a = ap.parse_args()
+    if a.what == "sweep":
+        sweep(a.quick)
+    else:
+        models(a.dir, a.specs, a.n, a.profile)
