@@ -35,6 +35,11 @@ class Sampler:
         self.rng = np.random.default_rng(seed)
 
     @property
+    def on_gpu(self) -> bool:
+        """Sampling runs inside the captured GPU decode step (top_k within the kernel's cap)."""
+        return (self.top_k or 0) <= GPU_MAX_TOP_K
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 

@@ -158,6 +158,9 @@ class Session:
                               tok.eos_id if (stop_on_eos and tok is not None) else None)
 
     def _generate(self, ids, max_new_tokens, sampler, stop_ids, stop_strs, eos):
+        if sampler.on_gpu:
+            yield from self._generate_gpu(ids, max_new_tokens, sampler, stop_ids, stop_strs, eos)
+            return
         import time
         stats = self.last_stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
         if max_new_tokens == 0:
@@ -190,6 +193,96 @@ class Session:
             nxt = sampler.pick(logits, self.tokens)
             stats["decode_s"] += time.perf_counter() - t
             stats["decode_tokens"] += 1
+
+    # -- the fast decode loop -------------------------------------------------------------
+
+    def _decode_step(self, sampler):
+        """The captured decode step for these sampling settings: forward of one token from the
+        GPU (the previous step's sample) + sampling on the GPU, with the token history kept on
+        the GPU for the repetition penalty. Traced once, replayed every token."""
+        key = (sampler.temperature, sampler.top_k, sampler.top_p, sampler.penalty)
+        caps = self.__dict__.setdefault("_steps", {})
+        step = caps.get(key)
+        if step is None:
+            model, cache = self.model, self.cache
+            hist, n_prev = self._gpu_history()
+            greedy = sampler.greedy
+            T, K, P, R = sampler.temperature, sampler.top_k or 0, sampler.top_p or 1.0, sampler.penalty
+
+            @tg.capture
+            def step(tok, pos, kv_len, u):
+                logits = model.forward(tok, pos, kv_len, cache, last_only=True)          # [1, V]
+                return tg.nn.sample(logits, 0.0 if greedy else T, 0 if greedy else K, 1.0 if greedy else P,
+                                    u=None if greedy else u, repetition_penalty=R,
+                                    prev_tokens=hist, n_prev=n_prev, append=True)      # int32 [1]
+            caps[key] = step
+        return step
+
+    def _gpu_history(self):
+        """int32 [max_context] token history + int32 [1] count, on the GPU (sampling appends)."""
+        h = self.__dict__.get("_hist")
+        if h is None:
+            h = self._hist = (tg.zeros((self.max_context + 1,), tg.int32).contiguous().realize(),
+                              tg.zeros((1,), tg.int32).contiguous().realize())
+        return h
+
+    def _generate_gpu(self, ids, max_new_tokens, sampler, stop_ids, stop_strs, eos):
+        """Decode with every token chosen on the GPU: step N+1 is queued (and submitted) before
+        token N is read back, so the GPU never waits for the host's stop checks; the host reads
+        4 bytes per token, one step late."""
+        import time
+        from tensorgpu import runtime
+        stats = self.last_stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+        if max_new_tokens == 0:
+            return
+        stream = self.model.tokenizer.decode_stream() if stop_strs else None
+        text = ""
+        t0 = time.perf_counter()
+        if ids or self._pending:
+            stats["prefill_tokens"] = len(ids) + len(self._pending)
+            logits = self._feed(ids, last_only=True)
+        else:  # continue: recompute the last token's logits into its own cache row
+            last = self.tokens.pop()
+            logits = self._feed([last], last_only=True)
+        # the whole context is the repetition-penalty history; sampling appends to it on the GPU
+        hist, n_prev = self._gpu_history()
+        ctx = np.asarray(self.tokens, np.int32)
+        if sampler.penalty is not None:
+            hist[:len(ctx)] = tg.tensor(ctx)
+        n_prev[0] = len(ctx)
+        greedy = sampler.greedy
+        tok = tg.nn.sample(logits, 0.0 if greedy else sampler.temperature, 0 if greedy else (sampler.top_k or 0),
+                           1.0 if greedy else (sampler.top_p or 1.0), u=None if greedy else sampler.rng.random(),
+                           repetition_penalty=sampler.penalty, prev_tokens=hist, n_prev=n_prev, append=True).realize()
+        step = self._decode_step(sampler)
+        ticket = runtime.read_later(tok.node.buffer, 0, 4)
+        runtime.flush()
+        nxt = int(np.frombuffer(ticket.result(), np.int32)[0])
+        stats["prefill_s"] = time.perf_counter() - t0
+        t_dec = time.perf_counter()
+        for n in range(max_new_tokens):
+            # queue the step that feeds token n (its K/V row) and samples token n+1, before
+            # handing token n to the caller
+            more = n + 1 < max_new_tokens and self.remaining > 1 and nxt not in stop_ids and nxt != eos
+            if more:
+                p = self.position
+                tok = step(tok, p, p + 1, float(sampler.rng.random()) if not greedy else 0.0)
+                ticket = runtime.read_later(tok.node.buffer, 0, 4)
+                runtime.flush()
+                self.tokens.append(nxt)        # its cache row is being written by the queued step
+                self._pending = []
+            else:
+                self._pending = [nxt]
+            yield nxt
+            if not more:
+                break
+            if stream is not None:
+                text += stream.step(nxt)
+                if any(s in text for s in stop_strs):
+                    return
+            nxt = int(np.frombuffer(ticket.result(), np.int32)[0])
+            stats["decode_tokens"] += 1
+            stats["decode_s"] = time.perf_counter() - t_dec
 
     # -- scoring ------------------------------------------------------------------------
 
