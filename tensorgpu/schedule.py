@@ -38,6 +38,7 @@ def realize(node: Node) -> None:
     if node.op is Op.CUSTOM:
         _emit_custom(node, node, None)
         return
+    _cut_deep(node)
     core, root = _plan(node)
     out = Buffer(max(node.dtype.nbytes(node.numel), 4))
     if core is None:
@@ -146,17 +147,79 @@ def _eligible_core(m: Node, view: View, root: Node) -> bool:
             and prod(m.shape) > 0)
 
 
+MAX_DEPTH = 128      # a lazy graph deeper than this is cut into kernels (recursion, WGSL size)
+MAX_INLINE = 2048    # distinct (node, index mapping) reads one kernel may inline
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _cut_deep(root: Node) -> None:
+    """Realize every MAX_DEPTH-th level of a very deep lazy graph (a loop of lazy updates),
+    bottom-up, so planning and code generation (both recursive) see bounded depth."""
+    height: dict = {}
+    order: list = []
+    stack = [(root, False)]
+    while stack:  # iterative post-order over unrealized nodes
+        n, done = stack.pop()
+        if done:
+            height[id(n)] = 1 + max((height[id(m)] for m, _ in n.srcs if id(m) in height), default=-1)
+            order.append(n)
+            continue
+        if id(n) in height or n.buffer is not None or n.op is Op.CONST:
+            continue
+        height[id(n)] = -1  # on the stack
+        stack.append((n, True))
+        stack.extend((m, False) for m, _ in n.srcs if id(m) not in height)
+    if height.get(id(root), 0) <= MAX_DEPTH:
+        return
+    h: dict = {}
+    cuts = []
+    for n in order:  # children first
+        h[id(n)] = 1 + max((h[id(m)] for m, _ in n.srcs if id(m) in h), default=-1)
+        if h[id(n)] >= MAX_DEPTH and n is not root:
+            cuts.append(n)
+            del h[id(n)]  # becomes a buffer
+    for n in cuts:
+        realize(n)
+
+
 def _plan(root: Node):
     """Choose the core of root's kernel and materialize every source that can't be inlined."""
     limit = get_device().max_storage_buffers
     while True:
+        try:
+            return _plan_once(root, limit)
+        except _TooBig as e:
+            # one node is read through so many different index mappings (x = x[1:] + x[:-1] in a
+            # loop) that inlining it everywhere would explode the kernel: give it a buffer
+            realize(e.args[0])
+
+
+def _plan_once(root: Node, limit: int):
+    while True:
         core = root if root.is_reduce else None
         inlined: list = []
         misread: list = []  # the core reached again on a path that needs another element of it
+        memo: dict = {}
+        reads: dict = {}
 
-        def visit(n: Node, identity_path: bool) -> set:
+        def visit(n: Node, identity_path: bool, path=()) -> set:
+            """Buffers the inlined computation of n binds. Memoized per index mapping (`path`,
+            the non-identity views from the root), so shared subgraphs cost one visit each."""
             nonlocal core
+            key = (id(n), identity_path, path)
+            hit = memo.get(key)
+            if hit is not None:
+                return hit
+            if len(memo) > MAX_INLINE:
+                worst = max(reads.values(), key=lambda t: t[1])[0]
+                raise _TooBig(worst)
+            if n is not root:
+                reads[id(n)] = (n, reads.get(id(n), (n, 0))[1] + 1)
             mine: set = set()
+            memo[key] = mine
             for m, v in n.srcs:
                 if m.buffer is not None:
                     mine.add(id(m.buffer))
@@ -170,13 +233,14 @@ def _plan(root: Node):
                         misread.append(m)
                     continue
                 if m.is_elementwise:
-                    sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT)
+                    sub_path = path if v.is_identity(m.shape) and n.op is not Op.CAT else (path, v, id(n))
+                    sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT, sub_path)
                     inlined.append((len(sub), m))
                     mine |= sub
                 elif core is None and identity_path and n.op is not Op.CAT and _eligible_core(m, v, root):
                     core = m
                     if m.is_reduce:
-                        mine |= visit(m, False)
+                        mine |= visit(m, False, (path, id(m)))
                     else:
                         for s, sv in m.srcs:
                             realize_source(s)
@@ -205,7 +269,7 @@ def _plan(root: Node):
             raise RuntimeError(f"kernel for {root} needs {len(used) + 1} storage buffers, over the limit of {limit}")
 
 
-def _buffers_read(n: Node, v: View) -> set:
+def _buffers_read(n: Node, v: View, memo: Optional[dict] = None) -> set:
     """Buffers an inlined read of n would bind."""
     if n.buffer is not None:
         return {id(n.buffer)}
@@ -213,10 +277,13 @@ def _buffers_read(n: Node, v: View) -> set:
         return set()
     if not n.is_elementwise:
         return {id(n)}
-    out: set = set()
-    for m, mv in n.srcs:
-        out |= _buffers_read(m, mv)
-    return out
+    memo = {} if memo is None else memo
+    if id(n) not in memo:
+        out: set = set()
+        for m, mv in n.srcs:
+            out |= _buffers_read(m, mv, memo)
+        memo[id(n)] = out
+    return memo[id(n)]
 
 
 def _split_cat(node: Node, limit: int) -> bool:

@@ -325,3 +325,37 @@ def test_random_expression_graphs_property(data):
         got = t.numpy()
     assert got.shape == a.shape
     np.testing.assert_allclose(got, a, rtol=tol, atol=tol * scale)  # errors scale with the largest intermediate
+
+
+# ----------------------------------------------------------------------------- pathological graphs
+
+
+def test_repeated_reuse_in_a_loop_plans_in_linear_time():
+    """A Newton iteration reads y three times per step: 3^60 paths, planned as a DAG."""
+    xn = rng.uniform(1, 2, 50).astype(np.float32)
+    x = tg.tensor(xn)
+    y = tg.ones((50,))
+    for _ in range(60):
+        y = y * (1.5 - 0.5 * x * y * y)
+    log = kernels(lambda: y.realize())
+    assert 1 <= len(log) <= 4
+    check(y, 1 / np.sqrt(xn), rtol=1e-5)
+
+
+def test_shifted_reads_in_a_loop_stay_bounded():
+    """x = x[1:] + x[:-1] doubles the distinct index mappings each step: past a budget the
+    fuser gives the most-read node a buffer instead of emitting an exponential kernel."""
+    an = rng.standard_normal(300).astype(np.float32)
+    y, b = tg.tensor(an), an.astype(np.float64)
+    for _ in range(20):
+        y, b = y[1:] + y[:-1], b[1:] + b[:-1]
+    log = kernels(lambda: y.realize())
+    assert all(len(k.wgsl) < 400_000 for k in log)
+    check(y, b, rtol=1e-5, atol=1e-3)
+
+
+def test_very_deep_lazy_chain_does_not_overflow_the_stack():
+    y = tg.tensor(np.ones(10, np.float32))
+    for _ in range(3000):
+        y = y * 0.999 + 0.001
+    check(y, np.ones(10, np.float32), rtol=1e-5)
