@@ -351,7 +351,7 @@ def test_shifted_reads_in_a_loop_stay_bounded():
         y, b = y[1:] + y[:-1], b[1:] + b[:-1]
     log = kernels(lambda: y.realize())
     assert all(len(k.wgsl) < 400_000 for k in log)
-    check(y, b, rtol=1e-5, atol=1e-3)
+    check(y, b, rtol=1e-5, atol=1e-5 * np.abs(b).max())  # f32 sums of 2^20 terms
 
 
 def test_very_deep_lazy_chain_does_not_overflow_the_stack():
