@@ -296,3 +296,36 @@ def test_logsumexp_extremes():
 def test_logsumexp_over_tuple_axes():
     x = rng.standard_normal((3, 4, 5)).astype(np.float32)
     check(tg.tensor(x).logsumexp((0, 2)), np.log(np.exp(x.astype(np.float64)).sum((0, 2))), rtol=1e-5)
+
+
+def test_long_rows_two_stage_path(subgroup_path):
+    """Rows of >= 32768 elements with few outputs run as two kernels (partials per chunk, then
+    the partials): ties, NaN, dtypes and fused consumers behave as in one stage."""
+    x = rng.standard_normal((3, 50000)).astype(np.float32)
+    x[0, [40000, 45000]] = 9.0          # a tie across chunks: the first wins
+    x[1, [123, 40001]] = np.nan         # the first NaN wins, NaN propagates
+    x[2, :] = 1.0                       # all equal: index 0
+    t = tg.tensor(x)
+    check(t.argmax(1), x.argmax(1).astype(np.int32))
+    check(t.argmin(1), x.argmin(1).astype(np.int32))
+    check(t.max(1), x.max(1))
+    check(t.min(1, keepdims=True), x.min(1, keepdims=True))
+    check(t.argmax(1) + 1, x.argmax(1).astype(np.int32) + 1)
+    xs = x.copy()
+    xs[1] = 0.5
+    ts = tg.tensor(xs)
+    tol = _tol_sum(xs, 1, False)
+    assert np.all(np.abs(ts.sum(1).numpy() - xs.astype(np.float64).sum(1)) <= tol)
+    assert np.all(np.abs((ts.sum(1) * 2 + 1).numpy() - (xs.astype(np.float64).sum(1) * 2 + 1)) <= 2 * tol)
+    lse = ((ts * 2).exp().sum(1, keepdims=True).log() - 1).numpy()
+    np.testing.assert_allclose(lse, np.log(np.exp(xs.astype(np.float64) * 2).sum(1, keepdims=True)) - 1, rtol=1e-5)
+    i = rng.integers(-100, 100, (2, 40000)).astype(np.int32)
+    check(tg.tensor(i).sum(1), i.sum(1).astype(np.int32))
+    check(tg.tensor(i).argmin(1), i.argmin(1).astype(np.int32))
+    b = i > 90
+    check(tg.tensor(b).sum(1), b.sum(1).astype(np.int32))
+    check(tg.tensor(b).argmax(1), b.argmax(1).astype(np.int32))
+    h = xs.astype(np.float16)
+    check(tg.tensor(h).argmax(1), h.argmax(1).astype(np.int32))
+    check(tg.tensor(h).max(1), h.max(1))
+    np.testing.assert_allclose(tg.tensor(h).sum(1).numpy().astype(np.float64), h.astype(np.float64).sum(1), rtol=2e-3, atol=0.1)
