@@ -41,6 +41,12 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"linear: bias {b.shape} does not match weight {w.shape} (out_features {w.shape[0]})")
     lead = x.shape[:-1]
+    if prod(lead) == 1:
+        y = _decode_linear(x, w)
+        if y is not None:
+            if b is not None:
+                y = y + b.astype(dt.float32) if b.dtype is not dt.float32 else y + b
+            return y.reshape(lead + (w.shape[0],))
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
     y = matmul(x2, w.T)
     if b is not None:
@@ -431,3 +437,64 @@ def _fused_decode_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale
     kern = RopeAttentionDecodeKernel(H, D, rot, max_ctx, base, cache_dtype, scale)
     shape = (1, H, D) if out_layout == "sbd" else (H, 1, D)
     return _custom(kern, srcs, shape)
+
+
+# ----------------------------------------------------------------------------- decode GEMV
+
+
+class DecodeLinearKernel(CustomKernel):
+    """One activation row times W.T (kernels/gemv.py), optionally normalising the row first."""
+    name = "gemv"
+    supports_epilogue = True
+
+    def __init__(self, w_dtype, N, K, ln=None):
+        self.w_dtype, self.N, self.K, self.ln = w_dtype, N, K, ln   # ln: (has_w, has_b, eps)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.common import Operand
+        from .kernels.gemv import gemv
+        x, w = operands[:2]
+        rest = list(operands[2:])
+        ln = None
+        if self.ln is not None:
+            has_w, has_b, eps = self.ln
+            lw = rest.pop(0) if has_w else None
+            lb = rest.pop(0) if has_b else None
+            ln = (lw, lb, eps)
+        xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
+        wo = w.buffer if self.w_dtype.is_quant else Operand(w.buffer, w.dtype, (self.N, self.K), (self.K, 1), w.offset)
+        gemv(out, xo, wo, self.w_dtype, self.N, self.K, epilogue, ln)
+
+
+def _flat_row_ok(v: View, K: int) -> bool:
+    return v.is_contiguous and v.offset % 4 == 0 and prod(v.shape) == K
+
+
+def _decode_linear(x: Tensor, w: Tensor):
+    """x (one row of K) @ w.T as the decode GEMV, with a pending 1-row layer_norm of x folded in
+    (the norm node is left unused). None when the decode kernel does not apply."""
+    from .kernels import gemv as g
+    if not x.dtype.is_float or w.ndim != 2 or w.node.buffer is None or not w.view.is_identity(w.node.shape):
+        return None
+    N, K = w.shape
+    wd = w.dtype
+    if wd.is_quant:
+        from .kernels.quant import SUPPORTED
+        if wd not in SUPPORTED or wd is dt.bfloat16 or K % wd.block_size:
+            return None
+    elif wd not in (dt.float16, dt.float32) or K % (8 if wd is dt.float16 else 4):
+        return None
+    if K % 4:
+        return None
+    n = x.node
+    ln = None
+    if (isinstance(n.arg, LayerNormKernel) and n.buffer is None and x.view.is_identity(n.shape)
+            and n.srcs and n.srcs[0][0].dtype in (dt.float32, dt.float16) and _flat_row_ok(n.srcs[0][1], K)):
+        k = n.arg
+        srcs = [Tensor(*n.srcs[0]), Tensor(w.node)] + [Tensor(m, v) for m, v in n.srcs[1:]]
+        ln = (k.has_w, k.has_b, k.eps)
+    elif _flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16):
+        srcs = [x, Tensor(w.node)]
+    else:
+        return None
+    return _custom(DecodeLinearKernel(wd, N, K, ln), srcs, (1, N))

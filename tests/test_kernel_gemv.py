@@ -1,0 +1,110 @@
+"""Decode GEMV (kernels/gemv.py) with and without the fused layer norm, against float64 NumPy:
+f16/f32 and GGUF block weights, ragged K (items not a multiple of the workgroup), N not a
+multiple of the rows per workgroup, an epilogue, both f16/subgroup paths."""
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as QT
+
+from nn_kernel_util import AffineGelu, Base, paths, read_f32  # noqa: F401
+from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import gemv as gmod
+from tensorgpu.kernels.common import Operand
+from tensorgpu.kernels.gemv import gemv
+
+rng = np.random.default_rng(11)
+
+
+def qweights(dt, N, K):
+    """Random GGUF blocks of [N, K] with sane scales, and their float64 values."""
+    nb = N * K // dt.block_size
+    b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
+
+    def scale(off):
+        v = rng.uniform(1e-3, 0.05, nb) * rng.choice([-1.0, 1.0], nb)
+        b[:, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if dt in (dtypes.q4_k, dtypes.q5_k):
+        scale(0), scale(2)
+    elif dt is dtypes.q6_k:
+        scale(208)
+    elif dt in (dtypes.q4_1, dtypes.q5_1):
+        scale(0), scale(2)
+    else:
+        scale(0)
+    raw = b.reshape(-1)
+    W = np.asarray(gguf.quants.dequantize(raw, QT(dt.ggml_type)), np.float64).reshape(N, K)
+    return raw, W
+
+
+def ref_ln(x, w, b, eps):
+    x = x.astype(np.float64)
+    y = (x - x.mean()) / np.sqrt(x.var() + eps)
+    return y * (1 if w is None else w) + (0 if b is None else b)
+
+
+def run(wdt, N, K, ln=False, ep=None, xdt=np.float32, lnb_none=False):
+    x = (rng.standard_normal(K) * 3 + 5).astype(xdt)      # |mean| >> std: the norm must be exact
+    if wdt in ("f16", "f32"):
+        npdt = np.float16 if wdt == "f16" else np.float32
+        W = (rng.standard_normal((N, K)) * 0.05).astype(npdt)
+        wb = Base(W)
+        w, wd, Wf = wb.whole(), wb.dtype, W.astype(np.float64)
+    else:
+        wd = dtypes.as_dtype(wdt)
+        raw, Wf = qweights(wd, N, K)
+        w = runtime.upload(raw)
+    xb = Base(x)
+    lnops = None
+    h = x.astype(np.float64)
+    if ln:
+        lw = rng.standard_normal(K).astype(np.float32)
+        lb = None if lnb_none else rng.standard_normal(K).astype(np.float32)
+        lnops = (Base(lw).whole(), None if lb is None else Base(lb).whole(), 1e-5)
+        h = ref_ln(x, lw, lb, 1e-5)
+    out = runtime.Buffer(4 * N)
+    gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0), w, wd, N, K, ep, lnops)
+    want = Wf @ h
+    if ep is not None:
+        want = ep.ref(want)
+    got = read_f32(out, N)
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err < 2e-5, f"{wdt} N={N} K={K} ln={ln}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
+def test_formats(paths, wdt, ln):
+    run(wdt, 37, 512, ln)
+
+
+@pytest.mark.parametrize("K", [256, 256 + 32, 1024 + 256, 4096], ids=str)
+@pytest.mark.parametrize("wdt", ["f16", "q4_0"])
+def test_ragged_and_long_rows(wdt, K):
+    """Items not a multiple of the workgroup (the last iteration is partial), several iterations."""
+    run(wdt, 9, K, ln=True)
+
+
+@pytest.mark.parametrize("threads,rows,pre", [(32, 1, 16), (64, 3, 0), (128, 8, 16)])
+def test_tuning(threads, rows, pre):
+    old = dict(gmod.TUNING)
+    gmod.TUNING.update(threads=threads, rows=rows, prefetch_max=pre)
+    try:
+        for wdt in ("f16", "q8_0"):
+            run(wdt, 13, 640, ln=True)
+            run(wdt, 5, 640, ln=False)
+    finally:
+        gmod.TUNING.update(old)
+
+
+def test_epilogue_f16_x_and_no_ln_bias(paths):
+    ep = AffineGelu(rng.standard_normal(24).astype(np.float32))
+    run("f16", 24, 256, ln=True, ep=ep)
+    run("q4_0", 24, 256, ln=False, ep=ep, xdt=np.float16)
+    run("f32", 8, 64, ln=True, lnb_none=True)
+
+
+def test_unsupported():
+    x = Operand(runtime.Buffer(64), dtypes.float32, (1, 12), (12, 1), 0)
+    assert not gmod.supported(x, dtypes.q4_0, 12)
+    with pytest.raises(ValueError, match="decode GEMV"):
+        gemv(runtime.Buffer(16), x, runtime.Buffer(64), dtypes.q4_0, 2, 12)
