@@ -148,6 +148,8 @@ def _rows_viewable(t: Tensor) -> bool:
     v = t.view
     if t.ndim == 0 or v.strides[-1] != 1 and v.shape[-1] != 1:
         return False
+    if any(st < 0 for sz, st in zip(v.shape[:-1], v.strides[:-1]) if sz > 1):
+        return False  # the row kernels walk rows forwards
     lead = View(v.shape[:-1], v.strides[:-1], 0)
     if len(lead.shape) <= 1:
         return True
