@@ -113,7 +113,7 @@ def quant_us(M, N, K, qdt, tuning):
     return la, _time(la.passes)
 
 
-def attention_us(H, D, S=PREFILL, kernel="auto"):
+def attention_us(H, D, S=PREFILL, kernel="auto", target=None):
     rng = np.random.default_rng(2)
     q = rng.standard_normal((H, S, D)).astype(np.float32)
     kc = rng.standard_normal((H, S, D)).astype(np.float16)
@@ -122,15 +122,17 @@ def attention_us(H, D, S=PREFILL, kernel="auto"):
     Kc = Operand(runtime.upload(kc), dtypes.float16, (H, S, D), (S * D, D, 1), 0)
     Vc = Operand(runtime.upload(vc), dtypes.float16, (H, S, D), (S * D, D, 1), 0)
     out = runtime.Buffer(4 * H * S * D)
-    old = attn.PREFILL_KERNEL
+    old = attn.PREFILL_KERNEL, attn.TILED_TARGET_WORKGROUPS
     attn.PREFILL_KERNEL = kernel
+    if target:
+        attn.TILED_TARGET_WORKGROUPS = target
     try:
         from tensorgpu import debug
         with debug.kernel_log() as log:
             attn.attention(out, Q, Kc, Vc, S, out_layout="sbd")
         ds = list(runtime._pending[-len(log):])
     finally:
-        attn.PREFILL_KERNEL = old
+        attn.PREFILL_KERNEL, attn.TILED_TARGET_WORKGROUPS = old
     t = probe.gpu_time_per_dispatch(ds, warmup_s=0.1, target_s=0.03, rounds=3)
     return [e.name for e in log], t
 
@@ -221,9 +223,10 @@ def sweep(quick: bool) -> None:
     for model, (H, D) in ATTN_SHAPES.items():
         fl = 4 * H * D * PREFILL * PREFILL / 2
         row = []
-        for kernel in ("generic", "auto"):
-            names, t = attention_us(H, D, kernel=kernel)
-            row.append(f"{'+'.join(n.split('[')[0] for n in names)} {t * 1e6:.0f} us ({fl / t / 1e12:.2f})")
+        for kernel, target in (("generic", None), ("auto", 1), ("auto", 512), ("auto", 1024), ("auto", 2048)):
+            names, t = attention_us(H, D, kernel=kernel, target=target)
+            row.append(f"{'+'.join(n.split('[')[0] for n in names)}{f' t{target}' if target else ''} "
+                       f"{t * 1e6:.0f} us ({fl / t / 1e12:.2f})")
         print(f"{model} H={H} D={D}: " + " | ".join(row), flush=True)
     print(f"clocks {probe.gpu_clocks()}", flush=True)
 
@@ -237,7 +240,14 @@ def _policy(first: bool) -> None:
     attn.PREFILL_KERNEL = "generic" if first else "auto"
 
 
-def models(directory: str, specs: str, n: int, profile: bool) -> None:
+def best_attention_target(H: int, D: int, n: int) -> int:
+    """The TILED_TARGET_WORKGROUPS that is fastest for this model's prefill attention."""
+    res = sorted((attention_us(H, D, n, target=t)[1], t) for t in (1, 512, 1024, 2048))
+    print("attention targets: " + ", ".join(f"{t}: {x * 1e6:.0f} us" for x, t in res), flush=True)
+    return res[0][1]
+
+
+def models(directory: str, specs: str, n: int, profile: bool, tune_attention: bool = False) -> None:
     import tensorgpu as tg
     from models.gpt_neox import GPTNeoX
     print(f"device: {runtime.get_device().name}", flush=True)
@@ -247,6 +257,9 @@ def models(directory: str, specs: str, n: int, profile: bool) -> None:
         ids = tg.tensor(np.random.default_rng(0).integers(0, model.config.n_vocab, n).astype(np.int32))
         pos = tg.tensor(np.arange(n, dtype=np.int32))
         kv = tg.tensor(np.array([n], np.int32))
+        if tune_attention:
+            attn.TILED_TARGET_WORKGROUPS = best_attention_target(model.config.n_head, model.config.head_dim, n)
+            print(f"TILED_TARGET_WORKGROUPS = {attn.TILED_TARGET_WORKGROUPS}", flush=True)
 
         def run():
             t0 = time.perf_counter()
@@ -288,8 +301,9 @@ if __name__ == "__main__":
     ap.add_argument("--specs", default="pythia-1.4b:f16 pythia-1.4b:q4_0")
     ap.add_argument("--n", type=int, default=PREFILL)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--tune-attention", action="store_true", help="pick TILED_TARGET_WORKGROUPS per model first")
     a = ap.parse_args()
     if a.what == "sweep":
         sweep(a.quick)
     else:
-        models(a.dir, a.specs, a.n, a.profile)
+        models(a.dir, a.specs, a.n, a.profile, a.tune_attention)

@@ -218,12 +218,16 @@ def test_rope_attention_decode_position_out_of_range(paths):
     np.testing.assert_allclose(read_f32(out, H * D, (H, D)), want, atol=2e-5, rtol=2e-4)
 
 
-@pytest.mark.parametrize("kernel", ["auto", "generic"])
+@pytest.mark.parametrize("kernel,target", [("auto", 1024), ("auto", 1), ("generic", 256)])
 @pytest.mark.parametrize("B,sq,sk_max,D,kvl", [(2, 70, 80, 128, 75), (3, 33, 300, 80, 290), (1, 12, 64, 48, 40)], ids=str)
-def test_prefill_tiled_and_generic(paths, monkeypatch, kernel, B, sq, sk_max, D, kvl):
+def test_prefill_tiled_and_generic(paths, monkeypatch, kernel, target, B, sq, sk_max, D, kvl):
     """The register-blocked prefill kernel (d % 16 == 0: vec4 units for d % 64 == 0, scalar dims
-    otherwise; key splits + combine for a long cache) and the generic one agree with NumPy."""
+    otherwise; with key splits + combine, including splits past the causal limit, or without)
+    and the generic one agree with NumPy."""
     monkeypatch.setattr(attn_mod, "PREFILL_KERNEL", kernel)
+    monkeypatch.setattr(attn_mod, "TILED_TARGET_WORKGROUPS", target)
+    if kernel == "auto":
+        assert (attn_mod._TilePlan(B, sq, sk_max, D, ()).NSPLIT == 1) == (target == 1)
     q, k, v = case(B, sq, sk_max, D, np.float16)
     assert attn_mod._TilePlan(B, sq, sk_max, D, ()).ok == (kernel == "auto")
     got = run(Base(q), q, Base(k), k, Base(v), v, kvl, out_layout="sbd")

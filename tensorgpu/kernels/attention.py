@@ -339,6 +339,10 @@ def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, 
 # "auto": the register-blocked prefill kernel where it applies (sq > DECODE_MAX_SQ, d % 16 == 0,
 # tiles fit workgroup memory), else the generic one; "generic" forces the generic kernel.
 PREFILL_KERNEL = "auto"
+# Workgroups the register-blocked kernel aims for: a causal prefill's last query tiles walk every
+# key tile, so splitting the key range balances them (and fills the GPU) at the price of a
+# combine pass.
+TILED_TARGET_WORKGROUPS = 1024
 
 
 class _TilePlan:
@@ -373,7 +377,7 @@ class _TilePlan:
         self.NQT = -(-sq // self.BQ)
         self.REGS = -(-(self.BK * self.D4) // self.WG)      # K/V vec4 registers per invocation
         max_split = max(1, -(-sk_max // self.BK))
-        nsplit = max(1, min(max_split, -(-TARGET_WORKGROUPS_PREFILL // (B * self.NQT))))
+        nsplit = max(1, min(max_split, -(-TILED_TARGET_WORKGROUPS // (B * self.NQT))))
         self.CHUNK = -(-max_split // nsplit) * self.BK
         self.NSPLIT = max(1, -(-sk_max // self.CHUNK))
         self.ok = True
@@ -434,37 +438,47 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
         L += [f"  let lim = qp0 + i32(min(q0 + {BQ}u, {sq}u));",
               "  k_hi = u32(clamp(lim, 0, i32(k_hi)));"]
     L += [f"  let kt_n = select(0u, (k_hi - k_lo + {BK - 1}u) / {BK}u, k_hi > k_lo);"]
-    # Q tile, transposed and pre-scaled (scores in the log2 domain)
+    if split:   # a split past the causal limit / kv length: an empty partial, nothing else
+        L += ["  if (kt_n == 0u) {",
+              f"    if (lid < {BQ}u && q0 + lid < {sq}u) {{ part_ml[(b * {sq}u + q0 + lid) * {NS}u + split] = vec2<f32>(ninf, 0.0); }}",
+              "    return;",
+              "  }"]
+    # Q tile, transposed and pre-scaled (scores in the log2 domain); consecutive invocations
+    # take consecutive queries so the transposed stores hit distinct banks
     L += [f"  for (var e = lid; e < {BQ * D4}u; e = e + {WG}u) {{",
-          f"    let qi = e / {D4}u;",
-          f"    let d4 = e % {D4}u;",
+          f"    let qi = e % {BQ}u;",
+          f"    let d4 = e / {BQ}u;",
           "    var x = vec4<f32>(0.0);",
           f"    if (q0 + qi < {sq}u) {{ x = ld_q(qrow(b, q0 + qi), d4) * SCALE_LOG2E; }}",
-          "    for (var c = 0u; c < 4u; c = c + 1u) {",
-          f"      Qs[(d4 * 4u + c) * {BQ4}u + qi / 4u][qi % 4u] = x[c];",
-          "    }",
+          f"    Qs[(d4 * 4u + 0u) * {BQ4}u + qi / 4u][qi % 4u] = x[0];",
+          f"    Qs[(d4 * 4u + 1u) * {BQ4}u + qi / 4u][qi % 4u] = x[1];",
+          f"    Qs[(d4 * 4u + 2u) * {BQ4}u + qi / 4u][qi % 4u] = x[2];",
+          f"    Qs[(d4 * 4u + 3u) * {BQ4}u + qi / 4u][qi % 4u] = x[3];",
           "  }"]
     # register staging of one K or V tile: item e = lid + r*WG -> key e / D4, d4 = e % D4
     for r in range(R):
         L.append(f"  var rg{r} = vec4<f32>(0.0);")
 
     def fetch(fn: str, row: str, t0: str) -> list:
+        # K: item e -> key e % BK, d4 e / BK (consecutive invocations then store consecutive keys of
+        # one transposed row: no bank conflicts); V: key e / D4, d4 e % D4 (coalesced rows)
+        kmap = fn == "ld_k"
+        jd = (f"let j = e % {BK}u; let d4 = e / {BK}u;" if kmap else f"let j = e / {D4}u; let d4 = e % {D4}u;")
         out = []
         for r in range(R):
             g = f"lid + {r * WG}u < {BK * D4}u && " if (BK * D4) % WG and r == R - 1 else ""
-            out += [f"    {{ let e = lid + {r * WG}u; let j = e / {D4}u;",
+            out += [f"    {{ let e = lid + {r * WG}u; {jd}",
                     f"      rg{r} = vec4<f32>(0.0);",
-                    f"      if ({g}{t0} + j < k_hi) {{ rg{r} = {fn}({row}(b, {t0} + j), e % {D4}u); }} }}"]
+                    f"      if ({g}{t0} + j < k_hi) {{ rg{r} = {fn}({row}(b, {t0} + j), d4); }} }}"]
         return out
 
     def put_k() -> list:
         out = []
         for r in range(R):
             g = f"if (lid + {r * WG}u < {BK * D4}u) " if (BK * D4) % WG and r == R - 1 else ""
-            out += [f"    {g}{{ let e = lid + {r * WG}u; let j = e / {D4}u; let d4 = e % {D4}u;",
-                    "      for (var c = 0u; c < 4u; c = c + 1u) {",
-                    f"        KV[(d4 * 4u + c) * {BK // 4}u + j / 4u][j % 4u] = rg{r}[c];",
-                    "      } }"]
+            out += [f"    {g}{{ let e = lid + {r * WG}u; let j = e % {BK}u; let d4 = e / {BK}u;"]
+            out += [f"      KV[(d4 * 4u + {c}u) * {BK // 4}u + j / 4u][j % 4u] = rg{r}[{c}];" for c in range(4)]
+            out += ["    }"]
         return out
 
     def put_v() -> list:

@@ -283,16 +283,51 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
         else:
             kind = "tiled"
     ctx = _Ctx(dev, A, B, M, N, K, nb, dims, ep)
-    gen = {"gemv_k": _gen_gemv_k, "gemv_n": _gen_gemv_n, "tiled": _gen_tiled, "naive": _gen_naive}[kind]
-    name, body, grid, info = gen(ctx)
-    wgsl = ctx.header() + body
-    split = info.get("split", 1)
-    if split > 1:   # the main pass writes partial sums to a scratch buffer; a second pass reduces
-        part = _scratch_buffer("splitk", split * numel * 4)
-        bindings = [(part, "rw")] + ctx.input_bindings()
-        return Launch(kind, name, wgsl, bindings, grid, info, [_splitk_reduce(out, part, numel, split, ep)])
-    bindings = [(out, "rw")] + ctx.input_bindings() + epilogue_bindings(ep)
-    return Launch(kind, name, wgsl, bindings, grid, info)
+    key = _tiled_key(ctx, kind, numel) if kind == "tiled" else None
+    hit = _tiled_cache.get(key) if key is not None else None
+    if hit is None:
+        gen = {"gemv_k": _gen_gemv_k, "gemv_n": _gen_gemv_n, "tiled": _gen_tiled, "naive": _gen_naive}[kind]
+        name, body, grid, info = gen(ctx)
+        wgsl = ctx.header() + body
+        split = info.get("split", 1)
+        red = _splitk_reduce(out, None, numel, split, ep) if split > 1 else None
+        if key is not None:
+            if len(_tiled_cache) > 512:
+                _tiled_cache.clear()
+            _tiled_cache[key] = (name, wgsl, grid, info, red)
+    else:
+        name, wgsl, grid, info, red = hit
+    inputs = [(A.op.buffer, "read")] + ([] if ctx.aliased else [(B.op.buffer, "read")])
+    if red is not None:   # the main pass writes partial sums to a scratch buffer; a second pass reduces
+        part = _scratch_buffer("splitk", info["split"] * numel * 4)
+        rname, rsrc, _, rgrid = red
+        reduce = (rname, rsrc, [(out, "rw"), (part, "read")] + epilogue_bindings(ep), rgrid)
+        return Launch(kind, name, wgsl, [(part, "rw")] + inputs, grid, dict(info), [reduce])
+    bindings = [(out, "rw")] + inputs + epilogue_bindings(ep)
+    return Launch(kind, name, wgsl, bindings, grid, dict(info))
+
+
+# Generated tiled kernels by everything their text depends on: re-generating the unrolled
+# source costs ~0.1-0.3 ms of Python per call, paid by every matmul of every prefill.
+_tiled_cache: dict = {}
+
+
+def _tiled_key(c: "_Ctx", kind: str, numel: int):
+    dev = c.dev
+
+    def mat(m: _Mat):
+        buf = m.op.buffer
+        whole = buf.capacity <= dev.max_binding_size or buf.nbytes % 16 == 0
+        return (m.dtype.name, m.rows, m.cols, m.srow, m.scol, m.offset, m.bstrides, whole)
+
+    try:
+        key = (kind, numel, c.M, c.N, c.K, c.nb, tuple(c.dims), mat(c.A), mat(c.B), c.aliased,
+               dev.has_f16, dev.has_subgroups, dev.max_workgroup_storage,
+               tuple(sorted(TUNING.items())), c.ep.wgsl(3))
+        hash(key)
+    except TypeError:      # an unhashable knob value: no caching
+        return None
+    return key
 
 
 class _Ctx:
