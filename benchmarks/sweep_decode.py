@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tensorgpu import dtypes, runtime  # noqa: E402
-from tensorgpu.kernels import matmul as mm, probe, quant  # noqa: E402
+from tensorgpu.kernels import gemv as gm, matmul as mm, probe, quant  # noqa: E402
 from tensorgpu.kernels.common import Operand  # noqa: E402
 
 SHAPES = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192),        # pythia-1.4b qkv/out/up/down
@@ -100,6 +100,78 @@ def gemv_quant(dtname, cfgs):
         print(f"{dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 
 
+def gemv_new(dtname, cfgs, ln=False):
+    """kernels/gemv.py over (threads, rows) configs; ln: with the fused layer norm."""
+    dt = dtypes.float16 if dtname == "f16" else dtypes.as_dtype(dtname)
+    rng = np.random.default_rng(0)
+    for N, K in SHAPES:
+        if ln and K > 4096:
+            continue
+        if dt is dtypes.float16:
+            arrs = [(rng.standard_normal((N, K)) * 0.02).astype(np.float16) for _ in range(1)]
+            nbytes = N * K * 2
+            ws = [Operand(runtime.upload(arrs[0]), dt, (N, K), (K, 1)) for _ in range(_copies(nbytes))]
+        else:
+            raw = _qweights(dt, N, K, rng)
+            nbytes = raw.nbytes
+            ws = [runtime.upload(raw) for _ in range(_copies(nbytes))]
+        x = Operand(_x(K), dtypes.float32, (1, K), (K, 1))
+        lnp = (Operand(_x(K), dtypes.float32, (K,), (1,)), Operand(_x(K), dtypes.float32, (K,), (1,)), 1e-5) if ln else None
+        out = runtime.Buffer(N * 4)
+        res = []
+        for threads, rows in cfgs:
+            old = dict(gm.TUNING)
+            gm.TUNING.update(threads=threads, rows=rows)
+            try:
+                with runtime_log() as log:
+                    for w in ws:
+                        gm.gemv(out, x, w, dt, N, K, None, lnp)
+                ds = log
+                runtime.flush()
+                t = _time(ds)
+            finally:
+                gm.TUNING.update(old)
+            res.append(f"t{threads}r{rows}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
+        print(f"new{'+ln' if ln else ''} {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
+
+
+class runtime_log:
+    """Collect the Dispatch objects queued inside the block."""
+
+    def __enter__(self):
+        self.ds = []
+        runtime._recorders.append(self.ds.append)
+        return self.ds
+
+    def __exit__(self, *a):
+        runtime._recorders.remove(self.ds.append)
+
+
+def attn(cases=((16, 128, 32), (32, 80, 80))):
+    """rope_attention_decode alone: per (heads, head_dim) over cache capacity x context length."""
+    from tensorgpu.kernels.attention import rope_attention_decode
+    rng = np.random.default_rng(0)
+    for H, D, rot in cases:
+        res = []
+        for max_ctx in (168, 2048):
+            kc = runtime.upload(rng.standard_normal((H, max_ctx, D)).astype(np.float16))
+            vc = runtime.upload(rng.standard_normal((H, max_ctx, D)).astype(np.float16))
+            qkv = runtime.upload(rng.standard_normal(3 * H * D).astype(np.float32))
+            out = runtime.Buffer(4 * H * D)
+            for kvl in (40, 160, 1024, 2048):
+                if kvl > max_ctx:
+                    continue
+                pos = runtime.upload(np.array([kvl - 1], np.int32))
+                kl = runtime.upload(np.array([kvl], np.int32))
+                with runtime_log() as ds:
+                    rope_attention_decode(out, kc, vc, Operand(qkv, dtypes.float32, (1, 3, H, D), (3 * H * D, H * D, D, 1)),
+                                          pos, kl, H, D, rot, max_ctx)
+                runtime.flush()
+                t = _time(list(ds) * 4)
+                res.append(f"cap{max_ctx}/kv{kvl}:{t * 1e6:.1f}us")
+        print(f"attention_decode H={H} D={D}: " + "  ".join(res), flush=True)
+
+
 def main(argv):
     what = argv or ["gemv_f16", "gemv_q4_0", "gemv_q8_0"]
     print("device:", runtime.get_device().describe().get("name"), probe.gpu_clocks(), flush=True)
@@ -109,8 +181,14 @@ def main(argv):
             os.environ.get("F16_CFGS", "-,-;1,256;2,128;2,256;4,128;4,256;8,128;8,256").split(";")]
     qcfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
             os.environ.get("Q_CFGS", "-,-;128,8;256,8;128,16;256,16;64,8;64,16").split(";")]
+    ncfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
+            os.environ.get("NEW_CFGS", "-,-;64,2;128,1;128,2;128,4;256,2;256,4").split(";")]
     for w in what:
-        if w == "gemv_f16":
+        if w == "attn":
+            attn()
+        elif w.startswith("new_"):
+            gemv_new(w.split("_", 1)[1].replace("+ln", ""), ncfg, ln=w.endswith("+ln"))
+        elif w == "gemv_f16":
             gemv_f16(fcfg)
         elif w.startswith("gemv_"):
             gemv_quant(w[5:], qcfg)

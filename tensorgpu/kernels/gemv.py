@@ -3,11 +3,10 @@ norm that produces h optionally fused in front (h = layer_norm(x) * ln_w + ln_b)
 
 Why a separate kernel from matmul.gemv_k / quant's gemv: at batch 1 a transformer layer is a
 chain of small dependent dispatches, and each costs microseconds of drain and launch on top of
-its work. A layer norm of one 2048-wide row is ~nothing of work but a whole dispatch; here every
-workgroup recomputes the mean and variance of the row it reads anyway (the row is 8 KB, in L2)
-and normalises its slice of x in registers, so the norm costs no dispatch of its own. The
-workgroup's weight loads are issued before the two reductions that give mean and variance, so
-their latency hides the norm's.
+its work. A layer norm of one 2048-wide row is ~nothing of work but a whole dispatch; here the
+norm is folded into the GEMV algebraically (see `gemv`): each workgroup reads the x slice it
+needs anyway, and the row's mean and variance come out of the same final reduction as the dot
+products, so the norm adds neither a dispatch nor a barrier.
 
 Layout: a workgroup owns R consecutive weight rows; its T invocations take the row's "items"
 (8 f16 = one 16-byte load, 4 f32, or one 16-element quant unit of quant.py's formats) strided
@@ -25,10 +24,10 @@ from typing import Optional
 from .. import dtypes, runtime
 from ..runtime import Buffer
 from .common import NoEpilogue, Operand, epilogue_bindings
-from .nn_wgsl import Reader, enable_f16, f32_lit, seg_reduce
+from .nn_wgsl import Reader, enable_f16, f32_lit
 
 # Knobs the sweeps set (benchmarks/sweep_decode.py): None = chosen from K / the weight type.
-TUNING = {"threads": None, "rows": None, "prefetch_max": 16}
+TUNING = {"threads": None, "rows": None}
 
 _U32 = 1 << 32
 
@@ -53,7 +52,9 @@ def supported(x: Operand, w_dtype: dtypes.DType, K: int, w: Optional[Operand] = 
 
 
 def _config(w_dtype, K: int) -> tuple:
-    """(items per row, elements per item, threads, rows per workgroup)."""
+    """(items per row, elements per item, threads, rows per workgroup). With subgroups the
+    workgroup size may be any multiple of 32 that divides the items (K = 2560 is 160 quant
+    units: one pass of 160 invocations beats a full pass of 128 plus a quarter-full one)."""
     if w_dtype is dtypes.float16:
         per = 8
     elif w_dtype is dtypes.float32:
@@ -61,16 +62,35 @@ def _config(w_dtype, K: int) -> tuple:
     else:
         per = 16
     items = K // per
-    T = TUNING["threads"] or (256 if items >= 1024 else 128 if items >= 128 else 64 if items >= 48 else 32)
+    T = TUNING["threads"]
+    if T is None and runtime.get_device().has_subgroups:
+        for n in range(1, 9):
+            t = items // n
+            if items % n == 0 and t % 32 == 0 and 64 <= t <= 256:
+                T = t
+                break
+    if T is None:
+        T = 256 if items >= 1024 else 128 if items >= 128 else 64 if items >= 48 else 32
+    if not runtime.get_device().has_subgroups:
+        T = 1 << (int(T).bit_length() - 1)          # the shared-memory tree needs a power of two
     R = TUNING["rows"] or (2 if per in (4, 8) else 4)
     return items, per, int(T), int(R)
 
 
 def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
-         ln: Optional[tuple] = None) -> None:
-    """Queue out[n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with ln = (ln_w, ln_b,
-    eps) (Operands [K] or None), the layer norm of x (biased variance, like torch) times ln_w
-    plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of GGUF blocks of w_dtype."""
+         ln: Optional[tuple] = None, out_offset: int = 0) -> None:
+    """Queue out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
+    ln = (ln_w, ln_b, eps) (Operands [K] or None), the layer norm of x (biased variance, like
+    torch) times ln_w plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of
+    GGUF blocks of w_dtype.
+
+    The norm is applied algebraically: with d = x - mean and g = ln_w,
+        sum_k W[n,k] (d_k rstd g_k + b_k) = rstd (sum_k W[n,k] g_k x_k - mean B[n]) + C[n]
+    where B[n] = sum_k W[n,k] g_k and C[n] = sum_k W[n,k] b_k depend on the weights only (two
+    GEMVs, computed once per (W, ln_w, ln_b) and cached). So the kernel needs no reduction
+    before its dot products: the row's sum and sum of squares ride along in the final
+    reduction. x is shifted by the mean of its first 32 values first, so neither the variance
+    nor `A - mean B` cancels badly when |mean| >> std."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -81,35 +101,90 @@ def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     wbuf = w.buffer if isinstance(w, Operand) else w
     items, per, T, R = _config(w_dtype, K)
     R = max(1, min(R, N))
-    if out.nbytes < 4 * N:
-        raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * N} for float32 [{N}]")
+    if out.nbytes < 4 * (N + out_offset):
+        raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * (N + out_offset)} for float32 [{N}]")
     ins = [x.buffer, wbuf] + [o.buffer for o in (ln[:2] if ln else ()) if o is not None] + [o.buffer for o in ep.operands]
     if any(b is out for b in ins):
         raise ValueError("gemv: the output buffer is also an input")
-    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, items, per, T, R)
-    tag = w_dtype.name
-    runtime.dispatch(f"gemv{'_ln' if ln else ''}_{tag}[{N}x{K}]", src, binds, grid)
+    bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
+    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset))
+    runtime.dispatch(f"gemv{'_ln' if ln else ''}_{w_dtype.name}[{N}x{K}]", src, binds, grid)
 
 
-def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, items, per, T, R):
+# (W buffer) -> {(id(g), g offset, id(b), b offset): (weakref g, weakref b, Buffer [B | C])}
+_BC: "weakref.WeakKeyDictionary" = None
+
+
+def _ln_constants(w, w_dtype, N: int, K: int, g: Optional[Operand], b: Optional[Operand]) -> Buffer:
+    """Buffer of float32 [2N]: B[n] = sum_k W[n,k] g[k], C[n] = sum_k W[n,k] b[k] (g = 1, b = 0
+    when absent). Computed on first use, outside any capture recording (the weights are constant,
+    so a replayed step must not recompute them), then cached for the life of the weights."""
+    import weakref
+
+    import numpy as np
+    global _BC
+    if _BC is None:
+        _BC = weakref.WeakKeyDictionary()
+    wbuf = w.buffer if isinstance(w, Operand) else w
+    key = (id(g.buffer) if g else 0, g.offset if g else 0, id(b.buffer) if b else 0, b.offset if b else 0,
+           w.offset if isinstance(w, Operand) else 0, N, K, w_dtype.name)
+    per_w = _BC.setdefault(wbuf, {})
+    hit = per_w.get(key)
+    if hit is not None:
+        gref, bref, buf = hit
+        if (g is None or gref() is g.buffer) and (b is None or bref() is b.buffer):
+            return buf
+    buf = Buffer(8 * N)
+    saved_rec, saved_log = list(runtime._recorders), list(runtime._kernel_logs)
+    del runtime._recorders[:], runtime._kernel_logs[:]
+    try:
+        ones = None
+        if g is None:
+            ones = runtime.upload(np.ones(K, np.float32))
+        gx = g if g is not None else Operand(ones, dtypes.float32, (K,), (1,), 0)
+        gemv(buf, _row(gx, K), w, w_dtype, N, K)
+        if b is not None:
+            gemv(buf, _row(b, K), w, w_dtype, N, K, out_offset=N)
+        else:
+            runtime.write(buf, np.zeros(N, np.float32), offset=4 * N)
+    finally:
+        runtime._recorders[:] = saved_rec
+        runtime._kernel_logs[:] = saved_log
+    for k in [k for k, (gr, br, _) in per_w.items() if (gr is not None and gr() is None) or (br is not None and br() is None)]:
+        del per_w[k]     # constants of norm parameters that no longer exist
+    per_w[key] = (weakref.ref(g.buffer) if g else None, weakref.ref(b.buffer) if b else None, buf)
+    return buf
+
+
+def _row(op: Operand, K: int) -> Operand:
+    """A [K] parameter as the [1, K] x of a GEMV (copied when it is strided or misaligned)."""
+    if (not op.shape or op.strides[-1] == 1 or K == 1) and op.offset % 4 == 0:
+        return Operand(op.buffer, op.dtype, (1, K), (K, 1), op.offset)
+    import numpy as np
+    from .. import runtime as rt
+    raw = np.frombuffer(rt.read(op.buffer), op.dtype.np_dtype)
+    st = op.strides[-1] if op.shape else 1
+    vals = np.ascontiguousarray(raw[op.offset: op.offset + st * (K - 1) + 1: st]).astype(np.float32)
+    return Operand(rt.upload(vals), dtypes.float32, (1, K), (K, 1), 0)
+
+
+def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off):
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
     ITERS = -(-items // T)
     ragged = items % T != 0
     xr = Reader("xv", x, 1, True)
-    lnw = lnb = None
+    lnw = None
     b = 3
     readers = [xr]
+    if ln and ln[0] is not None:
+        lnw = Reader("lnw", ln[0], b, ln[0].offset % 4 == 0 and (not ln[0].shape or ln[0].strides[-1] == 1))
+        b += 1
+        readers.append(lnw)
     if ln:
-        if ln[0] is not None:
-            lnw = Reader("lnw", ln[0], b, ln[0].offset % 4 == 0 and ln[0].strides[-1] == 1)
-            b += 1
-            readers.append(lnw)
-        if ln[1] is not None:
-            lnb = Reader("lnb", ln[1], b, ln[1].offset % 4 == 0 and ln[1].strides[-1] == 1)
-            b += 1
-            readers.append(lnb)
+        bc_binding = b
+        b += 1
     ep_lines = ep.wgsl(b).splitlines(keepends=True)
     enables = [ln_.strip() for ln_ in ep_lines if ln_.lstrip().startswith("enable ")]
     ep_text = "".join(ln_ for ln_ in ep_lines if not ln_.lstrip().startswith("enable "))
@@ -119,6 +194,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, items, per, T, R):
     s = ["".join(e + "\n" for e in dict.fromkeys(enables))]
     s.append("@group(0) @binding(0) var<storage, read_write> OUT: array<f32>;\n")
     s += [r.decl() for r in readers]
+    if ln:
+        s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
     x0 = int(x.offset)
     if quant:
         from .quant import _fmt, _format_wgsl
@@ -136,14 +213,14 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, items, per, T, R):
         woff = int(w.offset) // per
     s.append(ep_text)
     if ln:
-        s.append(seg_reduce("red_sum", "+", T, T, sub, "0.0"))
         s.append(f"const INV_K: f32 = 1.0f / {K}.0f;\nconst EPS: f32 = {f32_lit(ln[2])};\n")
-    s.append(f"var<workgroup> red: array<f32, {R * (T if not sub else max(1, T // 4))}>;\n")
+    NV = R + (2 if ln else 0)                       # values reduced across the workgroup
+    s.append(f"var<workgroup> red: array<f32, {NV * (T if not sub else max(1, -(-T // 4)))}>;\n")
     bi = ("@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
           "@builtin(local_invocation_index) lid: u32")
     if sub:
         bi += (", @builtin(subgroup_invocation_id) sgl: u32, @builtin(subgroup_id) sgid: u32, "
-               "@builtin(num_subgroups) nsg: u32, @builtin(subgroup_size) sg: u32")
+               "@builtin(num_subgroups) nsg: u32")
     s.append(f"@compute @workgroup_size({T})\nfn main({bi}) {{\n")
     groups = -(-N // R)
     s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = min(g, {_u(groups - 1)}) * {R}u;\n")
@@ -153,60 +230,29 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, items, per, T, R):
         else:
             s.append(f"    let rb{r} = {_u(woff)} + min(n0 + {r}u, {_u(N - 1)}) * {_u(K // per)};\n")
     # item indices (clamped: a past-the-end item reads a valid one and gets x = 0)
-    nx = 4 if quant else per // 4        # vec4 of x per item
-    offs = fmt.offs if quant else tuple(4 * j for j in range(nx))
+    offs = fmt.offs if quant else tuple(4 * j for j in range(per // 4))
     for it in range(ITERS):
         last = it == ITERS - 1 and ragged
         s.append(f"    let i{it} = {'min(' if last else ''}{it * T}u + lid{f', {_u(items - 1)})' if last else ''};\n")
         if last:
             s.append(f"    let ok{it} = {it * T}u + lid < {_u(items)};\n")
-        if quant:
-            e0 = _subst_u(fmt.e0, f"i{it}")
-        else:
-            e0 = f"{per}u * i{it}"
-        s.append(f"    let e{it} = {e0};\n")
-    # weight loads first (they do not depend on x): their latency covers the norm's reductions
-    pre = ITERS * R <= int(TUNING["prefetch_max"])
-
-    def wload(r, it):
-        if quant:
-            return f"unit(rb{r}, i{it})"
-        return f"W[rb{r} + i{it}]"
-
-    wt = "QU" if quant else ("vec4<u32>" if w_dtype is dtypes.float16 else "vec4<f32>")
-    if pre:
-        for it in range(ITERS):
-            for r in range(R):
-                s.append(f"    let w{r}_{it} = {wload(r, it)};\n")
-    # x slices
+        s.append(f"    let e{it} = {_subst_u(fmt.e0, f'i{it}') if quant else f'{per}u * i{it}'};\n")
+    if ln:   # the shift: mean of the first (up to) 32 values, the same in every invocation
+        nc = max(1, min(K, 32) // 4)
+        s.append("    let cshift = (" + " + ".join(f"dot(xv_at4({_u(x0 + 4 * j)}), vec4<f32>(1.0))" for j in range(nc))
+                 + f") * {f32_lit(1.0 / (4 * nc))};\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
     for it in range(ITERS):
         for j, o in enumerate(offs):
             val = f"xv_at4({_u(x0)} + e{it} + {o}u)"
+            if ln:
+                val = f"{val} - vec4<f32>(cshift)"
             if it == ITERS - 1 and ragged:
                 val = f"select(vec4<f32>(0.0), {val}, ok{it})"
             s.append(f"    var x{it}_{j} = {val};\n")
-    if ln:
-        terms = " + ".join(f"x{it}_{j}" for it in range(ITERS) for j in range(len(offs)))
-        s.append(f"    let mean = red_sum(dot({terms}, vec4<f32>(1.0)), lid, {'sg' if sub else '1u'}) * INV_K;\n")
-        s.append("    var q = vec4<f32>(0.0);\n")
-        for it in range(ITERS):
-            for j in range(len(offs)):
-                d = f"x{it}_{j} - vec4<f32>(mean)"
-                if it == ITERS - 1 and ragged:
-                    d = f"select(vec4<f32>(0.0), {d}, ok{it})"
-                s.append(f"    x{it}_{j} = {d};\n    q = fma(x{it}_{j}, x{it}_{j}, q);\n")
-        s.append(f"    let rstd = inverseSqrt(red_sum(dot(q, vec4<f32>(1.0)), lid, {'sg' if sub else '1u'}) * INV_K + EPS);\n")
-        for it in range(ITERS):
-            for j, o in enumerate(offs):
-                e = f"e{it} + {o}u"
-                v = f"x{it}_{j} * rstd"
+            if ln:
+                s.append(f"    s1 += dot(x{it}_{j}, vec4<f32>(1.0));\n    s2 += dot(x{it}_{j}, x{it}_{j});\n")
                 if lnw is not None:
-                    v = f"{v} * {_param4(lnw, ln[0], e)}"
-                if lnb is not None:
-                    v = f"{v} + {_param4(lnb, ln[1], e)}"
-                if it == ITERS - 1 and ragged:
-                    v = f"select(vec4<f32>(0.0), {v}, ok{it})"
-                s.append(f"    x{it}_{j} = {v};\n")
+                    s.append(f"    x{it}_{j} *= {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
     # the dot products
     for r in range(R):
         s.append(f"    var a{r} = vec4<f32>(0.0);\n")
@@ -217,44 +263,59 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, items, per, T, R):
             s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
     for it in range(ITERS):
         for r in range(R):
-            w_ = f"w{r}_{it}" if pre else f"wl{r}_{it}"
-            if not pre:
-                s.append(f"    let {w_}: {wt} = {wload(r, it)};\n")
+            w_ = f"w{r}_{it}"
             if quant:
+                s.append(f"    let {w_} = unit(rb{r}, i{it});\n")
                 t = f"vec4<f32>(dot({w_}.v0, x{it}_0), dot({w_}.v1, x{it}_1), dot({w_}.v2, x{it}_2), dot({w_}.v3, x{it}_3))"
                 s.append(f"    a{r} = fma({w_}.a, {t}, a{r});\n")
                 if fmt.has_c:
                     s.append(f"    c{r} += dot({w_}.c, sx{it});\n")
             elif w_dtype is dtypes.float16:
+                s.append(f"    let {w_} = W[rb{r} + i{it}];\n")
                 s.append(f"    a{r} = fma(up4({w_}.xy), x{it}_0, fma(up4({w_}.zw), x{it}_1, a{r}));\n")
             else:
-                s.append(f"    a{r} = fma({w_}, x{it}_0, a{r});\n")
-    for r in range(R):
-        extra = f" + c{r}" if quant else ""
-        s.append(f"    let t{r} = dot(a{r}, vec4<f32>(1.0)){extra};\n")
+                s.append(f"    a{r} = fma(W[rb{r} + i{it}], x{it}_0, a{r});\n")
+    vals = [f"dot(a{r}, vec4<f32>(1.0)){f' + c{r}' if quant else ''}" for r in range(R)]
+    if ln:
+        vals += ["s1", "s2"]
+    for k, v in enumerate(vals):
+        s.append(f"    let t{k} = {v};\n")
     if sub:
-        for r in range(R):
-            s.append(f"    let u{r} = subgroupAdd(t{r});\n")
+        for k in range(NV):
+            s.append(f"    let u{k} = subgroupAdd(t{k});\n")
         s.append("    if (sgl == 0u) {\n")
-        for r in range(R):
-            s.append(f"        red[sgid * {R}u + {r}u] = u{r};\n")
+        for k in range(NV):
+            s.append(f"        red[sgid * {NV}u + {k}u] = u{k};\n")
         s.append("    }\n    workgroupBarrier();\n")
-        s.append(f"    if (lid < {R}u) {{\n        var v = 0.0;\n"
-                 f"        for (var j = 0u; j < nsg; j++) {{ v += red[j * {R}u + lid]; }}\n")
+        tot = lambda k: f"tot(nsg, {k}u)"   # noqa: E731
+        s.append(f"    if (lid < {R}u) {{\n        let v = tot(nsg, lid);\n")
+        fn_tot = (f"fn tot(nsg: u32, k: u32) -> f32 {{ var v = 0.0; "
+                  f"for (var j = 0u; j < nsg; j++) {{ v += red[j * {NV}u + k]; }} return v; }}\n")
     else:
-        for r in range(R):
-            s.append(f"    red[{r * T}u + lid] = t{r};\n")
+        for k in range(NV):
+            s.append(f"    red[{k * T}u + lid] = t{k};\n")
         s.append(f"    for (var h = {T // 2}u; h > 0u; h >>= 1u) {{\n        workgroupBarrier();\n        if (lid < h) {{\n")
-        for r in range(R):
-            s.append(f"            red[{r * T}u + lid] += red[{r * T}u + lid + h];\n")
+        for k in range(NV):
+            s.append(f"            red[{k * T}u + lid] += red[{k * T}u + lid + h];\n")
         s.append("        }\n    }\n    workgroupBarrier();\n")
+        tot = lambda k: f"red[{k * T}u]"   # noqa: E731
         s.append(f"    if (lid < {R}u) {{\n        let v = red[lid * {T}u];\n")
-    s.append(f"        let n = min(g, {_u(groups - 1)}) * {R}u + lid;\n"
-             f"        if (n < {_u(N)} && g < {_u(groups)}) {{ OUT[n] = epilogue(v, n); }}\n    }}\n}}\n")
+        fn_tot = ""
+    s.append(f"        let n = min(g, {_u(groups - 1)}) * {R}u + lid;\n")
+    if ln:
+        s.append(f"        let dm = {tot(R)} * INV_K;\n"
+                 f"        let rstd = inverseSqrt(max({tot(R + 1)} * INV_K - dm * dm, 0.0) + EPS);\n"
+                 f"        let nn = min(n, {_u(N - 1)});\n"
+                 f"        let y = rstd * (v - dm * BC[nn]) + BC[{_u(N)} + nn];\n")
+    else:
+        s.append("        let y = v;\n")
+    s.append(f"        if (n < {_u(N)} && g < {_u(groups)}) {{ OUT[{_u(out_off)} + n] = epilogue(y, n); }}\n    }}\n}}\n")
     binds = [(out, "rw"), (x.buffer, "read"), (wbuf, "read")]
     if ln:
-        binds += [(o.buffer, "read") for o in ln[:2] if o is not None]
+        binds += [(ln[0].buffer, "read")] if ln[0] is not None else []
+        binds += [(bc, "read")]
     binds += epilogue_bindings(ep)
+    s.insert(1, fn_tot)
     return "".join(s), runtime.grid_for(groups), binds
 
 
