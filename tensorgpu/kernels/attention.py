@@ -772,6 +772,15 @@ def _decode_scratch(H: int, NS: int, D: int) -> Buffer:
     return buf
 
 
+def _conv(ctype: str, w: str) -> str:
+    """A loaded cache vector (ctype) as vec4<f32>."""
+    if ctype == "vec4<f32>":
+        return w
+    if ctype == "vec4<f16>":
+        return f"vec4<f32>({w})"
+    return f"vec4<f32>(unpack2x16float({w}.x), unpack2x16float({w}.y))"
+
+
 def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
                    cache_dtype, scale: float) -> tuple:
     from .. import dtypes
@@ -791,16 +800,15 @@ def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: f
     f16 = cache_dtype is dtypes.float16
     native = f16 and dev.has_f16
     if not f16:
-        ctype, ld, st = "vec4<f32>", "{a}[{i}]", "{v}"
+        ctype, st = "vec4<f32>", "{v}"
     elif native:
-        ctype, ld, st = "vec4<f16>", "vec4<f32>({a}[{i}])", "vec4<f16>({v})"
+        ctype, st = "vec4<f16>", "vec4<f16>({v})"
     else:
-        ctype, ld = "vec2<u32>", "vec4<f32>(unpack2x16float({a}[{i}].x), unpack2x16float({a}[{i}].y))"
-        st = "vec2<u32>(pack2x16float(({v}).xy), pack2x16float(({v}).zw))"
+        ctype, st = "vec2<u32>", "vec2<u32>(pack2x16float(({v}).xy), pack2x16float(({v}).zw))"
     rd = Reader("x", qkv, 0, False)
     ss, s3, sh, sd = qkv.strides
     sgp, sg = sg_builtin(sub)
-    lk = lambda a, i: ld.format(a=a, i=i)   # noqa: E731
+    cv = lambda w: _conv(ctype, w)   # noqa: E731
     src = f"""{enable_f16(rd, native)}{rd.decl()}
 @group(0) @binding(1) var<storage, read> positions: array<i32>;
 @group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;
@@ -817,6 +825,8 @@ var<workgroup> Sp: array<f32, {PASSES * KPP * TPK}>;
 var<workgroup> Ps: array<f32, {CH}>;
 var<workgroup> Xs: array<vec4<f32>, {KG * D4}>;
 var<workgroup> last_sh: u32;
+var<workgroup> Kn: array<vec4<f32>, {D4}>;
+var<workgroup> Vn: array<vec4<f32>, {D4}>;
 fn val(b: u32, d: u32, pos: f32) -> f32 {{
   let v = x_at(b + d * {sd}u);
   if (d >= ROT) {{ return v; }}
@@ -826,6 +836,20 @@ fn val(b: u32, d: u32, pos: f32) -> f32 {{
 fn val4(b: u32, d4: u32, pos: f32) -> vec4<f32> {{
   let d = d4 * 4u;
   return vec4<f32>(val(b, d, pos), val(b, d + 1u, pos), val(b, d + 2u, pos), val(b, d + 3u, pos));
+}}
+fn write_row(h: u32, pos: u32, bq: u32, posf: f32, lid: u32) {{
+  let row = (h * {max_ctx}u + pos) * {D4}u;
+  for (var d4 = lid; d4 < {D4}u; d4 = d4 + {WG}u) {{
+    let kv = val4(bq + {s3}u, d4, posf);
+    let kq = {st.format(v="kv")};
+    kc[row + d4] = kq;
+    Kn[d4] = {cv("kq")};   // as the cache stores it (f16-rounded), like a read-back
+    let b = bq + {2 * s3}u + d4 * {4 * sd}u;
+    let vv = vec4<f32>(x_at(b), x_at(b + {sd}u), x_at(b + {2 * sd}u), x_at(b + {3 * sd}u));
+    let vq = {st.format(v="vv")};
+    vc[row + d4] = vq;
+    Vn[d4] = {cv("vq")};
+  }}
 }}
 fn st_f(i: u32, v: f32) {{ atomicStore(&scr[i], bitcast<u32>(v)); }}
 fn ld_f(i: u32) -> f32 {{ return bitcast<f32>(atomicLoad(&scr[i])); }}
@@ -841,33 +865,43 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let kvl = min(u32(max(kvlen_buf[0], 0)), {max_ctx}u);
   let nse = clamp((kvl + {CH - 1}u) / {CH}u, 1u, {NS}u);
   let bq = {qkv.offset}u + h * {sh}u;
-  // the new key/value row, written by the split that holds it
-  if (ipos >= 0 && ipos < {max_ctx} && u32(ipos) / {CH}u == s) {{
-    let row = (h * {max_ctx}u + u32(ipos)) * {D4}u;
-    for (var d4 = lid; d4 < {D4}u; d4 = d4 + {WG}u) {{
-      let kv = val4(bq + {s3}u, d4, posf);
-      kc[row + d4] = {st.format(v="kv")};
-      let b = bq + {2 * s3}u + d4 * {4 * sd}u;
-      let vv = vec4<f32>(x_at(b), x_at(b + {sd}u), x_at(b + {2 * sd}u), x_at(b + {3 * sd}u));
-      vc[row + d4] = {st.format(v="vv")};
-    }}
-  }}
-  if (s >= nse) {{ return; }}
-  if (lid < {D4}u) {{ Qs[lid] = val4(bq, lid, posf) * SCALE_LOG2E; }}
-  storageBarrier();
-  workgroupBarrier();
   let k_lo = s * {CH}u;
   let nk = min(kvl - min(kvl, k_lo), {CH}u);
+  let klast = k_lo + max(nk, 1u) - 1u;
   let kbase = h * {max_ctx}u;
-  // scores: TPK threads per key, PASSES x KPP keys, all loads independent
+  // the new key/value row is written by the split that holds it; that split uses the values
+  // from registers (Kn/Vn) instead of reading the row back, so no load waits for the store
+  let writer = ipos >= 0 && ipos < {max_ctx} && u32(ipos) / {CH}u == s;
+  let jpos = u32(ipos) - k_lo;
+  if (s >= nse) {{
+    if (writer) {{ write_row(h, u32(ipos), bq, posf, lid); }}
+    return;
+  }}
+  // every cache load of this workgroup, issued at once: the K rows of the scores (TPK threads
+  // per key, interleaved vec4s) and the V rows of p.v (KG groups of D4 lanes)
   let kt = lid % {TPK}u;
   let kk = lid / {TPK}u;
+  let g = lid / {D4}u;
+  let d4 = lid % {D4}u;
+  let gg = min(g, {KG - 1}u);
 """
     L = []
     for p in range(PASSES):
-        L.append(f"  {{ let j = {p * KPP}u + kk; let r = (kbase + min(k_lo + j, {max_ctx - 1}u)) * {D4}u; var d = 0.0;")
+        L.append(f"  let kr{p} = (kbase + min(k_lo + {p * KPP}u + kk, klast)) * {D4}u + kt;")
         for v in range(VPT):
-            L.append(f"    d += dot(Qs[kt + {v * TPK}u], {lk('kc', f'r + kt + {v * TPK}u')});")
+            L.append(f"  let kw{p}_{v} = kc[kr{p} + {v * TPK}u];")
+    for i in range(JPG):
+        L.append(f"  let vw{i} = vc[(kbase + min(k_lo + gg + {i * KG}u, klast)) * {D4}u + d4];")
+    src += "\n".join(L) + f"""
+  if (writer) {{ write_row(h, u32(ipos), bq, posf, lid); }}
+  if (lid < {D4}u) {{ Qs[lid] = val4(bq, lid, posf) * SCALE_LOG2E; }}
+  workgroupBarrier();
+"""
+    L = []
+    for p in range(PASSES):
+        L.append(f"  {{ let j = {p * KPP}u + kk; let new_k = writer && j == jpos; var d = 0.0;")
+        for v in range(VPT):
+            L.append(f"    d += dot(Qs[kt + {v * TPK}u], select({cv('kw%d_%d' % (p, v))}, Kn[kt + {v * TPK}u], new_k));")
         L.append(f"    Sp[j * {TPK}u + kt] = d; }}")
     src += "\n".join(L) + f"""
   workgroupBarrier();
@@ -883,15 +917,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   if (lid < {CH}u) {{ Ps[lid] = p; }}
   workgroupBarrier();
   // p.v: KG groups of D4 lanes; lane d4 of group g sums keys g, g + KG, ...
-  let g = lid / {D4}u;
-  let d4 = lid % {D4}u;
   var acc = vec4<f32>(0.0);
   if (g < {KG}u) {{
 """
     L = []
     for i in range(JPG):
         L.append(f"    {{ let j = g + {i * KG}u; if (j < nk) {{ acc += Ps[j] * "
-                 f"{lk('vc', f'(kbase + k_lo + j) * {D4}u + d4')}; }} }}")
+                 f"select({cv('vw%d' % i)}, Vn[d4], writer && j == jpos); }} }}")
     src += "\n".join(L) + f"""
     Xs[g * {D4}u + d4] = acc;
   }}
