@@ -10,6 +10,7 @@ submit so the pool never hands them out early.
 """
 from __future__ import annotations
 
+import heapq
 import os
 import weakref
 from dataclasses import dataclass, field
@@ -174,15 +175,19 @@ class _Pool:
         # every GPUBuffer ever made stays referenced here, so the garbage collector can never
         # finalize (release) one that a dying Buffer wrapper is about to hand back to the pool
         self.all: list = []
+        self.index: dict = {}   # id(GPUBuffer) -> creation order
 
     def take(self, size: int):
+        # the oldest free buffer of the size class: a program that allocates the same way each
+        # step then gets the same buffers each step, so its bind groups come from the cache
         lst = self.free.get(size)
         if lst:
-            return lst.pop()
+            return heapq.heappop(lst)[1]
         dev = get_device()
         if size > int(dev.limits["max-buffer-size"]):
             raise MemoryError(f"buffer of {size} bytes exceeds the device's max_buffer_size {dev.limits['max-buffer-size']}")
         buf = dev.device.create_buffer(size=size, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC | wgpu.BufferUsage.COPY_DST)
+        self.index[id(buf)] = len(self.all)
         self.all.append(buf)
         STATS["buffers_allocated"] += 1
         STATS["bytes_allocated"] += size
@@ -190,7 +195,7 @@ class _Pool:
         return buf
 
     def give(self, size: int, buf) -> None:
-        self.free.setdefault(size, []).append(buf)
+        heapq.heappush(self.free.setdefault(size, []), (self.index[id(buf)], buf))
 
 
 POOL = _Pool()
@@ -306,6 +311,9 @@ def _bind_group(p: Pipeline, buffers: Sequence[Buffer]):
             entries.append({"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": size}})
         bg = dev.device.create_bind_group(layout=p.layout, entries=entries)
         STATS["bind_groups_created"] += 1
+        if len(_bind_groups) >= 8192:  # bounded: drop the oldest half (captures hold their own)
+            for k in list(_bind_groups)[:4096]:
+                del _bind_groups[k]
         _bind_groups[key] = bg
     return bg
 
@@ -339,6 +347,7 @@ class Dispatch:
 
 _pending: list = []
 _pending_ids: set = set()
+SUBMIT_EVERY = int(os.environ.get("TENSORGPU_SUBMIT_EVERY", "64"))
 _recorders: list = []  # capture.py hooks: callables(Dispatch)
 _tracing = [0]         # > 0 while tg.capture traces a function
 
@@ -360,6 +369,10 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Di
     _pending.append(d)
     _pending_ids.update(id(b) for b in bufs)
     STATS["kernels_dispatched"] += 1
+    if len(_pending) >= SUBMIT_EVERY:
+        # a long realize (a model's prefill) submits as it goes, so the GPU starts on the first
+        # layers while Python is still scheduling the last ones
+        flush()
     for log in _kernel_logs:
         log.append(KernelLogEntry(name, wgsl, tuple(grid), len(bufs)))
     for rec in _recorders:

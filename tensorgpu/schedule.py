@@ -30,6 +30,26 @@ def realize(node: Node) -> None:
     """Make sure `node` has a buffer, queueing whatever kernels that takes."""
     if node.buffer is not None:
         return
+    if _depth[0] == 0:
+        # only the outermost realize bounds the graph depth: nested realizes work inside a
+        # graph already cut, and re-walking it at every level was quadratic in model size
+        _depth[0] += 1
+        try:
+            if node.op is not Op.CONST:
+                _cut_deep(node)
+            _realize(node)
+        finally:
+            _depth[0] -= 1
+        return
+    _realize(node)
+
+
+_depth = [0]
+
+
+def _realize(node: Node) -> None:
+    if node.buffer is not None:
+        return
     if node.op is Op.CONST:
         import numpy as np
         node.buffer = upload(_const_bytes(node.arg, node.dtype))
@@ -38,7 +58,6 @@ def realize(node: Node) -> None:
     if node.op is Op.CUSTOM:
         _emit_custom(node, node, None)
         return
-    _cut_deep(node)
     core, root = _plan(node)
     out = Buffer(max(node.dtype.nbytes(node.numel), 4))
     if core is None:

@@ -822,9 +822,22 @@ def _plan_tiled(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
     BK = int(TUNING["bk"])
     if BK % 4 or (dt.block_size > 1 and dt.block_size % BK):
         raise ValueError(f"quant_matmul: TUNING['bk']={BK} must be a multiple of 4 dividing the block size {dt.block_size}")
-    wgsl, grid = _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN)
+    # the unrolled source costs ~0.3 ms of Python to render: cache it by what it depends on
+    key = (id(dev), dev.has_f16, dev.has_subgroups, dt.name, N, K, rb, wbase, BM, BN, BK, TM, TN,
+           X.rows, X.sk, tuple(X.row_dims), X.vec, X.op.dtype.name, int(X.op.offset),
+           ep.wgsl(3) if ep is not None and getattr(ep, "operands", None) is not None else None)
+    hit = _tiled_src_cache.get(key)
+    if hit is None:
+        hit = _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN)
+        if len(_tiled_src_cache) > 256:
+            _tiled_src_cache.clear()
+        _tiled_src_cache[key] = hit
+    wgsl, grid = hit
     binds = [(out, "rw"), (X.op.buffer, "read"), (w, "read")] + epilogue_bindings(ep)
     return Launch("tiled", [(f"qmatmul_{dt.name}", wgsl, binds, grid)], {"tile": (BM, BN, BK, TM, TN)})
+
+
+_tiled_src_cache: dict = {}
 
 
 def _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN) -> tuple:
