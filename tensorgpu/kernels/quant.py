@@ -49,7 +49,11 @@ TUNING = {
     "gemv_rows": None,    # weight rows per GEMV workgroup; None: from the M chunk (4 for M=1)
     "tile": None,         # 128 or 64 (tiled path); None: 128 when M and N are both >= 128
     "bk": 16,             # K step of the tiled kernel (divides every block size)
-    "dequant_min_rows": 256,          # from this many x rows: dequantize W to f32, float tiled matmul
+    # Off by default (None): quantized weights are only ever decoded inside the kernels, never
+    # copied out as floats. Set to e.g. 256 to let prefills of that many rows dequantize W once
+    # into an f32 scratch buffer and run the float tiled matmul: ~30% less prefill GPU time on
+    # the H100 for a transient float copy of the largest weight (see benchmarks/RESULTS.md).
+    "dequant_min_rows": None,
     "dequant_max_bytes": 256 << 20,   # largest f32 weight copy the dequant path makes
 }
 
@@ -666,7 +670,8 @@ def plan_matmul(out: Buffer, x: Operand, w: Buffer, w_dtype: dtypes.DType, N: in
     _check_x_bounds(x)
 
     kind = force or ("gemv" if rows <= TUNING["gemv_max_m"] else
-                     "dequant" if rows >= TUNING["dequant_min_rows"] and _dequant_ok(dev, X, w_dtype, N, K) else "tiled")
+                     "dequant" if TUNING["dequant_min_rows"] is not None and rows >= TUNING["dequant_min_rows"]
+                     and _dequant_ok(dev, X, w_dtype, N, K) else "tiled")
     ctx = dict(dev=dev, X=X, w=w, dt=w_dtype, fmt=fmt, N=N, K=K, rb=row_bytes, wbase=wbase, ep=ep, out=out)
     if kind == "gemv":
         return _plan_gemv(**ctx)
