@@ -25,5 +25,6 @@ def test_no_float_copy_of_the_weight(weights, rows):
     y = tg.nn.linear(x, w, b).realize()
     tg.sync()
     grown = tg.debug.stats()["bytes_allocated"] - s0["bytes_allocated"]
-    assert grown < N * K * 2, f"{grown} bytes allocated: a float copy of the {N}x{K} weight?"
+    out_bytes = rows * N * 4 * 9 // 8 + 4096          # the result (pool size classes round up <= 12.5%)
+    assert grown - out_bytes < N * K * 2, f"{grown} bytes allocated: a float copy of the {N}x{K} weight?"
     np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
