@@ -184,6 +184,44 @@ def attn(cases=((16, 128, 32), (32, 80, 80))):
         print(f"attention_decode H={H} D={D}: " + "  ".join(res), flush=True)
 
 
+def ab(shapes=((6144, 2048), (10240, 2560), (2560, 10240))):
+    """Same-run A/B of the decode GEMV: plain, with the fused norm, norm without weight."""
+    rng = np.random.default_rng(0)
+    for dtname in ("f16", "q8_0", "q4_0"):
+        dt = dtypes.float16 if dtname == "f16" else dtypes.as_dtype(dtname)
+        for N, K in shapes:
+            if dt is dtypes.float16:
+                nbytes = N * K * 2
+                arr = (rng.standard_normal((N, K)) * 0.02).astype(np.float16)
+                ws = [Operand(runtime.upload(arr), dt, (N, K), (K, 1)) for _ in range(_copies(nbytes))]
+            else:
+                raw = _qweights(dt, N, K, rng)
+                nbytes = raw.nbytes
+                ws = [runtime.upload(raw) for _ in range(_copies(nbytes))]
+            x = Operand(_x(K), dtypes.float32, (1, K), (K, 1))
+            g_ = Operand(_x(K), dtypes.float32, (K,), (1,))
+            res = []
+            for tag, lnp, cfg in (("plain", None, (None, None, True)), ("plain_old", None, (None, None, False)),
+                                  ("ln", (g_, g_, 1e-5), (None, None, True)), ("ln_old", (g_, g_, 1e-5), (None, None, False)),
+                                  ("plain_r1", None, (None, 1, True)), ("ln_r1", (g_, g_, 1e-5), (None, 1, True)),
+                                  ("plain_r4", None, (None, 4, True)), ("ln_r4", (g_, g_, 1e-5), (None, 4, True))):
+                if K > 4096 and lnp is not None:
+                    continue
+                old = dict(gm.TUNING)
+                gm.TUNING.update(threads=cfg[0], rows=cfg[1], hoist=cfg[2])
+                out = runtime.Buffer(N * 4)
+                try:
+                    with runtime_log() as ds:
+                        for w in ws:
+                            gm.gemv(out, x, w, dt, N, K, None, lnp)
+                    runtime.flush()
+                    t = _time(list(ds))
+                finally:
+                    gm.TUNING.update(old)
+                res.append(f"{tag}:{t * 1e6:.1f}us")
+            print(f"ab {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
+
+
 def main(argv):
     what = argv or ["gemv_f16", "gemv_q4_0", "gemv_q8_0"]
     print("device:", runtime.get_device().describe().get("name"), probe.gpu_clocks(), flush=True)
@@ -196,7 +234,9 @@ def main(argv):
     ncfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
             os.environ.get("NEW_CFGS", "-,-;64,2;128,1;128,2;128,4;256,2;256,4").split(";")]
     for w in what:
-        if w == "attn":
+        if w == "ab":
+            ab()
+        elif w == "attn":
             attn()
         elif w.startswith("new_"):
             gemv_new(w.split("_", 1)[1].replace("+ln", ""), ncfg, ln=w.endswith("+ln"))

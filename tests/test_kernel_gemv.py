@@ -84,12 +84,14 @@ def test_ragged_and_long_rows(wdt, K):
     run(wdt, 9, K, ln=True)
 
 
-@pytest.mark.parametrize("threads,rows", [(32, 1), (64, 3), (128, 8), (96, 2)])
-def test_tuning(threads, rows):
+@pytest.mark.parametrize("threads,rows,hoist,regs", [(32, 1, True, 48), (64, 3, False, 48), (128, 8, True, 48),
+                                                      (96, 2, True, 48), (32, 2, True, 4)])
+def test_tuning(threads, rows, hoist, regs):
+    """Launch shapes, and the weight-load hoisting (off; in chunks of one iteration)."""
     old = dict(gmod.TUNING)
-    gmod.TUNING.update(threads=threads, rows=rows)
+    gmod.TUNING.update(threads=threads, rows=rows, hoist=hoist, hoist_regs=regs)
     try:
-        for wdt in ("f16", "q8_0"):
+        for wdt in ("f16", "q8_0", "q4_0", "f32"):
             run(wdt, 13, 640, ln=True)
             run(wdt, 5, 640, ln=False)
     finally:

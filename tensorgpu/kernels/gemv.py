@@ -27,7 +27,7 @@ from .common import NoEpilogue, Operand, epilogue_bindings
 from .nn_wgsl import Reader, enable_f16, f32_lit
 
 # Knobs the sweeps set (benchmarks/sweep_decode.py): None = chosen from K / the weight type.
-TUNING = {"threads": None, "rows": None}
+TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48}
 
 _U32 = 1 << 32
 
@@ -203,6 +203,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         rb_bytes = K // w_dtype.block_size * w_dtype.block_bytes
         s.append("@group(0) @binding(2) var<storage, read> W: array<u32>;\n")
         s.append(_format_wgsl(w_dtype, False, K, True))
+        if w_dtype.name in _RAW:
+            s.append(_RAW[w_dtype.name][1])
     else:
         fmt = None
         if w_dtype is dtypes.float16:
@@ -237,45 +239,62 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         if last:
             s.append(f"    let ok{it} = {it * T}u + lid < {_u(items)};\n")
         s.append(f"    let e{it} = {_subst_u(fmt.e0, f'i{it}') if quant else f'{per}u * i{it}'};\n")
-    if ln:   # the shift: mean of the first 4 values (the same in every invocation): |mean - shift| ~ std
-        s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
-        # the per-row constants, loaded now: their latency hides under the weight stream
-        s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
-                 f"    let bcB = BC[bcn];\n    let bcC = BC[{_u(N)} + bcn];\n")
-    for it in range(ITERS):
-        for j, o in enumerate(offs):
-            val = f"xv_at4({_u(x0)} + e{it} + {o}u)"
-            if ln:
-                val = f"{val} - vec4<f32>(cshift)"
-            if it == ITERS - 1 and ragged:
-                val = f"select(vec4<f32>(0.0), {val}, ok{it})"
-            s.append(f"    var x{it}_{j} = {val};\n")
-            if ln:
-                s.append(f"    s1 += dot(x{it}_{j}, vec4<f32>(1.0));\n    s2 += dot(x{it}_{j}, x{it}_{j});\n")
-                if lnw is not None:
-                    s.append(f"    x{it}_{j} *= {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
-    # the dot products
+    # Issue order matters: a GPU warp issues in order and stalls at the first instruction that
+    # needs a load still in flight, so every weight load of a chunk of iterations goes out first
+    # (raw words for the quant formats, decoded after), then x (and the norm's) loads, then the
+    # arithmetic. Chunks bound the registers the raw weights hold.
+    raw = TUNING.get("hoist", True) and (not quant or w_dtype.name in _RAW)
+    words = (_RAW[w_dtype.name][0] if quant else 4) if raw else 0
+    C = max(1, int(TUNING.get("hoist_regs", 48)) // max(1, R * words)) if raw else ITERS
     for r in range(R):
         s.append(f"    var a{r} = vec4<f32>(0.0);\n")
         if quant:
             s.append(f"    var c{r} = 0.0;\n")
-    if quant and fmt.has_c:
-        for it in range(ITERS):
-            s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
-    for it in range(ITERS):
-        for r in range(R):
-            w_ = f"w{r}_{it}"
-            if quant:
-                s.append(f"    let {w_} = unit(rb{r}, i{it});\n")
-                t = f"vec4<f32>(dot({w_}.v0, x{it}_0), dot({w_}.v1, x{it}_1), dot({w_}.v2, x{it}_2), dot({w_}.v3, x{it}_3))"
-                s.append(f"    a{r} = fma({w_}.a, {t}, a{r});\n")
-                if fmt.has_c:
-                    s.append(f"    c{r} += dot({w_}.c, sx{it});\n")
-            elif w_dtype is dtypes.float16:
-                s.append(f"    let {w_} = W[rb{r} + i{it}];\n")
-                s.append(f"    a{r} = fma(up4({w_}.xy), x{it}_0, fma(up4({w_}.zw), x{it}_1, a{r}));\n")
-            else:
-                s.append(f"    a{r} = fma(W[rb{r} + i{it}], x{it}_0, a{r});\n")
+    for c0 in range(0, ITERS, C):
+        its = range(c0, min(ITERS, c0 + C))
+        if raw:
+            for it in its:
+                for r in range(R):
+                    ld = f"ldr_{w_dtype.name}(rb{r}, i{it})" if quant else f"W[rb{r} + i{it}]"
+                    s.append(f"    let w{r}_{it} = {ld};\n")
+        if ln and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
+            s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
+            s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
+                     f"    let bcB = BC[bcn];\n    let bcC = BC[{_u(N)} + bcn];\n")
+        for it in its:
+            for j, o in enumerate(offs):
+                s.append(f"    var x{it}_{j} = xv_at4({_u(x0)} + e{it} + {o}u);\n")
+                if ln and lnw is not None:
+                    s.append(f"    let gw{it}_{j} = {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
+        for it in its:
+            for j, o in enumerate(offs):
+                v = f"x{it}_{j}"
+                if ln:
+                    s.append(f"    {v} -= vec4<f32>(cshift);\n")
+                if it == ITERS - 1 and ragged:
+                    s.append(f"    {v} = select(vec4<f32>(0.0), {v}, ok{it});\n")
+                if ln:
+                    s.append(f"    s1 += dot({v}, vec4<f32>(1.0));\n    s2 += dot({v}, {v});\n")
+                    if lnw is not None:
+                        s.append(f"    {v} *= gw{it}_{j};\n")
+            if quant and fmt.has_c:
+                s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
+        for it in its:
+            for r in range(R):
+                w_ = f"w{r}_{it}"
+                if quant:
+                    q = f"q{r}_{it}"
+                    s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, rb{r}, i{it})' if raw else f'unit(rb{r}, i{it})'};\n")
+                    t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
+                    s.append(f"    a{r} = fma({q}.a, {t}, a{r});\n")
+                    if fmt.has_c:
+                        s.append(f"    c{r} += dot({q}.c, sx{it});\n")
+                elif w_dtype is dtypes.float16:
+                    if not raw:
+                        s.append(f"    let {w_} = W[rb{r} + i{it}];\n")
+                    s.append(f"    a{r} = fma(up4({w_}.xy), x{it}_0, fma(up4({w_}.zw), x{it}_1, a{r}));\n")
+                else:
+                    s.append(f"    a{r} = fma({w_ if raw else f'W[rb{r} + i{it}]'}, x{it}_0, a{r});\n")
     vals = [f"dot(a{r}, vec4<f32>(1.0)){f' + c{r}' if quant else ''}" for r in range(R)]
     if ln:
         vals += ["s1", "s2"]
@@ -317,6 +336,45 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     binds += epilogue_bindings(ep)
     s.insert(1, fn_tot)
     return "".join(s), runtime.grid_for(groups), binds
+
+
+# Quant formats whose 16-element unit is split into raw word loads (ldr_*) and a decode (unr_*):
+# (u32 words held per unit, WGSL). Other formats decode with quant.py's unit() where it is used.
+_RAW = {
+    "q8_0": (6, """
+struct RQ8 { dw: u32, q: vec4<u32>, q4: u32 }
+fn ldr_q8_0(rb: u32, u: u32) -> RQ8 {
+    let bb = rb + 34u * (u >> 1u);
+    let i = (bb + 2u + 16u * (u & 1u)) >> 2u;
+    return RQ8(W[bb >> 2u], vec4<u32>(W[i], W[i + 1u], W[i + 2u], W[i + 3u]), W[i + 4u]);
+}
+fn unr_q8_0(r: RQ8, rb: u32, u: u32) -> QU {
+    let bb = rb + 34u * (u >> 1u);
+    let d = unpack2x16float(r.dw >> ((bb & 2u) << 3u)).x;
+    let w = r.q;
+    let sh = vec4<u32>((w.x >> 16u) | (w.y << 16u), (w.y >> 16u) | (w.z << 16u), (w.z >> 16u) | (w.w << 16u), (w.w >> 16u) | (r.q4 << 16u));
+    let q = select(w, sh, ((bb + 2u) & 2u) != 0u) ^ vec4<u32>(0x80808080u);   // q + 128
+    let A = vec4<f32>(256.0 * d); let C = vec4<f32>(-384.0 * d);
+    return QU(m8(q.x), m8(q.y), m8(q.z), m8(q.w), A, C);
+}
+"""),
+    "q4_0": (4, """
+struct RQ4 { dw: u32, q: vec3<u32> }
+fn ldr_q4_0(rb: u32, u: u32) -> RQ4 {
+    let bb = rb + 18u * (u >> 1u);
+    let i = (bb + 2u + 8u * (u & 1u)) >> 2u;
+    return RQ4(W[bb >> 2u], vec3<u32>(W[i], W[i + 1u], W[i + 2u]));
+}
+fn unr_q4_0(r: RQ4, rb: u32, u: u32) -> QU {
+    let bb = rb + 18u * (u >> 1u);
+    let d = unpack2x16float(r.dw >> ((bb & 2u) << 3u)).x;
+    let w = r.q;
+    let q = select(w.xy, vec2<u32>((w.x >> 16u) | (w.y << 16u), (w.y >> 16u) | (w.z << 16u)), ((bb + 2u) & 2u) != 0u);
+    let A = vec4<f32>(16.0 * d); let C = vec4<f32>(-24.0 * d);
+    return QU(m4(q.x), m4(q.y), m4(q.x >> 4u), m4(q.y >> 4u), A, C);
+}
+"""),
+}
 
 
 def _param4(rd: Reader, op: Operand, e: str) -> str:
