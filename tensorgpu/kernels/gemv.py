@@ -51,7 +51,7 @@ def supported(x: Operand, w_dtype: dtypes.DType, K: int, w: Optional[Operand] = 
     return w_dtype in SUPPORTED and w_dtype is not dtypes.bfloat16 and K % w_dtype.block_size == 0
 
 
-def _config(w_dtype, K: int) -> tuple:
+def _config(w_dtype, K: int, ln: bool = False) -> tuple:
     """(items per row, elements per item, threads, rows per workgroup). With subgroups the
     workgroup size may be any multiple of 32 that divides the items (K = 2560 is 160 quant
     units: one pass of 160 invocations beats a full pass of 128 plus a quarter-full one)."""
@@ -73,7 +73,9 @@ def _config(w_dtype, K: int) -> tuple:
         T = 256 if items >= 1024 else 128 if items >= 128 else 64 if items >= 48 else 32
     if not runtime.get_device().has_subgroups:
         T = 1 << (int(T).bit_length() - 1)          # the shared-memory tree needs a power of two
-    R = TUNING["rows"] or (2 if per in (4, 8) else 4)
+    # rows per workgroup (H100, same-run A/B in benchmarks/sweep_decode.py `ab`): float rows
+    # alone for K <= 4096 without the norm, else pairs; quant units 4 rows (x reused 4 times)
+    R = TUNING["rows"] or ((1 if (K <= 4096 and not ln) else 2) if per in (4, 8) else 4)
     return items, per, int(T), int(R)
 
 
@@ -99,7 +101,7 @@ def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} with weight [{N}, {K}] {w_dtype} is not a supported "
                          f"decode GEMV (contiguous x, K % 8, quant K % block size)")
     wbuf = w.buffer if isinstance(w, Operand) else w
-    items, per, T, R = _config(w_dtype, K)
+    items, per, T, R = _config(w_dtype, K, ln is not None)
     R = max(1, min(R, N))
     if out.nbytes < 4 * (N + out_offset):
         raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * (N + out_offset)} for float32 [{N}]")
@@ -243,7 +245,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     # needs a load still in flight, so every weight load of a chunk of iterations goes out first
     # (raw words for the quant formats, decoded after), then x (and the norm's) loads, then the
     # arithmetic. Chunks bound the registers the raw weights hold.
-    raw = TUNING.get("hoist", True) and (not quant or w_dtype.name in _RAW)
+    raw = TUNING.get("hoist", True) and quant and w_dtype.name in _RAW   # float: no gain, more registers (A/B)
     words = (_RAW[w_dtype.name][0] if quant else 4) if raw else 0
     C = max(1, int(TUNING.get("hoist_regs", 48)) // max(1, R * words)) if raw else ITERS
     for r in range(R):
