@@ -16,7 +16,7 @@ trap 'kill $CLK 2>/dev/null' EXIT
 python3 -c "import tensorgpu as tg; d = tg.device(); print('adapter:', d['name'], d['backend'], 'f16' if d['f16'] else 'no-f16', 'subgroups' if d['subgroups'] else '')"
 if [[ " $what " == *" kernels "* ]]; then
   # each benchmark warms the GPU >= 300 ms before timing (kernels/probe.py: warm_up)
-  python3 -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/kernels.json" \
+  timeout "${T_KERNELS:-300}" python3 -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/kernels.json" \
     -k "${BENCH_K:-not sweep and not decode and not prefill}" 2>&1 | tail -n 60
 fi
 if [[ " $what " == *" models "* ]]; then
@@ -25,9 +25,9 @@ if [[ " $what " == *" models "* ]]; then
     m=${spec%%:*}; d=${spec##*:}
     [ -f /tmp/ggufs/$m-$d.gguf ] || python3 .device/make_random_neox_gguf.py --preset "$m" --dtype "$d" -o /tmp/ggufs/$m-$d.gguf >/dev/null
   done
-  python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json" ${PROFILE:+--profile}
+  timeout "${T_MODELS:-400}" python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json" ${PROFILE:+--profile}
 fi
 if [[ " $what " == *" baseline "* ]]; then
-  python3 .device/baseline_torch_neox.py --models "${TORCH_MODELS:-pythia-160m,pythia-1.4b,redpajama-3b}" \
-    --compile "${TORCH_COMPILE:-pythia-160m,pythia-1.4b,redpajama-3b}" --json "$OUT/torch.json" 2>&1 | grep -E "RESULT|Error|error" | tail -n 60
+  timeout "${T_BASELINE:-400}" python3 .device/baseline_torch_neox.py --models "${TORCH_MODELS:-pythia-160m,pythia-1.4b,redpajama-3b}" \
+    --compile "${TORCH_COMPILE:-pythia-160m,pythia-1.4b,redpajama-3b}" --prims --json "$OUT/torch.json" 2>&1 | grep -E "RESULT|Error|error" | tail -n 60
 fi
