@@ -20,6 +20,10 @@ class ContextOverflowError(ValueError):
     """The tokens do not fit in what is left of the session's context (the session is unchanged)."""
 
 
+def _new_stats() -> dict:
+    return {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+
+
 class Session:
     def __init__(self, model, max_context: Optional[int] = None, cache_dtype=tg.float16):
         c = model.config
@@ -162,18 +166,11 @@ class Session:
             yield from self._generate_gpu(ids, max_new_tokens, sampler, stop_ids, stop_strs, eos)
             return
         import time
-        stats = self.last_stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
         if max_new_tokens == 0:
+            self.last_stats = _new_stats()
             return
-        stream = self.model.tokenizer.decode_stream() if stop_strs else None
+        stats, stream, t0, logits = self._start_generation(ids, stop_strs)
         text = ""
-        t0 = time.perf_counter()
-        if ids or self._pending:
-            stats["prefill_tokens"] = len(ids) + len(self._pending)
-            logits = self._feed(ids, last_only=True)
-        else:  # continue: recompute the last token's logits into its own cache row
-            last = self.tokens.pop()
-            logits = self._feed([last], last_only=True)
         history = self.tokens
         nxt = sampler.pick(logits, history)
         stats["prefill_s"] = time.perf_counter() - t0
@@ -193,6 +190,21 @@ class Session:
             nxt = sampler.pick(logits, self.tokens)
             stats["decode_s"] += time.perf_counter() - t
             stats["decode_tokens"] += 1
+
+    def _start_generation(self, ids, stop_strs):
+        """Prefill for generate(): run the prompt (or re-run the last token to get its logits
+        when continuing) and set up the stats and the stop-string stream."""
+        import time
+        stats = self.last_stats = _new_stats()
+        stream = self.model.tokenizer.decode_stream() if stop_strs else None
+        t0 = time.perf_counter()
+        if ids or self._pending:
+            stats["prefill_tokens"] = len(ids) + len(self._pending)
+            logits = self._feed(ids, last_only=True)
+        else:  # continue: recompute the last token's logits into its own cache row
+            last = self.tokens.pop()
+            logits = self._feed([last], last_only=True)
+        return stats, stream, t0, logits
 
     # -- the fast decode loop -------------------------------------------------------------
 
@@ -232,18 +244,11 @@ class Session:
         4 bytes per token, one step late."""
         import time
         from tensorgpu import runtime
-        stats = self.last_stats = {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
         if max_new_tokens == 0:
+            self.last_stats = _new_stats()
             return
-        stream = self.model.tokenizer.decode_stream() if stop_strs else None
+        stats, stream, t0, logits = self._start_generation(ids, stop_strs)
         text = ""
-        t0 = time.perf_counter()
-        if ids or self._pending:
-            stats["prefill_tokens"] = len(ids) + len(self._pending)
-            logits = self._feed(ids, last_only=True)
-        else:  # continue: recompute the last token's logits into its own cache row
-            last = self.tokens.pop()
-            logits = self._feed([last], last_only=True)
         # the whole context is the repetition-penalty history; sampling appends to it on the GPU
         hist, n_prev = self._gpu_history()
         ctx = np.asarray(self.tokens, np.int32)

@@ -14,6 +14,7 @@ from typing import Protocol, Sequence
 
 from .. import dtypes
 from ..runtime import Buffer
+from ..view import View
 
 
 @dataclass
@@ -27,12 +28,7 @@ class Operand:
 
     @property
     def is_contiguous(self) -> bool:
-        exp = 1
-        for s, st in zip(reversed(self.shape), reversed(self.strides)):
-            if s != 1 and st != exp:
-                return False
-            exp *= s
-        return True
+        return View(tuple(self.shape), tuple(self.strides), self.offset).is_contiguous
 
 
 class Epilogue(Protocol):
