@@ -49,3 +49,17 @@ def full_reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"{FULL_REFERENCE_ENV}={value} is not a directory")
     return path
+
+
+# --- 3. GPU code paths --------------------------------------------------------
+# lavapipe has shader-f16 and subgroups, so the fallbacks an older adapter takes (packed-u32
+# f16 loads, shared-memory reductions) only run when a test forces them.
+@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
+                ids=["f16+sg", "f16+nosg", "packed+sg", "packed+nosg"])
+def all_paths(request):
+    """Every combination of shader-f16 / packed-u32 f16 and subgroup / shared-memory reductions."""
+    from tensorgpu import runtime
+    old = (runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups)
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = request.param
+    yield request.param
+    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old

@@ -29,15 +29,6 @@ def paths(request):
     runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old
 
 
-@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
-                ids=["f16+sg", "f16+nosg", "packed+sg", "packed+nosg"])
-def all_paths(request):
-    old = (runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups)
-    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = request.param
-    yield request.param
-    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old
-
-
 @pytest.fixture
 def tuning():
     """Lets a test change mm.TUNING and restores it."""

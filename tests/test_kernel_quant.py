@@ -31,14 +31,10 @@ _rng = np.random.default_rng(20240601)
 # ----------------------------------------------------------------------------- fixtures / helpers
 
 
-@pytest.fixture(params=[(True, True), (True, False), (False, True), (False, False)],
-                ids=["f16+sg", "f16+nosg", "packed+sg", "packed+nosg"])
-def paths(request):
-    """Every code path: shader-f16 or packed-u32 f16 loads x subgroup or shared-memory reductions."""
-    old = (runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups)
-    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = request.param
-    yield request.param
-    runtime.OPTIONS.use_f16, runtime.OPTIONS.use_subgroups = old
+@pytest.fixture
+def paths(all_paths):
+    """Every code path (conftest.all_paths)."""
+    return all_paths
 
 
 @pytest.fixture
