@@ -29,13 +29,7 @@ def _wall_min(benchmark) -> float:
 def record(benchmark, dispatches, reps: int = 10) -> float:
     """GPU seconds per repetition of `dispatches`; also lets pytest-benchmark time `reps` replays
     plus a sync (wall clock) for its table, and stores both in extra_info."""
-    t = probe.gpu_time_per_dispatch(dispatches)
-
-    def step():
-        for _ in range(reps):
-            runtime.replay(dispatches)
-        runtime.sync()
-    benchmark.pedantic(step, rounds=3, iterations=1)
+    t = probe.bench_dispatches(benchmark, dispatches, reps)
     benchmark.extra_info.update({"us_per_dispatch": t * 1e6,
                                  "wall_us_per_dispatch": _wall_min(benchmark) / reps * 1e6,
                                  "timestamps": probe.has_timestamps(),

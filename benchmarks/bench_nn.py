@@ -47,13 +47,7 @@ def recorded(enqueue) -> list:
 
 
 def measure(benchmark, dispatches, nbytes=None, flop=None, reps: int = 10) -> float:
-    t = probe.gpu_time_per_dispatch(dispatches)
-
-    def step():
-        for _ in range(reps):
-            runtime.replay(dispatches)
-        runtime.sync()
-    benchmark.pedantic(step, rounds=3, iterations=1)
+    t = probe.bench_dispatches(benchmark, dispatches, reps)
     info = {"us": t * 1e6, "dispatches": len(dispatches), "timestamps": probe.has_timestamps(),
             "device": runtime.get_device().name, "clocks": probe.gpu_clocks()}
     if nbytes is not None:

@@ -71,13 +71,7 @@ def _check(out, raw, dt, x, N, K):
 
 
 def _time(benchmark, dispatches, reps=4):
-    t = probe.gpu_time_per_dispatch(dispatches)
-
-    def step():
-        for _ in range(reps):
-            runtime.replay(dispatches)
-        runtime.sync()
-    benchmark.pedantic(step, rounds=3, iterations=1)
+    t = probe.bench_dispatches(benchmark, dispatches, reps)
     dev = runtime.get_device()
     benchmark.extra_info.update({"us_per_dispatch": t * 1e6, "timestamps": probe.has_timestamps(),
                                  "wall_us_per_dispatch": benchmark.stats.stats.min / reps * 1e6,

@@ -212,3 +212,16 @@ def fma_flops(workgroups: int, iters: int) -> float:
     buf = runtime.upload(np.array([0.9999, 1e-4, 0.0, 0.0], np.float32))
     flops, d = fma_peak(buf, workgroups, iters)
     return flops / gpu_time_per_dispatch([d])
+
+
+def bench_dispatches(benchmark, dispatches, reps: int = 10) -> float:
+    """GPU seconds per repetition of `dispatches` (timestamps, after a warm-up), plus a
+    pytest-benchmark wall-clock entry for `reps` replays and a sync (the benchmarks' table)."""
+    t = gpu_time_per_dispatch(dispatches)
+
+    def step():
+        for _ in range(reps):
+            runtime.replay(dispatches)
+        runtime.sync()
+    benchmark.pedantic(step, rounds=3, iterations=1)
+    return t
