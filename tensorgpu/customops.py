@@ -134,19 +134,16 @@ class SoftmaxKernel(CustomKernel):
         self.name = "log_softmax" if log else "softmax"
 
     def emit(self, out, operands, epilogue):
-        from .kernels.common import Operand
         from .kernels.softmax import softmax
-        x = operands[0]
-        rows, cols = prod(x.shape[:-1]), x.shape[-1]
-        row_stride = x.strides[-2] if len(x.shape) >= 2 else cols
-        flat = Operand(x.buffer, x.dtype, (rows, cols), (row_stride, 1), x.offset)
-        softmax(out, flat, rows, cols, log=self.log)
+        x = rows_operand(operands[0])
+        softmax(out, x, *x.shape, log=self.log)
 
 
-def _rows_viewable(t: Tensor) -> bool:
-    """Last axis contiguous and the leading dims collapse to one row stride."""
+def rows_viewable(t: Tensor, unit_last: bool = True) -> bool:
+    """The row kernels (softmax, layer_norm) can read `t` as [rows, cols] in place: the leading
+    dims collapse to one non-negative row stride (and, with unit_last, the last axis is contiguous)."""
     v = t.view
-    if t.ndim == 0 or v.strides[-1] != 1 and v.shape[-1] != 1:
+    if t.ndim == 0 or unit_last and v.strides[-1] != 1 and v.shape[-1] != 1:
         return False
     if any(st < 0 for sz, st in zip(v.shape[:-1], v.strides[:-1]) if sz > 1):
         return False  # the row kernels walk rows forwards
@@ -154,6 +151,16 @@ def _rows_viewable(t: Tensor) -> bool:
     if len(lead.shape) <= 1:
         return True
     return lead.reshape((prod(lead.shape),)) is not None
+
+
+def rows_operand(x):
+    """An Operand [..., cols] viewed as [rows, cols] (rows_viewable must have held)."""
+    from .kernels.common import Operand
+    rows, cols = prod(x.shape[:-1]), x.shape[-1]
+    if len(x.shape) == 1:
+        return Operand(x.buffer, x.dtype, (1, cols), (cols, x.strides[-1]), x.offset)
+    lead = View(tuple(x.shape[:-1]), tuple(x.strides[:-1]), 0).reshape((rows,))
+    return Operand(x.buffer, x.dtype, (rows, cols), (lead.strides[0], x.strides[-1]), x.offset)
 
 
 def softmax(x: Tensor, axis: int = -1, log: bool = False) -> Tensor:
@@ -164,7 +171,7 @@ def softmax(x: Tensor, axis: int = -1, log: bool = False) -> Tensor:
     if x.size == 0:
         return x.astype(dt.float32)
     if ax == x.ndim - 1 and _kernel_available("softmax"):
-        src = x if _rows_viewable(x) and x.node.buffer is not None else x.contiguous()
+        src = x if rows_viewable(x) and x.node.buffer is not None else x.contiguous()
         return _custom(SoftmaxKernel(log), [src], x.shape)
     m = x.max(ax, keepdims=True)
     e = (x - m).exp()

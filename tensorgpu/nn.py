@@ -10,7 +10,7 @@ from math import prod
 from typing import Optional
 
 from . import dtypes as dt
-from .customops import _custom, matmul, softmax as _softmax
+from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
 from .graph import CustomKernel
 from .tensor import Tensor, tensor
 from .view import View
@@ -65,29 +65,12 @@ class LayerNormKernel(CustomKernel):
         self.eps, self.has_w, self.has_b = eps, has_w, has_b
 
     def emit(self, out, operands, epilogue):
-        from .kernels.common import Operand
         from .kernels.layernorm import layer_norm as k
-        x = operands[0]
+        x = rows_operand(operands[0])
         rest = list(operands[1:])
         w = rest.pop(0) if self.has_w else None
         b = rest.pop(0) if self.has_b else None
-        rows, cols = prod(x.shape[:-1]), x.shape[-1]
-        flat = _rows_operand(x, rows, cols)
-        k(out, flat, w, b, rows, cols, self.eps, epilogue)
-
-
-def _rows_operand(x, rows: int, cols: int):
-    """View an Operand [..., cols] as [rows, cols] (the caller guarantees leading dims collapse)."""
-    from .kernels.common import Operand
-    if len(x.shape) == 1:
-        return Operand(x.buffer, x.dtype, (1, cols), (cols, x.strides[-1]), x.offset)
-    lead = View(tuple(x.shape[:-1]), tuple(x.strides[:-1]), 0).reshape((rows,))
-    return Operand(x.buffer, x.dtype, (rows, cols), (lead.strides[0], x.strides[-1]), x.offset)
-
-
-def _rows_ok(t: Tensor) -> bool:
-    v = t.view
-    return t.ndim <= 1 or View(v.shape[:-1], v.strides[:-1], 0).reshape((prod(v.shape[:-1]),)) is not None
+        k(out, x, w, b, *x.shape, self.eps, epilogue)
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
@@ -103,7 +86,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
         x = x.astype(dt.float32)
     if x.size == 0:
         return x.astype(dt.float32)
-    if not _rows_ok(x):
+    if not rows_viewable(x, unit_last=False):
         x = x.contiguous()
     srcs = [x] + [p for p in (weight, bias) if p is not None]
     return _custom(LayerNormKernel(float(eps), weight is not None, bias is not None), srcs, x.shape)
