@@ -230,9 +230,16 @@ def live_bytes() -> int:
     return _live_bytes[0]
 
 
+def _byte_view(data) -> memoryview:
+    """Host bytes of an ndarray (any shape, empty included) or a bytes-like object."""
+    if isinstance(data, np.ndarray):
+        return memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    return memoryview(data).cast("B")
+
+
 def upload(data, nbytes: Optional[int] = None) -> Buffer:
     """A new Buffer filled with `data` (bytes-like or ndarray), padded to a multiple of 4 bytes."""
-    mv = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    mv = _byte_view(data)
     n = len(mv) if nbytes is None else nbytes
     buf = Buffer(max(n, 4))
     write(buf, mv)
@@ -241,7 +248,7 @@ def upload(data, nbytes: Optional[int] = None) -> Buffer:
 
 def write(buf: Buffer, data, offset: int = 0) -> None:
     """Write host bytes into `buf` at byte `offset`, after every pending dispatch that uses it."""
-    mv = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data).cast("B")
+    mv = _byte_view(data)
     if id(buf) in _pending_ids:
         flush()
     n = len(mv)
@@ -492,7 +499,6 @@ def pending_count() -> int:
     return len(_pending)
 
 
-_staging: dict = {}
 _pending_copies: list = []
 
 
@@ -538,39 +544,13 @@ def read_later(buf: "Buffer", offset: int = 0, nbytes: Optional[int] = None) -> 
 
 def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
     """Bytes of `buf` after all pending work: one submit (pending dispatches + the copy) and one map."""
-    dev = get_device()
     if _tracing[0]:
         raise RuntimeError("a value was read back (.numpy()/.item()) inside a tg.capture'd function: "
                            "return the tensor instead and read it after the call")
     n = buf.nbytes - offset if nbytes is None else int(nbytes)
     if n <= 0:
         return b""
-    start = offset - offset % 4
-    size = (offset + n - start + 3) // 4 * 4
-    cap = _size_class(size)
-    stage = _staging.pop(cap, None)
-    if stage is None:
-        stage = dev.device.create_buffer(size=cap, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-    enc = dev.device.create_command_encoder()
-    _encode(enc)
-    for src, off, st, sz in _pending_copies:
-        enc.copy_buffer_to_buffer(src.gpu, off, st, 0, sz)
-    _pending_copies.clear()
-    enc.copy_buffer_to_buffer(buf.gpu, start, stage, 0, size)
-    dev.queue.submit([enc.finish()])
-    STATS["submits"] += 1
-    STATS["readbacks"] += 1
-    _pending.clear()
-    _pending_ids.clear()
-    stage.map_sync(wgpu.MapMode.READ, 0, size)
-    try:
-        data = bytes(stage.read_mapped(0, size, copy=True))
-    finally:
-        stage.unmap()
-    _staging[cap] = stage
-    if _profile_reads:
-        _collect_profile()
-    return data[offset - start: offset - start + n]
+    return read_later(buf, offset, n).result()
 
 
 def sync() -> None:
