@@ -333,7 +333,6 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
         n_threads = n
         b.lines = []
         val = value_at("i32(gidx)")
-        coords_lin = "gidx"
         if out_view.is_identity(shape):
             idx = "gidx"
         else:
@@ -351,7 +350,6 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
             b.lines.append(store_stmt(b, out_buf, d, idx, val))
         body = b.lines
         prologue = ""
-        del coords_lin
     n_wg = (n_threads + WG - 1) // WG
     src = (b.header() + b.decls() + "\n" + b.helper_text() + "\n" + GRID_PREAMBLE.format(wg=WG)
            + f"  let gidx = ({'wid.x + wid.y * nwg.x'}) * {WG}u + lid;\n"
@@ -421,8 +419,6 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
     if index_src is not None:
         ridx = b.render(index_src[0], index_src[1], src_coords(out_c, rl))
     if is_arg:
-        upd = [f"let cv: {act} = {v};",
-               f"if (cv {cmp} best || (best != best && false) || (cv != cv && best == best)) {{ best = cv; bi = i32(r); }}"]
         # NaN: NumPy's argmax/argmin return the first NaN
         if act == "f32":
             upd = [f"let cv: f32 = {v};",
@@ -531,32 +527,29 @@ class GraphEpilogue:
     hand-written kernel's node `core` replaced by its computed value."""
 
     def __init__(self, root: Node, core: Node):
-        self.root, self.core = root, core
-        self._b: Optional[KernelBuilder] = None
-        self._text = None
-        self._first = None
         from .kernels.common import Operand
-        # discover operands by a dry render
-        b = KernelBuilder(0)
-        b.native_f16 = False  # the host kernel's module may not enable f16
-        b.core = core
-        b.core_var = "acc"
-        lin = "li"
-        b.render(root, View.contiguous(root.shape), b.unravel(lin, root.shape))
+        self.root, self.core = root, core
+        self._wgsl: dict = {}   # first binding -> source (kernels may ask more than once)
+        b, _ = self._render(0)
         self.operands = [Operand(buf, _dtype_of(st), (buf.nbytes,), (1,), 0) for buf, _, _, st in b.bindings]
-        self._bind_dtypes = [(buf, st) for buf, _, _, st in b.bindings]
-        self.uses_f16 = b.uses_f16
 
-    def wgsl(self, first_binding: int) -> str:
+    def _render(self, first_binding: int):
         b = KernelBuilder(first_binding)
-        b.native_f16 = False
+        b.native_f16 = False  # the host kernel's module may not enable f16
         b.core = self.core
         b.core_var = "acc"
         b.lines = ["let li = i32(i);"]
         val = b.render(self.root, View.contiguous(self.root.shape), b.unravel("li", self.root.shape))
-        body = "".join("  " + l + "\n" for l in b.lines)
-        return (b.decls() + "\n" + b.helper_text() + "\n"
-                + f"fn epilogue(acc: f32, i: u32) -> f32 {{\n{body}  return f32({val});\n}}\n")
+        return b, val
+
+    def wgsl(self, first_binding: int) -> str:
+        src = self._wgsl.get(first_binding)
+        if src is None:
+            b, val = self._render(first_binding)
+            body = "".join("  " + l + "\n" for l in b.lines)
+            src = self._wgsl[first_binding] = (b.decls() + "\n" + b.helper_text() + "\n"
+                                               + f"fn epilogue(acc: f32, i: u32) -> f32 {{\n{body}  return f32({val});\n}}\n")
+        return src
 
 
 def _dtype_of(storage: str) -> dt.DType:

@@ -51,7 +51,6 @@ def _realize(node: Node) -> None:
     if node.buffer is not None:
         return
     if node.op is Op.CONST:
-        import numpy as np
         node.buffer = upload(_const_bytes(node.arg, node.dtype))
         node.shape = ()
         return
@@ -262,7 +261,7 @@ def _plan_once(root: Node, limit: int):
                         mine |= visit(m, False, (path, id(m)))
                     else:
                         for s, sv in m.srcs:
-                            realize_source(s)
+                            realize(s)
                             mine.add(id(s.buffer))
                 else:
                     realize(m)
@@ -326,10 +325,6 @@ def _split_cat(node: Node, limit: int) -> bool:
     realize(sub)
     node.srcs = ((sub, View.contiguous(sub.shape)),) + node.srcs[j:]
     return True
-
-
-def realize_source(n: Node) -> None:
-    realize(n)
 
 
 def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:

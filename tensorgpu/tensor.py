@@ -339,11 +339,7 @@ class Tensor:
     def _reduce(self, op: Op, axis, keepdims: bool) -> "Tensor":
         self._check_plain(op.name.lower())
         axes = _norm_axes(axis, self.ndim)
-        src = self
-        if self.dtype is dt.bool_ and op is Op.SUM:
-            src = self.astype(dt.int32)
-        elif self.dtype is dt.bool_:
-            src = self.astype(dt.int32)
+        src = self.astype(dt.int32) if self.dtype is dt.bool_ else self   # WGSL can't add or order bools
         if any(self.shape[a] == 0 for a in axes) and op is not Op.SUM:
             raise ValueError(f"zero-size reduction ({op.name.lower()}) over axes {axes} of shape {self.shape} has no identity")
         kshape = tuple(1 if i in axes else s for i, s in enumerate(self.shape))
