@@ -58,11 +58,35 @@ def bench_prefill(model, n: int, reps: int = 3) -> dict:
         runtime.sync()
         times.append(time.perf_counter() - t0)
     best = min(times)
+
+    # the same prefill captured once and replayed (how Session.prefill runs a prompt chunk of a
+    # size it has seen): no graph building or scheduling, only the kernel list re-queued
+    @tg.capture
+    def captured(ids_, pos_, kv_):
+        return model.forward(ids_, pos_, kv_, cache, last_only=True)
+
+    host_ids = np.random.default_rng(0).integers(0, model.config.n_vocab, n).astype(np.int32)
+    host_pos, host_kv = np.arange(n, dtype=np.int32), np.array([n], np.int32)
+
+    def run_captured():
+        captured(host_ids, host_pos, host_kv)
+        runtime.flush()
+
+    run_captured()
+    runtime.sync()
+    warm(0.3, run_captured)
+    ctimes = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run_captured()
+        runtime.sync()
+        ctimes.append(time.perf_counter() - t0)
     if PROFILE and "timestamp-query-inside-passes" in tg.device()["features"]:
         with tg.debug.profile() as prof:
             run()
         print(f"--- prefill {n} profile (GPU time per kernel)\n" + prof.table(), flush=True)
-    return {"prefill_tokens": n, "prefill_first_s": first, "prefill_s": best, "prefill_tok_s": n / best}
+    return {"prefill_tokens": n, "prefill_first_s": first, "prefill_s": best, "prefill_tok_s": n / best,
+            "prefill_captured_tok_s": n / min(ctimes)}
 
 
 def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
@@ -91,6 +115,7 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
 
     start_tok = tg.tensor(np.array(first_ids, np.int32))
     host = [0.0]  # CPU seconds spent queueing + encoding/submitting steps
+    replay = [0.0]  # of which in step() itself (input slots + replay of the kernel list)
 
     def decode_loop(n_steps: int, start: int, blocking: bool, lag: int = 1) -> tuple:
         """lag: how many steps late each token is read back (1: the step just submitted waits
@@ -103,6 +128,7 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
             h0 = time.perf_counter()
             t = step(t, p, p + 1)
             host[0] += time.perf_counter() - h0
+            replay[0] += time.perf_counter() - h0
             if blocking:
                 ids_out.append(int(np.frombuffer(runtime.read(t.node.buffer, 0, 4), np.int32)[0]))
             else:
@@ -130,9 +156,12 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
     for _ in range(2):
         warm_decode()
         s0 = dict(tg.debug.stats())
-        host[0] = 0.0
+        host[0] = replay[0] = 0.0
+        h0 = dict(runtime.HOST_TIME)
         t_pipe, ids_pipe = decode_loop(new - 1, prompt + 1, False)
         host_ms = host[0] / (new - 1) * 1e3
+        split = {"step_call": replay[0] / (new - 1) * 1e3,
+                 **{k[:-2]: (v - h0[k]) / (new - 1) * 1e3 for k, v in runtime.HOST_TIME.items()}}
         s1 = dict(tg.debug.stats())
         best_pipe = min(best_pipe, t_pipe)
         warm_decode()
@@ -149,6 +178,7 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
         "decode_tok_s": (new - 1) / t_pipe, "decode_blocking_tok_s": (new - 1) / t_block,
         "decode_lag2_tok_s": (new - 1) / best_lag2,
         "host_ms_per_step": host_ms,
+        "host_ms_split": {k: round(v, 3) for k, v in split.items()},   # step_call + encode + finish + submit; map = waits
         "dispatches_per_step": n_kernels, "dispatches_per_layer": round(n_kernels / c.n_layer, 2),
         "steady_state_per_token": {k: v / (new - 1) for k, v in steady.items()},
         "same_tokens_pipelined_vs_blocking": ids_pipe == ids_block == ids_lag2,

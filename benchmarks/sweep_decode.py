@@ -23,6 +23,8 @@ from tensorgpu.kernels.common import Operand  # noqa: E402
 
 SHAPES = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192),        # pythia-1.4b qkv/out/up/down
           (7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)]      # redpajama-3b
+if os.environ.get("GEMV_SHAPES"):   # e.g. "4096x4096,8192x2048" (N x K): the issue's GEMV shapes
+    SHAPES = [tuple(int(v) for v in p.split("x")) for p in os.environ["GEMV_SHAPES"].split(",")]
 
 
 def _copies(nbytes: int) -> int:
@@ -119,9 +121,12 @@ def gemv_new(dtname, cfgs, ln=False):
         lnp = (Operand(_x(K), dtypes.float32, (K,), (1,)), Operand(_x(K), dtypes.float32, (K,), (1,)), 1e-5) if ln else None
         out = runtime.Buffer(N * 4)
         res = []
-        for threads, rows in cfgs:
+        for cfg in cfgs:
+            threads, rows = cfg[:2]
             old = dict(gm.TUNING)
             gm.TUNING.update(threads=threads, rows=rows)
+            if len(cfg) > 2 and cfg[2] is not None:
+                gm.TUNING.update(hoist_regs=cfg[2])
             try:
                 with runtime_log() as log:
                     for w in ws:
@@ -131,7 +136,7 @@ def gemv_new(dtname, cfgs, ln=False):
                 t = _time(ds)
             finally:
                 gm.TUNING.update(old)
-            res.append(f"t{threads}r{rows}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
+            res.append(f"t{threads}r{rows}{f'h{cfg[2]}' if len(cfg) > 2 else ''}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
         print(f"new{'+ln' if ln else ''} {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -482,12 +483,20 @@ def flush() -> None:
     if not _pending and not _pending_copies:
         return
     dev = get_device()
+    t0 = time.perf_counter()
     enc = dev.device.create_command_encoder()
     _encode(enc)
     for src, off, stage, size in _pending_copies:
         enc.copy_buffer_to_buffer(src.gpu, off, stage, 0, size)
     _pending_copies.clear()
-    dev.queue.submit([enc.finish()])
+    t1 = time.perf_counter()
+    cb = enc.finish()
+    t2 = time.perf_counter()
+    dev.queue.submit([cb])
+    t3 = time.perf_counter()
+    HOST_TIME["encode_s"] += t1 - t0
+    HOST_TIME["finish_s"] += t2 - t1
+    HOST_TIME["submit_s"] += t3 - t2
     STATS["submits"] += 1
     _pending.clear()
     _pending_ids.clear()
@@ -500,6 +509,11 @@ def pending_count() -> int:
 
 
 _pending_copies: list = []
+
+# Host seconds spent in wgpu by flush() (encoding the pass, finishing the command buffer,
+# submitting) and waiting in Ticket.result() for a mapped readback: where a decode step's host
+# time goes (run_models.py reports it per step). Cumulative; callers take differences.
+HOST_TIME = {"encode_s": 0.0, "finish_s": 0.0, "submit_s": 0.0, "map_s": 0.0}
 
 
 class Ticket:
@@ -516,7 +530,9 @@ class Ticket:
                 flush()
             size = self.off + self.nbytes
             size = (size + 3) // 4 * 4
+            t0 = time.perf_counter()
             self.stage.map_sync(wgpu.MapMode.READ, 0, size)
+            HOST_TIME["map_s"] += time.perf_counter() - t0
             try:
                 self._data = bytes(self.stage.read_mapped(0, size, copy=True))[self.off:self.off + self.nbytes]
             finally:
