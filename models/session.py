@@ -16,6 +16,11 @@ import tensorgpu as tg
 from .sampling import Sampler
 
 
+# Decode steps the GPU may run ahead of the host reading their tokens (2: the host never waits
+# on a readback that could not be ready yet; measured on the H100, benchmarks/RESULTS.md).
+STEPS_IN_FLIGHT = 2
+
+
 class ContextOverflowError(ValueError):
     """The tokens do not fit in what is left of the session's context (the session is unchanged)."""
 
@@ -239,10 +244,19 @@ class Session:
         return h
 
     def _generate_gpu(self, ids, max_new_tokens, sampler, stop_ids, stop_strs, eos):
-        """Decode with every token chosen on the GPU: step N+1 is queued (and submitted) before
-        token N is read back, so the GPU never waits for the host's stop checks; the host reads
-        4 bytes per token, one step late."""
+        """Decode with every token chosen on the GPU, STEPS_IN_FLIGHT steps ahead of the host.
+
+        Step s feeds token s-1 (from the GPU, where step s-1 sampled it) into the cache and
+        samples token s; the host only reads 4 bytes per token. Steps are queued before the
+        tokens they depend on are read back, so the GPU never waits for Python (encoding,
+        stop checks, the caller's work between tokens) and the host never waits on a map that
+        could not be ready. When generation ends, the steps queued past the end have written
+        K/V rows beyond the context and appended to the GPU history: both are rewritten before
+        they are read (rows past `position` are never attended; the history is reset per call),
+        so stopping early costs at most STEPS_IN_FLIGHT - 1 discarded steps."""
         import time
+        from collections import deque
+
         from tensorgpu import runtime
         if max_new_tokens == 0:
             self.last_stats = _new_stats()
@@ -251,43 +265,52 @@ class Session:
         text = ""
         # the whole context is the repetition-penalty history; sampling appends to it on the GPU
         hist, n_prev = self._gpu_history()
-        ctx = np.asarray(self.tokens, np.int32)
+        ctx = list(self.tokens)
         if sampler.penalty is not None:
-            hist[:len(ctx)] = tg.tensor(ctx)
+            hist[:len(ctx)] = tg.tensor(np.asarray(ctx, np.int32))
         n_prev[0] = len(ctx)
         greedy = sampler.greedy
         tok = tg.nn.sample(logits, 0.0 if greedy else sampler.temperature, 0 if greedy else (sampler.top_k or 0),
                            1.0 if greedy else (sampler.top_p or 1.0), u=None if greedy else sampler.rng.random(),
                            repetition_penalty=sampler.penalty, prev_tokens=hist, n_prev=n_prev, append=True).realize()
         step = self._decode_step(sampler)
-        ticket = runtime.read_later(tok.node.buffer, 0, 4)
-        runtime.flush()
-        nxt = int(np.frombuffer(ticket.result(), np.int32)[0])
-        stats["prefill_s"] = time.perf_counter() - t0
-        t_dec = time.perf_counter()
-        for n in range(max_new_tokens):
-            # queue the step that feeds token n (its K/V row) and samples token n+1, before
-            # handing token n to the caller
-            more = n + 1 < max_new_tokens and self.remaining > 1 and nxt not in stop_ids and nxt != eos
-            if more:
-                p = self.position
+        base = len(ctx)                   # the row token 0 goes to
+        tickets = deque([runtime.read_later(tok.node.buffer, 0, 4)])
+        queued = 0                        # steps queued so far (step s produces token s)
+
+        def queue_steps():
+            nonlocal tok, queued
+            # step s writes row base+s-1 and needs row base+s free for token s
+            while len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens and base + queued + 1 < self.max_context:
+                p = base + queued
                 tok = step(tok, p, p + 1, float(sampler.rng.random()) if not greedy else 0.0)
-                ticket = runtime.read_later(tok.node.buffer, 0, 4)
-                runtime.flush()
-                self.tokens.append(nxt)        # its cache row is being written by the queued step
-                self._pending = []
+                tickets.append(runtime.read_later(tok.node.buffer, 0, 4))
+                queued += 1
+            runtime.flush()
+
+        queue_steps()
+        generated: list = []
+        t_dec = None
+        for n in range(max_new_tokens):
+            nxt = int(np.frombuffer(tickets.popleft().result(), np.int32)[0])
+            if n == 0:
+                stats["prefill_s"] = time.perf_counter() - t0
+                t_dec = time.perf_counter()
             else:
-                self._pending = [nxt]
-            yield nxt
-            if not more:
-                break
-            if stream is not None:
+                stats["decode_tokens"] += 1
+                stats["decode_s"] = time.perf_counter() - t_dec
+            stop = nxt in stop_ids or nxt == eos or not tickets
+            if stream is not None and not stop:
                 text += stream.step(nxt)
-                if any(s in text for s in stop_strs):
-                    return
-            nxt = int(np.frombuffer(ticket.result(), np.int32)[0])
-            stats["decode_tokens"] += 1
-            stats["decode_s"] = time.perf_counter() - t_dec
+                stop = any(s_ in text for s_ in stop_strs)
+            if not stop:
+                queue_steps()            # before the caller gets control: the GPU keeps going
+            # the yielded token is pending: it joins the cache when the session runs next
+            self.tokens, self._pending = ctx + generated, [nxt]
+            generated.append(nxt)
+            yield nxt
+            if stop:
+                return
 
     # -- scoring ------------------------------------------------------------------------
 

@@ -351,6 +351,7 @@ class Dispatch:
     buffers: tuple
     grid: tuple
     bind_group: object = None
+    writes: tuple = ()      # ids of the buffers bound read_write (ordering against pending readbacks)
 
 
 _pending: list = []
@@ -371,9 +372,11 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Di
     p = pipeline(name, wgsl, access)
     if any(g > MAX_WORKGROUPS_PER_DIM for g in grid):
         raise ValueError(f"kernel {name!r}: grid {grid} exceeds 65535 workgroups per dimension")
-    d = Dispatch(p, bufs, tuple(grid), _bind_group(p, bufs))
+    d = Dispatch(p, bufs, tuple(grid), _bind_group(p, bufs), tuple(id(b) for b, a in bindings if a == "rw"))
     if 0 in grid:
         return d
+    if _copy_srcs and not _copy_srcs.isdisjoint(d.writes):
+        flush()   # a queued readback of a buffer this kernel overwrites must see the old bytes
     _pending.append(d)
     _pending_ids.update(id(b) for b in bufs)
     STATS["kernels_dispatched"] += 1
@@ -390,6 +393,8 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Di
 
 def replay(dispatches: Sequence[Dispatch]) -> None:
     """Queue already-built dispatches again (capture replay): no codegen, no new bind groups."""
+    if _copy_srcs and any(not _copy_srcs.isdisjoint(d.writes) for d in dispatches):
+        flush()   # readbacks queued before this replay see the buffers before it
     _pending.extend(dispatches)
     for d in dispatches:
         _pending_ids.update(id(b) for b in d.buffers)
@@ -489,6 +494,7 @@ def flush() -> None:
     for src, off, stage, size in _pending_copies:
         enc.copy_buffer_to_buffer(src.gpu, off, stage, 0, size)
     _pending_copies.clear()
+    _copy_srcs.clear()
     t1 = time.perf_counter()
     cb = enc.finish()
     t2 = time.perf_counter()
@@ -509,6 +515,7 @@ def pending_count() -> int:
 
 
 _pending_copies: list = []
+_copy_srcs: set = set()     # ids of the buffers _pending_copies reads
 
 # Host seconds spent in wgpu by flush() (encoding the pass, finishing the command buffer,
 # submitting) and waiting in Ticket.result() for a mapped readback: where a decode step's host
@@ -555,6 +562,7 @@ def read_later(buf: "Buffer", offset: int = 0, nbytes: Optional[int] = None) -> 
     stage = lst.pop() if lst else get_device().device.create_buffer(
         size=cap, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
     _pending_copies.append((buf, start, stage, size))
+    _copy_srcs.add(id(buf))
     return Ticket(stage, offset - start, n, cap)
 
 

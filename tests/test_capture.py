@@ -80,6 +80,29 @@ def test_outputs_alias_the_capture_buffers():
     np.testing.assert_array_equal(r1.numpy(), [2, 2])
 
 
+def test_read_later_sees_the_value_before_later_replays_overwrite_it():
+    """Two replays queued before one flush: each readback gets its own call's output (the
+    second replay overwrites the same output buffer)."""
+    cf = tg.capture(lambda a: a * 2)
+    cf(np.full(3, 1, np.float32)).realize()
+    runtime.sync()
+    tickets = []
+    for v in (5.0, 7.0):
+        out = cf(np.full(3, v, np.float32))
+        tickets.append(runtime.read_later(out.node.buffer))
+    got = [np.frombuffer(t.result(), np.float32).tolist() for t in tickets]
+    assert got == [[10.0] * 3, [14.0] * 3]
+
+
+def test_read_later_then_a_kernel_that_overwrites_the_buffer():
+    a = tg.tensor(np.arange(4, dtype=np.float32)).contiguous().realize()
+    t = runtime.read_later(a.node.buffer)
+    a[:] = tg.tensor(np.full(4, 9, np.float32))     # an in-place kernel queued after the readback
+    a.realize()
+    assert np.frombuffer(t.result(), np.float32).tolist() == [0, 1, 2, 3]
+    assert a.numpy().tolist() == [9] * 4
+
+
 # ----------------------------------------------------------------------------- the model
 
 
@@ -160,3 +183,26 @@ def test_generate_steady_state_is_one_submit_per_token(model):
     assert len(first + rest) == 12
     assert d["pipelines_compiled"] == 0 and d["bind_groups_created"] == 0
     assert d["submits"] == 8
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7])
+def test_generate_stops_exactly_with_steps_in_flight(model, n):
+    """Steps queued ahead of the reads never leak into the output or the context: n tokens
+    out, the context is prompt + n with the last one pending, and continuing matches one
+    uninterrupted generation."""
+    full = list(model.session().generate("The river", max_new_tokens=12, stop_on_eos=False))
+    s = model.session()
+    first = list(s.generate("The river", max_new_tokens=n, stop_on_eos=False))
+    assert first == full[:n]
+    prompt = model.tokenizer.encode("The river")
+    assert s.context == prompt + first and s._pending == [first[-1]]
+    rest = list(s.generate(None, max_new_tokens=12 - n, stop_on_eos=False))
+    assert first + rest == full
+
+
+def test_generate_stop_token_with_steps_in_flight(model):
+    full = list(model.session().generate("The river", max_new_tokens=10, stop_on_eos=False))
+    s = model.session()
+    got = list(s.generate("The river", max_new_tokens=10, stop=[full[3]], stop_on_eos=False))
+    assert got == full[:full.index(full[3]) + 1]
+    assert s.position == len(model.tokenizer.encode("The river")) + len(got)
