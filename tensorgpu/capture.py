@@ -77,8 +77,34 @@ def _signature(args) -> tuple:
 
 
 class _Trace:
-    def __init__(self, slots, dispatches, outputs):
-        self.slots, self.dispatches, self.outputs = slots, dispatches, outputs
+    def __init__(self, slots, dispatches, outputs, arena):
+        self.slots, self.dispatches, self.outputs, self.arena = slots, dispatches, outputs, arena
+
+    def __del__(self):
+        try:
+            self.arena.release()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+class _Recorded:
+    """A traced dispatch that does not keep its buffers' tensors alive (weak references), so
+    intermediates die during the trace and their buffers are reused by later kernels."""
+
+    __slots__ = ("pipe", "grid", "bind_group", "refs", "writes")
+
+    def __init__(self, d: runtime.Dispatch):
+        import weakref
+        self.pipe, self.grid, self.bind_group = d.pipe, d.grid, d.bind_group
+        self.refs = tuple(weakref.ref(b) for b in d.buffers)
+        self.writes = frozenset(d.writes)
+
+    def replayable(self) -> runtime.Dispatch:
+        """The replay form: strong references only to the buffers still alive after the trace
+        (inputs, outputs, weights, caches: what host writes and readbacks are ordered against)."""
+        alive = tuple(b for b in (r() for r in self.refs) if b is not None)
+        return runtime.Dispatch(self.pipe, alive, self.grid, self.bind_group,
+                                tuple(id(b) for b in alive if id(b) in self.writes))
 
 
 class Captured:
@@ -105,6 +131,33 @@ class Captured:
         return tr.outputs
 
     def _trace(self, args):
+        arena = runtime.Arena()
+        runtime._arenas.append(arena)
+        try:
+            slots, call_args = self._slots(args)
+            recorded: list = []
+            record = lambda d: recorded.append(_Recorded(d))   # noqa: E731
+            runtime._recorders.append(record)
+            runtime._tracing[0] += 1
+            try:
+                out = self.fn(*call_args)
+                for t in _tensors_in(out):
+                    t.realize()
+            finally:
+                runtime._tracing[0] -= 1
+                runtime._recorders.remove(record)
+            runtime.flush()      # the trace's intermediates die with their last pending use
+        except BaseException:
+            runtime._arenas.remove(arena)
+            arena.release()
+            raise
+        runtime._arenas.remove(arena)
+        arena.close()
+        return _Trace(slots, [r.replayable() for r in recorded], out, arena)
+
+    @staticmethod
+    def _slots(args) -> tuple:
+        """One input slot per tensor / array / scalar argument (its own buffer, filled now)."""
         slots, call_args = [], []
         for a in args:
             if isinstance(a, Tensor):
@@ -124,17 +177,7 @@ class Captured:
             slot.load(a)
             slots.append(slot)
             call_args.append(slot.tensor)
-        recorded: list = []
-        runtime._recorders.append(recorded.append)
-        runtime._tracing[0] += 1
-        try:
-            out = self.fn(*call_args)
-            for t in _tensors_in(out):
-                t.realize()
-        finally:
-            runtime._tracing[0] -= 1
-            runtime._recorders.remove(recorded.append)
-        return _Trace(slots, recorded, out)
+        return slots, call_args
 
 
 def _tensors_in(out) -> list:

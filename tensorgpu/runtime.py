@@ -203,21 +203,66 @@ POOL = _Pool()
 _live_bytes = [0]
 
 
+class Arena:
+    """The GPU buffers one capture's kernels use.
+
+    While a capture traces, buffers freed by dying tensors come back here instead of the pool
+    and are handed out again to later allocations of the same trace, so a replayed kernel list
+    needs about as much memory as one eager run needs at its peak (not the sum of every
+    intermediate it ever made). Once the trace is recorded, buffers whose tensors die stay
+    reserved for the replays; `release()` (the trace is gone) gives them back to the pool."""
+
+    def __init__(self):
+        self.tracing, self.released = True, False
+        self.free: dict = {}     # size class -> GPU buffers free for reuse inside the trace
+        self.idle: list = []     # (size class, GPU buffer) reserved for the replays
+
+    def take(self, size: int):
+        lst = self.free.get(size)
+        return lst.pop() if lst else POOL.take(size)
+
+    def give(self, size: int, buf) -> None:
+        if self.released:
+            POOL.give(size, buf)
+        elif self.tracing:
+            self.free.setdefault(size, []).append(buf)
+        else:
+            self.idle.append((size, buf))
+
+    def close(self) -> None:
+        """The trace is recorded: nothing more is handed out."""
+        self.tracing = False
+        self.idle += [(size, b) for size, lst in self.free.items() for b in lst]
+        self.free = {}
+
+    def release(self) -> None:
+        if not self.released:
+            self.close()
+            self.released = True
+            for size, b in self.idle:
+                POOL.give(size, b)
+            self.idle = []
+
+
+_arenas: list = []   # the arenas of the captures tracing now (innermost last)
+
+
 class Buffer:
     """A GPU storage buffer holding `nbytes` bytes (capacity rounded up). Returned to the pool
-    when the last Python reference goes away."""
+    (or to the arena of the capture that made it) when the last Python reference goes away."""
 
-    __slots__ = ("gpu", "nbytes", "capacity", "__weakref__")
+    __slots__ = ("gpu", "nbytes", "capacity", "arena", "__weakref__")
 
     def __init__(self, nbytes: int):
         self.nbytes = int(nbytes)
         self.capacity = _size_class(self.nbytes)
-        self.gpu = POOL.take(self.capacity)
+        self.arena = _arenas[-1] if _arenas else None
+        self.gpu = (self.arena or POOL).take(self.capacity)
         _live_bytes[0] += self.capacity
 
     def __del__(self):
         try:
-            POOL.give(self.capacity, self.gpu)
+            (self.arena or POOL).give(self.capacity, self.gpu)
             _live_bytes[0] -= self.capacity
         except Exception:  # interpreter shutdown
             pass
