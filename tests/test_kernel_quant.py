@@ -364,3 +364,16 @@ def test_matmul_f16_x_fallback_no_pipeline_error(paths):
     base = _rng.standard_normal((3, 70)).astype(np.float32)
     run_matmul(dt, base[:, 3:67], 6, xdt=F16)
     run_matmul(dt, base[:, 3:67], 6, xdt=F16, force="tiled")
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q4_k, dtypes.bfloat16], ids=lambda d: d.name)
+def test_one_row_takes_decode_gemv(dt):
+    """x @ W.T of one row runs kernels/gemv.py's kernel (the decode one) where it applies; bf16
+    and a strided x keep quant.py's own GEMV, two rows too."""
+    K = 512 if dt.block_size == 256 else 128
+    x = _rng.standard_normal((1, K)).astype(np.float32)
+    want = "gemv.py" if dt is not dtypes.bfloat16 else None
+    assert run_matmul(dt, x, 9).info.get("kernel") == want
+    t = _rng.standard_normal((K, 3)).astype(np.float32)
+    assert run_matmul(dt, t.T[:1], 9).info.get("kernel") is None
+    assert run_matmul(dt, x.repeat(2, 0), 9).info.get("kernel") is None

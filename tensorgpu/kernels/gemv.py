@@ -19,7 +19,8 @@ type quant.py decodes (bound as array<u32>). x: float32/float16 [K] contiguous. 
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from .. import dtypes, runtime
 from ..runtime import Buffer
@@ -27,7 +28,11 @@ from .common import NoEpilogue, Operand, epilogue_bindings
 from .nn_wgsl import Reader, enable_f16, f32_lit
 
 # Knobs the sweeps set (benchmarks/sweep_decode.py): None = chosen from K / the weight type.
-TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48}
+# wide: formats decoded as 64-element items (`_WIDE`) instead of quant.py's 16-element units. Off
+# by default: on the H100 (sweep_decode.py, 4096x4096 / 8192x2048) every wide config so far was
+# as fast or slower (q4_0 9.9-11.5 us vs 9.3-9.7, q8_0 12.5-13.8 vs 11.1-12.7): fewer integer ops
+# did not buy time, so the kernels are not ALU-bound there.
+TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48, "wide": ()}
 
 _U32 = 1 << 32
 
@@ -60,11 +65,11 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
     elif w_dtype is dtypes.float32:
         per = 4
     else:
-        per = 16
+        per = 64 if _wide(w_dtype, K) else 16
     items = K // per
     T = TUNING["threads"]
     if T is None and runtime.get_device().has_subgroups:
-        for n in range(1 if per == 16 else 2, 9):   # float rows: >= 2 loads in flight per row
+        for n in range(1 if per >= 16 else 2, 9):   # float rows: >= 2 loads in flight per row
             t = items // n
             if items % n == 0 and t % 32 == 0 and 64 <= t <= 256:
                 T = t
@@ -81,10 +86,19 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
 
 def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
          ln: Optional[tuple] = None, out_offset: int = 0) -> None:
-    """Queue out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
+    """Queue the GEMV that `plan` describes (see there)."""
+    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset)
+    runtime.dispatch(name, src, binds, grid)
+
+
+def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
+         ln: Optional[tuple] = None, out_offset: int = 0) -> tuple:
+    """The dispatch of out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
     ln = (ln_w, ln_b, eps) (Operands [K] or None), the layer norm of x (biased variance, like
     torch) times ln_w plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of
-    GGUF blocks of w_dtype.
+    GGUF blocks of w_dtype. Returns (name, wgsl, bindings, grid, info) of the one dispatch
+    (quant.plan_matmul's one-row case takes it as its pass; the norm's constants, when new, are
+    queued here).
 
     The norm is applied algebraically: with d = x - mean and g = ln_w,
         sum_k W[n,k] (d_k rstd g_k + b_k) = rstd (sum_k W[n,k] g_k x_k - mean B[n]) + C[n]
@@ -110,7 +124,8 @@ def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         raise ValueError("gemv: the output buffer is also an input")
     bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
     src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset))
-    runtime.dispatch(f"gemv{'_ln' if ln else ''}_{w_dtype.name}[{N}x{K}]", src, binds, grid)
+    return (f"gemv{'_ln' if ln else ''}_{w_dtype.name}[{N}x{K}]", src, binds, grid,
+            {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
 
 
 # (W buffer) -> {(id(g), g offset, id(b), b offset): (weakref g, weakref b, Buffer [B | C])}
@@ -174,6 +189,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
+    wide = _wide(w_dtype, K) if quant else None
     ITERS = -(-items // T)
     ragged = items % T != 0
     xr = Reader("xv", x, 1, True)
@@ -199,7 +215,14 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     if ln:
         s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
     x0 = int(x.offset)
-    if quant:
+    if wide:
+        from .quant import _SCMIN2_K, _SMALL4
+        fmt = None
+        rb_bytes = K // w_dtype.block_size * w_dtype.block_bytes // (16 if wide.vec4 else 4)   # in W's elements
+        s.append(f"@group(0) @binding(2) var<storage, read> W: array<{'vec4<u32>' if wide.vec4 else 'u32'}>;\n")
+        if w_dtype is dtypes.q4_k:
+            s.append(_SMALL4 + _SCMIN2_K)
+    elif quant:
         from .quant import _fmt, _format_wgsl
         fmt = _fmt(w_dtype)
         rb_bytes = K // w_dtype.block_size * w_dtype.block_bytes
@@ -234,19 +257,19 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         else:
             s.append(f"    let rb{r} = {_u(woff)} + min(n0 + {r}u, {_u(N - 1)}) * {_u(K // per)};\n")
     # item indices (clamped: a past-the-end item reads a valid one and gets x = 0)
-    offs = fmt.offs if quant else tuple(4 * j for j in range(per // 4))
+    offs = fmt.offs if fmt else tuple(4 * j for j in range(per // 4))
     for it in range(ITERS):
         last = it == ITERS - 1 and ragged
         s.append(f"    let i{it} = {'min(' if last else ''}{it * T}u + lid{f', {_u(items - 1)})' if last else ''};\n")
         if last:
             s.append(f"    let ok{it} = {it * T}u + lid < {_u(items)};\n")
-        s.append(f"    let e{it} = {_subst_u(fmt.e0, f'i{it}') if quant else f'{per}u * i{it}'};\n")
+        s.append(f"    let e{it} = {_subst_u(fmt.e0, f'i{it}') if fmt else f'{per}u * i{it}'};\n")
     # Issue order matters: a GPU warp issues in order and stalls at the first instruction that
     # needs a load still in flight, so every weight load of a chunk of iterations goes out first
     # (raw words for the quant formats, decoded after), then x (and the norm's) loads, then the
     # arithmetic. Chunks bound the registers the raw weights hold.
-    raw = TUNING.get("hoist", True) and quant and w_dtype.name in _RAW   # float: no gain, more registers (A/B)
-    words = (_RAW[w_dtype.name][0] if quant else 4) if raw else 0
+    raw = bool(wide) or (TUNING.get("hoist", True) and quant and w_dtype.name in _RAW)   # float: no gain, more registers (A/B)
+    words = (wide.words if wide else _RAW[w_dtype.name][0]) if raw else 0
     C = max(1, int(TUNING.get("hoist_regs", 48)) // max(1, R * words)) if raw else ITERS
     for r in range(R):
         s.append(f"    var a{r} = vec4<f32>(0.0);\n")
@@ -257,8 +280,10 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         if raw:
             for it in its:
                 for r in range(R):
-                    ld = f"ldr_{w_dtype.name}(rb{r}, i{it})" if quant else f"W[rb{r} + i{it}]"
-                    s.append(f"    let w{r}_{it} = {ld};\n")
+                    if wide:
+                        s.append(_wide_loads(wide, r, it))
+                    else:
+                        s.append(f"    let w{r}_{it} = ldr_{w_dtype.name}(rb{r}, i{it});\n")
         if ln and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
             s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
             s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
@@ -279,12 +304,17 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                     s.append(f"    s1 += dot({v}, vec4<f32>(1.0));\n    s2 += dot({v}, {v});\n")
                     if lnw is not None:
                         s.append(f"    {v} *= gw{it}_{j};\n")
-            if quant and fmt.has_c:
+            if wide and wide.xsums:   # per 32-element half, shared by the rows
+                s.append(f"    let sx{it} = vec2<f32>(" + ", ".join(
+                    "dot(" + " + ".join(f"x{it}_{j}" for j in range(h, h + 8)) + ", vec4<f32>(1.0))" for h in (0, 8)) + ");\n")
+            elif fmt and fmt.has_c:
                 s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
         for it in its:
             for r in range(R):
                 w_ = f"w{r}_{it}"
-                if quant:
+                if wide:
+                    s.append(_wide_decode(wide, r, it))
+                elif quant:
                     q = f"q{r}_{it}"
                     s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, rb{r}, i{it})' if raw else f'unit(rb{r}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
@@ -392,3 +422,126 @@ def _subst_u(expr: str, var: str) -> str:
     """quant's unit-offset expressions are written in a variable named `u`: rename it."""
     import re
     return re.sub(r"\bu\b", var, expr)
+
+
+# ----------------------------------------------------------------------------- 64-element items
+# A 16-element unit (quant.py) pays its scale decode, alignment funnel shifts and four mantissa
+# shifts per group of 4 for every 16 elements; on the H100 the q4 GEMV ended up bound by integer
+# ops (half rate on Hopper), not by DRAM. A wide item is 64 consecutive elements of one row whose
+# bytes start 4-byte aligned, so the word and bit of every code is a constant of the source and
+# each element costs one and-or (a LOP3) plus one exact FMA: the code c at bit b < 20 is read as
+# the float 2^23 + c 2^b (masked in place, no shift), and fma(v, 2^-b, -(2^(23-b) + off)) = c - off
+# exactly. Codes at higher bits share one shift per word. Scales are decoded once per 32 elements.
+
+
+@dataclass(frozen=True)
+class _Wide:
+    """How a format's 64-element item is laid out (see above)."""
+    words: int             # u32 words of one item of one row
+    vec4: bool             # loaded as three vec4<u32> (items 16-byte aligned) instead of `words` u32
+    bits: int              # bits per code
+    off: int               # element = scale * (code - off)
+    xor: int               # applied to a word before its codes are read (q8_0: int8 -> q + 128)
+    code: Callable         # element e (0..63) of the item -> (word, bit of its code)
+    scales: Callable       # (words, r, it) -> (WGSL lines, [scale of elements 0..31, of 32..63], min term | None)
+    xsums: bool = False    # whether the min term needs the sums of x over each half (sx{it})
+
+
+def _q4_0_code(e):
+    byte = 18 * (e // 32) + 2 + e % 16          # two 18-byte blocks: f16 d, 16 bytes of nibbles
+    return byte // 4, 8 * (byte % 4) + 4 * (e % 32 // 16)
+
+
+def _q8_0_code(e):
+    byte = 34 * (e // 32) + 2 + e % 32          # two 34-byte blocks: f16 d, 32 int8
+    return byte // 4, 8 * (byte % 4)
+
+
+def _d_pair(hi_word):
+    """Scales of a two-block item: the f16 at bytes 0-1, and the one in the high half of hi_word."""
+    return lambda w, r, it: ("", [f"unpack2x16float({w[0]}).x", f"unpack2x16float({w[hi_word]}).y"], None)
+
+
+def _q4_k_scales(w, r, it):
+    """Chunk c = i & 3 of a super-block: sub-blocks 2c (low nibbles) and 2c+1 (high nibbles)."""
+    dm, sm = f"dm{r}_{it}", f"sm{r}_{it}"
+    pre = (f"    let {dm} = unpack2x16float({w[0]});\n"
+           f"    let {sm} = scmin2({w[1]}, {w[2]}, {w[3]}, i{it} & 3u);\n")
+    return pre, [f"{dm}.x * {sm}.x", f"{dm}.x * {sm}.y"], f"{dm}.y * dot({sm}.zw, sx{it})"
+
+
+_WIDE = {
+    "q4_0": _Wide(9, False, 4, 8, 0, _q4_0_code, _d_pair(4)),
+    "q8_0": _Wide(17, False, 8, 128, 0x80808080, _q8_0_code, _d_pair(8)),
+    # 144-byte super-block = 9 vec4: [d, dmin, scales] then chunk c's 32 code bytes at 1 + 2c, 2 + 2c
+    "q4_k": _Wide(12, True, 4, 0, 0, lambda e: (4 + e % 32 // 4, 8 * (e % 4) + 4 * (e // 32)), _q4_k_scales, True),
+}
+
+
+def _wide(w_dtype, K: int) -> Optional[_Wide]:
+    """The 64-element item layout of w_dtype, when TUNING enables it and rows keep items aligned."""
+    if w_dtype.name not in (TUNING.get("wide") or ()) or K % 64 or K % w_dtype.block_size:
+        return None
+    return _WIDE.get(w_dtype.name)
+
+
+def _wide_words(wd: _Wide, r: int, it: int) -> list:
+    if wd.vec4:
+        return [f"w{r}_{it}_{k}.{c}" for k in range(3) for c in "xyzw"]
+    return [f"w{r}_{it}_{j}" for j in range(wd.words)]
+
+
+def _wide_loads(wd: _Wide, r: int, it: int) -> str:
+    """The raw loads of item i{it} of row r (rb{r}: the row's first W element)."""
+    if wd.vec4:
+        base = f"rb{r} + 9u * (i{it} >> 2u)"
+        return (f"    let w{r}_{it}_0 = W[{base}];\n    let w{r}_{it}_1 = W[{base} + 1u + 2u * (i{it} & 3u)];\n"
+                f"    let w{r}_{it}_2 = W[{base} + 2u + 2u * (i{it} & 3u)];\n")
+    return "".join(f"    let {w} = W[rb{r} + {wd.words}u * i{it} + {j}u];\n" for j, w in enumerate(_wide_words(wd, r, it)))
+
+
+def _wide_decode(wd: _Wide, r: int, it: int) -> str:
+    """a{r} += scale * sum(x * (code - off)) over item i{it} of row r, per 32-element half."""
+    words = _wide_words(wd, r, it)
+    sh = 12 if wd.bits == 4 else 16          # codes at bits >= 20 (nibbles) / 16 (bytes) move down once
+    s = []
+    srcs: dict = {}
+
+    def src(j, shifted):
+        key = (j, shifted)
+        if key not in srcs:
+            v = words[j]
+            if wd.xor:
+                v = src(j, False) if shifted else f"({v} ^ {_u(wd.xor)})"
+            name = f"v{r}_{it}_{j}{'s' if shifted else 'x'}"
+            s.append(f"    let {name} = {v}{f' >> {sh}u' if shifted else ''};\n")
+            srcs[key] = name
+        return srcs[key]
+
+    def group(g):
+        ws, masks, mul, add = [], [], [], []
+        for e in range(4 * g, 4 * g + 4):
+            j, b = wd.code(e)
+            if b + wd.bits > 23:
+                b -= sh
+                ws.append(src(j, True))
+            else:
+                ws.append(src(j, False) if wd.xor else words[j])
+            assert 0 <= b and b + wd.bits <= 23
+            masks.append(_u(((1 << wd.bits) - 1) << b))
+            mul.append(f"{2.0 ** -b!r}")
+            add.append(f"{-(2.0 ** (23 - b) + wd.off)!r}")
+        return (f"fma(bitcast<vec4<f32>>((vec4<u32>({', '.join(ws)}) & vec4<u32>({', '.join(masks)})) | "
+                f"vec4<u32>(0x4b000000u)), vec4<f32>({', '.join(mul)}), vec4<f32>({', '.join(add)}))")
+
+    pre, scales, mins = wd.scales(words, r, it)
+    s.append(pre)
+    for h in range(2):
+        p = f"p{r}_{it}_{h}"
+        for g in range(8 * h, 8 * h + 8):
+            v = group(g)
+            s.append(f"    var {p} = {v} * x{it}_{g};\n" if g == 8 * h else f"    {p} = fma({v}, x{it}_{g}, {p});\n")
+        s.append(f"    a{r} = fma(vec4<f32>({scales[h]}), {p}, a{r});\n")
+    if mins:
+        s.append(f"    c{r} -= {mins};\n")
+    return "".join(s)

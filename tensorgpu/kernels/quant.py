@@ -80,6 +80,14 @@ def quant_nbytes(dtype: dtypes.DType, numel: int) -> int:
 
 # ----------------------------------------------------------------------------- WGSL: byte access
 
+# The 4 bytes of a word as floats (also used by gemv.py's 64-element items, whose W binding may be
+# vec4-typed, so it lives apart from the W-reading helpers below).
+_SMALL4 = """
+fn small4(w: u32) -> vec4<f32> {   // the 4 bytes of w as floats, without int->float conversions
+    return bitcast<vec4<f32>>(unpack4xU8(w) | vec4<u32>(0x4b000000u)) - vec4<f32>(8388608.0);
+}
+"""
+
 # All reads of the block bytes. `b` is a byte offset; rd16/rd32 need it even (every field of
 # every format sits at an even offset). rd32 reads 4 bytes as one u32 whatever the alignment
 # (0 or 2 mod 4): always two loads, a funnel and a select (no divergent branch).
@@ -109,11 +117,8 @@ fn rd32x4(b: u32) -> vec4<u32> {
 }
 fn bytes4(w: u32) -> vec4<f32> { return vec4<f32>(unpack4xU8(w)); }
 fn spread4(x: u32) -> u32 { return (x | (x << 7u) | (x << 14u) | (x << 21u)) & 0x01010101u; }
-fn small4(w: u32) -> vec4<f32> {   // the 4 bytes of w as floats, without int->float conversions
-    return bitcast<vec4<f32>>(unpack4xU8(w) | vec4<u32>(0x4b000000u)) - vec4<f32>(8388608.0);
-}
 fn sext8(x: u32) -> f32 { return bitcast<f32>((x ^ 0x80u) | 0x4b000000u) - 8388736.0; }   // int8 byte
-"""
+""" + _SMALL4
 
 # f16 bits -> f32. The exact decoder never depends on the driver's handling of f16 subnormals
 # (m * 2^-24 is exact in f32); the fast one is unpack2x16float (used where bit-exactness is not
@@ -169,16 +174,7 @@ class _Format:
 
 _QU = "struct QU { v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>, v3: vec4<f32>, a: vec4<f32>, c: vec4<f32> }\n"
 
-# q4_k / q5_k 6-bit scale and min of sub-block sb (0..7) from the 12 scale bytes at bb + 4.
-_SCMIN_K = """
-fn scmin(bb: u32, sb: u32) -> vec2<f32> {
-    let k = sb & 3u;
-    let s0 = rd8(bb + 4u + k); let s1 = rd8(bb + 8u + k); let s2 = rd8(bb + 12u + k);
-    let hi = sb >= 4u;
-    let sc = select(s0 & 63u, (s2 & 0xfu) | ((s0 >> 6u) << 4u), hi);
-    let mn = select(s1 & 63u, (s2 >> 4u) | ((s1 >> 6u) << 4u), hi);
-    return vec2<f32>(f32(sc), f32(mn));
-}
+_SCMIN2_K = """
 // Both sub-blocks 2c, 2c+1 of a unit from the scale words s0 (bytes 0-3), s1 (4-7), s2 (8-11):
 // (sc0, sc1, m0, m1). The two 6-bit values of a pair sit in one 16-bit half; small ints become
 // floats through the 2^23 mantissa trick (no int->float conversion, which is slow on GPUs).
@@ -190,6 +186,18 @@ fn scmin2(s0: u32, s1: u32, s2: u32, c: u32) -> vec4<f32> {
     return small4(select(lo, hi, c >= 2u));
 }
 """
+
+# q4_k / q5_k 6-bit scale and min of sub-block sb (0..7) from the 12 scale bytes at bb + 4.
+_SCMIN_K = """
+fn scmin(bb: u32, sb: u32) -> vec2<f32> {
+    let k = sb & 3u;
+    let s0 = rd8(bb + 4u + k); let s1 = rd8(bb + 8u + k); let s2 = rd8(bb + 12u + k);
+    let hi = sb >= 4u;
+    let sc = select(s0 & 63u, (s2 & 0xfu) | ((s0 >> 6u) << 4u), hi);
+    let mn = select(s1 & 63u, (s2 >> 4u) | ((s1 >> 6u) << 4u), hi);
+    return vec2<f32>(f32(sc), f32(mn));
+}
+""" + _SCMIN2_K
 
 _FORMATS: dict = {}
 
@@ -673,6 +681,10 @@ def plan_matmul(out: Buffer, x: Operand, w: Buffer, w_dtype: dtypes.DType, N: in
                      "dequant" if TUNING["dequant_min_rows"] is not None and rows >= TUNING["dequant_min_rows"]
                      and _dequant_ok(dev, X, w_dtype, N, K) else "tiled")
     ctx = dict(dev=dev, X=X, w=w, dt=w_dtype, fmt=fmt, N=N, K=K, rb=row_bytes, wbase=wbase, ep=ep, out=out)
+    if kind == "gemv" and rows == 1 and wbase == 0:
+        one = _plan_gemv_row(X, w, w_dtype, N, K, ep, out)
+        if one is not None:
+            return one
     if kind == "gemv":
         return _plan_gemv(**ctx)
     if kind == "tiled":
@@ -710,6 +722,17 @@ def _header(dev, X: _X, ep) -> str:
     h += "@group(0) @binding(0) var<storage, read_write> OUT: array<f32>;\n" + xdecl
     h += "@group(0) @binding(2) var<storage, read> W: array<u32>;\n" + ep_text + xfns + X.row_fn()
     return h
+
+
+def _plan_gemv_row(X: _X, w: Buffer, dt: dtypes.DType, N: int, K: int, ep, out: Buffer) -> Optional[Launch]:
+    """One x row: kernels/gemv.py's decode GEMV (the one `tg.nn.linear` uses, so decode has one
+    kernel to tune), where it takes the case (unit-stride x at an aligned offset, not bf16)."""
+    from . import gemv
+    x1 = Operand(X.op.buffer, X.op.dtype, (1, K), (K, 1), int(X.op.offset))
+    if X.sk != 1 or not gemv.supported(x1, dt, K):
+        return None
+    name, wgsl, binds, grid, info = gemv.plan(out, x1, w, dt, N, K, ep)
+    return Launch("gemv", [(name, wgsl, binds, grid)], info)
 
 
 def _gemv_config(K: int, mt: int) -> tuple:
