@@ -19,6 +19,8 @@ from .sampling import Sampler
 # Decode steps the GPU may run ahead of the host reading their tokens (2: the host never waits
 # on a readback that could not be ready yet; measured on the H100, benchmarks/RESULTS.md).
 STEPS_IN_FLIGHT = 2
+# Forward shapes (token count, last_only) a session keeps captured (see _forward_captured).
+CAPTURED_FORWARDS = 2
 
 
 class ContextOverflowError(ValueError):
@@ -100,18 +102,33 @@ class Session:
         """Run the (validated) ids, after any token generate() yielded but did not run yet."""
         pending, self._pending = self._pending, []
         run = pending + list(ids)
-        p, T = len(self.tokens), len(run)
-        positions = tg.tensor(np.arange(p, p + T, dtype=np.int32))        # [T]
-        kv_len = tg.tensor(np.array([p + T], dtype=np.int32))             # [1]
+        p = len(self.tokens)
         try:
-            logits = self.model.forward(tg.tensor(np.asarray(run, np.int32)), positions, kv_len, self.cache,
-                                        last_only=last_only)
+            logits = self._forward_captured(run, p, last_only)
             logits.realize()  # the cache rows are written now: tokens and cache stay consistent
         except BaseException:
             self._pending = pending
             raise
         self.tokens.extend(run)
         return logits[len(pending):] if pending and not last_only else logits
+
+    def _forward_captured(self, run: list, p: int, last_only: bool) -> tg.Tensor:
+        """model.forward of `run` at positions p.., through a capture kept per (length,
+        last_only): a prompt length seen before (a serving bucket, perplexity windows, the
+        host-sampling decode loop) replays the recorded kernels with no graph building or
+        scheduling. The CAPTURED_FORWARDS most recent lengths are kept; each holds about one
+        forward's peak intermediate memory (kernels reuse the buffers of dead intermediates)."""
+        T = len(run)
+        caps = self.__dict__.setdefault("_forwards", {})
+        fn = caps.pop((T, last_only), None)
+        if fn is None:
+            model, cache = self.model, self.cache
+            fn = tg.capture(lambda ids, pos, kv_len: model.forward(ids, pos, kv_len, cache, last_only=last_only))
+        caps[(T, last_only)] = fn                     # most recent last
+        while len(caps) > CAPTURED_FORWARDS:
+            del caps[next(iter(caps))]
+        out = fn(np.asarray(run, np.int32), np.arange(p, p + T, dtype=np.int32), p + T)   # [T or 1, V]
+        return out.contiguous()      # the capture's output buffer is rewritten by its next replay
 
     @property
     def context(self) -> list:
