@@ -4,7 +4,7 @@ Figure of merit for GEMV: quantized-weight bytes read per second, as % of the ve
 bandwidth measured in the same run (target on the H100: >= 50%, copy ~3000 GB/s). Prefill:
 GFLOP/s. Small sizes by default (lavapipe); TENSORGPU_BENCH_FULL=1 gives the H100 sizes:
 GEMV 1x4096 @ 4096x4096 and 1x2048 @ 2048x8192 (x [M, K] f32, W [N, K]) for q8_0, q4_0, q4_k,
-and prefill 512x2048 @ 2048x2048 for q8_0 / q4_0.
+and prefill of the four pythia-1.4b linear layers at 512 rows for q8_0 / q4_0 beside f16 weights.
 
 GEMV (one x row: kernels/gemv.py's kernel, as decode runs it) is timed two ways, both in
 extra_info and the printout: "dependent" = back-to-back calls that write one output (so they
@@ -14,9 +14,12 @@ them: throughput without the per-dispatch drain).
 
 Sweeps: TENSORGPU_QGEMV="threads,rows;threads,rows;..." runs each GEMV case once per
 (workgroup size, weight rows per workgroup) pair of gemv.TUNING, e.g. "64,4;256,4;32,8", and
-TENSORGPU_QTILE="64;128" the tile sizes of the prefill case. Timing: 300 ms warm-up, then GPU
-timestamps around a pass of R copies of the dispatch (probe.gpu_time_per_dispatch).
+TENSORGPU_QPREFILL="default;bk=32;tile_mn=128x64,split_k=4;tiled_fast_decode=0" each prefill
+case once per set of quant.TUNING / matmul.TUNING overrides (matmul's planner serves both).
+Timing: 300 ms warm-up, then GPU timestamps around a pass of R copies of the dispatch
+(probe.gpu_time_per_dispatch).
 """
+import functools
 import os
 
 import gguf
@@ -25,6 +28,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from tensorgpu import dtypes, runtime
+from tensorgpu.kernels import matmul as mm
 from tensorgpu.kernels import gemv as gm
 from tensorgpu.kernels import probe, quant
 from tensorgpu.kernels.common import Operand
@@ -32,10 +36,12 @@ from tensorgpu.kernels.common import Operand
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 
 GEMV_SHAPES = [(1, 4096, 4096), (1, 2048, 8192)] if FULL else [(1, 512, 256)]      # (M, K, N)
-PREFILL_SHAPES = [(512, 2048, 2048)] if FULL else [(64, 256, 128)]
+# the four pythia-1.4b linear layers (qkv, attention out, mlp up, mlp down) at a 512-token prefill
+PREFILL_SHAPES = ([(512, 2048, 6144), (512, 2048, 2048), (512, 2048, 8192), (512, 8192, 2048)] if FULL
+                  else [(64, 256, 128), (40, 512, 96)])
 COPY_BYTES = (256 << 20) if FULL else (4 << 20)
 GEMV_TYPES = ["q8_0", "q4_0", "q4_k"]
-PREFILL_TYPES = ["q8_0", "q4_0"]
+PREFILL_TYPES = ["q8_0", "q4_0", "float16"]   # float16: the float tiled matmul on f16 weights, for comparison
 
 
 def _sweep(env: str, parse):
@@ -43,8 +49,16 @@ def _sweep(env: str, parse):
     return [parse(p) for p in v.split(";") if p.strip()] or [None]
 
 
+def _knobs(p: str) -> dict:
+    """"bk=32,tile_mn=128x64,split_k=2" -> {"bk": 32, "tile_mn": (128, 64), "split_k": 2};
+    "default" -> {} (so a sweep can include the unchanged planner)."""
+    kv = (t.split("=") for t in p.split(",") if "=" in t)
+    return {k.strip(): (tuple(int(x) for x in v.split("x")) if "x" in v else
+                        int(v) if v.strip().lstrip("-").isdigit() else v.strip()) for k, v in kv}
+
+
 GEMV_CFGS = _sweep("TENSORGPU_QGEMV", lambda p: tuple(int(t) for t in p.split(",")))
-TILE_CFGS = _sweep("TENSORGPU_QTILE", int)
+PREFILL_CFGS = _sweep("TENSORGPU_QPREFILL", lambda p: (p.strip(), _knobs(p)))
 
 
 def _weights(dt, N, K):
@@ -145,22 +159,57 @@ def test_quant_gemv(benchmark, gemv_tuning, M, K, N, wdt, cfg):
         f"({info[f'{tag} % of copy BW']:.0f}% of copy {copy_bw / 1e9:.0f})" for tag in ("dependent", "independent")))
 
 
-@pytest.mark.parametrize("tile", TILE_CFGS, ids=lambda c: "default" if c is None else f"tile{c}")
-@pytest.mark.parametrize("wdt", PREFILL_TYPES)
-@pytest.mark.parametrize("M,K,N", PREFILL_SHAPES, ids=lambda x: str(x))
-def test_quant_prefill(benchmark, tuning, M, K, N, wdt, tile):
-    dt = dtypes.as_dtype(wdt)
-    if tile is not None:
-        tuning.update(tile=tile)
-    raw = _weights(dt, N, K)
+@pytest.fixture
+def mm_tuning():
+    old = dict(mm.TUNING)
+    yield mm.TUNING
+    mm.TUNING.clear()
+    mm.TUNING.update(old)
+
+
+@functools.lru_cache(maxsize=None)
+def _prefill_weights(wdt: str, N: int, K: int) -> np.ndarray:
+    """Host weights of one prefill case, made once per sweep (NumPy quantizing is slow)."""
+    if wdt == "float16":
+        return (np.random.default_rng(0).standard_normal((N, K)) / np.sqrt(K)).astype(np.float16)
+    return _weights(dtypes.as_dtype(wdt), N, K)
+
+
+def _prefill_launch(wdt: str, M: int, K: int, N: int):
+    """(launch passes, kernel name, info, check) of x[M, K] @ W[N, K].T with W of dtype wdt."""
     x = np.random.default_rng(1).standard_normal((M, K)).astype(np.float32)
     xop = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
-    w = runtime.upload(raw)
     out = runtime.Buffer(M * N * 4)
-    launch = quant.plan_matmul(out, xop, w, dt, N, K)
-    ds = [runtime.dispatch(*p) for p in launch.passes]
-    _check(out, raw, dt, x, N, K)
+    if wdt == "float16":
+        w = _prefill_weights(wdt, N, K)
+        la = mm.plan(out, xop, Operand(runtime.upload(w), dtypes.float16, (K, N), (1, K), 0))
+        passes = [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra)
+
+        def check():
+            got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+            ref = x[:16].astype(np.float64) @ w.astype(np.float64).T
+            assert np.allclose(got[:16], ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max()), "f16: wrong result"
+        return passes, la.name, la.info, check
+    dt = dtypes.as_dtype(wdt)
+    raw = _prefill_weights(wdt, N, K)
+    la = quant.plan_matmul(out, xop, runtime.upload(raw), dt, N, K)
+    return la.passes, la.passes[0][0], la.info, lambda: _check(out, raw, dt, x, N, K)
+
+
+@pytest.mark.parametrize("cfg", PREFILL_CFGS, ids=lambda c: "default" if c is None else c[0])
+@pytest.mark.parametrize("wdt", PREFILL_TYPES)
+@pytest.mark.parametrize("M,K,N", PREFILL_SHAPES, ids=lambda x: str(x))
+def test_quant_prefill(benchmark, tuning, mm_tuning, M, K, N, wdt, cfg):
+    """Prefill matmul: quantized weights (in-kernel decode) beside f16 weights, same shape; cfg
+    (TENSORGPU_QPREFILL="default;bk=32;split_k=2;tile_mn=128x64,split_k=4;tiled_fast_decode=0")
+    overrides quant.TUNING for its keys, else matmul.TUNING (the planner both paths share)."""
+    for k, v in (cfg[1] if cfg is not None else {}).items():
+        (tuning if k in tuning else mm_tuning)[k] = v
+    passes, name, info, check = _prefill_launch(wdt, M, K, N)
+    ds = [runtime.dispatch(*p) for p in passes]
+    check()
     t = _time(benchmark, ds)
     flops = 2 * M * N * K
-    benchmark.extra_info.update({"kernel": launch.passes[0][0], **launch.info, "GFLOP/s": flops / t / 1e9})
-    print(f"\nqmatmul {wdt} {M}x{K} @ {N}x{K} {launch.info}: {t * 1e6:.1f} us, {flops / t / 1e9:.0f} GFLOP/s")
+    benchmark.extra_info.update({"kernel": name, **info, "GFLOP/s": flops / t / 1e9})
+    print(f"\nPREFILL [{'default' if cfg is None else cfg[0]}] {wdt:8s} {M}x{K} @ {N}x{K}: {t * 1e6:7.1f} us "
+          f"{flops / t / 1e12:5.1f} TFLOP/s  {name} split {info.get('split')}")

@@ -289,16 +289,57 @@ def test_gemv_loops_and_row_groups(tuning, dt):
     run_matmul(dt, x[:1], 5)
 
 
-@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0], ids=lambda d: d.name)
-def test_tiled_128(tuning, dt):
-    """The 128x128 (8x8 per thread) tile with M, N not multiples of it, and an epilogue."""
-    tuning.update(tile=128)
-    K, M, N = 64, 131, 133
+@pytest.fixture
+def mm_tuning():
+    from tensorgpu.kernels import matmul as mm
+    old = dict(mm.TUNING)
+    yield mm.TUNING
+    mm.TUNING.clear()
+    mm.TUNING.update(old)
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0, dtypes.q4_k, dtypes.bfloat16], ids=lambda d: d.name)
+@pytest.mark.parametrize("tile,split", [((128, 128), 1), ((64, 128), 3), ((128, 64), 2)], ids=str)
+def test_tiled_tiles_and_split_k(mm_tuning, dt, tile, split):
+    """The tiled path is the float matmul's kernel: forced tile shapes (M, N not multiples of
+    them) and split-K (partial sums + the reduce pass, which applies the epilogue)."""
+    mm_tuning.update(tile_mn=tile, split_k=split)
+    K, M, N = (512 if dt.block_size == 256 else 192), 131, 133
     bias = _rng.standard_normal(N).astype(np.float32)
     ep = BiasGelu(bias)
     x = _rng.standard_normal((M, K)).astype(np.float32)
     launch = run_matmul(dt, x, N, epilogue=ep, ep_ref=ep.ref(bias))
-    assert launch.info["tile"][0] == 128
+    assert launch.kind == "tiled" and launch.info["tile"] == tile and launch.info["split"] == split
+    assert len(launch.passes) == (2 if split > 1 else 1) and dt.name in launch.passes[0][0]
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0], ids=lambda d: d.name)
+def test_tiled_fast_decode_bit_identical(tuning, dt):
+    """The tiled path's mantissa-trick decoders (q4_0, q8_0) give the very bits of dq4's."""
+    K, M, N = 96, 19, 21
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raw = random_blocks(dt, N * K // dt.block_size)
+    outs = []
+    for fast in (True, False):
+        tuning.update(tiled_fast_decode=fast)
+        run_matmul(dt, x, N, raw=raw, force="tiled")
+        xop, _ = x_operand(x)
+        out = runtime.Buffer(M * N * 4)
+        for p in quant.plan_matmul(out, xop, runtime.upload(raw), dt, N, K, force="tiled").passes:
+            runtime.dispatch(*p)
+        outs.append(read_f32(out, M * N).view(np.uint32))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_tiled_auto_split_for_prefill_shapes():
+    """A prefill shape with few output tiles and a long K gets the float planner's split-K
+    (plan only; nothing runs)."""
+    K, N = 8192, 2048
+    x = Operand(runtime.Buffer(512 * K * 4), F32, (512, K), (K, 1), 0)
+    w = runtime.Buffer(quant.quant_nbytes(dtypes.q4_0, N * K))
+    launch = quant.plan_matmul(runtime.Buffer(512 * N * 4), x, w, dtypes.q4_0, N, K)
+    tiles = -(-512 // launch.info["tile"][0]) * -(-N // launch.info["tile"][1])
+    assert launch.kind == "tiled" and launch.info["split"] > 1 and tiles * launch.info["split"] >= 128
 
 
 @pytest.mark.parametrize("dt", [dtypes.q8_0, dtypes.q4_0, dtypes.q4_k, dtypes.q6_k], ids=lambda d: d.name)

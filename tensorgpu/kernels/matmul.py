@@ -15,6 +15,7 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
            step's global loads prefetched into registers. Each operand's tile load is specialised
            to its layout: vec4 along K (row-major a, `w.T` b), vec4 along M/N (transposed a,
            row-major b) or scalar strided reads for anything else. No copy is ever made.
+           quant.py's prefill runs through it too, with a b binding that decodes GGUF blocks.
   naive    one thread per output; used for K == 0 (the epilogue of 0) and tiny problems.
 
 Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
@@ -235,12 +236,20 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
             runtime.dispatch(name, wgsl, bindings, grid)
 
 
-def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None) -> Launch:
+def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
+         b_binding: Optional["_Binding"] = None) -> Launch:
     """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive")
-    overrides the choice (tests use it to cover every path on every shape)."""
+    overrides the choice (tests use it to cover every path on every shape).
+
+    `b_binding` (tiled path only) replaces b's storage declaration and loads, so b may be a
+    non-float dtype the binding decodes (quant.py's GGUF weights): the planner, split-K and
+    epilogue handling are then shared with the float path."""
     ep = epilogue if epilogue is not None else NoEpilogue()
     _check_float("a", a)
-    _check_float("b", b)
+    if b_binding is None:
+        _check_float("b", b)
+    elif force != "tiled":
+        raise ValueError("matmul: a b_binding needs force='tiled'")
     if len(a.shape) < 2 or len(b.shape) < 2:
         raise ValueError(f"matmul needs a [*batch, M, K] and b [*batch, K, N]; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if tuple(a.shape[:-2]) != tuple(b.shape[:-2]) or a.shape[-1] != b.shape[-2]:
@@ -260,7 +269,8 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
     if numel == 0:
         return Launch("empty", "matmul_empty")
     _check_bounds("a", a)
-    _check_bounds("b", b)
+    if b_binding is None:
+        _check_bounds("b", b)
 
     def z(n, s):  # a size-1 dim never advances: stride 0 keeps it out of alignment checks
         return 0 if n == 1 else int(s)
@@ -282,7 +292,7 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
             kind = "gemv_k" if kfast else "gemv_n"
         else:
             kind = "tiled"
-    ctx = _Ctx(dev, A, B, M, N, K, nb, dims, ep)
+    ctx = _Ctx(dev, A, B, M, N, K, nb, dims, ep, b_binding)
     key = _tiled_key(ctx, kind, numel) if kind == "tiled" else None
     hit = _tiled_cache.get(key) if key is not None else None
     if hit is None:
@@ -323,7 +333,7 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
     try:
         key = (kind, numel, c.M, c.N, c.K, c.nb, tuple(c.dims), mat(c.A), mat(c.B), c.aliased,
                dev.has_f16, dev.has_subgroups, dev.max_workgroup_storage,
-               tuple(sorted(TUNING.items())), c.ep.wgsl(3))
+               tuple(sorted(TUNING.items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
         hash(key)
     except TypeError:      # an unhashable knob value: no caching
         return None
@@ -333,8 +343,9 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
 class _Ctx:
     """Shared state of one generation: operands, their binding declarations, epilogue text."""
 
-    def __init__(self, dev, A, B, M, N, K, nb, dims, ep):
+    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None):
         self.dev, self.A, self.B, self.M, self.N, self.K, self.nb, self.dims, self.ep = dev, A, B, M, N, K, nb, dims, ep
+        self.b_binding = b_binding
         self.lanes = {"a": 1, "b": 1}
         self.out_vec = False
 
@@ -354,7 +365,7 @@ class _Ctx:
             one = _Binding("mm_ab", A.dtype, lanes, f16n)
             return [one], one, one
         ba = _Binding("mm_a", A.dtype, la, f16n)
-        bb = _Binding("mm_b", B.dtype, lb, f16n)
+        bb = self.b_binding or _Binding("mm_b", B.dtype, lb, f16n)
         return [ba, bb], ba, bb
 
     @property
@@ -397,7 +408,7 @@ class _Ctx:
 
     def dtag(self) -> str:
         t = {dtypes.float32: "f32", dtypes.float16: "f16"}
-        return f"{t[self.A.dtype]}{t[self.B.dtype]}"
+        return f"{t[self.A.dtype]}{t.get(self.B.dtype, self.B.dtype.name)}"
 
 
 _GRID_PRELUDE = """    let g = wid.x + wid.y * nwg.x;

@@ -18,9 +18,11 @@ Three kernels, all generated from one per-format description (`_FORMATS`):
                4..8-bit code in the mantissa of 1.0 (`1 + q/2^B`, a shift and an and-or per
                element, no int->float conversion) and folds the offset into a per-group
                `C * sum(x)` term:  w = a*q + b = A*(1 + q/2^B) + C  with A = a*2^B, C = b - A.
-  tiled        prefill: a BM x BN output tile per workgroup; each K step decodes a BN x BK tile
-               of W (via `dq4`) and a BM x BK tile of x into workgroup memory, then a
-               register-blocked FMA loop like the float matmul.
+  tiled        prefill: the float tiled matmul (matmul.py: its tile-shape / split-K planner,
+               reduce pass and epilogue handling) with W bound as its operand b through
+               `_WeightBinding`: each aligned 4-element load of the W tile is one `wld4` (q4_0,
+               q8_0: no int->float conversions) or `dq4`, decoded in registers on its way to
+               workgroup memory.
 
 The weight binding is always `W: array<u32>`; x may be float32 or float16 (f16 through
 `array<f16>` / `vec4<f16>` with shader-f16, else packed in u32 words + unpack2x16float), any
@@ -34,6 +36,7 @@ from typing import Optional
 
 from .. import dtypes, runtime
 from ..runtime import Buffer
+from . import matmul as mm
 from .common import NoEpilogue, Operand, epilogue_bindings
 
 __all__ = ["dequantize", "quant_matmul", "quant_nbytes", "plan_matmul", "TUNING", "SUPPORTED"]
@@ -42,19 +45,19 @@ SUPPORTED = (dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_0, dtypes.q5_1,
              dtypes.q4_k, dtypes.q5_k, dtypes.q6_k, dtypes.bfloat16)
 
 # Knobs the benchmarks sweep (TENSORGPU_QGEMV="threads,rows" overrides in bench_quant_gemv.py).
+# The tiled (prefill) path is the float tiled matmul: its tile / split-K / BK knobs are matmul.TUNING.
 TUNING = {
     "gemv_max_m": 8,      # x rows (batch*M) up to this use the GEMV kernel, else tiled
     "gemv_m_chunk": 4,    # x rows per GEMV dispatch pass (registers: 16 x floats per row)
     "gemv_threads": None, # GEMV workgroup size; None: from K (256 for K >= 4096)
     "gemv_rows": None,    # weight rows per GEMV workgroup; None: from the M chunk (4 for M=1)
-    "tile": None,         # 128 or 64 (tiled path); None: 128 when M and N are both >= 128
-    "bk": 16,             # K step of the tiled kernel (divides every block size)
     # Off by default (None): quantized weights are only ever decoded inside the kernels, never
     # copied out as floats. Set to e.g. 256 to let prefills of that many rows dequantize W once
-    # into an f32 scratch buffer and run the float tiled matmul: ~30% less prefill GPU time on
-    # the H100 for a transient float copy of the largest weight (see benchmarks/RESULTS.md).
+    # into an f32 scratch buffer and run the float tiled matmul (no faster on the H100 since the
+    # tiled path shares the float planner; kept for comparisons).
     "dequant_min_rows": None,
     "dequant_max_bytes": 256 << 20,   # largest f32 weight copy the dequant path makes
+    "tiled_fast_decode": True,        # tiled path: _TILED_LD4 decoders (q4_0, q8_0) instead of dq4
 }
 
 _U32 = 1 << 32
@@ -826,134 +829,87 @@ def _dequant_ok(dev, X: _X, dt: dtypes.DType, N: int, K: int) -> bool:
             and nbytes <= dev.max_binding_size)
 
 
+def _mm_operands(X: _X, w: Buffer, dt: dtypes.DType, N: int, K: int, wbase: int) -> tuple:
+    """(a, b) for the float matmul: x as [*batch, M, K] (its row dims, merged), W as b = W.T
+    [*batch, K, N] (batch stride 0), counted in elements of a virtual row-major [N, K] matrix
+    (element n*K + k) starting at the weight's first element."""
+    dims = X.row_dims or [(1, 0)]
+    shape = tuple(n for n, _ in dims) + (K,)
+    a = Operand(X.op.buffer, X.op.dtype, shape, tuple(s for _, s in dims) + (X.sk,), int(X.op.offset))
+    woff = wbase // dt.block_bytes * dt.block_size
+    b = Operand(w, dt, shape[:-2] + (K, N), (0,) * (len(dims) - 1) + (1, K), woff)
+    return a, b
+
+
+def _launch(kind: str, ml, pre: tuple = ()) -> Launch:
+    """A quant Launch of the float matmul's dispatches (main pass + split-K reduction)."""
+    return Launch(kind, list(pre) + [(ml.name, ml.wgsl, ml.bindings, ml.grid)] + list(ml.extra), dict(ml.info))
+
+
 def _plan_dequant(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
     """Prefill (many x rows): decode the whole weight once into an f32 scratch [N, K] (exact, a
     bandwidth-bound pass: ~2% of the matmul's time at 512 rows) and run the float tiled matmul
-    on it, so quantized prefill gets the float kernel's tile / split-K tuning instead of
-    decoding each W tile once per row tile."""
-    from . import matmul as mm
+    on it. Opt-in only (TUNING["dequant_min_rows"]): it materialises a float copy of W."""
     scratch = mm._scratch_buffer("dequant_w", N * K * 4)
     dq = _dequantize_pass(scratch, w, dt, N * K, wbase // dt.block_bytes)
-    rs = X.row_dims[0][1] if X.row_dims else 0
-    A = Operand(X.op.buffer, X.op.dtype, (X.rows, K), (rs, X.sk), int(X.op.offset))
-    B = Operand(scratch, dtypes.float32, (K, N), (1, K), 0)
-    ml = mm.plan(out, A, B, ep, force="tiled")
-    passes = [dq, (ml.name, ml.wgsl, ml.bindings, ml.grid)] + list(ml.extra)
-    return Launch("dequant", passes, dict(ml.info))
+    a, _ = _mm_operands(X, w, dt, N, K, wbase)
+    b = Operand(scratch, dtypes.float32, (K, N), (1, K), 0)
+    return _launch("dequant", mm.plan(out, a, b, ep, force="tiled"), (dq,))
 
 
 def _plan_tiled(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
-    M = X.rows
-    tile = TUNING["tile"] or (128 if (M >= 128 and N >= 128) else 64)
-    BM = BN = int(tile)
-    TM = TN = 8 if tile == 128 else 4
-    BK = int(TUNING["bk"])
-    if BK % 4 or (dt.block_size > 1 and dt.block_size % BK):
-        raise ValueError(f"quant_matmul: TUNING['bk']={BK} must be a multiple of 4 dividing the block size {dt.block_size}")
-    # the unrolled source costs ~0.3 ms of Python to render: cache it by what it depends on
-    key = (id(dev), dev.has_f16, dev.has_subgroups, dt.name, N, K, rb, wbase, BM, BN, BK, TM, TN,
-           X.rows, X.sk, tuple(X.row_dims), X.vec, X.op.dtype.name, int(X.op.offset),
-           ep.wgsl(3) if ep is not None and getattr(ep, "operands", None) is not None else None)
-    hit = _tiled_src_cache.get(key)
-    if hit is None:
-        hit = _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN)
-        if len(_tiled_src_cache) > 256:
-            _tiled_src_cache.clear()
-        _tiled_src_cache[key] = hit
-    wgsl, grid = hit
-    binds = [(out, "rw"), (X.op.buffer, "read"), (w, "read")] + epilogue_bindings(ep)
-    return Launch("tiled", [(f"qmatmul_{dt.name}", wgsl, binds, grid)], {"tile": (BM, BN, BK, TM, TN)})
+    """Prefill: the float tiled matmul with W as its operand b, read through `_WeightBinding`.
+    Why: prefill shapes (M = 512) need the float path's tile-shape and split-K planning (and its
+    reduce pass, which applies the epilogue) to fill the GPU; sharing the kernel gives quantized
+    weights the same tuning, while each W element is still decoded from the GGUF blocks in
+    registers on its way to workgroup memory, so no float copy of W is ever made."""
+    a, b = _mm_operands(X, w, dt, N, K, wbase)
+    binding = _WeightBinding("mm_b", dt, 4, dev.has_f16, bool(TUNING["tiled_fast_decode"]))
+    return _launch("tiled", mm.plan(out, a, b, ep, force="tiled", b_binding=binding))
 
 
-_tiled_src_cache: dict = {}
+# Tiled-path loads of 4 consecutive weights (group j of the block at byte bb) for the formats
+# prefill uses most. Why not dq4: its int->float conversions are quarter-rate instructions on
+# NVIDIA, paid for every W element of every K step. Here the codes go under the mantissa of 1.0
+# (m<B>: 1 + q/2^B, a shift and an and-or) and one fma applies the scale: A*(1 + q/2^B) + C with
+# A = 2^B d, C = -(2^B + offset) d. Bit-identical to dq4 for finite scales: A*(1 + q/2^B) =
+# d*(2^B + q) is exact in f32 (an 11-bit f16 scale times a <= 9-bit integer), and the fma rounds
+# d*(q - offset) once, which is exact too. (bits, WGSL fn wld4(bb, j)).
+_TILED_LD4 = {
+    "q4_0": (4, """
+fn wld4(bb: u32, j: u32) -> vec4<f32> {
+    let d = h2f(rd16(bb));
+    let q = rd32(bb + 2u + 4u * (j & 3u)) >> ((j >> 2u) << 2u);
+    return fma(vec4<f32>(16.0 * d), m4(q), vec4<f32>(-24.0 * d));
+}
+"""),
+    "q8_0": (8, """
+fn wld4(bb: u32, j: u32) -> vec4<f32> {
+    let d = h2f(rd16(bb));
+    return fma(vec4<f32>(256.0 * d), m8(rd32(bb + 2u + 4u * j) ^ 0x80808080u), vec4<f32>(-384.0 * d));
+}
+"""),
+}
 
 
-def _tiled_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, BM, BN, BK, TM, TN) -> tuple:
-    """Software-pipelined: the global loads (and decode) of K step kt+1 are issued into registers
-    before step kt's FMA block, which is fully unrolled so the compiler can overlap the two; one
-    barrier pair per step publishes the prefetched tiles to workgroup memory."""
-    M = X.rows
-    TX, TY = BN // TN, BM // TM
-    T = TX * TY
-    tiles_n, tiles_m = -(-N // BN), -(-M // BM)
-    nk = -(-K // BK)
-    bf16 = dt is dtypes.bfloat16
-    s = [_header(dev, X, ep), _format_wgsl(dt, False, K, False)]
-    s.append(f"const N: u32 = {_u(N)};\nconst M: u32 = {_u(M)};\nconst K: u32 = {_u(K)};\n"
-             f"const RB: u32 = {_u(rb)};\nconst WB: u32 = {_u(wbase)};\n")
-    s.append(f"var<workgroup> XS: array<vec4<f32>, {BK * BM // 4}>;\nvar<workgroup> WS: array<vec4<f32>, {BK * BN // 4}>;\n")
-    # weight elements k..k+3 (k a multiple of 4) of the row at byte rbase
-    if bf16:
-        s.append("fn wq4(rbase: u32, k: u32) -> vec4<f32> { return dq4(rbase, k); }\n")
-    else:
-        s.append(f"fn wq4(rbase: u32, k: u32) -> vec4<f32> {{ return dq4(rbase + (k / {dt.block_size}u) * "
-                 f"{dt.block_bytes}u, (k % {dt.block_size}u) >> 2u); }}\n")
-    s.append(f"@compute @workgroup_size({T})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
-             f"@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {{\n")
-    s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    if (g >= {_u(tiles_n * tiles_m)}) {{ return; }}\n")
-    s.append(f"    let n0 = (g % {tiles_n}u) * {BN}u;\n    let m0 = (g / {tiles_n}u) * {BM}u;\n")
-    s.append(f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n")
-    # x tile: BM rows x BK/4 vec4s; W tile: BN rows x BK/4 groups (consecutive lanes: consecutive n)
-    xq, wq = BM * BK // 4, BN * BK // 4
-    xper, wper = -(-xq // T), -(-wq // T)
-    for p in range(xper):
-        s.append(f"    let xi{p} = min(lid + {p * T}u, {xq - 1}u);\n    let xm{p} = xi{p} / {BK // 4}u;\n"
-                 f"    let xk{p} = (xi{p} % {BK // 4}u) * 4u;\n"
-                 f"    let xok{p} = m0 + xm{p} < M;\n"
-                 f"    let xo{p} = xrow(min(m0 + xm{p}, M - 1u));\n"
-                 f"    var xv{p}: vec4<f32>;\n")
-    for p in range(wper):
-        s.append(f"    let wi{p} = min(lid + {p * T}u, {wq - 1}u);\n    let wn{p} = wi{p} % {BN}u;\n"
-                 f"    let wk{p} = (wi{p} / {BN}u) * 4u;\n"
-                 f"    let wr{p} = WB + min(n0 + wn{p}, N - 1u) * RB;\n"
-                 f"    var wv{p}: vec4<f32>;\n")
+@dataclass
+class _WeightBinding(mm._Binding):
+    """GGUF blocks bound as `W: array<u32>`, loaded as the float matmul's b: element i of the
+    virtual row-major [N, K] float matrix is element i % BS of block i / BS. The 4 elements an
+    aligned vector load asks for (i a multiple of 4) lie in one block, so one `wld4` (or `dq4`)
+    decodes them in registers; the scalar load (unaligned views) takes one lane of that.
+    `fast`: the `_TILED_LD4` decoder where the format has one (TUNING["tiled_fast_decode"])."""
+    fast: bool = True
 
-    def fetch(k0: str) -> str:
-        out = []
-        for p in range(xper):
-            ok = f"xok{p}" + ("" if K % BK == 0 else f" && {k0} + xk{p} < K")
-            out.append(f"        xv{p} = select(vec4<f32>(0.0), xl4(xo{p}, {k0} + xk{p}), {ok});\n")
-        for p in range(wper):
-            out.append(f"        wv{p} = wq4(wr{p}, {k0} + wk{p});\n")
-        return "".join(out)
+    def decl(self, binding: int) -> str:
+        return f"@group(0) @binding({binding}) var<storage, read> W: array<u32>;\n"
 
-    def publish() -> str:
-        out = []
-        for p in range(xper):
-            g = "" if xq % T == 0 or p < xper - 1 else f"if (lid + {p * T}u < {xq}u) "
-            for c in range(4):
-                out.append(f"        {g}{{ XS[(xk{p} + {c}u) * {BM // 4}u + (xm{p} >> 2u)][xm{p} & 3u] = xv{p}[{c}]; }}\n")
-        for p in range(wper):
-            g = "" if wq % T == 0 or p < wper - 1 else f"if (lid + {p * T}u < {wq}u) "
-            for c in range(4):
-                out.append(f"        {g}{{ WS[(wk{p} + {c}u) * {BN // 4}u + (wn{p} >> 2u)][wn{p} & 3u] = wv{p}[{c}]; }}\n")
-        return "".join(out)
-
-    for i in range(TM):
-        for q in range(TN // 4):
-            s.append(f"    var c{i}_{q} = vec4<f32>(0.0);\n")
-    s.append("    {\n" + fetch("0u") + publish() + "    }\n    workgroupBarrier();\n")
-    s.append(f"    for (var kt = 0u; kt < {nk}u; kt++) {{\n")
-    s.append(f"        let kn = min(kt + 1u, {nk - 1}u) * {BK}u;\n")   # the last step re-fetches itself
-    s.append(fetch("kn"))
-    for kk in range(BK):
-        for q in range(TM // 4):
-            s.append(f"        {{ let a{q} = XS[{kk * BM // 4}u + ty + {q * TY}u];\n")
-        for q in range(TN // 4):
-            s.append(f"        let b{q} = WS[{kk * BN // 4}u + tx + {q * TX}u];\n")
-        for i in range(TM):
-            for q in range(TN // 4):
-                s.append(f"        c{i}_{q} = fma(vec4<f32>(a{i // 4}[{i % 4}]), b{q}, c{i}_{q});\n")
-        s.append("        " + "}" * (TM // 4) + "\n")
-    s.append("        workgroupBarrier();\n" + publish() + "        workgroupBarrier();\n    }\n")
-    # thread rows m = 4*(ty + q*TY) + c, cols n = 4*(tx + q*TX) + c
-    for i in range(TM):
-        s.append(f"    {{\n        let m = m0 + 4u * (ty + {(i // 4) * TY}u) + {i % 4}u;\n        if (m < M) {{\n")
-        for q in range(TN // 4):
-            s.append(f"            let nb{q} = n0 + 4u * (tx + {q * TX}u);\n")
-            for c in range(4):
-                s.append(f"            if (nb{q} + {c}u < N) {{ let i = m * N + nb{q} + {c}u; "
-                         f"OUT[i] = epilogue(c{i}_{q}[{c}], i); }}\n")
-        s.append("        }\n    }\n")
-    s.append("}\n")
-    return "".join(s), runtime.grid_for(tiles_n * tiles_m)
+    def functions(self) -> str:
+        bs, bb, X = self.dtype.block_size, self.dtype.block_bytes, self.name
+        src = _format_wgsl(self.dtype, False, _U32 - 1, False)
+        fast = _TILED_LD4.get(self.dtype.name) if self.fast else None
+        if fast:
+            src += _mant(fast[0]) + fast[1]
+        dec = "wld4" if fast else "dq4"
+        return (src + f"fn ld4_{X}(i: u32) -> vec4<f32> {{ return {dec}((i / {bs}u) * {bb}u, (i % {bs}u) >> 2u); }}\n"
+                f"fn ld_{X}(i: u32) -> f32 {{ return ld4_{X}(i & ~3u)[i & 3u]; }}\n")
