@@ -79,6 +79,8 @@ def _signature(args) -> tuple:
 class _Trace:
     def __init__(self, slots, dispatches, outputs, arena):
         self.slots, self.dispatches, self.outputs, self.arena = slots, dispatches, outputs, arena
+        self.ids = frozenset(id(b) for d in dispatches for b in d.buffers)
+        self.writes = frozenset(i for d in dispatches for i in d.writes)
 
     def __del__(self):
         try:
@@ -126,7 +128,7 @@ class Captured:
         for slot, a in zip(tr.slots, args):
             if slot is not None:
                 slot.load(a)
-        runtime.replay(tr.dispatches)
+        runtime.replay(tr.dispatches, tr.ids, tr.writes)
         STATS["captures_replayed"] += 1
         return tr.outputs
 

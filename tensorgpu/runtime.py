@@ -397,6 +397,11 @@ class Dispatch:
     grid: tuple
     bind_group: object = None
     writes: tuple = ()      # ids of the buffers bound read_write (ordering against pending readbacks)
+    raw: tuple = ()         # (pipeline handle, bind group handle, x, y, z): what _encode passes on
+
+    def __post_init__(self):
+        if self.bind_group is not None:
+            self.raw = (self.pipe.pipeline._internal, self.bind_group._internal) + tuple(self.grid)
 
 
 _pending: list = []
@@ -436,13 +441,18 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Di
     return d
 
 
-def replay(dispatches: Sequence[Dispatch]) -> None:
-    """Queue already-built dispatches again (capture replay): no codegen, no new bind groups."""
-    if _copy_srcs and any(not _copy_srcs.isdisjoint(d.writes) for d in dispatches):
+def replay(dispatches: Sequence[Dispatch], ids: Optional[frozenset] = None, writes: Optional[frozenset] = None) -> None:
+    """Queue already-built dispatches again (capture replay): no codegen, no new bind groups.
+    ids / writes: the ids of every buffer the list binds / binds read_write, when the caller
+    keeps them (a capture computes them once instead of per replay)."""
+    if writes is None:
+        writes = frozenset(i for d in dispatches for i in d.writes)
+    if ids is None:
+        ids = frozenset(id(b) for d in dispatches for b in d.buffers)
+    if _copy_srcs and not _copy_srcs.isdisjoint(writes):
         flush()   # readbacks queued before this replay see the buffers before it
     _pending.extend(dispatches)
-    for d in dispatches:
-        _pending_ids.update(id(b) for b in d.buffers)
+    _pending_ids.update(ids)
     STATS["kernels_dispatched"] += len(dispatches)
 
 
@@ -461,13 +471,11 @@ def _encode(encoder) -> None:
         set_pipe, set_bg, disp, null = _RAW
         h = cp._internal
         last = None
-        for d in _pending:
-            p = d.pipe.pipeline._internal
+        for p, bg, x, y, z in [d.raw for d in _pending]:
             if p is not last:
                 set_pipe(h, p)
                 last = p
-            set_bg(h, 0, d.bind_group._internal, 0, null)
-            x, y, z = d.grid
+            set_bg(h, 0, bg, 0, null)
             disp(h, x, y, z)
     else:
         last = None
