@@ -123,7 +123,8 @@ class Session:
         fn = caps.pop((T, last_only), None)
         if fn is None:
             model, cache = self.model, self.cache
-            fn = tg.capture(lambda ids, pos, kv_len: model.forward(ids, pos, kv_len, cache, last_only=last_only))
+            fn = tg.capture(lambda ids, pos, kv_len: model.forward(ids, pos, kv_len, cache, last_only=last_only),
+                            submit_every=64 if T > 1 else None)
         caps[(T, last_only)] = fn                     # most recent last
         while len(caps) > CAPTURED_FORWARDS:
             del caps[next(iter(caps))]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -112,8 +112,9 @@ class _Recorded:
 class Captured:
     """The callable `tg.capture(fn)` returns."""
 
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, submit_every: Optional[int] = None):
         self.fn = fn
+        self.submit_every = submit_every
         self.traces: dict = {}
         functools.update_wrapper(self, fn)
 
@@ -128,7 +129,15 @@ class Captured:
         for slot, a in zip(tr.slots, args):
             if slot is not None:
                 slot.load(a)
-        runtime.replay(tr.dispatches, tr.ids, tr.writes)
+        k = self.submit_every
+        if k and len(tr.dispatches) > k:
+            # a long list (a prefill): submit as it goes, so the GPU starts on the first
+            # kernels while the host still encodes the rest
+            for i in range(0, len(tr.dispatches), k):
+                runtime.replay(tr.dispatches[i:i + k], tr.ids, tr.writes)
+                runtime.flush()
+        else:
+            runtime.replay(tr.dispatches, tr.ids, tr.writes)
         STATS["captures_replayed"] += 1
         return tr.outputs
 
@@ -192,10 +201,15 @@ def _tensors_in(out) -> list:
     return []
 
 
-def capture(fn: Callable) -> Captured:
+def capture(fn: Optional[Callable] = None, *, submit_every: Optional[int] = None):
     """Decorator: trace `fn` on its first call per input signature, replay afterwards.
 
     Arguments may be Tensors, NumPy arrays, Python ints/floats (passed to fn as int32/float32
     tensors of shape (1,)) and other hashable values (each distinct value traces separately).
-    fn must not read values back (.numpy()/.item()) — that would end the captured step."""
-    return Captured(fn)
+    fn must not read values back (.numpy()/.item()) — that would end the captured step.
+    A replay is queued as one batch (one submit at the next flush: what a decode step wants);
+    `submit_every=N` submits a long replay every N kernels instead (a prefill: the GPU starts
+    while the host encodes the rest). Use as `@tg.capture` or `@tg.capture(submit_every=64)`."""
+    if fn is None:
+        return lambda f: Captured(f, submit_every)
+    return Captured(fn, submit_every)

@@ -138,6 +138,24 @@ def test_a_dropped_capture_returns_its_buffers_to_the_pool():
     assert tg.debug.stats()["bytes_allocated"] == before
 
 
+def test_submit_every_splits_a_long_replay_into_submits():
+    @tg.capture(submit_every=3)
+    def chain(a):
+        for i in range(10):
+            a = (a * 1.5 + float(i)).realize()       # 10 kernels
+        return a
+
+    x = np.ones(256, np.float32)
+    chain(x).numpy()
+    s0 = tg.debug.stats()["submits"]
+    got = chain(x * 2).numpy()
+    ref = x * 2.0
+    for i in range(10):
+        ref = ref * 1.5 + i
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    assert tg.debug.stats()["submits"] - s0 == 4 + 1    # ceil(10 / 3) submits + the readback's
+
+
 def test_read_later_then_a_kernel_that_overwrites_the_buffer():
     a = tg.tensor(np.arange(4, dtype=np.float32)).contiguous().realize()
     t = runtime.read_later(a.node.buffer)
