@@ -142,8 +142,11 @@ class Captured:
         return tr.outputs
 
     def _trace(self, args):
+        import weakref
         arena = runtime.Arena()
         runtime._arenas.append(arena)
+        saved_bound = runtime._bound_in_trace[0]
+        runtime._bound_in_trace[0] = weakref.WeakSet()
         try:
             slots, call_args = self._slots(args)
             recorded: list = []
@@ -160,9 +163,11 @@ class Captured:
             runtime.flush()      # the trace's intermediates die with their last pending use
         except BaseException:
             runtime._arenas.remove(arena)
+            runtime._bound_in_trace[0] = saved_bound
             arena.release()
             raise
         runtime._arenas.remove(arena)
+        runtime._bound_in_trace[0] = saved_bound
         arena.close()
         return _Trace(slots, [r.replayable() for r in recorded], out, arena)
 

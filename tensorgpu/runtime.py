@@ -14,6 +14,7 @@ import heapq
 import os
 import time
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -216,18 +217,36 @@ class Arena:
         self.tracing, self.released = True, False
         self.free: dict = {}     # size class -> GPU buffers free for reuse inside the trace
         self.idle: list = []     # (size class, GPU buffer) reserved for the replays
+        self.reused: set = set()  # ids of GPU buffers handed out a second time in this trace
+        self.pinned: set = set()  # ids of GPU buffers the host wrote: never handed out again
 
     def take(self, size: int):
         lst = self.free.get(size)
-        return lst.pop() if lst else POOL.take(size)
+        if not lst:
+            return POOL.take(size)
+        buf = lst.pop()
+        self.reused.add(id(buf))
+        return buf
 
     def give(self, size: int, buf) -> None:
         if self.released:
             POOL.give(size, buf)
-        elif self.tracing:
+        elif self.tracing and id(buf) not in self.pinned:
             self.free.setdefault(size, []).append(buf)
         else:
             self.idle.append((size, buf))
+
+    def host_write(self, buf: "Buffer") -> None:
+        """A host write lands in `buf` during the trace. Replays do not repeat it, so no
+        replayed kernel may share its GPU buffer: a reused one is swapped for a fresh one
+        (before any kernel bound it: an upload), and the buffer is never handed out again."""
+        if id(buf.gpu) in self.reused:
+            if _bound_in_trace[0] is not None and buf in _bound_in_trace[0]:
+                raise RuntimeError(f"host write into a {buf.nbytes}-byte buffer that kernels of this tg.capture "
+                                   "trace also use for another tensor: write into a fresh tensor instead")
+            self.free.setdefault(buf.capacity, []).append(buf.gpu)
+            buf.gpu = POOL.take(buf.capacity)
+        self.pinned.add(id(buf.gpu))
 
     def close(self) -> None:
         """The trace is recorded: nothing more is handed out."""
@@ -245,6 +264,19 @@ class Arena:
 
 
 _arenas: list = []   # the arenas of the captures tracing now (innermost last)
+_bound_in_trace: list = [None]   # WeakSet of the Buffers kernels bound while a capture traces
+
+
+@contextmanager
+def untraced():
+    """Work that is not part of the capture being traced (one-time constants cached for the
+    life of a weight): not recorded, not logged, and its buffers come from the global pool."""
+    saved = (list(_recorders), list(_kernel_logs), list(_arenas))
+    del _recorders[:], _kernel_logs[:], _arenas[:]
+    try:
+        yield
+    finally:
+        _recorders[:], _kernel_logs[:], _arenas[:] = saved
 
 
 class Buffer:
@@ -297,6 +329,8 @@ def write(buf: Buffer, data, offset: int = 0) -> None:
     mv = _byte_view(data)
     if id(buf) in _pending_ids:
         flush()
+    if buf.arena is not None and buf.arena.tracing:
+        buf.arena.host_write(buf)
     n = len(mv)
     if n == 0:
         return
@@ -429,6 +463,8 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Di
         flush()   # a queued readback of a buffer this kernel overwrites must see the old bytes
     _pending.append(d)
     _pending_ids.update(id(b) for b in bufs)
+    if _bound_in_trace[0] is not None:
+        _bound_in_trace[0].update(bufs)
     STATS["kernels_dispatched"] += 1
     if len(_pending) >= SUBMIT_EVERY:
         # a long realize (a model's prefill) submits as it goes, so the GPU starts on the first

@@ -125,6 +125,27 @@ def test_a_trace_reuses_the_buffers_of_its_dead_intermediates(monkeypatch):
     np.testing.assert_allclose(cf(x2).numpy(), ref2, rtol=1e-5, atol=1e-2)
 
 
+def test_a_constant_uploaded_inside_a_trace_is_not_clobbered_by_replays(monkeypatch):
+    """An upload inside the traced function happens once (replays do not repeat it): it must
+    not land in a buffer that an earlier, replayed kernel of the trace writes."""
+    monkeypatch.setattr(runtime, "SUBMIT_EVERY", 1)
+    n = 4096
+    const = np.arange(n, dtype=np.float32)
+
+    def fn(a):
+        t = (a * 3.0).realize()          # an intermediate ...
+        u = (t + 1.0).realize()
+        del t
+        gc.collect()                     # ... whose buffer is free for reuse now
+        c = tg.tensor(const)             # the upload must not take it
+        return (u * c).realize()
+
+    cf = tg.capture(fn)
+    for v in (1.0, 2.0, 5.0):
+        got = cf(np.full(n, v, np.float32)).numpy()
+        np.testing.assert_allclose(got, (v * 3 + 1) * const, rtol=1e-6)
+
+
 def test_a_dropped_capture_returns_its_buffers_to_the_pool():
     n = 1 << 16
     cf = tg.capture(lambda a: ((a * 2).realize() + 1).realize() * 3)

@@ -151,10 +151,8 @@ def _ln_constants(w, w_dtype, N: int, K: int, g: Optional[Operand], b: Optional[
         gref, bref, buf = hit
         if (g is None or gref() is g.buffer) and (b is None or bref() is b.buffer):
             return buf
-    buf = Buffer(8 * N)
-    saved_rec, saved_log = list(runtime._recorders), list(runtime._kernel_logs)
-    del runtime._recorders[:], runtime._kernel_logs[:]
-    try:
+    with runtime.untraced():
+        buf = Buffer(8 * N)
         ones = None
         if g is None:
             ones = runtime.upload(np.ones(K, np.float32))
@@ -164,9 +162,6 @@ def _ln_constants(w, w_dtype, N: int, K: int, g: Optional[Operand], b: Optional[
             gemv(buf, _row(b, K), w, w_dtype, N, K, out_offset=N)
         else:
             runtime.write(buf, np.zeros(N, np.float32), offset=4 * N)
-    finally:
-        runtime._recorders[:] = saved_rec
-        runtime._kernel_logs[:] = saved_log
     for k in [k for k, (gr, br, _) in per_w.items() if (gr is not None and gr() is None) or (br is not None and br() is None)]:
         del per_w[k]     # constants of norm parameters that no longer exist
     per_w[key] = (weakref.ref(g.buffer) if g else None, weakref.ref(b.buffer) if b else None, buf)
