@@ -219,9 +219,11 @@ class GPTNeoX:
                                                out_layout="sbd")          # [T, H, D]
         a = a.reshape(T, c.n_embd)
         if c.parallel_residual:
-            m = self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
-            # x + attn + mlp: the adds fuse into the output projections' stores
-            return tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias) + x + m
+            h = tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps)
+            u = tg.nn.linear(h, blk.ffn_up.weight, blk.ffn_up.bias).gelu()          # [T, F]
+            # x + attn_output(a) + ffn_down(u): both projections as one GEMV when decoding
+            return tg.nn.linear_sum((a, blk.attn_output.weight, blk.attn_output.bias),
+                                    (u, blk.ffn_down.weight, blk.ffn_down.bias)) + x
         x = tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias) + x
         m = self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
         return m + x

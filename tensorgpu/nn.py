@@ -15,7 +15,7 @@ from .graph import CustomKernel
 from .tensor import Tensor, tensor
 from .view import View
 
-__all__ = ["linear", "layer_norm", "embedding", "rope", "rope_kv_write", "scaled_dot_product_attention",
+__all__ = ["linear", "linear_sum", "layer_norm", "embedding", "rope", "rope_kv_write", "scaled_dot_product_attention",
            "gelu", "softmax", "log_softmax", "sample"]
 
 
@@ -52,6 +52,42 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     if b is not None:
         y = y + b.astype(dt.float32) if b.dtype is not dt.float32 else y + b
     return y.reshape(lead + (w.shape[0],)) if x.ndim != 2 else y
+
+
+def linear_sum(*terms) -> Tensor:
+    """sum_i linear(x_i, w_i, b_i) for terms (x_i [..., in_i], w_i [out, in_i], b_i [out] or
+    None): projections whose outputs are added, like Pythia's parallel residual (attention
+    output + MLP down). For one row and two terms with weights of one type this is ONE decode
+    GEMV over both inputs (a dispatch less per layer); otherwise the products are summed (the
+    adds fuse into the last matmul's store)."""
+    if not terms:
+        raise ValueError("linear_sum needs at least one (x, w, b) term")
+    terms = [tuple(t) + (None,) * (3 - len(t)) for t in terms]
+    for i, (x, w, b) in enumerate(terms):
+        if w.ndim != 2:
+            raise ValueError(f"linear_sum: term {i}: weight must be 2-D [out, in], got {w.shape}")
+        if x.shape[-1:] != (w.shape[1],):
+            raise ValueError(f"linear_sum: term {i}: input {x.shape} does not match weight {w.shape}")
+        if b is not None and b.shape != (w.shape[0],):
+            raise ValueError(f"linear_sum: term {i}: bias {b.shape} does not match weight {w.shape}")
+    lead, N = terms[0][0].shape[:-1], terms[0][1].shape[0]
+    bad = [i for i, (x, w, _) in enumerate(terms) if x.shape[:-1] != lead or w.shape[0] != N]
+    if bad:
+        raise ValueError(f"linear_sum: term {bad[0]} ({terms[bad[0]][0].shape} @ {terms[bad[0]][1].shape}.T) does not "
+                         f"give the [..., {N}] of term 0 ({terms[0][0].shape} @ {terms[0][1].shape}.T)")
+    if len(terms) == 2 and prod(lead) == 1:
+        (x1, w1, _), (x2, w2, _) = terms
+        y = _decode_linear_pair(x1.reshape(1, -1), w1, x2.reshape(1, -1), w2)
+        if y is not None:
+            for _, _, b in terms:
+                if b is not None:
+                    y = y + (b.astype(dt.float32) if b.dtype is not dt.float32 else b)
+            return y.reshape(lead + (N,))
+    y = None
+    for x, w, b in terms:
+        t = linear(x, w, b)
+        y = t if y is None else y + t
+    return y
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -430,14 +466,25 @@ class DecodeLinearKernel(CustomKernel):
     name = "gemv"
     supports_epilogue = True
 
-    def __init__(self, w_dtype, N, K, ln=None):
+    def __init__(self, w_dtype, N, K, ln=None, K2=0):
         self.w_dtype, self.N, self.K, self.ln = w_dtype, N, K, ln   # ln: (has_w, has_b, eps)
+        self.K2 = K2        # > 0: a second (x2 [K2], w2 [N, K2]) pair summed into the same rows
+
+    def _w(self, w, K):
+        from .kernels.common import Operand
+        return w.buffer if self.w_dtype.is_quant else Operand(w.buffer, w.dtype, (self.N, K), (K, 1), w.offset)
 
     def emit(self, out, operands, epilogue):
         from .kernels.common import Operand
         from .kernels.gemv import gemv
         x, w = operands[:2]
         rest = list(operands[2:])
+        if self.K2:
+            x2, w2 = rest
+            pair = (Operand(x2.buffer, x2.dtype, (1, self.K2), (self.K2, 1), x2.offset), self._w(w2, self.K2), self.K2)
+            xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
+            gemv(out, xo, self._w(w, self.K), self.w_dtype, self.N, self.K, epilogue, pair=pair)
+            return
         ln = None
         if self.ln is not None:
             has_w, has_b, eps = self.ln
@@ -445,30 +492,32 @@ class DecodeLinearKernel(CustomKernel):
             lb = rest.pop(0) if has_b else None
             ln = (lw, lb, eps)
         xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
-        wo = w.buffer if self.w_dtype.is_quant else Operand(w.buffer, w.dtype, (self.N, self.K), (self.K, 1), w.offset)
-        gemv(out, xo, wo, self.w_dtype, self.N, self.K, epilogue, ln)
+        gemv(out, xo, self._w(w, self.K), self.w_dtype, self.N, self.K, epilogue, ln)
 
 
 def _flat_row_ok(v: View, K: int) -> bool:
     return v.is_contiguous and v.offset % 4 == 0 and prod(v.shape) == K
 
 
-def _decode_linear(x: Tensor, w: Tensor):
-    """x (one row of K) @ w.T as the decode GEMV, with a pending 1-row layer_norm of x folded in
-    (the norm node is left unused). None when the decode kernel does not apply."""
-    from .kernels import gemv as g
+def _decode_weight_ok(x: Tensor, w: Tensor) -> bool:
+    """Whether a realized weight (whole buffer, GGUF layout) suits the decode GEMV."""
     if not x.dtype.is_float or w.ndim != 2 or w.node.buffer is None or not w.view.is_identity(w.node.shape):
-        return None
-    N, K = w.shape
+        return False
+    K = w.shape[1]
     wd = w.dtype
     if wd.is_quant:
         from .kernels.quant import SUPPORTED
-        if wd not in SUPPORTED or wd is dt.bfloat16 or K % wd.block_size:
-            return None
-    elif wd not in (dt.float16, dt.float32) or K % (8 if wd is dt.float16 else 4):
+        return wd in SUPPORTED and wd is not dt.bfloat16 and K % wd.block_size == 0 and K % 4 == 0
+    return wd in (dt.float16, dt.float32) and K % (8 if wd is dt.float16 else 4) == 0
+
+
+def _decode_linear(x: Tensor, w: Tensor):
+    """x (one row of K) @ w.T as the decode GEMV, with a pending 1-row layer_norm of x folded in
+    (the norm node is left unused). None when the decode kernel does not apply."""
+    if not _decode_weight_ok(x, w):
         return None
-    if K % 4:
-        return None
+    N, K = w.shape
+    wd = w.dtype
     n = x.node
     ln = None
     if (isinstance(n.arg, LayerNormKernel) and n.buffer is None and x.view.is_identity(n.shape)
@@ -481,3 +530,19 @@ def _decode_linear(x: Tensor, w: Tensor):
     else:
         return None
     return _custom(DecodeLinearKernel(wd, N, K, ln), srcs, (1, N))
+
+
+def _decode_linear_pair(x1: Tensor, w1: Tensor, x2: Tensor, w2: Tensor):
+    """x1 @ w1.T + x2 @ w2.T for one row as ONE decode GEMV (two weights of the same type and
+    out_features). None when it does not apply."""
+    if not (_decode_weight_ok(x1, w1) and _decode_weight_ok(x2, w2)) or w1.dtype is not w2.dtype:
+        return None
+    (N, K1), K2 = w1.shape, w2.shape[1]
+    if w2.shape[0] != N:
+        return None
+    xs = []
+    for x, K in ((x1, K1), (x2, K2)):
+        if not (_flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16)):
+            x = x.astype(dt.float32).contiguous() if x.dtype not in (dt.float32, dt.float16) else x.contiguous()
+        xs.append(x)
+    return _custom(DecodeLinearKernel(w1.dtype, N, K1, None, K2), [xs[0], Tensor(w1.node), xs[1], Tensor(w2.node)], (1, N))

@@ -195,6 +195,20 @@ def model(tiny_neox_dir):
     return GPTNeoX.from_gguf(str(tiny_neox_dir / "tiny-neox-q8_0.gguf"), progress=False)
 
 
+def test_decode_step_is_four_kernels_per_pythia_layer(model):
+    """ln1+QKV, the attention step, ln2+up+gelu, and out-projection + down-projection + residual
+    as one GEMV: 4 per layer (issue target <= 8), plus embedding, input copy, head and argmax."""
+    cache = model.new_cache(32)
+    step = tg.capture(lambda tok, p, kv: model.forward(tok, p, kv, cache, last_only=True).argmax(-1))
+    with tg.debug.kernel_log() as log:
+        step(tg.tensor(np.array([5], np.int32)), 0, 1).numpy()
+    names = [e.name.split("[")[0] for e in log]
+    L = model.config.n_layer
+    assert names.count("gemv2_q8_0") == L and names.count("attention_decode") == L
+    assert names.count("gemv_ln_q8_0") == 2 * L + 1          # + the final norm folded into the head
+    assert len(names) <= 4 * L + 5, names
+
+
 def test_decode_step_steady_state(model):
     """Issue 6: steady-state decode compiles 0 pipelines, creates 0 bind groups, 1 submit per token."""
     cache = model.new_cache(64)

@@ -164,3 +164,45 @@ def test_wide_items_ragged_and_launch_shapes(wide, threads, rows):
         run(wdt, 13, K, ln=True)
         run(wdt, 5, K)
     assert gmod._config(dtypes.q4_0, 32 * 9)[1] == 16
+
+
+def _weight(wdt, N, K):
+    if wdt in ("f16", "f32"):
+        W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
+        wb = Base(W)
+        return wb.whole(), wb.dtype, W.astype(np.float64)
+    wd = dtypes.as_dtype(wdt)
+    raw, Wf = qweights(wd, N, K)
+    return runtime.upload(raw), wd, Wf
+
+
+@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("K1,K2", [(512, 2048), (256, 768), (1024 + 256, 512)], ids=str)
+def test_pair_sums_two_projections(paths, wdt, K1, K2):
+    """out = epilogue(x1 W1 + x2 W2): Pythia's output and down projections in one dispatch,
+    including ragged item counts in either part."""
+    N = 37
+    w1, wd, W1 = _weight(wdt, N, K1)
+    w2, _, W2 = _weight(wdt, N, K2)
+    x1, x2 = (rng.standard_normal(k).astype(np.float32) for k in (K1, K2))
+    b1, b2 = Base(x1), Base(x2)
+    out = runtime.Buffer(4 * N)
+    ep = AffineGelu(rng.standard_normal(N), 0.5)
+    gemv(out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd, N, K1, ep,
+         pair=(Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2))
+    want = ep.ref(W1 @ x1 + W2 @ x2)
+    got = read_f32(out, N)
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err < 2e-5, f"{wdt} K1={K1} K2={K2}: rel err {err:.2e}"
+
+
+def test_pair_rejects_mixed_types_and_layer_norm():
+    w1, wd, _ = _weight("q4_0", 8, 256)
+    w2, _, _ = _weight("f16", 8, 256)
+    x = Base(np.ones(256, np.float32))
+    xo = Operand(x.buf, x.dtype, (1, 256), (256, 1), 0)
+    with pytest.raises(ValueError, match="second pair"):
+        gemv(runtime.Buffer(32), xo, w1, wd, 8, 256, pair=(xo, w2, 256))
+    w3, _, _ = _weight("q4_0", 8, 256)
+    with pytest.raises(ValueError, match="second pair"):
+        gemv(runtime.Buffer(32), xo, w1, wd, 8, 256, ln=(None, None, 1e-5), pair=(xo, w3, 256))

@@ -43,3 +43,52 @@ def test_linear_bias_and_shapes():
     np.testing.assert_allclose(got, x @ w.T + b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="in_features"):
         tg.nn.linear(tg.tensor(x), tg.tensor(w[:, :8]))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("wdt", [np.float32, np.float16])
+def test_linear_sum_equals_the_sum_of_linears(rows, wdt):
+    """One row: one decode GEMV over both inputs (a single kernel with the residual add fused);
+    more rows: two matmuls and an add. Same values either way."""
+    x1 = rng.standard_normal((rows, 32)).astype(np.float32)
+    x2 = rng.standard_normal((rows, 96)).astype(np.float32)
+    w1 = (rng.standard_normal((24, 32)) * 0.1).astype(wdt)
+    w2 = (rng.standard_normal((24, 96)) * 0.1).astype(wdt)
+    b1, b2, r = (rng.standard_normal(24).astype(np.float32) for _ in range(3))
+    t = [tg.tensor(v).realize() for v in (x1, x2, w1, w2, b1, b2, r)]
+    with tg.debug.kernel_log() as log:
+        got = (tg.nn.linear_sum((t[0], t[2], t[4]), (t[1], t[3], t[5])) + t[6]).numpy()
+    want = x1 @ w1.astype(np.float64).T + x2 @ w2.astype(np.float64).T + b1 + b2 + r
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    if rows == 1:
+        assert [e.name.split("[")[0] for e in log] == [f"gemv2_{'float32' if wdt is np.float32 else 'float16'}"]
+
+
+def test_linear_sum_of_quantized_weights_is_one_kernel():
+    import gguf
+
+    from tensorgpu import runtime
+    K1, K2, N = 64, 128, 16
+    w1 = gguf.quants.quantize(rng.standard_normal((N, K1)).astype(np.float32), gguf.GGMLQuantizationType.Q4_0)
+    w2 = gguf.quants.quantize(rng.standard_normal((N, K2)).astype(np.float32), gguf.GGMLQuantizationType.Q4_0)
+    W1 = gguf.quants.dequantize(w1, gguf.GGMLQuantizationType.Q4_0).reshape(N, K1)
+    W2 = gguf.quants.dequantize(w2, gguf.GGMLQuantizationType.Q4_0).reshape(N, K2)
+    tw1 = tg.Tensor.from_buffer(runtime.upload(np.asarray(w1)), (N, K1), tg.q4_0)
+    tw2 = tg.Tensor.from_buffer(runtime.upload(np.asarray(w2)), (N, K2), tg.q4_0)
+    x1 = rng.standard_normal((1, K1)).astype(np.float32)
+    x2 = rng.standard_normal((1, K2)).astype(np.float32)
+    with tg.debug.kernel_log() as log:
+        got = tg.nn.linear_sum((tg.tensor(x1), tw1), (tg.tensor(x2), tw2)).numpy()
+    np.testing.assert_allclose(got, x1 @ W1.T + x2 @ W2.T, rtol=1e-4, atol=1e-4)
+    assert [e.name.split("[")[0] for e in log] == ["gemv2_q4_0"]
+
+
+def test_linear_sum_bad_inputs_name_the_term():
+    x = tg.tensor(np.ones((1, 8), np.float32))
+    w = tg.tensor(np.ones((4, 8), np.float32))
+    with pytest.raises(ValueError, match="term 1: input"):
+        tg.nn.linear_sum((x, w), (x, tg.tensor(np.ones((4, 6), np.float32))))
+    with pytest.raises(ValueError, match="term 1 .* does not give"):
+        tg.nn.linear_sum((x, w), (x, tg.tensor(np.ones((5, 8), np.float32))))
+    with pytest.raises(ValueError, match="at least one"):
+        tg.nn.linear_sum()

@@ -85,14 +85,14 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
 
 
 def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
-         ln: Optional[tuple] = None, out_offset: int = 0) -> None:
+         ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None) -> None:
     """Queue the GEMV that `plan` describes (see there)."""
-    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset)
+    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair)
     runtime.dispatch(name, src, binds, grid)
 
 
 def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
-         ln: Optional[tuple] = None, out_offset: int = 0) -> tuple:
+         ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None) -> tuple:
     """The dispatch of out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
     ln = (ln_w, ln_b, eps) (Operands [K] or None), the layer norm of x (biased variance, like
     torch) times ln_w plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of
@@ -106,7 +106,11 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     GEMVs, computed once per (W, ln_w, ln_b) and cached). So the kernel needs no reduction
     before its dot products: the row's sum and sum of squares ride along in the final
     reduction. x is shifted by the mean of its first 32 values first, so neither the variance
-    nor `A - mean B` cancels badly when |mean| >> std."""
+    nor `A - mean B` cancels badly when |mean| >> std.
+
+    pair = (x2, w2, K2): a second dot product added in the same kernel, out[n] = epilogue(x W[n]
+    + x2 W2[n]) with W2 [N, K2] of the same type: two projections whose results are summed
+    (Pythia's attention output and MLP down projections) cost one dispatch. Not with ln."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -115,16 +119,30 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} with weight [{N}, {K}] {w_dtype} is not a supported "
                          f"decode GEMV (contiguous x, K % 8, quant K % block size)")
     wbuf = w.buffer if isinstance(w, Operand) else w
-    items, per, T, R = _config(w_dtype, K, ln is not None)
+    Kc = K
+    if pair is not None:
+        x2, w2, K2 = pair
+        K2 = int(K2)
+        same = (w2.dtype is w_dtype) if isinstance(w2, Operand) else w_dtype.is_quant
+        if (ln is not None or not same or _wide(w_dtype, K) or _wide(w_dtype, K + K2)
+                or not supported(x2, w_dtype, K2, w2 if isinstance(w2, Operand) else None)):
+            raise ValueError(f"gemv: second pair x {tuple(x2.shape)} {x2.dtype} with weight [{N}, {K2}] {w_dtype} is not "
+                             f"supported (same weight type, contiguous x, no layer norm, no wide items)")
+        pair = (x2, w2, K2)
+        Kc = K + K2
+    items, per, T, R = _config(w_dtype, Kc, ln is not None)
+    items = K // per
     R = max(1, min(R, N))
     if out.nbytes < 4 * (N + out_offset):
         raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * (N + out_offset)} for float32 [{N}]")
-    ins = [x.buffer, wbuf] + [o.buffer for o in (ln[:2] if ln else ()) if o is not None] + [o.buffer for o in ep.operands]
+    ins = ([x.buffer, wbuf] + [o.buffer for o in (ln[:2] if ln else ()) if o is not None] + [o.buffer for o in ep.operands]
+           + ([pair[0].buffer, pair[1].buffer if isinstance(pair[1], Operand) else pair[1]] if pair else []))
     if any(b is out for b in ins):
         raise ValueError("gemv: the output buffer is also an input")
     bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
-    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset))
-    return (f"gemv{'_ln' if ln else ''}_{w_dtype.name}[{N}x{K}]", src, binds, grid,
+    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair)
+    kind = "_ln" if ln else "2" if pair else ""
+    return (f"gemv{kind}_{w_dtype.name}[{N}x{Kc}]", src, binds, grid,
             {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
 
 
@@ -180,17 +198,46 @@ def _row(op: Operand, K: int) -> Operand:
     return Operand(rt.upload(vals), dtypes.float32, (1, K), (K, 1), 0)
 
 
-def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off):
+@dataclass
+class _Seg:
+    """One (x, W) pair of the dot products: the whole row, or (with a second pair) one part of
+    the concatenated K. Names keep the second pair's WGSL apart (x reader, W array, helper
+    functions, row offsets)."""
+    x: Operand
+    w: object
+    wbuf: object
+    K: int
+    items: int
+    xname: str       # x reader prefix
+    wname: str       # W array
+    sfx: str         # suffix of the W-reading helper functions
+    rbp: str         # row-offset variable prefix
+    first: int = 0   # number of the segment's first iteration (iterations are numbered across segments)
+    iters: int = 0
+
+
+def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None):
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
-    wide = _wide(w_dtype, K) if quant else None
-    ITERS = -(-items // T)
-    ragged = items % T != 0
+    wide = _wide(w_dtype, K) if quant and pair is None else None
+    segs = [_Seg(x, w, wbuf, K, items, "xv", "W", "", "rb")]
+    if pair is not None:
+        x2, w2, K2 = pair
+        segs.append(_Seg(x2, w2, w2.buffer if isinstance(w2, Operand) else w2, K2, K2 // per, "xw", "W2", "_2", "rc"))
+    n_it = 0
+    for sg in segs:
+        sg.first, sg.iters = n_it, -(-sg.items // T)
+        n_it += sg.iters
+    ITERS = n_it
+    seg_of = [sg for sg in segs for _ in range(sg.iters)]
     xr = Reader("xv", x, 1, True)
     lnw = None
     b = 3
     readers = [xr]
+    if pair is not None:
+        readers.append(Reader("xw", segs[1].x, 3, True))
+        b = 5
     if ln and ln[0] is not None:
         lnw = Reader("lnw", ln[0], b, ln[0].offset % 4 == 0 and (not ln[0].shape or ln[0].strides[-1] == 1))
         b += 1
@@ -209,7 +256,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s += [r.decl() for r in readers]
     if ln:
         s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
-    x0 = int(x.offset)
+    wbind = {"W": 2, "W2": 4}
     if wide:
         from .quant import _SCMIN2_K, _SMALL4
         fmt = None
@@ -220,19 +267,19 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     elif quant:
         from .quant import _fmt, _format_wgsl
         fmt = _fmt(w_dtype)
-        rb_bytes = K // w_dtype.block_size * w_dtype.block_bytes
-        s.append("@group(0) @binding(2) var<storage, read> W: array<u32>;\n")
-        s.append(_format_wgsl(w_dtype, False, K, True))
-        if w_dtype.name in _RAW:
-            s.append(_RAW[w_dtype.name][1])
+        helpers = _format_wgsl(w_dtype, False, K, True) + (_RAW[w_dtype.name][1] if w_dtype.name in _RAW else "")
+        for sg in segs:
+            s.append(f"@group(0) @binding({wbind[sg.wname]}) var<storage, read> {sg.wname}: array<u32>;\n")
+        s.append(helpers)
+        if pair is not None:
+            s.append(_reading_copy(helpers, "W", "W2", "_2"))
     else:
         fmt = None
+        vt = "vec4<u32>" if w_dtype is dtypes.float16 else "vec4<f32>"
+        for sg in segs:
+            s.append(f"@group(0) @binding({wbind[sg.wname]}) var<storage, read> {sg.wname}: array<{vt}>;\n")
         if w_dtype is dtypes.float16:
-            s.append("@group(0) @binding(2) var<storage, read> W: array<vec4<u32>>;\n")
             s.append("fn up4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }\n")
-        else:
-            s.append("@group(0) @binding(2) var<storage, read> W: array<vec4<f32>>;\n")
-        woff = int(w.offset) // per
     s.append(ep_text)
     if ln:
         s.append(f"const INV_K: f32 = 1.0f / {K}.0f;\nconst EPS: f32 = {f32_lit(ln[2])};\n")
@@ -246,18 +293,26 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s.append(f"@compute @workgroup_size({T})\nfn main({bi}) {{\n")
     groups = -(-N // R)
     s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = min(g, {_u(groups - 1)}) * {R}u;\n")
-    for r in range(R):
-        if quant:
-            s.append(f"    let rb{r} = min(n0 + {r}u, {_u(N - 1)}) * {_u(rb_bytes)};\n")
-        else:
-            s.append(f"    let rb{r} = {_u(woff)} + min(n0 + {r}u, {_u(N - 1)}) * {_u(K // per)};\n")
+    for sg in segs:
+        for r in range(R):
+            if wide:
+                s.append(f"    let rb{r} = min(n0 + {r}u, {_u(N - 1)}) * {_u(rb_bytes)};\n")
+            elif quant:
+                row = sg.K // w_dtype.block_size * w_dtype.block_bytes
+                s.append(f"    let {sg.rbp}{r} = min(n0 + {r}u, {_u(N - 1)}) * {_u(row)};\n")
+            else:
+                s.append(f"    let {sg.rbp}{r} = {_u(int(sg.w.offset) // per)} + min(n0 + {r}u, {_u(N - 1)}) * {_u(sg.K // per)};\n")
     # item indices (clamped: a past-the-end item reads a valid one and gets x = 0)
     offs = fmt.offs if fmt else tuple(4 * j for j in range(per // 4))
+    ragged_it = set()
     for it in range(ITERS):
-        last = it == ITERS - 1 and ragged
-        s.append(f"    let i{it} = {'min(' if last else ''}{it * T}u + lid{f', {_u(items - 1)})' if last else ''};\n")
+        sg = seg_of[it]
+        li = it - sg.first
+        last = li == sg.iters - 1 and sg.items % T != 0
+        s.append(f"    let i{it} = {'min(' if last else ''}{li * T}u + lid{f', {_u(sg.items - 1)})' if last else ''};\n")
         if last:
-            s.append(f"    let ok{it} = {it * T}u + lid < {_u(items)};\n")
+            ragged_it.add(it)
+            s.append(f"    let ok{it} = {li * T}u + lid < {_u(sg.items)};\n")
         s.append(f"    let e{it} = {_subst_u(fmt.e0, f'i{it}') if fmt else f'{per}u * i{it}'};\n")
     # Issue order matters: a GPU warp issues in order and stalls at the first instruction that
     # needs a load still in flight, so every weight load of a chunk of iterations goes out first
@@ -270,22 +325,25 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         s.append(f"    var a{r} = vec4<f32>(0.0);\n")
         if quant:
             s.append(f"    var c{r} = 0.0;\n")
+    x0 = int(x.offset)
     for c0 in range(0, ITERS, C):
         its = range(c0, min(ITERS, c0 + C))
         if raw:
             for it in its:
+                sg = seg_of[it]
                 for r in range(R):
                     if wide:
                         s.append(_wide_loads(wide, r, it))
                     else:
-                        s.append(f"    let w{r}_{it} = ldr_{w_dtype.name}(rb{r}, i{it});\n")
+                        s.append(f"    let w{r}_{it} = ldr_{w_dtype.name}{sg.sfx}({sg.rbp}{r}, i{it});\n")
         if ln and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
             s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
             s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
                      f"    let bcB = BC[bcn];\n    let bcC = BC[{_u(N)} + bcn];\n")
         for it in its:
+            sg = seg_of[it]
             for j, o in enumerate(offs):
-                s.append(f"    var x{it}_{j} = xv_at4({_u(x0)} + e{it} + {o}u);\n")
+                s.append(f"    var x{it}_{j} = {sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u);\n")
                 if ln and lnw is not None:
                     s.append(f"    let gw{it}_{j} = {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
         for it in its:
@@ -293,7 +351,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                 v = f"x{it}_{j}"
                 if ln:
                     s.append(f"    {v} -= vec4<f32>(cshift);\n")
-                if it == ITERS - 1 and ragged:
+                if it in ragged_it:
                     s.append(f"    {v} = select(vec4<f32>(0.0), {v}, ok{it});\n")
                 if ln:
                     s.append(f"    s1 += dot({v}, vec4<f32>(1.0));\n    s2 += dot({v}, {v});\n")
@@ -305,23 +363,24 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
             elif fmt and fmt.has_c:
                 s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
         for it in its:
+            sg = seg_of[it]
             for r in range(R):
                 w_ = f"w{r}_{it}"
+                rb_ = f"{sg.rbp}{r}"
                 if wide:
                     s.append(_wide_decode(wide, r, it))
                 elif quant:
                     q = f"q{r}_{it}"
-                    s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, rb{r}, i{it})' if raw else f'unit(rb{r}, i{it})'};\n")
+                    s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, {rb_}, i{it})' if raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
                     s.append(f"    a{r} = fma({q}.a, {t}, a{r});\n")
                     if fmt.has_c:
                         s.append(f"    c{r} += dot({q}.c, sx{it});\n")
                 elif w_dtype is dtypes.float16:
-                    if not raw:
-                        s.append(f"    let {w_} = W[rb{r} + i{it}];\n")
+                    s.append(f"    let {w_} = {sg.wname}[{rb_} + i{it}];\n")
                     s.append(f"    a{r} = fma(up4({w_}.xy), x{it}_0, fma(up4({w_}.zw), x{it}_1, a{r}));\n")
                 else:
-                    s.append(f"    a{r} = fma({w_ if raw else f'W[rb{r} + i{it}]'}, x{it}_0, a{r});\n")
+                    s.append(f"    a{r} = fma({sg.wname}[{rb_} + i{it}], x{it}_0, a{r});\n")
     vals = [f"dot(a{r}, vec4<f32>(1.0)){f' + c{r}' if quant else ''}" for r in range(R)]
     if ln:
         vals += ["s1", "s2"]
@@ -357,6 +416,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         s.append("        let y = v;\n")
     s.append(f"        if (n < {_u(N)} && g < {_u(groups)}) {{ OUT[{_u(out_off)} + n] = epilogue(y, n); }}\n    }}\n}}\n")
     binds = [(out, "rw"), (x.buffer, "read"), (wbuf, "read")]
+    if pair is not None:
+        binds += [(segs[1].x.buffer, "read"), (segs[1].wbuf, "read")]
     if ln:
         binds += [(ln[0].buffer, "read")] if ln[0] is not None else []
         binds += [(bc, "read")]
@@ -402,6 +463,41 @@ fn unr_q4_0(r: RQ4, rb: u32, u: u32) -> QU {
 }
 """),
 }
+
+
+def _reading_copy(wgsl: str, arr: str, arr2: str, sfx: str) -> str:
+    """The functions of `wgsl` that read the storage array `arr` (directly or through another
+    such function), renamed with `sfx` and reading `arr2` instead: the helpers of a second
+    weight binding of the same format. Functions are top-level `fn` blocks (one line, or up to a
+    closing `}` at column 0)."""
+    import re
+    blocks, cur = [], None
+    for line in wgsl.splitlines(keepends=True):
+        if cur is None and line.startswith("fn "):
+            cur = [line]
+            if line.rstrip().endswith("}") and line.count("{") == line.count("}"):
+                blocks.append("".join(cur))
+                cur = None
+        elif cur is not None:
+            cur.append(line)
+            if line.startswith("}"):
+                blocks.append("".join(cur))
+                cur = None
+    names = {re.match(r"fn (\w+)", b).group(1): b for b in blocks}
+    reads = {n for n, b in names.items() if re.search(rf"\b{arr}\[", b)}
+    grew = True
+    while grew:   # functions calling a reader read too
+        more = {n for n, b in names.items() if n not in reads and any(re.search(rf"\b{m}\(", b) for m in reads)}
+        reads |= more
+        grew = bool(more)
+    out = []
+    for n, b in names.items():
+        if n in reads:
+            b = re.sub(rf"\b{arr}\[", f"{arr2}[", b)
+            for m in reads:
+                b = re.sub(rf"\b{m}\(", f"{m}{sfx}(", b)
+            out.append(b)
+    return "".join(out)
 
 
 def _param4(rd: Reader, op: Operand, e: str) -> str:
