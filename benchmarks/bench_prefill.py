@@ -8,6 +8,7 @@ figure that matters is TFLOP/s at these shapes, per tile / split-K choice.
     pytest benchmarks/bench_prefill.py --benchmark-only        (lavapipe: small shapes)
     TENSORGPU_BENCH_FULL=1 pytest benchmarks/bench_prefill.py  (H100: the pythia-1.4b shapes)
     python benchmarks/bench_prefill.py sweep [--quick]         (tile x split-K table per shape)
+    python benchmarks/bench_prefill.py attention [--baseline M] (prefill attention cases x knobs, us)
     python benchmarks/bench_prefill.py models --dir D --specs "pythia-1.4b:f16 pythia-1.4b:q4_0"
         (model prefill tok/s, first policy vs current in one process, host vs GPU time, profile)
 """
@@ -135,6 +136,78 @@ def attention_us(H, D, S=PREFILL, kernel="auto", target=None):
         attn.PREFILL_KERNEL, attn.TILED_TARGET_WORKGROUPS = old
     t = probe.gpu_time_per_dispatch(ds, warmup_s=0.1, target_s=0.03, rounds=3)
     return [e.name for e in log], t
+
+
+# (name, heads, head_dim, prompt, cache rows, keys before the prompt): the prefill attention cases
+# the register-blocked kernel must not regress on; kv_len (= before + prompt) is read from a buffer
+# as in the model, so the split plan only knows the prompt length
+ATTN_CASES = [("pythia-1.4b", 16, 128, 512, 520, 0), ("redpajama-3b", 32, 80, 512, 520, 0),
+              ("1.4b cache2048", 16, 128, 512, 2048, 0), ("1.4b chunk", 16, 128, 256, 1024, 512)]
+ATTN_VARIANTS = [dict(bk=32, unroll_s=1, unroll_pv=0), dict(bk=32, unroll_s=4, unroll_pv=8),
+                 dict(bk=32, unroll_s=8, unroll_pv=8), dict(bk=32, unroll_s=16, unroll_pv=8),
+                 dict(bk=32, unroll_s=8, unroll_pv=16), dict(bk=32, unroll_s=16, unroll_pv=16),
+                 dict(bk=32, unroll_s=8, unroll_pv=32), dict(bk=32, unroll_s=16, unroll_pv=32)]
+
+
+def attention_case_us(mod, H, D, S, cap, before, **knobs):
+    """(kernel names, GPU seconds, output) of module `mod`'s attention() on one ATTN_CASES case with
+    the module-level knobs set for the call (f32 q, f16 caches [H, cap, D], kv_len in a buffer)."""
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((H, S, D)).astype(np.float32)
+    kc = rng.standard_normal((H, cap, D)).astype(np.float16)
+    vc = rng.standard_normal((H, cap, D)).astype(np.float16)
+    Q = Operand(runtime.upload(q), dtypes.float32, (H, S, D), (S * D, D, 1), 0)
+    Kc = Operand(runtime.upload(kc), dtypes.float16, (H, cap, D), (cap * D, D, 1), 0)
+    Vc = Operand(runtime.upload(vc), dtypes.float16, (H, cap, D), (cap * D, D, 1), 0)
+    n = runtime.upload(np.array([before + S], np.int32))
+    out = runtime.Buffer(4 * H * S * D)
+    saved = {k: getattr(mod, k) for k in knobs if hasattr(mod, k)}
+    old_tuning = dict(getattr(mod, "TILED_TUNING", {}))
+    try:
+        for k, v in knobs.items():
+            if k == "tuning":
+                mod.TILED_TUNING.update(v)
+            else:
+                setattr(mod, k, v)
+        from tensorgpu import debug
+        with debug.kernel_log() as log:
+            mod.attention(out, Q, Kc, Vc, n, out_layout="sbd")
+        ds = list(runtime._pending[-len(log):])
+    finally:
+        for k, v in saved.items():
+            setattr(mod, k, v)
+        if old_tuning:
+            mod.TILED_TUNING.clear()
+            mod.TILED_TUNING.update(old_tuning)
+    got = np.frombuffer(runtime.read(out), np.float32)[:H * S * D].copy()
+    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.05, target_s=0.02, rounds=3)
+    return [e.name for e in log], t, got
+
+
+def attention_sweep(baseline: str = "") -> None:
+    """us per ATTN_CASES case: the committed kernel (`baseline` = a module path holding a copy
+    of the previous attention.py, timed in the same process) and every ATTN_VARIANTS knob set."""
+    import importlib
+    print(f"device: {runtime.get_device().name}; clocks {probe.gpu_clocks()}", flush=True)
+    _busy(0.3)
+    base = importlib.import_module(baseline) if baseline else None
+    for name, H, D, S, cap, before in ATTN_CASES:
+        fl = 4 * H * D * S * (before + (S + 1) / 2)
+        row = []
+        ref = None
+        if base is not None:
+            names, t, ref = attention_case_us(base, H, D, S, cap, before)
+            row.append(f"baseline {t * 1e6:.0f} ({fl / t / 1e12:.1f}, {len(names)} disp)")
+        for knobs in ATTN_VARIANTS:
+            names, t, got = attention_case_us(attn, H, D, S, cap, before, tuning=knobs)
+            err = "" if ref is None or np.allclose(got, ref, rtol=1e-4, atol=1e-5) else " MISMATCH"
+            tag = f"bk{knobs['bk']} s{knobs['unroll_s']} pv{knobs['unroll_pv']}"
+            row.append(f"{tag} {t * 1e6:.0f}{err}")
+        for target in (512, 2048):
+            names, t, got = attention_case_us(attn, H, D, S, cap, before, TILED_TARGET_WORKGROUPS=target)
+            row.append(f"default t{target} {t * 1e6:.0f}")
+        print(f"{name} H={H} D={D} S={S} cap={cap} before={before}: " + " | ".join(row), flush=True)
+    print(f"clocks {probe.gpu_clocks()}", flush=True)
 
 
 def _tf(M, N, K, t):
@@ -317,7 +390,8 @@ def models(directory: str, specs: str, n: int, profile: bool, tune_attention: bo
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["sweep", "models"])
+    ap.add_argument("what", choices=["sweep", "models", "attention"])
+    ap.add_argument("--baseline", default="", help="attention: module path of the previous attention.py copy")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dir", default="/tmp/ggufs")
     ap.add_argument("--specs", default="pythia-1.4b:f16 pythia-1.4b:q4_0")
@@ -328,5 +402,7 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.what == "sweep":
         sweep(a.quick)
+    elif a.what == "attention":
+        attention_sweep(a.baseline)
     else:
         models(a.dir, a.specs, a.n, a.profile, a.tune_attention, a.current_only)

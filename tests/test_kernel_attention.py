@@ -219,16 +219,29 @@ def test_rope_attention_decode_position_out_of_range(paths):
 
 
 @pytest.mark.parametrize("kernel,target", [("auto", 1024), ("auto", 1), ("generic", 256)])
-@pytest.mark.parametrize("B,sq,sk_max,D,kvl", [(2, 70, 80, 128, 75), (3, 33, 300, 80, 290), (1, 12, 64, 48, 40)], ids=str)
+@pytest.mark.parametrize("B,sq,sk_max,D,kvl", [(2, 70, 300, 128, 275), (3, 33, 300, 80, 290), (1, 12, 200, 48, 190)], ids=str)
 def test_prefill_tiled_and_generic(paths, monkeypatch, kernel, target, B, sq, sk_max, D, kvl):
     """The register-blocked prefill kernel (d % 16 == 0: vec4 units for d % 64 == 0, scalar dims
-    otherwise; with key splits + combine, including splits past the causal limit, or without)
-    and the generic one agree with NumPy."""
+    otherwise; with key splits + combine, including splits past the causal limit, or without;
+    the unrolled loops and the per-key loop over the valid keys only) and the generic one agree
+    with NumPy."""
     monkeypatch.setattr(attn_mod, "PREFILL_KERNEL", kernel)
     monkeypatch.setattr(attn_mod, "TILED_TARGET_WORKGROUPS", target)
+    if target == 1:
+        monkeypatch.setitem(attn_mod.TILED_TUNING, "unroll_s", 1)
+        monkeypatch.setitem(attn_mod.TILED_TUNING, "unroll_pv", 0)
     if kernel == "auto":
         assert (attn_mod._TilePlan(B, sq, sk_max, D, ()).NSPLIT == 1) == (target == 1)
     q, k, v = case(B, sq, sk_max, D, np.float16)
     assert attn_mod._TilePlan(B, sq, sk_max, D, ()).ok == (kernel == "auto")
     got = run(Base(q), q, Base(k), k, Base(v), v, kvl, out_layout="sbd")
+    np.testing.assert_allclose(got, ref_attention(q, k, v, kvl), **TOL)
+
+
+@pytest.mark.parametrize("sq,sk_max,kvl", [(256, 1024, 768), (40, 512, 40)], ids=str)
+def test_prefill_tiled_kv_len_buffer(paths, sq, sk_max, kvl):
+    """kv_len in a buffer (as in the model): the split plan only knows the prompt length, both for
+    a chunk after earlier keys (q_pos0 = kvl - sq > 0) and for a prompt in a much larger cache."""
+    q, k, v = case(2, sq, sk_max, 64, np.float16)
+    got = run(Base(q), q, Base(k), k, Base(v), v, runtime.upload(np.array([kvl], np.int32)), out_layout="sbd")
     np.testing.assert_allclose(got, ref_attention(q, k, v, kvl), **TOL)

@@ -343,6 +343,16 @@ PREFILL_KERNEL = "auto"
 # key tile, so splitting the key range balances them (and fills the GPU) at the price of a
 # combine pass.
 TILED_TARGET_WORKGROUPS = 1024
+# Inner-loop shape of the register-blocked kernel (knobs for benchmarks/bench_prefill.py sweeps):
+#   bk        key tile (the largest that fits workgroup memory, at most this)
+#   unroll_s  d steps per iteration of the S = Q K^T loop (all loads of a step group issued before
+#             its FMAs, so a thread keeps several shared-memory loads in flight)
+#   unroll_pv keys per iteration of the O += P V loop over a constant BK trip count (keys past the
+#             range have P = 0 and V = 0); 0 = a loop over the tile's valid keys only
+TILED_TUNING = {"bk": 32, "unroll_s": 16, "unroll_pv": 8}
+# A split walks at least this many key tiles: its fixed cost (Q tile, partial stores, its share
+# of the combine) must stay small next to its loop.
+TILED_MIN_CHUNK_TILES = 4
 
 
 class _TilePlan:
@@ -358,7 +368,7 @@ class _TilePlan:
     registers one phase ahead."""
     WG, BQ, TX = 128, 32, 16
 
-    def __init__(self, B: int, sq: int, sk_max: int, D: int, vecs: tuple):
+    def __init__(self, B: int, sq: int, sk_max: int, D: int, vecs: tuple, span: Optional[int] = None):
         dev = get_device()
         self.ok = False
         if sq <= DECODE_MAX_SQ or D % 16 or PREFILL_KERNEL == "generic":
@@ -367,24 +377,65 @@ class _TilePlan:
         self.VW = 4 if D % 64 == 0 else 1          # V / O per invocation: vec4 units or scalars
         self.NU = D // (self.TX * self.VW)          # units per invocation
         lim = dev.max_workgroup_storage
-        for bk in (32, 16):
+        for bk in (b for b in (64, 32, 16) if b <= TILED_TUNING["bk"]):
             self.BK = bk
             if self.shared_bytes() <= lim:
                 break
         else:
             return
         self.KPT = self.BK // self.TX
+        self.US = max(u for u in (1, 2, 4, 8, 16) if u <= TILED_TUNING["unroll_s"] and D % u == 0)
+        self.UPV = max((u for u in (1, 2, 4, 8, 16, 32) if u <= TILED_TUNING["unroll_pv"] and self.BK % u == 0), default=0)
         self.NQT = -(-sq // self.BQ)
         self.REGS = -(-(self.BK * self.D4) // self.WG)      # K/V vec4 registers per invocation
-        max_split = max(1, -(-sk_max // self.BK))
+        # the chunk is sized from the keys the longest query tile walks (`span`, default sk_max),
+        # not from the cache capacity: a 512-token prompt in a 2048-row cache still gets chunks
+        # of ~1/4 of its length (the splits past kv_len exit at once)
+        span = sk_max if span is None else max(1, min(span, sk_max))
+        max_split = max(1, -(-span // self.BK))
         nsplit = max(1, min(max_split, -(-TILED_TARGET_WORKGROUPS // (B * self.NQT))))
-        self.CHUNK = -(-max_split // nsplit) * self.BK
+        self.CHUNK = max(-(-max_split // nsplit), TILED_MIN_CHUNK_TILES) * self.BK
         self.NSPLIT = max(1, -(-sk_max // self.CHUNK))
         self.ok = True
 
     def shared_bytes(self) -> int:
         # Qs [D][BQ], KV [BK * D], Ps [BK][BQ], two vec4 reduction buffers, l exchange
-        return 4 * (self.D * self.BQ + self.BK * self.D + self.BK * self.BQ) + 2 * 16 * self.WG
+        return 4 * (self.D * self.BQ + self.BK * self.D) + 16 * self.BK * self.PS + 2 * 16 * self.WG
+
+    @property
+    def PS(self) -> int:
+        """Row stride (vec4s) of Ps [key][query/4], padded by one so the 16 invocations of a
+        query group storing 16 different keys' rows hit different banks."""
+        return self.BQ // 4 + 1
+
+
+def _pv_loop(p: _TilePlan) -> list:
+    """O += P V over the staged tile: each key j's P column (4 queries) and V row slices loaded
+    first, then the FMAs, unroll_pv keys per iteration (or one key per iteration over the valid
+    keys only when unroll_pv is 0)."""
+    BQ4, D4, TX, NU, VW = p.BQ // 4, p.D4, p.TX, p.NU, p.VW
+    U = p.UPV or 1
+    if p.UPV:
+        L = [f"    for (var j0 = 0u; j0 < {p.BK}u; j0 = j0 + {U}u) {{"]
+    else:
+        L = [f"    let nk = min({p.BK}u, k_hi - t0);",
+             "    for (var j0 = 0u; j0 < nk; j0 = j0 + 1u) {"]
+    for w in range(U):
+        L.append(f"      let pj{w} = Ps[(j0 + {w}u) * {p.PS}u + ty];")
+        for u in range(NU):
+            if VW == 4:
+                L.append(f"      let v{w}_{u} = KV[(j0 + {w}u) * {D4}u + tx + {u * TX}u];")
+            else:
+                dd = f"tx + {u * TX}u"
+                L.append(f"      let v{w}_{u} = vec4<f32>(KV[(j0 + {w}u) * {D4}u + ({dd}) / 4u][({dd}) % 4u]);")
+    for w in range(U):
+        for u in range(NU):
+            if VW == 4:
+                L += [f"      o{r4}_{u} = fma(vec4<f32>(pj{w}[{r4}]), v{w}_{u}, o{r4}_{u});" for r4 in range(4)]
+            else:
+                L.append(f"      o_{u} = fma(pj{w}, v{w}_{u}, o_{u});")
+    L.append("    }")
+    return L
 
 
 def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: int, sk_max: int, D: int,
@@ -412,7 +463,7 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
          seg_reduce("red_sum", "+", TX, WG, sub, "vec4<f32>(0.0)", "vec4<f32>"),
          f"var<workgroup> Qs: array<vec4<f32>, {D * BQ4}>;",        # [d][query/4]
          f"var<workgroup> KV: array<vec4<f32>, {BK * D4}>;",        # K: [d][key/4]; V: [key][d/4]
-         f"var<workgroup> Ps: array<vec4<f32>, {BK * BQ4}>;",       # [key][query/4]
+         f"var<workgroup> Ps: array<vec4<f32>, {BK * p.PS}>;",      # [key][query/4], padded rows
          f"fn qrow(b: u32, i: u32) -> u32 {{ return {q.offset}u + b * {qs[0]}u + i * {qs[1]}u; }}",
          f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + b * {ks[0]}u + j * {ks[1]}u; }}",
          f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + b * {vs[0]}u + j * {vs[1]}u; }}",
@@ -505,11 +556,14 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
     # S = Q K^T: keys tx + 16 * kk
     for kk in range(KPT):
         L.append(f"    var s{kk} = vec4<f32>(0.0);")
-    L += [f"    for (var d = 0u; d < {D}u; d = d + 1u) {{",
-          f"      let qv = Qs[d * {BQ4}u + ty];"]
-    for kk in range(KPT):
-        key = f"tx + {kk * TX}u"
-        L.append(f"      s{kk} = fma(qv, vec4<f32>(KV[d * {BK // 4}u + ({key}) / 4u][({key}) % 4u]), s{kk});")
+    US = p.US
+    L.append(f"    for (var d = 0u; d < {D}u; d = d + {US}u) {{")
+    for u in range(US):
+        L.append(f"      let qv{u} = Qs[(d + {u}u) * {BQ4}u + ty];")
+        L += [f"      let kv{u}_{kk} = KV[(d + {u}u) * {BK // 4}u + (tx + {kk * TX}u) / 4u][(tx + {kk * TX}u) % 4u];"
+              for kk in range(KPT)]
+    for u in range(US):
+        L += [f"      s{kk} = fma(qv{u}, vec4<f32>(kv{u}_{kk}), s{kk});" for kk in range(KPT)]
     L += ["    }"]
     # mask: key past the range / causal / query past sq
     L.append(f"    let qrow4 = vec4<i32>(i32(q0 + ty * 4u)) + vec4<i32>(0, 1, 2, 3);")
@@ -519,7 +573,9 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
         if causal:
             conds.append(f"vec4<i32>(i32{key}) > vec4<i32>(qp0) + qrow4")
         L.append(f"    s{kk} = select(s{kk}, vec4<f32>(ninf), {' | '.join(conds)});")
-    tmax = "s0" if KPT == 1 else "max(s0, s1)"
+    tmax = "s0"
+    for kk in range(1, KPT):
+        tmax = f"max({tmax}, s{kk})"
     L += [f"    let m_new = max(m_run, red_max({tmax}, lid, {sg}));",
           "    let alpha = select(exp2(m_run - m_new), vec4<f32>(1.0), m_new == vec4<f32>(ninf));",
           "    m_run = m_new;"]
@@ -527,7 +583,7 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
         L.append(f"    let p{kk} = select(exp2(s{kk} - m_new), vec4<f32>(0.0), s{kk} == vec4<f32>(ninf));")
     L.append(f"    l_run = l_run * alpha + {' + '.join(f'p{kk}' for kk in range(KPT))};")
     for kk in range(KPT):
-        L.append(f"    Ps[(tx + {kk * TX}u) * {BQ4}u + ty] = p{kk};")
+        L.append(f"    Ps[(tx + {kk * TX}u) * {p.PS}u + ty] = p{kk};")
     for u in range(NU):
         if VW == 4:
             L += [f"    o{r4}_{u} *= alpha[{r4}];" for r4 in range(4)]
@@ -539,18 +595,9 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
           "    if (it + 1u < kt_n) {",
           f"      let tn = t0 + {BK}u;"]
     L += ["  " + x for x in fetch("ld_k", "krow", "tn")]
-    L += ["    }",
-          f"    let nk = min({BK}u, k_hi - t0);",
-          "    for (var j = 0u; j < nk; j = j + 1u) {",
-          f"      let pj = Ps[j * {BQ4}u + ty];"]
-    for u in range(NU):
-        if VW == 4:
-            L.append(f"      let v{u} = KV[j * {D4}u + tx + {u * TX}u];")
-            L += [f"      o{r4}_{u} = fma(vec4<f32>(pj[{r4}]), v{u}, o{r4}_{u});" for r4 in range(4)]
-        else:
-            dd = f"tx + {u * TX}u"
-            L.append(f"      o_{u} = fma(pj, vec4<f32>(KV[j * {D4}u + ({dd}) / 4u][({dd}) % 4u]), o_{u});")
-    L += ["    }", "  }"]
+    L.append("    }")
+    L += _pv_loop(p)
+    L.append("  }")
     # finish
     L += [f"  let lsum = red_sum(l_run, lid, {sg});"]
     for r4 in range(4):
@@ -619,6 +666,18 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 """
 
 
+def _key_span(kv_len, q_pos0, sq: int, causal: bool) -> Optional[int]:
+    """Keys the longest query row sees, as far as the host knows: kv_len when it is an int (or
+    q_pos0 + sq when that is smaller and both are ints); for a causal prefill with kv_len in a
+    buffer, the prompt length (a fresh prefill sees sq keys; a chunk after a long context gets
+    more splits than it needs, never fewer chunks per row); None (the cache capacity) otherwise."""
+    if isinstance(kv_len, int):
+        if causal and isinstance(q_pos0, int):
+            return max(1, min(kv_len, q_pos0 + sq))
+        return max(1, kv_len)
+    return sq if causal else None
+
+
 def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
               kv_len: Union[Buffer, int], causal: bool = True, scale: Optional[float] = None,
               q_pos0: Union[Buffer, int, None] = None, out_layout: str = "bsd") -> None:
@@ -660,7 +719,7 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
     distinct(fn, out=out, q=q.buffer, k_cache=k_cache.buffer, v_cache=v_cache.buffer,
              kv_len=kv_len if isinstance(kv_len, Buffer) else None,
              q_pos0=q_pos0 if isinstance(q_pos0, Buffer) else None)
-    tp = _TilePlan(B, sq, sk_max, D, ())
+    tp = _TilePlan(B, sq, sk_max, D, (), _key_span(kv_len, q_pos0, sq, causal))
     if tp.ok:
         p = tp
         src, binds = _tiled_source(tp, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
