@@ -244,8 +244,9 @@ class Session:
             greedy = sampler.greedy
             T, K, P, R = sampler.temperature, sampler.top_k or 0, sampler.top_p or 1.0, sampler.penalty
 
+            # u: the uniform draw of a sampling step; greedy steps do not pass it (one host write less)
             @tg.capture
-            def step(tok, pos, kv_len, u):
+            def step(tok, pos, kv_len, u=None):
                 logits = model.forward(tok, pos, kv_len, cache, last_only=True)          # [1, V]
                 return tg.nn.sample(logits, 0.0 if greedy else T, 0 if greedy else K, 1.0 if greedy else P,
                                     u=None if greedy else u, repetition_penalty=R,
@@ -301,13 +302,13 @@ class Session:
             # step s writes row base+s-1 and needs row base+s free for token s
             while len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens and base + queued + 1 < self.max_context:
                 p = base + queued
-                tok = step(tok, p, p + 1, float(sampler.rng.random()) if not greedy else 0.0)
+                tok = step(tok, p, p + 1) if greedy else step(tok, p, p + 1, float(sampler.rng.random()))
                 tickets.append(runtime.read_later(tok.node.buffer, 0, 4))
                 queued += 1
             runtime.flush()
 
         queue_steps()
-        generated: list = []
+        toks, prev = list(ctx), None     # the context grows by one token per yield (no copies)
         t_dec = None
         for n in range(max_new_tokens):
             nxt = int(np.frombuffer(tickets.popleft().result(), np.int32)[0])
@@ -324,8 +325,9 @@ class Session:
             if not stop:
                 queue_steps()            # before the caller gets control: the GPU keeps going
             # the yielded token is pending: it joins the cache when the session runs next
-            self.tokens, self._pending = ctx + generated, [nxt]
-            generated.append(nxt)
+            if prev is not None:
+                toks.append(prev)
+            self.tokens, self._pending, prev = toks, [nxt], nxt
             yield nxt
             if stop:
                 return
