@@ -77,13 +77,23 @@ def bench_prefill(model, n: int, reps: int = 3) -> dict:
         run_session()
         runtime.sync()
         ctimes.append(time.perf_counter() - t0)
+    # a new prompt length inside a bucket already run (padded to it): first a length that makes
+    # the bucket's padded capture, then other lengths of that bucket, timed (no compile, replay)
+    bucket_s = []
+    for m in (n - 7, n - 13, n - 29):
+        sess.reset()
+        t0 = time.perf_counter()
+        sess.forward(host_ids[:m], last_only=True)
+        runtime.sync()
+        bucket_s.append(time.perf_counter() - t0)
     del sess
     if PROFILE and "timestamp-query-inside-passes" in tg.device()["features"]:
         with tg.debug.profile() as prof:
             run()
         print(f"--- prefill {n} profile (GPU time per kernel)\n" + prof.table(), flush=True)
     return {"prefill_tokens": n, "prefill_first_s": first, "prefill_s": best, "prefill_tok_s": n / best,
-            "prefill_session_tok_s": n / min(ctimes)}
+            "prefill_session_tok_s": n / min(ctimes),
+            "prefill_new_length_first_s": bucket_s[0], "prefill_new_length_same_bucket_s": min(bucket_s[1:])}
 
 
 def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:

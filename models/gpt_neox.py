@@ -190,17 +190,22 @@ class GPTNeoX:
     # -- the forward pass -----------------------------------------------------------
 
     def forward(self, ids: tg.Tensor, positions: tg.Tensor, kv_len: tg.Tensor, cache: Sequence,
-                last_only: bool = False) -> tg.Tensor:
+                last_only: bool = False, last_index: Optional[tg.Tensor] = None) -> tg.Tensor:
         """Logits for `ids` (int32 [T]) at `positions` (int32 [T]); K/V rows are written into
         `cache` (per layer a (k, v) pair of [H, max_ctx, D] tensors) and attention reads the first
-        kv_len (int32 [1]) rows. Returns float32 [T, vocab] ([1, vocab]: the last token only)."""
+        kv_len (int32 [1]) rows. Returns float32 [T, vocab] ([1, vocab]: the last token only).
+        last_index (int32 [1]): return only that row's logits, [1, vocab] — for a prompt padded
+        to a bucket length, whose last real token is not the last row."""
         c = self.config
         T = ids.shape[0]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
         for i, (blk, (k_cache, v_cache)) in enumerate(zip(self.blk, cache)):
             # last_only: the last layer still writes every token's K/V, then works on one row
-            x = self._block(blk, x, positions, kv_len, k_cache, v_cache, last_only and i == c.n_layer - 1)
-        if last_only and x.shape[0] > 1:
+            one = last_only and last_index is None and i == c.n_layer - 1
+            x = self._block(blk, x, positions, kv_len, k_cache, v_cache, one)
+        if last_index is not None:
+            x = tg.nn.embedding(last_index, x)                             # [1, C]: that row
+        elif last_only and x.shape[0] > 1:
             x = x[T - 1:]                                                  # [1, C] (no layers)
         x = tg.nn.layer_norm(x, self.output_norm.weight, self.output_norm.bias, c.norm_eps)
         return tg.nn.linear(x, self.output)                                # [T, V]

@@ -19,8 +19,21 @@ from .sampling import Sampler
 # Decode steps the GPU may run ahead of the host reading their tokens (2: the host never waits
 # on a readback that could not be ready yet; measured on the H100, benchmarks/RESULTS.md).
 STEPS_IN_FLIGHT = 2
-# Forward shapes (token count, last_only) a session keeps captured (see _forward_captured).
+# Forward shapes (bucket length, last_only) a session keeps captured (see _forward_captured).
 CAPTURED_FORWARDS = 2
+# Prompt lengths are padded up to the next of these (then to multiples of 2048): ~1.5x steps,
+# so padding costs at most half again, ~20% on average, of a prefill's compute.
+_BUCKETS = (8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+def bucket_length(T: int) -> int:
+    """The padded length a Session runs a T-token forward at (1-4 tokens: exactly T)."""
+    if T <= 4:
+        return T
+    for b in _BUCKETS:
+        if b >= T:
+            return b
+    return -(-T // 2048) * 2048
 
 
 class ContextOverflowError(ValueError):
@@ -113,23 +126,46 @@ class Session:
         return logits[len(pending):] if pending and not last_only else logits
 
     def _forward_captured(self, run: list, p: int, last_only: bool) -> tg.Tensor:
-        """model.forward of `run` at positions p.., through a capture kept per (length,
-        last_only): a prompt length seen before (a serving bucket, perplexity windows, the
-        host-sampling decode loop) replays the recorded kernels with no graph building or
-        scheduling. The CAPTURED_FORWARDS most recent lengths are kept; each holds about one
-        forward's peak intermediate memory (kernels reuse the buffers of dead intermediates)."""
+        """model.forward of `run` at positions p.., through a capture kept per (bucket length,
+        last_only). A prompt is padded up to its bucket (`bucket_length`): kernels are generated
+        and compiled per shape, so without buckets every new prompt length would compile a new
+        set of pipelines (~0.5-1 s); with them, lengths of one bucket share the compiled kernels
+        and the captured forward (no graph building or scheduling either). Padding rows come
+        after the real tokens, so causal attention keeps them out of every real row; their K/V
+        rows land beyond the context, where nothing reads them before they are rewritten. A
+        prompt that fills its bucket, or whose bucket would pass the context, runs unpadded. The
+        CAPTURED_FORWARDS most recent shapes are kept; each holds about one forward's peak
+        intermediate memory (kernels reuse the buffers of dead intermediates)."""
         T = len(run)
+        B = bucket_length(T)
+        # run at exactly T when the prompt fills its bucket (that keeps the last layer's one-row
+        # shortcut, which a padded run cannot use) or the bucket would pass the context
+        padded = T < B and p + B <= self.max_context
+        if not padded:
+            B = T
         caps = self.__dict__.setdefault("_forwards", {})
-        fn = caps.pop((T, last_only), None)
+        key = (B, last_only, padded)
+        fn = caps.pop(key, None)
         if fn is None:
             model, cache = self.model, self.cache
-            fn = tg.capture(lambda ids, pos, kv_len: model.forward(ids, pos, kv_len, cache, last_only=last_only),
-                            submit_every=64 if T > 1 else None)
-        caps[(T, last_only)] = fn                     # most recent last
+            if last_only and padded:
+                def fwd(ids, pos, kv_len, last):
+                    return model.forward(ids, pos, kv_len, cache, last_only=True, last_index=last)
+            else:
+                def fwd(ids, pos, kv_len):
+                    return model.forward(ids, pos, kv_len, cache, last_only=last_only)
+            fn = tg.capture(fwd, submit_every=64 if B > 1 else None)
+        caps[key] = fn                                # most recent last
         while len(caps) > CAPTURED_FORWARDS:
             del caps[next(iter(caps))]
-        out = fn(np.asarray(run, np.int32), np.arange(p, p + T, dtype=np.int32), p + T)   # [T or 1, V]
-        return out.contiguous()      # the capture's output buffer is rewritten by its next replay
+        ids = np.zeros(B, np.int32)
+        ids[:T] = run
+        args = (ids, np.arange(p, p + B, dtype=np.int32), p + B)
+        if last_only and padded:
+            return fn(*args, np.array([T - 1], np.int32)).contiguous()     # [1, V]
+        out = fn(*args)                                # [B or 1, V]
+        # the capture's output buffer is rewritten by its next replay: hand out a copy
+        return (out if B == T else out[:T]).contiguous()
 
     @property
     def context(self) -> list:

@@ -361,3 +361,54 @@ def test_model_without_tokenizer(tmp_path, seq_parts):
     with pytest.raises(ValueError, match="no tokenizer"):
         m.session().generate("text")
     assert len(list(m.session().generate([5, 6], max_new_tokens=3))) == 3
+
+
+# ----------------------------------------------------------------------------- bucketed prompt lengths
+
+
+def _exact_logits(model, ids, p_ids=()):
+    """model.forward without padding or capture, after the prefix p_ids."""
+    cache = model.new_cache(model.config.n_ctx)
+    allids = list(p_ids) + list(ids)
+    T, p = len(ids), len(p_ids)
+    if p:
+        model.forward(tg.tensor(np.asarray(p_ids, np.int32)), tg.tensor(np.arange(p, dtype=np.int32)),
+                      tg.tensor(np.array([p], np.int32)), cache).realize()
+    return model.forward(tg.tensor(np.asarray(allids[p:], np.int32)), tg.tensor(np.arange(p, p + T, dtype=np.int32)),
+                         tg.tensor(np.array([p + T], np.int32)), cache).numpy()
+
+
+@pytest.mark.parametrize("T", [5, 7, 37, 100])
+def test_padded_forward_equals_the_exact_one(q8, T):
+    """A prompt padded to its bucket gives the same logits (all rows, and the last row) as the
+    unpadded forward, also after a prefix (positions and kv_len offset). Tolerance: the two
+    shapes sum in different orders and the f16 cache rounds K/V (the model tests' f16 bound)."""
+    from models.session import bucket_length
+    assert bucket_length(T) > T
+    ids = (np.arange(T) * 37 + 11) % q8.config.n_vocab
+    want = _exact_logits(q8, ids)
+    s = q8.session()
+    np.testing.assert_allclose(s.forward(ids).numpy(), want, rtol=1e-3, atol=1e-3)
+    s2 = q8.session()
+    np.testing.assert_allclose(s2.forward(ids, last_only=True).numpy(), want[-1:], rtol=1e-3, atol=1e-3)
+    s2_more = s2.forward(ids[:3]).numpy()                       # continues after the padded prompt
+    want2 = _exact_logits(q8, ids[:3], p_ids=list(ids))
+    np.testing.assert_allclose(s2_more, want2, rtol=1e-3, atol=1e-3)
+
+
+def test_lengths_of_one_bucket_compile_nothing_new(q8):
+    s = q8.session()
+    s.forward(np.arange(40) % 100, last_only=True).numpy()     # bucket 48: traced + compiled
+    s0 = tg.debug.stats()
+    for T in (41, 45, 47):
+        s.reset()
+        s.forward(np.arange(T) % 100, last_only=True).numpy()
+    d = {k: tg.debug.stats()[k] - s0[k] for k in ("pipelines_compiled", "captures_traced")}
+    assert d == {"pipelines_compiled": 0, "captures_traced": 0}
+
+
+def test_no_padding_past_the_context(q8):
+    s = q8.session(max_context=40)
+    ids = np.arange(37) % 100                                  # bucket 48 > 40: runs at 37
+    np.testing.assert_allclose(s.forward(ids, last_only=True).numpy(), _exact_logits(q8, ids)[-1:], rtol=1e-3, atol=1e-3)
+    assert s.position == 37
