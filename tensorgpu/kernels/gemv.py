@@ -30,8 +30,9 @@ from .nn_wgsl import Reader, enable_f16, f32_lit
 # Knobs the sweeps set (benchmarks/sweep_decode.py): None = chosen from K / the weight type.
 # wide: formats decoded as 64-element items (`_WIDE`) instead of quant.py's 16-element units. Off
 # by default: on the H100 (sweep_decode.py, 4096x4096 / 8192x2048) every wide config so far was
-# as fast or slower (q4_0 9.9-11.5 us vs 9.3-9.7, q8_0 12.5-13.8 vs 11.1-12.7): fewer integer ops
-# did not buy time, so the kernels are not ALU-bound there.
+# as fast or slower (q4_0 9.9-11.5 us vs 9.3-9.7, q8_0 12.5-13.8 vs 11.1-12.7). At those 9-18 MB
+# sizes a fixed ~4-5 us per call dominates; at large N the 16-element q4_0 kernel is decode-bound
+# (~1.8 TB/s, benchmarks/results/2026-11-25b/gemv_scaling.log), where wide is not yet measured.
 TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48, "wide": ()}
 
 _U32 = 1 << 32
