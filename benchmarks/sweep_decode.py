@@ -103,8 +103,8 @@ def gemv_quant(dtname, cfgs):
 
 
 def gemv_new(dtname, cfgs, ln=False):
-    """kernels/gemv.py over (threads, rows[, hoist_regs[, wide]]) configs (None/"-": the default;
-    wide 0: 16-element units, 1: 64-element items for this format); ln: with the fused layer norm."""
+    """kernels/gemv.py over (threads, rows[, hoist_regs]) configs (None/"-": the default); ln: with
+    the fused layer norm."""
     dt = dtypes.float16 if dtname == "f16" else dtypes.as_dtype(dtname)
     rng = np.random.default_rng(0)
     for N, K in SHAPES:
@@ -128,8 +128,6 @@ def gemv_new(dtname, cfgs, ln=False):
             gm.TUNING.update(threads=threads, rows=rows)
             if len(cfg) > 2 and cfg[2] is not None:
                 gm.TUNING.update(hoist_regs=cfg[2])
-            if len(cfg) > 3 and cfg[3] is not None:
-                gm.TUNING.update(wide=(dtname,) if cfg[3] else ())
             try:
                 with runtime_log() as log:
                     for w in ws:
@@ -139,7 +137,7 @@ def gemv_new(dtname, cfgs, ln=False):
                 t = _time(ds)
             finally:
                 gm.TUNING.update(old)
-            tag = f"t{threads}r{rows}" + "".join(f"{k}{v}" for k, v in zip("hw", cfg[2:]))
+            tag = f"t{threads}r{rows}" + "".join(f"{k}{v}" for k, v in zip("h", cfg[2:]))
             res.append(f"{tag}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
         print(f"new{'+ln' if ln else ''} {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 

@@ -138,32 +138,21 @@ def test_layer_norm_without_weight_and_cached_constants():
 
 
 @pytest.fixture
-def wide():
+def tuning():
     old = dict(gmod.TUNING)
-    gmod.TUNING.update(wide=("q4_0", "q8_0", "q4_k"))
     yield gmod.TUNING
     gmod.TUNING.clear()
     gmod.TUNING.update(old)
 
 
-@pytest.mark.parametrize("wdt", ["q8_0", "q4_0", "q4_k"])
-@pytest.mark.parametrize("ln", [False, True], ids=["plain", "ln"])
-def test_wide_items(paths, wide, wdt, ln):
-    """TUNING['wide']: 64-element items (constant code positions, masked in place), with the
-    fused norm, on every f16/subgroup path."""
-    run(wdt, 37, 512, ln)
-    assert gmod._config(dtypes.as_dtype(wdt), 512)[1] == 64
-
-
 @pytest.mark.parametrize("threads,rows", [(32, 3), (64, 1), (32, 8)])
-def test_wide_items_ragged_and_launch_shapes(wide, threads, rows):
+def test_quant_launch_shapes(tuning, threads, rows):
     """Items not a multiple of the workgroup, several iterations per thread, N not a multiple
-    of the rows; a K that is not a multiple of 64 keeps the 16-element units."""
-    wide.update(threads=threads, rows=rows)
+    of the rows, with and without the fused norm."""
+    tuning.update(threads=threads, rows=rows)
     for wdt, K in (("q4_0", 64 * 5), ("q8_0", 64 * 7), ("q4_k", 256 * 3), ("q4_0", 32 * 9)):
         run(wdt, 13, K, ln=True)
         run(wdt, 5, K)
-    assert gmod._config(dtypes.q4_0, 32 * 9)[1] == 16
 
 
 def _weight(wdt, N, K):

@@ -20,7 +20,7 @@ type quant.py decodes (bound as array<u32>). x: float32/float16 [K] contiguous. 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from .. import dtypes, runtime
 from ..runtime import Buffer
@@ -28,12 +28,10 @@ from .common import NoEpilogue, Operand, epilogue_bindings
 from .nn_wgsl import Reader, enable_f16, f32_lit
 
 # Knobs the sweeps set (benchmarks/sweep_decode.py): None = chosen from K / the weight type.
-# wide: formats decoded as 64-element items (`_WIDE`) instead of quant.py's 16-element units. Off
-# by default: on the H100 (sweep_decode.py, 4096x4096 / 8192x2048) every wide config so far was
-# as fast or slower (q4_0 9.9-11.5 us vs 9.3-9.7, q8_0 12.5-13.8 vs 11.1-12.7). At those 9-18 MB
-# sizes a fixed ~4-5 us per call dominates; at large N the 16-element q4_0 kernel is decode-bound
-# (~1.8 TB/s, benchmarks/results/2026-11-25b/gemv_scaling.log), where wide is not yet measured.
-TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48, "wide": ()}
+# Variants measured on the H100 and dropped (benchmarks/results/2026-11-25b/): 64-element items
+# with half the integer work per element, and rows staged through workgroup memory with 16-byte
+# loads. Both were slower at every size from 9 MB to 272 MB.
+TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48}
 
 _U32 = 1 << 32
 
@@ -66,7 +64,7 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
     elif w_dtype is dtypes.float32:
         per = 4
     else:
-        per = 64 if _wide(w_dtype, K) else 16
+        per = 16
     items = K // per
     T = TUNING["threads"]
     if T is None and runtime.get_device().has_subgroups:
@@ -125,10 +123,9 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         x2, w2, K2 = pair
         K2 = int(K2)
         same = (w2.dtype is w_dtype) if isinstance(w2, Operand) else w_dtype.is_quant
-        if (ln is not None or not same or _wide(w_dtype, K) or _wide(w_dtype, K + K2)
-                or not supported(x2, w_dtype, K2, w2 if isinstance(w2, Operand) else None)):
+        if ln is not None or not same or not supported(x2, w_dtype, K2, w2 if isinstance(w2, Operand) else None):
             raise ValueError(f"gemv: second pair x {tuple(x2.shape)} {x2.dtype} with weight [{N}, {K2}] {w_dtype} is not "
-                             f"supported (same weight type, contiguous x, no layer norm, no wide items)")
+                             f"supported (same weight type, contiguous x, no layer norm)")
         pair = (x2, w2, K2)
         Kc = K + K2
     items, per, T, R = _config(w_dtype, Kc, ln is not None)
@@ -221,7 +218,6 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
-    wide = _wide(w_dtype, K) if quant and pair is None else None
     segs = [_Seg(x, w, wbuf, K, items, "xv", "W", "", "rb")]
     if pair is not None:
         x2, w2, K2 = pair
@@ -258,14 +254,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     if ln:
         s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
     wbind = {"W": 2, "W2": 4}
-    if wide:
-        from .quant import _SCMIN2_K, _SMALL4
-        fmt = None
-        rb_bytes = K // w_dtype.block_size * w_dtype.block_bytes // (16 if wide.vec4 else 4)   # in W's elements
-        s.append(f"@group(0) @binding(2) var<storage, read> W: array<{'vec4<u32>' if wide.vec4 else 'u32'}>;\n")
-        if w_dtype is dtypes.q4_k:
-            s.append(_SMALL4 + _SCMIN2_K)
-    elif quant:
+    if quant:
         from .quant import _fmt, _format_wgsl
         fmt = _fmt(w_dtype)
         helpers = _format_wgsl(w_dtype, False, K, True) + (_RAW[w_dtype.name][1] if w_dtype.name in _RAW else "")
@@ -296,9 +285,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = min(g, {_u(groups - 1)}) * {R}u;\n")
     for sg in segs:
         for r in range(R):
-            if wide:
-                s.append(f"    let rb{r} = min(n0 + {r}u, {_u(N - 1)}) * {_u(rb_bytes)};\n")
-            elif quant:
+            if quant:
                 row = sg.K // w_dtype.block_size * w_dtype.block_bytes
                 s.append(f"    let {sg.rbp}{r} = min(n0 + {r}u, {_u(N - 1)}) * {_u(row)};\n")
             else:
@@ -319,8 +306,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     # needs a load still in flight, so every weight load of a chunk of iterations goes out first
     # (raw words for the quant formats, decoded after), then x (and the norm's) loads, then the
     # arithmetic. Chunks bound the registers the raw weights hold.
-    raw = bool(wide) or (TUNING.get("hoist", True) and quant and w_dtype.name in _RAW)   # float: no gain, more registers (A/B)
-    words = (wide.words if wide else _RAW[w_dtype.name][0]) if raw else 0
+    raw = TUNING.get("hoist", True) and quant and w_dtype.name in _RAW   # float: no gain, more registers (A/B)
+    words = _RAW[w_dtype.name][0] if raw else 0
     C = max(1, int(TUNING.get("hoist_regs", 48)) // max(1, R * words)) if raw else ITERS
     for r in range(R):
         s.append(f"    var a{r} = vec4<f32>(0.0);\n")
@@ -333,10 +320,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
             for it in its:
                 sg = seg_of[it]
                 for r in range(R):
-                    if wide:
-                        s.append(_wide_loads(wide, r, it))
-                    else:
-                        s.append(f"    let w{r}_{it} = ldr_{w_dtype.name}{sg.sfx}({sg.rbp}{r}, i{it});\n")
+                    s.append(f"    let w{r}_{it} = ldr_{w_dtype.name}{sg.sfx}({sg.rbp}{r}, i{it});\n")
         if ln and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
             s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
             s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
@@ -358,19 +342,14 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                     s.append(f"    s1 += dot({v}, vec4<f32>(1.0));\n    s2 += dot({v}, {v});\n")
                     if lnw is not None:
                         s.append(f"    {v} *= gw{it}_{j};\n")
-            if wide and wide.xsums:   # per 32-element half, shared by the rows
-                s.append(f"    let sx{it} = vec2<f32>(" + ", ".join(
-                    "dot(" + " + ".join(f"x{it}_{j}" for j in range(h, h + 8)) + ", vec4<f32>(1.0))" for h in (0, 8)) + ");\n")
-            elif fmt and fmt.has_c:
+            if fmt and fmt.has_c:
                 s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
         for it in its:
             sg = seg_of[it]
             for r in range(R):
                 w_ = f"w{r}_{it}"
                 rb_ = f"{sg.rbp}{r}"
-                if wide:
-                    s.append(_wide_decode(wide, r, it))
-                elif quant:
+                if quant:
                     q = f"q{r}_{it}"
                     s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, {rb_}, i{it})' if raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
@@ -514,126 +493,3 @@ def _subst_u(expr: str, var: str) -> str:
     """quant's unit-offset expressions are written in a variable named `u`: rename it."""
     import re
     return re.sub(r"\bu\b", var, expr)
-
-
-# ----------------------------------------------------------------------------- 64-element items
-# A 16-element unit (quant.py) pays its scale decode, alignment funnel shifts and four mantissa
-# shifts per group of 4 for every 16 elements; on the H100 the q4 GEMV ended up bound by integer
-# ops (half rate on Hopper), not by DRAM. A wide item is 64 consecutive elements of one row whose
-# bytes start 4-byte aligned, so the word and bit of every code is a constant of the source and
-# each element costs one and-or (a LOP3) plus one exact FMA: the code c at bit b < 20 is read as
-# the float 2^23 + c 2^b (masked in place, no shift), and fma(v, 2^-b, -(2^(23-b) + off)) = c - off
-# exactly. Codes at higher bits share one shift per word. Scales are decoded once per 32 elements.
-
-
-@dataclass(frozen=True)
-class _Wide:
-    """How a format's 64-element item is laid out (see above)."""
-    words: int             # u32 words of one item of one row
-    vec4: bool             # loaded as three vec4<u32> (items 16-byte aligned) instead of `words` u32
-    bits: int              # bits per code
-    off: int               # element = scale * (code - off)
-    xor: int               # applied to a word before its codes are read (q8_0: int8 -> q + 128)
-    code: Callable         # element e (0..63) of the item -> (word, bit of its code)
-    scales: Callable       # (words, r, it) -> (WGSL lines, [scale of elements 0..31, of 32..63], min term | None)
-    xsums: bool = False    # whether the min term needs the sums of x over each half (sx{it})
-
-
-def _q4_0_code(e):
-    byte = 18 * (e // 32) + 2 + e % 16          # two 18-byte blocks: f16 d, 16 bytes of nibbles
-    return byte // 4, 8 * (byte % 4) + 4 * (e % 32 // 16)
-
-
-def _q8_0_code(e):
-    byte = 34 * (e // 32) + 2 + e % 32          # two 34-byte blocks: f16 d, 32 int8
-    return byte // 4, 8 * (byte % 4)
-
-
-def _d_pair(hi_word):
-    """Scales of a two-block item: the f16 at bytes 0-1, and the one in the high half of hi_word."""
-    return lambda w, r, it: ("", [f"unpack2x16float({w[0]}).x", f"unpack2x16float({w[hi_word]}).y"], None)
-
-
-def _q4_k_scales(w, r, it):
-    """Chunk c = i & 3 of a super-block: sub-blocks 2c (low nibbles) and 2c+1 (high nibbles)."""
-    dm, sm = f"dm{r}_{it}", f"sm{r}_{it}"
-    pre = (f"    let {dm} = unpack2x16float({w[0]});\n"
-           f"    let {sm} = scmin2({w[1]}, {w[2]}, {w[3]}, i{it} & 3u);\n")
-    return pre, [f"{dm}.x * {sm}.x", f"{dm}.x * {sm}.y"], f"{dm}.y * dot({sm}.zw, sx{it})"
-
-
-_WIDE = {
-    "q4_0": _Wide(9, False, 4, 8, 0, _q4_0_code, _d_pair(4)),
-    "q8_0": _Wide(17, False, 8, 128, 0x80808080, _q8_0_code, _d_pair(8)),
-    # 144-byte super-block = 9 vec4: [d, dmin, scales] then chunk c's 32 code bytes at 1 + 2c, 2 + 2c
-    "q4_k": _Wide(12, True, 4, 0, 0, lambda e: (4 + e % 32 // 4, 8 * (e % 4) + 4 * (e // 32)), _q4_k_scales, True),
-}
-
-
-def _wide(w_dtype, K: int) -> Optional[_Wide]:
-    """The 64-element item layout of w_dtype, when TUNING enables it and rows keep items aligned."""
-    if w_dtype.name not in (TUNING.get("wide") or ()) or K % 64 or K % w_dtype.block_size:
-        return None
-    return _WIDE.get(w_dtype.name)
-
-
-def _wide_words(wd: _Wide, r: int, it: int) -> list:
-    if wd.vec4:
-        return [f"w{r}_{it}_{k}.{c}" for k in range(3) for c in "xyzw"]
-    return [f"w{r}_{it}_{j}" for j in range(wd.words)]
-
-
-def _wide_loads(wd: _Wide, r: int, it: int) -> str:
-    """The raw loads of item i{it} of row r (rb{r}: the row's first W element)."""
-    if wd.vec4:
-        base = f"rb{r} + 9u * (i{it} >> 2u)"
-        return (f"    let w{r}_{it}_0 = W[{base}];\n    let w{r}_{it}_1 = W[{base} + 1u + 2u * (i{it} & 3u)];\n"
-                f"    let w{r}_{it}_2 = W[{base} + 2u + 2u * (i{it} & 3u)];\n")
-    return "".join(f"    let {w} = W[rb{r} + {wd.words}u * i{it} + {j}u];\n" for j, w in enumerate(_wide_words(wd, r, it)))
-
-
-def _wide_decode(wd: _Wide, r: int, it: int) -> str:
-    """a{r} += scale * sum(x * (code - off)) over item i{it} of row r, per 32-element half."""
-    words = _wide_words(wd, r, it)
-    sh = 12 if wd.bits == 4 else 16          # codes at bits >= 20 (nibbles) / 16 (bytes) move down once
-    s = []
-    srcs: dict = {}
-
-    def src(j, shifted):
-        key = (j, shifted)
-        if key not in srcs:
-            v = words[j]
-            if wd.xor:
-                v = src(j, False) if shifted else f"({v} ^ {_u(wd.xor)})"
-            name = f"v{r}_{it}_{j}{'s' if shifted else 'x'}"
-            s.append(f"    let {name} = {v}{f' >> {sh}u' if shifted else ''};\n")
-            srcs[key] = name
-        return srcs[key]
-
-    def group(g):
-        ws, masks, mul, add = [], [], [], []
-        for e in range(4 * g, 4 * g + 4):
-            j, b = wd.code(e)
-            if b + wd.bits > 23:
-                b -= sh
-                ws.append(src(j, True))
-            else:
-                ws.append(src(j, False) if wd.xor else words[j])
-            assert 0 <= b and b + wd.bits <= 23
-            masks.append(_u(((1 << wd.bits) - 1) << b))
-            mul.append(f"{2.0 ** -b!r}")
-            add.append(f"{-(2.0 ** (23 - b) + wd.off)!r}")
-        return (f"fma(bitcast<vec4<f32>>((vec4<u32>({', '.join(ws)}) & vec4<u32>({', '.join(masks)})) | "
-                f"vec4<u32>(0x4b000000u)), vec4<f32>({', '.join(mul)}), vec4<f32>({', '.join(add)}))")
-
-    pre, scales, mins = wd.scales(words, r, it)
-    s.append(pre)
-    for h in range(2):
-        p = f"p{r}_{it}_{h}"
-        for g in range(8 * h, 8 * h + 8):
-            v = group(g)
-            s.append(f"    var {p} = {v} * x{it}_{g};\n" if g == 8 * h else f"    {p} = fma({v}, x{it}_{g}, {p});\n")
-        s.append(f"    a{r} = fma(vec4<f32>({scales[h]}), {p}, a{r});\n")
-    if mins:
-        s.append(f"    c{r} -= {mins};\n")
-    return "".join(s)
