@@ -485,20 +485,25 @@ def dequantize(out: Buffer, src: Buffer, dtype: dtypes.DType, numel: int, src_of
         raise ValueError(f"dequantize({dtype.name}): output and source are the same buffer")
     if numel == 0:
         return
+    runtime.dispatch(*_dequantize_pass(out, src, dtype, numel, off))
+
+
+def _dequantize_pass(out: Buffer, src: Buffer, dtype: dtypes.DType, numel: int, off: int) -> tuple:
+    """(name, wgsl, bindings, grid) of dequantize (arguments already validated)."""
     groups = -(-numel // 4)
     base = off * dtype.block_bytes
-    gpb = dtype.block_size // 4   # groups of 4 per block
-    if dtype is dtypes.bfloat16:
-        # bits straight through (a NaN payload survives); the tail of a numel % 4 != 0 is guarded
-        body = f"""
-@group(0) @binding(0) var<storage, read_write> O: array<u32>;
+    head = f"""
 @group(0) @binding(1) var<storage, read> W: array<u32>;
 {_format_wgsl(dtype, True, numel, False)}
 @compute @workgroup_size({_DQ_WG})
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32) {{
     let g = ({runtime.WGSL_LINEAR_ID}) * {_DQ_WG}u + lid;
-    if (g >= {_u(groups)}) {{ return; }}
+    if (g >= {_u(groups)}) {{ return; }}"""
+    if dtype is dtypes.bfloat16:
+        # bits straight through (a NaN payload survives); the tail of a numel % 4 != 0 is guarded
+        body = f"""
+@group(0) @binding(0) var<storage, read_write> O: array<u32>;{head}
     for (var c = 0u; c < 4u; c++) {{
         let e = 4u * g + c;
         if (e < KLIM) {{ O[e] = rd16({_u(base)} + 2u * e) << 16u; }}
@@ -506,37 +511,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
 }}
 """
     else:
+        gpb = dtype.block_size // 4   # groups of 4 per block
         body = f"""
-@group(0) @binding(0) var<storage, read_write> O: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> W: array<u32>;
-{_format_wgsl(dtype, True, numel, False)}
-@compute @workgroup_size({_DQ_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {{
-    let g = ({runtime.WGSL_LINEAR_ID}) * {_DQ_WG}u + lid;
-    if (g >= {_u(groups)}) {{ return; }}
+@group(0) @binding(0) var<storage, read_write> O: array<vec4<f32>>;{head}
     O[g] = dq4({_u(base)} + (g / {gpb}u) * {dtype.block_bytes}u, g % {gpb}u);
-}}
-"""
-    runtime.dispatch(*_dequantize_pass(out, src, dtype, numel, off, body, groups))
-
-
-def _dequantize_pass(out: Buffer, src: Buffer, dtype: dtypes.DType, numel: int, off: int,
-                     body: Optional[str] = None, groups: Optional[int] = None) -> tuple:
-    """(name, wgsl, bindings, grid) of dequantize (arguments already validated)."""
-    if body is None:
-        groups = -(-numel // 4)
-        assert dtype is not dtypes.bfloat16, "bf16 dequantize passes come from dequantize()"
-        body = f"""
-@group(0) @binding(0) var<storage, read_write> O: array<vec4<f32>>;
-@group(0) @binding(1) var<storage, read> W: array<u32>;
-{_format_wgsl(dtype, True, numel, False)}
-@compute @workgroup_size({_DQ_WG})
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {{
-    let g = ({runtime.WGSL_LINEAR_ID}) * {_DQ_WG}u + lid;
-    if (g >= {_u(groups)}) {{ return; }}
-    O[g] = dq4({_u(off * dtype.block_bytes)} + (g / {dtype.block_size // 4}u) * {dtype.block_bytes}u, g % {dtype.block_size // 4}u);
 }}
 """
     return (f"dequantize_{dtype.name}", body, [(out, "rw"), (src, "read")], runtime.grid_for(-(-groups // _DQ_WG)))
