@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from tensorgpu import dtypes, runtime
+from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import matmul as mm
 from tensorgpu.kernels import probe
 from tensorgpu.kernels.common import Operand
@@ -119,24 +119,16 @@ SWEEP = pytest.mark.skipif(not FULL, reason="knob sweeps only with TENSORGPU_BEN
 @pytest.mark.parametrize("cols", [1, 2, 4])
 @pytest.mark.parametrize("wdt", ["float32", "float16"])
 def test_gemv_sweep(benchmark, wdt, cols, threads):
-    old = dict(mm.TUNING)
-    mm.TUNING.update(gemv_cols=cols, gemv_threads=threads)
-    try:
+    with debug.tuning(mm.TUNING, gemv_cols=cols, gemv_threads=threads):
         test_gemv(benchmark, 1, 4096, 4096, wdt)
-    finally:
-        mm.TUNING.update(old)
 
 
 @SWEEP
 @pytest.mark.parametrize("tile,bk", [(64, 16), (128, 8), (128, 16)])
 @pytest.mark.parametrize("dt", ["float32", "float16"])
 def test_matmul_sweep(benchmark, dt, tile, bk):
-    old = dict(mm.TUNING)
-    mm.TUNING.update(tile=tile, bk=bk)
-    try:
+    with debug.tuning(mm.TUNING, tile=tile, bk=bk):
         test_matmul(benchmark, 2048, 2048, 2048, dt, "T")
-    finally:
-        mm.TUNING.update(old)
 
 
 @SWEEP
@@ -145,9 +137,5 @@ def test_matmul_sweep(benchmark, dt, tile, bk):
 @pytest.mark.parametrize("wdt", ["float32", "float16"])
 def test_small_m_sweep(benchmark, wdt, M, path):
     """Where GEMV stops beating the tiled kernel (sets TUNING["gemv_max_m"])."""
-    old = dict(mm.TUNING)
-    mm.TUNING.update(gemv_max_m=64 if path == "gemv" else 0)
-    try:
+    with debug.tuning(mm.TUNING, gemv_max_m=64 if path == "gemv" else 0):
         test_gemv(benchmark, M, 4096, 4096, wdt)
-    finally:
-        mm.TUNING.update(old)

@@ -24,7 +24,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tensorgpu import dtypes, runtime  # noqa: E402
+from tensorgpu import debug, dtypes, runtime  # noqa: E402
 from tensorgpu.kernels import attention as attn  # noqa: E402
 from tensorgpu.kernels import matmul as mm  # noqa: E402
 from tensorgpu.kernels import probe, quant  # noqa: E402
@@ -67,14 +67,8 @@ def _time(passes, check=None, warm=0.1) -> float:
 
 
 def _mm_passes(out, A, B, tuning=None):
-    old = dict(mm.TUNING)
-    try:
-        if tuning:
-            mm.TUNING.update(tuning)
+    with debug.tuning(mm.TUNING, **(tuning or {})):
         la = mm.plan(out, A, B)
-    finally:
-        mm.TUNING.clear()
-        mm.TUNING.update(old)
     return la, [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra)
 
 
@@ -104,13 +98,8 @@ def quant_us(M, N, K, qdt, tuning):
     x = rng.standard_normal((M, K)).astype(np.float32)
     X = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
     out = runtime.Buffer(M * N * 4)
-    old = dict(quant.TUNING)
-    try:
-        quant.TUNING.update(tuning)
+    with debug.tuning(quant.TUNING, **tuning):
         la = quant.plan_matmul(out, X, wbuf, qdt, N, K)
-    finally:
-        quant.TUNING.clear()
-        quant.TUNING.update(old)
     return la, _time(la.passes)
 
 
@@ -128,7 +117,6 @@ def attention_us(H, D, S=PREFILL, kernel="auto", target=None):
     if target:
         attn.TILED_TARGET_WORKGROUPS = target
     try:
-        from tensorgpu import debug
         with debug.kernel_log() as log:
             attn.attention(out, Q, Kc, Vc, S, out_layout="sbd")
         ds = list(runtime._pending[-len(log):])
@@ -169,7 +157,6 @@ def attention_case_us(mod, H, D, S, cap, before, **knobs):
                 mod.TILED_TUNING.update(v)
             else:
                 setattr(mod, k, v)
-        from tensorgpu import debug
         with debug.kernel_log() as log:
             mod.attention(out, Q, Kc, Vc, n, out_layout="sbd")
         ds = list(runtime._pending[-len(log):])

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from tensorgpu import dtypes, runtime
+from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import matmul as mm
 from tensorgpu.kernels import gemv as gm
 from tensorgpu.kernels import probe, quant
@@ -103,18 +103,14 @@ def _time(benchmark, dispatches, reps=4):
 
 @pytest.fixture
 def tuning():
-    old = dict(quant.TUNING)
-    yield quant.TUNING
-    quant.TUNING.clear()
-    quant.TUNING.update(old)
+    with debug.tuning(quant.TUNING) as knobs:
+        yield knobs
 
 
 @pytest.fixture
 def gemv_tuning():
-    old = dict(gm.TUNING)
-    yield gm.TUNING
-    gm.TUNING.clear()
-    gm.TUNING.update(old)
+    with debug.tuning(gm.TUNING) as knobs:
+        yield knobs
 
 
 def _gemv_dispatches(dt, raw, xop, N, K, copies, outs):
@@ -161,10 +157,8 @@ def test_quant_gemv(benchmark, gemv_tuning, M, K, N, wdt, cfg):
 
 @pytest.fixture
 def mm_tuning():
-    old = dict(mm.TUNING)
-    yield mm.TUNING
-    mm.TUNING.clear()
-    mm.TUNING.update(old)
+    with debug.tuning(mm.TUNING) as knobs:
+        yield knobs
 
 
 @functools.lru_cache(maxsize=None)

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tensorgpu import dtypes, runtime  # noqa: E402
+from tensorgpu import debug, dtypes, runtime  # noqa: E402
 from tensorgpu.kernels import gemv as gm, matmul as mm, probe, quant  # noqa: E402
 from tensorgpu.kernels.common import Operand  # noqa: E402
 
@@ -53,17 +53,13 @@ def gemv_f16(cfgs):
         out = runtime.Buffer(N * 4)
         res = []
         for cols, threads in cfgs:
-            old = dict(mm.TUNING)
-            mm.TUNING.update(gemv_cols=cols, gemv_threads=threads)
-            try:
+            with debug.tuning(mm.TUNING, gemv_cols=cols, gemv_threads=threads):
                 ds = []
                 for w in ws:
                     l = mm.plan(out, Operand(x, dtypes.float32, (1, K), (K, 1)), Operand(w, dtypes.float16, (K, N), (1, K)))
                     ds.append(runtime.dispatch(l.name, l.wgsl, l.bindings, l.grid))
                 runtime.flush()
                 t = _time(ds)
-            finally:
-                mm.TUNING.update(old)
             res.append(f"c{cols}t{threads}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
         print(f"f16 {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 
@@ -86,9 +82,7 @@ def gemv_quant(dtname, cfgs):
         out = runtime.Buffer(N * 4)
         res = []
         for threads, rows in cfgs:
-            old = dict(quant.TUNING)
-            quant.TUNING.update(gemv_threads=threads, gemv_rows=rows)
-            try:
+            with debug.tuning(quant.TUNING, gemv_threads=threads, gemv_rows=rows):
                 ds = []
                 for w in ws:
                     l = quant.plan_matmul(out, Operand(x, dtypes.float32, (1, K), (K, 1)), w, dt, N, K)
@@ -96,8 +90,6 @@ def gemv_quant(dtname, cfgs):
                         ds.append(runtime.dispatch(name, wgsl, binds, grid))
                 runtime.flush()
                 t = _time(ds)
-            finally:
-                quant.TUNING.update(old)
             res.append(f"t{threads}r{rows}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
         print(f"{dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 
@@ -124,19 +116,12 @@ def gemv_new(dtname, cfgs, ln=False):
         res = []
         for cfg in cfgs:
             threads, rows = cfg[:2]
-            old = dict(gm.TUNING)
-            gm.TUNING.update(threads=threads, rows=rows)
-            if len(cfg) > 2 and cfg[2] is not None:
-                gm.TUNING.update(hoist_regs=cfg[2])
-            try:
-                with runtime_log() as log:
-                    for w in ws:
-                        gm.gemv(out, x, w, dt, N, K, None, lnp)
-                ds = log
-                runtime.flush()
-                t = _time(ds)
-            finally:
-                gm.TUNING.update(old)
+            hoist = {"hoist_regs": cfg[2]} if len(cfg) > 2 and cfg[2] is not None else {}
+            with debug.tuning(gm.TUNING, threads=threads, rows=rows, **hoist), runtime_log() as ds:
+                for w in ws:
+                    gm.gemv(out, x, w, dt, N, K, None, lnp)
+            runtime.flush()
+            t = _time(ds)
             tag = f"t{threads}r{rows}" + "".join(f"{k}{v}" for k, v in zip("h", cfg[2:]))
             res.append(f"{tag}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
         print(f"new{'+ln' if ln else ''} {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
@@ -214,17 +199,12 @@ def ab(shapes=((6144, 2048), (10240, 2560), (2560, 10240))):
                                   ("plain_r4", None, (None, 4, True)), ("ln_r4", (g_, g_, 1e-5), (None, 4, True))):
                 if K > 4096 and lnp is not None:
                     continue
-                old = dict(gm.TUNING)
-                gm.TUNING.update(threads=cfg[0], rows=cfg[1], hoist=cfg[2])
                 out = runtime.Buffer(N * 4)
-                try:
-                    with runtime_log() as ds:
-                        for w in ws:
-                            gm.gemv(out, x, w, dt, N, K, None, lnp)
-                    runtime.flush()
-                    t = _time(list(ds))
-                finally:
-                    gm.TUNING.update(old)
+                with debug.tuning(gm.TUNING, threads=cfg[0], rows=cfg[1], hoist=cfg[2]), runtime_log() as ds:
+                    for w in ws:
+                        gm.gemv(out, x, w, dt, N, K, None, lnp)
+                runtime.flush()
+                t = _time(list(ds))
                 res.append(f"{tag}:{t * 1e6:.1f}us")
             print(f"ab {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 

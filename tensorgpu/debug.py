@@ -18,6 +18,19 @@ def kernel_log():
         runtime._kernel_logs.remove(log)
 
 
+@contextmanager
+def tuning(knobs: dict, **values):
+    """Set a kernel module's tuning knobs (its TUNING dict) inside the block and restore every
+    knob after it, whatever the block changed: `with tg.debug.tuning(matmul.TUNING, split_k=2):`."""
+    old = dict(knobs)
+    knobs.update(values)
+    try:
+        yield knobs
+    finally:
+        knobs.clear()
+        knobs.update(old)
+
+
 def stats() -> dict:
     """Cumulative counters: kernels_dispatched, pipelines_compiled, buffers_allocated,
     bytes_allocated, bind_groups_created, submits, readbacks, captures_traced/replayed,

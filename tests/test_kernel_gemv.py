@@ -7,7 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from nn_kernel_util import AffineGelu, Base, paths, read_f32  # noqa: F401
-from tensorgpu import dtypes, runtime
+from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import gemv as gmod
 from tensorgpu.kernels.common import Operand
 from tensorgpu.kernels.gemv import gemv
@@ -88,14 +88,10 @@ def test_ragged_and_long_rows(wdt, K):
                                                       (96, 2, True, 48), (32, 2, True, 4)])
 def test_tuning(threads, rows, hoist, regs):
     """Launch shapes, and the weight-load hoisting (off; in chunks of one iteration)."""
-    old = dict(gmod.TUNING)
-    gmod.TUNING.update(threads=threads, rows=rows, hoist=hoist, hoist_regs=regs)
-    try:
+    with debug.tuning(gmod.TUNING, threads=threads, rows=rows, hoist=hoist, hoist_regs=regs):
         for wdt in ("f16", "q8_0", "q4_0", "f32"):
             run(wdt, 13, 640, ln=True)
             run(wdt, 5, 640, ln=False)
-    finally:
-        gmod.TUNING.update(old)
 
 
 def test_epilogue_f16_x_and_no_ln_bias(paths):
@@ -139,10 +135,8 @@ def test_layer_norm_without_weight_and_cached_constants():
 
 @pytest.fixture
 def tuning():
-    old = dict(gmod.TUNING)
-    yield gmod.TUNING
-    gmod.TUNING.clear()
-    gmod.TUNING.update(old)
+    with debug.tuning(gmod.TUNING) as knobs:
+        yield knobs
 
 
 @pytest.mark.parametrize("threads,rows", [(32, 3), (64, 1), (32, 8)])

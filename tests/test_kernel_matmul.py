@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from tensorgpu import dtypes, runtime
+from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import matmul as mm
 from tensorgpu.kernels.common import Operand
 
@@ -32,10 +32,8 @@ def paths(request):
 @pytest.fixture
 def tuning():
     """Lets a test change mm.TUNING and restores it."""
-    old = dict(mm.TUNING)
-    yield mm.TUNING
-    mm.TUNING.clear()
-    mm.TUNING.update(old)
+    with debug.tuning(mm.TUNING) as knobs:
+        yield knobs
 
 
 _rng = np.random.default_rng(1234)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from tensorgpu import dtypes, runtime
+from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import quant
 from tensorgpu.kernels.common import Operand
 
@@ -39,10 +39,8 @@ def paths(all_paths):
 
 @pytest.fixture
 def tuning():
-    old = dict(quant.TUNING)
-    yield quant.TUNING
-    quant.TUNING.clear()
-    quant.TUNING.update(old)
+    with debug.tuning(quant.TUNING) as knobs:
+        yield knobs
 
 
 def random_blocks(dt, nblocks: int, raw: bool = False) -> np.ndarray:
@@ -292,10 +290,8 @@ def test_gemv_loops_and_row_groups(tuning, dt):
 @pytest.fixture
 def mm_tuning():
     from tensorgpu.kernels import matmul as mm
-    old = dict(mm.TUNING)
-    yield mm.TUNING
-    mm.TUNING.clear()
-    mm.TUNING.update(old)
+    with debug.tuning(mm.TUNING) as knobs:
+        yield knobs
 
 
 @pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0, dtypes.q4_k, dtypes.bfloat16], ids=lambda d: d.name)
@@ -355,15 +351,10 @@ def test_dequant_path(paths, tuning, dt, xdt):
     launch = run_matmul(dt, base[:, 4:K + 4], N, xdt=xdt, epilogue=ep, ep_ref=ep.ref(bias), force="dequant")
     assert launch.kind == "dequant" and launch.passes[0][0].startswith("dequantize")
     from tensorgpu.kernels import matmul as mm
-    old = dict(mm.TUNING)
-    try:
-        mm.TUNING.update(split_k=3, tile_mn=(64, 64))
+    with debug.tuning(mm.TUNING, split_k=3, tile_mn=(64, 64)):
         launch = run_matmul(dt, base[:, :K], N, xdt=xdt, epilogue=ep, ep_ref=ep.ref(bias), force="dequant",
                             w_offset_blocks=2)
         assert len(launch.passes) == 3
-    finally:
-        mm.TUNING.clear()
-        mm.TUNING.update(old)
     tuning.update(dequant_min_rows=M)
     assert run_matmul(dt, base[:, :K], N).kind == "dequant"
 
