@@ -501,13 +501,20 @@ def _encode(encoder) -> None:
     if _profilers:
         return _encode_profiled(encoder)
     cp = encoder.begin_compute_pass()
+    encode_dispatches(cp, _pending)
+    cp.end()
+
+
+def encode_dispatches(cp, dispatches: Sequence[Dispatch]) -> None:
+    """Record `dispatches` into the open compute pass `cp` (a pipeline is set only when it
+    changes)."""
     if _RAW is not None:
         # straight to wgpu-native: wgpu-py's wrappers cost several us per call, and a decode
         # step encodes a few hundred dispatches
         set_pipe, set_bg, disp, null = _RAW
         h = cp._internal
         last = None
-        for p, bg, x, y, z in [d.raw for d in _pending]:
+        for p, bg, x, y, z in [d.raw for d in dispatches]:
             if p is not last:
                 set_pipe(h, p)
                 last = p
@@ -515,13 +522,12 @@ def _encode(encoder) -> None:
             disp(h, x, y, z)
     else:
         last = None
-        for d in _pending:
+        for d in dispatches:
             if d.pipe is not last:
                 cp.set_pipeline(d.pipe.pipeline)
                 last = d.pipe
             cp.set_bind_group(0, d.bind_group)
             cp.dispatch_workgroups(*d.grid)
-    cp.end()
 
 
 def _raw_entry_points():

@@ -145,14 +145,7 @@ def gpu_time(dispatches: Sequence[runtime.Dispatch], reps: int) -> float:
     enc = dev.device.create_command_encoder()
     cp = enc.begin_compute_pass(timestamp_writes={"query_set": qs, "beginning_of_pass_write_index": 0,
                                                   "end_of_pass_write_index": 1})
-    last = None
-    for _ in range(reps):
-        for d in dispatches:
-            if d.pipe is not last:
-                cp.set_pipeline(d.pipe.pipeline)
-                last = d.pipe
-            cp.set_bind_group(0, d.bind_group)
-            cp.dispatch_workgroups(*d.grid)
+    runtime.encode_dispatches(cp, list(dispatches) * reps)
     cp.end()
     enc.resolve_query_set(qs, 0, 2, resolve, 0)
     enc.copy_buffer_to_buffer(resolve, 0, stage, 0, 16)
