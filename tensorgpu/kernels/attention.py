@@ -843,7 +843,7 @@ def _conv(ctype: str, w: str) -> str:
 def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
                    cache_dtype, scale: float) -> tuple:
     from .. import dtypes
-    from .rope import _rope_wgsl
+    from .rope import _rope_val_wgsl, _rope_wgsl
     dev = get_device()
     sub = dev.has_subgroups
     WG, CH = DECODE_WG, DECODE_CHUNK
@@ -886,13 +886,7 @@ var<workgroup> Xs: array<vec4<f32>, {KG * D4}>;
 var<workgroup> last_sh: u32;
 var<workgroup> Kn: array<vec4<f32>, {D4}>;
 var<workgroup> Vn: array<vec4<f32>, {D4}>;
-fn val(b: u32, d: u32, pos: f32) -> f32 {{
-  let v = x_at(b + d * {sd}u);
-  if (d >= ROT) {{ return v; }}
-  let cs = rope_cs(pos, d);
-  return v * cs.x + rope_sign(d) * x_at(b + rope_partner(d) * {sd}u) * cs.y;
-}}
-fn val4(b: u32, d4: u32, pos: f32) -> vec4<f32> {{
+{_rope_val_wgsl(sd)}fn val4(b: u32, d4: u32, pos: f32) -> vec4<f32> {{
   let d = d4 * 4u;
   return vec4<f32>(val(b, d, pos), val(b, d + 1u, pos), val(b, d + 2u, pos), val(b, d + 3u, pos));
 }}

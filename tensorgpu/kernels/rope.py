@@ -66,6 +66,18 @@ fn rope_cs(pos: f32, d: u32) -> vec2<f32> {{
 """
 
 
+def _rope_val_wgsl(sd: int) -> str:
+    """WGSL val(b, d, pos): element d of the head vector at x_at(b + d * sd), rotated to `pos`
+    (dimensions past ROT pass through). Needs `x_at` and _rope_wgsl's helpers."""
+    return f"""fn val(b: u32, d: u32, pos: f32) -> f32 {{
+  let v = x_at(b + d * {sd}u);
+  if (d >= ROT) {{ return v; }}
+  let cs = rope_cs(pos, d);
+  return v * cs.x + rope_sign(d) * x_at(b + rope_partner(d) * {sd}u) * cs.y;
+}}
+"""
+
+
 def _check_common(fn: str, head_dim: int, rot_dims: int, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"{fn}: mode {mode!r} is not one of {MODES}")
@@ -107,13 +119,7 @@ def rope(out: Buffer, x: Operand, positions: Buffer, seq: int, n_heads: int, hea
 @group(0) @binding(1) var<storage, read> positions: array<i32>;
 @group(0) @binding(2) var<storage, read_write> out: array<vec2<f32>>;
 {_rope_wgsl(rot_dims, base, mode)}
-fn val(b: u32, d: u32, pos: f32) -> f32 {{
-  let v = x_at(b + d * {sd}u);
-  if (d >= ROT) {{ return v; }}
-  let cs = rope_cs(pos, d);
-  return v * cs.x + rope_sign(d) * x_at(b + rope_partner(d) * {sd}u) * cs.y;
-}}
-@compute @workgroup_size({WG})
+{_rope_val_wgsl(sd)}@compute @workgroup_size({WG})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{
   let t = gid.x + gid.y * nwg.x * {WG}u;
   if (t >= {n}u) {{ return; }}
@@ -174,13 +180,7 @@ def rope_kv_write(q_out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Operand,
 @group(0) @binding(3) var<storage, read_write> k_cache: array<{ctype}>;
 @group(0) @binding(4) var<storage, read_write> v_cache: array<{ctype}>;
 {_rope_wgsl(rot_dims, base, mode)}
-fn val(b: u32, d: u32, pos: f32) -> f32 {{
-  let v = x_at(b + d * {sd}u);
-  if (d >= ROT) {{ return v; }}
-  let cs = rope_cs(pos, d);
-  return v * cs.x + rope_sign(d) * x_at(b + rope_partner(d) * {sd}u) * cs.y;
-}}
-fn cache_val(a: f32, b: f32) -> {ctype} {{ return {conv}; }}
+{_rope_val_wgsl(sd)}fn cache_val(a: f32, b: f32) -> {ctype} {{ return {conv}; }}
 @compute @workgroup_size({WG})
 fn main(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {{
   let t = gid.x + gid.y * nwg.x * {WG}u;
