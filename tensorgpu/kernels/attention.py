@@ -137,6 +137,68 @@ def _params_wgsl(kv_len, q_pos0, sq: int, sk_max: int, first_binding: int) -> tu
     return decls, kvl, qp0, bufs
 
 
+def _prefill_io(q: Operand, k: Operand, v: Operand, D: int, kv_len, q_pos0, sq: int, sk_max: int, split: bool,
+                out_elem: str) -> tuple:
+    """What both prefill kernels declare first: the q/k/v readers and their row loaders, the kv
+    length / q_pos0 parameters, and the output (the split partials, or `out` of out_elem).
+    Returns (WGSL lines, kvl expression, qp0 expression, bindings of q, k, v and the params)."""
+    vq, vk, vv = (vec4_ok(o, D) for o in (q, k, v))
+    rq, rk, rv = Reader("qb", q, 0, vq), Reader("kb", k, 1, vk), Reader("vb", v, 2, vv)
+    decls, kvl, qp0, pbufs = _params_wgsl(kv_len, q_pos0, sq, sk_max, 3)
+    nb = 3 + len(pbufs)
+    if split:
+        outs = (f"@group(0) @binding({nb}) var<storage, read_write> part_o: array<vec4<f32>>;\n"
+                f"@group(0) @binding({nb + 1}) var<storage, read_write> part_ml: array<vec2<f32>>;\n")
+    else:
+        outs = f"@group(0) @binding({nb}) var<storage, read_write> out: array<{out_elem}>;\n"
+    lines = [enable_f16(rq, rk, rv), rq.decl(), rk.decl(), rv.decl(), decls, outs,
+             _load4_fn("ld_q", rq, q, D), _load4_fn("ld_k", rk, k, D), _load4_fn("ld_v", rv, v, D)]
+    binds = [(q.buffer, "read"), (k.buffer, "read"), (v.buffer, "read")] + [(x, "read") for x in pbufs]
+    return lines, kvl, qp0, binds
+
+
+def _prefill_entry(q: Operand, k: Operand, v: Operand, scale: float, WG: int, sgp: str) -> list:
+    """The row-offset functions, the log2-domain scale and the entry point of a prefill kernel."""
+    qs, ks, vs = q.strides, k.strides, v.strides
+    return [f"fn qrow(b: u32, i: u32) -> u32 {{ return {q.offset}u + b * {qs[0]}u + i * {qs[1]}u; }}",
+            f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + b * {ks[0]}u + j * {ks[1]}u; }}",
+            f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + b * {vs[0]}u + j * {vs[1]}u; }}",
+            f"const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};",
+            f"@compute @workgroup_size({WG})",
+            f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
+            f"@builtin(local_invocation_index) lid: u32{sgp}) {{"]
+
+
+def _prefill_tile(p, B: int, sq: int, kvl: str, qp0: str, causal: bool, longest_first: bool) -> list:
+    """Which (head b, query tile q0, key split [k_lo, k_hi)) this workgroup takes, the key range
+    cut at the causal limit of the tile's last query."""
+    NS, NQT, BQ = p.NSPLIT, p.NQT, p.BQ
+    qt = f"{NQT - 1}u - (wg / {NS}u) % {NQT}u" if longest_first else f"(wg / {NS}u) % {NQT}u"
+    L = ["  let wg = wid.x + wid.y * nwg.x;",
+         f"  if (wg >= {B * NQT * NS}u) {{ return; }}",
+         f"  let split = wg % {NS}u;",
+         f"  let qt = {qt};",
+         f"  let b = wg / {NS * NQT}u;",
+         f"  let q0 = qt * {BQ}u;",
+         f"  let kvl = {kvl};",
+         f"  let qp0 = {qp0};",
+         f"  let ninf = {NEG_INF};",
+         f"  let k_lo = split * {p.CHUNK}u;",
+         f"  var k_hi = min(k_lo + {p.CHUNK}u, kvl);"]
+    if causal:
+        L += [f"  let lim = qp0 + i32(min(q0 + {BQ}u, {sq}u));",   # last query index + 1
+              "  k_hi = u32(clamp(lim, 0, i32(k_hi)));"]
+    return L
+
+
+def _empty_split(p, sq: int, cond: str) -> list:
+    """A split with no visible key (`cond`) stores an empty partial and returns."""
+    return [f"  if ({cond}) {{",
+            f"    if (lid < {p.BQ}u && q0 + lid < {sq}u) {{ part_ml[(b * {sq}u + q0 + lid) * {p.NSPLIT}u + split] = vec2<f32>(ninf, 0.0); }}",
+            "    return;",
+            "  }"]
+
+
 def _out_index(layout: str, B: int, sq: int, D: int, b: str, q: str) -> str:
     """Element index of out[b, q, 0] for out_layout "bsd" ([B, sq, D]) or "sbd" ([sq, B, D])."""
     if layout == "bsd":
@@ -156,23 +218,14 @@ def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, 
                  kv_len, q_pos0, causal: bool, scale: float, layout: str) -> tuple:
     dev = get_device()
     sub = dev.has_subgroups
-    vq, vk, vv = (vec4_ok(o, D) for o in (q, k, v))
-    rq, rk, rv = Reader("qb", q, 0, vq), Reader("kb", k, 1, vk), Reader("vb", v, 2, vv)
-    decls, kvl, qp0, pbufs = _params_wgsl(kv_len, q_pos0, sq, sk_max, 3)
-    nb = 3 + len(pbufs)
     WG, BQ, BK, D4, D4P, KW, G, RQ, TR, NO, OP, KG = (p.WG, p.BQ, p.BK, p.D4, p.D4P, p.KW, p.G, p.RQ,
                                                      p.TR, p.NO, p.OP, p.KG)
     NS = p.NSPLIT
     split = NS > 1
-    if split:
-        outs = (f"@group(0) @binding({nb}) var<storage, read_write> part_o: array<vec4<f32>>;\n"
-                f"@group(0) @binding({nb + 1}) var<storage, read_write> part_ml: array<vec2<f32>>;\n")
-    else:
-        outs = f"@group(0) @binding({nb}) var<storage, read_write> out: array<{'vec4<f32>' if D % 4 == 0 else 'f32'}>;\n"
+    L, kvl, qp0, binds = _prefill_io(q, k, v, D, kv_len, q_pos0, sq, sk_max, split,
+                                     "vec4<f32>" if D % 4 == 0 else "f32")
     sgp, sg = sg_builtin(sub)
-    L = [enable_f16(rq, rk, rv), rq.decl(), rk.decl(), rv.decl(), decls, outs,
-         _load4_fn("ld_q", rq, q, D), _load4_fn("ld_k", rk, k, D), _load4_fn("ld_v", rv, v, D),
-         seg_reduce("red_max", "max", TR, WG, sub, NEG_INF),
+    L += [seg_reduce("red_max", "max", TR, WG, sub, NEG_INF),
          seg_reduce("red_sum", "+", TR, WG, sub, "0.0"),
          f"var<workgroup> Qs: array<vec4<f32>, {BQ * D4}>;",
          f"var<workgroup> Ss: array<f32, {BQ * BK}>;",
@@ -183,33 +236,9 @@ def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, 
         L.append(f"var<workgroup> KVs: array<vec4<f32>, {BK * D4P}>;")
     if KG > 1:
         L.append(f"var<workgroup> Xs: array<vec4<f32>, {KG * NO}>;")
-    qs, ks, vs = q.strides, k.strides, v.strides
-    L += [f"fn qrow(b: u32, i: u32) -> u32 {{ return {q.offset}u + b * {qs[0]}u + i * {qs[1]}u; }}",
-          f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + b * {ks[0]}u + j * {ks[1]}u; }}",
-          f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + b * {vs[0]}u + j * {vs[1]}u; }}",
-          f"const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};",
-          f"@compute @workgroup_size({WG})",
-          f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
-          f"@builtin(local_invocation_index) lid: u32{sgp}) {{",
-          f"  let wg = wid.x + wid.y * nwg.x;",
-          f"  if (wg >= {B * p.NQT * NS}u) {{ return; }}",
-          f"  let split = wg % {NS}u;",
-          f"  let qt = (wg / {NS}u) % {p.NQT}u;",
-          f"  let b = wg / {NS * p.NQT}u;",
-          f"  let q0 = qt * {BQ}u;",
-          f"  let kvl = {kvl};",
-          f"  let qp0 = {qp0};",
-          f"  let ninf = {NEG_INF};",
-          f"  let k_lo = split * {p.CHUNK}u;",
-          f"  var k_hi = min(k_lo + {p.CHUNK}u, kvl);"]
-    if causal:
-        L += [f"  let lim = qp0 + i32(min(q0 + {BQ}u, {sq}u)) ;",  # last query index + 1
-              "  k_hi = u32(clamp(lim, 0, i32(k_hi)));"]
+    L += _prefill_entry(q, k, v, scale, WG, sgp) + _prefill_tile(p, B, sq, kvl, qp0, causal, longest_first=False)
     if split:
-        L += ["  if (k_lo >= k_hi) {",
-              f"    if (lid < {BQ}u && q0 + lid < {sq}u) {{ part_ml[(b * {sq}u + q0 + lid) * {NS}u + split] = vec2<f32>(ninf, 0.0); }}",
-              "    return;",
-              "  }"]
+        L += _empty_split(p, sq, "k_lo >= k_hi")
     # Q tile, pre-scaled so scores are in the log2 domain.
     L += [f"  for (var e = lid; e < {BQ * D4}u; e = e + {WG}u) {{",
           f"    let qi = e / {D4}u;",
@@ -330,7 +359,6 @@ def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, 
               f"    part_ml[(b * {sq}u + q0 + lid) * {NS}u + split] = vec2<f32>(m_sh[lid], l_sh[lid]);",
               "  }"]
     L.append("}\n")
-    binds = [(q.buffer, "read"), (k.buffer, "read"), (v.buffer, "read")] + [(x, "read") for x in pbufs]
     return "\n".join(L), binds
 
 
@@ -442,58 +470,24 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
                   kv_len, q_pos0, causal: bool, scale: float, layout: str) -> tuple:
     dev = get_device()
     sub = dev.has_subgroups
-    vq, vk, vv = (vec4_ok(o, D) for o in (q, k, v))
-    rq, rk, rv = Reader("qb", q, 0, vq), Reader("kb", k, 1, vk), Reader("vb", v, 2, vv)
-    decls, kvl, qp0, pbufs = _params_wgsl(kv_len, q_pos0, sq, sk_max, 3)
-    nb = 3 + len(pbufs)
     WG, BQ, BK, TX, D4, VW, NU, KPT, R = p.WG, p.BQ, p.BK, p.TX, p.D4, p.VW, p.NU, p.KPT, p.REGS
     BQ4 = BQ // 4
     NS = p.NSPLIT
     split = NS > 1
-    if split:
-        outs = (f"@group(0) @binding({nb}) var<storage, read_write> part_o: array<vec4<f32>>;\n"
-                f"@group(0) @binding({nb + 1}) var<storage, read_write> part_ml: array<vec2<f32>>;\n")
-    else:
-        outs = f"@group(0) @binding({nb}) var<storage, read_write> out: array<vec4<f32>>;\n"
+    L, kvl, qp0, binds = _prefill_io(q, k, v, D, kv_len, q_pos0, sq, sk_max, split, "vec4<f32>")
     sgp, sg = sg_builtin(sub)
-    qs, ks, vs = q.strides, k.strides, v.strides
-    L = [enable_f16(rq, rk, rv), rq.decl(), rk.decl(), rv.decl(), decls, outs,
-         _load4_fn("ld_q", rq, q, D), _load4_fn("ld_k", rk, k, D), _load4_fn("ld_v", rv, v, D),
-         seg_reduce("red_max", "max", TX, WG, sub, NEG_INF, "vec4<f32>"),
-         seg_reduce("red_sum", "+", TX, WG, sub, "vec4<f32>(0.0)", "vec4<f32>"),
-         f"var<workgroup> Qs: array<vec4<f32>, {D * BQ4}>;",        # [d][query/4]
-         f"var<workgroup> KV: array<vec4<f32>, {BK * D4}>;",        # K: [d][key/4]; V: [key][d/4]
-         f"var<workgroup> Ps: array<vec4<f32>, {BK * p.PS}>;",      # [key][query/4], padded rows
-         f"fn qrow(b: u32, i: u32) -> u32 {{ return {q.offset}u + b * {qs[0]}u + i * {qs[1]}u; }}",
-         f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + b * {ks[0]}u + j * {ks[1]}u; }}",
-         f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + b * {vs[0]}u + j * {vs[1]}u; }}",
-         f"const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};",
-         f"@compute @workgroup_size({WG})",
-         f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
-         f"@builtin(local_invocation_index) lid: u32{sgp}) {{",
-         "  let wg = wid.x + wid.y * nwg.x;",
-         f"  if (wg >= {B * p.NQT * NS}u) {{ return; }}",
-         f"  let split = wg % {NS}u;",
-         # the longest causal rows first: they take the most key tiles
-         f"  let qt = {p.NQT - 1}u - (wg / {NS}u) % {p.NQT}u;",
-         f"  let b = wg / {NS * p.NQT}u;",
-         f"  let q0 = qt * {BQ}u;",
-         f"  let kvl = {kvl};",
-         f"  let qp0 = {qp0};",
-         f"  let ninf = {NEG_INF};",
-         f"  let k_lo = split * {p.CHUNK}u;",
-         f"  var k_hi = min(k_lo + {p.CHUNK}u, kvl);",
-         f"  let tx = lid % {TX}u;",
-         f"  let ty = lid / {TX}u;"]
-    if causal:
-        L += [f"  let lim = qp0 + i32(min(q0 + {BQ}u, {sq}u));",
-              "  k_hi = u32(clamp(lim, 0, i32(k_hi)));"]
-    L += [f"  let kt_n = select(0u, (k_hi - k_lo + {BK - 1}u) / {BK}u, k_hi > k_lo);"]
+    L += [seg_reduce("red_max", "max", TX, WG, sub, NEG_INF, "vec4<f32>"),
+          seg_reduce("red_sum", "+", TX, WG, sub, "vec4<f32>(0.0)", "vec4<f32>"),
+          f"var<workgroup> Qs: array<vec4<f32>, {D * BQ4}>;",        # [d][query/4]
+          f"var<workgroup> KV: array<vec4<f32>, {BK * D4}>;",        # K: [d][key/4]; V: [key][d/4]
+          f"var<workgroup> Ps: array<vec4<f32>, {BK * p.PS}>;"]      # [key][query/4], padded rows
+    # the longest causal rows first: they take the most key tiles
+    L += _prefill_entry(q, k, v, scale, WG, sgp) + _prefill_tile(p, B, sq, kvl, qp0, causal, longest_first=True)
+    L += [f"  let tx = lid % {TX}u;",
+          f"  let ty = lid / {TX}u;",
+          f"  let kt_n = select(0u, (k_hi - k_lo + {BK - 1}u) / {BK}u, k_hi > k_lo);"]
     if split:   # a split past the causal limit / kv length: an empty partial, nothing else
-        L += ["  if (kt_n == 0u) {",
-              f"    if (lid < {BQ}u && q0 + lid < {sq}u) {{ part_ml[(b * {sq}u + q0 + lid) * {NS}u + split] = vec2<f32>(ninf, 0.0); }}",
-              "    return;",
-              "  }"]
+        L += _empty_split(p, sq, "kt_n == 0u")
     # Q tile, transposed and pre-scaled (scores in the log2 domain); consecutive invocations
     # take consecutive queries so the transposed stores hit distinct banks
     L += [f"  for (var e = lid; e < {BQ * D4}u; e = e + {WG}u) {{",
@@ -627,7 +621,6 @@ def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: 
                     L.append(f"      out[(ob + {dd}) / 4u][({dd}) % 4u] = o_{u}[{r4}] * inv;")
         L += ["    }", "  }"]
     L.append("}\n")
-    binds = [(q.buffer, "read"), (k.buffer, "read"), (v.buffer, "read")] + [(x, "read") for x in pbufs]
     return "\n".join(L), binds
 
 
