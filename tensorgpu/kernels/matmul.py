@@ -643,8 +643,15 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
         sk, st, kaxis, taxis = m.srow, m.scol, "row", "col"
     T4 = T // 4
     regs, load, store = [], [], []
-    need_t = tdim % T != 0
-    need_k = K % BK != 0
+    conds = ([f"gt < {_u(tdim)}"] if tdim % T else []) + ([f"gk < {_u(K)}"] if K % BK else [])
+
+    def guarded(reg: str, zero: str, value: str) -> str:
+        """reg = value, behind the tile-edge bounds (gt, gk) when the tile can pass an edge; the
+        item's block closes here."""
+        if conds:
+            return f"          {reg} = {zero};\n          if ({' && '.join(conds)}) {{ {reg} = {value}; }} }}\n"
+        return f"          {reg} = {value}; }}\n"
+
     if allow_vec and c.can_vec(which, kaxis, 4):
         mode = "vk"
         c.want(which, 4)
@@ -655,12 +662,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
             regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
             load.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n"
                         f"          let gt = {X}t0 + t; let gk = k0 + kv * 4u;\n")
-            conds = ([f"gt < {_u(tdim)}"] if need_t else []) + ([f"gk < {_u(K)}"] if need_k else [])
-            body = f"r{X}{r} = ld4_{{B}}({X}base + gt * {_u(st)} + gk);"
-            if conds:
-                load.append(f"          r{X}{r} = vec4<f32>(0.0);\n          if ({' && '.join(conds)}) {{ {body} }} }}\n")
-            else:
-                load.append(f"          {body} }}\n")
+            load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gt * {_u(st)} + gk)"))
             store.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
             for j in range(4):
                 store.append(f"          {S}[(kv * 4u + {j}u) * {T4}u + t / 4u][t % 4u] = r{X}{r}[{j}];\n")
@@ -674,12 +676,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
             regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
             load.append(f"        {{ let e = lid + {256 * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
                         f"          let gt = {X}t0 + tv * 4u; let gk = k0 + kk;\n")
-            conds = ([f"gt < {_u(tdim)}"] if need_t else []) + ([f"gk < {_u(K)}"] if need_k else [])
-            body = f"r{X}{r} = ld4_{{B}}({X}base + gk * {_u(sk)} + gt);"
-            if conds:
-                load.append(f"          r{X}{r} = vec4<f32>(0.0);\n          if ({' && '.join(conds)}) {{ {body} }} }}\n")
-            else:
-                load.append(f"          {body} }}\n")
+            load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gk * {_u(sk)} + gt)"))
             store.append(f"        {{ let e = lid + {256 * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
     else:
         mode = "s"
@@ -693,12 +690,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
             else:
                 idx = f"let e = lid + {256 * r}u; let t = e % {T}u; let kk = e / {T}u;"
             load.append(f"        {{ {idx}\n          let gt = {X}t0 + t; let gk = k0 + kk;\n")
-            conds = ([f"gt < {_u(tdim)}"] if need_t else []) + ([f"gk < {_u(K)}"] if need_k else [])
-            body = f"r{X}{r} = ld_{{B}}({X}base + gt * {_u(st)} + gk * {_u(sk)});"
-            if conds:
-                load.append(f"          r{X}{r} = 0.0;\n          if ({' && '.join(conds)}) {{ {body} }} }}\n")
-            else:
-                load.append(f"          {body} }}\n")
+            load.append(guarded(f"r{X}{r}", "0.0", f"ld_{{B}}({X}base + gt * {_u(st)} + gk * {_u(sk)})"))
             store.append(f"        {{ {idx} {S}[kk * {T4}u + t / 4u][t % 4u] = r{X}{r}; }}\n")
     if count % 256:
         # the last item of each thread exists only for the first count % 256 threads
