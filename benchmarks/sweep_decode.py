@@ -5,7 +5,7 @@ Each GEMV case rotates over enough copies of the weight (> 120 MB together) that
 50 MB L2 cannot serve repeats, and times back-to-back dependent dispatches (each writes the same
 output buffer, so they serialise like a decode step does) with GPU timestamps.
 
-    python benchmarks/sweep_decode.py gemv_f16 gemv_q4_0 gemv_q8_0 attn
+    python benchmarks/sweep_decode.py gemv_f16 new_q4_0 new_q8_0 new_q4_0+ln ab attn
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tensorgpu import debug, dtypes, runtime  # noqa: E402
-from tensorgpu.kernels import gemv as gm, matmul as mm, probe, quant  # noqa: E402
+from tensorgpu.kernels import gemv as gm, matmul as mm, probe  # noqa: E402
 from tensorgpu.kernels.common import Operand  # noqa: E402
 
 SHAPES = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192),        # pythia-1.4b qkv/out/up/down
@@ -69,29 +69,6 @@ def _qweights(dt, N, K, rng):
     b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
     b[:, 0:2] = np.full((nb, 1), 0.01, np.float16).view(np.uint8)
     return b.reshape(-1)
-
-
-def gemv_quant(dtname, cfgs):
-    dt = dtypes.as_dtype(dtname)
-    rng = np.random.default_rng(0)
-    for N, K in SHAPES:
-        raw = _qweights(dt, N, K, rng)
-        nbytes = raw.nbytes
-        ws = [runtime.upload(raw) for _ in range(_copies(nbytes))]
-        x = _x(K)
-        out = runtime.Buffer(N * 4)
-        res = []
-        for threads, rows in cfgs:
-            with debug.tuning(quant.TUNING, gemv_threads=threads, gemv_rows=rows):
-                ds = []
-                for w in ws:
-                    l = quant.plan_matmul(out, Operand(x, dtypes.float32, (1, K), (K, 1)), w, dt, N, K)
-                    for name, wgsl, binds, grid in l.passes:
-                        ds.append(runtime.dispatch(name, wgsl, binds, grid))
-                runtime.flush()
-                t = _time(ds)
-            res.append(f"t{threads}r{rows}:{t * 1e6:.1f}us/{nbytes / t / 1e9:.0f}")
-        print(f"{dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 
 
 def gemv_new(dtname, cfgs, ln=False):
@@ -210,14 +187,12 @@ def ab(shapes=((6144, 2048), (10240, 2560), (2560, 10240))):
 
 
 def main(argv):
-    what = argv or ["gemv_f16", "gemv_q4_0", "gemv_q8_0"]
+    what = argv or ["gemv_f16", "new_q4_0", "new_q8_0"]
     print("device:", runtime.get_device().describe().get("name"), probe.gpu_clocks(), flush=True)
     cb = min(256 << 20, runtime.get_device().max_binding_size // 2)
     print(f"copy bandwidth {probe.copy_bandwidth(cb) / 1e9:.0f} GB/s", flush=True)
     fcfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
             os.environ.get("F16_CFGS", "-,-;1,256;2,128;2,256;4,128;4,256;8,128;8,256").split(";")]
-    qcfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
-            os.environ.get("Q_CFGS", "-,-;128,8;256,8;128,16;256,16;64,8;64,16").split(";")]
     ncfg = [tuple(None if v == "-" else int(v) for v in p.split(",")) for p in
             os.environ.get("NEW_CFGS", "-,-;64,2;128,1;128,2;128,4;256,2;256,4").split(";")]
     for w in what:
@@ -229,8 +204,9 @@ def main(argv):
             gemv_new(w.split("_", 1)[1].replace("+ln", ""), ncfg, ln=w.endswith("+ln"))
         elif w == "gemv_f16":
             gemv_f16(fcfg)
-        elif w.startswith("gemv_"):
-            gemv_quant(w[5:], qcfg)
+        else:
+            raise SystemExit(f"unknown sweep {w!r}: gemv_f16 (matmul.py's one-row GEMV), new_<type>[+ln] "
+                             f"(gemv.py, which also serves one-row quantized x @ w.T), ab, attn")
     print("clocks after:", probe.gpu_clocks(), flush=True)
 
 
