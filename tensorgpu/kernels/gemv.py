@@ -128,8 +128,8 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
                              f"supported (same weight type, contiguous x, no layer norm)")
         pair = (x2, w2, K2)
         Kc = K + K2
-    items, per, T, R = _config(w_dtype, Kc, ln is not None)
-    items = K // per
+    _, per, T, R = _config(w_dtype, Kc, ln is not None)   # launch shape from the whole row
+    items = K // per                                        # of which the first pair's part
     R = max(1, min(R, N))
     if out.nbytes < 4 * (N + out_offset):
         raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * (N + out_offset)} for float32 [{N}]")
