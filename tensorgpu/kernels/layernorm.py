@@ -39,7 +39,7 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
     sub = dev.has_subgroups
     vec = vec4_ok(x, cols) and all(p is None or vec4_ok(p, cols) for p in (w, b))
     plan = RowPlan(rows, cols, vec)
-    V, T, WG, R, K, NV = plan.V, plan.T, plan.WG, plan.R, plan.K, plan.nv
+    V, T, WG, K, NV = plan.V, plan.T, plan.WG, plan.K, plan.nv
     readers = [Reader("x", x, 0, vec)]
     nb = 1
     if w is not None:
@@ -75,14 +75,7 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
         seg_reduce("red_sum", "+", T, WG, sub, "0.0"),
         seg_reduce("red_sum2", "+", T, WG, sub, "vec2<f32>(0.0)", "vec2<f32>"),
         f"const ROWS: u32 = {rows}u;\nconst COLS: u32 = {cols}u;\nconst NV: u32 = {NV}u;",
-        f"const INV_N: f32 = 1.0f / {cols}.0f;\nconst EPS: f32 = {f32_lit(eps)};",
-        f"@compute @workgroup_size({WG})",
-        f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
-        f"@builtin(local_invocation_index) lid: u32{sgp}) {{",
-        f"  let row = (wid.x + wid.y * nwg.x) * {R}u + lid / {T}u;",
-        f"  let t = lid % {T}u;",
-        "  let valid = row < ROWS;",
-        "  let base = x_row(min(row, ROWS - 1u));"]
+        f"const INV_N: f32 = 1.0f / {cols}.0f;\nconst EPS: f32 = {f32_lit(eps)};"] + plan.entry(sgp)
     body = []
     if plan.cached:
         for k in range(K):

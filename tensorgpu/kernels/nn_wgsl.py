@@ -280,6 +280,17 @@ class RowPlan:
     def splat(self, s: str) -> str:
         return f"vec4<f32>({s})" if self.V == 4 else s
 
+    def entry(self, sgp: str) -> list:
+        """The entry point and the row this invocation works on: `row` (valid when < ROWS),
+        `t` (its slot in the row) and `base` (the row's first element, via x_row)."""
+        return [f"@compute @workgroup_size({self.WG})",
+                f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
+                f"@builtin(local_invocation_index) lid: u32{sgp}) {{",
+                f"  let row = (wid.x + wid.y * nwg.x) * {self.R}u + lid / {self.T}u;",
+                f"  let t = lid % {self.T}u;",
+                "  let valid = row < ROWS;",
+                "  let base = x_row(min(row, ROWS - 1u));"]
+
     def store(self, dst: str, idx_item: str, first_elem: str, val: str) -> str:
         """WGSL statement storing item value `val` through epilogue() at item `idx_item`,
         whose first element has linear output index `first_elem`."""

@@ -22,7 +22,7 @@ def _source(x: Operand, rows: int, cols: int, mode: str, ep) -> tuple:
     sub = dev.has_subgroups
     vec = vec4_ok(x, cols)
     plan = RowPlan(rows, cols, vec)
-    V, T, WG, R, K, NV = plan.V, plan.T, plan.WG, plan.R, plan.K, plan.nv
+    V, T, WG, K, NV = plan.V, plan.T, plan.WG, plan.K, plan.nv
     rd = Reader("x", x, 0, vec)
     cs = x.strides[-1] if cols > 1 else 1
     ld = (lambda j: f"x_at4(base + ({j}) * 4u)") if V == 4 else (lambda j: f"x_at(base + ({j}) * {cs}u)")
@@ -35,15 +35,8 @@ def _source(x: Operand, rows: int, cols: int, mode: str, ep) -> tuple:
              ep.wgsl(2),
              seg_reduce("red_max", "max", T, WG, sub, NEG_INF),
              seg_reduce("red_sum", "+", T, WG, sub, "0.0"),
-             f"const ROWS: u32 = {rows}u;\nconst COLS: u32 = {cols}u;\nconst NV: u32 = {NV}u;",
-             f"@compute @workgroup_size({WG})",
-             f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
-             f"@builtin(local_invocation_index) lid: u32{sgp}) {{",
-             f"  let row = (wid.x + wid.y * nwg.x) * {R}u + lid / {T}u;",
-             f"  let t = lid % {T}u;",
-             "  let valid = row < ROWS;",
-             "  let base = x_row(min(row, ROWS - 1u));",
-             f"  let ninf = {NEG_INF};"]
+             f"const ROWS: u32 = {rows}u;\nconst COLS: u32 = {cols}u;\nconst NV: u32 = {NV}u;"]
+    lines += plan.entry(sgp) + [f"  let ninf = {NEG_INF};"]
     body = []
     if plan.cached:
         for k in range(K):
