@@ -5,7 +5,7 @@ Each GEMV case rotates over enough copies of the weight (> 120 MB together) that
 50 MB L2 cannot serve repeats, and times back-to-back dependent dispatches (each writes the same
 output buffer, so they serialise like a decode step does) with GPU timestamps.
 
-    python benchmarks/sweep_decode.py gemv_f16 new_q4_0 new_q8_0 new_q4_0+ln ab attn
+    python benchmarks/sweep_decode.py gemv_f16 new_q4_0 new_q8_0 new_q4_0+ln knobs_q4_k ab attn
 """
 from __future__ import annotations
 
@@ -104,6 +104,28 @@ def gemv_new(dtname, cfgs, ln=False):
         print(f"new{'+ln' if ln else ''} {dtname} {N}x{K} ({nbytes >> 20} MB): " + "  ".join(res), flush=True)
 
 
+def gemv_knobs(dtname, cfgs):
+    """kernels/gemv.py over sets of gemv.TUNING overrides ("threads=256,rows=2", "probe=1",
+    "default"): the probes split a GEMV's time into weight loads, decode and x (see gemv.TUNING)."""
+    dt = dtypes.as_dtype(dtname)
+    rng = np.random.default_rng(0)
+    for N, K in SHAPES:
+        raw = _qweights(dt, N, K, rng)
+        ws = [runtime.upload(raw) for _ in range(_copies(raw.nbytes))]
+        x = Operand(_x(K), dtypes.float32, (1, K), (K, 1))
+        out = runtime.Buffer(N * 4)
+        res = []
+        for cfg in cfgs:
+            knobs = {k: int(v) for k, v in (kv.split("=") for kv in cfg.split(",") if "=" in kv)}
+            with debug.tuning(gm.TUNING, **knobs), runtime_log() as ds:
+                for w in ws:
+                    gm.gemv(out, x, w, dt, N, K)
+            runtime.flush()
+            t = _time(ds)
+            res.append(f"{cfg}:{t * 1e6:.1f}us/{raw.nbytes / t / 1e9:.0f}")
+        print(f"knobs {dtname} {N}x{K} ({raw.nbytes >> 20} MB): " + "  ".join(res), flush=True)
+
+
 class runtime_log:
     """Collect the Dispatch objects queued inside the block."""
 
@@ -200,13 +222,15 @@ def main(argv):
             ab()
         elif w == "attn":
             attn()
+        elif w.startswith("knobs_"):
+            gemv_knobs(w.split("_", 1)[1], os.environ.get("KNOB_CFGS", "default;probe=1;probe=2").split(";"))
         elif w.startswith("new_"):
             gemv_new(w.split("_", 1)[1].replace("+ln", ""), ncfg, ln=w.endswith("+ln"))
         elif w == "gemv_f16":
             gemv_f16(fcfg)
         else:
             raise SystemExit(f"unknown sweep {w!r}: gemv_f16 (matmul.py's one-row GEMV), new_<type>[+ln] "
-                             f"(gemv.py, which also serves one-row quantized x @ w.T), ab, attn")
+                             f"(gemv.py, which also serves one-row quantized x @ w.T), knobs_<type> (gemv.py over KNOB_CFGS), ab, attn")
     print("clocks after:", probe.gpu_clocks(), flush=True)
 
 

@@ -89,9 +89,10 @@ def test_ragged_and_long_rows(wdt, K):
 def test_tuning(threads, rows, hoist, regs):
     """Launch shapes, and the weight-load hoisting (off; in chunks of one iteration)."""
     with debug.tuning(gmod.TUNING, threads=threads, rows=rows, hoist=hoist, hoist_regs=regs):
-        for wdt in ("f16", "q8_0", "q4_0", "f32"):
-            run(wdt, 13, 640, ln=True)
-            run(wdt, 5, 640, ln=False)
+        for wdt in ("f16", "q8_0", "q4_0", "q4_k", "f32"):
+            K = 768 if wdt == "q4_k" else 640
+            run(wdt, 13, K, ln=True)
+            run(wdt, 5, K, ln=False)
 
 
 def test_epilogue_f16_x_and_no_ln_bias(paths):
@@ -189,3 +190,25 @@ def test_pair_rejects_mixed_types_and_layer_norm():
     w3, _, _ = _weight("q4_0", 8, 256)
     with pytest.raises(ValueError, match="second pair"):
         gemv(runtime.Buffer(32), xo, w1, wd, 8, 256, ln=(None, None, 1e-5), pair=(xo, w3, 256))
+
+
+@pytest.mark.parametrize("wdt", ["q8_0", "q4_0", "q4_k"])
+def test_probe_modes(wdt):
+    """The diagnostic probes (gemv.TUNING["probe"]) keep compiling: probe 2 decodes the weights
+    against x = 1, so it returns the row sums of W; probe 1 folds raw words (finite values)."""
+    dt = dtypes.as_dtype(wdt)
+    N, K = 21, 512
+    raw, Wf = qweights(dt, N, K)
+    w = runtime.upload(raw)
+    x = Base(rng.standard_normal(K).astype(np.float32))
+    xop = Operand(x.buf, x.dtype, (1, K), (K, 1), 0)
+    got = {}
+    for probe in (1, 2):
+        out = runtime.Buffer(4 * N)
+        with debug.tuning(gmod.TUNING, probe=probe):
+            gemv(out, xop, w, dt, N, K)
+        got[probe] = read_f32(out, N)
+    want = Wf.sum(axis=1)
+    err = np.abs(got[2] - want).max() / np.abs(want).max()
+    assert err < 2e-5, f"{wdt}: probe 2 (x = 1) rel err {err:.2e} against the row sums"
+    assert np.isfinite(got[1]).all()

@@ -28,10 +28,15 @@ from .common import NoEpilogue, Operand, epilogue_bindings
 from .nn_wgsl import Reader, enable_f16, f32_lit
 
 # Knobs the sweeps set (benchmarks/sweep_decode.py): None = chosen from K / the weight type.
-# Variants measured on the H100 and dropped (benchmarks/results/2026-11-25b/): 64-element items
-# with half the integer work per element, and rows staged through workgroup memory with 16-byte
-# loads. Both were slower at every size from 9 MB to 272 MB.
-TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48}
+# Variants measured on the H100 and dropped (benchmarks/results/2026-11-25b/ and -25c/): 64-element
+# items with half the integer work per element; rows staged through workgroup memory with 16-byte
+# loads; one lane per 16-byte-aligned run of blocks (8 q4_0 blocks = 9 vec4 loads) decoded with
+# compile-time offsets, with x staged in workgroup memory; one lane per 16-byte q4_k code chunk.
+# None beat this kernel by more than ~10% on any shape, most were slower.
+# probe (a diagnostic, never on by default): 1 = weight loads only, the decode replaced by folding
+# the raw words; 2 = decode with x = 1 (no x loads). Full minus probe 2 is what x costs, probe 2
+# minus probe 1 what the decode costs.
+TUNING = {"threads": None, "rows": None, "hoist": True, "hoist_regs": 48, "probe": 0}
 
 _U32 = 1 << 32
 
@@ -184,6 +189,14 @@ def _ln_constants(w, w_dtype, N: int, K: int, g: Optional[Operand], b: Optional[
     return buf
 
 
+def epilogue_text(ep, first_binding: int) -> tuple:
+    """(its `enable` directives, the rest of its WGSL) of an epilogue whose operands bind from
+    `first_binding`: directives must open the shader, so the caller merges them with its own."""
+    lines = ep.wgsl(first_binding).splitlines(keepends=True)
+    return ([ln.strip() for ln in lines if ln.lstrip().startswith("enable ")],
+            "".join(ln for ln in lines if not ln.lstrip().startswith("enable ")))
+
+
 def _row(op: Operand, K: int) -> Operand:
     """A [K] parameter as the [1, K] x of a GEMV (copied when it is strided or misaligned)."""
     if (not op.shape or op.strides[-1] == 1 or K == 1) and op.offset % 4 == 0:
@@ -242,9 +255,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     if ln:
         bc_binding = b
         b += 1
-    ep_lines = ep.wgsl(b).splitlines(keepends=True)
-    enables = [ln_.strip() for ln_ in ep_lines if ln_.lstrip().startswith("enable ")]
-    ep_text = "".join(ln_ for ln_ in ep_lines if not ln_.lstrip().startswith("enable "))
+    enables, ep_text = epilogue_text(ep, b)
     head = enable_f16(*readers)
     if head:
         enables.insert(0, head.strip())
@@ -328,7 +339,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         for it in its:
             sg = seg_of[it]
             for j, o in enumerate(offs):
-                s.append(f"    var x{it}_{j} = {sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u);\n")
+                xe = f"{sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u)" if TUNING.get("probe") != 2 else "vec4<f32>(1.0)"
+                s.append(f"    var x{it}_{j} = {xe};\n")
                 if ln and lnw is not None:
                     s.append(f"    let gw{it}_{j} = {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
         for it in its:
@@ -349,7 +361,10 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
             for r in range(R):
                 w_ = f"w{r}_{it}"
                 rb_ = f"{sg.rbp}{r}"
-                if quant:
+                if quant and raw and TUNING.get("probe") == 1:   # loads only (a diagnostic: what the reads cost)
+                    z = " ^ ".join(f"{w_}.{f}" for f in _RAW_FIELDS[w_dtype.name])
+                    s.append(f"    a{r} += vec4<f32>(bitcast<f32>(({z}) & 0x3fffffu | 0x3f800000u));\n")
+                elif quant:
                     q = f"q{r}_{it}"
                     s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, {rb_}, i{it})' if raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
@@ -426,6 +441,23 @@ fn unr_q8_0(r: RQ8, rb: u32, u: u32) -> QU {
     return QU(m8(q.x), m8(q.y), m8(q.z), m8(q.w), A, C);
 }
 """),
+    "q4_k": (6, """
+struct RQ4K { h: vec4<u32>, q: vec2<u32> }
+fn ldr_q4_k(rb: u32, u: u32) -> RQ4K {
+    let wi = (rb + 144u * (u >> 4u)) >> 2u;
+    let k = wi + 4u + 8u * ((u >> 2u) & 3u) + 2u * (u & 3u);
+    return RQ4K(vec4<u32>(W[wi], W[wi + 1u], W[wi + 2u], W[wi + 3u]), vec2<u32>(W[k], W[k + 1u]));
+}
+fn unr_q4_k(r: RQ4K, rb: u32, u: u32) -> QU {
+    let dm = unpack2x16float(r.h.x);
+    let sm = scmin2(r.h.y, r.h.z, r.h.w, (u >> 2u) & 3u);
+    let a0 = dm.x * sm.x; let a1 = dm.x * sm.y;
+    let b0 = -dm.y * sm.z; let b1 = -dm.y * sm.w;
+    let A = vec4<f32>(16.0 * a0, 16.0 * a0, 16.0 * a1, 16.0 * a1);
+    let C = vec4<f32>(b0 - A.x, b0 - A.x, b1 - A.z, b1 - A.z);
+    return QU(m4(r.q.x), m4(r.q.y), m4(r.q.x >> 4u), m4(r.q.y >> 4u), A, C);
+}
+"""),
     "q4_0": (4, """
 struct RQ4 { dw: u32, q: vec3<u32> }
 fn ldr_q4_0(rb: u32, u: u32) -> RQ4 {
@@ -443,6 +475,11 @@ fn unr_q4_0(r: RQ4, rb: u32, u: u32) -> QU {
 }
 """),
 }
+
+
+# the u32 fields of each raw struct (TUNING["probe"] = 1 folds them instead of decoding)
+_RAW_FIELDS = {"q8_0": ("dw", "q.x", "q.y", "q.z", "q.w", "q4"), "q4_0": ("dw", "q.x", "q.y", "q.z"),
+               "q4_k": ("h.x", "h.y", "h.z", "h.w", "q.x", "q.y")}
 
 
 def _reading_copy(wgsl: str, arr: str, arr2: str, sfx: str) -> str:
