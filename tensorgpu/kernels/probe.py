@@ -200,6 +200,18 @@ def copy_bandwidth(nbytes: int) -> float:
 
 
 @functools.lru_cache(maxsize=None)
+def copy_bandwidth_cold(nbytes: int, total: int = 120 << 20) -> float:
+    """Copy bandwidth in bytes/s (read + write) of back-to-back copies of `nbytes` each, cycling
+    over enough buffer pairs (> `total` bytes together) that no copy finds its data in L2: what
+    a copy achieves at one size, start-up and drain included (copy_bandwidth's large buffers hide
+    both). Cached per process."""
+    pairs = max(2, -(-total // (2 * nbytes)))
+    bufs = [(Buffer(nbytes), Buffer(nbytes)) for _ in range(pairs)]
+    ds = [copy(dst, src, nbytes) for dst, src in bufs]
+    return 2 * nbytes * pairs / gpu_time_per_dispatch(ds)
+
+
+@functools.lru_cache(maxsize=None)
 def fma_flops(workgroups: int, iters: int) -> float:
     """Measured f32 FMA throughput in FLOP/s; cached per process."""
     buf = runtime.upload(np.array([0.9999, 1e-4, 0.0, 0.0], np.float32))
