@@ -283,3 +283,74 @@ def test_convert_from_transformers(tiny_neox_dir, tmp_path, parallel):
     assert model.config.parallel_residual is parallel
     got = _chunks(model, ids)
     assert float(np.abs(got - want).max()) < TOL
+
+
+# ----------------------------------------------------------------------------- mixed k-quant files
+
+# per-tensor types of a llama.cpp Q4_K_M-like file (token_embd q4_k, most matrices q4_k, ffn_down
+# and output q6_k), plus a q5_k and a q4_k ffn_down so every k-quant GEMV path runs: the mixed
+# attn_output + ffn_down pair (two GEMVs), the same-type pair (one), the folded layer norm
+K_TYPES = {"token_embd.weight": "q4_k", "output.weight": "q6_k", "blk.0.attn_qkv.weight": "q5_k",
+           "blk.1.ffn_down.weight": "q4_k", "attn_qkv": "q4_k", "attn_output": "q4_k", "ffn_up": "q4_k",
+           "ffn_down": "q6_k"}
+
+
+def _k_blocks(kind: str, shape, std: float, rng) -> np.ndarray:
+    """Random GGUF blocks of `kind` for a [rows, cols] weight whose values are ~std: random codes
+    and scale bytes, with the f16 super-block scales set so that d * scale * code ~ std."""
+    dt = tg.dtypes.as_dtype(kind)
+    nb = int(np.prod(shape)) // dt.block_size
+    b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
+
+    def put(off, v):
+        b[:, off:off + 2] = (v * rng.choice([-1.0, 1.0], nb)).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    if kind == "q6_k":                 # d * int8 scale * (q - 32)
+        put(208, np.full(nb, std / (64 * 16)))
+    elif kind == "q5_k":               # d * 6-bit scale * q5 - dmin * 6-bit min
+        put(0, np.full(nb, std / (32 * 16))), put(2, np.full(nb, std / 32))
+    else:                              # q4_k: d * 6-bit scale * q4 - dmin * 6-bit min
+        put(0, np.full(nb, std / (32 * 8))), put(2, np.full(nb, std / 32))
+    return b.reshape(shape[0], -1)
+
+
+def _k_quant_files(tiny_neox_dir, tmp_path):
+    """(k-quant GGUF, float32 GGUF of exactly its dequantized values), same metadata and tokenizer."""
+    import gguf
+    src = tg.load_gguf(tiny_neox_dir / "tiny-neox-q8_0.gguf")
+    rng = np.random.default_rng(7)
+    quant, flat = {}, {}
+    for name, t in src.tensors.items():
+        kind = K_TYPES.get(name) or next((v for k, v in K_TYPES.items() if f".{k}." in name), None)
+        if kind is None or t.ndim != 2:
+            quant[name] = flat[name] = t.numpy()
+            continue
+        raw = _k_blocks(kind, t.shape, float(np.std(t.numpy())), rng)
+        dt = tg.dtypes.as_dtype(kind)
+        quant[name] = tg.Tensor.from_buffer(runtime.upload(raw), t.shape, dt)
+        flat[name] = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(dt.ggml_type)),
+                                np.float32).reshape(t.shape)
+    meta = {k: v for k, v in src.metadata.items() if k != "general.file_type"}
+    kq, f32 = tmp_path / "tiny-neox-k-mixed.gguf", tmp_path / "tiny-neox-k-mixed-f32.gguf"
+    tg.save_gguf(kq, quant, meta)
+    tg.save_gguf(f32, flat, meta)
+    return kq, f32
+
+
+def test_mixed_k_quant_file_matches_its_float_values(tiny_neox_dir, tmp_path):
+    """A GGUF of mixed k-quant types (as llama.cpp's Q4_K_M writes them) gives the logits of the
+    float32 model of its dequantized weights: the whole prompt (prefill through the decoding
+    binding), token by token (decode GEMVs, folded norms, mixed and same-type pairs) and greedy."""
+    kq, f32 = _k_quant_files(tiny_neox_dir, tmp_path)
+    mk, mf = GPTNeoX.from_gguf(kq), GPTNeoX.from_gguf(f32)
+    assert {mk.blk[0].attn_qkv.weight.dtype.name, mk.blk[1].attn_qkv.weight.dtype.name,
+            mk.blk[0].ffn_down.weight.dtype.name, mk.output.dtype.name} == {"q5_k", "q4_k", "q6_k"}
+    ids = [int(t) for t in np.random.default_rng(3).integers(0, mk.config.n_vocab, 12)]
+    want = _full_prompt(mf, ids)
+    assert np.isfinite(want).all() and want.std() > 1e-3, "the random model's logits are degenerate"
+    scale = np.abs(want).max()
+    for mode in ("full", "tokens"):
+        got = MODES[mode](mk, ids)
+        err = np.abs(got - want).max() / scale
+        assert err < 1e-4, f"{mode}: k-quant logits differ from the float32 model's by {err:.2e} (relative to max)"
+    greedy = [list(m.session(cache_dtype="float32").generate(ids, max_new_tokens=6)) for m in (mk, mf)]
+    assert greedy[0] == greedy[1] and len(greedy[0]) == 6
