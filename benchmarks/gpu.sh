@@ -23,6 +23,11 @@ if [[ " $what " == *" models "* ]]; then
   mkdir -p /tmp/ggufs
   for spec in ${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}; do
     m=${spec%%:*}; d=${spec##*:}
+    if [ "$d" = q4_k_m ]; then   # k-quants: random blocks with the f16 file's shapes (benchmarks/make_kmix_gguf.py)
+      [ -f /tmp/ggufs/$m-f16.gguf ] || python3 .device/make_random_neox_gguf.py --preset "$m" --dtype f16 -o /tmp/ggufs/$m-f16.gguf >/dev/null
+      [ -f /tmp/ggufs/$m-$d.gguf ] || python3 benchmarks/make_kmix_gguf.py /tmp/ggufs/$m-f16.gguf /tmp/ggufs/$m-$d.gguf 2>/dev/null
+      continue
+    fi
     [ -f /tmp/ggufs/$m-$d.gguf ] || python3 .device/make_random_neox_gguf.py --preset "$m" --dtype "$d" -o /tmp/ggufs/$m-$d.gguf >/dev/null
   done
   timeout "${T_MODELS:-400}" python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json" ${PROFILE:+--profile}

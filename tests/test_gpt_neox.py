@@ -16,6 +16,7 @@ import tensorgpu as tg
 from models.gpt_neox import GPTNeoX, GPTNeoXConfig
 from models.session import perplexity
 from tensorgpu import runtime
+from tensorgpu.testing import q4_k_m_like_type, random_blocks
 
 TOL = 1e-3          # max |Δlogit| against the reference (float32 KV cache)
 TOL_F16_CACHE = 4e-3
@@ -287,32 +288,6 @@ def test_convert_from_transformers(tiny_neox_dir, tmp_path, parallel):
 
 # ----------------------------------------------------------------------------- mixed k-quant files
 
-# per-tensor types of a llama.cpp Q4_K_M-like file (token_embd q4_k, most matrices q4_k, ffn_down
-# and output q6_k), plus a q5_k and a q4_k ffn_down so every k-quant GEMV path runs: the mixed
-# attn_output + ffn_down pair (two GEMVs), the same-type pair (one), the folded layer norm
-K_TYPES = {"token_embd.weight": "q4_k", "output.weight": "q6_k", "blk.0.attn_qkv.weight": "q5_k",
-           "blk.1.ffn_down.weight": "q4_k", "attn_qkv": "q4_k", "attn_output": "q4_k", "ffn_up": "q4_k",
-           "ffn_down": "q6_k"}
-
-
-def _k_blocks(kind: str, shape, std: float, rng) -> np.ndarray:
-    """Random GGUF blocks of `kind` for a [rows, cols] weight whose values are ~std: random codes
-    and scale bytes, with the f16 super-block scales set so that d * scale * code ~ std."""
-    dt = tg.dtypes.as_dtype(kind)
-    nb = int(np.prod(shape)) // dt.block_size
-    b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
-
-    def put(off, v):
-        b[:, off:off + 2] = (v * rng.choice([-1.0, 1.0], nb)).astype(np.float16).view(np.uint8).reshape(nb, 2)
-    if kind == "q6_k":                 # d * int8 scale * (q - 32)
-        put(208, np.full(nb, std / (64 * 16)))
-    elif kind == "q5_k":               # d * 6-bit scale * q5 - dmin * 6-bit min
-        put(0, np.full(nb, std / (32 * 16))), put(2, np.full(nb, std / 32))
-    else:                              # q4_k: d * 6-bit scale * q4 - dmin * 6-bit min
-        put(0, np.full(nb, std / (32 * 8))), put(2, np.full(nb, std / 32))
-    return b.reshape(shape[0], -1)
-
-
 def _k_quant_files(tiny_neox_dir, tmp_path):
     """(k-quant GGUF, float32 GGUF of exactly its dequantized values), same metadata and tokenizer."""
     import gguf
@@ -320,11 +295,11 @@ def _k_quant_files(tiny_neox_dir, tmp_path):
     rng = np.random.default_rng(7)
     quant, flat = {}, {}
     for name, t in src.tensors.items():
-        kind = K_TYPES.get(name) or next((v for k, v in K_TYPES.items() if f".{k}." in name), None)
+        kind = q4_k_m_like_type(name)
         if kind is None or t.ndim != 2:
             quant[name] = flat[name] = t.numpy()
             continue
-        raw = _k_blocks(kind, t.shape, float(np.std(t.numpy())), rng)
+        raw = random_blocks(kind, t.shape, float(np.std(t.numpy())), rng)
         dt = tg.dtypes.as_dtype(kind)
         quant[name] = tg.Tensor.from_buffer(runtime.upload(raw), t.shape, dt)
         flat[name] = np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(dt.ggml_type)),
