@@ -57,9 +57,9 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
 def linear_sum(*terms) -> Tensor:
     """sum_i linear(x_i, w_i, b_i) for terms (x_i [..., in_i], w_i [out, in_i], b_i [out] or
     None): projections whose outputs are added, like Pythia's parallel residual (attention
-    output + MLP down). For one row and two terms with weights of one type this is ONE decode
-    GEMV over both inputs (a dispatch less per layer); otherwise the products are summed (the
-    adds fuse into the last matmul's store)."""
+    output + MLP down). For one row and two terms with weights of one type, or of two GGUF block
+    types, this is ONE decode GEMV over both inputs (a dispatch less per layer); otherwise the
+    products are summed (the adds fuse into the last matmul's store)."""
     if not terms:
         raise ValueError("linear_sum needs at least one (x, w, b) term")
     terms = [tuple(t) + (None,) * (3 - len(t)) for t in terms]
@@ -466,9 +466,10 @@ class DecodeLinearKernel(CustomKernel):
     name = "gemv"
     supports_epilogue = True
 
-    def __init__(self, w_dtype, N, K, ln=None, K2=0):
+    def __init__(self, w_dtype, N, K, ln=None, K2=0, w2_dtype=None):
         self.w_dtype, self.N, self.K, self.ln = w_dtype, N, K, ln   # ln: (has_w, has_b, eps)
         self.K2 = K2        # > 0: a second (x2 [K2], w2 [N, K2]) pair summed into the same rows
+        self.w2_dtype = w2_dtype or w_dtype
 
     def _w(self, w, K):
         from .kernels.common import Operand
@@ -481,7 +482,8 @@ class DecodeLinearKernel(CustomKernel):
         rest = list(operands[2:])
         if self.K2:
             x2, w2 = rest
-            pair = (Operand(x2.buffer, x2.dtype, (1, self.K2), (self.K2, 1), x2.offset), self._w(w2, self.K2), self.K2)
+            pair = (Operand(x2.buffer, x2.dtype, (1, self.K2), (self.K2, 1), x2.offset), self._w(w2, self.K2), self.K2,
+                    self.w2_dtype)
             xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
             gemv(out, xo, self._w(w, self.K), self.w_dtype, self.N, self.K, epilogue, pair=pair)
             return
@@ -533,9 +535,12 @@ def _decode_linear(x: Tensor, w: Tensor):
 
 
 def _decode_linear_pair(x1: Tensor, w1: Tensor, x2: Tensor, w2: Tensor):
-    """x1 @ w1.T + x2 @ w2.T for one row as ONE decode GEMV (two weights of the same type and
-    out_features). None when it does not apply."""
-    if not (_decode_weight_ok(x1, w1) and _decode_weight_ok(x2, w2)) or w1.dtype is not w2.dtype:
+    """x1 @ w1.T + x2 @ w2.T for one row as ONE decode GEMV (two weights of one out_features, of
+    the same type or both GGUF block types, as a Q4_K_M file's q4_k and q6_k). None when it does
+    not apply."""
+    if not (_decode_weight_ok(x1, w1) and _decode_weight_ok(x2, w2)):
+        return None
+    if w1.dtype is not w2.dtype and not (w1.dtype.is_quant and w2.dtype.is_quant):
         return None
     (N, K1), K2 = w1.shape, w2.shape[1]
     if w2.shape[0] != N:
@@ -545,4 +550,5 @@ def _decode_linear_pair(x1: Tensor, w1: Tensor, x2: Tensor, w2: Tensor):
         if not (_flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16)):
             x = x.astype(dt.float32).contiguous() if x.dtype not in (dt.float32, dt.float16) else x.contiguous()
         xs.append(x)
-    return _custom(DecodeLinearKernel(w1.dtype, N, K1, None, K2), [xs[0], Tensor(w1.node), xs[1], Tensor(w2.node)], (1, N))
+    return _custom(DecodeLinearKernel(w1.dtype, N, K1, None, K2, w2.dtype), [xs[0], Tensor(w1.node), xs[1], Tensor(w2.node)],
+                   (1, N))

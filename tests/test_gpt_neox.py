@@ -329,3 +329,9 @@ def test_mixed_k_quant_file_matches_its_float_values(tiny_neox_dir, tmp_path):
         assert err < 1e-4, f"{mode}: k-quant logits differ from the float32 model's by {err:.2e} (relative to max)"
     greedy = [list(m.session(cache_dtype="float32").generate(ids, max_new_tokens=6)) for m in (mk, mf)]
     assert greedy[0] == greedy[1] and len(greedy[0]) == 6
+    s = mk.session(cache_dtype="float32")
+    s.forward(ids)
+    with tg.debug.kernel_log() as log:      # a decode step: every layer's q4_k + q6_k/q4_k pair is one GEMV
+        s.forward([ids[0]]).numpy()
+    pairs = [e.name.split("[")[0] for e in log if e.name.startswith("gemv2_")]
+    assert sorted(pairs) == sorted(["gemv2_q4_k+q6_k"] * (mk.config.n_layer - 1) + ["gemv2_q4_k"]), pairs

@@ -180,6 +180,29 @@ def test_pair_sums_two_projections(paths, wdt, K1, K2):
     assert err < 2e-5, f"{wdt} K1={K1} K2={K2}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("wdt1,wdt2", [("q4_k", "q6_k"), ("q6_k", "q4_k"), ("q4_0", "q8_0"), ("q5_k", "q4_0"),
+                                       ("q8_0", "q4_1"), ("q4_k", "q5_k")], ids=lambda t: t)
+@pytest.mark.parametrize("K1,K2", [(512, 2048), (256, 768), (1024 + 256, 512)], ids=str)
+def test_pair_of_two_block_types(paths, wdt1, wdt2, K1, K2):
+    """W1 and W2 of different GGUF block types (a Q4_K_M file pairs q4_k with q6_k): one kernel,
+    each part decoded by its own format, loads hoisted where the format allows."""
+    N = 37
+    w1, wd1, W1 = _weight(wdt1, N, K1)
+    w2, wd2, W2 = _weight(wdt2, N, K2)
+    x1, x2 = (rng.standard_normal(k).astype(np.float32) for k in (K1, K2))
+    b1, b2 = Base(x1), Base(x2)
+    out = runtime.Buffer(4 * N)
+    name = gmod.plan(out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd1, N, K1,
+                     pair=(Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2, wd2))[0]
+    assert name.startswith(f"gemv2_{wdt1}+{wdt2}[")
+    gemv(out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd1, N, K1,
+         pair=(Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2, wd2))
+    want = W1 @ x1 + W2 @ x2
+    got = read_f32(out, N)
+    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
+    assert err < 2e-5, f"{wdt1}+{wdt2} K1={K1} K2={K2}: rel err {err:.2e}"
+
+
 def test_pair_rejects_mixed_types_and_layer_norm():
     w1, wd, _ = _weight("q4_0", 8, 256)
     w2, _, _ = _weight("f16", 8, 256)

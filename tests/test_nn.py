@@ -83,6 +83,27 @@ def test_linear_sum_of_quantized_weights_is_one_kernel():
     assert [e.name.split("[")[0] for e in log] == ["gemv2_q4_0"]
 
 
+def test_linear_sum_of_two_block_types_is_one_kernel():
+    """A Q4_K_M file's attention output (q4_k) and MLP down (q6_k) projections: still one GEMV."""
+    import gguf
+
+    from tensorgpu import runtime
+    from tensorgpu.testing import random_blocks
+    K1, K2, N = 256, 512, 16
+    ws, Ws = [], []
+    for kind, K in (("q4_k", K1), ("q6_k", K2)):
+        raw = random_blocks(kind, (N, K), 0.05, rng)
+        Ws.append(np.asarray(gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[kind.upper()]),
+                             np.float64).reshape(N, K))
+        ws.append(tg.Tensor.from_buffer(runtime.upload(raw), (N, K), tg.dtypes.as_dtype(kind)))
+    x1 = rng.standard_normal((1, K1)).astype(np.float32)
+    x2 = rng.standard_normal((1, K2)).astype(np.float32)
+    with tg.debug.kernel_log() as log:
+        got = tg.nn.linear_sum((tg.tensor(x1), ws[0]), (tg.tensor(x2), ws[1])).numpy()
+    np.testing.assert_allclose(got, x1 @ Ws[0].T + x2 @ Ws[1].T, rtol=1e-4, atol=1e-4)
+    assert [e.name.split("[")[0] for e in log] == ["gemv2_q4_k+q6_k"]
+
+
 def test_linear_sum_bad_inputs_name_the_term():
     x = tg.tensor(np.ones((1, 8), np.float32))
     w = tg.tensor(np.ones((4, 8), np.float32))

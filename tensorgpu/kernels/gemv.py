@@ -112,9 +112,11 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     reduction. x is shifted by the mean of its first 32 values first, so neither the variance
     nor `A - mean B` cancels badly when |mean| >> std.
 
-    pair = (x2, w2, K2): a second dot product added in the same kernel, out[n] = epilogue(x W[n]
-    + x2 W2[n]) with W2 [N, K2] of the same type: two projections whose results are summed
-    (Pythia's attention output and MLP down projections) cost one dispatch. Not with ln."""
+    pair = (x2, w2, K2[, w2_dtype]): a second dot product added in the same kernel, out[n] =
+    epilogue(x W[n] + x2 W2[n]) with W2 [N, K2]: two projections whose results are summed
+    (Pythia's attention output and MLP down projections) cost one dispatch. W2 has W's type, or
+    with a quantized W any other GGUF block type (w2_dtype; a Q4_K_M file pairs q4_k with q6_k).
+    Not with ln."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -124,14 +126,17 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
                          f"decode GEMV (contiguous x, K % 8, quant K % block size)")
     wbuf = w.buffer if isinstance(w, Operand) else w
     Kc = K
+    w2_dtype = w_dtype
     if pair is not None:
-        x2, w2, K2 = pair
+        x2, w2, K2 = pair[:3]
         K2 = int(K2)
-        same = (w2.dtype is w_dtype) if isinstance(w2, Operand) else w_dtype.is_quant
-        if ln is not None or not same or not supported(x2, w_dtype, K2, w2 if isinstance(w2, Operand) else None):
-            raise ValueError(f"gemv: second pair x {tuple(x2.shape)} {x2.dtype} with weight [{N}, {K2}] {w_dtype} is not "
-                             f"supported (same weight type, contiguous x, no layer norm)")
-        pair = (x2, w2, K2)
+        w2_dtype = dtypes.as_dtype(pair[3]) if len(pair) > 3 else (w2.dtype if isinstance(w2, Operand) else w_dtype)
+        ok = (w2_dtype is w_dtype or (w_dtype.is_quant and w2_dtype.is_quant)) and isinstance(w2, Operand) == (xw is not None)
+        if ln is not None or not ok or not supported(x2, w2_dtype, K2, w2 if isinstance(w2, Operand) else None):
+            raise ValueError(f"gemv: second pair x {tuple(x2.shape)} {x2.dtype} with weight [{N}, {K2}] {w2_dtype} is not "
+                             f"supported beside {w_dtype} (the same weight type or two GGUF block types, contiguous x, "
+                             f"no layer norm)")
+        pair = (x2, w2, K2, w2_dtype)
         Kc = K + K2
     _, per, T, R = _config(w_dtype, Kc, ln is not None)   # launch shape from the whole row
     items = K // per                                        # of which the first pair's part
@@ -145,7 +150,8 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
     src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair)
     kind = "_ln" if ln else "2" if pair else ""
-    return (f"gemv{kind}_{w_dtype.name}[{N}x{Kc}]", src, binds, grid,
+    types = w_dtype.name + (f"+{w2_dtype.name}" if w2_dtype is not w_dtype else "")
+    return (f"gemv{kind}_{types}[{N}x{Kc}]", src, binds, grid,
             {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
 
 
@@ -217,6 +223,7 @@ class _Seg:
     x: Operand
     w: object
     wbuf: object
+    dtype: object    # the weight's dtypes.DType
     K: int
     items: int
     xname: str       # x reader prefix
@@ -225,16 +232,18 @@ class _Seg:
     rbp: str         # row-offset variable prefix
     first: int = 0   # number of the segment's first iteration (iterations are numbered across segments)
     iters: int = 0
+    fmt: object = None   # quant.py's _Format of a GGUF block type
+    raw: bool = False    # loads split off the decode (a _RAW row)
 
 
 def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None):
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
-    segs = [_Seg(x, w, wbuf, K, items, "xv", "W", "", "rb")]
+    segs = [_Seg(x, w, wbuf, w_dtype, K, items, "xv", "W", "", "rb")]
     if pair is not None:
-        x2, w2, K2 = pair
-        segs.append(_Seg(x2, w2, w2.buffer if isinstance(w2, Operand) else w2, K2, K2 // per, "xw", "W2", "_2", "rc"))
+        x2, w2, K2, w2_dtype = pair
+        segs.append(_Seg(x2, w2, w2.buffer if isinstance(w2, Operand) else w2, w2_dtype, K2, K2 // per, "xw", "W2", "_2", "rc"))
     n_it = 0
     for sg in segs:
         sg.first, sg.iters = n_it, -(-sg.items // T)
@@ -267,15 +276,18 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     wbind = {"W": 2, "W2": 4}
     if quant:
         from .quant import _fmt, _format_wgsl
-        fmt = _fmt(w_dtype)
-        helpers = _format_wgsl(w_dtype, False, K, True) + (_RAW[w_dtype.name][1] if w_dtype.name in _RAW else "")
+        def helpers(dt):
+            return _format_wgsl(dt, False, K, True) + (_RAW[dt.name][1] if dt.name in _RAW else "")
         for sg in segs:
+            sg.fmt = _fmt(sg.dtype)
+            sg.raw = bool(TUNING.get("hoist", True)) and sg.dtype.name in _RAW   # float: no gain (A/B)
             s.append(f"@group(0) @binding({wbind[sg.wname]}) var<storage, read> {sg.wname}: array<u32>;\n")
-        s.append(helpers)
+        s.append(helpers(w_dtype))
         if pair is not None:
-            s.append(_reading_copy(helpers, "W", "W2", "_2"))
+            s.append(_reading_copy(helpers(segs[1].dtype), "W", "W2", "_2"))
+            if segs[1].dtype is not w_dtype:     # its helpers that read no weights, where W's lack them
+                s.append(_missing_items(helpers(segs[1].dtype), helpers(w_dtype), "W"))
     else:
-        fmt = None
         vt = "vec4<u32>" if w_dtype is dtypes.float16 else "vec4<f32>"
         for sg in segs:
             s.append(f"@group(0) @binding({wbind[sg.wname]}) var<storage, read> {sg.wname}: array<{vt}>;\n")
@@ -297,12 +309,12 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     for sg in segs:
         for r in range(R):
             if quant:
-                row = sg.K // w_dtype.block_size * w_dtype.block_bytes
+                row = sg.K // sg.dtype.block_size * sg.dtype.block_bytes
                 s.append(f"    let {sg.rbp}{r} = min(n0 + {r}u, {_u(N - 1)}) * {_u(row)};\n")
             else:
                 s.append(f"    let {sg.rbp}{r} = {_u(int(sg.w.offset) // per)} + min(n0 + {r}u, {_u(N - 1)}) * {_u(sg.K // per)};\n")
     # item indices (clamped: a past-the-end item reads a valid one and gets x = 0)
-    offs = fmt.offs if fmt else tuple(4 * j for j in range(per // 4))
+    float_offs = tuple(4 * j for j in range(per // 4))
     ragged_it = set()
     for it in range(ITERS):
         sg = seg_of[it]
@@ -312,13 +324,13 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         if last:
             ragged_it.add(it)
             s.append(f"    let ok{it} = {li * T}u + lid < {_u(sg.items)};\n")
-        s.append(f"    let e{it} = {_subst_u(fmt.e0, f'i{it}') if fmt else f'{per}u * i{it}'};\n")
+        s.append(f"    let e{it} = {_subst_u(sg.fmt.e0, f'i{it}') if sg.fmt else f'{per}u * i{it}'};\n")
     # Issue order matters: a GPU warp issues in order and stalls at the first instruction that
     # needs a load still in flight, so every weight load of a chunk of iterations goes out first
     # (raw words for the quant formats, decoded after), then x (and the norm's) loads, then the
     # arithmetic. Chunks bound the registers the raw weights hold.
-    raw = TUNING.get("hoist", True) and quant and w_dtype.name in _RAW   # float: no gain, more registers (A/B)
-    words = _RAW[w_dtype.name][0] if raw else 0
+    raw = any(sg.raw for sg in segs)
+    words = max((_RAW[sg.dtype.name][0] for sg in segs if sg.raw), default=0)
     C = max(1, int(TUNING.get("hoist_regs", 48)) // max(1, R * words)) if raw else ITERS
     for r in range(R):
         s.append(f"    var a{r} = vec4<f32>(0.0);\n")
@@ -330,21 +342,22 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         if raw:
             for it in its:
                 sg = seg_of[it]
-                for r in range(R):
-                    s.append(f"    let w{r}_{it} = ldr_{w_dtype.name}{sg.sfx}({sg.rbp}{r}, i{it});\n")
+                for r in range(R if sg.raw else 0):
+                    s.append(f"    let w{r}_{it} = ldr_{sg.dtype.name}{sg.sfx}({sg.rbp}{r}, i{it});\n")
         if ln and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
             s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
             s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
                      f"    let bcB = BC[bcn];\n    let bcC = BC[{_u(N)} + bcn];\n")
         for it in its:
             sg = seg_of[it]
-            for j, o in enumerate(offs):
+            for j, o in enumerate(sg.fmt.offs if sg.fmt else float_offs):
                 xe = f"{sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u)" if TUNING.get("probe") != 2 else "vec4<f32>(1.0)"
                 s.append(f"    var x{it}_{j} = {xe};\n")
                 if ln and lnw is not None:
                     s.append(f"    let gw{it}_{j} = {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
         for it in its:
-            for j, o in enumerate(offs):
+            fmt = seg_of[it].fmt
+            for j, o in enumerate(fmt.offs if fmt else float_offs):
                 v = f"x{it}_{j}"
                 if ln:
                     s.append(f"    {v} -= vec4<f32>(cshift);\n")
@@ -361,15 +374,15 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
             for r in range(R):
                 w_ = f"w{r}_{it}"
                 rb_ = f"{sg.rbp}{r}"
-                if quant and raw and TUNING.get("probe") == 1:   # loads only (a diagnostic: what the reads cost)
-                    z = " ^ ".join(f"{w_}.{f}" for f in _RAW_FIELDS[w_dtype.name])
+                if sg.raw and TUNING.get("probe") == 1:   # loads only (a diagnostic: what the reads cost)
+                    z = " ^ ".join(f"{w_}.{f}" for f in _RAW_FIELDS[sg.dtype.name])
                     s.append(f"    a{r} += vec4<f32>(bitcast<f32>(({z}) & 0x3fffffu | 0x3f800000u));\n")
                 elif quant:
                     q = f"q{r}_{it}"
-                    s.append(f"    let {q} = {f'unr_{w_dtype.name}({w_}, {rb_}, i{it})' if raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
+                    s.append(f"    let {q} = {f'unr_{sg.dtype.name}({w_}, {rb_}, i{it})' if sg.raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
                     s.append(f"    a{r} = fma({q}.a, {t}, a{r});\n")
-                    if fmt.has_c:
+                    if sg.fmt.has_c:
                         s.append(f"    c{r} += dot({q}.c, sx{it});\n")
                 elif w_dtype is dtypes.float16:
                     s.append(f"    let {w_} = {sg.wname}[{rb_} + i{it}];\n")
@@ -485,28 +498,10 @@ _RAW_FIELDS = {"q8_0": ("dw", "q.x", "q.y", "q.z", "q.w", "q4"), "q4_0": ("dw", 
 def _reading_copy(wgsl: str, arr: str, arr2: str, sfx: str) -> str:
     """The functions of `wgsl` that read the storage array `arr` (directly or through another
     such function), renamed with `sfx` and reading `arr2` instead: the helpers of a second
-    weight binding of the same format. Functions are top-level `fn` blocks (one line, or up to a
-    closing `}` at column 0)."""
+    weight binding."""
     import re
-    blocks, cur = [], None
-    for line in wgsl.splitlines(keepends=True):
-        if cur is None and line.startswith("fn "):
-            cur = [line]
-            if line.rstrip().endswith("}") and line.count("{") == line.count("}"):
-                blocks.append("".join(cur))
-                cur = None
-        elif cur is not None:
-            cur.append(line)
-            if line.startswith("}"):
-                blocks.append("".join(cur))
-                cur = None
-    names = {re.match(r"fn (\w+)", b).group(1): b for b in blocks}
-    reads = {n for n, b in names.items() if re.search(rf"\b{arr}\[", b)}
-    grew = True
-    while grew:   # functions calling a reader read too
-        more = {n for n, b in names.items() if n not in reads and any(re.search(rf"\b{m}\(", b) for m in reads)}
-        reads |= more
-        grew = bool(more)
+    names = _items(wgsl)
+    reads = _readers(names, arr)
     out = []
     for n, b in names.items():
         if n in reads:
@@ -515,6 +510,48 @@ def _reading_copy(wgsl: str, arr: str, arr2: str, sfx: str) -> str:
                 b = re.sub(rf"\b{m}\(", f"{m}{sfx}(", b)
             out.append(b)
     return "".join(out)
+
+
+def _readers(items: dict, arr: str) -> set:
+    """Names of the items that read the storage array `arr`, directly or by calling one that does."""
+    import re
+    reads = {n for n, b in items.items() if re.search(rf"\b{arr}\[", b)}
+    grew = True
+    while grew:
+        more = {n for n, b in items.items() if n not in reads and any(re.search(rf"\b{m}\(", b) for m in reads)}
+        reads |= more
+        grew = bool(more)
+    return reads
+
+
+def _items(wgsl: str) -> dict:
+    """Top-level items of generated WGSL by name: `fn` blocks (one line, or up to a closing `}`
+    at column 0), one-line `struct`s and `const`s."""
+    import re
+    items, cur = {}, None
+    for line in wgsl.splitlines(keepends=True):
+        if cur is not None:
+            cur.append(line)
+            if line.startswith("}"):
+                items[re.match(r"fn (\w+)", cur[0]).group(1)] = "".join(cur)
+                cur = None
+        elif line.startswith("fn "):
+            if line.rstrip().endswith("}") and line.count("{") == line.count("}"):
+                items[re.match(r"fn (\w+)", line).group(1)] = line
+            else:
+                cur = [line]
+        elif line.startswith(("struct ", "const ")):
+            items[re.match(r"(?:struct|const) (\w+)", line).group(1)] = line
+    return items
+
+
+def _missing_items(wgsl: str, have: str, arr: str) -> str:
+    """The items of `wgsl` that do not read the storage array `arr` and that `have` does not
+    define: what a second weight format needs beside the first one's helpers (its readers come
+    renamed from `_reading_copy`)."""
+    own, there = _items(wgsl), _items(have)
+    reads = _readers(own, arr)
+    return "".join(b for n, b in own.items() if n not in reads and n not in there)
 
 
 def _param4(rd: Reader, op: Operand, e: str) -> str:
