@@ -89,8 +89,8 @@ def test_ragged_and_long_rows(wdt, K):
 def test_tuning(threads, rows, hoist, regs):
     """Launch shapes, and the weight-load hoisting (off; in chunks of one iteration)."""
     with debug.tuning(gmod.TUNING, threads=threads, rows=rows, hoist=hoist, hoist_regs=regs):
-        for wdt in ("f16", "q8_0", "q4_0", "q4_k", "f32"):
-            K = 768 if wdt == "q4_k" else 640
+        for wdt in ("f16", "q8_0", "q4_0", "q4_k", "q6_k", "f32"):
+            K = 768 if wdt in ("q4_k", "q6_k") else 640
             run(wdt, 13, K, ln=True)
             run(wdt, 5, K, ln=False)
 
@@ -215,7 +215,7 @@ def test_pair_rejects_mixed_types_and_layer_norm():
         gemv(runtime.Buffer(32), xo, w1, wd, 8, 256, ln=(None, None, 1e-5), pair=(xo, w3, 256))
 
 
-@pytest.mark.parametrize("wdt", ["q8_0", "q4_0", "q4_k"])
+@pytest.mark.parametrize("wdt", ["q8_0", "q4_0", "q4_k", "q6_k"])
 def test_probe_modes(wdt):
     """The diagnostic probes (gemv.TUNING["probe"]) keep compiling: probe 2 decodes the weights
     against x = 1, so it returns the row sums of W; probe 1 folds raw words (finite values)."""

@@ -471,6 +471,36 @@ fn unr_q4_k(r: RQ4K, rb: u32, u: u32) -> QU {
     return QU(m4(r.q.x), m4(r.q.y), m4(r.q.x >> 4u), m4(r.q.y >> 4u), A, C);
 }
 """),
+    "q6_k": (9, """
+struct RQ6 { ql: vec3<u32>, qh: vec3<u32>, dw: u32, sa: u32, sb: u32 }
+fn ldr_q6_k(rb: u32, u: u32) -> RQ6 {
+    let bb = rb + 210u * (u >> 4u);
+    let h = (u >> 3u) & 1u; let i = u & 7u;
+    let l = (bb + 64u * h + 8u * i) >> 2u;
+    let q = (bb + 128u + 32u * h + 8u * (i & 3u)) >> 2u;
+    let sc = bb + 192u + 8u * h + (i >> 1u);
+    return RQ6(vec3<u32>(W[l], W[l + 1u], W[l + 2u]), vec3<u32>(W[q], W[q + 1u], W[q + 2u]), W[(bb + 208u) >> 2u],
+               W[sc >> 2u], W[(sc + 4u) >> 2u]);
+}
+fn unr_q6_k(r: RQ6, rb: u32, u: u32) -> QU {
+    let bb = rb + 210u * (u >> 4u);
+    let h = (u >> 3u) & 1u; let i = u & 7u;
+    let odd = (bb & 2u) != 0u;   // ql, qh and d sit at bb plus multiples of 4: bb's alignment
+    let ql = select(r.ql.xy, vec2<u32>((r.ql.x >> 16u) | (r.ql.y << 16u), (r.ql.y >> 16u) | (r.ql.z << 16u)), odd);
+    let qh = select(r.qh.xy, vec2<u32>((r.qh.x >> 16u) | (r.qh.y << 16u), (r.qh.y >> 16u) | (r.qh.z << 16u)), odd);
+    let t0 = (i >> 2u) << 1u; let t1 = t0 + 4u;
+    let d = unpack2x16float(r.dw >> (((bb + 208u) & 2u) << 3u)).x;
+    let sc = bb + 192u + 8u * h + (i >> 1u);
+    let a0 = d * sext8((r.sa >> ((sc & 3u) << 3u)) & 0xffu);
+    let a1 = d * sext8((r.sb >> (((sc + 4u) & 3u) << 3u)) & 0xffu);
+    let A = vec4<f32>(64.0 * a0, 64.0 * a0, 64.0 * a1, 64.0 * a1);
+    let C = vec4<f32>(-96.0 * a0, -96.0 * a0, -96.0 * a1, -96.0 * a1);
+    return QU(m6((ql.x & 0x0f0f0f0fu) | (((qh.x >> t0) & 0x03030303u) << 4u)),
+              m6((ql.y & 0x0f0f0f0fu) | (((qh.y >> t0) & 0x03030303u) << 4u)),
+              m6(((ql.x >> 4u) & 0x0f0f0f0fu) | (((qh.x >> t1) & 0x03030303u) << 4u)),
+              m6(((ql.y >> 4u) & 0x0f0f0f0fu) | (((qh.y >> t1) & 0x03030303u) << 4u)), A, C);
+}
+"""),
     "q4_0": (4, """
 struct RQ4 { dw: u32, q: vec3<u32> }
 fn ldr_q4_0(rb: u32, u: u32) -> RQ4 {
@@ -492,7 +522,8 @@ fn unr_q4_0(r: RQ4, rb: u32, u: u32) -> QU {
 
 # the u32 fields of each raw struct (TUNING["probe"] = 1 folds them instead of decoding)
 _RAW_FIELDS = {"q8_0": ("dw", "q.x", "q.y", "q.z", "q.w", "q4"), "q4_0": ("dw", "q.x", "q.y", "q.z"),
-               "q4_k": ("h.x", "h.y", "h.z", "h.w", "q.x", "q.y")}
+               "q4_k": ("h.x", "h.y", "h.z", "h.w", "q.x", "q.y"),
+               "q6_k": ("ql.x", "ql.y", "ql.z", "qh.x", "qh.y", "qh.z", "dw", "sa", "sb")}
 
 
 def _reading_copy(wgsl: str, arr: str, arr2: str, sfx: str) -> str:
