@@ -213,9 +213,14 @@ class GPTNeoX:
     def _block(self, blk, x, positions, kv_len, k_cache, v_cache, last_only=False):
         c = self.config
         T, H, D = x.shape[0], c.n_head, c.head_dim
-        # attention
-        h = tg.nn.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, c.norm_eps)
-        qkv = tg.nn.linear(h, blk.attn_qkv.weight, blk.attn_qkv.bias)       # [T, 3C]
+        attn_in = (blk.attn_norm.weight, blk.attn_norm.bias, blk.attn_qkv.weight, blk.attn_qkv.bias)
+        mlp_in = (blk.ffn_norm.weight, blk.ffn_norm.bias, blk.ffn_up.weight, blk.ffn_up.bias, "gelu")
+        u = None
+        if c.parallel_residual and not (last_only and T > 1):
+            # ln1 + QKV and ln2 + up + gelu both read x: one GEMV when decoding
+            qkv, u = tg.nn.layer_norm_linears(x, c.norm_eps, attn_in, mlp_in)  # [T, 3C], [T, F]
+        else:
+            (qkv,) = tg.nn.layer_norm_linears(x, c.norm_eps, attn_in)          # [T, 3C]
         qkv = qkv.reshape(T, 3, H, D)                                      # GGUF rows: all q, all k, all v
         q = tg.nn.rope_kv_write(qkv, positions, k_cache, v_cache, c.rot_dims, c.rope_base)  # [H, T, D]
         if last_only and T > 1:                                            # only the last query onwards
@@ -224,8 +229,8 @@ class GPTNeoX:
                                                out_layout="sbd")          # [T, H, D]
         a = a.reshape(T, c.n_embd)
         if c.parallel_residual:
-            h = tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps)
-            u = tg.nn.linear(h, blk.ffn_up.weight, blk.ffn_up.bias).gelu()          # [T, F]
+            if u is None:                                                  # the last row's MLP only
+                (u,) = tg.nn.layer_norm_linears(x, c.norm_eps, mlp_in)          # [T, F]
             # x + attn_output(a) + ffn_down(u): both projections as one GEMV when decoding
             return tg.nn.linear_sum((a, blk.attn_output.weight, blk.attn_output.bias),
                                     (u, blk.ffn_down.weight, blk.ffn_down.bias)) + x

@@ -90,6 +90,33 @@ def linear_sum(*terms) -> Tensor:
     return y
 
 
+def layer_norm_linears(x: Tensor, eps: float, *parts) -> list:
+    """[act(linear(layer_norm(x, ln_w, ln_b, eps), w, b)) for each part (ln_w, ln_b, w, b[, act])],
+    act None or "gelu": projections of one input that each follow their own layer norm, like
+    GPT-NeoX's parallel attention (ln1 + QKV) and MLP (ln2 + up + gelu). For one row and two
+    parts with weights of one type this is ONE decode GEMV with both norms folded in and the
+    biases and activations in its store (a dispatch less per layer); the results are then views
+    of its output. Otherwise each part is its own layer_norm and linear."""
+    if not parts:
+        raise ValueError("layer_norm_linears needs at least one (ln_w, ln_b, w, b[, act]) part")
+    parts = [tuple(p) + (None,) * (5 - len(p)) for p in parts]
+    for i, (_, _, w, _, act) in enumerate(parts):
+        if act not in (None, "gelu"):
+            raise ValueError(f"layer_norm_linears: part {i}: act must be None or 'gelu', got {act!r}")
+        if w.ndim != 2 or x.shape[-1:] != (w.shape[1],):
+            raise ValueError(f"layer_norm_linears: part {i}: input {x.shape} does not match weight {w.shape}")
+    lead = x.shape[:-1]
+    if len(parts) == 2 and prod(lead) == 1:
+        ys = _decode_norm_linears(x.reshape(1, -1), float(eps), parts)
+        if ys is not None:
+            return [y.reshape(lead + (y.shape[-1],)) for y in ys]
+    out = []
+    for lw, lb, w, b, act in parts:
+        y = linear(layer_norm(x, lw, lb, eps), w, b)
+        out.append(y.gelu() if act == "gelu" else y)
+    return out
+
+
 # ----------------------------------------------------------------------------- layer norm
 
 
@@ -532,6 +559,80 @@ def _decode_linear(x: Tensor, w: Tensor):
     else:
         return None
     return _custom(DecodeLinearKernel(wd, N, K, ln), srcs, (1, N))
+
+
+class _BiasActEpilogue:
+    """Epilogue of a stacked GEMV (`layer_norm_linears`): rows below `split` add bias 0 and apply
+    act 0, the rest bias 1 and act 1 (a bias may be absent)."""
+
+    def __init__(self, split: int, biases: list, acts: tuple):
+        from .kernels.common import Operand
+        self.split, self.acts = split, acts
+        self.has = [b is not None for b in biases]
+        self.operands = [Operand(b.buffer, b.dtype, (b.buffer.nbytes // 4,), (1,), b.offset) for b in biases if b is not None]
+
+    def wgsl(self, first_binding: int) -> str:
+        from .ops import UNARY, WGSL_HELPERS, Op
+        s, k, vals = "", first_binding, []
+        for j, has in enumerate(self.has):
+            if has:
+                s += f"@group(0) @binding({k}) var<storage, read> EPB{j}: array<f32>;\n"
+                k += 1
+        for j, (has, act) in enumerate(zip(self.has, self.acts)):
+            op = self.operands[sum(self.has[:j])] if has else None
+            i = "i" if j == 0 else f"(i - {self.split}u)"
+            v = f"acc + EPB{j}[{op.offset}u + {i}]" if has else "acc"
+            vals.append(UNARY[Op.GELU].wgsl.format(f"({v})") if act == "gelu" else v)
+        if "gelu" in self.acts:
+            s += WGSL_HELPERS["tg_erf"] + "\n"
+        return s + (f"fn epilogue(acc: f32, i: u32) -> f32 {{\n  if (i < {self.split}u) {{ return {vals[0]}; }}\n"
+                    f"  return {vals[1]};\n}}\n")
+
+
+class DecodeNormLinearsKernel(CustomKernel):
+    """Two layer-normed projections of one activation row in one GEMV (kernels/gemv.py's stack)."""
+    name = "gemv_norm_linears"
+
+    def __init__(self, w_dtype, N1, N2, K, eps, present: tuple, acts: tuple):
+        self.w_dtype, self.N1, self.N2, self.K, self.eps = w_dtype, N1, N2, K, eps
+        self.present, self.acts = present, acts   # present: (ln_w, ln_b, b) of each part: given or not
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.common import Operand
+        from .kernels.gemv import gemv
+        x, w1, w2 = operands[:3]
+        rest = iter(operands[3:])
+        got = [[next(rest) if p else None for p in part] for part in self.present]
+        (g1, c1, b1), (g2, c2, b2) = got
+
+        def wop(w, N):
+            return w.buffer if self.w_dtype.is_quant else Operand(w.buffer, w.dtype, (N, self.K), (self.K, 1), w.offset)
+        xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
+        gemv(out, xo, wop(w1, self.N1), self.w_dtype, self.N1, self.K, _BiasActEpilogue(self.N1, [b1, b2], self.acts),
+             ln=(g1, c1, self.eps), stack=(wop(w2, self.N2), self.N2, g2, c2))
+
+
+def _decode_norm_linears(x: Tensor, eps: float, parts: list):
+    """`layer_norm_linears` of one row and two parts as one stacked GEMV; None when it does not
+    apply (weights of two types, a bias or norm parameter not float32 [n], x not a plain row)."""
+    (g1, c1, w1, b1, a1), (g2, c2, w2, b2, a2) = parts
+    if not (_decode_weight_ok(x, w1) and _decode_weight_ok(x, w2)) or w1.dtype is not w2.dtype:
+        return None
+    (N1, K), N2 = w1.shape, w2.shape[0]
+    for p, n in ((g1, K), (c1, K), (g2, K), (c2, K), (b1, N1), (b2, N2)):
+        if p is not None and (p.dtype is not dt.float32 or p.shape != (n,) or not p.view.is_contiguous):
+            return None
+    if not (_flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16)):
+        x = x.astype(dt.float32).contiguous() if x.dtype not in (dt.float32, dt.float16) else x.contiguous()
+    params = [(g1, c1, b1), (g2, c2, b2)]
+    present = tuple(tuple(p is not None for p in part) for part in params)
+    from .runtime import get_device
+    # out, x, W1, W2, the constants, the norm weights and the biases: one binding each
+    if 5 + sum(p is not None for p in (g1, g2, b1, b2)) > get_device().max_storage_buffers:
+        return None
+    srcs = [x, Tensor(w1.node), Tensor(w2.node)] + [p for part in params for p in part if p is not None]
+    y = _custom(DecodeNormLinearsKernel(w1.dtype, N1, N2, K, eps, present, (a1, a2)), srcs, (1, N1 + N2))
+    return [y[:, :N1], y[:, N1:]]
 
 
 def _decode_linear_pair(x1: Tensor, w1: Tensor, x2: Tensor, w2: Tensor):

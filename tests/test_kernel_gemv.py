@@ -235,3 +235,44 @@ def test_probe_modes(wdt):
     err = np.abs(got[2] - want).max() / np.abs(want).max()
     assert err < 2e-5, f"{wdt}: probe 2 (x = 1) rel err {err:.2e} against the row sums"
     assert np.isfinite(got[1]).all()
+
+
+@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("N1,N2", [(48, 64), (37, 20)], ids=str)
+def test_stack_two_normed_projections(paths, wdt, N1, N2):
+    """out = [W1 ln1(x) | W2 ln2(x)]: GPT-NeoX's ln1 + QKV and ln2 + up of one row in one kernel,
+    each block with its own norm weights (or none) and weight, x far from zero mean; the
+    epilogue sees the stacked row index. N1 = 37 is no multiple of the rows per workgroup."""
+    K = 512
+    w1, wd, W1 = _weight(wdt, N1, K)
+    w2, _, W2 = _weight(wdt, N2, K)
+    x = (rng.standard_normal(K) * 3 + 5).astype(np.float32)
+    g1, c1, c2 = (rng.standard_normal(K).astype(np.float32) for _ in range(3))
+    xb = Base(x)
+    xo = Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0)
+    ops = [Base(v).whole() for v in (g1, c1, c2)]
+    out = runtime.Buffer(4 * (N1 + N2))
+    ep = AffineGelu(rng.standard_normal(N1 + N2), 0.5)
+    g2 = rng.standard_normal(K).astype(np.float32)
+    o2 = Base(g2).whole()
+    # norm weights: both blocks, only the first, only the second
+    for (a, ga), (b2, gb) in (((ops[0], g1), (o2, g2)), ((ops[0], g1), (None, None)), ((None, None), (o2, g2))):
+        gemv(out, xo, w1, wd, N1, K, ep, ln=(a, ops[1], 1e-5), stack=(w2, N2, b2, ops[2]))
+        want = ep.ref(np.concatenate([W1 @ ref_ln(x, ga, c1, 1e-5), W2 @ ref_ln(x, gb, c2, 1e-5)]))
+        got = read_f32(out, N1 + N2)
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 2e-5, f"{wdt} N1={N1} N2={N2} norm weights {a is not None}/{b2 is not None}: rel err {err:.2e}"
+
+
+def test_stack_rejects_bad_combinations():
+    w1, wd, _ = _weight("q4_0", 8, 256)
+    w2, _, _ = _weight("q8_0", 8, 256)
+    x = Base(np.ones(256, np.float32))
+    xo = Operand(x.buf, x.dtype, (1, 256), (256, 1), 0)
+    ln = (None, None, 1e-5)
+    with pytest.raises(ValueError, match=r"stacked weight \[8, 256\]"):     # W2 of another type (a Buffer: q4_0 assumed)
+        gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, ln=ln, stack=(_weight("f16", 8, 256)[0], 8, None, None))
+    with pytest.raises(ValueError, match="stacked weight"):                 # no layer norm
+        gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, stack=(w2, 8, None, None))
+    with pytest.raises(ValueError, match="second pair|stacked weight"):     # with a pair
+        gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, ln=ln, stack=(w2, 8, None, None), pair=(xo, w2, 256))

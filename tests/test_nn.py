@@ -113,3 +113,59 @@ def test_linear_sum_bad_inputs_name_the_term():
         tg.nn.linear_sum((x, w), (x, tg.tensor(np.ones((5, 8), np.float32))))
     with pytest.raises(ValueError, match="at least one"):
         tg.nn.linear_sum()
+
+
+@pytest.mark.parametrize("wdt", [np.float32, np.float16, "q8_0"])
+def test_layer_norm_linears_one_row_is_one_kernel(wdt):
+    """GPT-NeoX's ln1 + QKV and ln2 + up + gelu of one token: one GEMV, both norms folded in, the
+    biases and the gelu in its store; equal to the separate ops (float64 NumPy), and a prompt of
+    several rows gives the same values as the ops one by one."""
+    import gguf
+    from math import erf
+
+    from tensorgpu import runtime
+    K, N1, N2 = 256, 96, 160
+    Ws = [rng.standard_normal((n, K)) * 0.05 for n in (N1, N2)]
+    if wdt == "q8_0":
+        raws = [np.asarray(gguf.quants.quantize(W.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)) for W in Ws]
+        Ws = [np.asarray(gguf.quants.dequantize(r, gguf.GGMLQuantizationType.Q8_0), np.float64).reshape(W.shape)
+              for r, W in zip(raws, Ws)]
+        ws = [tg.Tensor.from_buffer(runtime.upload(r), W.shape, tg.q8_0) for r, W in zip(raws, Ws)]
+    else:
+        Ws = [W.astype(wdt).astype(np.float64) for W in Ws]
+        ws = [tg.tensor(W.astype(wdt)) for W in Ws]
+    g1, c1, g2, c2 = (rng.standard_normal(K).astype(np.float32) for _ in range(4))
+    b1, b2 = rng.standard_normal(N1).astype(np.float32), rng.standard_normal(N2).astype(np.float32)
+    T = [tg.tensor(v) for v in (g1, c1, g2, c2, b1, b2)]
+    parts = ((T[0], T[1], ws[0], T[4]), (T[2], T[3], ws[1], T[5], "gelu"))
+    x = (rng.standard_normal((3, K)) * 2 + 4).astype(np.float32)
+
+    def ref(row):
+        h = (row - row.mean()) / np.sqrt(row.var() + 1e-5)
+        y1 = (h * g1 + c1) @ Ws[0].T + b1
+        z = (h * g2 + c2) @ Ws[1].T + b2
+        return y1, 0.5 * z * (1 + np.vectorize(erf)(z / np.sqrt(2)))
+    tg.nn.layer_norm_linears(tg.tensor(x[:1]), 1e-5, *parts)[0].numpy()     # constants computed once
+    with tg.debug.kernel_log() as log:
+        y1, y2 = (t.numpy() for t in tg.nn.layer_norm_linears(tg.tensor(x[:1]), 1e-5, *parts))
+    name = "float32" if wdt is np.float32 else "float16" if wdt is np.float16 else "q8_0"
+    assert [e.name.split("[")[0] for e in log] == [f"gemv_ln2_{name}"]
+    r1, r2 = ref(x[0].astype(np.float64))
+    np.testing.assert_allclose(y1[0], r1, rtol=1e-4, atol=1e-4 * np.abs(r1).max())
+    np.testing.assert_allclose(y2[0], r2, rtol=1e-4, atol=1e-4 * np.abs(r2).max())
+    ys = tg.nn.layer_norm_linears(tg.tensor(x), 1e-5, *parts)                # 3 rows: the ops one by one
+    for i in range(3):
+        r1, r2 = ref(x[i].astype(np.float64))
+        np.testing.assert_allclose(ys[0].numpy()[i], r1, rtol=1e-3, atol=1e-3 * np.abs(r1).max())
+        np.testing.assert_allclose(ys[1].numpy()[i], r2, rtol=1e-3, atol=1e-3 * np.abs(r2).max())
+
+
+def test_layer_norm_linears_bad_inputs():
+    x = tg.tensor(np.ones((1, 8), np.float32))
+    w = tg.tensor(np.ones((4, 8), np.float32))
+    with pytest.raises(ValueError, match="at least one"):
+        tg.nn.layer_norm_linears(x, 1e-5)
+    with pytest.raises(ValueError, match="part 1: act must be None or 'gelu', got 'relu'"):
+        tg.nn.layer_norm_linears(x, 1e-5, (None, None, w, None), (None, None, w, None, "relu"))
+    with pytest.raises(ValueError, match=r"part 0: input \(1, 8\) does not match weight \(4, 6\)"):
+        tg.nn.layer_norm_linears(x, 1e-5, (None, None, tg.tensor(np.ones((4, 6), np.float32)), None))

@@ -89,14 +89,16 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
 
 
 def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
-         ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None) -> None:
+         ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None,
+         stack: Optional[tuple] = None) -> None:
     """Queue the GEMV that `plan` describes (see there)."""
-    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair)
+    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair, stack)
     runtime.dispatch(name, src, binds, grid)
 
 
 def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
-         ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None) -> tuple:
+         ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None,
+         stack: Optional[tuple] = None) -> tuple:
     """The dispatch of out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
     ln = (ln_w, ln_b, eps) (Operands [K] or None), the layer norm of x (biased variance, like
     torch) times ln_w plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of
@@ -116,7 +118,12 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     epilogue(x W[n] + x2 W2[n]) with W2 [N, K2]: two projections whose results are summed
     (Pythia's attention output and MLP down projections) cost one dispatch. W2 has W's type, or
     with a quantized W any other GGUF block type (w2_dtype; a Q4_K_M file pairs q4_k with q6_k).
-    Not with ln."""
+    Not with ln.
+
+    stack = (w2, N2, ln2_w, ln2_b): a second GEMV of the same x stacked under the first, with its
+    own weight (W2 [N2, K], W's type) and its own norm parameters (same eps): out[n] for n < N
+    as above, out[N + m] = epilogue(layer_norm(x) * ln2_w + ln2_b) W2[m]). GPT-NeoX's parallel
+    attention and MLP inputs (ln1 + QKV, ln2 + up) in one dispatch. Needs ln; not with pair."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -138,18 +145,37 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
                              f"no layer norm)")
         pair = (x2, w2, K2, w2_dtype)
         Kc = K + K2
+    N1 = N
+    if stack is not None:
+        w2, N2, g2, b2 = stack
+        N2 = int(N2)
+        w2_dtype = w2.dtype if isinstance(w2, Operand) else w_dtype
+        if (ln is None or pair is not None or w2_dtype is not w_dtype or isinstance(w2, Operand) != (xw is not None)
+                or not supported(x, w_dtype, K, w2 if isinstance(w2, Operand) else None) or N2 <= 0):
+            raise ValueError(f"gemv: stacked weight [{N2}, {K}] {w2_dtype} is not supported under [{N}, {K}] {w_dtype} "
+                             f"(the same type, with a layer norm, without a pair)")
+        N = N1 + N2
     _, per, T, R = _config(w_dtype, Kc, ln is not None)   # launch shape from the whole row
     items = K // per                                        # of which the first pair's part
     R = max(1, min(R, N))
+    while stack is not None and N1 % R:                     # a workgroup's rows lie in one weight
+        R -= 1
     if out.nbytes < 4 * (N + out_offset):
         raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * (N + out_offset)} for float32 [{N}]")
     ins = ([x.buffer, wbuf] + [o.buffer for o in (ln[:2] if ln else ()) if o is not None] + [o.buffer for o in ep.operands]
            + ([pair[0].buffer, pair[1].buffer if isinstance(pair[1], Operand) else pair[1]] if pair else []))
+    if stack is not None:
+        ins += [stack[0].buffer if isinstance(stack[0], Operand) else stack[0]] + [o.buffer for o in stack[2:] if o is not None]
     if any(b is out for b in ins):
         raise ValueError("gemv: the output buffer is also an input")
-    bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
-    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair)
-    kind = "_ln" if ln else "2" if pair else ""
+    if stack is not None:
+        w2, N2, g2, b2 = stack
+        bc = _ln_constants(w, w_dtype, N1, K, ln[0], ln[1], more=((w2, N2, g2, b2),))
+        stack = (w2, w2.buffer if isinstance(w2, Operand) else w2, N1, g2)
+    else:
+        bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
+    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair, stack)
+    kind = "_ln2" if stack else "_ln" if ln else "2" if pair else ""
     types = w_dtype.name + (f"+{w2_dtype.name}" if w2_dtype is not w_dtype else "")
     return (f"gemv{kind}_{types}[{N}x{Kc}]", src, binds, grid,
             {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
@@ -159,39 +185,53 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
 _BC: "weakref.WeakKeyDictionary" = None
 
 
-def _ln_constants(w, w_dtype, N: int, K: int, g: Optional[Operand], b: Optional[Operand]) -> Buffer:
+def _ln_constants(w, w_dtype, N: int, K: int, g: Optional[Operand], b: Optional[Operand], more: tuple = ()) -> Buffer:
     """Buffer of float32 [2N]: B[n] = sum_k W[n,k] g[k], C[n] = sum_k W[n,k] b[k] (g = 1, b = 0
-    when absent). Computed on first use, outside any capture recording (the weights are constant,
-    so a replayed step must not recompute them), then cached for the life of the weights."""
+    when absent). more: further (w, N, g, b) blocks stacked under the first (`plan`'s stack), laid
+    out [B of every block | C of every block]. Computed on first use, outside any capture
+    recording (the weights are constant, so a replayed step must not recompute them), then cached
+    for the life of the weights."""
     import weakref
 
     import numpy as np
     global _BC
     if _BC is None:
         _BC = weakref.WeakKeyDictionary()
+    parts = [(w, int(N), g, b)] + [(pw, int(pn), pg, pb) for pw, pn, pg, pb in more]
     wbuf = w.buffer if isinstance(w, Operand) else w
-    key = (id(g.buffer) if g else 0, g.offset if g else 0, id(b.buffer) if b else 0, b.offset if b else 0,
-           w.offset if isinstance(w, Operand) else 0, N, K, w_dtype.name)
+
+    def bufs(i, p):   # the buffers a block's constants depend on (the first W is the cache's key)
+        pw, _, pg, pb = p
+        return [x for x in ((pw.buffer if isinstance(pw, Operand) else pw) if i else None,
+                            pg.buffer if pg is not None else None, pb.buffer if pb is not None else None) if x is not None]
+    key = tuple((id(pw.buffer if isinstance(pw, Operand) else pw) if i else 0, pw.offset if isinstance(pw, Operand) else 0,
+                 pn, id(pg.buffer) if pg else 0, pg.offset if pg else 0, id(pb.buffer) if pb else 0, pb.offset if pb else 0)
+                for i, (pw, pn, pg, pb) in enumerate(parts)) + (K, w_dtype.name)
+    deps = [x for i, p in enumerate(parts) for x in bufs(i, p)]
     per_w = _BC.setdefault(wbuf, {})
     hit = per_w.get(key)
     if hit is not None:
-        gref, bref, buf = hit
-        if (g is None or gref() is g.buffer) and (b is None or bref() is b.buffer):
+        refs, buf = hit
+        if all(r() is d for r, d in zip(refs, deps)):
             return buf
+    NT = sum(p[1] for p in parts)
     with runtime.untraced():
-        buf = Buffer(8 * N)
+        buf = Buffer(8 * NT)
         ones = None
-        if g is None:
-            ones = runtime.upload(np.ones(K, np.float32))
-        gx = g if g is not None else Operand(ones, dtypes.float32, (K,), (1,), 0)
-        gemv(buf, _row(gx, K), w, w_dtype, N, K)
-        if b is not None:
-            gemv(buf, _row(b, K), w, w_dtype, N, K, out_offset=N)
-        else:
-            runtime.write(buf, np.zeros(N, np.float32), offset=4 * N)
-    for k in [k for k, (gr, br, _) in per_w.items() if (gr is not None and gr() is None) or (br is not None and br() is None)]:
-        del per_w[k]     # constants of norm parameters that no longer exist
-    per_w[key] = (weakref.ref(g.buffer) if g else None, weakref.ref(b.buffer) if b else None, buf)
+        r0 = 0
+        for pw, pn, pg, pb in parts:
+            if pg is None and ones is None:
+                ones = runtime.upload(np.ones(K, np.float32))
+            gx = pg if pg is not None else Operand(ones, dtypes.float32, (K,), (1,), 0)
+            gemv(buf, _row(gx, K), pw, w_dtype, pn, K, out_offset=r0)
+            if pb is not None:
+                gemv(buf, _row(pb, K), pw, w_dtype, pn, K, out_offset=NT + r0)
+            else:
+                runtime.write(buf, np.zeros(pn, np.float32), offset=4 * (NT + r0))
+            r0 += pn
+    for k in [k for k, (refs, _) in per_w.items() if any(r() is None for r in refs)]:
+        del per_w[k]     # constants of norm parameters or weights that no longer exist
+    per_w[key] = ([weakref.ref(d) for d in deps], buf)
     return buf
 
 
@@ -236,7 +276,7 @@ class _Seg:
     raw: bool = False    # loads split off the decode (a _RAW row)
 
 
-def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None):
+def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None, stack=None):
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
@@ -257,10 +297,18 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     if pair is not None:
         readers.append(Reader("xw", segs[1].x, 3, True))
         b = 5
+    if stack is not None:    # W2 at binding 3: rows N1.. read it (see plan's stack)
+        b = 4
     if ln and ln[0] is not None:
         lnw = Reader("lnw", ln[0], b, ln[0].offset % 4 == 0 and (not ln[0].shape or ln[0].strides[-1] == 1))
         b += 1
         readers.append(lnw)
+    lnw2 = None
+    if stack is not None and stack[3] is not None:    # the stacked rows' own norm weight
+        g2 = stack[3]
+        lnw2 = Reader("lnw2", g2, b, g2.offset % 4 == 0 and (not g2.shape or g2.strides[-1] == 1))
+        b += 1
+        readers.append(lnw2)
     if ln:
         bc_binding = b
         b += 1
@@ -273,7 +321,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s += [r.decl() for r in readers]
     if ln:
         s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
-    wbind = {"W": 2, "W2": 4}
+    wbind = {"W": 2, "W2": 4 if stack is None else 3}
+    warrs = [sg.wname for sg in segs] + (["W2"] if stack is not None else [])
     if quant:
         from .quant import _fmt, _format_wgsl
         def helpers(dt):
@@ -281,16 +330,19 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         for sg in segs:
             sg.fmt = _fmt(sg.dtype)
             sg.raw = bool(TUNING.get("hoist", True)) and sg.dtype.name in _RAW   # float: no gain (A/B)
-            s.append(f"@group(0) @binding({wbind[sg.wname]}) var<storage, read> {sg.wname}: array<u32>;\n")
+        for a in warrs:
+            s.append(f"@group(0) @binding({wbind[a]}) var<storage, read> {a}: array<u32>;\n")
         s.append(helpers(w_dtype))
+        if stack is not None:
+            s.append(_reading_copy(helpers(w_dtype), "W", "W2", "_2"))
         if pair is not None:
             s.append(_reading_copy(helpers(segs[1].dtype), "W", "W2", "_2"))
             if segs[1].dtype is not w_dtype:     # its helpers that read no weights, where W's lack them
                 s.append(_missing_items(helpers(segs[1].dtype), helpers(w_dtype), "W"))
     else:
         vt = "vec4<u32>" if w_dtype is dtypes.float16 else "vec4<f32>"
-        for sg in segs:
-            s.append(f"@group(0) @binding({wbind[sg.wname]}) var<storage, read> {sg.wname}: array<{vt}>;\n")
+        for a in warrs:
+            s.append(f"@group(0) @binding({wbind[a]}) var<storage, read> {a}: array<{vt}>;\n")
         if w_dtype is dtypes.float16:
             s.append("fn up4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }\n")
     s.append(ep_text)
@@ -306,7 +358,18 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s.append(f"@compute @workgroup_size({T})\nfn main({bi}) {{\n")
     groups = -(-N // R)
     s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = min(g, {_u(groups - 1)}) * {R}u;\n")
-    for sg in segs:
+    if stack is not None:   # rows of W2 from N1 on; a workgroup's R rows lie in one weight (plan)
+        w2, _, N1, _ = stack
+        s.append(f"    let seg2 = n0 >= {_u(N1)};\n")
+        for r in range(R):
+            s.append(f"    let nr{r} = min(n0 + {r}u, {_u(N - 1)});\n")
+            if quant:
+                row = K // w_dtype.block_size * w_dtype.block_bytes
+                s.append(f"    let rb{r} = select(nr{r}, nr{r} - {_u(N1)}, seg2) * {_u(row)};\n")
+            else:
+                o1, o2, ln_ = int(w.offset) // per, int(w2.offset) // per, K // per
+                s.append(f"    let rb{r} = select({_u(o1)} + nr{r} * {_u(ln_)}, {_u(o2)} + (nr{r} - {_u(N1)}) * {_u(ln_)}, seg2);\n")
+    for sg in (segs if stack is None else ()):
         for r in range(R):
             if quant:
                 row = sg.K // sg.dtype.block_size * sg.dtype.block_bytes
@@ -339,7 +402,13 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     x0 = int(x.offset)
     for c0 in range(0, ITERS, C):
         its = range(c0, min(ITERS, c0 + C))
-        if raw:
+        if raw and stack is not None:   # one uniform branch picks the weight for the whole chunk
+            st = _raw_struct(w_dtype)
+            s.append("".join(f"    var w{r}_{it}: {st};\n" for it in its for r in range(R)))
+            for br, sfx in (("    if (seg2) {\n", "_2"), ("    } else {\n", "")):
+                s.append(br + "".join(f"        w{r}_{it} = ldr_{w_dtype.name}{sfx}(rb{r}, i{it});\n" for it in its for r in range(R)))
+            s.append("    }\n")
+        elif raw:
             for it in its:
                 sg = seg_of[it]
                 for r in range(R if sg.raw else 0):
@@ -353,8 +422,9 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
             for j, o in enumerate(sg.fmt.offs if sg.fmt else float_offs):
                 xe = f"{sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u)" if TUNING.get("probe") != 2 else "vec4<f32>(1.0)"
                 s.append(f"    var x{it}_{j} = {xe};\n")
-                if ln and lnw is not None:
-                    s.append(f"    let gw{it}_{j} = {_param4(lnw, ln[0], f'e{it} + {o}u')};\n")
+                if ln and (lnw is not None or lnw2 is not None):
+                    s.append(_norm_weight4(f"gw{it}_{j}", f"e{it} + {o}u", lnw, ln[0], lnw2, stack[3] if stack else None,
+                                           stack is not None))
         for it in its:
             fmt = seg_of[it].fmt
             for j, o in enumerate(fmt.offs if fmt else float_offs):
@@ -365,7 +435,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                     s.append(f"    {v} = select(vec4<f32>(0.0), {v}, ok{it});\n")
                 if ln:
                     s.append(f"    s1 += dot({v}, vec4<f32>(1.0));\n    s2 += dot({v}, {v});\n")
-                    if lnw is not None:
+                    if lnw is not None or lnw2 is not None:
                         s.append(f"    {v} *= gw{it}_{j};\n")
             if fmt and fmt.has_c:
                 s.append(f"    let sx{it} = vec4<f32>(" + ", ".join(f"dot(x{it}_{j}, vec4<f32>(1.0))" for j in range(4)) + ");\n")
@@ -379,16 +449,23 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                     s.append(f"    a{r} += vec4<f32>(bitcast<f32>(({z}) & 0x3fffffu | 0x3f800000u));\n")
                 elif quant:
                     q = f"q{r}_{it}"
-                    s.append(f"    let {q} = {f'unr_{sg.dtype.name}({w_}, {rb_}, i{it})' if sg.raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
+                    if stack is not None and not sg.raw:   # the unit of W or of W2 (a uniform branch)
+                        s.append(f"    var {q}: QU;\n    if (seg2) {{ {q} = unit_2({rb_}, i{it}); }} else {{ {q} = unit({rb_}, i{it}); }}\n")
+                    else:
+                        s.append(f"    let {q} = {f'unr_{sg.dtype.name}({w_}, {rb_}, i{it})' if sg.raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
                     s.append(f"    a{r} = fma({q}.a, {t}, a{r});\n")
                     if sg.fmt.has_c:
                         s.append(f"    c{r} += dot({q}.c, sx{it});\n")
-                elif w_dtype is dtypes.float16:
-                    s.append(f"    let {w_} = {sg.wname}[{rb_} + i{it}];\n")
-                    s.append(f"    a{r} = fma(up4({w_}.xy), x{it}_0, fma(up4({w_}.zw), x{it}_1, a{r}));\n")
                 else:
-                    s.append(f"    a{r} = fma({sg.wname}[{rb_} + i{it}], x{it}_0, a{r});\n")
+                    if stack is not None:
+                        s.append(f"    var {w_}: {vt};\n    if (seg2) {{ {w_} = W2[{rb_} + i{it}]; }} else {{ {w_} = W[{rb_} + i{it}]; }}\n")
+                    else:
+                        s.append(f"    let {w_} = {sg.wname}[{rb_} + i{it}];\n")
+                    if w_dtype is dtypes.float16:
+                        s.append(f"    a{r} = fma(up4({w_}.xy), x{it}_0, fma(up4({w_}.zw), x{it}_1, a{r}));\n")
+                    else:
+                        s.append(f"    a{r} = fma({w_}, x{it}_0, a{r});\n")
     vals = [f"dot(a{r}, vec4<f32>(1.0)){f' + c{r}' if quant else ''}" for r in range(R)]
     if ln:
         vals += ["s1", "s2"]
@@ -424,10 +501,13 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         s.append("        let y = v;\n")
     s.append(f"        if (n < {_u(N)} && g < {_u(groups)}) {{ OUT[{_u(out_off)} + n] = epilogue(y, n); }}\n    }}\n}}\n")
     binds = [(out, "rw"), (x.buffer, "read"), (wbuf, "read")]
+    if stack is not None:
+        binds += [(stack[1], "read")]
     if pair is not None:
         binds += [(segs[1].x.buffer, "read"), (segs[1].wbuf, "read")]
     if ln:
         binds += [(ln[0].buffer, "read")] if ln[0] is not None else []
+        binds += [(lnw2.op.buffer, "read")] if lnw2 is not None else []
         binds += [(bc, "read")]
     binds += epilogue_bindings(ep)
     s.insert(1, fn_tot)
@@ -526,6 +606,12 @@ _RAW_FIELDS = {"q8_0": ("dw", "q.x", "q.y", "q.z", "q.w", "q4"), "q4_0": ("dw", 
                "q6_k": ("ql.x", "ql.y", "ql.z", "qh.x", "qh.y", "qh.z", "dw", "sa", "sb")}
 
 
+def _raw_struct(dt) -> str:
+    """The struct a format's raw load function returns (its _RAW row)."""
+    import re
+    return re.search(r"struct (\w+)", _RAW[dt.name][1]).group(1)
+
+
 def _reading_copy(wgsl: str, arr: str, arr2: str, sfx: str) -> str:
     """The functions of `wgsl` that read the storage array `arr` (directly or through another
     such function), renamed with `sfx` and reading `arr2` instead: the helpers of a second
@@ -583,6 +669,17 @@ def _missing_items(wgsl: str, have: str, arr: str) -> str:
     own, there = _items(wgsl), _items(have)
     reads = _readers(own, arr)
     return "".join(b for n, b in own.items() if n not in reads and n not in there)
+
+
+def _norm_weight4(name: str, e: str, rd1, op1, rd2=None, op2=None, stacked: bool = False) -> str:
+    """`let name` = the norm weight at elements e .. e+3: the first block's (rd1), or with a stack
+    (seg2) the second block's (rd2); 1 where a block has none. One uniform branch, one load."""
+    if not stacked:
+        return f"    let {name} = {_param4(rd1, op1, e)};\n"
+    one = "vec4<f32>(1.0)"
+    a = _param4(rd1, op1, e) if rd1 is not None else one
+    b = _param4(rd2, op2, e) if rd2 is not None else one
+    return f"    var {name}: vec4<f32>;\n    if (seg2) {{ {name} = {b}; }} else {{ {name} = {a}; }}\n"
 
 
 def _param4(rd: Reader, op: Operand, e: str) -> str:
