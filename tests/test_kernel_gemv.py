@@ -276,3 +276,19 @@ def test_stack_rejects_bad_combinations():
         gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, stack=(w2, 8, None, None))
     with pytest.raises(ValueError, match="second pair|stacked weight"):     # with a pair
         gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, ln=ln, stack=(w2, 8, None, None), pair=(xo, w2, 256))
+
+
+def test_stack_with_f16_x(paths):
+    """The stacked GEMV reads an f16 activation row like the others (native f16 or unpacked)."""
+    K, N1, N2 = 256, 16, 24
+    w1, wd, W1 = _weight("q4_0", N1, K)
+    w2, _, W2 = _weight("q4_0", N2, K)
+    x = (rng.standard_normal(K) * 2 + 3).astype(np.float16)
+    xb = Base(x)
+    g1, g2 = (rng.standard_normal(K).astype(np.float32) for _ in range(2))
+    out = runtime.Buffer(4 * (N1 + N2))
+    gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0), w1, wd, N1, K, ln=(Base(g1).whole(), None, 1e-5),
+         stack=(w2, N2, Base(g2).whole(), None))
+    want = np.concatenate([W1 @ ref_ln(x, g1, None, 1e-5), W2 @ ref_ln(x, g2, None, 1e-5)])
+    got = read_f32(out, N1 + N2)
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-5

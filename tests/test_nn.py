@@ -169,3 +169,26 @@ def test_layer_norm_linears_bad_inputs():
         tg.nn.layer_norm_linears(x, 1e-5, (None, None, w, None), (None, None, w, None, "relu"))
     with pytest.raises(ValueError, match=r"part 0: input \(1, 8\) does not match weight \(4, 6\)"):
         tg.nn.layer_norm_linears(x, 1e-5, (None, None, tg.tensor(np.ones((4, 6), np.float32)), None))
+
+
+def test_layer_norm_linears_under_eight_storage_buffers():
+    """An adapter with WebGPU's default 8 storage buffers cannot bind the stacked GEMV with both
+    norms and biases (9): the parts run one by one, with the same values."""
+    from tensorgpu import runtime
+    K, N1, N2 = 128, 32, 48
+    x = tg.tensor((rng.standard_normal((1, K)) + 2).astype(np.float32))
+    ps = [tg.tensor(rng.standard_normal(n).astype(np.float32)) for n in (K, K, K, K, N1, N2)]
+    ws = [tg.tensor((rng.standard_normal((n, K)) * 0.1).astype(np.float32)) for n in (N1, N2)]
+    parts = ((ps[0], ps[1], ws[0], ps[4]), (ps[2], ps[3], ws[1], ps[5], "gelu"))
+    want = [t.numpy() for t in tg.nn.layer_norm_linears(x, 1e-5, *parts)]
+    old = runtime.OPTIONS.max_storage_buffers
+    runtime.OPTIONS.max_storage_buffers = 8
+    try:
+        with tg.debug.kernel_log() as log:
+            got = [t.numpy() for t in tg.nn.layer_norm_linears(x, 1e-5, *parts)]
+    finally:
+        runtime.OPTIONS.max_storage_buffers = old
+    names = [e.name.split("[")[0] for e in log]
+    assert "gemv_ln2_float32" not in names and names.count("gemv_ln_float32") == 2, names
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
