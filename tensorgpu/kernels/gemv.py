@@ -529,9 +529,7 @@ fn unr_q8_0(r: RQ8, rb: u32, u: u32) -> QU {
     let d = unpack2x16float(r.dw >> ((bb & 2u) << 3u)).x;
     let w = r.q;
     let sh = vec4<u32>((w.x >> 16u) | (w.y << 16u), (w.y >> 16u) | (w.z << 16u), (w.z >> 16u) | (w.w << 16u), (w.w >> 16u) | (r.q4 << 16u));
-    let q = select(w, sh, ((bb + 2u) & 2u) != 0u) ^ vec4<u32>(0x80808080u);   // q + 128
-    let A = vec4<f32>(256.0 * d); let C = vec4<f32>(-384.0 * d);
-    return QU(m8(q.x), m8(q.y), m8(q.z), m8(q.w), A, C);
+    return qu_q8_0(d, select(w, sh, ((bb + 2u) & 2u) != 0u));
 }
 """),
     "q4_k": (6, """
@@ -542,13 +540,7 @@ fn ldr_q4_k(rb: u32, u: u32) -> RQ4K {
     return RQ4K(vec4<u32>(W[wi], W[wi + 1u], W[wi + 2u], W[wi + 3u]), vec2<u32>(W[k], W[k + 1u]));
 }
 fn unr_q4_k(r: RQ4K, rb: u32, u: u32) -> QU {
-    let dm = unpack2x16float(r.h.x);
-    let sm = scmin2(r.h.y, r.h.z, r.h.w, (u >> 2u) & 3u);
-    let a0 = dm.x * sm.x; let a1 = dm.x * sm.y;
-    let b0 = -dm.y * sm.z; let b1 = -dm.y * sm.w;
-    let A = vec4<f32>(16.0 * a0, 16.0 * a0, 16.0 * a1, 16.0 * a1);
-    let C = vec4<f32>(b0 - A.x, b0 - A.x, b1 - A.z, b1 - A.z);
-    return QU(m4(r.q.x), m4(r.q.y), m4(r.q.x >> 4u), m4(r.q.y >> 4u), A, C);
+    return qu_q4_k(unpack2x16float(r.h.x), scmin2(r.h.y, r.h.z, r.h.w, (u >> 2u) & 3u), r.q.x, r.q.y);
 }
 """),
     "q6_k": (9, """
@@ -566,19 +558,11 @@ fn unr_q6_k(r: RQ6, rb: u32, u: u32) -> QU {
     let bb = rb + 210u * (u >> 4u);
     let h = (u >> 3u) & 1u; let i = u & 7u;
     let odd = (bb & 2u) != 0u;   // ql, qh and d sit at bb plus multiples of 4: bb's alignment
-    let ql = select(r.ql.xy, vec2<u32>((r.ql.x >> 16u) | (r.ql.y << 16u), (r.ql.y >> 16u) | (r.ql.z << 16u)), odd);
-    let qh = select(r.qh.xy, vec2<u32>((r.qh.x >> 16u) | (r.qh.y << 16u), (r.qh.y >> 16u) | (r.qh.z << 16u)), odd);
-    let t0 = (i >> 2u) << 1u; let t1 = t0 + 4u;
+    let ql = words2(r.ql, odd);
+    let qh = words2(r.qh, odd);
     let d = unpack2x16float(r.dw >> (((bb + 208u) & 2u) << 3u)).x;
     let sc = bb + 192u + 8u * h + (i >> 1u);
-    let a0 = d * sext8((r.sa >> ((sc & 3u) << 3u)) & 0xffu);
-    let a1 = d * sext8((r.sb >> (((sc + 4u) & 3u) << 3u)) & 0xffu);
-    let A = vec4<f32>(64.0 * a0, 64.0 * a0, 64.0 * a1, 64.0 * a1);
-    let C = vec4<f32>(-96.0 * a0, -96.0 * a0, -96.0 * a1, -96.0 * a1);
-    return QU(m6((ql.x & 0x0f0f0f0fu) | (((qh.x >> t0) & 0x03030303u) << 4u)),
-              m6((ql.y & 0x0f0f0f0fu) | (((qh.y >> t0) & 0x03030303u) << 4u)),
-              m6(((ql.x >> 4u) & 0x0f0f0f0fu) | (((qh.x >> t1) & 0x03030303u) << 4u)),
-              m6(((ql.y >> 4u) & 0x0f0f0f0fu) | (((qh.y >> t1) & 0x03030303u) << 4u)), A, C);
+    return qu_q6_k(ql, qh, i, d * sext8((r.sa >> ((sc & 3u) << 3u)) & 0xffu), d * sext8((r.sb >> (((sc + 4u) & 3u) << 3u)) & 0xffu));
 }
 """),
     "q4_0": (4, """
@@ -591,10 +575,7 @@ fn ldr_q4_0(rb: u32, u: u32) -> RQ4 {
 fn unr_q4_0(r: RQ4, rb: u32, u: u32) -> QU {
     let bb = rb + 18u * (u >> 1u);
     let d = unpack2x16float(r.dw >> ((bb & 2u) << 3u)).x;
-    let w = r.q;
-    let q = select(w.xy, vec2<u32>((w.x >> 16u) | (w.y << 16u), (w.y >> 16u) | (w.z << 16u)), ((bb + 2u) & 2u) != 0u);
-    let A = vec4<f32>(16.0 * d); let C = vec4<f32>(-24.0 * d);
-    return QU(m4(q.x), m4(q.y), m4(q.x >> 4u), m4(q.y >> 4u), A, C);
+    return qu_q4_0(d, words2(r.q, ((bb + 2u) & 2u) != 0u));
 }
 """),
 }

@@ -104,10 +104,7 @@ fn rd32(b: u32) -> u32 {
 }
 fn rd32x2(b: u32) -> vec2<u32> {
     let i = b >> 2u;
-    let w0 = W[i]; let w1 = W[i + 1u];
-    let odd = (b & 2u) != 0u;
-    return vec2<u32>(select(w0, (w0 >> 16u) | (w1 << 16u), odd),
-                     select(w1, (w1 >> 16u) | (W[i + 2u] << 16u), odd));
+    return words2(vec3<u32>(W[i], W[i + 1u], W[i + 2u]), (b & 2u) != 0u);
 }
 fn rd32x4(b: u32) -> vec4<u32> {
     let i = b >> 2u;
@@ -117,6 +114,10 @@ fn rd32x4(b: u32) -> vec4<u32> {
                      select(w1, (w1 >> 16u) | (w2 << 16u), odd),
                      select(w2, (w2 >> 16u) | (w3 << 16u), odd),
                      select(w3, (w3 >> 16u) | (W[i + 4u] << 16u), odd));
+}
+// 8 bytes as two u32 from the 3 words that hold them: shifted by 2 bytes when they start at 2 mod 4
+fn words2(w: vec3<u32>, odd: bool) -> vec2<u32> {
+    return select(w.xy, vec2<u32>((w.x >> 16u) | (w.y << 16u), (w.y >> 16u) | (w.z << 16u)), odd);
 }
 fn bytes4(w: u32) -> vec4<f32> { return vec4<f32>(unpack4xU8(w)); }
 fn spread4(x: u32) -> u32 { return (x | (x << 7u) | (x << 14u) | (x << 21u)) & 0x01010101u; }
@@ -212,12 +213,14 @@ fn dq4(bb: u32, j: u32) -> vec4<f32> {
 }
 """,
     unit="""
-fn unit(rb: u32, u: u32) -> QU {
-    let bb = rb + 34u * (u >> 1u);
-    let d = h2f(rd16(bb));
-    let q = rd32x4(bb + 2u + 16u * (u & 1u)) ^ vec4<u32>(0x80808080u);   // q + 128
+fn qu_q8_0(d: f32, w: vec4<u32>) -> QU {   // a unit from its scale and 16 code bytes
+    let q = w ^ vec4<u32>(0x80808080u);   // q + 128
     let A = vec4<f32>(256.0 * d); let C = vec4<f32>(-384.0 * d);
     return QU(m8(q.x), m8(q.y), m8(q.z), m8(q.w), A, C);
+}
+fn unit(rb: u32, u: u32) -> QU {
+    let bb = rb + 34u * (u >> 1u);
+    return qu_q8_0(h2f(rd16(bb)), rd32x4(bb + 2u + 16u * (u & 1u)));
 }
 """,
     e0="16u * u", offs=(0, 4, 8, 12))
@@ -231,12 +234,13 @@ fn dq4(bb: u32, j: u32) -> vec4<f32> {
 }
 """,
     unit="""
-fn unit(rb: u32, u: u32) -> QU {
-    let bb = rb + 18u * (u >> 1u);
-    let d = h2f(rd16(bb));
-    let q = rd32x2(bb + 2u + 8u * (u & 1u));
+fn qu_q4_0(d: f32, q: vec2<u32>) -> QU {   // a unit from its scale and 8 code bytes
     let A = vec4<f32>(16.0 * d); let C = vec4<f32>(-24.0 * d);
     return QU(m4(q.x), m4(q.y), m4(q.x >> 4u), m4(q.y >> 4u), A, C);
+}
+fn unit(rb: u32, u: u32) -> QU {
+    let bb = rb + 18u * (u >> 1u);
+    return qu_q4_0(h2f(rd16(bb)), rd32x2(bb + 2u + 8u * (u & 1u)));
 }
 """,
     e0="32u * (u >> 1u) + 8u * (u & 1u)", offs=(0, 4, 16, 20))
@@ -328,17 +332,18 @@ fn dq4(bb: u32, j: u32) -> vec4<f32> {
 }
 """,
     unit="""
-fn unit(rb: u32, u: u32) -> QU {
-    let wi = (rb + 144u * (u >> 4u)) >> 2u;
-    let c = (u >> 2u) & 3u; let i = u & 3u;
-    let dm = unpack2x16float(W[wi]);
-    let sm = scmin2(W[wi + 1u], W[wi + 2u], W[wi + 3u], c);
-    let qa = W[wi + 4u + 8u * c + 2u * i]; let qb = W[wi + 5u + 8u * c + 2u * i];
+fn qu_q4_k(dm: vec2<f32>, sm: vec4<f32>, qa: u32, qb: u32) -> QU {   // from (d, dmin), scmin2's (sc, m) pair, 8 code bytes
     let a0 = dm.x * sm.x; let a1 = dm.x * sm.y;
     let b0 = -dm.y * sm.z; let b1 = -dm.y * sm.w;
     let A = vec4<f32>(16.0 * a0, 16.0 * a0, 16.0 * a1, 16.0 * a1);
     let C = vec4<f32>(b0 - A.x, b0 - A.x, b1 - A.z, b1 - A.z);
     return QU(m4(qa), m4(qb), m4(qa >> 4u), m4(qb >> 4u), A, C);
+}
+fn unit(rb: u32, u: u32) -> QU {
+    let wi = (rb + 144u * (u >> 4u)) >> 2u;
+    let c = (u >> 2u) & 3u; let i = u & 3u;
+    let sm = scmin2(W[wi + 1u], W[wi + 2u], W[wi + 3u], c);
+    return qu_q4_k(unpack2x16float(W[wi]), sm, W[wi + 4u + 8u * c + 2u * i], W[wi + 5u + 8u * c + 2u * i]);
 }
 """,
     e0="256u * (u >> 4u) + 64u * ((u >> 2u) & 3u) + 8u * (u & 3u)", offs=(0, 4, 32, 36))
@@ -390,21 +395,22 @@ fn dq4(bb: u32, j: u32) -> vec4<f32> {
 }
 """,
     unit="""
-fn unit(rb: u32, u: u32) -> QU {
-    let bb = rb + 210u * (u >> 4u);
-    let h = (u >> 3u) & 1u; let i = u & 7u;
-    let ql = rd32x2(bb + 64u * h + 8u * i);
-    let qh = rd32x2(bb + 128u + 32u * h + 8u * (i & 3u));
+fn qu_q6_k(ql: vec2<u32>, qh: vec2<u32>, i: u32, a0: f32, a1: f32) -> QU {   // from 8 low-code bytes, 8 high-bit bytes, d * scales
     let t0 = (i >> 2u) << 1u; let t1 = t0 + 4u;
-    let d = h2f(rd16(bb + 208u));
-    let a0 = d * sext8(rd8(bb + 192u + 8u * h + (i >> 1u)));
-    let a1 = d * sext8(rd8(bb + 196u + 8u * h + (i >> 1u)));
     let A = vec4<f32>(64.0 * a0, 64.0 * a0, 64.0 * a1, 64.0 * a1);
     let C = vec4<f32>(-96.0 * a0, -96.0 * a0, -96.0 * a1, -96.0 * a1);
     return QU(m6((ql.x & 0x0f0f0f0fu) | (((qh.x >> t0) & 0x03030303u) << 4u)),
               m6((ql.y & 0x0f0f0f0fu) | (((qh.y >> t0) & 0x03030303u) << 4u)),
               m6(((ql.x >> 4u) & 0x0f0f0f0fu) | (((qh.x >> t1) & 0x03030303u) << 4u)),
               m6(((ql.y >> 4u) & 0x0f0f0f0fu) | (((qh.y >> t1) & 0x03030303u) << 4u)), A, C);
+}
+fn unit(rb: u32, u: u32) -> QU {
+    let bb = rb + 210u * (u >> 4u);
+    let h = (u >> 3u) & 1u; let i = u & 7u;
+    let ql = rd32x2(bb + 64u * h + 8u * i);
+    let qh = rd32x2(bb + 128u + 32u * h + 8u * (i & 3u));
+    let d = h2f(rd16(bb + 208u));
+    return qu_q6_k(ql, qh, i, d * sext8(rd8(bb + 192u + 8u * h + (i >> 1u))), d * sext8(rd8(bb + 196u + 8u * h + (i >> 1u))));
 }
 """,
     e0="256u * (u >> 4u) + 128u * ((u >> 3u) & 1u) + 8u * (u & 7u)", offs=(0, 4, 64, 68))
