@@ -11,27 +11,14 @@ from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import gemv as gmod
 from tensorgpu.kernels.common import Operand
 from tensorgpu.kernels.gemv import gemv
+from tensorgpu.testing import random_blocks
 
 rng = np.random.default_rng(11)
 
 
 def qweights(dt, N, K):
-    """Random GGUF blocks of [N, K] with sane scales, and their float64 values."""
-    nb = N * K // dt.block_size
-    b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
-
-    def scale(off):
-        v = rng.uniform(1e-3, 0.05, nb) * rng.choice([-1.0, 1.0], nb)
-        b[:, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(nb, 2)
-    if dt in (dtypes.q4_k, dtypes.q5_k):
-        scale(0), scale(2)
-    elif dt is dtypes.q6_k:
-        scale(208)
-    elif dt in (dtypes.q4_1, dtypes.q5_1):
-        scale(0), scale(2)
-    else:
-        scale(0)
-    raw = b.reshape(-1)
+    """Random GGUF blocks of [N, K] with scales varying ~50x between blocks, and their float64 values."""
+    raw = random_blocks(dt, (N, K), 0.05, rng, spread=7.0).reshape(-1)
     W = np.asarray(gguf.quants.dequantize(raw, QT(dt.ggml_type)), np.float64).reshape(N, K)
     return raw, W
 
@@ -160,44 +147,29 @@ def _weight(wdt, N, K):
     return runtime.upload(raw), wd, Wf
 
 
-@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_0", "q4_k", "q6_k"])
+PAIR_TYPES = ([(t, t) for t in ("f16", "f32", "q8_0", "q4_0", "q4_k", "q6_k")] +
+              [("q4_k", "q6_k"), ("q6_k", "q4_k"), ("q4_0", "q8_0"), ("q5_k", "q4_0"), ("q8_0", "q4_1"), ("q4_k", "q5_k")])
+
+
+@pytest.mark.parametrize("wdt1,wdt2", PAIR_TYPES, ids=lambda t: t)
 @pytest.mark.parametrize("K1,K2", [(512, 2048), (256, 768), (1024 + 256, 512)], ids=str)
-def test_pair_sums_two_projections(paths, wdt, K1, K2):
+def test_pair_sums_two_projections(paths, wdt1, wdt2, K1, K2):
     """out = epilogue(x1 W1 + x2 W2): Pythia's output and down projections in one dispatch,
-    including ragged item counts in either part."""
-    N = 37
-    w1, wd, W1 = _weight(wdt, N, K1)
-    w2, _, W2 = _weight(wdt, N, K2)
-    x1, x2 = (rng.standard_normal(k).astype(np.float32) for k in (K1, K2))
-    b1, b2 = Base(x1), Base(x2)
-    out = runtime.Buffer(4 * N)
-    ep = AffineGelu(rng.standard_normal(N), 0.5)
-    gemv(out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd, N, K1, ep,
-         pair=(Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2))
-    want = ep.ref(W1 @ x1 + W2 @ x2)
-    got = read_f32(out, N)
-    err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
-    assert err < 2e-5, f"{wdt} K1={K1} K2={K2}: rel err {err:.2e}"
-
-
-@pytest.mark.parametrize("wdt1,wdt2", [("q4_k", "q6_k"), ("q6_k", "q4_k"), ("q4_0", "q8_0"), ("q5_k", "q4_0"),
-                                       ("q8_0", "q4_1"), ("q4_k", "q5_k")], ids=lambda t: t)
-@pytest.mark.parametrize("K1,K2", [(512, 2048), (256, 768), (1024 + 256, 512)], ids=str)
-def test_pair_of_two_block_types(paths, wdt1, wdt2, K1, K2):
-    """W1 and W2 of different GGUF block types (a Q4_K_M file pairs q4_k with q6_k): one kernel,
-    each part decoded by its own format, loads hoisted where the format allows."""
+    including ragged item counts in either part; W1 and W2 of one type, or of two GGUF block
+    types (a Q4_K_M file pairs q4_k with q6_k), each part decoded by its own format."""
     N = 37
     w1, wd1, W1 = _weight(wdt1, N, K1)
     w2, wd2, W2 = _weight(wdt2, N, K2)
     x1, x2 = (rng.standard_normal(k).astype(np.float32) for k in (K1, K2))
     b1, b2 = Base(x1), Base(x2)
     out = runtime.Buffer(4 * N)
-    name = gmod.plan(out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd1, N, K1,
-                     pair=(Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2, wd2))[0]
-    assert name.startswith(f"gemv2_{wdt1}+{wdt2}[")
-    gemv(out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd1, N, K1,
-         pair=(Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2, wd2))
-    want = W1 @ x1 + W2 @ x2
+    ep = AffineGelu(rng.standard_normal(N), 0.5)
+    args = (out, Operand(b1.buf, b1.dtype, (1, K1), (K1, 1), 0), w1, wd1, N, K1, ep)
+    pair = (Operand(b2.buf, b2.dtype, (1, K2), (K2, 1), 0), w2, K2, wd2)
+    types = wd1.name + (f"+{wd2.name}" if wdt1 != wdt2 else "")
+    assert gmod.plan(*args, pair=pair)[0].startswith(f"gemv2_{types}[")
+    gemv(*args, pair=pair)
+    want = ep.ref(W1 @ x1 + W2 @ x2)
     got = read_f32(out, N)
     err = np.abs(got - want).max() / max(np.abs(want).max(), 1e-30)
     assert err < 2e-5, f"{wdt1}+{wdt2} K1={K1} K2={K2}: rel err {err:.2e}"
@@ -237,16 +209,18 @@ def test_probe_modes(wdt):
     assert np.isfinite(got[1]).all()
 
 
-@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])
+@pytest.mark.parametrize("wdt,xdt", [(t, np.float32) for t in ("f16", "f32", "q8_0", "q4_0", "q4_k", "q5_k", "q6_k")]
+                         + [("q4_0", np.float16)], ids=lambda v: v if isinstance(v, str) else np.dtype(v).name)
 @pytest.mark.parametrize("N1,N2", [(48, 64), (37, 20)], ids=str)
-def test_stack_two_normed_projections(paths, wdt, N1, N2):
+def test_stack_two_normed_projections(paths, wdt, xdt, N1, N2):
     """out = [W1 ln1(x) | W2 ln2(x)]: GPT-NeoX's ln1 + QKV and ln2 + up of one row in one kernel,
-    each block with its own norm weights (or none) and weight, x far from zero mean; the
-    epilogue sees the stacked row index. N1 = 37 is no multiple of the rows per workgroup."""
+    each block with its own norm weights (or none) and weight, x far from zero mean (also an f16
+    row); the epilogue sees the stacked row index. N1 = 37 is no multiple of the rows per
+    workgroup."""
     K = 512
     w1, wd, W1 = _weight(wdt, N1, K)
     w2, _, W2 = _weight(wdt, N2, K)
-    x = (rng.standard_normal(K) * 3 + 5).astype(np.float32)
+    x = (rng.standard_normal(K) * 3 + 5).astype(xdt)
     g1, c1, c2 = (rng.standard_normal(K).astype(np.float32) for _ in range(3))
     xb = Base(x)
     xo = Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0)
@@ -276,19 +250,3 @@ def test_stack_rejects_bad_combinations():
         gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, stack=(w2, 8, None, None))
     with pytest.raises(ValueError, match="second pair|stacked weight"):     # with a pair
         gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, ln=ln, stack=(w2, 8, None, None), pair=(xo, w2, 256))
-
-
-def test_stack_with_f16_x(paths):
-    """The stacked GEMV reads an f16 activation row like the others (native f16 or unpacked)."""
-    K, N1, N2 = 256, 16, 24
-    w1, wd, W1 = _weight("q4_0", N1, K)
-    w2, _, W2 = _weight("q4_0", N2, K)
-    x = (rng.standard_normal(K) * 2 + 3).astype(np.float16)
-    xb = Base(x)
-    g1, g2 = (rng.standard_normal(K).astype(np.float32) for _ in range(2))
-    out = runtime.Buffer(4 * (N1 + N2))
-    gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0), w1, wd, N1, K, ln=(Base(g1).whole(), None, 1e-5),
-         stack=(w2, N2, Base(g2).whole(), None))
-    want = np.concatenate([W1 @ ref_ln(x, g1, None, 1e-5), W2 @ ref_ln(x, g2, None, 1e-5)])
-    got = read_f32(out, N1 + N2)
-    assert np.abs(got - want).max() / np.abs(want).max() < 2e-5
