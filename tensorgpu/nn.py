@@ -31,26 +31,34 @@ def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
     return _softmax(x, axis, log=True)
 
 
+def _check_linear(what: str, x: Tensor, w: Tensor, b: Optional[Tensor]) -> None:
+    """The shape rules of x [..., in] @ w[out, in].T + b [out]; `what` names the call (and term)."""
+    if w.ndim != 2:
+        raise ValueError(f"{what}: weight must be 2-D [out, in], got {w.shape}")
+    if x.shape[-1:] != (w.shape[1],):
+        raise ValueError(f"{what}: input {x.shape} does not match weight {w.shape} (in_features {w.shape[1]})")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"{what}: bias {b.shape} does not match weight {w.shape} (out_features {w.shape[0]})")
+
+
+def _plus_bias(y: Tensor, b: Optional[Tensor]) -> Tensor:
+    """y + b in float32 (a lazy add: it fuses into the producing kernel's store)."""
+    if b is None:
+        return y
+    return y + (b.astype(dt.float32) if b.dtype is not dt.float32 else b)
+
+
 def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     """x [..., in] @ w[out, in].T (+ b [out]); w as GGUF stores it, float or quantized. The bias
     and any elementwise consumer fuse into the matmul's store."""
-    if w.ndim != 2:
-        raise ValueError(f"linear: weight must be 2-D [out, in], got {w.shape}")
-    if x.shape[-1:] != (w.shape[1],):
-        raise ValueError(f"linear: input {x.shape} does not match weight {w.shape} (in_features {w.shape[1]})")
-    if b is not None and b.shape != (w.shape[0],):
-        raise ValueError(f"linear: bias {b.shape} does not match weight {w.shape} (out_features {w.shape[0]})")
+    _check_linear("linear", x, w, b)
     lead = x.shape[:-1]
     if prod(lead) == 1:
         y = _decode_linear(x, w)
         if y is not None:
-            if b is not None:
-                y = y + b.astype(dt.float32) if b.dtype is not dt.float32 else y + b
-            return y.reshape(lead + (w.shape[0],))
+            return _plus_bias(y, b).reshape(lead + (w.shape[0],))
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
-    y = matmul(x2, w.T)
-    if b is not None:
-        y = y + b.astype(dt.float32) if b.dtype is not dt.float32 else y + b
+    y = _plus_bias(matmul(x2, w.T), b)
     return y.reshape(lead + (w.shape[0],)) if x.ndim != 2 else y
 
 
@@ -64,12 +72,7 @@ def linear_sum(*terms) -> Tensor:
         raise ValueError("linear_sum needs at least one (x, w, b) term")
     terms = [tuple(t) + (None,) * (3 - len(t)) for t in terms]
     for i, (x, w, b) in enumerate(terms):
-        if w.ndim != 2:
-            raise ValueError(f"linear_sum: term {i}: weight must be 2-D [out, in], got {w.shape}")
-        if x.shape[-1:] != (w.shape[1],):
-            raise ValueError(f"linear_sum: term {i}: input {x.shape} does not match weight {w.shape}")
-        if b is not None and b.shape != (w.shape[0],):
-            raise ValueError(f"linear_sum: term {i}: bias {b.shape} does not match weight {w.shape}")
+        _check_linear(f"linear_sum: term {i}", x, w, b)
     lead, N = terms[0][0].shape[:-1], terms[0][1].shape[0]
     bad = [i for i, (x, w, _) in enumerate(terms) if x.shape[:-1] != lead or w.shape[0] != N]
     if bad:
@@ -80,8 +83,7 @@ def linear_sum(*terms) -> Tensor:
         y = _decode_linear_pair(x1.reshape(1, -1), w1, x2.reshape(1, -1), w2)
         if y is not None:
             for _, _, b in terms:
-                if b is not None:
-                    y = y + (b.astype(dt.float32) if b.dtype is not dt.float32 else b)
+                y = _plus_bias(y, b)
             return y.reshape(lead + (N,))
     y = None
     for x, w, b in terms:
@@ -100,11 +102,10 @@ def layer_norm_linears(x: Tensor, eps: float, *parts) -> list:
     if not parts:
         raise ValueError("layer_norm_linears needs at least one (ln_w, ln_b, w, b[, act]) part")
     parts = [tuple(p) + (None,) * (5 - len(p)) for p in parts]
-    for i, (_, _, w, _, act) in enumerate(parts):
+    for i, (_, _, w, b, act) in enumerate(parts):
         if act not in (None, "gelu"):
             raise ValueError(f"layer_norm_linears: part {i}: act must be None or 'gelu', got {act!r}")
-        if w.ndim != 2 or x.shape[-1:] != (w.shape[1],):
-            raise ValueError(f"layer_norm_linears: part {i}: input {x.shape} does not match weight {w.shape}")
+        _check_linear(f"layer_norm_linears: part {i}", x, w, b)
     lead = x.shape[:-1]
     if len(parts) == 2 and prod(lead) == 1:
         ys = _decode_norm_linears(x.reshape(1, -1), float(eps), parts)
