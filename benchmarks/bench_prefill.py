@@ -29,6 +29,7 @@ from tensorgpu.kernels import attention as attn  # noqa: E402
 from tensorgpu.kernels import matmul as mm  # noqa: E402
 from tensorgpu.kernels import probe, quant  # noqa: E402
 from tensorgpu.kernels.common import Operand  # noqa: E402
+from tensorgpu.testing import random_blocks  # noqa: E402
 
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 
@@ -90,11 +91,7 @@ def matmul_us(M, N, K, w_dt=dtypes.float16, tuning=None, check=True):
 
 def quant_us(M, N, K, qdt, tuning):
     rng = np.random.default_rng(1)
-    nbytes = quant.quant_nbytes(qdt, N * K)
-    raw = rng.integers(0, 256, nbytes, dtype=np.uint8)
-    bs = qdt.block_bytes
-    raw.reshape(-1, bs)[:, 0:2] = np.frombuffer(np.full(nbytes // bs, 0.01, np.float16).tobytes(), np.uint8).reshape(-1, 2)
-    wbuf = runtime.upload(raw)
+    wbuf = runtime.upload(random_blocks(qdt, (N, K), 0.02, rng))
     x = rng.standard_normal((M, K)).astype(np.float32)
     X = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
     out = runtime.Buffer(M * N * 4)
@@ -103,14 +100,17 @@ def quant_us(M, N, K, qdt, tuning):
     return la, _time(la.passes)
 
 
-def attention_us(H, D, S=PREFILL, kernel="auto", target=None):
-    rng = np.random.default_rng(2)
+def _attention_inputs(H, D, S, cap, seed):
+    """Random f32 q [H, S, D] and f16 K/V caches [H, cap, D] as Operands."""
+    rng = np.random.default_rng(seed)
     q = rng.standard_normal((H, S, D)).astype(np.float32)
-    kc = rng.standard_normal((H, S, D)).astype(np.float16)
-    vc = rng.standard_normal((H, S, D)).astype(np.float16)
-    Q = Operand(runtime.upload(q), dtypes.float32, (H, S, D), (S * D, D, 1), 0)
-    Kc = Operand(runtime.upload(kc), dtypes.float16, (H, S, D), (S * D, D, 1), 0)
-    Vc = Operand(runtime.upload(vc), dtypes.float16, (H, S, D), (S * D, D, 1), 0)
+    kc, vc = (rng.standard_normal((H, cap, D)).astype(np.float16) for _ in range(2))
+    return (Operand(runtime.upload(q), dtypes.float32, (H, S, D), (S * D, D, 1), 0),
+            *(Operand(runtime.upload(c), dtypes.float16, (H, cap, D), (cap * D, D, 1), 0) for c in (kc, vc)))
+
+
+def attention_us(H, D, S=PREFILL, kernel="auto", target=None):
+    Q, Kc, Vc = _attention_inputs(H, D, S, S, 2)
     out = runtime.Buffer(4 * H * S * D)
     old = attn.PREFILL_KERNEL, attn.TILED_TARGET_WORKGROUPS
     attn.PREFILL_KERNEL = kernel
@@ -140,13 +140,7 @@ ATTN_VARIANTS = [dict(bk=32, unroll_s=1, unroll_pv=0), dict(bk=32, unroll_s=4, u
 def attention_case_us(mod, H, D, S, cap, before, **knobs):
     """(kernel names, GPU seconds, output) of module `mod`'s attention() on one ATTN_CASES case with
     the module-level knobs set for the call (f32 q, f16 caches [H, cap, D], kv_len in a buffer)."""
-    rng = np.random.default_rng(3)
-    q = rng.standard_normal((H, S, D)).astype(np.float32)
-    kc = rng.standard_normal((H, cap, D)).astype(np.float16)
-    vc = rng.standard_normal((H, cap, D)).astype(np.float16)
-    Q = Operand(runtime.upload(q), dtypes.float32, (H, S, D), (S * D, D, 1), 0)
-    Kc = Operand(runtime.upload(kc), dtypes.float16, (H, cap, D), (cap * D, D, 1), 0)
-    Vc = Operand(runtime.upload(vc), dtypes.float16, (H, cap, D), (cap * D, D, 1), 0)
+    Q, Kc, Vc = _attention_inputs(H, D, S, cap, 3)
     n = runtime.upload(np.array([before + S], np.int32))
     out = runtime.Buffer(4 * H * S * D)
     saved = {k: getattr(mod, k) for k in knobs if hasattr(mod, k)}

@@ -34,6 +34,7 @@ from tensorgpu.kernels import matmul as mm
 from tensorgpu.kernels import gemv as gm
 from tensorgpu.kernels import probe, quant
 from tensorgpu.kernels.common import Operand
+from tensorgpu.testing import random_blocks
 
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 
@@ -65,7 +66,7 @@ PREFILL_CFGS = _sweep("TENSORGPU_QPREFILL", lambda p: (p.strip(), _knobs(p)))
 
 def _weights(dt, N, K):
     """GGUF bytes of a random [N, K] weight: quantized normals where gguf can quantize the type,
-    else random bytes with small f16 scales (q4_k). Big weights are tiled from one slab of rows
+    else random blocks at the same scale (k-quants). Big weights are tiled from one slab of rows
     (quantizing 16M floats in NumPy takes long; the bytes read are what matter)."""
     rng = np.random.default_rng(0)
     rows = min(N, 256)
@@ -73,10 +74,7 @@ def _weights(dt, N, K):
         slab = np.asarray(gguf.quants.quantize(rng.standard_normal((rows, K)).astype(np.float32) / np.sqrt(K),
                                                QT(dt.ggml_type)), np.uint8).reshape(rows, -1)
     except NotImplementedError:
-        nb = rows * K // dt.block_size
-        b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
-        b[:, 0:4] = rng.uniform(1e-3, 1e-2, (nb, 2)).astype(np.float16).view(np.uint8).reshape(nb, 4)
-        slab = b.reshape(rows, -1)
+        slab = random_blocks(dt, (rows, K), 1 / np.sqrt(K), rng)
     return np.ascontiguousarray(np.tile(slab, (-(-N // rows), 1))[:N]).reshape(-1)
 
 

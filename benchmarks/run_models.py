@@ -37,6 +37,17 @@ def warm(seconds: float, fn) -> None:
         runtime.sync()
 
 
+def timed(fn, reps: int) -> list:
+    """Wall seconds of `reps` calls of fn, each up to its GPU work finishing."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        runtime.sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def bench_prefill(model, n: int, reps: int = 3) -> dict:
     cache = model.new_cache(n + 8)
     ids = tg.tensor(np.random.default_rng(0).integers(0, model.config.n_vocab, n).astype(np.int32))
@@ -51,13 +62,7 @@ def bench_prefill(model, n: int, reps: int = 3) -> dict:
     runtime.sync()
     first = time.perf_counter() - t0
     warm(0.3, run)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        runtime.sync()
-        times.append(time.perf_counter() - t0)
-    best = min(times)
+    best = min(timed(run, reps))
 
     # the user-facing path: Session.forward keeps the prompt's forward captured, so a prompt
     # length it has seen replays the recorded kernels (no graph building or scheduling)
@@ -71,12 +76,7 @@ def bench_prefill(model, n: int, reps: int = 3) -> dict:
     run_session()
     runtime.sync()
     warm(0.3, run_session)
-    ctimes = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run_session()
-        runtime.sync()
-        ctimes.append(time.perf_counter() - t0)
+    ctimes = timed(run_session, reps)
     # a new prompt length inside a bucket already run (padded to it): first a length that makes
     # the bucket's padded capture, then other lengths of that bucket, timed (no compile, replay)
     bucket_s = []

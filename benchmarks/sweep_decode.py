@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tensorgpu import debug, dtypes, runtime  # noqa: E402
 from tensorgpu.kernels import gemv as gm, matmul as mm, probe  # noqa: E402
 from tensorgpu.kernels.common import Operand  # noqa: E402
+from tensorgpu.testing import random_blocks  # noqa: E402
 
 SHAPES = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192),        # pythia-1.4b qkv/out/up/down
           (7680, 2560), (2560, 2560), (10240, 2560), (2560, 10240)]      # redpajama-3b
@@ -65,10 +66,8 @@ def gemv_f16(cfgs):
 
 
 def _qweights(dt, N, K, rng):
-    nb = N * K // dt.block_size
-    b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
-    b[:, 0:2] = np.full((nb, 1), 0.01, np.float16).view(np.uint8)
-    return b.reshape(-1)
+    """GGUF bytes of a random [N, K] weight of block type dt."""
+    return random_blocks(dt, (N, K), 0.02, rng).reshape(-1)
 
 
 def gemv_new(dtname, cfgs, ln=False):

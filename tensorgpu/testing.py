@@ -38,9 +38,10 @@ def q4_k_m_like_type(name: str) -> str | None:
     return next((v for k, v in _Q4_K_M_BY_KIND.items() if f".{k}.weight" in name), None)
 
 
-def random_blocks(dtype, shape, std: float, rng: np.random.Generator) -> np.ndarray:
+def random_blocks(dtype, shape, std: float, rng: np.random.Generator, spread: float = 1.0) -> np.ndarray:
     """uint8 [rows, bytes per row]: random GGUF blocks of `dtype` for a weight of `shape`
-    (last dimension a multiple of the block size) whose values are of order `std`."""
+    (last dimension a multiple of the block size) whose values are of order `std`; spread > 1
+    scales each block by its own log-uniform factor in [1/spread, spread] (and a random sign)."""
     dt = dtypes.as_dtype(dtype)
     if dt.name not in _SCALE_FIELDS:
         raise ValueError(f"random_blocks: no scale layout for {dt.name} (have {', '.join(sorted(_SCALE_FIELDS))})")
@@ -51,6 +52,7 @@ def random_blocks(dtype, shape, std: float, rng: np.random.Generator) -> np.ndar
     nb = int(np.prod(shape)) // dt.block_size
     b = rng.integers(0, 256, size=(nb, dt.block_bytes), dtype=np.uint8)
     for off, div in _SCALE_FIELDS[dt.name]:
-        v = np.full(nb, std / div) * rng.choice([-1.0, 1.0], nb)
+        f = np.exp(rng.uniform(-np.log(spread), np.log(spread), nb)) if spread > 1 else 1.0
+        v = std / div * f * rng.choice([-1.0, 1.0], nb)
         b[:, off:off + 2] = v.astype(np.float16).view(np.uint8).reshape(nb, 2)
     return b.reshape(int(np.prod(shape[:-1])), -1)

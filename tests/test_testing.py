@@ -32,3 +32,10 @@ def test_q4_k_m_like_types():
     assert q4_k_m_like_type("blk.2.attn_qkv.weight") == "q4_k"
     assert q4_k_m_like_type("blk.2.attn_qkv.bias") is None
     assert q4_k_m_like_type("output_norm.weight") is None
+
+
+def test_random_blocks_spread():
+    """spread > 1 gives every block its own scale, within [std/spread, std*spread] of the base."""
+    raw = random_blocks("q4_0", (64, 256), 0.05, np.random.default_rng(1), spread=7.0)
+    d = np.abs(raw.reshape(-1, 18)[:, :2].copy().view(np.float16).astype(np.float64).ravel())
+    assert d.max() / d.min() > 10 and (d <= 0.05 / 8 * 7 * 1.01).all() and (d >= 0.05 / 8 / 7 * 0.99).all()
