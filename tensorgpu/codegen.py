@@ -20,6 +20,7 @@ from . import dtypes as dt
 from .graph import Node
 from .ops import BINARY, F32_OVERRIDES, REDUCE, U32_OVERRIDES, UNARY, WGSL_HELPERS, Op, compute_type
 from .runtime import get_device
+from .symbolic import is_symbolic, static
 from .view import View
 
 WG = 256  # threads per workgroup for generated kernels
@@ -77,6 +78,19 @@ class KernelBuilder:
         self.core_var = "acc"
         dev = get_device()
         self.native_f16 = dev.has_f16
+        # runtime values (a uniform, see `param`): view offsets and scalar constants, so new
+        # values reuse the compiled kernel. Off for epilogues inside hand-written kernels.
+        self.params: list = []
+        self.use_params = True
+
+    def param(self, value, ct: str) -> str:
+        """WGSL reading `value` (int, float or SymInt) from this kernel's parameter uniform, as
+        compute type `ct`; the value itself is passed at dispatch (and re-evaluated per replay
+        when it is a SymInt)."""
+        k = len(self.params)
+        self.params.append((value, ct))
+        w = f"tgp[{k // 4}][{k % 4}]"
+        return {"u32": w, "i32": f"bitcast<i32>({w})", "f32": f"bitcast<f32>({w})"}[ct]
 
     # -- bindings ------------------------------------------------------------------------
 
@@ -102,6 +116,9 @@ class KernelBuilder:
             mode = "read" if access == "read" else "read_write"
             ty = f"array<{st}>" if access != "atomic" else "array<atomic<u32>>"
             out.append(f"@group(0) @binding({i + self.first_binding}) var<storage, {mode}> {name}: {ty};")
+        if self.params:
+            out.append(f"@group(0) @binding({len(self.bindings) + self.first_binding}) var<uniform> tgp: "
+                       f"array<vec4<u32>, {(len(self.params) + 3) // 4}>;")
         return "\n".join(out)
 
     def header(self) -> str:
@@ -134,9 +151,14 @@ class KernelBuilder:
             return f"({name}[{idx}] != 0u)"
         return f"{name}[{idx}]"
 
-    @staticmethod
-    def linear(view: View, coords: list) -> str:
-        terms = [str(view.offset)] if view.offset else []
+    def linear(self, view: View, coords: list) -> str:
+        """The linear element `view` maps `coords` to (an i32 expression); a nonzero or symbolic
+        offset is a runtime parameter, so every slice start shares one kernel."""
+        off = view.offset
+        if self.use_params and (is_symbolic(off) or off != 0):
+            terms = [self.param(off, "i32")]
+        else:
+            terms = [str(static(off))] if off else []
         for c, s, st in zip(coords, view.shape, view.strides):
             if s == 1 or st == 0:
                 continue
@@ -172,7 +194,10 @@ class KernelBuilder:
         if node is self.core:
             val = self.core_var
         elif node.op is Op.CONST:
-            val = literal(node.arg, node.dtype)
+            if self.use_params and ct in ("f32", "i32", "u32"):
+                val = self.param(node.arg, ct)
+            else:
+                val = literal(static(node.arg) if is_symbolic(node.arg) else node.arg, node.dtype)
         elif node.buffer is not None:
             lin = self.linear(view, coords)
             idx = f"u32({lin})" if lin != "0" else "0u"
@@ -324,7 +349,7 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
         v1 = value_at("i32(min(e0 + 1u, " + str(max(n - 1, 0)) + "u))")
         second = b.lines
         name = b.bind(out_buf, d, "rw")
-        word = f"u32({out_view.offset // 2}) + (e0 >> 1u)"
+        word = f"u32({b.param(static(out_view.offset) // 2, 'u32')}) + (e0 >> 1u)"
         body = first + second + [
             f"let hi = select(0.0, {v1}, e0 + 1u < {n}u);",
             f"{name}[{word}] = pack2x16float(vec2<f32>({v0}, hi));"]
@@ -356,7 +381,7 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
            + f"  if (gidx >= {n_threads}u) {{ return; }}\n"
            + ("  " + prologue + "\n" if prologue else "")
            + "".join("  " + l + "\n" for l in body) + "}\n")
-    return src, b.bindings, n_wg
+    return src, b.bindings, n_wg, b.params
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -463,7 +488,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
                + f"  for (var r = 0u; r < {rlen}u; r = r + 1u) {{\n" + ind(loop_body, 4) + "  }\n"
                + (f"  let accv: {res_t} = {'bi' if is_arg else 'acc_r'};\n")
                + ind(epi) + "}\n")
-        return src, b.bindings, (n_out + WG - 1) // WG
+        return src, b.bindings, (n_out + WG - 1) // WG, b.params
     # workgroup per output: strided loop, then a tree (or subgroup) reduction
     wg = 256 if rlen >= 256 else 64
     if is_arg:
@@ -516,7 +541,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
            + loop + ind(loop_body, 4) + "  }\n"
            + "  " + store_sh + tree
            + f"  if (lid == 0u) {{\n    {final}\n" + ind(epi, 4) + "  }\n}\n")
-    return src, b.bindings, n_out * (split[0] if split is not None else 1)
+    return src, b.bindings, n_out * (split[0] if split is not None else 1), b.params
 
 
 # ----------------------------------------------------------------------------- epilogues
@@ -536,6 +561,7 @@ class GraphEpilogue:
     def _render(self, first_binding: int):
         b = KernelBuilder(first_binding)
         b.native_f16 = False  # the host kernel's module may not enable f16
+        b.use_params = False  # constants baked: the host kernel binds no parameter uniform
         b.core = self.core
         b.core_var = "acc"
         b.lines = ["let li = i32(i);"]

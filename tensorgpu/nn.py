@@ -13,6 +13,7 @@ from . import dtypes as dt
 from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
 from .graph import CustomKernel
 from .tensor import Tensor, tensor
+from .symbolic import is_symbolic, static
 from .view import View
 
 __all__ = ["linear", "linear_sum", "layer_norm", "embedding", "rope", "rope_kv_write", "scaled_dot_product_attention",
@@ -289,13 +290,16 @@ def rope_kv_write(qkv: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tens
 class AttentionKernel(CustomKernel):
     name = "attention"
 
-    def __init__(self, causal, scale, kv_len_static, out_layout):
+    def __init__(self, causal, scale, kv_len_static, out_layout, kv_len_runtime=None):
         self.causal, self.scale, self.kv_len_static, self.out_layout = causal, scale, kv_len_static, out_layout
+        self.kv_len_runtime = kv_len_runtime   # the valid prefix of a cache: a kernel parameter
 
     def emit(self, out, operands, epilogue):
-        from .kernels.attention import attention as k
+        from .kernels.attention import KVParam, attention as k
         q, kc, vc = operands[:3]
         kv_len = operands[3].buffer if len(operands) > 3 else self.kv_len_static
+        if self.kv_len_runtime is not None:
+            kv_len = KVParam(self.kv_len_runtime)
         k(out, q, kc, vc, kv_len, causal=self.causal, scale=self.scale, out_layout=self.out_layout)
 
 
@@ -306,6 +310,20 @@ def _fold_batch(t: Tensor) -> Tensor:
     if t.ndim == 2:
         return t.unsqueeze(0)
     return t.reshape((-1,) + t.shape[-2:])
+
+
+def _cache_prefix(t: Tensor) -> Optional[Tensor]:
+    """The whole realized tensor that `t` is a leading slice of along axis -2 (a KV cache read
+    as cache[..., :n, :]), or None."""
+    from .view import contiguous_strides
+    n, v = t.node, t.view
+    if n.buffer is None or len(n.shape) != t.ndim or t.ndim < 2 or is_symbolic(v.offset) or v.offset != 0:
+        return None
+    full = n.shape
+    if (v.shape[:-2] != full[:-2] or v.shape[-1] != full[-1] or v.strides != contiguous_strides(full)
+            or not (0 < v.shape[-2] < full[-2] or (is_symbolic(v.shape[-2]) and v.shape[-2] > 0))):
+        return None
+    return Tensor(n, View.contiguous(full))
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
@@ -331,6 +349,14 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         return fused
     sq, d = q.shape[-2:]
     sk = k.shape[-2]
+    kv_runtime = None
+    if kv_len is None:
+        # keys that are the first sk rows of a bigger cache (`cache[:, :pos + T]`): read the whole
+        # cache with sk as a runtime parameter, so a growing prefix (or a step variable) never
+        # compiles a new kernel
+        kf, vf = _cache_prefix(k), _cache_prefix(v)
+        if kf is not None and vf is not None and kf.shape == vf.shape and sk >= sq:
+            kv_runtime, k, v = sk, kf, vf
     if kv_len is None and sk < sq:
         raise ValueError(f"attention: sk ({sk}) must be >= sq ({sq})")
     scale = float(scale) if scale is not None else 1.0 / d ** 0.5
@@ -345,7 +371,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         srcs.append(kv_len if kv_len.node.buffer is not None else kv_len.contiguous())
     B = q3.shape[0]
     shape = (B, sq, d) if out_layout == "bsd" else (sq, B, d)
-    out = _custom(AttentionKernel(causal, scale, None if kv_len is not None else sk, out_layout), srcs, shape)
+    kern = AttentionKernel(causal, scale, None if kv_len is not None else static(sk), out_layout, kv_runtime)
+    out = _custom(kern, srcs, shape)
     if out_layout == "bsd":
         return out.reshape(batch + (sq, d))
     return out

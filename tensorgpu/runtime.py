@@ -365,8 +365,9 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
     if p is not None:
         return p
     dev = get_device()
-    entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE,
-                "buffer": {"type": wgpu.BufferBindingType.read_only_storage if a == "read" else wgpu.BufferBindingType.storage}}
+    types = {"read": wgpu.BufferBindingType.read_only_storage, "rw": wgpu.BufferBindingType.storage,
+             "uniform": wgpu.BufferBindingType.uniform}
+    entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": types[a]}}
                for i, a in enumerate(access)]
     bgl = dev.device.create_bind_group_layout(entries=entries)
     layout = dev.device.create_pipeline_layout(bind_group_layouts=[bgl])
@@ -382,7 +383,8 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
 
 
 def _bind_group(p: Pipeline, buffers: Sequence[Buffer]):
-    key = (id(p), tuple(id(b.gpu) for b in buffers), tuple(b.capacity for b in buffers))
+    key = (id(p), tuple(id(b.gpu) for b in buffers), tuple(b.capacity for b in buffers),
+           tuple(getattr(b, "offset", 0) for b in buffers))
     bg = _bind_groups.get(key)
     if bg is None:
         dev = get_device()
@@ -395,7 +397,7 @@ def _bind_group(p: Pipeline, buffers: Sequence[Buffer]):
                 if b.nbytes > lim:
                     raise ValueError(f"kernel {p.name!r}: binding {i} is {b.nbytes} bytes, over the device's "
                                      f"max_storage_buffer_binding_size of {lim} bytes")
-            entries.append({"binding": i, "resource": {"buffer": b.gpu, "offset": 0, "size": size}})
+            entries.append({"binding": i, "resource": {"buffer": b.gpu, "offset": getattr(b, "offset", 0), "size": size}})
         bg = dev.device.create_bind_group(layout=p.layout, entries=entries)
         STATS["bind_groups_created"] += 1
         if len(_bind_groups) >= 8192:  # bounded: drop the oldest half (captures hold their own)
@@ -445,12 +447,17 @@ _recorders: list = []  # capture.py hooks: callables(Dispatch)
 _tracing = [0]         # > 0 while tg.capture traces a function
 
 
-def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Dispatch:
+def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple, params: Sequence[tuple] = ()) -> Dispatch:
     """Append one kernel launch to the pending queue.
 
     bindings: sequence of (Buffer, "read" | "rw") in @binding order (group 0).
     grid: workgroup counts (x, y, z); use `grid_for(n)` for a linear count.
+    params: (value, "f32" | "i32" | "u32") runtime values the kernel reads from the uniform
+    bound after the storage bindings (tensorgpu/params.py); values may be step variables.
     """
+    if params:
+        from .params import binding_for
+        bindings = list(bindings) + [(binding_for(get_device().device, params), "uniform")]
     access = tuple(a for _, a in bindings)
     bufs = tuple(b for b, _ in bindings)
     p = pipeline(name, wgsl, access)
@@ -471,7 +478,7 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple) -> Di
         # layers while Python is still scheduling the last ones
         flush()
     for log in _kernel_logs:
-        log.append(KernelLogEntry(name, wgsl, tuple(grid), len(bufs)))
+        log.append(KernelLogEntry(name, wgsl, tuple(grid), sum(a != "uniform" for a in access)))
     for rec in _recorders:
         rec(d)
     return d

@@ -60,8 +60,8 @@ def _realize(node: Node) -> None:
     core, root = _plan(node)
     out = Buffer(max(node.dtype.nbytes(node.numel), 4))
     if core is None:
-        src, bindings, n_wg = elementwise_kernel(root, out, View.contiguous(root.shape))
-        _dispatch(_name("E", root), src, bindings, n_wg)
+        src, bindings, n_wg, params = elementwise_kernel(root, out, View.contiguous(root.shape))
+        _dispatch(_name("E", root), src, bindings, n_wg, params)
     elif core.is_reduce:
         _emit_reduce(core, root, out)
     else:
@@ -85,8 +85,8 @@ def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
     n_out = prod(core.shape)
     inner_contig = src_view.strides[axes[-1]] == 1 if axes else True
     if rlen < SPLIT_MIN_LEN or n_out > 64 or not inner_contig:
-        src, bindings, n_wg = reduce_kernel(core, root, out, subgroups)
-        _dispatch(_name("R", root, core), src, bindings, n_wg)
+        src, bindings, n_wg, params = reduce_kernel(core, root, out, subgroups)
+        _dispatch(_name("R", root, core), src, bindings, n_wg, params)
         return
     C = min(-(-rlen // SPLIT_CHUNK), 1024)
     CH = -(-rlen // C)
@@ -96,8 +96,8 @@ def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
     pd = {dt.float16: dt.float32, dt.bool_: dt.int32}.get(pd, pd)
     P = Buffer(4 * n_out * C)
     I = Buffer(4 * n_out * C) if is_arg else None
-    src, bindings, n_wg = reduce_kernel(core, core, None, subgroups, split=(C, CH, P, I))
-    _dispatch(_name("R1", core, core), src, bindings, n_wg)
+    src, bindings, n_wg, params = reduce_kernel(core, core, None, subgroups, split=(C, CH, P, I))
+    _dispatch(_name("R1", core, core), src, bindings, n_wg, params)
     # stage 2: the same reduction over P viewed with the first reduced axis of length C
     strides = [0] * len(core.shape)
     cs = View.contiguous(core.shape).strides
@@ -111,8 +111,8 @@ def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
     pnode = buffer_node(P, (n_out * C,), pd)
     inode = (buffer_node(I, (n_out * C,), dt.int32), pview) if is_arg else None
     red2 = Node(core.op, ((pnode, pview),), core.dtype, core.shape, arg=(axes[0],))
-    src, bindings, n_wg = reduce_kernel(red2, root, out, subgroups, index_src=inode, core_node=core)
-    _dispatch(_name("R2", root, core), src, bindings, n_wg)
+    src, bindings, n_wg, params = reduce_kernel(red2, root, out, subgroups, index_src=inode, core_node=core)
+    _dispatch(_name("R2", root, core), src, bindings, n_wg, params)
 
 
 def _const_bytes(value, d: dt.DType) -> bytes:
@@ -124,9 +124,9 @@ def _const_bytes(value, d: dt.DType) -> bytes:
     return np.array([value], d.np_dtype).tobytes()
 
 
-def _dispatch(name: str, src: str, bindings, n_wg: int) -> None:
+def _dispatch(name: str, src: str, bindings, n_wg: int, params=()) -> None:
     access = {"read": "read", "rw": "rw", "atomic": "rw"}
-    dispatch(name, src, [(buf, access[a]) for buf, a, _, _ in bindings], grid_for(n_wg))
+    dispatch(name, src, [(buf, access[a]) for buf, a, _, _ in bindings], grid_for(n_wg), params)
 
 
 def _name(prefix: str, root: Node, core: Optional[Node] = None) -> str:
@@ -353,8 +353,8 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     if root.numel:
         kernel.emit(out, operands, epilogue)
     root.set_buffer(out)
-    if root is not node:
-        node.srcs = ()
+    # a core fused into root's store keeps its sources: if another path still reaches it (a
+    # view of it read after root realized), it is recomputed, never run without operands
 
 
 def _depends_on(n: Node, target: Node) -> bool:
@@ -390,8 +390,8 @@ def assign(target: Node, view: View, value: Node, value_view: View) -> None:
         root = Node(Op.CAST, ((tmp, View.contiguous(view.shape)),), target.dtype, view.shape)
     core, root = _plan(root)
     assert core is None
-    src, bindings, n_wg = elementwise_kernel(root, target.buffer, view)
-    _dispatch("E_assign", src, bindings, n_wg)
+    src, bindings, n_wg, params = elementwise_kernel(root, target.buffer, view)
+    _dispatch("E_assign", src, bindings, n_wg, params)
 
 
 def _reads_buffer(n: Node, buf) -> bool:

@@ -114,12 +114,29 @@ def _load4_fn(fn: str, rd: Reader, op: Operand, D: int) -> str:
     return f"fn {fn}(base: u32, d4: u32) -> vec4<f32> {{ return vec4<f32>({', '.join(comps)}); }}\n"
 
 
+class KVParam:
+    """A key length passed as a runtime parameter (the kernel's uniform, bound after its storage
+    bindings): a cache read as `cache[:, :pos + T]` keeps one pipeline for every length, and
+    under tg.capture the length may be a step variable re-evaluated per replay."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+
+_TGP = "@TGP_BINDING@"
+
+
 def _params_wgsl(kv_len, q_pos0, sq: int, sk_max: int, first_binding: int) -> tuple:
     """Declarations and WGSL expressions for the KV length and q_pos0 (constants, or storage
     reads so one pipeline serves every decode step); returns (decls, kvl_expr, qp0_expr, buffers)."""
     decls, bufs = "", []
     b = first_binding
-    if isinstance(kv_len, Buffer):
+    if isinstance(kv_len, KVParam):
+        decls += f"@group(0) @binding({_TGP}) var<uniform> tgp: array<vec4<u32>, 1>;\n"
+        kvl = f"min(tgp[0].x, {sk_max}u)"
+    elif isinstance(kv_len, Buffer):
         decls += f"@group(0) @binding({b}) var<storage, read> kvlen_buf: array<i32>;\n"
         kvl = f"min(u32(max(kvlen_buf[0], 0)), {sk_max}u)"
         bufs.append(kv_len)
@@ -696,7 +713,12 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
         raise ValueError(f"attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in length")
     if out_layout not in ("bsd", "sbd"):
         raise ValueError(f"attention: out_layout must be 'bsd' or 'sbd', got {out_layout!r}")
-    if isinstance(kv_len, Buffer):
+    params = ()
+    if isinstance(kv_len, KVParam):
+        if not 0 <= kv_len.value <= sk_max:
+            raise ValueError(f"attention: kv_len={int(kv_len.value)} outside [0, sk_max={sk_max}] (k_cache shape {tuple(k_cache.shape)})")
+        params = ((kv_len.value, "u32"),)
+    elif isinstance(kv_len, Buffer):
         if kv_len.nbytes < 4:
             raise ValueError("attention: kv_len buffer must hold one int32")
     else:
@@ -722,13 +744,14 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
         src, binds = _main_source(p, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
         name = f"attention[{B}x{sq}x{sk_max}x{D}]"
     n_wg = B * p.NQT * p.NSPLIT
+    src = src.replace(_TGP, str(len(binds) + (1 if p.NSPLIT == 1 else 2)))
     if p.NSPLIT == 1:
-        dispatch(name, src, binds + [(out, "rw")], grid_for(n_wg))
+        dispatch(name, src, binds + [(out, "rw")], grid_for(n_wg), params)
         return
     rows = B * sq
     part_o = _scratch_buffer("part_o", rows * p.NSPLIT * p.D4 * 16)
     part_ml = _scratch_buffer("part_ml", rows * p.NSPLIT * 8)
-    dispatch(name, src, binds + [(part_o, "rw"), (part_ml, "rw")], grid_for(n_wg))
+    dispatch(name, src, binds + [(part_o, "rw"), (part_ml, "rw")], grid_for(n_wg), params)
     dispatch(f"attention_combine[{B}x{sq}x{D}]", _combine_source(p, B, sq, D, out_layout),
              [(part_o, "read"), (part_ml, "read"), (out, "rw")], grid_for(rows))
 
