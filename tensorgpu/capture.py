@@ -4,8 +4,10 @@ The first call with a given input signature runs the function normally while rec
 dispatch (pipeline + cached bind group + grid). Later calls skip graph building, fusion and
 codegen entirely: new inputs are written into the traced input buffers (host data with one
 `write_buffer`, device tensors with one small copy kernel) and the recorded dispatches are
-queued again. Python scalars (a position, a length) become one-element tensors, so one
-capture serves every decode step. Returned tensors alias the capture's output buffers: their
+queued again. Python ints are step variables: fn sees them as `SymInt`s (symbolic.py), and
+every offset, slice bound or scalar computed from them is a kernel parameter re-evaluated per
+replay, so one capture serves every decode position. Python floats become float32 [1]
+tensors. Returned tensors alias the capture's output buffers: their
 values are those of the latest call (like CUDA graphs' static outputs).
 """
 from __future__ import annotations
@@ -17,8 +19,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from . import dtypes as dt
-from . import runtime
+from . import params, runtime, symbolic
 from .runtime import STATS
+from .symbolic import Var
+
+# Traces kept per input signature when an int argument was used in a way a kernel parameter
+# cannot follow (a product of two step variables, a hand-written kernel's baked offset): each
+# value then has its own trace.
+MAX_SPECIALIZED = 8
 from .tensor import Tensor
 
 
@@ -68,7 +76,7 @@ def _signature(args) -> tuple:
         elif isinstance(a, (bool, np.bool_)):
             sig.append(("const", bool(a)))
         elif isinstance(a, numbers.Integral):
-            sig.append(("scalar", "int"))
+            sig.append(("var", "int"))
         elif isinstance(a, numbers.Real):
             sig.append(("scalar", "float"))
         else:
@@ -77,10 +85,14 @@ def _signature(args) -> tuple:
 
 
 class _Trace:
-    def __init__(self, slots, dispatches, outputs, arena):
+    def __init__(self, slots, dispatches, outputs, arena, block=None, guards=(), specialized=()):
         self.slots, self.dispatches, self.outputs, self.arena = slots, dispatches, outputs, arena
         self.ids = frozenset(id(b) for d in dispatches for b in d.buffers)
         self.writes = frozenset(i for d in dispatches for i in d.writes)
+        self.block = block if block is not None and block.programs else None   # params.ParamBlock
+        self.param_ids = frozenset(id(b) for b in block.bindings) if self.block is not None else frozenset()
+        self.guards = guards            # (SymInt, lo, hi, what): bounds every replay re-checks
+        self.specialized = specialized  # indices of int arguments this trace was specialized to
 
     def __del__(self):
         try:
@@ -119,15 +131,39 @@ class Captured:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args):
-        key = _signature(args)
-        tr = self.traces.get(key)
-        if tr is None:
+        sig = _signature(args)
+        entry = self.traces.get(sig)
+        key = None
+        if entry is not None:
+            spec, by_value = entry
+            key = tuple(int(args[i]) for i in spec)
+            tr = by_value.get(key)
+        if entry is None or tr is None:
             tr = self._trace(args)
-            self.traces[key] = tr
+            if entry is None:
+                entry = self.traces[sig] = (tr.specialized, {})
+            key = tuple(int(args[i]) for i in entry[0])
+            by_value = entry[1]
+            by_value[key] = tr
+            while len(by_value) > MAX_SPECIALIZED:     # values a non-affine use specialized on
+                del by_value[next(iter(by_value))]
             STATS["captures_traced"] += 1
             return tr.outputs
+        values = {}
         for slot, a in zip(tr.slots, args):
-            if slot is not None:
+            if slot is not None and slot.kind == "var":
+                values[slot.var] = int(a)
+        for expr, lo, hi, what in tr.guards:
+            x = expr.evaluate(values)
+            if not lo <= x <= hi:
+                raise IndexError(f"tg.capture replay: {what}: {x} is outside [{lo}, {hi}] "
+                                 f"(step variables {', '.join(f'{v.name}={n}' for v, n in values.items())})")
+        if tr.block is not None:
+            if not runtime._pending_ids.isdisjoint(tr.param_ids):
+                runtime.flush()     # the last replay's kernels read the old values: submit them first
+            tr.block.update(values)
+        for slot, a in zip(tr.slots, args):
+            if slot is not None and slot.kind != "var":
                 slot.load(a)
         k = self.submit_every
         if k and len(tr.dispatches) > k:
@@ -147,6 +183,10 @@ class Captured:
         runtime._arenas.append(arena)
         saved_bound = runtime._bound_in_trace[0]
         runtime._bound_in_trace[0] = weakref.WeakSet()
+        block = params.ParamBlock(runtime.get_device().device)
+        params._blocks.append(block)
+        guards: list = []
+        saved_guards = symbolic.set_guards(guards)
         try:
             slots, call_args = self._slots(args)
             recorded: list = []
@@ -164,12 +204,17 @@ class Captured:
         except BaseException:
             runtime._arenas.remove(arena)
             runtime._bound_in_trace[0] = saved_bound
+            params._blocks.remove(block)
+            symbolic.set_guards(saved_guards)
             arena.release()
             raise
         runtime._arenas.remove(arena)
         runtime._bound_in_trace[0] = saved_bound
+        params._blocks.remove(block)
+        symbolic.set_guards(saved_guards)
         arena.close()
-        return _Trace(slots, [r.replayable() for r in recorded], out, arena)
+        specialized = tuple(i for i, s in enumerate(slots) if s is not None and s.kind == "var" and s.var.specialized)
+        return _Trace(slots, [r.replayable() for r in recorded], out, arena, block, tuple(guards), specialized)
 
     @staticmethod
     def _slots(args) -> tuple:
@@ -182,9 +227,15 @@ class Captured:
             elif isinstance(a, np.ndarray):
                 t = Tensor.from_buffer(runtime.Buffer(max(a.nbytes, 4)), a.shape, dt.from_numpy(a.dtype))
                 slot = _Slot("array", t)
+            elif isinstance(a, numbers.Integral) and not isinstance(a, (bool, np.bool_)):
+                # a step variable: fn sees an int (a SymInt) whose uses become kernel parameters
+                slot = _Slot("var", None)
+                slot.var = Var(f"arg{len(slots)}", -2**31, 2**31 - 1)
+                slots.append(slot)
+                call_args.append(slot.var.bind(int(a)))
+                continue
             elif isinstance(a, numbers.Real) and not isinstance(a, (bool, np.bool_)):
-                d = dt.int32 if isinstance(a, numbers.Integral) else dt.float32
-                t = Tensor.from_buffer(runtime.Buffer(4), (1,), d)
+                t = Tensor.from_buffer(runtime.Buffer(4), (1,), dt.float32)
                 slot = _Slot("scalar", t)
             else:
                 slots.append(None)

@@ -371,7 +371,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         srcs.append(kv_len if kv_len.node.buffer is not None else kv_len.contiguous())
     B = q3.shape[0]
     shape = (B, sq, d) if out_layout == "bsd" else (sq, B, d)
-    kern = AttentionKernel(causal, scale, None if kv_len is not None else static(sk), out_layout, kv_runtime)
+    kern = AttentionKernel(causal, scale, None if kv_len is not None or kv_runtime is not None else static(sk),
+                           out_layout, kv_runtime)
     out = _custom(kern, srcs, shape)
     if out_layout == "bsd":
         return out.reshape(batch + (sq, d))

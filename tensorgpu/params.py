@@ -63,6 +63,7 @@ class ParamBlock:
         self.device = device
         self.buffers: list = []      # GPU buffers of BLOCK_SLOTS slots each
         self.programs: list = []     # per slot: the (value, ct) list to re-evaluate
+        self.bindings: list = []     # the ParamBindings handed out (kept alive with the trace)
 
     def slot(self, values: Sequence[tuple]) -> ParamBinding:
         i = len(self.programs)
@@ -74,7 +75,9 @@ class ParamBlock:
         buf = self.buffers[-1]
         off = (i % BLOCK_SLOTS) * SLOT
         self.device.queue.write_buffer(buf, off, data)
-        return ParamBinding(buf, off, len(data))
+        b = ParamBinding(buf, off, len(data))
+        self.bindings.append(b)
+        return b
 
     def update(self, bindings: Mapping) -> None:
         """Re-evaluate every slot for new variable values: one write per 64 KiB buffer."""

@@ -16,6 +16,7 @@ from . import dtypes as dt
 from . import runtime
 from .graph import Node, buffer_node, const_node
 from .ops import BINARY, UNARY, Op, binary_operand_type, binary_result, unary_result
+from .symbolic import guard, is_symbolic, static
 from .view import View
 
 Scalar = Union[int, float, bool]
@@ -514,16 +515,17 @@ class Tensor:
                 v = v.unsqueeze(axis)
                 axis += 1
             elif isinstance(i, slice):
-                start, stop, step = i.indices(v.shape[axis])
+                start, stop, step = _slice_bounds(i, v.shape[axis], axis, self.shape)
                 if step == 0:
                     raise ValueError("slice step cannot be zero")
                 v = v.slice(axis, start, stop, step)
                 axis += 1
             elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
                 n = v.shape[axis]
-                if not -n <= i < n:
+                if not -n <= i < n or (is_symbolic(i) and i < 0):
                     raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n} (shape {self.shape})")
-                v = v.index(axis, int(i) % n)
+                guard(i, 0, n - 1, f"index along axis {axis} of a tensor of shape {self.shape}")
+                v = v.index(axis, i if is_symbolic(i) else int(i) % n)
             else:
                 raise TypeError(f"unsupported index {i!r} of type {type(i).__name__}")
         return v
@@ -584,6 +586,35 @@ class Tensor:
         return self.split(max(size, 1), ax)
 
 
+def _slice_bounds(i: slice, n: int, axis: int, shape: tuple) -> tuple:
+    """slice.indices(n), except that a step variable (SymInt) start/stop stays symbolic. A
+    symbolic bound must lie in [0, n] (no negative or clamped values: a replay could not follow
+    them); the capture re-checks that on every replay."""
+    if not any(is_symbolic(x) for x in (i.start, i.stop, i.step)):
+        return i.indices(n)
+    if i.step is not None and static(i.step) != 1:
+        return slice(static(i.start) if i.start is not None else None,
+                     static(i.stop) if i.stop is not None else None, static(i.step)).indices(n)
+    start = 0 if i.start is None else i.start
+    stop = n if i.stop is None else i.stop
+    out = []
+    for name, x in (("start", start), ("stop", stop)):
+        if is_symbolic(x):
+            if not 0 <= x <= n:
+                raise IndexError(f"slice {name} {int(x)} (a step variable) is outside [0, {n}] on axis {axis} "
+                                 f"of a tensor of shape {shape}")
+            guard(x, 0, n, f"slice {name} on axis {axis} of a tensor of shape {shape}")
+        else:
+            x = slice(x, None).indices(n)[0] if name == "start" else slice(None, x).indices(n)[1]
+        out.append(x)
+    start, stop = out
+    if stop < start:
+        raise IndexError(f"slice [{int(start)}:{int(stop)}] with a step variable is empty-reversed on axis {axis} "
+                         f"of a tensor of shape {shape}")
+    guard(stop - start, 0, n, f"slice length on axis {axis} of a tensor of shape {shape}")
+    return start, stop, 1
+
+
 def _check_fits(shape: tuple, d: dt.DType, what: str = "result") -> None:
     """A kernel binds a whole tensor: refuse one over the device's storage-binding limit."""
     if d.is_quant:
@@ -601,6 +632,8 @@ def _owns(view: View) -> bool:
 
 
 def _cast_scalar(value, d: dt.DType):
+    if is_symbolic(value) and d is not dt.bool_ and d is not dt.float16:
+        return value     # a step variable stays one: codegen passes it as a kernel parameter
     if d is dt.bool_:
         return bool(value)
     if d.kind in ("int", "uint"):
@@ -612,7 +645,8 @@ def _cast_scalar(value, d: dt.DType):
 
 def _const_value(t: "Tensor") -> np.ndarray:
     """The value of a constant tensor as a 0-d NumPy array of its dtype."""
-    return np.asarray(t.node.arg).astype(t.dtype.np_dtype) if t.dtype is not dt.bool_ else np.asarray(bool(t.node.arg))
+    v = static(t.node.arg)   # folded on the host: a step variable specializes the capture
+    return np.asarray(v).astype(t.dtype.np_dtype) if t.dtype is not dt.bool_ else np.asarray(bool(v))
 
 
 def _np_scalar(a: np.ndarray, d: dt.DType):
@@ -645,7 +679,7 @@ def _as_operand(x, like: dt.DType) -> Tensor:
         lo, hi = (0, 2**32) if d is dt.uint32 else (-2**31, 2**31)
         if d.kind in ("int", "uint") and not lo <= x < hi:
             raise OverflowError(f"Python integer {x} out of bounds for {d.name} (operand of a {like.name} tensor)")
-        return Tensor.const(_cast_scalar(int(x), d), d)
+        return Tensor.const(_cast_scalar(x if is_symbolic(x) else int(x), d), d)
     if isinstance(x, numbers.Real):
         d = like if like.is_float else dt.float32
         return Tensor.const(_cast_scalar(float(x), d), d)
@@ -662,6 +696,10 @@ def tensor(data, dtype=None) -> Tensor:
         return data.astype(dtype) if dtype is not None else data
     if isinstance(data, (bool, np.bool_)):
         a = np.array(data)
+    elif is_symbolic(data):
+        # a step variable: computed on the GPU from a kernel parameter, so a capture replays it
+        d = dt.as_dtype(dtype) if dtype is not None else dt.int32
+        return Tensor.const(_cast_scalar(data, d), d).contiguous()
     elif isinstance(data, numbers.Integral) and dtype is None:
         a = np.array(data, np.int32) if -2**31 <= data < 2**31 else np.array(data)
     elif isinstance(data, numbers.Real) and dtype is None:
@@ -724,6 +762,12 @@ def arange(start, stop=None, step=1, dtype=None) -> Tensor:
         start, stop = 0, start
     if step == 0:
         raise ValueError("arange step must not be zero")
+    if any(is_symbolic(x) for x in (start, stop, step)):
+        # arange(pos, pos + T): T values uploaded once, plus `start` as a kernel parameter, so a
+        # captured step replays it for every position (T itself must not depend on the variable)
+        n = static(stop - start) if step == 1 else static(-(-(stop - start) // static(step)))
+        base = Tensor.from_numpy(np.arange(0, n * static(step), static(step)), dtype or dt.int32)
+        return (base + start).astype(dtype or dt.int32) if n > 0 else base
     a = np.arange(start, stop, step)
     if dtype is None:
         dtype = dt.int32 if a.dtype.kind in "iu" else dt.float32
