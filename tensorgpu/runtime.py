@@ -440,6 +440,22 @@ class Dispatch:
             self.raw = (self.pipe.pipeline._internal, self.bind_group._internal) + tuple(self.grid)
 
 
+@dataclass
+class ScheduledKernel:
+    """One kernel launch the scheduler planned: what `dispatch` will be called with."""
+    name: str
+    wgsl: str
+    bindings: tuple      # (Buffer, "read" | "rw") in @binding order
+    grid: tuple
+    params: tuple = ()   # (value, compute type): the kernel's parameter uniform
+
+    def __repr__(self):
+        n = sum(1 for _ in self.bindings)
+        p = f", {len(self.params)} params" if self.params else ""
+        return f"{self.name} grid={self.grid} buffers={n}{p}"
+
+
+_collectors: list = []  # schedule.py: the kernel lists being planned (innermost last; None = run)
 _pending: list = []
 _pending_ids: set = set()
 SUBMIT_EVERY = int(os.environ.get("TENSORGPU_SUBMIT_EVERY", "64"))
@@ -455,6 +471,10 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple, param
     params: (value, "f32" | "i32" | "u32") runtime values the kernel reads from the uniform
     bound after the storage bindings (tensorgpu/params.py); values may be step variables.
     """
+    if _collectors and _collectors[-1] is not None:
+        # the scheduler is planning: record the launch, run nothing (schedule.Schedule.run)
+        _collectors[-1].append(ScheduledKernel(name, wgsl, tuple(bindings), tuple(grid), tuple(params)))
+        return None
     if params:
         from .params import binding_for
         bindings = list(bindings) + [(binding_for(get_device().device, params), "uniform")]

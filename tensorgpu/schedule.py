@@ -22,26 +22,102 @@ from . import dtypes as dt
 from .codegen import GraphEpilogue, elementwise_kernel, reduce_kernel
 from .graph import CustomKernel, Node, buffer_node
 from .ops import Op
+from . import runtime
 from .runtime import Buffer, dispatch, get_device, grid_for, upload
 from .view import View
 
 
+class Schedule(list):
+    """The kernels realizing a graph, in order: planned first (`schedule`), run afterwards
+    (`run`). Each item is a runtime.ScheduledKernel (name, WGSL, bindings, grid, params);
+    printing a Schedule lists them."""
+
+    def __str__(self):
+        return "\n".join(f"{i:3d}  {k!r}" for i, k in enumerate(self)) or "(no kernels)"
+
+    def run(self) -> None:
+        """Queue every kernel (compiling pipelines the first time a source is seen)."""
+        for k in self:
+            dispatch(k.name, k.wgsl, k.bindings, k.grid, k.params)
+
+
+def schedule(node: Node) -> Schedule:
+    """Plan the kernels that give `node` (and the unrealized graph under it) its buffer, without
+    running any: graph rewrites (rewrites.py), then fusion. The nodes get their buffers now; the
+    kernels that fill them must be run (`Schedule.run`) before anything reads them, which
+    `realize` does at once."""
+    out = Schedule()
+    if node.buffer is not None:
+        return out
+    runtime._collectors.append(out)
+    try:
+        _schedule(node)
+    finally:
+        runtime._collectors.pop()
+    return out
+
+
 def realize(node: Node) -> None:
-    """Make sure `node` has a buffer, queueing whatever kernels that takes."""
+    """Make sure `node` has a buffer: schedule, then run the schedule. Kernels planned before an
+    exception (an interrupt while planning) still run, so every node that got a buffer holds
+    its value."""
+    if node.buffer is not None:
+        return
+    if runtime._collectors and runtime._collectors[-1] is not None:
+        _schedule(node)      # inside a schedule being planned: plan into it
+        return
+    out = Schedule()
+    runtime._collectors.append(out)
+    try:
+        _schedule(node)
+    finally:
+        runtime._collectors.pop()
+        out.run()
+
+
+def _schedule(node: Node) -> None:
     if node.buffer is not None:
         return
     if _depth[0] == 0:
         # only the outermost realize bounds the graph depth: nested realizes work inside a
         # graph already cut, and re-walking it at every level was quadratic in model size
         _depth[0] += 1
+        saved = _graph_consumers[0]
         try:
             if node.op is not Op.CONST:
+                from .rewrites import rewrite
+                rewrite(node)
+                _graph_consumers[0] = _count_consumers(node)
                 _cut_deep(node)
             _realize(node)
         finally:
             _depth[0] -= 1
+            _graph_consumers[0] = saved
         return
     _realize(node)
+
+
+# How many reads each unrealized node has inside the graph being realized (not how many nodes
+# were ever built on it, nor whether a Python variable still holds it): what decides whether
+# a core fuses into its consumer. A fused node keeps its sources, so a tensor read again
+# later is recomputed (call .realize() on it to keep it instead).
+_graph_consumers: list = [None]
+
+
+def _count_consumers(root: Node) -> dict:
+    counts: dict = {}
+    seen = {id(root)}
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        for m, _ in n.srcs:
+            if m.buffer is not None or m.op is Op.CONST:
+                continue
+            counts[id(m)] = counts.get(id(m), 0) + 1
+            if id(m) not in seen:
+                seen.add(id(m))
+                stack.append(m)
+    return counts
 
 
 _depth = [0]
@@ -155,7 +231,9 @@ def _same_linear(view: View, m: Node) -> bool:
 
 
 def _eligible_core(m: Node, view: View, root: Node) -> bool:
-    if m.consumers != 1 or m.tensors != 0:
+    counts = _graph_consumers[0]
+    n_reads = counts.get(id(m), m.consumers) if counts is not None else m.consumers
+    if n_reads != 1:
         return False
     if m.is_reduce:
         return _same_linear(view, m) and m.numel == root.numel
