@@ -5,6 +5,7 @@ codegen.py/runtime.py run them.
 """
 from __future__ import annotations
 
+import itertools
 import weakref
 from math import prod
 from typing import Any, Optional
@@ -14,10 +15,17 @@ from .ops import Op
 from .view import View
 
 
+_seq = itertools.count()
+_NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
+                              Op.ASSIGN, Op.AFTER))
+
+
 class Node:
-    __slots__ = ("op", "srcs", "dtype", "shape", "arg", "buffer", "consumers", "tensors", "readers", "__weakref__")
+    __slots__ = ("op", "srcs", "dtype", "shape", "arg", "buffer", "consumers", "tensors", "readers", "seq",
+                 "__weakref__")
 
     def __init__(self, op: Op, srcs: tuple, dtype: dt.DType, shape: tuple, arg: Any = None, buffer=None):
+        self.seq = next(_seq)       # creation order: which in-place writes a read comes after
         self.op = op
         self.srcs = srcs            # tuple of (Node, View); View.shape is this node's shape for elementwise
         self.dtype = dtype
@@ -44,7 +52,7 @@ class Node:
 
     @property
     def is_elementwise(self) -> bool:
-        return self.op not in (Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM)
+        return self.op not in _NOT_ELEMENTWISE
 
     @property
     def is_reduce(self) -> bool:

@@ -12,6 +12,7 @@ from typing import Optional
 from . import dtypes as dt
 from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
 from .graph import CustomKernel
+from .ops import Op
 from .tensor import Tensor, tensor
 from .symbolic import is_symbolic, static
 from .view import View
@@ -274,6 +275,7 @@ def rope_kv_write(qkv: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tens
     if three != 3:
         raise ValueError(f"rope_kv_write: qkv must be [seq, 3, n_heads, head_dim], got {qkv.shape}")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        _written_in_place(c)
         if c.ndim != 3 or c.shape[0] != n_heads or c.shape[2] != head_dim or c.node.buffer is None:
             raise ValueError(f"rope_kv_write: {name} must be a realized [n_heads={n_heads}, max_ctx, head_dim={head_dim}] tensor, got {c.shape}")
         if not c.view.is_identity(c.node.shape):
@@ -406,7 +408,15 @@ class SampleKernel(CustomKernel):
           append=self.append)
 
 
+def _written_in_place(t: Tensor) -> Tensor:
+    """A tensor a hand-written kernel writes in place: its pending in-place writes run first."""
+    if t.node.buffer is None and t.node.op in (Op.ASSIGN, Op.AFTER):
+        t.realize()
+    return t
+
+
 def _whole(t: Tensor, name: str) -> Tensor:
+    _written_in_place(t)
     if t.node.buffer is None or not t.view.is_identity(t.node.shape):
         raise ValueError(f"sample: {name} must be a whole realized tensor (it is read and written in place)")
     return t

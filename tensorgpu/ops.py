@@ -36,6 +36,10 @@ class Op(Enum):
     SUM = auto(); RMAX = auto(); RMIN = auto(); ARGMAX = auto(); ARGMIN = auto()
     # hand-written kernels (matmul, softmax, attention, ...)
     CUSTOM = auto()
+    # in-place: write srcs[1] into srcs[0]'s buffer through the View in arg (`t[idx] = v`)
+    ASSIGN = auto()
+    # srcs[0]'s buffer once srcs[1] is realized (a write another kernel did: rewrites.py)
+    AFTER = auto()
 
 
 def _erf_np(x):

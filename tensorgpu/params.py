@@ -13,6 +13,7 @@ every `x * 0.7`); in a uniform, one compiled kernel serves them all.
 """
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 from collections import OrderedDict
@@ -22,6 +23,7 @@ import wgpu
 
 from .symbolic import SymInt, evaluate
 
+_uids = itertools.count()
 SLOT = 256                 # bytes per slot: WebGPU's minUniformBufferOffsetAlignment upper bound
 BLOCK_SLOTS = 256          # slots per ParamBlock buffer (64 KiB, the uniform binding limit)
 MAX_SHARED = 4096          # distinct immutable parameter lists kept (LRU)
@@ -30,11 +32,14 @@ MAX_SHARED = 4096          # distinct immutable parameter lists kept (LRU)
 class ParamBinding:
     """A uniform binding: `size` bytes at `offset` of the GPU buffer `gpu` (what _bind_group binds)."""
 
-    __slots__ = ("gpu", "offset", "size", "capacity", "nbytes", "__weakref__")
+    __slots__ = ("gpu", "offset", "size", "capacity", "nbytes", "uid", "__weakref__")
 
     def __init__(self, gpu, offset: int, size: int):
         self.gpu, self.offset, self.size = gpu, offset, size
         self.capacity = self.nbytes = size
+        # bind groups are cached by what they bind; these GPU buffers are freed (LRU eviction,
+        # a trace dropped), so a Python id could come back for a new buffer: a serial never does
+        self.uid = ("param", next(_uids))
 
 
 def pack(values: Sequence[tuple], bindings: Optional[Mapping] = None) -> bytes:

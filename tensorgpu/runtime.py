@@ -11,6 +11,7 @@ submit so the pool never hands them out early.
 from __future__ import annotations
 
 import heapq
+import itertools
 import os
 import time
 import weakref
@@ -273,9 +274,11 @@ def untraced():
     life of a weight): not recorded, not logged, and its buffers come from the global pool."""
     saved = (list(_recorders), list(_kernel_logs), list(_arenas))
     del _recorders[:], _kernel_logs[:], _arenas[:]
+    _collectors.append(None)     # dispatched now, not into the schedule being planned
     try:
         yield
     finally:
+        _collectors.pop()
         _recorders[:], _kernel_logs[:], _arenas[:] = saved
 
 
@@ -345,12 +348,17 @@ def write(buf: Buffer, data, offset: int = 0) -> None:
 # ----------------------------------------------------------------------------- pipelines
 
 
+_pipeline_uids = itertools.count()
+
+
 @dataclass
 class Pipeline:
     pipeline: object
     layout: object
     wgsl: str
     name: str
+    # what bind groups are cached under: a serial, never a Python id a later pipeline could reuse
+    uid: int = field(default_factory=lambda: next(_pipeline_uids))
 
 
 _pipelines: dict = {}
@@ -383,7 +391,7 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
 
 
 def _bind_group(p: Pipeline, buffers: Sequence[Buffer]):
-    key = (id(p), tuple(id(b.gpu) for b in buffers), tuple(b.capacity for b in buffers),
+    key = (p.uid, tuple(getattr(b, "uid", None) or id(b.gpu) for b in buffers), tuple(b.capacity for b in buffers),
            tuple(getattr(b, "offset", 0) for b in buffers))
     bg = _bind_groups.get(key)
     if bg is None:

@@ -15,6 +15,8 @@ Rules (see ARCHITECTURE.md):
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from math import prod
 from typing import Optional
 
@@ -66,6 +68,7 @@ def realize(node: Node) -> None:
     if runtime._collectors and runtime._collectors[-1] is not None:
         _schedule(node)      # inside a schedule being planned: plan into it
         return
+
     out = Schedule()
     runtime._collectors.append(out)
     try:
@@ -113,7 +116,8 @@ def _count_consumers(root: Node) -> dict:
         for m, _ in n.srcs:
             if m.buffer is not None or m.op is Op.CONST:
                 continue
-            counts[id(m)] = counts.get(id(m), 0) + 1
+            c = counts.get(id(m))
+            counts[id(m)] = (m, c[1] + 1) if c else (m, 1)   # the node is kept: ids stay unique
             if id(m) not in seen:
                 seen.add(id(m))
                 stack.append(m)
@@ -132,6 +136,15 @@ def _realize(node: Node) -> None:
         return
     if node.op is Op.CUSTOM:
         _emit_custom(node, node, None)
+        return
+    if node.op is Op.ASSIGN:
+        _emit_assign(node)
+        return
+    if node.op is Op.AFTER:
+        target, dep = node.srcs[0][0], node.srcs[1][0]
+        realize(dep)
+        realize(target)
+        _done_writing(node, _base_buffer(target))
         return
     core, root = _plan(node)
     out = Buffer(max(node.dtype.nbytes(node.numel), 4))
@@ -232,7 +245,8 @@ def _same_linear(view: View, m: Node) -> bool:
 
 def _eligible_core(m: Node, view: View, root: Node) -> bool:
     counts = _graph_consumers[0]
-    n_reads = counts.get(id(m), m.consumers) if counts is not None else m.consumers
+    c = counts.get(id(m)) if counts is not None else None
+    n_reads = c[1] if c is not None and c[0] is m else m.consumers
     if n_reads != 1:
         return False
     if m.is_reduce:
@@ -318,6 +332,8 @@ def _plan_once(root: Node, limit: int):
             memo[key] = mine
             for m, v in n.srcs:
                 if m.buffer is not None:
+                    if m.buffer in _pending_writes:
+                        writes_before(m.buffer, n.seq)
                     mine.add(id(m.buffer))
                     continue
                 if m.op is Op.CONST:
@@ -420,6 +436,8 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     operands = []
     for i, (m, v) in enumerate(node.srcs):
         realize(m)
+        if m.buffer in _pending_writes:
+            writes_before(m.buffer, node.seq)
         if i in kernel.contiguous_srcs and not v.is_contiguous:
             c = Node(Op.CAST, ((m, v),), m.dtype, v.shape)  # identity cast = contiguous copy
             realize(c)
@@ -449,27 +467,93 @@ def _depends_on(n: Node, target: Node) -> bool:
     return False
 
 
-def assign(target: Node, view: View, value: Node, value_view: View) -> None:
-    """Write `value` (read through value_view, already broadcast to view.shape) into the
-    realized node `target` through `view`: the in-place `t[idx] = v`."""
-    assert target.buffer is not None
-    # pending lazy readers of the old contents must see them: realize them first
-    if target.readers:
-        for r in list(target.readers):
-            if r.buffer is None:
-                realize(r)
-    if prod(view.shape) == 0:
+def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
+    """The in-place `t[idx] = v`, lazily: a node that writes `value` (read through value_view,
+    already broadcast to view.shape) into target's buffer through `view`, and stands for the
+    written tensor. It runs when something reads that memory, after every lazy read that was
+    built before it (creation order, `Node.seq`). Rules (rewrites.py) may fold it into another
+    kernel, such as the decode attention that writes the cache row it reads."""
+    n = Node(Op.ASSIGN, ((target, View.contiguous(target.shape)), (value, value_view)), target.dtype,
+             target.shape, arg=view)
+    buf = _base_buffer(n)
+    with _writes_lock:
+        _pending_writes.setdefault(buf, []).append(n)
+    return n
+
+
+def _base_buffer(n: Node):
+    """The Buffer an ASSIGN chain ends up writing (the realized node at its root)."""
+    while n.buffer is None and n.op in (Op.ASSIGN, Op.AFTER):
+        n = n.srcs[0][0]
+    assert n.buffer is not None, f"in-place write into an unrealized {n}"
+    return n.buffer
+
+
+# Buffer -> ASSIGN nodes not yet run that write it (in creation order). Held strongly: a write
+# must happen even when the Tensor that issued it is gone (another view may read the memory).
+_pending_writes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_writes_lock = threading.Lock()
+
+
+def writes_before(buf, seq: float) -> None:
+    """Run every pending in-place write into `buf` that was issued before creation order `seq`
+    (what a read built at `seq`, or a readback now with seq=inf, must see)."""
+    lst = _pending_writes.get(buf)
+    if not lst:
         return
-    root = Node(Op.CAST, ((value, value_view),), target.dtype, view.shape)
-    if _reads_buffer(root, target.buffer):
-        realize(value) if value.buffer is None else None
-        tmp = Node(Op.CAST, ((value, value_view),), value.dtype, view.shape)
-        realize(tmp)
-        root = Node(Op.CAST, ((tmp, View.contiguous(view.shape)),), target.dtype, view.shape)
-    core, root = _plan(root)
-    assert core is None
-    src, bindings, n_wg, params = elementwise_kernel(root, target.buffer, view)
-    _dispatch("E_assign", src, bindings, n_wg, params)
+    for w in list(lst):
+        if w.buffer is None and w.seq < seq:
+            realize(w)
+
+
+def _emit_assign(node: Node) -> None:
+    target, _ = node.srcs[0]
+    value, value_view = node.srcs[1]
+    view = node.arg
+    realize(target)                      # earlier writes of the chain
+    buf = target.buffer
+    writes_before(buf, node.seq)         # writes through other views issued before this one
+    _unpend(node, buf)                   # from here on this write is being planned
+    # lazy reads of the old contents built before this write must see them: run them first
+    # (the value itself, when it reads the target, lands in its own buffer this way)
+    for r in list(target.readers or ()):
+        if r.buffer is None and r is not node and r.seq < node.seq and not _depends_on(r, node):
+            realize(r)
+    if prod(view.shape) != 0:
+        root = Node(Op.CAST, ((value, value_view),), target.dtype, view.shape)
+        root.seq = node.seq              # it reads what the write's value read
+        if _reads_buffer(root, buf):     # t[1:] = t[:-1]: copy the value out first
+            tmp = Node(Op.CAST, ((value, value_view),), value.dtype, view.shape)
+            tmp.seq = node.seq
+            realize(tmp)
+            root = Node(Op.CAST, ((tmp, View.contiguous(view.shape)),), target.dtype, view.shape)
+            root.seq = node.seq
+        core, root = _plan(root)
+        assert core is None
+        src, bindings, n_wg, params = elementwise_kernel(root, buf, view)
+        _dispatch("E_assign", src, bindings, n_wg, params)
+    _done_writing(node, buf)
+
+
+def _unpend(node: Node, buf) -> None:
+    with _writes_lock:
+        lst = _pending_writes.get(buf)
+        if lst is not None and node in lst:
+            lst.remove(node)
+            if not lst:
+                del _pending_writes[buf]
+
+
+def _done_writing(node: Node, buf) -> None:
+    """`node` (an ASSIGN, or an AFTER standing for a write another kernel did) holds buf now."""
+    _unpend(node, buf)
+    node.set_buffer(buf)
+
+
+def pending_writes() -> list:
+    """Every in-place write not run yet (capture runs them inside or before a trace)."""
+    with _writes_lock:
+        return [w for lst in _pending_writes.values() for w in lst if w.buffer is None]
 
 
 def _reads_buffer(n: Node, buf) -> bool:

@@ -173,8 +173,10 @@ class Tensor:
     # ------------------------------------------------------------------ realization
 
     def realize(self) -> "Tensor":
-        from .schedule import realize
+        """Compute this tensor now (its buffer then holds its value, in-place writes included)."""
+        from .schedule import realize, writes_before
         realize(self.node)
+        writes_before(self.node.buffer, float("inf"))   # writes into the memory it views, through other tensors
         return self
 
     def numpy(self) -> np.ndarray:
@@ -537,9 +539,10 @@ class Tensor:
         """In-place write, ordered after every pending read of the old contents."""
         from .schedule import assign, realize
         self._check_plain("assignment")
-        if self.node.buffer is None or self.node.op is Op.CONST or 0 in self.view.strides and self.size > 1:
+        owned = self.node.buffer is not None or self.node.op is Op.ASSIGN   # a pending write owns it too
+        if not owned or self.node.op is Op.CONST or 0 in self.view.strides and self.size > 1:
             # own the memory first (NumPy semantics: a fresh array is writable)
-            if self.node.op is Op.CONST or self.node.buffer is None or not _owns(self.view):
+            if self.node.op is Op.CONST or not owned or not _owns(self.view):
                 c = self.contiguous()
                 realize(c.node)
                 self._adopt(c)
@@ -549,7 +552,7 @@ class Tensor:
         broadcast_shapes(target.shape, v.shape, what=f"assign value of shape {v.shape} to index of shape {target.shape}")
         if v.ndim > len(target.shape) or broadcast_shapes(target.shape, v.shape) != target.shape:
             raise ValueError(f"could not broadcast value of shape {v.shape} into index result of shape {target.shape}")
-        assign(self.node, target, v.node, v.view.expand(target.shape))
+        self._adopt(Tensor(assign(self.node, target, v.node, v.view.expand(target.shape)), self.view))
 
     def _adopt(self, other: "Tensor") -> None:
         self.node.tensors -= 1

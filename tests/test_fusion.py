@@ -66,7 +66,8 @@ def test_same_structure_on_new_data_compiles_nothing():
 def test_bind_groups_are_cached_for_the_same_buffers():
     a = tg.tensor(rng.standard_normal(100).astype(np.float32))
     out = tg.empty((100,))
-    out[...] = a * 2  # warm up: compiles and creates the bind group
+    out[...] = a * 2  # warm up: compiles and creates the bind group (writes are lazy: realize it)
+    out.realize()
     runtime.flush()
     bg0, p0 = S()["bind_groups_created"], S()["pipelines_compiled"]
     for _ in range(3):
