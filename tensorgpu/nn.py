@@ -319,7 +319,8 @@ def _cache_prefix(t: Tensor) -> Optional[Tensor]:
     as cache[..., :n, :]), or None."""
     from .view import contiguous_strides
     n, v = t.node, t.view
-    if n.buffer is None or len(n.shape) != t.ndim or t.ndim < 2 or is_symbolic(v.offset) or v.offset != 0:
+    stored = n.buffer is not None or n.op is Op.ASSIGN    # a cache, or one with pending writes
+    if not stored or len(n.shape) != t.ndim or t.ndim < 2 or is_symbolic(v.offset) or v.offset != 0:
         return None
     full = n.shape
     if (v.shape[:-2] != full[:-2] or v.shape[-1] != full[-1] or v.strides != contiguous_strides(full)
@@ -580,24 +581,18 @@ def _decode_weight_ok(x: Tensor, w: Tensor) -> bool:
 
 
 def _decode_linear(x: Tensor, w: Tensor):
-    """x (one row of K) @ w.T as the decode GEMV, with a pending 1-row layer_norm of x folded in
-    (the norm node is left unused). None when the decode kernel does not apply."""
+    """x (one row of K) @ w.T as the decode GEMV (rewrites.py folds a layer norm of x into it,
+    stacks siblings, pairs summed ones). None when the decode kernel does not apply."""
     if not _decode_weight_ok(x, w):
         return None
     N, K = w.shape
-    wd = w.dtype
-    n = x.node
-    ln = None
-    if (isinstance(n.arg, LayerNormKernel) and n.buffer is None and x.view.is_identity(n.shape)
-            and n.srcs and n.srcs[0][0].dtype in (dt.float32, dt.float16) and _flat_row_ok(n.srcs[0][1], K)):
-        k = n.arg
-        srcs = [Tensor(*n.srcs[0]), Tensor(w.node)] + [Tensor(m, v) for m, v in n.srcs[1:]]
-        ln = (k.has_w, k.has_b, k.eps)
-    elif _flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16):
-        srcs = [x, Tensor(w.node)]
-    else:
-        return None
-    return _custom(DecodeLinearKernel(wd, N, K, ln), srcs, (1, N))
+    if not (_flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16)):
+        if x.node.buffer is not None or x.dtype not in (dt.float32, dt.float16):
+            return None
+        x = x.reshape(1, K)     # a lazy row (a layer norm...): realized whole before the GEMV
+        if not _flat_row_ok(x.view, K):
+            return None
+    return _custom(DecodeLinearKernel(w.dtype, N, K), [x, Tensor(w.node)], (1, N))
 
 
 class _BiasActEpilogue:

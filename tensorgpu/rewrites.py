@@ -1,7 +1,369 @@
-"""Graph rewrites: named rules the scheduler applies to the unrealized graph before fusing it."""
+"""Graph rewrites: named rules that find, in the graph of plain tensor code, the patterns a
+hand-written kernel does in one dispatch, and rewrite the graph to use it.
+
+Why here and not in tg.nn: a model file should say what it computes (layer_norm, linear,
+rope, a cache write, attention) and get the decode step's few dispatches anyway; and the
+next architecture gets them without new entry points. The scheduler calls `rewrite(root)`
+on the unrealized graph under a node before it fuses and plans it (schedule.py).
+
+Each rule is a function over a `Graph` that changes nodes in place and returns how many
+times it fired; `tg.debug.stats()["rule_<name>"]` counts firings. Rules only ever replace a
+computation by an equal one: a node they make unused stays valid (it is recomputed if
+something outside the graph reads it later). Adding a rule: write `@rule def name(g): ...`
+below (the order of definition is the order they run), and a test in tests/test_rewrites.py
+that builds plain code and checks the kernel count and the values against NumPy.
+"""
 from __future__ import annotations
 
+import weakref
+from math import prod
+from typing import Callable, Optional
 
-def rewrite(root) -> None:
-    """Apply every rule to the graph under `root` (nodes are changed in place)."""
-    return None
+from . import dtypes as dt
+from .graph import Node
+from .ops import Op
+from .runtime import STATS, get_device
+from .symbolic import SymInt
+from .view import View
+
+RULES: list = []
+
+
+def rule(fn: Callable) -> Callable:
+    """Register a rewrite rule (runs in definition order)."""
+    RULES.append(fn)
+    return fn
+
+
+class Graph:
+    """The unrealized nodes under a root, sources first, and who reads each of them."""
+
+    def __init__(self, root: Node):
+        self.root = root
+        self.nodes: list = []
+        self.readers: dict = {}        # id(node) -> [(consumer, src index)]
+        seen, order = set(), []
+        stack = [(root, False)]
+        while stack:
+            n, done = stack.pop()
+            if done:
+                order.append(n)
+                continue
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            stack.append((n, True))
+            for i, (m, _) in enumerate(n.srcs):
+                if m.buffer is None and m.op is not Op.CONST:
+                    self.readers.setdefault(id(m), []).append((n, i))
+                    if id(m) not in seen:
+                        stack.append((m, False))
+        self.nodes = order
+
+    def reads(self, n: Node) -> int:
+        return len(self.readers.get(id(n), ()))
+
+    def only_reader(self, n: Node):
+        """(consumer, src index) when n is read exactly once in the graph, else None."""
+        r = self.readers.get(id(n), ())
+        return r[0] if len(r) == 1 and n is not self.root else None
+
+
+def set_srcs(n: Node, srcs: tuple) -> None:
+    """Replace n's sources, keeping the bookkeeping the scheduler relies on (readers of
+    realized nodes: in-place writes run after them; consumer counts)."""
+    for m, _ in n.srcs:
+        if m.readers is not None:
+            m.readers.discard(n)
+    for m, _ in srcs:
+        m.consumers += 1
+        if m.buffer is not None:
+            if m.readers is None:
+                m.readers = weakref.WeakSet()
+            m.readers.add(n)
+    n.srcs = tuple(srcs)
+
+
+def rewrite(root: Node) -> None:
+    """Apply every rule, in order, to the graph under `root`."""
+    if root.buffer is not None or not root.srcs:
+        return
+    g = Graph(root)
+    for fn in RULES:
+        fired = fn(g)
+        if fired:
+            STATS[f"rule_{fn.__name__}"] = STATS.get(f"rule_{fn.__name__}", 0) + fired
+            g = Graph(root)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _is(n: Node, kernel_cls) -> bool:
+    return n.op is Op.CUSTOM and n.buffer is None and isinstance(n.arg, kernel_cls)
+
+
+def _flat_row(v: View, K: int) -> bool:
+    """v reads K consecutive elements (one row) at a static offset the GEMV can bake in."""
+    return (v.is_contiguous and not isinstance(v.offset, SymInt) and v.offset % 4 == 0
+            and prod(v.shape) == K)
+
+
+def _row_view(v: View, n: Node) -> bool:
+    """v reads n ([1, N] or [N]) element for element (any leading 1s)."""
+    return v.offset == 0 and v.is_contiguous and prod(v.shape) == n.numel and not isinstance(v.offset, SymInt)
+
+
+def _same(a, b) -> bool:
+    """Two ints (or SymInts) that are provably equal."""
+    d = a - b
+    return not isinstance(d, SymInt) and d == 0
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+@rule
+def fold_norm_into_gemv(g: Graph) -> int:
+    """layer_norm(x) read by a one-row linear: the GEMV normalises x itself (its constants
+    folded into the weights once), so the norm is no kernel of its own."""
+    from .nn import DecodeLinearKernel, LayerNormKernel
+    fired = 0
+    for n in g.nodes:
+        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2):
+            continue
+        x, xv = n.srcs[0]
+        if not (_is(x, LayerNormKernel) and _row_view(xv, x) and x.numel == n.arg.K):
+            continue
+        inner, iv = x.srcs[0]
+        if inner.dtype not in (dt.float32, dt.float16) or not _flat_row(iv, n.arg.K):
+            continue
+        k = x.arg
+        n.arg = DecodeLinearKernel(n.arg.w_dtype, n.arg.N, n.arg.K, (k.has_w, k.has_b, k.eps))
+        set_srcs(n, (x.srcs[0], n.srcs[1]) + tuple(x.srcs[1:]))
+        fired += 1
+    return fired
+
+
+def _bias_act_chain(g: Graph, gm: Node):
+    """From a GEMV node: its single consumer `+ bias` ([N] float32) and then `.gelu()`, as far
+    as they go. Returns (end node, bias (node, view) or None, act or None)."""
+    N = gm.arg.N
+    end, bias, act = gm, None, None
+    r = g.only_reader(end)
+    if r is not None:
+        c, i = r
+        other = c.srcs[1 - i] if c.op is Op.ADD and len(c.srcs) == 2 else None
+        if (other is not None and c.shape == gm.shape and c.srcs[i][1].is_identity(gm.shape)
+                and other[0].buffer is not None and other[0].dtype is dt.float32 and other[0].shape == (N,)
+                and other[1].shape == gm.shape and other[1].strides[-1] == 1 and other[1].offset == 0):
+            end, bias = c, other
+            r = g.only_reader(end)
+    if r is not None:
+        c, i = r
+        if c.op is Op.GELU and c.shape == end.shape and c.srcs[0][1].is_identity(end.shape):
+            end, act = c, "gelu"
+    return end, bias, act
+
+
+def _redirect(g: Graph, old: Node, new: Node, offset: int) -> None:
+    """Every graph read of `old` (a [1, n] row) reads `new` at element `offset` on instead."""
+    for c, i in g.readers.get(id(old), ()):
+        v = c.srcs[i][1]
+        srcs = list(c.srcs)
+        srcs[i] = (new, View(v.shape, v.strides, v.offset + offset))
+        set_srcs(c, tuple(srcs))
+    if old is g.root:
+        old.op, old.arg = Op.CAST, None
+        set_srcs(old, ((new, View(old.shape, tuple(0 if s == 1 else 1 for s in old.shape), offset)),))
+
+
+@rule
+def stack_sibling_gemvs(g: Graph) -> int:
+    """Two one-row linears of one input, each after its own layer norm (GPT-NeoX's ln1 + QKV
+    and ln2 + MLP up): ONE GEMV over both weights stacked, each norm folded in, each bias and
+    gelu in its store; what read the two results reads slices of the stacked one."""
+    from .nn import DecodeLinearKernel, DecodeNormLinearsKernel
+    groups: dict = {}
+    for n in g.nodes:
+        if _is(n, DecodeLinearKernel) and n.arg.ln is not None and not n.arg.K2 and n is not g.root:
+            x, xv = n.srcs[0]
+            groups.setdefault((id(x), xv, n.arg.K, n.arg.w_dtype, n.arg.ln[2]), []).append(n)
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for (_, _, K, wd, eps), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        a, b = sorted(nodes, key=lambda n: n.seq)[:2]
+        parts = []
+        for gm in (a, b):
+            end, bias, act = _bias_act_chain(g, gm)
+            has_w, has_b, _ = gm.arg.ln
+            rest = list(gm.srcs[2:])
+            lw = rest.pop(0) if has_w else None
+            lb = rest.pop(0) if has_b else None
+            parts.append((gm, end, lw, lb, bias, act))
+        params = [p for part in parts for p in part[2:5]]
+        if any(p is not None and (p[0].dtype is not dt.float32 or not p[1].is_contiguous) for p in params):
+            continue
+        if 5 + sum(p is not None for p in (parts[0][2], parts[1][2], parts[0][4], parts[1][4])) > limit:
+            continue
+        N1, N2 = a.arg.N, b.arg.N
+        present = tuple(tuple(p is not None for p in part[2:5]) for part in parts)
+        srcs = [a.srcs[0], a.srcs[1], b.srcs[1]]
+        for part in parts:
+            for p in part[2:5]:
+                if p is not None:
+                    srcs.append((p[0], View.contiguous((p[0].numel,))))
+        kern = DecodeNormLinearsKernel(wd, N1, N2, K, eps, present, (parts[0][5], parts[1][5]))
+        s = Node(Op.CUSTOM, (), dt.float32, (1, N1 + N2), arg=kern)
+        set_srcs(s, tuple(srcs))
+        _redirect(g, parts[0][1], s, 0)
+        _redirect(g, parts[1][1], s, N1)
+        fired += 1
+    return fired
+
+
+def _add_leaves(g: Graph, n: Node, v: View, out: list, top: bool) -> None:
+    """The terms of a sum of same-shape tensors (x + a + b, in any grouping)."""
+    if (n.op is Op.ADD and n.buffer is None and (top or (g.reads(n) == 1 and v.is_identity(n.shape)))
+            and all(sv.shape == n.shape for _, sv in n.srcs)):
+        for m, sv in n.srcs:
+            _add_leaves(g, m, sv, out, False)
+    else:
+        out.append((n, v))
+
+
+@rule
+def pair_gemvs_in_sum(g: Graph) -> int:
+    """A sum with two one-row linears among its terms (GPT-NeoX's parallel residual:
+    x + attn_output(a) + mlp_down(u)): ONE GEMV over both inputs and weights, the other terms
+    (biases, the residual) added in its store."""
+    from .nn import DecodeLinearKernel
+    fired = 0
+    for n in reversed(g.nodes):           # consumers first: the largest sums
+        if n.op is not Op.ADD or n.buffer is not None or n.dtype is not dt.float32 or n.numel == 0:
+            continue
+        if g.only_reader(n) is not None and g.only_reader(n)[0].op is Op.ADD:
+            continue                      # part of a bigger sum, seen from its top
+        leaves: list = []
+        _add_leaves(g, n, View.contiguous(n.shape), leaves, True)
+        gemvs = [(m, v) for m, v in leaves
+                 if _is(m, DecodeLinearKernel) and m.arg.ln is None and not m.arg.K2 and g.reads(m) == 1
+                 and v.shape == n.shape and _row_view(v, m) and m.numel == n.numel]
+        if len(gemvs) < 2:
+            continue
+        (g1, _), (g2, _) = gemvs[:2]
+        k1, k2 = g1.arg, g2.arg
+        if k1.N != k2.N or not (k1.w_dtype is k2.w_dtype or (k1.w_dtype.is_quant and k2.w_dtype.is_quant)):
+            continue
+        pair = Node(Op.CUSTOM, (), dt.float32, g1.shape,
+                    arg=DecodeLinearKernel(k1.w_dtype, k1.N, k1.K, None, k2.K, k2.w_dtype))
+        set_srcs(pair, (g1.srcs[0], g1.srcs[1], g2.srcs[0], g2.srcs[1]))
+        rest = [lv for lv in leaves if lv[0] is not g1 and lv[0] is not g2]
+        acc = (pair, View.contiguous(n.shape))   # [1, N] read as the sum's shape (same elements)
+        if not rest:
+            n.op = Op.CAST
+            set_srcs(n, (acc,))
+        else:
+            for m, v in rest[:-1]:
+                s = Node(Op.ADD, (), n.dtype, n.shape)
+                set_srcs(s, (acc, (m, v)))
+                acc = (s, View.contiguous(n.shape))
+            set_srcs(n, (acc, rest[-1]))
+        fired += 1
+    return fired
+
+
+@rule
+def fuse_decode_attention(g: Graph) -> int:
+    """One query token: q = rope(qkv[:, 0]), cache_k[:, pos] = rope(qkv[:, 1]),
+    cache_v[:, pos] = qkv[:, 2], attention(q, cache[:, :pos + 1]) is ONE kernel (the rope,
+    both cache writes, the attention and its split combine), reading q, k and v from the
+    fused projection."""
+    from .kernels.attention import rope_attention_decode_supported
+    from .kernels.common import Operand
+    from .nn import AttentionKernel, RopeAttentionDecodeKernel, RopeKernel
+    fired = 0
+    kvl_nodes: dict = {}
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is not None and n.arg.causal
+                and n.arg.out_layout == "bsd" and len(n.srcs) == 3):
+            continue
+        (q, qv), (ka, kav), (va, vav) = n.srcs
+        H, sq, D = n.shape
+        if sq != 1:
+            continue
+        L = n.arg.kv_len_runtime
+        m = _match_decode(q, qv, ka, kav, va, vav, H, D, L)
+        if m is None:
+            continue
+        qkv, qkv_view, pos, kbase, vbase, rot, base = m
+        probe = Operand(None, qkv.dtype, qkv_view.shape, qkv_view.strides, qkv_view.offset)
+        cache_dtype = kbase.dtype
+        if vbase.dtype is not cache_dtype or not rope_attention_decode_supported(probe, H, D, cache_dtype):
+            continue
+        # the key length as an int32 [1] buffer, one per distinct length in the graph
+        key = (L.const, tuple((v.id, c) for v, c in L.terms)) if isinstance(L, SymInt) else int(L)
+        kvl = kvl_nodes.get(key)
+        if kvl is None:
+            c = Node(Op.CONST, (), dt.int32, (), arg=L)
+            kvl = kvl_nodes[key] = Node(Op.CAST, ((c, View((1,), (0,), 0)),), dt.int32, (1,))
+        kern = RopeAttentionDecodeKernel(H, D, rot, kbase.shape[1], base, cache_dtype, n.arg.scale)
+        n.arg = kern
+        set_srcs(n, ((qkv, qkv_view), pos, (kvl, View.contiguous((1,))),
+                     (kbase, View.contiguous(kbase.shape)), (vbase, View.contiguous(vbase.shape))))
+        for a in (ka, va):                # the writes are this kernel's now
+            a.op, a.arg = Op.AFTER, None
+            set_srcs(a, ((kbase if a is ka else vbase, View.contiguous(a.shape)), (n, View.contiguous(n.shape))))
+        fired += 1
+    return fired
+
+
+def _match_decode(q, qv, ka, kav, va, vav, H, D, L):
+    """The pieces of a one-token decode attention written in plain ops, or None."""
+    from .nn import RopeKernel
+    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
+            and va.buffer is None):
+        return None
+    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3
+            and ka.shape[0] == H and ka.shape[2] == D and va.shape == ka.shape):
+        return None
+    # q: rope of [1, H, D] read as [H, 1, D]
+    if qv.shape != (H, 1, D) or qv.strides[0] != D or qv.strides[2] != 1 or qv.offset != 0:
+        return None
+    seq, qh, qd, rot, base, mode = q.arg.args
+    if (seq, qh, qd, mode) != (1, H, D, "neox"):
+        return None
+    (qx, qxv), qpos = q.srcs
+    # k: the cache write of rope(...) at row L - 1, same positions and rope
+    kw, kwv = ka.srcs[1]
+    target = ka.arg
+    max_ctx = ka.shape[1]
+    if not (_is(kw, RopeKernel) and kw.arg.args == q.arg.args and kw.srcs[1][0] is qpos[0]
+            and kw.srcs[1][1] == qpos[1]):
+        return None
+    for a in (ka, va):
+        t = a.arg
+        if not (t.shape == (H, 1, D) and t.strides == (max_ctx * D, D, 1) and _same(t.offset, (L - 1) * D)):
+            return None
+    if kwv.shape != (H, 1, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0:
+        return None
+    (kx, kxv) = kw.srcs[0]
+    vw, vwv = va.srcs[1]
+    # q, k and v all read one [1, 3, H, D] block (GGUF's fused QKV order): qkv[:, 0 / 1 / 2]
+    if not (qx is kx is vw) or isinstance(qxv.offset, SymInt):
+        return None
+    o = qxv.offset
+    if not (qxv.shape == (1, H, D) and qxv.strides[1:] == (D, 1) and kxv.shape == (1, H, D)
+            and kxv.strides[1:] == (D, 1) and _same(kxv.offset, o + H * D)):
+        return None
+    if not (vwv.shape == (H, 1, D) and vwv.strides[0] == D and vwv.strides[2] == 1 and _same(vwv.offset, o + 2 * H * D)):
+        return None
+    if qx.numel < o + 3 * H * D:
+        return None
+    qkv_view = View((1, 3, H, D), (3 * H * D, H * D, D, 1), o)
+    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
+    if kbase.dtype not in (dt.float16, dt.float32):
+        return None
+    return qx, qkv_view, qpos, kbase, vbase, rot, base

@@ -437,7 +437,7 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     for i, (m, v) in enumerate(node.srcs):
         realize(m)
         if m.buffer in _pending_writes:
-            writes_before(m.buffer, node.seq)
+            writes_before(m.buffer, node.seq, node)
         if i in kernel.contiguous_srcs and not v.is_contiguous:
             c = Node(Op.CAST, ((m, v),), m.dtype, v.shape)  # identity cast = contiguous copy
             realize(c)
@@ -495,14 +495,15 @@ _pending_writes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _writes_lock = threading.Lock()
 
 
-def writes_before(buf, seq: float) -> None:
+def writes_before(buf, seq: float, reader: Optional[Node] = None) -> None:
     """Run every pending in-place write into `buf` that was issued before creation order `seq`
-    (what a read built at `seq`, or a readback now with seq=inf, must see)."""
+    (what a read built at `seq`, or a readback now with seq=inf, must see) — except a write
+    that `reader` itself does (a rewrite folded it into that kernel)."""
     lst = _pending_writes.get(buf)
     if not lst:
         return
     for w in list(lst):
-        if w.buffer is None and w.seq < seq:
+        if w.buffer is None and w.seq < seq and not (reader is not None and _depends_on(w, reader)):
             realize(w)
 
 
