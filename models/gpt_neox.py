@@ -11,16 +11,18 @@ share one copy of the weights. Names follow the GGUF tensors (llama.cpp's `gptne
 
 One forward of T tokens, per layer (C = n_embd, H = n_head, D = head_dim = C / H):
 
-    h   = layer_norm(x)                          [T, C]
-    qkv = h @ attn_qkv.T + b                     [T, 3C] viewed as [T, 3, H, D] (GGUF's order)
-    q   = rope(q); cache[:, pos] = rope(k), v    q: [H, T, D]; caches [H, max_ctx, D]
-    a   = attention(q, cache[:, :kv_len])        [T, H, D] -> [T, C]
+    h   = layer_norm(x)                            [T, C]
+    qkv = h @ attn_qkv.T + b                       [T, 3C] viewed as [T, 3, H, D] (GGUF's order)
+    q, k = rope(q), rope(k)                        [T, H, D]
+    cache[:, pos:pos+T] = k, v                     caches [H, max_ctx, D]
+    a   = attention(q, cache[:, :pos+T])           [H, T, D] -> [T, C]
     parallel:    x = x + attn_output(a) + mlp(ffn_norm(x))
     sequential:  x = x + attn_output(a);  x = x + mlp(ffn_norm(x))
 
-Every per-step scalar (the token positions, the number of valid cache rows) enters the forward
-as a small int32 tensor, never as a Python int baked into the graph, so the decode step has the
-same structure every token (what capture/replay needs).
+The file is plain tensor code: the engine's rewrite rules (tensorgpu/rewrites.py) find the
+decode step's fusions (the norms folded into the GEMVs, QKV and MLP-up stacked, the two output
+projections paired with the residual, rope + cache write + attention as one kernel). `pos` is a
+Python int; under tg.capture it is a step variable, so one captured step serves every position.
 
 `python -m models.gpt_neox {generate,perplexity,convert} --help` is the command line
 (models/cli.py).
@@ -189,58 +191,38 @@ class GPTNeoX:
 
     # -- the forward pass -----------------------------------------------------------
 
-    def forward(self, ids: tg.Tensor, positions: tg.Tensor, kv_len: tg.Tensor, cache: Sequence,
-                last_only: bool = False, last_index: Optional[tg.Tensor] = None) -> tg.Tensor:
-        """Logits for `ids` (int32 [T]) at `positions` (int32 [T], or the int start position); K/V
-        rows are written into `cache` (per layer a (k, v) pair of [H, max_ctx, D] tensors) and
-        attention reads the first kv_len (int32 [1] or int) rows. Returns float32 [T, vocab] ([1, vocab]: the last token only).
-        last_index (int32 [1]): return only that row's logits, [1, vocab] — for a prompt padded
-        to a bucket length, whose last real token is not the last row."""
+    def forward(self, ids: tg.Tensor, pos: int, cache: Sequence) -> tg.Tensor:
+        """Logits float32 [T, vocab] of `ids` (int32 [T]) at positions pos .. pos+T-1. Each
+        layer writes its K/V rows into `cache` (per layer a (k, v) pair of [H, max_ctx, D]
+        tensors) and attends over the first pos+T rows. Under tg.capture `pos` is a step
+        variable: one captured step serves every position."""
         c = self.config
         T = ids.shape[0]
-        if isinstance(positions, int):      # a start position (a step variable under tg.capture)
-            positions = tg.arange(positions, positions + T).realize()     # [T]
-        if isinstance(kv_len, int):
-            kv_len = tg.full((1,), kv_len, tg.int32).contiguous().realize()  # int32 [1]
+        positions = tg.arange(pos, pos + T)                                # [T]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
-        for i, (blk, (k_cache, v_cache)) in enumerate(zip(self.blk, cache)):
-            # last_only: the last layer still writes every token's K/V, then works on one row
-            one = last_only and last_index is None and i == c.n_layer - 1
-            x = self._block(blk, x, positions, kv_len, k_cache, v_cache, one)
-        if last_index is not None:
-            x = tg.nn.embedding(last_index, x)                             # [1, C]: that row
-        elif last_only and x.shape[0] > 1:
-            x = x[T - 1:]                                                  # [1, C] (no layers)
+        for blk, (k_cache, v_cache) in zip(self.blk, cache):
+            x = self._block(blk, x, pos, positions, k_cache, v_cache)
         x = tg.nn.layer_norm(x, self.output_norm.weight, self.output_norm.bias, c.norm_eps)
         return tg.nn.linear(x, self.output)                                # [T, V]
 
-    def _block(self, blk, x, positions, kv_len, k_cache, v_cache, last_only=False):
+    def _block(self, blk, x, pos, positions, k_cache, v_cache):
         c = self.config
         T, H, D = x.shape[0], c.n_head, c.head_dim
-        attn_in = (blk.attn_norm.weight, blk.attn_norm.bias, blk.attn_qkv.weight, blk.attn_qkv.bias)
-        mlp_in = (blk.ffn_norm.weight, blk.ffn_norm.bias, blk.ffn_up.weight, blk.ffn_up.bias, "gelu")
-        u = None
-        if c.parallel_residual and not (last_only and T > 1):
-            # ln1 + QKV and ln2 + up + gelu both read x: one GEMV when decoding
-            qkv, u = tg.nn.layer_norm_linears(x, c.norm_eps, attn_in, mlp_in)  # [T, 3C], [T, F]
-        else:
-            (qkv,) = tg.nn.layer_norm_linears(x, c.norm_eps, attn_in)          # [T, 3C]
+        h = tg.nn.layer_norm(x, blk.attn_norm.weight, blk.attn_norm.bias, c.norm_eps)
+        qkv = tg.nn.linear(h, blk.attn_qkv.weight, blk.attn_qkv.bias)     # [T, 3C]
         qkv = qkv.reshape(T, 3, H, D)                                      # GGUF rows: all q, all k, all v
-        q = tg.nn.rope_kv_write(qkv, positions, k_cache, v_cache, c.rot_dims, c.rope_base)  # [H, T, D]
-        if last_only and T > 1:                                            # only the last query onwards
-            q, x, T = q[:, T - 1:], x[T - 1:], 1                           # [H, 1, D], [1, C]
-        a = tg.nn.scaled_dot_product_attention(q, k_cache, v_cache, causal=True, kv_len=kv_len,
-                                               out_layout="sbd")          # [T, H, D]
-        a = a.reshape(T, c.n_embd)
-        if c.parallel_residual:
-            if u is None:                                                  # the last row's MLP only
-                (u,) = tg.nn.layer_norm_linears(x, c.norm_eps, mlp_in)          # [T, F]
-            # x + attn_output(a) + ffn_down(u): both projections as one GEMV when decoding
-            return tg.nn.linear_sum((a, blk.attn_output.weight, blk.attn_output.bias),
-                                    (u, blk.ffn_down.weight, blk.ffn_down.bias)) + x
-        x = tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias) + x
-        m = self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
-        return m + x
+        q = tg.nn.rope(qkv[:, 0], positions, c.rot_dims, c.rope_base)      # [T, H, D]
+        k = tg.nn.rope(qkv[:, 1], positions, c.rot_dims, c.rope_base)
+        k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # caches [H, max_ctx, D]
+        v_cache[:, pos:pos + T] = qkv[:, 2].transpose(0, 1)
+        a = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
+                                               causal=True)               # [H, T, D]
+        a = a.transpose(0, 1).reshape(T, c.n_embd)                         # [T, C]
+        attn = tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias)
+        if c.parallel_residual:                                            # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + attn + self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
+        x = x + attn                                                       # sequential (RedPajama-style)
+        return x + self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))
 
     def _mlp(self, blk, h):
         u = tg.nn.linear(h, blk.ffn_up.weight, blk.ffn_up.bias).gelu()        # [T, F], exact erf GELU

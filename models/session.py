@@ -148,22 +148,22 @@ class Session:
         fn = caps.pop(key, None)
         if fn is None:
             model, cache = self.model, self.cache
-            if last_only and padded:
-                def fwd(ids, pos, kv_len, last):
-                    return model.forward(ids, pos, kv_len, cache, last_only=True, last_index=last)
+            if last_only:
+                # `last` (the last real row) is a step variable: one trace serves the bucket
+                def fwd(ids, pos, last):
+                    return model.forward(ids, pos, cache)[last:last + 1]               # [1, V]
             else:
-                def fwd(ids, pos, kv_len):
-                    return model.forward(ids, pos, kv_len, cache, last_only=last_only)
+                def fwd(ids, pos):
+                    return model.forward(ids, pos, cache)                              # [B, V]
             fn = tg.capture(fwd, submit_every=64 if B > 1 else None)
         caps[key] = fn                                # most recent last
         while len(caps) > CAPTURED_FORWARDS:
             del caps[next(iter(caps))]
         ids = np.zeros(B, np.int32)
         ids[:T] = run
-        args = (ids, np.arange(p, p + B, dtype=np.int32), p + B)
-        if last_only and padded:
-            return fn(*args, np.array([T - 1], np.int32)).contiguous()     # [1, V]
-        out = fn(*args)                                # [B or 1, V]
+        if last_only:
+            return fn(ids, p, T - 1).contiguous()      # [1, V]
+        out = fn(ids, p)                               # [B, V]
         # the capture's output buffer is rewritten by its next replay: hand out a copy
         return (out if B == T else out[:T]).contiguous()
 
@@ -282,8 +282,8 @@ class Session:
 
             # u: the uniform draw of a sampling step; greedy steps do not pass it (one host write less)
             @tg.capture
-            def step(tok, pos, kv_len, u=None):
-                logits = model.forward(tok, pos, kv_len, cache, last_only=True)          # [1, V]
+            def step(tok, pos, u=None):
+                logits = model.forward(tok, pos, cache)                                  # [1, V]
                 return tg.nn.sample(logits, 0.0 if greedy else T, 0 if greedy else K, 1.0 if greedy else P,
                                     u=None if greedy else u, repetition_penalty=R,
                                     prev_tokens=hist, n_prev=n_prev, append=True)      # int32 [1]
@@ -312,7 +312,6 @@ class Session:
         import time
         from collections import deque
 
-        from tensorgpu import runtime
         if max_new_tokens == 0:
             self.last_stats = _new_stats()
             return
@@ -330,7 +329,7 @@ class Session:
                            repetition_penalty=sampler.penalty, prev_tokens=hist, n_prev=n_prev, append=True).realize()
         step = self._decode_step(sampler)
         base = len(ctx)                   # the row token 0 goes to
-        tickets = deque([runtime.read_later(tok.node.buffer, 0, 4)])
+        tickets = deque([tok.read_async()])
         queued = 0                        # steps queued so far (step s produces token s)
 
         def queue_steps():
@@ -338,16 +337,16 @@ class Session:
             # step s writes row base+s-1 and needs row base+s free for token s
             while len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens and base + queued + 1 < self.max_context:
                 p = base + queued
-                tok = step(tok, p, p + 1) if greedy else step(tok, p, p + 1, float(sampler.rng.random()))
-                tickets.append(runtime.read_later(tok.node.buffer, 0, 4))
+                tok = step(tok, p) if greedy else step(tok, p, float(sampler.rng.random()))
+                tickets.append(tok.read_async())
                 queued += 1
-            runtime.flush()
+            tg.flush()
 
         queue_steps()
         toks, prev = list(ctx), None     # the context grows by one token per yield (no copies)
         t_dec = None
         for n in range(max_new_tokens):
-            nxt = int(np.frombuffer(tickets.popleft().result(), np.int32)[0])
+            nxt = int(tickets.popleft().numpy()[0])
             if n == 0:
                 stats["prefill_s"] = time.perf_counter() - t0
                 t_dec = time.perf_counter()

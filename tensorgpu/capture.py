@@ -187,6 +187,10 @@ class Captured:
         params._blocks.append(block)
         guards: list = []
         saved_guards = symbolic.set_guards(guards)
+        from .schedule import pending_writes, realize
+        for w in pending_writes():      # writes issued before the trace are not part of it
+            with runtime.untraced():
+                realize(w)
         try:
             slots, call_args = self._slots(args)
             recorded: list = []
@@ -197,6 +201,8 @@ class Captured:
                 out = self.fn(*call_args)
                 for t in _tensors_in(out):
                     t.realize()
+                for w in pending_writes():   # in-place writes fn made that nothing read yet
+                    realize(w)
             finally:
                 runtime._tracing[0] -= 1
                 runtime._recorders.remove(record)

@@ -223,9 +223,9 @@ def _positions(positions, seq: int) -> Tensor:
         raise ValueError(f"positions must have shape ({seq},), got {positions.shape}")
     if positions.dtype is not dt.int32:
         positions = positions.astype(dt.int32)
-    if positions.node.buffer is None or not positions.view.is_identity(positions.node.shape):
+    if not positions.view.is_identity(positions.node.shape):
         positions = positions.contiguous()
-    return positions
+    return positions   # a lazy one is realized once, however many kernels read it
 
 
 def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str = "neox") -> Tensor:

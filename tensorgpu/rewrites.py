@@ -316,6 +316,7 @@ def fuse_decode_attention(g: Graph) -> int:
         for a in (ka, va):                # the writes are this kernel's now
             a.op, a.arg = Op.AFTER, None
             set_srcs(a, ((kbase if a is ka else vbase, View.contiguous(a.shape)), (n, View.contiguous(n.shape))))
+        kern.afters = (weakref.ref(ka), weakref.ref(va))   # done when this kernel is (schedule.py)
         fired += 1
     return fired
 

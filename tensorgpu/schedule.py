@@ -449,6 +449,10 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     if root.numel:
         kernel.emit(out, operands, epilogue)
     root.set_buffer(out)
+    for ref in getattr(kernel, "afters", ()):   # in-place writes this kernel did (rewrites.py)
+        a = ref()
+        if a is not None and a.buffer is None:
+            realize(a)
     # a core fused into root's store keeps its sources: if another path still reaches it (a
     # view of it read after root realized), it is recomputed, never run without operands
 

@@ -179,6 +179,22 @@ class Tensor:
         writes_before(self.node.buffer, float("inf"))   # writes into the memory it views, through other tensors
         return self
 
+    def read_async(self) -> "PendingRead":
+        """Queue a copy of this tensor's value to the host with the next submit, without
+        waiting: `.numpy()` on the result waits for it. A decode loop queues step N+1 (and
+        calls tg.submit()) before it waits for step N's token, so neither side idles."""
+        if self.dtype.is_quant:
+            return self.astype(dt.float32).read_async()
+        t = self
+        if not (self.view.is_contiguous and not is_symbolic(self.view.offset)) or self.size == 0:
+            t = self.contiguous()
+        t.realize()
+        if t.node.op is Op.CONST:
+            return PendingRead(None, self.shape, self.dtype, np.full(self.shape, t.node.arg, dtype=self.dtype.np_dtype))
+        start = self.dtype.nbytes(t.view.offset) if self.dtype is not dt.float16 else 2 * t.view.offset
+        return PendingRead(runtime.read_later(t.node.buffer, start, max(self.dtype.nbytes(self.size), 0)),
+                           self.shape, self.dtype)
+
     def numpy(self) -> np.ndarray:
         if self.dtype.is_quant:
             return self.astype(dt.float32).numpy()
@@ -587,6 +603,22 @@ class Tensor:
             raise ValueError(f"chunks must be positive, got {chunks}")
         size = -(-self.shape[ax] // chunks) if self.shape[ax] else 1
         return self.split(max(size, 1), ax)
+
+
+class PendingRead:
+    """A tensor's value on its way to the host (Tensor.read_async)."""
+
+    def __init__(self, ticket, shape: tuple, dtype: dt.DType, value: Optional[np.ndarray] = None):
+        self._ticket, self.shape, self.dtype, self._value = ticket, shape, dtype, value
+
+    def numpy(self) -> np.ndarray:
+        """The value (waits for the GPU if it is not there yet)."""
+        if self._value is None:
+            raw = self._ticket.result()
+            d = self.dtype
+            a = np.frombuffer(raw, np.uint32 if d is dt.bool_ else d.np_dtype, count=prod(self.shape))
+            self._value = (a != 0 if d is dt.bool_ else a.copy()).reshape(self.shape)
+        return self._value
 
 
 def _slice_bounds(i: slice, n: int, axis: int, shape: tuple) -> tuple:
