@@ -18,6 +18,18 @@ def kernel_log():
         runtime._kernel_logs.remove(log)
 
 
+def schedule(*tensors):
+    """The kernels that realize `tensors` (together, in one schedule), in order: planned by the
+    scheduler after the graph rewrites, then run. Print it to see each kernel's name, grid,
+    storage buffers and runtime parameters; tensors already realized give an empty schedule."""
+    from .schedule import schedule as plan
+    from .tensor import _sink
+    root = _sink(tensors)
+    s = plan(root)
+    s.run()
+    return s
+
+
 @contextmanager
 def tuning(knobs: dict, **values):
     """Set a kernel module's tuning knobs (its TUNING dict) inside the block and restore every

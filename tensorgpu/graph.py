@@ -17,7 +17,7 @@ from .view import View
 
 _seq = itertools.count()
 _NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
-                              Op.ASSIGN, Op.AFTER))
+                              Op.ASSIGN, Op.AFTER, Op.SINK))
 
 
 class Node:

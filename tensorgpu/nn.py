@@ -17,8 +17,8 @@ from .tensor import Tensor, tensor
 from .symbolic import is_symbolic, static
 from .view import View
 
-__all__ = ["linear", "linear_sum", "layer_norm", "embedding", "rope", "rope_kv_write", "scaled_dot_product_attention",
-           "gelu", "softmax", "log_softmax", "sample"]
+__all__ = ["linear", "layer_norm", "embedding", "rope", "scaled_dot_product_attention", "gelu", "softmax",
+           "log_softmax", "sample"]
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -62,62 +62,6 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1]) if x.ndim != 2 else x
     y = _plus_bias(matmul(x2, w.T), b)
     return y.reshape(lead + (w.shape[0],)) if x.ndim != 2 else y
-
-
-def linear_sum(*terms) -> Tensor:
-    """sum_i linear(x_i, w_i, b_i) for terms (x_i [..., in_i], w_i [out, in_i], b_i [out] or
-    None): projections whose outputs are added, like Pythia's parallel residual (attention
-    output + MLP down). For one row and two terms with weights of one type, or of two GGUF block
-    types, this is ONE decode GEMV over both inputs (a dispatch less per layer); otherwise the
-    products are summed (the adds fuse into the last matmul's store)."""
-    if not terms:
-        raise ValueError("linear_sum needs at least one (x, w, b) term")
-    terms = [tuple(t) + (None,) * (3 - len(t)) for t in terms]
-    for i, (x, w, b) in enumerate(terms):
-        _check_linear(f"linear_sum: term {i}", x, w, b)
-    lead, N = terms[0][0].shape[:-1], terms[0][1].shape[0]
-    bad = [i for i, (x, w, _) in enumerate(terms) if x.shape[:-1] != lead or w.shape[0] != N]
-    if bad:
-        raise ValueError(f"linear_sum: term {bad[0]} ({terms[bad[0]][0].shape} @ {terms[bad[0]][1].shape}.T) does not "
-                         f"give the [..., {N}] of term 0 ({terms[0][0].shape} @ {terms[0][1].shape}.T)")
-    if len(terms) == 2 and prod(lead) == 1:
-        (x1, w1, _), (x2, w2, _) = terms
-        y = _decode_linear_pair(x1.reshape(1, -1), w1, x2.reshape(1, -1), w2)
-        if y is not None:
-            for _, _, b in terms:
-                y = _plus_bias(y, b)
-            return y.reshape(lead + (N,))
-    y = None
-    for x, w, b in terms:
-        t = linear(x, w, b)
-        y = t if y is None else y + t
-    return y
-
-
-def layer_norm_linears(x: Tensor, eps: float, *parts) -> list:
-    """[act(linear(layer_norm(x, ln_w, ln_b, eps), w, b)) for each part (ln_w, ln_b, w, b[, act])],
-    act None or "gelu": projections of one input that each follow their own layer norm, like
-    GPT-NeoX's parallel attention (ln1 + QKV) and MLP (ln2 + up + gelu). For one row and two
-    parts with weights of one type this is ONE decode GEMV with both norms folded in and the
-    biases and activations in its store (a dispatch less per layer); the results are then views
-    of its output. Otherwise each part is its own layer_norm and linear."""
-    if not parts:
-        raise ValueError("layer_norm_linears needs at least one (ln_w, ln_b, w, b[, act]) part")
-    parts = [tuple(p) + (None,) * (5 - len(p)) for p in parts]
-    for i, (_, _, w, b, act) in enumerate(parts):
-        if act not in (None, "gelu"):
-            raise ValueError(f"layer_norm_linears: part {i}: act must be None or 'gelu', got {act!r}")
-        _check_linear(f"layer_norm_linears: part {i}", x, w, b)
-    lead = x.shape[:-1]
-    if len(parts) == 2 and prod(lead) == 1:
-        ys = _decode_norm_linears(x.reshape(1, -1), float(eps), parts)
-        if ys is not None:
-            return [y.reshape(lead + (y.shape[-1],)) for y in ys]
-    out = []
-    for lw, lb, w, b, act in parts:
-        y = linear(layer_norm(x, lw, lb, eps), w, b)
-        out.append(y.gelu() if act == "gelu" else y)
-    return out
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -250,42 +194,6 @@ def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str =
     return out.reshape(x.shape)
 
 
-class RopeKVWriteKernel(CustomKernel):
-    """q = rope(q); k_cache[h, pos] = rope(k); v_cache[h, pos] = v — one kernel (decode/prefill)."""
-    name = "rope_kv_write"
-    writes = (2, 3)
-
-    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype):
-        self.args = (seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
-
-    def emit(self, out, operands, epilogue):
-        from .kernels.rope import rope_kv_write as k
-        qkv, pos, kc, vc = operands
-        seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype = self.args
-        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
-
-
-def rope_kv_write(qkv: Tensor, positions: Tensor, k_cache: Tensor, v_cache: Tensor, rot_dims: int,
-                  base: float = 10000.0) -> Tensor:
-    """For a fused projection qkv [seq, 3, n_heads, head_dim]: write rope(k) and v into the
-    caches [n_heads, max_ctx, head_dim] at rows positions[s], return rope(q) as float32
-    [n_heads, seq, head_dim]. The cache write happens when the result is realized, after
-    any pending reads of the caches."""
-    seq, three, n_heads, head_dim = qkv.shape
-    if three != 3:
-        raise ValueError(f"rope_kv_write: qkv must be [seq, 3, n_heads, head_dim], got {qkv.shape}")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _written_in_place(c)
-        if c.ndim != 3 or c.shape[0] != n_heads or c.shape[2] != head_dim or c.node.buffer is None:
-            raise ValueError(f"rope_kv_write: {name} must be a realized [n_heads={n_heads}, max_ctx, head_dim={head_dim}] tensor, got {c.shape}")
-        if not c.view.is_identity(c.node.shape):
-            raise ValueError(f"rope_kv_write: {name} must be a whole cache tensor, not a view")
-    pos = _positions(positions, seq)
-    max_ctx = k_cache.shape[1]
-    kern = RopeKVWriteKernel(seq, n_heads, head_dim, rot_dims, max_ctx, float(base), k_cache.dtype)
-    return _custom(kern, [qkv, pos, k_cache, v_cache], (n_heads, seq, head_dim))
-
-
 # ----------------------------------------------------------------------------- attention
 
 
@@ -330,15 +238,14 @@ def _cache_prefix(t: Tensor) -> Optional[Tensor]:
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True,
-                                 scale: Optional[float] = None, kv_len: Optional[Tensor] = None,
-                                 out_layout: str = "bsd") -> Tensor:
+                                 scale: Optional[float] = None, kv_len: Optional[Tensor] = None) -> Tensor:
     """softmax(q k^T * scale + causal mask) v with q [..., sq, d], k, v [..., sk, d], sk >= sq; the
     mask aligns the last query with the last key (query i sees keys j <= i + sk - sq).
 
-    kv_len (int32 [1] tensor, optional): only the first kv_len keys are valid — a KV cache
-    preallocated to max context; one compiled kernel serves every decode step.
-    out_layout "sbd" returns [sq, B, d] (heads next to each other, ready for the output
-    projection) instead of [..., sq, d]."""
+    k and v may be the first rows of a preallocated cache, `cache[:, :pos + T]`: the kernel reads
+    the cache with the length as a runtime parameter (a step variable under tg.capture), so one
+    compiled kernel serves every decode step. kv_len (int32 [1] tensor, optional) says the same
+    from the GPU: only the first kv_len keys are valid."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         t._check_plain("attention")
         if t.ndim < 2:
@@ -347,9 +254,6 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
         raise ValueError(f"attention: k {k.shape} and v {v.shape} must have the same shape")
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention: q {q.shape} and k {k.shape} must share batch dims and head size")
-    fused = _fused_decode_attention(q, k, v, causal, scale, kv_len, out_layout)
-    if fused is not None:
-        return fused
     sq, d = q.shape[-2:]
     sk = k.shape[-2]
     kv_runtime = None
@@ -373,13 +277,9 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
             raise ValueError(f"attention: kv_len must be an int32 tensor of shape (1,), got {kv_len.shape} {kv_len.dtype}")
         srcs.append(kv_len if kv_len.node.buffer is not None else kv_len.contiguous())
     B = q3.shape[0]
-    shape = (B, sq, d) if out_layout == "bsd" else (sq, B, d)
     kern = AttentionKernel(causal, scale, None if kv_len is not None or kv_runtime is not None else static(sk),
-                           out_layout, kv_runtime)
-    out = _custom(kern, srcs, shape)
-    if out_layout == "bsd":
-        return out.reshape(batch + (sq, d))
-    return out
+                           "bsd", kv_runtime)
+    return _custom(kern, srcs, (B, sq, d)).reshape(batch + (sq, d))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -496,33 +396,6 @@ class RopeAttentionDecodeKernel(CustomKernel):
         qkv, pos, kvl, kc, vc = operands
         H, D, rot, max_ctx, base, cache_dtype, scale = self.args
         k(out, kc.buffer, vc.buffer, qkv, pos.buffer, kvl.buffer, H, D, rot, max_ctx, base, cache_dtype, scale)
-
-
-def _fused_decode_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale, kv_len, out_layout: str):
-    """attention(rope_kv_write(qkv, ...)) of ONE query token over the caches that rope_kv_write
-    fills: the rope, cache write, attention and split combine run as one kernel (the lazy
-    rope_kv_write node is left unused). None when the pattern does not match."""
-    from .kernels.attention import rope_attention_decode_supported
-    from .kernels.common import Operand
-    n = q.node
-    if not (isinstance(n.arg, RopeKVWriteKernel) and n.buffer is None and causal and kv_len is not None
-            and kv_len.shape == (1,) and kv_len.dtype is dt.int32 and q.view.is_identity(n.shape)):
-        return None
-    seq, H, D, rot, max_ctx, base, cache_dtype = n.arg.args
-    if seq != 1 or len(n.srcs) != 4:
-        return None
-    (qkv_n, qkv_v), (pos_n, pos_v), (kc_n, kc_v), (vc_n, vc_v) = n.srcs
-    if k.node is not kc_n or v.node is not vc_n or not (k.view == kc_v and v.view == vc_v):
-        return None
-    probe = Operand(None, qkv_n.dtype, qkv_v.shape, qkv_v.strides, qkv_v.offset)
-    if not rope_attention_decode_supported(probe, H, D, cache_dtype):
-        return None
-    scale = float(scale) if scale is not None else 1.0 / D ** 0.5
-    kvl = kv_len if kv_len.node.buffer is not None and kv_len.view.is_identity(kv_len.node.shape) else kv_len.contiguous()
-    srcs = [Tensor(qkv_n, qkv_v), Tensor(pos_n, pos_v), kvl, Tensor(kc_n, kc_v), Tensor(vc_n, vc_v)]
-    kern = RopeAttentionDecodeKernel(H, D, rot, max_ctx, base, cache_dtype, scale)
-    shape = (1, H, D) if out_layout == "sbd" else (H, 1, D)
-    return _custom(kern, srcs, shape)
 
 
 # ----------------------------------------------------------------------------- decode GEMV
@@ -644,46 +517,3 @@ class DecodeNormLinearsKernel(CustomKernel):
         xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
         gemv(out, xo, wop(w1, self.N1), self.w_dtype, self.N1, self.K, _BiasActEpilogue(self.N1, [b1, b2], self.acts),
              ln=(g1, c1, self.eps), stack=(wop(w2, self.N2), self.N2, g2, c2))
-
-
-def _decode_norm_linears(x: Tensor, eps: float, parts: list):
-    """`layer_norm_linears` of one row and two parts as one stacked GEMV; None when it does not
-    apply (weights of two types, a bias or norm parameter not float32 [n], x not a plain row)."""
-    (g1, c1, w1, b1, a1), (g2, c2, w2, b2, a2) = parts
-    if not (_decode_weight_ok(x, w1) and _decode_weight_ok(x, w2)) or w1.dtype is not w2.dtype:
-        return None
-    (N1, K), N2 = w1.shape, w2.shape[0]
-    for p, n in ((g1, K), (c1, K), (g2, K), (c2, K), (b1, N1), (b2, N2)):
-        if p is not None and (p.dtype is not dt.float32 or p.shape != (n,) or not p.view.is_contiguous):
-            return None
-    if not (_flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16)):
-        x = x.astype(dt.float32).contiguous() if x.dtype not in (dt.float32, dt.float16) else x.contiguous()
-    params = [(g1, c1, b1), (g2, c2, b2)]
-    present = tuple(tuple(p is not None for p in part) for part in params)
-    from .runtime import get_device
-    # out, x, W1, W2, the constants, the norm weights and the biases: one binding each
-    if 5 + sum(p is not None for p in (g1, g2, b1, b2)) > get_device().max_storage_buffers:
-        return None
-    srcs = [x, Tensor(w1.node), Tensor(w2.node)] + [p for part in params for p in part if p is not None]
-    y = _custom(DecodeNormLinearsKernel(w1.dtype, N1, N2, K, eps, present, (a1, a2)), srcs, (1, N1 + N2))
-    return [y[:, :N1], y[:, N1:]]
-
-
-def _decode_linear_pair(x1: Tensor, w1: Tensor, x2: Tensor, w2: Tensor):
-    """x1 @ w1.T + x2 @ w2.T for one row as ONE decode GEMV (two weights of one out_features, of
-    the same type or both GGUF block types, as a Q4_K_M file's q4_k and q6_k). None when it does
-    not apply."""
-    if not (_decode_weight_ok(x1, w1) and _decode_weight_ok(x2, w2)):
-        return None
-    if w1.dtype is not w2.dtype and not (w1.dtype.is_quant and w2.dtype.is_quant):
-        return None
-    (N, K1), K2 = w1.shape, w2.shape[1]
-    if w2.shape[0] != N:
-        return None
-    xs = []
-    for x, K in ((x1, K1), (x2, K2)):
-        if not (_flat_row_ok(x.view, K) and x.dtype in (dt.float32, dt.float16)):
-            x = x.astype(dt.float32).contiguous() if x.dtype not in (dt.float32, dt.float16) else x.contiguous()
-        xs.append(x)
-    return _custom(DecodeLinearKernel(w1.dtype, N, K1, None, K2, w2.dtype), [xs[0], Tensor(w1.node), xs[1], Tensor(w2.node)],
-                   (1, N))

@@ -40,6 +40,8 @@ class Op(Enum):
     ASSIGN = auto()
     # srcs[0]'s buffer once srcs[1] is realized (a write another kernel did: rewrites.py)
     AFTER = auto()
+    # realize every source in one schedule (tg.realize(a, b)); holds no value
+    SINK = auto()
 
 
 def _erf_np(x):

@@ -167,15 +167,15 @@ def _bias_act_chain(g: Graph, gm: Node):
 
 
 def _redirect(g: Graph, old: Node, new: Node, offset: int) -> None:
-    """Every graph read of `old` (a [1, n] row) reads `new` at element `offset` on instead."""
+    """Every graph read of `old` (a [1, n] row) reads `new` at element `offset` on instead (no
+    copy between them), and `old` itself becomes that slice of `new` (for a Tensor holding it)."""
     for c, i in g.readers.get(id(old), ()):
         v = c.srcs[i][1]
         srcs = list(c.srcs)
         srcs[i] = (new, View(v.shape, v.strides, v.offset + offset))
         set_srcs(c, tuple(srcs))
-    if old is g.root:
-        old.op, old.arg = Op.CAST, None
-        set_srcs(old, ((new, View(old.shape, tuple(0 if s == 1 else 1 for s in old.shape), offset)),))
+    old.op, old.arg = Op.CAST, None
+    set_srcs(old, ((new, View(old.shape, View.contiguous(old.shape).strides, offset)),))
 
 
 @rule

@@ -140,6 +140,10 @@ def _realize(node: Node) -> None:
     if node.op is Op.ASSIGN:
         _emit_assign(node)
         return
+    if node.op is Op.SINK:
+        for m, _ in node.srcs:
+            realize(m)
+        return
     if node.op is Op.AFTER:
         target, dep = node.srcs[0][0], node.srcs[1][0]
         realize(dep)

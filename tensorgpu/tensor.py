@@ -605,6 +605,23 @@ class Tensor:
         return self.split(max(size, 1), ax)
 
 
+def _sink(tensors) -> Node:
+    """One node whose realization realizes every tensor, in one schedule (rules see them all)."""
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"tg.realize takes Tensors, got {type(t).__name__}")
+    return Node(Op.SINK, tuple((t.node, View.contiguous(t.node.shape)) for t in tensors), dt.bool_, ())
+
+
+def realize(*tensors: "Tensor") -> tuple:
+    """Compute several tensors in one schedule, so the engine's rewrites see them together
+    (two projections of one input become one stacked GEMV) and shared work runs once.
+    Returns the tensors."""
+    from .schedule import realize as _realize
+    _realize(_sink(tensors))
+    return tensors
+
+
 class PendingRead:
     """A tensor's value on its way to the host (Tensor.read_async)."""
 

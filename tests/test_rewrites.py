@@ -1,0 +1,245 @@
+"""The engine's rewrite rules (tensorgpu/rewrites.py), each on plain tensor code: the kernels
+it leaves (names from the kernel log) and the values against float64 NumPy."""
+from math import erf
+
+import gguf
+import numpy as np
+import pytest
+
+import tensorgpu as tg
+from tensorgpu import runtime
+from tensorgpu.testing import random_blocks
+
+rng = np.random.default_rng(5)
+
+
+def names(log):
+    return [e.name.split("[")[0] for e in log]
+
+
+def _ln(x, g, c, eps=1e-5):
+    x = x.astype(np.float64)
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * g + c
+
+
+def _gelu(z):
+    return 0.5 * z * (1 + np.vectorize(erf)(z / np.sqrt(2)))
+
+
+def _weights(kind, shapes):
+    """(tensors, float64 values) of weights stored as `kind` (float32/float16 or a GGUF block type)."""
+    ts, vals = [], []
+    for shp in shapes:
+        W = rng.standard_normal(shp) * 0.05
+        if kind in (np.float32, np.float16):
+            ts.append(tg.tensor(W.astype(kind)))
+            vals.append(W.astype(kind).astype(np.float64))
+        else:
+            raw = random_blocks(kind, shp, 0.05, rng)
+            vals.append(np.asarray(gguf.quants.dequantize(raw.reshape(-1), gguf.GGMLQuantizationType[kind.upper()]),
+                                   np.float64).reshape(shp))
+            ts.append(tg.Tensor.from_buffer(runtime.upload(raw), shp, tg.dtypes.as_dtype(kind)))
+    return ts, vals
+
+
+def _kind_name(kind):
+    return {np.float32: "float32", np.float16: "float16"}.get(kind, kind)
+
+
+def test_fold_norm_into_gemv():
+    K, N = 128, 48
+    (w,), (W,) = _weights(np.float32, [(N, K)])
+    x = (rng.standard_normal((1, K)) * 2 + 3).astype(np.float32)
+    g, c, b = (rng.standard_normal(n).astype(np.float32) for n in (K, K, N))
+    y = tg.nn.linear(tg.nn.layer_norm(tg.tensor(x), tg.tensor(g), tg.tensor(c)), w, tg.tensor(b))
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    assert names(log) == ["gemv_ln_float32"]
+    want = _ln(x, g, c) @ W.T + b
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float16, "q8_0"])
+def test_stack_sibling_gemvs(kind):
+    """GPT-NeoX's ln1 + QKV and ln2 + up + gelu of one token, written as two plain linears:
+    one GEMV, both norms folded in, the biases and the gelu in its store. Three rows give the
+    same values through the ordinary kernels."""
+    K, N1, N2 = 256, 96, 160
+    (w1, w2), (W1, W2) = _weights(kind, [(N1, K), (N2, K)])
+    g1, c1, g2, c2 = (rng.standard_normal(K).astype(np.float32) for _ in range(4))
+    b1, b2 = rng.standard_normal(N1).astype(np.float32), rng.standard_normal(N2).astype(np.float32)
+    T = [tg.tensor(v) for v in (g1, c1, g2, c2, b1, b2)]
+    x = (rng.standard_normal((3, K)) * 2 + 4).astype(np.float32)
+
+    def block(xt):
+        y1 = tg.nn.linear(tg.nn.layer_norm(xt, T[0], T[1]), w1, T[4])
+        y2 = tg.nn.linear(tg.nn.layer_norm(xt, T[2], T[3]), w2, T[5]).gelu()
+        return y1, y2
+    tg.realize(*block(tg.tensor(x[:1])))                       # the folded norm constants, once
+    y1, y2 = block(tg.tensor(x[:1]))
+    with tg.debug.kernel_log() as log:
+        tg.realize(y1, y2)
+    assert names(log)[-1] == f"gemv_ln2_{_kind_name(kind)}" and names(log).count(f"gemv_ln2_{_kind_name(kind)}") == 1
+    assert not any(n.startswith(("layer_norm", "gemv_ln_")) for n in names(log)), names(log)
+    r1 = _ln(x, g1, c1) @ W1.T + b1
+    r2 = _gelu(_ln(x, g2, c2) @ W2.T + b2)
+    np.testing.assert_allclose(y1.numpy()[0], r1[0], rtol=1e-4, atol=1e-4 * np.abs(r1).max())
+    np.testing.assert_allclose(y2.numpy()[0], r2[0], rtol=1e-4, atol=1e-4 * np.abs(r2).max())
+    y1, y2 = block(tg.tensor(x))
+    np.testing.assert_allclose(y1.numpy(), r1, rtol=1e-3, atol=1e-3 * np.abs(r1).max())
+    np.testing.assert_allclose(y2.numpy(), r2, rtol=1e-3, atol=1e-3 * np.abs(r2).max())
+
+
+def test_stack_respects_eight_storage_buffers():
+    """WebGPU's default 8 storage buffers cannot bind the stacked GEMV with both norms and biases
+    (9): the two linears stay two (norm-folded) GEMVs, with the same values."""
+    K, N1, N2 = 128, 32, 48
+    x = tg.tensor((rng.standard_normal((1, K)) + 2).astype(np.float32))
+    ps = [tg.tensor(rng.standard_normal(n).astype(np.float32)) for n in (K, K, K, K, N1, N2)]
+    ws = [tg.tensor((rng.standard_normal((n, K)) * 0.1).astype(np.float32)) for n in (N1, N2)]
+
+    def block():
+        return (tg.nn.linear(tg.nn.layer_norm(x, ps[0], ps[1]), ws[0], ps[4]),
+                tg.nn.linear(tg.nn.layer_norm(x, ps[2], ps[3]), ws[1], ps[5]).gelu())
+    want = [t.numpy() for t in tg.realize(*block())]
+    old = runtime.OPTIONS.max_storage_buffers
+    runtime.OPTIONS.max_storage_buffers = 8
+    try:
+        ys = block()
+        with tg.debug.kernel_log() as log:
+            tg.realize(*ys)
+        got = [t.numpy() for t in ys]
+    finally:
+        runtime.OPTIONS.max_storage_buffers = old
+    assert "gemv_ln2_float32" not in names(log) and names(log).count("gemv_ln_float32") == 2, names(log)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kinds", [(np.float32, np.float32), (np.float16, np.float16), ("q4_0", "q4_0"),
+                                   ("q4_k", "q6_k")])
+def test_pair_gemvs_in_sum(kinds):
+    """x + linear(a, W1, b1) + linear(u, W2, b2) of one row (Pythia's parallel residual): one
+    GEMV over both inputs with the biases and the residual in its store, also for two GGUF
+    block types (a Q4_K_M file's q4_k attention output + q6_k MLP down)."""
+    K1, K2, N = 256, 512, 64
+    (w1,), (W1,) = _weights(kinds[0], [(N, K1)])
+    (w2,), (W2,) = _weights(kinds[1], [(N, K2)])
+    a, u, r = (rng.standard_normal((1, k)).astype(np.float32) for k in (K1, K2, N))
+    b1, b2 = rng.standard_normal(N).astype(np.float32), rng.standard_normal(N).astype(np.float32)
+    y = tg.tensor(r) + tg.nn.linear(tg.tensor(a), w1, tg.tensor(b1)) + tg.nn.linear(tg.tensor(u), w2, tg.tensor(b2))
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    want = r + a @ W1.T + b1 + u @ W2.T + b2
+    pair = "gemv2_" + (_kind_name(kinds[0]) if kinds[0] == kinds[1] else f"{kinds[0]}+{kinds[1]}")
+    assert names(log) == [pair]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_pair_in_other_groupings_and_more_rows():
+    K, N = 64, 32
+    (w1, w2), (W1, W2) = _weights(np.float32, [(N, K), (N, K)])
+    a, u, r = (rng.standard_normal((3, k)).astype(np.float32) for k in (K, K, N))
+    for rows in (1, 3):
+        ta, tu, tr = tg.tensor(a[:rows]), tg.tensor(u[:rows]), tg.tensor(r[:rows])
+        y = tg.nn.linear(ta, w1) + (tr + tg.nn.linear(tu, w2))
+        with tg.debug.kernel_log() as log:
+            got = y.numpy()
+        if rows == 1:
+            assert names(log) == ["gemv2_float32"]
+        np.testing.assert_allclose(got, r[:rows] + a[:rows] @ W1.T + u[:rows] @ W2.T, rtol=1e-4, atol=1e-4)
+
+
+def _decode_layer(x, qkv_w, cache_k, cache_v, pos, positions, H, D, rot):
+    """One token of GPT-NeoX attention, plain code: QKV, rope, cache writes, attention."""
+    T = x.shape[0]
+    qkv = tg.nn.linear(x, qkv_w).reshape(T, 3, H, D)
+    q = tg.nn.rope(qkv[:, 0], positions, rot)
+    k = tg.nn.rope(qkv[:, 1], positions, rot)
+    cache_k[:, pos:pos + T] = k.transpose(0, 1)
+    cache_v[:, pos:pos + T] = qkv[:, 2].transpose(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
+
+
+def _np_rope(x, p, rot, base=10000.0):
+    half = rot // 2
+    inv = base ** (-np.arange(half) * 2.0 / rot)
+    ang = p * inv
+    out = x.astype(np.float64).copy()
+    a, b = x[..., :half], x[..., half:rot]
+    out[..., :half] = a * np.cos(ang) - b * np.sin(ang)
+    out[..., half:rot] = b * np.cos(ang) + a * np.sin(ang)
+    return out
+
+
+@pytest.mark.parametrize("cache_dtype", [tg.float32, tg.float16])
+def test_fuse_decode_attention(cache_dtype):
+    """rope + both cache writes + attention of one token, from slice-assignment code: one kernel
+    (after the QKV GEMV and the step's key length), caches written as the plain code says."""
+    H, D, rot, max_ctx, C = 4, 32, 16, 32, 128
+    (wq,), (Wq,) = _weights(np.float32, [(3 * C, C)])
+    ck = tg.zeros((H, max_ctx, D), cache_dtype).contiguous().realize()
+    cv = tg.zeros((H, max_ctx, D), cache_dtype).contiguous().realize()
+    K = np.zeros((H, max_ctx, D))
+    V = np.zeros((H, max_ctx, D))
+    for pos in range(5):
+        x = rng.standard_normal((1, C)).astype(np.float32)
+        with tg.debug.kernel_log() as log:
+            got = _decode_layer(tg.tensor(x), wq, ck, cv, pos, tg.arange(pos, pos + 1), H, D, rot).numpy()
+        # the QKV GEMV, the key length as an int32 [1] (one per step, shared by every layer), the rest
+        assert names(log) == ["gemv_float32", "E_cast", "attention_decode"], names(log)
+        qkv = (x @ Wq.T).reshape(3, H, D)
+        K[:, pos] = _np_rope(qkv[1], pos, rot)
+        V[:, pos] = qkv[2]
+        q = _np_rope(qkv[0], pos, rot)
+        s = np.einsum("hd,hkd->hk", q, K[:, :pos + 1]) / np.sqrt(D)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("hk,hkd->hd", p / p.sum(-1, keepdims=True), V[:, :pos + 1])
+        tol = 2e-3 if cache_dtype is tg.float16 else 1e-4
+        np.testing.assert_allclose(got[:, 0], want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ck.numpy()[:, :5], K[:, :5], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cv.numpy()[:, :5], V[:, :5], rtol=2e-3, atol=2e-3)
+
+
+def test_decode_attention_reads_after_earlier_writes_and_before_later_ones():
+    """Reads built before a cache write see the old rows; the rule keeps that order."""
+    H, D, rot, C = 2, 16, 16, 32
+    (wq,), _ = _weights(np.float32, [(3 * C, C)])
+    ck = tg.zeros((H, 8, D)).contiguous().realize()
+    cv = tg.zeros((H, 8, D)).contiguous().realize()
+    before = ck * 1.0                         # lazy read of the zeros
+    out = _decode_layer(tg.tensor(rng.standard_normal((1, C)).astype(np.float32)), wq, ck, cv, 0,
+                        tg.arange(0, 1), H, D, rot)
+    out.numpy()
+    assert np.all(before.numpy() == 0) and np.abs(ck.numpy()[:, 0]).max() > 0
+
+
+def test_fusion_does_not_depend_on_live_python_variables():
+    a = tg.tensor(rng.standard_normal((4, 8)).astype(np.float32))
+    w = tg.tensor(rng.standard_normal((8, 8)).astype(np.float32))
+    y = a @ w
+    z = y + 1
+    with tg.debug.kernel_log() as log:
+        got = z.numpy()
+    assert len(log) == 1
+    np.testing.assert_allclose(got, a.numpy() @ w.numpy() + 1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y.numpy(), a.numpy() @ w.numpy(), rtol=1e-5, atol=1e-5)   # recomputed
+
+
+def test_schedule_is_a_value_to_print():
+    a = tg.tensor(np.ones((4, 8), np.float32))
+    w = tg.tensor(np.ones((8, 8), np.float32))
+    t = ((a @ w).sum(-1) * 2 + 1)
+    s = tg.debug.schedule(t)
+    assert len(s) == 2 and "grid=" in str(s) and all(k.wgsl for k in s)
+    np.testing.assert_allclose(t.numpy(), np.full(4, 129.0))
+    assert len(tg.debug.schedule(t)) == 0                    # realized: nothing left to plan
+
+
+def test_rule_firings_are_counted():
+    before = tg.debug.stats().get("rule_fold_norm_into_gemv", 0)
+    K = 64
+    x = tg.tensor(rng.standard_normal((1, K)).astype(np.float32))
+    w = tg.tensor(rng.standard_normal((8, K)).astype(np.float32))
+    tg.nn.linear(tg.nn.layer_norm(x), w).numpy()
+    assert tg.debug.stats()["rule_fold_norm_into_gemv"] == before + 1
