@@ -51,11 +51,9 @@ def timed(fn, reps: int) -> list:
 def bench_prefill(model, n: int, reps: int = 3) -> dict:
     cache = model.new_cache(n + 8)
     ids = tg.tensor(np.random.default_rng(0).integers(0, model.config.n_vocab, n).astype(np.int32))
-    pos = tg.tensor(np.arange(n, dtype=np.int32))
-    kv = tg.tensor(np.array([n], np.int32))
 
     def run():
-        model.forward(ids, pos, kv, cache, last_only=True).realize()
+        model.forward(ids, 0, cache)[n - 1:].contiguous().realize()      # the last token's logits
 
     t0 = time.perf_counter()
     run()
@@ -101,21 +99,20 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
     cache = model.new_cache(prompt + new + 8)
 
     @tg.capture
-    def step(tok, p, kv_len):
-        return model.forward(tok, p, kv_len, cache, last_only=True).argmax(-1)   # int32 [1]
+    def step(tok, p):
+        return model.forward(tok, p, cache).argmax(-1)                  # int32 [1]
 
     rng = np.random.default_rng(1)
     ids = rng.integers(0, c.n_vocab, prompt).astype(np.int32)
     t0 = time.perf_counter()
-    logits = model.forward(tg.tensor(ids), tg.tensor(np.arange(prompt, dtype=np.int32)),
-                           tg.tensor(np.array([prompt], np.int32)), cache, last_only=True)
+    logits = model.forward(tg.tensor(ids), 0, cache)[prompt - 1:].contiguous()
     tok = logits.argmax(-1).realize()
     tok0 = int(tok.item())
     prefill_s = time.perf_counter() - t0
     # first decode step: trace (graph + fusion + codegen + pipeline compiles)
     t0 = time.perf_counter()
     with tg.debug.kernel_log() as log:
-        out = step(tok, prompt, prompt + 1)
+        out = step(tok, prompt)
     first_ids = [int(out.item())]
     first_step_s = time.perf_counter() - t0
     n_kernels = len(log)
@@ -133,7 +130,7 @@ def bench_decode(model, prompt: int = 32, new: int = 128) -> dict:
         for i in range(n_steps):
             p = start + i
             h0 = time.perf_counter()
-            t = step(t, p, p + 1)
+            t = step(t, p)
             dt = time.perf_counter() - h0
             host[0] += dt
             replay[0] += dt

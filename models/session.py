@@ -151,7 +151,8 @@ class Session:
             if last_only:
                 # `last` (the last real row) is a step variable: one trace serves the bucket
                 def fwd(ids, pos, last):
-                    return model.forward(ids, pos, cache)[last:last + 1]               # [1, V]
+                    # a copy of the row read: the engine then runs the head for it alone
+                    return model.forward(ids, pos, cache)[last:last + 1].contiguous()  # [1, V]
             else:
                 def fwd(ids, pos):
                     return model.forward(ids, pos, cache)                              # [B, V]
@@ -162,7 +163,7 @@ class Session:
         ids = np.zeros(B, np.int32)
         ids[:T] = run
         if last_only:
-            return fn(ids, p, T - 1).contiguous()      # [1, V]
+            return fn(ids, p, T - 1).contiguous()      # [1, V] (the capture's buffer is rewritten by its next replay)
         out = fn(ids, p)                               # [B, V]
         # the capture's output buffer is rewritten by its next replay: hand out a copy
         return (out if B == T else out[:T]).contiguous()

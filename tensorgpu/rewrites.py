@@ -124,6 +124,53 @@ def _same(a, b) -> bool:
 
 
 @rule
+def rows_before_head(g: Graph) -> int:
+    """Some rows of linear(layer_norm(x)) — a prompt's last-token logits out of [T, vocab] — are
+    the linear of the layer norm of those rows of x: the vocabulary projection runs for the
+    rows read, not for the whole prompt."""
+    from .nn import LayerNormKernel, layer_norm, linear
+    from .customops import MatmulKernel, QuantMatmulKernel
+    from .tensor import Tensor
+    fired = 0
+    for n in list(g.nodes):
+        for i, (L, v) in enumerate(n.srcs):
+            if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
+                    and g.only_reader(L) == (n, i)):
+                continue
+            T, V = L.shape
+            k = v.shape[0] if len(v.shape) == 2 else 0
+            if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
+                continue
+            (X, xv), (W, wv) = L.srcs
+            r = v.offset // V if not isinstance(v.offset, SymInt) else None
+            if r is None:
+                if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
+                    continue
+                r = SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
+            elif r * V != v.offset:
+                continue
+            if not (_is(X, LayerNormKernel) and g.only_reader(X) == (L, 0) and xv.is_identity(X.shape)
+                    and len(X.shape) == 2):
+                continue
+            (Y, yv) = X.srcs[0]
+            if len(yv.shape) != 2:
+                continue
+            rows = View((k, yv.shape[1]), yv.strides, yv.offset + r * yv.strides[0])
+            ln = X.arg
+            extra = [Tensor(m, mv) for m, mv in X.srcs[1:]]
+            lw = extra.pop(0) if ln.has_w else None
+            lb = extra.pop(0) if ln.has_b else None
+            h = layer_norm(Tensor(Y, rows), lw, lb, ln.eps)
+            w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
+            y = linear(h, w)
+            srcs = list(n.srcs)
+            srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
+            set_srcs(n, tuple(srcs))
+            fired += 1
+    return fired
+
+
+@rule
 def fold_norm_into_gemv(g: Graph) -> int:
     """layer_norm(x) read by a one-row linear: the GEMV normalises x itself (its constants
     folded into the weights once), so the norm is no kernel of its own."""

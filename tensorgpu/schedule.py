@@ -26,6 +26,7 @@ from .graph import CustomKernel, Node, buffer_node
 from .ops import Op
 from . import runtime
 from .runtime import Buffer, dispatch, get_device, grid_for, upload
+from .symbolic import is_symbolic
 from .view import View
 
 
@@ -442,7 +443,10 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
         realize(m)
         if m.buffer in _pending_writes:
             writes_before(m.buffer, node.seq, node)
-        if i in kernel.contiguous_srcs and not v.is_contiguous:
+        # a hand-written kernel bakes its operands' offsets into its WGSL: one that is a step
+        # variable is copied out first by a generated kernel (which takes it as a parameter)
+        symbolic = is_symbolic(v.offset) and not m.dtype.is_quant
+        if (i in kernel.contiguous_srcs and not v.is_contiguous) or symbolic:
             c = Node(Op.CAST, ((m, v),), m.dtype, v.shape)  # identity cast = contiguous copy
             realize(c)
             m, v = c, View.contiguous(v.shape)
