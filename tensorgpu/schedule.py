@@ -26,7 +26,7 @@ from .graph import CustomKernel, Node, buffer_node
 from .ops import Op
 from . import runtime
 from .runtime import Buffer, dispatch, get_device, grid_for, upload
-from .symbolic import is_symbolic
+from .symbolic import is_symbolic, static
 from .view import View
 
 
@@ -300,8 +300,19 @@ def _cut_deep(root: Node) -> None:
         realize(n)
 
 
+def _static_view(v: View) -> None:
+    """Generated code bakes shapes and strides in (offsets are parameters): a step variable in
+    one specializes the capture to its value, so a replay never runs a kernel of another size."""
+    for x in v.shape + v.strides:
+        if type(x) is not int:
+            static(x)
+
+
 def _plan(root: Node):
     """Choose the core of root's kernel and materialize every source that can't be inlined."""
+    for x in root.shape:
+        if type(x) is not int:
+            static(x)
     limit = get_device().max_storage_buffers
     while True:
         try:
@@ -336,6 +347,7 @@ def _plan_once(root: Node, limit: int):
             mine: set = set()
             memo[key] = mine
             for m, v in n.srcs:
+                _static_view(v)
                 if m.buffer is not None:
                     if m.buffer in _pending_writes:
                         writes_before(m.buffer, n.seq)
@@ -445,6 +457,7 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
             writes_before(m.buffer, node.seq, node)
         # a hand-written kernel bakes its operands' offsets into its WGSL: one that is a step
         # variable is copied out first by a generated kernel (which takes it as a parameter)
+        _static_view(v)
         symbolic = is_symbolic(v.offset) and not m.dtype.is_quant
         if (i in kernel.contiguous_srcs and not v.is_contiguous) or symbolic:
             c = Node(Op.CAST, ((m, v),), m.dtype, v.shape)  # identity cast = contiguous copy

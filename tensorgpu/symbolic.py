@@ -128,6 +128,17 @@ class SymInt(int):
     def __index__(self):
         return int.__int__(self)
 
+    def __eq__(self, o):
+        # equal only when provably so (the same expression): `offset == 0` must not hold for a
+        # step variable that happens to be 0 now, or code would drop it from a kernel
+        if isinstance(o, SymInt):
+            return self.const == o.const and sorted((v.id, c) for v, c in self.terms) == \
+                sorted((v.id, c) for v, c in o.terms)
+        return False
+
+    def __ne__(self, o):
+        return not self.__eq__(o)
+
     def __hash__(self):
         return int.__hash__(self)
 

@@ -766,6 +766,9 @@ def tensor(data, dtype=None) -> Tensor:
 def _shape_arg(shape) -> tuple:
     if isinstance(shape, (int, np.integer)):
         shape = (int(shape),)
+    bad = [s for s in shape if not isinstance(s, (int, np.integer)) or isinstance(s, bool)]
+    if bad:
+        raise TypeError(f"dimensions must be ints, got {bad[0]!r} in shape {tuple(shape)!r}")
     shape = tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise ValueError(f"negative dimensions are not allowed: {shape}")
@@ -784,17 +787,28 @@ def full(shape, value, dtype=None) -> Tensor:
     return Tensor.const(_cast_scalar(value, d), d, shape)
 
 
-def zeros(shape, dtype=dt.float32) -> Tensor:
+def _shape_and_dtype(args: tuple, dtype, what: str) -> tuple:
+    """zeros(2, 3), zeros((2, 3)), zeros((2, 3), tg.float16) and zeros(2, 3, dtype=...): dims as
+    varargs or one sequence; a second positional argument that is not an int is the dtype."""
+    if len(args) == 2 and not isinstance(args[0], (int, np.integer)) and not isinstance(args[1], (int, np.integer)):
+        return _shape_arg(args[0]), args[1]
+    return _dims(args, what), dtype
+
+
+def zeros(*shape, dtype=dt.float32) -> Tensor:
+    """tg.zeros(2, 3), tg.zeros((2, 3)) or tg.zeros((2, 3), tg.float16)."""
+    shape, dtype = _shape_and_dtype(shape, dtype, "zeros")
     return full(shape, 0, dtype)
 
 
-def ones(shape, dtype=dt.float32) -> Tensor:
+def ones(*shape, dtype=dt.float32) -> Tensor:
+    shape, dtype = _shape_and_dtype(shape, dtype, "ones")
     return full(shape, 1, dtype)
 
 
-def empty(shape, dtype=dt.float32) -> Tensor:
+def empty(*shape, dtype=dt.float32) -> Tensor:
     """An uninitialised realized tensor (e.g. a KV cache to be written with t[...] = v)."""
-    shape = _shape_arg(shape)
+    shape, dtype = _shape_and_dtype(shape, dtype, "empty")
     d = dt.as_dtype(dtype)
     _check_fits(shape, d, "tg.empty")
     buf = runtime.Buffer(max(d.nbytes(prod(shape)), 4))
@@ -826,13 +840,28 @@ def arange(start, stop=None, step=1, dtype=None) -> Tensor:
     return Tensor.from_numpy(a, dtype)
 
 
-def rand(shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
-    """Uniform [0, 1) numbers from NumPy's PCG64 (reproducible for a given seed)."""
-    return Tensor.from_numpy(np.random.default_rng(seed).random(_shape_arg(shape), dtype=np.float32), dtype)
+def _dims(args: tuple, what: str) -> tuple:
+    """Dimensions given as varargs (NumPy's random.randn(2, 3), torch.zeros(2, 3)) or as one
+    sequence (tg.zeros((2, 3)))."""
+    if len(args) == 1 and not isinstance(args[0], (int, np.integer)):
+        return _shape_arg(args[0])
+    for a in args:
+        if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+            raise TypeError(f"{what}: dimensions must be ints, got {a!r} in {args!r} (the seed and dtype are "
+                            "keyword arguments: seed=..., dtype=...)")
+    return _shape_arg(args)
 
 
-def randn(shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
-    return Tensor.from_numpy(np.random.default_rng(seed).standard_normal(_shape_arg(shape), dtype=np.float32), dtype)
+def rand(*shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
+    """Uniform [0, 1) numbers from NumPy's PCG64 (reproducible for a given seed):
+    tg.rand(2, 3) or tg.rand((2, 3)); seed and dtype are keyword-only."""
+    return Tensor.from_numpy(np.random.default_rng(seed).random(_dims(shape, "rand"), dtype=np.float32), dtype)
+
+
+def randn(*shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
+    """Standard normal numbers: tg.randn(32, 16) or tg.randn((32, 16)); seed and dtype keyword-only."""
+    return Tensor.from_numpy(np.random.default_rng(seed).standard_normal(_dims(shape, "randn"), dtype=np.float32),
+                             dtype)
 
 
 def where(cond, a, b) -> Tensor:
