@@ -790,7 +790,7 @@ def full(shape, value, dtype=None) -> Tensor:
 def _shape_and_dtype(args: tuple, dtype, what: str) -> tuple:
     """zeros(2, 3), zeros((2, 3)), zeros((2, 3), tg.float16) and zeros(2, 3, dtype=...): dims as
     varargs or one sequence; a second positional argument that is not an int is the dtype."""
-    if len(args) == 2 and not isinstance(args[0], (int, np.integer)) and not isinstance(args[1], (int, np.integer)):
+    if len(args) == 2 and not isinstance(args[1], (int, np.integer)) and not isinstance(args[1], float):
         return _shape_arg(args[0]), args[1]
     return _dims(args, what), dtype
 
