@@ -244,6 +244,12 @@ class Tokenizer:
             if j < 0:
                 raise ValueError(f"tokenizer.ggml.merges[{k}] = {m!r} is not of the form 'left right'")
             pairs.append((m[:j], m[j + 1 :]))
+        # the Rust BPE panics (not a Python error) on a merge whose parts or result it lacks
+        for k, (a, b) in enumerate(pairs):
+            if a not in vocab or b not in vocab or a + b not in vocab:
+                raise ValueError(f"tokenizer.ggml.merges[{k}] = {a + ' ' + b!r}: "
+                                 f"{'the merged token' if a in vocab and b in vocab else 'a side'} "
+                                 f"is not in tokenizer.ggml.tokens")
         added = []
         for i, t in enumerate(self._types):
             if t == CONTROL:

@@ -41,9 +41,12 @@ def _rms(x, w, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
 
-def _rope(x, pos, rot, base, mode):
-    """x [T, H, D] rotated at positions pos [T] (float64 angles)."""
+def _rope(x, pos, rot, base, mode, freq_factors=None):
+    """x [T, H, D] rotated at positions pos [T] (float64 angles; pair i's divided by
+    freq_factors[i], Llama 3.1's rope_freqs.weight, when given)."""
     inv = base ** (-np.arange(0, rot, 2, dtype=np.float64) / rot)                  # [rot/2]
+    if freq_factors is not None:
+        inv = inv / freq_factors
     ang = pos[:, None].astype(np.float64) * inv[None, :]
     c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     y = x.copy()
@@ -70,8 +73,9 @@ def forward(path: str, ids) -> np.ndarray:
         h = _rms(x, p("attn_norm.weight"), eps)
         q, k, v = (h @ p(f"attn_{n}.weight").T + (0 if p(f"attn_{n}.bias") is None else p(f"attn_{n}.bias"))
                    for n in "qkv")
-        q = _rope(q.reshape(T, Hq, D), pos, cfg["rot"], cfg["rope_base"], mode)
-        k = _rope(k.reshape(T, Hkv, D), pos, cfg["rot"], cfg["rope_base"], mode)
+        ff = w.get("rope_freqs.weight")
+        q = _rope(q.reshape(T, Hq, D), pos, cfg["rot"], cfg["rope_base"], mode, ff)
+        k = _rope(k.reshape(T, Hkv, D), pos, cfg["rot"], cfg["rope_base"], mode, ff)
         v = v.reshape(T, Hkv, D)
         kq, vq = np.repeat(k, Hq // Hkv, axis=1), np.repeat(v, Hq // Hkv, axis=1)  # head h -> kv h // G
         s = np.einsum("thd,uhd->htu", q, kq) / np.sqrt(D)
