@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="score only the second half of each window, as llama-perplexity does")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    c = sub.add_parser("convert", help="Hugging Face GPT-NeoX checkpoint -> GGUF", add_help=False)
+    c = sub.add_parser("convert", help="Hugging Face GPT-NeoX / Llama / Qwen2 checkpoint -> GGUF", add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
     return ap
 

@@ -111,14 +111,16 @@ class StreamDecoder:
 
     A multi-byte character can be spread over several byte-level tokens; the pieces
     returned here only ever contain complete characters, and their concatenation
-    (including :meth:`flush`) equals ``Tokenizer.decode`` of all ids.
+    (including :meth:`flush`) equals ``Tokenizer.decode`` of all ids when ``at_start``
+    (the ids begin the text: SentencePiece drops the prefix space of the first piece);
+    by default the ids continue a text (generation), and every space is kept.
     """
 
-    def __init__(self, tokenizer: "Tokenizer", skip_special: bool = False):
+    def __init__(self, tokenizer: "Tokenizer", skip_special: bool = False, at_start: bool = False):
         self._tok = tokenizer
         self._skip = skip_special
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._at_start = True
+        self._at_start = at_start
 
     def step(self, token_id: int) -> str:
         """Feed one id; return the text that became complete (possibly '')."""
@@ -389,13 +391,14 @@ class Tokenizer:
         """
         return self.decode_bytes(ids, skip_special=skip_special).decode("utf-8", errors="replace")
 
-    def decode_stream(self, *, skip_special: bool = False) -> StreamDecoder:
-        """An incremental decoder for generation: ``piece = sd.step(id)``, then ``sd.flush()``."""
-        return StreamDecoder(self, skip_special)
+    def decode_stream(self, *, skip_special: bool = False, at_start: bool = False) -> StreamDecoder:
+        """An incremental decoder for generation: ``piece = sd.step(id)``, then ``sd.flush()``.
+        at_start: the ids begin the text (as decode() assumes) rather than continue a prompt."""
+        return StreamDecoder(self, skip_special, at_start)
 
     def decode_iter(self, ids: Iterable[int], *, skip_special: bool = False) -> Iterator[str]:
         """Yield non-empty text pieces as soon as complete characters are available."""
-        sd = self.decode_stream(skip_special=skip_special)
+        sd = self.decode_stream(skip_special=skip_special, at_start=True)
         for i in ids:
             piece = sd.step(i)
             if piece:

@@ -48,8 +48,9 @@ def test_decode_round_trip_and_stream(toks, name):
         s, ids = c["text"], tok.encode(c["text"])
         assert tok.decode(ids, skip_special=True) == s
         assert tok.decode(tok.encode(s, add_bos=False)) == s
-        sd = tok.decode_stream(skip_special=True)
+        sd = tok.decode_stream(skip_special=True, at_start=True)
         assert "".join(sd.step(i) for i in ids) + sd.flush() == s, repr(s)
+        assert "".join(tok.decode_iter(ids, skip_special=True)) == s
 
 
 def test_spm_details(toks):
@@ -61,6 +62,15 @@ def test_spm_details(toks):
     assert tok.encode("<s>hi</s>", add_bos=False)[0] == 1 and tok.encode("<s>hi</s>", add_bos=False)[-1] == 2
     assert 1 not in tok.encode("<s>hi", add_bos=False, parse_special=False)
     assert tok.encode("") == [1]
+
+
+def test_stream_continues_a_prompt(toks):
+    """Generation streams a continuation: its first piece keeps its space (llama.cpp's
+    token_to_piece), unlike decode() of a whole text."""
+    tok = toks["tiny-llama"]
+    ids = tok.encode("the LORD", add_bos=False)            # "▁the", "▁LORD"
+    sd = tok.decode_stream()
+    assert "".join(sd.step(i) for i in ids) == " the LORD" and tok.decode(ids) == "the LORD"
 
 
 def test_spm_without_space_prefix(mds):
