@@ -179,3 +179,29 @@ def test_f32_matches_transformers(name):
     for p in range(4):
         g = list(m.session().generate(r[f"p{p}_ids"].tolist(), max_new_tokens=32, stop_on_eos=False))
         greedy_agrees(None, None, g, r[f"p{p}_greedy_ids"], r[f"p{p}_greedy_margins"])
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_python_m_models_generate():
+    """The README's command: `python -m models generate --model models/tiny-llama/...`."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "models", "generate", "--model", gguf("tiny-llama", "q8_0"),
+                        "--prompt", "In the beginning God created", "-n", "8", "--no-warmup"],
+                       capture_output=True, text=True, cwd=ROOT.parent, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("In the beginning God created ") and len(r.stdout) > 32
+    assert "Llama(tiny-llama-q8_0.gguf: llama" in r.stderr and "decode:" in r.stderr
+
+
+def test_cli_names_an_unsupported_architecture(tmp_path, capsys):
+    from models.cli import main
+    from models.tokenizer import read_gguf_metadata
+    md = {k: v for k, v in read_gguf_metadata(gguf("tiny-qwen2", "q8_0")).items() if not k.startswith("qwen2.")}
+    md["general.architecture"] = "mamba"
+    tg.save_gguf(tmp_path / "m.gguf", {"token_embd.weight": np.zeros((4096, 8), np.float32)}, md)
+    assert main(["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "'mamba' is not supported" in err and "gptneox, llama, qwen2" in err
