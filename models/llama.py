@@ -185,12 +185,16 @@ class Llama:
 
     def forward(self, ids: tg.Tensor, positions: tg.Tensor, kv_len: tg.Tensor, cache: Sequence,
                 last_only: bool = False, last_index: Optional[tg.Tensor] = None) -> tg.Tensor:
-        """Logits for `ids` (int32 [T]) at `positions` (int32 [T]); K/V rows are written into
-        `cache` (per layer a (k, v) pair of [Hkv, max_ctx, D]) and attention reads the first
-        kv_len (int32 [1]) rows. Returns float32 [T, vocab] ([1, vocab] with last_only, or the
+        """Logits for `ids` (int32 [T]) at `positions` (int32 [T], or the int start position); K/V
+        rows are written into `cache` (per layer a (k, v) pair of [Hkv, max_ctx, D]) and attention
+        reads the first kv_len (int32 [1] or int) rows. Returns float32 [T, vocab] ([1, vocab] with last_only, or the
         row last_index (int32 [1]) names: a prompt padded to a bucket length)."""
         c = self.config
         T = ids.shape[0]
+        if isinstance(positions, int):      # a start position (a step variable under tg.capture)
+            positions = tg.arange(positions, positions + T).realize()          # [T]
+        if isinstance(kv_len, int):
+            kv_len = tg.full((1,), kv_len, tg.int32).contiguous().realize()    # int32 [1]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
         for i, (blk, (k_cache, v_cache)) in enumerate(zip(self.blk, cache)):
             # last_only: the last layer still writes every token's K/V, then works on one row
