@@ -13,7 +13,7 @@ heads, D = head_dim, F = n_ff):
     q = h @ attn_q.T (+ b)                               [T, Hq, D]
     k, v = h @ attn_k.T (+ b), h @ attn_v.T (+ b)        [T, Hkv, D] each
     q = rope(q); cache[:, pos] = rope(k), v              q: [Hq, T, D]; caches [Hkv, max_ctx, D]
-    a = attention(q, cache[:, :kv_len])                  [T, Hq, D]; query head h reads KV head h // (Hq/Hkv)
+    a = attention(q, cache[:, :pos+T])                   [T, Hq, D]; query head h reads KV head h // (Hq/Hkv)
     x = x + a @ attn_output.T                            [T, C]
     x = x + ffn_down(silu(ffn_gate(h2)) * ffn_up(h2))    h2 = rms_norm(x) * ffn_norm; [T, F] inside
 
@@ -22,9 +22,10 @@ LlamaModel.permute) so that HF's rotate-half pairs (i, i + D/2) become adjacent 
 such a file needs GGML's "normal" rope. A `qwen2` file is not permuted and uses NEOX rope.
 Llama 3.1's `rope_freqs.weight` divides pair i's angle by its factor.
 
-Every per-step scalar (positions, the number of valid cache rows) enters as a small int32
-tensor, so the decode step has the same structure every token (capture/replay); the forward
-protocol is GPT-NeoX's, so models/session.py drives both.
+The forward protocol is GPT-NeoX's, `forward(ids, pos, cache)`: the K/V rows are written with
+slice assignment (`cache[:, pos:pos+T] = k`) and attention reads `cache[:, :pos+T]`; under
+tg.capture `pos` is a step variable, so one captured decode step serves every position, and
+models/session.py drives both models.
 """
 from __future__ import annotations
 
@@ -181,57 +182,45 @@ class Llama:
 
         return load_checked(path, build, progress, _file)
 
-    # -- the forward pass (GPT-NeoX's protocol: models/session.py drives it) ---------------
+    # -- the forward pass (the models' protocol: models/session.py drives it) ----------------
 
-    def forward(self, ids: tg.Tensor, positions: tg.Tensor, kv_len: tg.Tensor, cache: Sequence,
-                last_only: bool = False, last_index: Optional[tg.Tensor] = None) -> tg.Tensor:
-        """Logits for `ids` (int32 [T]) at `positions` (int32 [T], or the int start position); K/V
-        rows are written into `cache` (per layer a (k, v) pair of [Hkv, max_ctx, D]) and attention
-        reads the first kv_len (int32 [1] or int) rows. Returns float32 [T, vocab] ([1, vocab] with last_only, or the
-        row last_index (int32 [1]) names: a prompt padded to a bucket length)."""
+    def forward(self, ids: tg.Tensor, pos: int, cache: Sequence) -> tg.Tensor:
+        """Logits float32 [T, vocab] of `ids` (int32 [T]) at positions pos .. pos+T-1. Each layer
+        writes its K/V rows into `cache` (per layer a (k, v) pair of [Hkv, max_ctx, D]) and
+        attends over the first pos+T rows. Under tg.capture `pos` is a step variable: one
+        captured step serves every position."""
         c = self.config
         T = ids.shape[0]
-        if isinstance(positions, int):      # a start position (a step variable under tg.capture)
-            positions = tg.arange(positions, positions + T).realize()          # [T]
-        if isinstance(kv_len, int):
-            kv_len = tg.full((1,), kv_len, tg.int32).contiguous().realize()    # int32 [1]
+        positions = tg.arange(pos, pos + T)                                # [T]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
-        for i, (blk, (k_cache, v_cache)) in enumerate(zip(self.blk, cache)):
-            # last_only: the last layer still writes every token's K/V, then works on one row
-            one = last_only and last_index is None and i == c.n_layer - 1
-            x = self.block(blk, x, positions, kv_len, k_cache, v_cache, one)
-        if last_index is not None:
-            x = tg.nn.embedding(last_index, x)                             # [1, C]: that row
-        elif last_only and x.shape[0] > 1:
-            x = x[T - 1:]                                                  # [1, C]
+        for blk, (k_cache, v_cache) in zip(self.blk, cache):
+            x = self.block(blk, x, pos, positions, k_cache, v_cache)
         x = tg.nn.rms_norm(x, self.output_norm.weight, c.norm_eps)
         return tg.nn.linear(x, self.output)                                # [T, V]
 
-    def block(self, blk, x, positions, kv_len, k_cache, v_cache, last_only=False):
+    def block(self, blk, x, pos, positions, k_cache, v_cache):
         """One pre-norm transformer layer: x + attention(norm(x)), then + mlp(norm(x))."""
         c = self.config
         h = tg.nn.rms_norm(x, blk.attn_norm.weight, c.norm_eps)           # [T, C]
-        a = self.attention(blk, h, positions, kv_len, k_cache, v_cache, last_only)
-        if last_only and x.shape[0] > 1:
-            x = x[x.shape[0] - 1:]                                         # [1, C]: the rows a covers
-        x = _residual(x + a)
+        x = _residual(x + self.attention(blk, h, pos, positions, k_cache, v_cache))
         return _residual(x + self.mlp(blk, tg.nn.rms_norm(x, blk.ffn_norm.weight, c.norm_eps)))
 
-    def attention(self, blk, h, positions, kv_len, k_cache, v_cache, last_only=False):
+    def attention(self, blk, h, pos, positions, k_cache, v_cache):
         """Self-attention of h [T, C] with grouped-query heads; writes this step's K/V rows."""
         c = self.config
         T, Hq, Hkv, D = h.shape[0], c.n_head, c.n_head_kv, c.head_dim
+        rope = dict(rot_dims=c.rot_dims, base=c.rope_base, mode=c.rope_mode, freq_factors=self.freq_factors)
         q = tg.nn.linear(h, blk.attn_q.weight, blk.attn_q.bias).reshape(T, Hq, D)
         k = tg.nn.linear(h, blk.attn_k.weight, blk.attn_k.bias).reshape(T, Hkv, D)
         v = tg.nn.linear(h, blk.attn_v.weight, blk.attn_v.bias).reshape(T, Hkv, D)
-        # rope(q) [Hq, T, D]; rope(k) and v land in the caches at rows `positions`
-        q = tg.nn.rope_kv_write((q, k, v), positions, k_cache, v_cache, c.rot_dims, c.rope_base,
-                                mode=c.rope_mode, freq_factors=self.freq_factors)
-        if last_only and T > 1:                                            # only the last query onwards
-            q, T = q[:, T - 1:], 1                                         # [Hq, 1, D]
-        a = tg.nn.scaled_dot_product_attention(q, k_cache, v_cache, causal=True, kv_len=kv_len,
-                                               out_layout="sbd")          # [T, Hq, D]
-        return tg.nn.linear(a.reshape(T, Hq * D), blk.attn_output.weight)  # [T, C]
+        q, k = tg.nn.rope(q, positions, **rope), tg.nn.rope(k, positions, **rope)
+        k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # caches [Hkv, max_ctx, D]
+        v_cache[:, pos:pos + T] = v.transpose(0, 1)
+        # query head h reads KV head h // (Hq / Hkv): no copy of K/V to Hq heads
+        a = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
+                                               causal=True)               # [Hq, T, D]
+        a = a.transpose(0, 1).reshape(T, Hq * D)                           # [T, Hq*D]
+        return tg.nn.linear(a, blk.attn_output.weight)                     # [T, C]
 
     def mlp(self, blk, h):
         """SwiGLU: ffn_down(silu(ffn_gate(h)) * ffn_up(h))."""
