@@ -1,4 +1,5 @@
-"""Command line: `python -m models.gpt_neox {generate,perplexity,convert} --help`.
+"""Command line: `python -m models {generate,perplexity,convert} --help` (also reachable as
+`python -m models.gpt_neox ...`). Any architecture models.load() supports (models/registry.py).
 
 generate streams text as it is produced, then prints prefill and decode tokens/s (stderr);
 perplexity shows a progress bar over windows; convert is models.convert.main_convert.
@@ -11,17 +12,20 @@ import sys
 import time
 from typing import Optional, Sequence
 
-PROG = "python -m models.gpt_neox"
+PROG = "python -m models"
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
     from .gpt_neox import DEFAULT_MODEL
+    from .registry import supported_architectures
     p.add_argument("--model", "-m", default=str(DEFAULT_MODEL),
-                   help="GGUF file of a gptneox model (default: the bundled tiny-neox q8_0)")
+                   help=f"GGUF file of a model ({', '.join(supported_architectures())}; "
+                        "default: the bundled tiny-neox q8_0)")
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="GPT-NeoX inference on tensorgpu (WebGPU through wgpu-py).")
+    ap = argparse.ArgumentParser(prog=PROG, description="LLM inference on tensorgpu (WebGPU through wgpu-py): "
+                                                        "GPT-NeoX, LLaMA-family and Qwen2 GGUF files.")
     sub = ap.add_subparsers(dest="command", metavar="{generate,perplexity,convert}")
     sub.required = True
 
@@ -53,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="score only the second half of each window, as llama-perplexity does")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    c = sub.add_parser("convert", help="Hugging Face GPT-NeoX checkpoint -> GGUF", add_help=False)
+    c = sub.add_parser("convert", help="Hugging Face GPT-NeoX / Llama / Qwen2 checkpoint -> GGUF", add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
     return ap
 
@@ -64,9 +68,9 @@ def _fail(msg: str) -> int:
 
 
 def _load(path: str):
-    from .gpt_neox import GPTNeoX
+    from .registry import load
     t = time.perf_counter()
-    model = GPTNeoX.from_gguf(path)
+    model = load(path)
     print(f"loaded {model} in {time.perf_counter() - t:.2f} s", file=sys.stderr)
     return model
 
@@ -141,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = _parser().parse_args(argv)
     from tensorgpu.gguf import GGUFError
 
-    from .gpt_neox import ModelError
+    from .base import ModelError
     try:
         return {"generate": cmd_generate, "perplexity": cmd_perplexity}[a.command](a)
     except (GGUFError, ModelError, ValueError, IndexError) as e:

@@ -1,4 +1,6 @@
 """Hugging Face GPT-NeoX checkpoints <-> GGUF files laid out as llama.cpp writes them.
+(LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM: convert() hands them to
+models/convert_llama.py.)
 
 ``convert`` follows ``GPTNeoXModel`` in llama.cpp's ``convert_hf_to_gguf.py`` (names,
 QKV row order, which tensors stay F32, tokenizer keys) so that its output loads in
@@ -332,9 +334,10 @@ def convert(
     progress: bool = True,
     *,
     name: str | None = None,
-    pre: str = "mpt",
+    pre: str | None = None,
 ) -> Path:
-    """Write a llama.cpp-compatible GGUF of the GPTNeoXForCausalLM checkpoint in ``hf_dir``.
+    """Write a llama.cpp-compatible GGUF of the GPTNeoXForCausalLM checkpoint in ``hf_dir``
+    (or of a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM one: models/convert_llama.py).
 
     Everything (config, tokenizer, tensor names and shapes) is checked before the output
     is opened, and the file is written under a temporary name and renamed at the end,
@@ -348,6 +351,10 @@ def convert(
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir} is not a directory")
     config = _load_json(hf_dir / "config.json", "model config")
+    from .convert_llama import ARCHS, convert_llama
+    if any(a in ARCHS for a in config.get("architectures") or []):
+        return convert_llama(hf_dir, out_path, out_type, progress, name=name, pre=pre)
+    pre = "mpt" if pre is None else pre
     hp = _hparams(config, hf_dir / "config.json")
     tj_path = hf_dir / "tokenizer.json"
     tokens, toktypes = _vocab_from_tokenizer_json(_load_json(tj_path, "tokenizer"), hp.n_vocab, tj_path)
@@ -575,12 +582,14 @@ def export_hf(
 
 def main_convert(argv: Sequence[str] | None = None) -> int:
     """``convert HF_DIR OUT.gguf [--type f16|f32|q8_0|q4_0] [--name N] [--pre P] [--quiet]``"""
-    ap = argparse.ArgumentParser(prog="convert", description="Hugging Face GPT-NeoX checkpoint -> GGUF")
+    ap = argparse.ArgumentParser(prog="convert", description="Hugging Face GPT-NeoX / Llama / Mistral / Qwen2 "
+                                                             "checkpoint -> GGUF")
     ap.add_argument("hf_dir")
     ap.add_argument("out")
     ap.add_argument("--type", default="f16", choices=sorted(OUT_TYPES))
     ap.add_argument("--name", default=None, help="general.name (default: from config.json or the folder)")
-    ap.add_argument("--pre", default="mpt", help="tokenizer.ggml.pre (default: mpt)")
+    ap.add_argument("--pre", default=None, help="tokenizer.ggml.pre (default: mpt for GPT-NeoX, default for a "
+                                                "SentencePiece vocabulary, llama-bpe / qwen2 for byte-level BPE)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     a = ap.parse_args(argv)
     path = convert(a.hf_dir, a.out, a.type, progress=not a.quiet, name=a.name, pre=a.pre)

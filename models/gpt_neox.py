@@ -36,14 +36,12 @@ from typing import Optional, Sequence, Union
 
 import tensorgpu as tg
 
+from .base import MetaReader, ModelError, Params, build_tokenizer, check_tensors, load_checked, new_kv_cache
+
 __all__ = ["GPTNeoX", "GPTNeoXConfig", "Session", "ModelError", "ContextOverflowError", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "tiny-neox" / "tiny-neox-q8_0.gguf"
 ARCH = "gptneox"
-
-
-class ModelError(ValueError):
-    """A GGUF file that is not a usable GPT-NeoX model (wrong architecture, missing keys/tensors, bad shapes)."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,21 +73,13 @@ class GPTNeoXConfig:
         arch = md.get("general.architecture")
         if arch != ARCH:
             raise ModelError(f"{where}: general.architecture is {arch!r}; GPTNeoX loads only {ARCH!r} models")
-        missing = [f"{ARCH}.{k}" for k in cls._REQUIRED if f"{ARCH}.{k}" not in md]
-        if missing:
-            raise ModelError(f"{where}: missing required metadata key(s): {', '.join(missing)}")
-
-        def num(key, kind=int):
-            v = md[f"{ARCH}.{key}"]
-            if isinstance(v, (list, str)) or (kind is int and (isinstance(v, float) or int(v) <= 0)):
-                raise ModelError(f"{where}: metadata {ARCH}.{key} = {v!r} is not a positive integer")
-            return kind(v)
-
-        cfg = cls(n_vocab=n_vocab, n_ctx=num("context_length"), n_embd=num("embedding_length"),
-                  n_layer=num("block_count"), n_head=num("attention.head_count"), n_ff=num("feed_forward_length"),
-                  rot_dims=int(md[f"{ARCH}.rope.dimension_count"]),
-                  rope_base=float(md.get(f"{ARCH}.rope.freq_base", 10000.0)),
-                  norm_eps=num("attention.layer_norm_epsilon", float),
+        m = MetaReader(md, ARCH, where)
+        m.require(*cls._REQUIRED)
+        cfg = cls(n_vocab=n_vocab, n_ctx=m.int("context_length"), n_embd=m.int("embedding_length"),
+                  n_layer=m.int("block_count"), n_head=m.int("attention.head_count"),
+                  n_ff=m.int("feed_forward_length"), rot_dims=m.int("rope.dimension_count", lo=0),
+                  rope_base=m.float("rope.freq_base", 10000.0),
+                  norm_eps=m.float("attention.layer_norm_epsilon", hi=1.0),
                   parallel_residual=bool(md[f"{ARCH}.use_parallel_residual"]))
         if cfg.n_embd % cfg.n_head:
             raise ModelError(f"{where}: embedding_length {cfg.n_embd} is not divisible by head_count {cfg.n_head}")
@@ -101,17 +91,7 @@ class GPTNeoXConfig:
 # ----------------------------------------------------------------------------- weights
 
 
-class _Params:
-    """Attribute access to one GGUF name prefix: blk.0 -> .attn_qkv.weight is 'blk.0.attn_qkv.weight'."""
-
-    def __init__(self, tensors: dict, prefix: str):
-        self._t, self._p = tensors, prefix
-
-    def __getattr__(self, name):
-        key = f"{self._p}.{name}"
-        if key in self._t:
-            return self._t[key]
-        return _Params(self._t, key)
+_Params = Params  # the accessor is shared with the other models (models/base.py)
 
 
 def _expected_shapes(c: GPTNeoXConfig) -> dict:
@@ -153,41 +133,23 @@ class GPTNeoX:
     # -- loading --------------------------------------------------------------------
 
     @classmethod
-    def from_gguf(cls, path: Union[str, os.PathLike] = DEFAULT_MODEL, progress: Optional[bool] = None) -> "GPTNeoX":
+    def from_gguf(cls, path: Union[str, os.PathLike] = DEFAULT_MODEL, progress: Optional[bool] = None,
+                  _file=None) -> "GPTNeoX":
         """Load a llama.cpp `gptneox` GGUF. Raises ModelError naming what is wrong; on failure the
         file's device buffers are released."""
         path = os.fspath(path)
-        f = tg.load_gguf(path, progress=progress)
-        try:
+
+        def build(f):
             md = f.metadata
             emb = f.tensors.get("token_embd.weight")
             if md.get("general.architecture") == ARCH and emb is None:
                 raise ModelError(f"{path}: missing required tensor(s): token_embd.weight")
             n_vocab = emb.shape[0] if emb is not None and emb.ndim == 2 else 0
             config = GPTNeoXConfig.from_metadata(md, n_vocab, where=path)
-            expected = _expected_shapes(config)
-            missing = [k for k in expected if k not in f.tensors]
-            if missing:
-                more = f" (and {len(missing) - 12} more)" if len(missing) > 12 else ""
-                raise ModelError(f"{path}: missing required tensor(s): {', '.join(missing[:12])}{more}")
-            bad = [f"{k} is {f.tensors[k].shape} {f.tensors[k].dtype.name}, expected {s}"
-                   for k, s in expected.items() if f.tensors[k].shape != s]
-            if bad:
-                raise ModelError(f"{path}: tensor shapes do not match the metadata: {'; '.join(bad[:6])}")
-            tensors = {k: f.tensors[k] for k in expected}
-            tokenizer = None
-            if "tokenizer.ggml.model" in md:
-                from .tokenizer import Tokenizer
-                tokenizer = Tokenizer.from_gguf_metadata(md)
-                if tokenizer.vocab_size > config.n_vocab:
-                    raise ModelError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd "
-                                     f"only {config.n_vocab} rows")
-            model = cls(config, tensors, tokenizer, path, md)
-        except BaseException:
-            f.close()
-            raise
-        f.close()  # drops the file's references; the model keeps the tensors it uses
-        return model
+            tensors = check_tensors(f, _expected_shapes(config), path)
+            return cls(config, tensors, build_tokenizer(md, config.n_vocab, path), path, md)
+
+        return load_checked(path, build, progress, _file)
 
     # -- the forward pass -----------------------------------------------------------
 
@@ -237,9 +199,7 @@ class GPTNeoX:
     def new_cache(self, max_context: int, cache_dtype=tg.float16) -> list:
         """Per layer a (k, v) pair of zeroed [H, max_context, D] tensors on the GPU."""
         c = self.config
-        shape = (c.n_head, max_context, c.head_dim)
-        return [(tg.zeros(shape, cache_dtype).contiguous().realize(), tg.zeros(shape, cache_dtype).contiguous().realize())
-                for _ in range(c.n_layer)]
+        return new_kv_cache(c.n_layer, c.n_head, max_context, c.head_dim, cache_dtype)
 
     @property
     def n_params(self) -> int:

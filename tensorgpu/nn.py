@@ -17,8 +17,8 @@ from .tensor import Tensor, tensor
 from .symbolic import is_symbolic, static
 from .view import View
 
-__all__ = ["linear", "layer_norm", "embedding", "rope", "scaled_dot_product_attention", "gelu", "softmax",
-           "log_softmax", "sample"]
+__all__ = ["linear", "layer_norm", "rms_norm", "embedding", "rope", "scaled_dot_product_attention", "gelu",
+           "softmax", "log_softmax", "sample"]
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -102,6 +102,17 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     return _custom(LayerNormKernel(float(eps), weight is not None, bias is not None), srcs, x.shape)
 
 
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis (LLaMA's RMSNorm), in plain ops: the
+    fuser makes it one reduction whose epilogue is the scale (no hand-written kernel)."""
+    if not x.dtype.is_float:
+        x = x.astype(dt.float32)
+    if weight is not None and weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: weight has shape {weight.shape}, expected ({x.shape[-1]},) for input {x.shape}")
+    y = x * ((x * x).mean(-1, keepdims=True) + float(eps)).rsqrt()
+    return y if weight is None else y * weight
+
+
 # ----------------------------------------------------------------------------- embedding
 
 
@@ -149,14 +160,33 @@ def embedding(ids: Tensor, table: Tensor) -> Tensor:
 class RopeKernel(CustomKernel):
     name = "rope"
 
-    def __init__(self, seq, n_heads, head_dim, rot_dims, base, mode):
+    def __init__(self, seq, n_heads, head_dim, rot_dims, base, mode, freq_factors=None):
         self.args = (seq, n_heads, head_dim, rot_dims, base, mode)
+        self.freq_factors = freq_factors
 
     def emit(self, out, operands, epilogue):
         from .kernels.rope import rope as k
         x, pos = operands
         seq, n_heads, head_dim, rot_dims, base, mode = self.args
-        k(out, x, pos.buffer, seq, n_heads, head_dim, rot_dims, base, mode)
+        k(out, x, pos.buffer, seq, n_heads, head_dim, rot_dims, base, mode, self.freq_factors)
+
+
+_ROPE_MODES = ("neox", "normal")
+
+
+def _freq_factors(freq_factors, rot_dims: int):
+    """Host float32 [rot_dims/2] of the frequency factors (they are baked into the kernel source
+    as constants, like inv_freq), or None. A Tensor is read back once: load it with the model."""
+    if freq_factors is None:
+        return None
+    import numpy as np
+    ff = freq_factors.numpy() if isinstance(freq_factors, Tensor) else freq_factors
+    ff = np.asarray(ff, np.float32).reshape(-1)
+    if ff.shape != (rot_dims // 2,):
+        raise ValueError(f"rope: freq_factors has {ff.size} values, expected rot_dims/2 = {rot_dims // 2}")
+    if not np.all(np.isfinite(ff)) or np.any(ff <= 0):
+        raise ValueError("rope: freq_factors must be finite and positive")
+    return ff
 
 
 def _positions(positions, seq: int) -> Tensor:
@@ -172,11 +202,15 @@ def _positions(positions, seq: int) -> Tensor:
     return positions   # a lazy one is realized once, however many kernels read it
 
 
-def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str = "neox") -> Tensor:
-    """Rotary embedding (NeoX rotate-half) on the first `rot_dims` of each head.
+def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str = "neox",
+         freq_factors=None) -> Tensor:
+    """Rotary embedding on the first `rot_dims` of each head. mode "neox" rotates (x[i],
+    x[i + rot/2]) (rotate-half: GPT-NeoX, Qwen2), "normal" rotates (x[2i], x[2i+1]) (GGML's
+    normal mode: a `llama` GGUF, whose Q/K rows the converter permuted). freq_factors (Llama
+    3.1's rope_freqs, [rot_dims/2]) divide pair i's angle.
     x: [..., seq, n_heads, head_dim]; positions: int [seq]. Returns float32, same shape."""
-    if mode != "neox":
-        raise ValueError(f"rope mode {mode!r} is not supported (only 'neox', as GPT-NeoX uses)")
+    if mode not in _ROPE_MODES:
+        raise ValueError(f"rope mode {mode!r} is not supported; use one of {_ROPE_MODES}")
     if x.ndim < 3:
         raise ValueError(f"rope: x must be [..., seq, n_heads, head_dim], got {x.shape}")
     seq, n_heads, head_dim = x.shape[-3:]
@@ -190,7 +224,8 @@ def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str =
         pos = tensor(__import__("numpy").tile(pos.numpy(), reps))
     if not x3.dtype.is_float:
         x3 = x3.astype(dt.float32)
-    out = _custom(RopeKernel(x3.shape[0], n_heads, head_dim, rot_dims, float(base), mode), [x3, pos], x3.shape)
+    ff = _freq_factors(freq_factors, rot_dims)
+    out = _custom(RopeKernel(x3.shape[0], n_heads, head_dim, rot_dims, float(base), mode, ff), [x3, pos], x3.shape)
     return out.reshape(x.shape)
 
 
@@ -245,15 +280,22 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     k and v may be the first rows of a preallocated cache, `cache[:, :pos + T]`: the kernel reads
     the cache with the length as a runtime parameter (a step variable under tg.capture), so one
     compiled kernel serves every decode step. kv_len (int32 [1] tensor, optional) says the same
-    from the GPU: only the first kv_len keys are valid."""
+    from the GPU: only the first kv_len keys are valid.
+
+    Grouped-query attention (torch's enable_gqa=True): k, v may have fewer heads (axis -3)
+    than q when their count divides q's; query head h reads KV head h // (Hq / Hkv). The
+    kernel indexes the shared head; K/V are not copied."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         t._check_plain("attention")
         if t.ndim < 2:
             raise ValueError(f"attention: {name} must be [..., seq, d], got {t.shape}")
     if k.shape != v.shape:
         raise ValueError(f"attention: k {k.shape} and v {v.shape} must have the same shape")
-    if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"attention: q {q.shape} and k {k.shape} must share batch dims and head size")
+    gqa = (q.ndim >= 3 and q.ndim == k.ndim and q.shape[:-3] == k.shape[:-3] and k.shape[-3] > 0
+           and q.shape[-3] % k.shape[-3] == 0)
+    if (q.shape[:-2] != k.shape[:-2] and not gqa) or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention: q {q.shape} and k {k.shape} must share batch dims and head size "
+                         f"(grouped-query: k's head count, axis -3, may divide q's)")
     sq, d = q.shape[-2:]
     sk = k.shape[-2]
     kv_runtime = None
@@ -388,14 +430,16 @@ class RopeAttentionDecodeKernel(CustomKernel):
     name = "attention_decode"
     writes = (3, 4)
 
-    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale):
+    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox"):
         self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
+        self.mode = mode
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import rope_attention_decode as k
         qkv, pos, kvl, kc, vc = operands
         H, D, rot, max_ctx, base, cache_dtype, scale = self.args
-        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, kvl.buffer, H, D, rot, max_ctx, base, cache_dtype, scale)
+        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, kvl.buffer, H, D, rot, max_ctx, base, cache_dtype, scale,
+          mode=self.mode)
 
 
 # ----------------------------------------------------------------------------- decode GEMV

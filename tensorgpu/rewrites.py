@@ -381,8 +381,8 @@ def _match_decode(q, qv, ka, kav, va, vav, H, D, L):
     if qv.shape != (H, 1, D) or qv.strides[0] != D or qv.strides[2] != 1 or qv.offset != 0:
         return None
     seq, qh, qd, rot, base, mode = q.arg.args
-    if (seq, qh, qd, mode) != (1, H, D, "neox"):
-        return None
+    if (seq, qh, qd, mode) != (1, H, D, "neox") or q.arg.freq_factors is not None:
+        return None   # (the fused decode kernel has no frequency factors)
     (qx, qxv), qpos = q.srcs
     # k: the cache write of rope(...) at row L - 1, same positions and rope
     kw, kwv = ka.srcs[1]

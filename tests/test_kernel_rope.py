@@ -10,9 +10,12 @@ from tensorgpu.kernels.rope import inv_freq, rope, rope_kv_write
 rng = np.random.default_rng(3)
 
 
-def ref_rope(x, pos, rot, base=10000.0, mode="neox"):
-    """x [seq, H, D] -> float64 result; angles as float32 values (HF), cos/sin in float64."""
+def ref_rope(x, pos, rot, base=10000.0, mode="neox", freq_factors=None):
+    """x [seq, H, D] -> float64 result; angles as float32 values (HF), cos/sin in float64.
+    freq_factors (Llama 3.1 rope_freqs): pair i's angle divided by factor i, as llama.cpp does."""
     f = inv_freq(rot, base)
+    if freq_factors is not None:
+        f = (f / np.asarray(freq_factors, np.float32)).astype(np.float32)
     ang = (pos.astype(np.float32)[:, None] * f[None, :]).astype(np.float64)   # [seq, rot/2]
     c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     x = x.astype(np.float64)
@@ -29,10 +32,10 @@ def ref_rope(x, pos, rot, base=10000.0, mode="neox"):
     return y
 
 
-def run_rope(xb, xv, pos, rot, base=10000.0, mode="neox"):
+def run_rope(xb, xv, pos, rot, base=10000.0, mode="neox", freq_factors=None):
     seq, H, D = xv.shape
     out = runtime.Buffer(4 * seq * H * D)
-    rope(out, xb.view(xv), runtime.upload(pos.astype(np.int32)), seq, H, D, rot, base, mode)
+    rope(out, xb.view(xv), runtime.upload(pos.astype(np.int32)), seq, H, D, rot, base, mode, freq_factors)
     return read_f32(out, seq * H * D, (seq, H, D))
 
 
@@ -137,3 +140,71 @@ def test_errors():
         rope(runtime.Buffer(64), x.whole(), p, 2, 1, 8, 8, mode="gptj")
     with pytest.raises(ValueError, match="expected"):
         rope(runtime.Buffer(64), x.whole(), p, 2, 2, 4, 4)
+
+
+def test_normal_mode_is_neox_on_permuted_rows(paths):
+    """What a `llama` GGUF relies on: llama.cpp's converter permutes each head's rows from HF's
+    rotate-half layout to adjacent pairs (LlamaModel.permute), so "normal" rope on the permuted
+    vector equals "neox" rope on the original one, permuted the same way."""
+    seq, H, D = len(POS), 2, 64
+    x = rng.standard_normal((seq, H, D)).astype(np.float32)
+    perm = np.arange(D).reshape(2, D // 2).T.reshape(-1)       # [0, 32, 1, 33, ...]
+    xp = np.ascontiguousarray(x[..., perm])
+    got = run_rope(Base(xp), xp, POS, D, 500000.0, "normal")
+    np.testing.assert_allclose(got, ref_rope(x, POS, D, 500000.0, "neox")[..., perm], atol=3e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["neox", "normal"])
+def test_freq_factors(paths, mode):
+    """Llama 3.1's rope_freqs: theta_i / factor_i (factors 1 .. 8, as its low-frequency pairs)."""
+    seq, H, D = len(POS), 2, 32
+    x = rng.standard_normal((seq, H, D)).astype(np.float32)
+    ff = np.linspace(1.0, 8.0, D // 2).astype(np.float32)
+    got = run_rope(Base(x), x, POS, D, 500000.0, mode, ff)
+    want = ref_rope(x, POS, D, 500000.0, mode, ff)
+    np.testing.assert_allclose(got, want, atol=3e-6, rtol=0)
+    assert np.abs(want - ref_rope(x, POS, D, 500000.0, mode)).max() > 0.1   # the factors matter
+    with pytest.raises(ValueError, match="freq_factors"):
+        run_rope(Base(x), x, POS, D, 500000.0, mode, ff[:-1])
+
+
+@pytest.mark.parametrize("mode", ["neox", "normal"])
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 1), (3, 3)])
+def test_rope_kv_write_separate_gqa(paths, mode, H, Hkv):
+    """Separate q [seq, H, D], k, v [seq, Hkv, D] (three projections, grouped-query attention):
+    the caches are [Hkv, max_ctx, D]; q and k/v live in different buffers, f16 k included."""
+    seq, D, rot, max_ctx = 5, 16, 16, 12
+    q = rng.standard_normal((seq, H, D)).astype(np.float32)
+    k = rng.standard_normal((seq, Hkv, D)).astype(np.float16)
+    kvw = rng.standard_normal((seq, 2 * Hkv, D)).astype(np.float32)
+    v = kvw[:, Hkv:]                                             # a strided view of a wider buffer
+    pos = np.array([0, 3, 4, 11, 12], np.int32)
+    ff = np.linspace(1.0, 3.0, rot // 2).astype(np.float32)
+    sentinel = np.full((Hkv, max_ctx, D), 7, np.float32)
+    kc, vc = runtime.upload(sentinel), runtime.upload(sentinel)
+    qo = runtime.Buffer(4 * seq * H * D)
+    rope_kv_write(qo, kc, vc, Base(q).whole(), runtime.upload(pos), seq, H, D, rot, max_ctx, 10000.0,
+                  dtypes.float32, mode, k=Base(k).whole(), v=Base(kvw).view(v), n_kv_heads=Hkv, freq_factors=ff)
+    np.testing.assert_allclose(read_f32(qo, seq * H * D, (H, seq, D)),
+                               ref_rope(q, pos, rot, 10000.0, mode, ff).transpose(1, 0, 2), atol=3e-6)
+    K = np.frombuffer(runtime.read(kc), np.float32).reshape(Hkv, max_ctx, D)
+    V = np.frombuffer(runtime.read(vc), np.float32).reshape(Hkv, max_ctx, D)
+    ok = pos < max_ctx
+    np.testing.assert_allclose(K[:, pos[ok]], ref_rope(k, pos, rot, 10000.0, mode, ff).transpose(1, 0, 2)[:, ok],
+                               atol=3e-6)
+    np.testing.assert_array_equal(V[:, pos[ok]], v[ok].transpose(1, 0, 2))
+    rest = np.ones(max_ctx, bool)
+    rest[pos[ok]] = False
+    assert np.all(K[:, rest] == 7) and np.all(V[:, rest] == 7)
+
+
+def test_rope_kv_write_gqa_errors():
+    q = Base(np.zeros((2, 4, 8), np.float32))
+    k = Base(np.zeros((2, 3, 8), np.float32))
+    p = runtime.upload(np.zeros(2, np.int32))
+    c = runtime.Buffer(4 * 3 * 4 * 8)
+    with pytest.raises(ValueError, match="must divide"):
+        rope_kv_write(runtime.Buffer(256), c, runtime.Buffer(4 * 3 * 4 * 8), q.whole(), p, 2, 4, 8, 8, 4,
+                      k=k.whole(), v=k.whole(), n_kv_heads=3)
+    with pytest.raises(ValueError, match="both k and v"):
+        rope_kv_write(runtime.Buffer(256), c, runtime.Buffer(4 * 3 * 4 * 8), q.whole(), p, 2, 4, 8, 8, 4, k=k.whole())

@@ -60,7 +60,7 @@ def test_install_requires_and_extras():
     cfg = _setup_cfg()
     reqs = _lines(cfg.get("options", "install_requires"))
     names = {re.split(r"[<>=!~ \[]", r, maxsplit=1)[0].lower() for r in reqs}
-    assert {"wgpu", "numpy", "gguf", "tokenizers", "tqdm", "safetensors"} <= names
+    assert {"wgpu", "numpy", "gguf", "tokenizers", "tqdm", "safetensors", "jinja2"} <= names
     assert "wgpu==0.32.0" in reqs
     assert cfg.get("options", "python_requires").strip() == ">=3.10"
     test_extra = set(_lines(cfg.get("options.extras_require", "test")))
@@ -118,6 +118,20 @@ def test_vendored_files_exist_and_are_small(tiny_neox_dir):
     assert total < MAX_VENDORED_BYTES, f"models/tiny-neox holds {total} bytes (limit {MAX_VENDORED_BYTES})"
     present = [f for f in NOT_VENDORED if (tiny_neox_dir / f).exists()]
     assert not present, f"too large to vendor: {present}"
+
+
+@pytest.mark.parametrize("name,files", [("tiny-llama", ["tiny-llama-q8_0.gguf", "tiny-llama-q4_k_m.gguf"]),
+                                        ("tiny-qwen2", ["tiny-qwen2-q8_0.gguf", "tiny-qwen2-q4_0.gguf"])])
+def test_vendored_llama_family(name, files):
+    """q8_0 and one 4-bit file per model, trimmed references; no f32/f16 (size)."""
+    d = ROOT / "models" / name
+    for f in files + ["reference.npz", "reference.json", "README.md"]:
+        assert (d / f).is_file(), f"models/{name}/{f} is missing"
+    for f in files:
+        assert (d / f).read_bytes()[:4] == b"GGUF", f"{f} is not a GGUF file (git-lfs pointer?)"
+    assert not list(d.glob("*-f32.gguf")) + list(d.glob("*-f16.gguf")), "f32/f16 files are not vendored"
+    total = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    assert total < 6_600_000, f"models/{name} holds {total} bytes"
 
 
 def test_vendored_gguf_headers(tiny_neox_dir):

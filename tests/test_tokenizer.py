@@ -192,9 +192,11 @@ def test_missing_key_is_named(md, key):
         Tokenizer.from_gguf_metadata({k: v for k, v in md.items() if k != key})
 
 
-def test_unsupported_pre_tokenizer(md):
-    with pytest.raises(ValueError, match="llama-bpe"):
-        Tokenizer.from_gguf_metadata({**md, "tokenizer.ggml.pre": "llama-bpe"})
+def test_unknown_pre_tokenizer_warns(md):
+    """llama.cpp names the pre-tokenizer it does not know; we warn and split as GPT-2 does."""
+    with pytest.warns(UserWarning, match="'not-a-pre'"):
+        t = Tokenizer.from_gguf_metadata({**md, "tokenizer.ggml.pre": "not-a-pre"})
+    assert t.encode("In the beginning") == Tokenizer.from_gguf_metadata(md).encode("In the beginning")
 
 
 def test_inconsistent_metadata(md):

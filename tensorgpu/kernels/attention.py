@@ -96,11 +96,15 @@ def _scratch_buffer(tag: str, nbytes: int) -> Buffer:
     return buf
 
 
-def _check_kv(name: str, op: Operand, B: int, D: int) -> None:
+def _check_kv(name: str, op: Operand, B: int, D: int) -> int:
+    """Checks a K or V operand against q [B, sq, D]; returns the query heads per KV head (GQA:
+    op may have B / G rows of heads for any G dividing B)."""
     check_float_operand(name, op, "attention")
-    if len(op.shape) != 3 or op.shape[0] != B or op.shape[2] != D:
-        raise ValueError(f"attention: {name} has shape {tuple(op.shape)}, expected [B={B}, sk_max, d={D}]")
+    if len(op.shape) != 3 or op.shape[2] != D or op.shape[0] <= 0 or B % op.shape[0]:
+        raise ValueError(f"attention: {name} has shape {tuple(op.shape)}, expected [B_kv, sk_max, d={D}] with "
+                         f"B_kv dividing q's B={B} (grouped-query attention)")
     check_fits(name, op, "attention")
+    return B // int(op.shape[0])
 
 
 def _load4_fn(fn: str, rd: Reader, op: Operand, D: int) -> str:
@@ -175,11 +179,15 @@ def _prefill_io(q: Operand, k: Operand, v: Operand, D: int, kv_len, q_pos0, sq: 
 
 
 def _prefill_entry(q: Operand, k: Operand, v: Operand, scale: float, WG: int, sgp: str) -> list:
-    """The row-offset functions, the log2-domain scale and the entry point of a prefill kernel."""
+    """The row-offset functions, the log2-domain scale and the entry point of a prefill kernel.
+    Grouped-query attention: query head b reads K/V head b / G (G = q heads per KV head), so
+    K/V are never copied to the query's head count."""
     qs, ks, vs = q.strides, k.strides, v.strides
+    G = q.shape[0] // k.shape[0]
+    kb = "b" if G == 1 else f"(b / {G}u)"
     return [f"fn qrow(b: u32, i: u32) -> u32 {{ return {q.offset}u + b * {qs[0]}u + i * {qs[1]}u; }}",
-            f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + b * {ks[0]}u + j * {ks[1]}u; }}",
-            f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + b * {vs[0]}u + j * {vs[1]}u; }}",
+            f"fn krow(b: u32, j: u32) -> u32 {{ return {k.offset}u + {kb} * {ks[0]}u + j * {ks[1]}u; }}",
+            f"fn vrow(b: u32, j: u32) -> u32 {{ return {v.offset}u + {kb} * {vs[0]}u + j * {vs[1]}u; }}",
             f"const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};",
             f"@compute @workgroup_size({WG})",
             f"fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, "
@@ -691,7 +699,9 @@ def _key_span(kv_len, q_pos0, sq: int, causal: bool) -> Optional[int]:
 def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
               kv_len: Union[Buffer, int], causal: bool = True, scale: Optional[float] = None,
               q_pos0: Union[Buffer, int, None] = None, out_layout: str = "bsd") -> None:
-    """Attention of q [B, sq, d] over the first kv_len keys of k_cache/v_cache [B, sk_max, d].
+    """Attention of q [B, sq, d] over the first kv_len keys of k_cache/v_cache [B, sk_max, d]
+    (or [B / G, sk_max, d]: grouped-query attention, query head b reads K/V head b // G, as
+    torch's enable_gqa=True).
 
     B is batch*heads; all three are f32/f16 Operands with any strides (e.g. caches laid out
     [n_heads, max_ctx, head_dim] and q [n_heads, sq, head_dim] need no copy). kv_len: int, or
@@ -709,8 +719,8 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
     _check_kv("k_cache", k_cache, B, D)
     _check_kv("v_cache", v_cache, B, D)
     sk_max = int(k_cache.shape[1])
-    if v_cache.shape[1] != sk_max:
-        raise ValueError(f"attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in length")
+    if tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"attention: k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape")
     if out_layout not in ("bsd", "sbd"):
         raise ValueError(f"attention: out_layout must be 'bsd' or 'sbd', got {out_layout!r}")
     params = ()
