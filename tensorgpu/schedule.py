@@ -380,6 +380,8 @@ def _plan_once(root: Node, limit: int):
             return mine
 
         used = visit(root, True)
+        if core is not None and core is not root and core.buffer is not None:
+            continue    # planning another source realized the core on its own: plan again without it
         if misread:
             realize(misread[0])
             continue

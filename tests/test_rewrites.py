@@ -243,3 +243,18 @@ def test_rule_firings_are_counted():
     w = tg.tensor(rng.standard_normal((8, K)).astype(np.float32))
     tg.nn.linear(tg.nn.layer_norm(x), w).numpy()
     assert tg.debug.stats()["rule_fold_norm_into_gemv"] == before + 1
+
+
+def test_core_realized_while_planning_another_source_is_planned_again():
+    """y = x + a @ W.T read by a reduction and by the reduction's result (the residual stream
+    under an RMSNorm): the matmul picked as the store's core gets realized by the reduction's
+    own plan; the store is planned again instead of running the matmul without operands."""
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    W = rng.standard_normal((16, 16)).astype(np.float32)
+    w = rng.standard_normal(16).astype(np.float32)
+    tx, tW, tw = tg.tensor(x), tg.tensor(W), tg.tensor(w)
+    y = tx + tg.nn.linear(tx, tW)
+    got = (y + tg.nn.linear(tg.nn.rms_norm(y, tw), tW)).numpy()
+    yy = x.astype(np.float64) + x @ W.T.astype(np.float64)
+    r = yy / np.sqrt((yy * yy).mean(-1, keepdims=True) + 1e-6) * w
+    np.testing.assert_allclose(got, yy + r @ W.T, rtol=1e-4, atol=1e-4)
