@@ -220,7 +220,11 @@ class Captured:
         symbolic.set_guards(saved_guards)
         arena.close()
         specialized = tuple(i for i, s in enumerate(slots) if s is not None and s.kind == "var" and s.var.specialized)
-        return _Trace(slots, [r.replayable() for r in recorded], out, arena, block, tuple(guards), specialized)
+        unique = {}
+        for g in guards:      # every layer slices the same way: check each bound once per replay
+            unique.setdefault((g[0].const, tuple(sorted((v.id, c) for v, c in g[0].terms)), g[1], g[2]), g)
+        return _Trace(slots, [r.replayable() for r in recorded], out, arena, block, tuple(unique.values()),
+                      specialized)
 
     @staticmethod
     def _slots(args) -> tuple:

@@ -425,21 +425,44 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: floa
 # ----------------------------------------------------------------------------- fused decode attention
 
 
+class RopeKVWriteKernel(CustomKernel):
+    """q_out = rope(qkv[:, 0]) as [H, T, D]; k_cache[h, pos] = rope(k); v_cache[h, pos] = v — one
+    kernel for a prompt's attention inputs (rewrites.fuse_rope_cache_write puts it in the graph)."""
+    name = "rope_kv_write"
+    writes = (2, 3)
+
+    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype):
+        self.args = (seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.rope import rope_kv_write as k
+        qkv, pos, kc, vc = operands
+        seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype = self.args
+        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
+
+
 class RopeAttentionDecodeKernel(CustomKernel):
     """rope(q, k) + KV-cache write + attention + split combine of one decode token: one dispatch."""
     name = "attention_decode"
-    writes = (3, 4)
 
-    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox"):
+    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox", step=None):
         self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
         self.mode = mode
+        # step = (position, key length): ints (step variables under tg.capture) passed as kernel
+        # parameters; srcs are then (qkv, k_cache, v_cache). Without it, both are int32 [1] srcs.
+        self.step = step
+        self.writes = (1, 2) if step is not None else (3, 4)
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import rope_attention_decode as k
-        qkv, pos, kvl, kc, vc = operands
         H, D, rot, max_ctx, base, cache_dtype, scale = self.args
-        k(out, kc.buffer, vc.buffer, qkv, pos.buffer, kvl.buffer, H, D, rot, max_ctx, base, cache_dtype, scale,
-          mode=self.mode)
+        if self.step is not None:
+            qkv, kc, vc = operands
+            pos, kvl = self.step
+        else:
+            qkv, p, kl, kc, vc = operands
+            pos, kvl = p.buffer, kl.buffer
+        k(out, kc.buffer, vc.buffer, qkv, pos, kvl, H, D, rot, max_ctx, base, cache_dtype, scale, mode=self.mode)
 
 
 # ----------------------------------------------------------------------------- decode GEMV

@@ -330,9 +330,8 @@ def fuse_decode_attention(g: Graph) -> int:
     fused projection."""
     from .kernels.attention import rope_attention_decode_supported
     from .kernels.common import Operand
-    from .nn import AttentionKernel, RopeAttentionDecodeKernel, RopeKernel
+    from .nn import AttentionKernel, RopeAttentionDecodeKernel
     fired = 0
-    kvl_nodes: dict = {}
     for n in g.nodes:
         if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is not None and n.arg.causal
                 and n.arg.out_layout == "bsd" and len(n.srcs) == 3):
@@ -342,76 +341,139 @@ def fuse_decode_attention(g: Graph) -> int:
         if sq != 1:
             continue
         L = n.arg.kv_len_runtime
-        m = _match_decode(q, qv, ka, kav, va, vav, H, D, L)
-        if m is None:
+        m = _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D)
+        if m is None or m["T"] != 1 or not _same(m["start"], L - 1):
             continue
-        qkv, qkv_view, pos, kbase, vbase, rot, base = m
-        probe = Operand(None, qkv.dtype, qkv_view.shape, qkv_view.strides, qkv_view.offset)
-        cache_dtype = kbase.dtype
-        if vbase.dtype is not cache_dtype or not rope_attention_decode_supported(probe, H, D, cache_dtype):
+        probe = Operand(None, m["qkv"].dtype, m["qkv_view"].shape, m["qkv_view"].strides, m["qkv_view"].offset)
+        cache_dtype = m["kbase"].dtype
+        if not rope_attention_decode_supported(probe, H, D, cache_dtype):
             continue
-        # the key length as an int32 [1] buffer, one per distinct length in the graph
-        key = (L.const, tuple((v.id, c) for v, c in L.terms)) if isinstance(L, SymInt) else int(L)
-        kvl = kvl_nodes.get(key)
-        if kvl is None:
-            c = Node(Op.CONST, (), dt.int32, (), arg=L)
-            kvl = kvl_nodes[key] = Node(Op.CAST, ((c, View((1,), (0,), 0)),), dt.int32, (1,))
-        kern = RopeAttentionDecodeKernel(H, D, rot, kbase.shape[1], base, cache_dtype, n.arg.scale)
-        n.arg = kern
-        set_srcs(n, ((qkv, qkv_view), pos, (kvl, View.contiguous((1,))),
-                     (kbase, View.contiguous(kbase.shape)), (vbase, View.contiguous(vbase.shape))))
-        for a in (ka, va):                # the writes are this kernel's now
-            a.op, a.arg = Op.AFTER, None
-            set_srcs(a, ((kbase if a is ka else vbase, View.contiguous(a.shape)), (n, View.contiguous(n.shape))))
-        kern.afters = (weakref.ref(ka), weakref.ref(va))   # done when this kernel is (schedule.py)
+        # the position and key length are kernel parameters (step variables under tg.capture)
+        n.arg = RopeAttentionDecodeKernel(H, D, m["rot"], m["max_ctx"], m["base"], cache_dtype, n.arg.scale,
+                                          step=(m["start"], L))
+        kbase, vbase = m["kbase"], m["vbase"]
+        set_srcs(n, ((m["qkv"], m["qkv_view"]), (kbase, View.contiguous(kbase.shape)),
+                     (vbase, View.contiguous(vbase.shape))))
+        _writes_done_by(n, ka, va, m)
         fired += 1
     return fired
 
 
-def _match_decode(q, qv, ka, kav, va, vav, H, D, L):
-    """The pieces of a one-token decode attention written in plain ops, or None."""
+def _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D):
+    """The pieces of plain-code attention input for T tokens: q = rope(qkv[:, 0]),
+    cache_k[:, p:p+T] = rope(qkv[:, 1]), cache_v[:, p:p+T] = qkv[:, 2], with the rope positions
+    an arange starting at p (so the rows written are the rows the rope angles are for). None
+    when the graph is not that."""
     from .nn import RopeKernel
+    from .tensor import arange_start
     if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
-            and va.buffer is None):
+            and va.buffer is None and q.arg.freq_factors is None):
         return None
     if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3
             and ka.shape[0] == H and ka.shape[2] == D and va.shape == ka.shape):
         return None
-    # q: rope of [1, H, D] read as [H, 1, D]
-    if qv.shape != (H, 1, D) or qv.strides[0] != D or qv.strides[2] != 1 or qv.offset != 0:
+    T, qh, qd, rot, base, mode = q.arg.args
+    if (qh, qd, mode) != (H, D, "neox"):
         return None
-    seq, qh, qd, rot, base, mode = q.arg.args
-    if (seq, qh, qd, mode) != (1, H, D, "neox") or q.arg.freq_factors is not None:
-        return None   # (the fused decode kernel has no frequency factors)
+    # q: rope of [T, H, D] read as [H, T, D]
+    if qv.shape != (H, T, D) or qv.strides[0] != D or qv.strides[2] != 1 or (T > 1 and qv.strides[1] != H * D) \
+            or qv.offset != 0:
+        return None
     (qx, qxv), qpos = q.srcs
-    # k: the cache write of rope(...) at row L - 1, same positions and rope
+    start = arange_start(*qpos)
+    if start is None:
+        return None
     kw, kwv = ka.srcs[1]
-    target = ka.arg
     max_ctx = ka.shape[1]
-    if not (_is(kw, RopeKernel) and kw.arg.args == q.arg.args and kw.srcs[1][0] is qpos[0]
-            and kw.srcs[1][1] == qpos[1]):
+    if not (_is(kw, RopeKernel) and kw.arg.args == q.arg.args and kw.arg.freq_factors is None
+            and kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]):
         return None
     for a in (ka, va):
         t = a.arg
-        if not (t.shape == (H, 1, D) and t.strides == (max_ctx * D, D, 1) and _same(t.offset, (L - 1) * D)):
+        if not (t.shape == (H, T, D) and t.strides == (max_ctx * D, D, 1) and _same(t.offset, start * D)):
             return None
-    if kwv.shape != (H, 1, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0:
+    if kwv.shape != (H, T, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0 or \
+            (T > 1 and kwv.strides[1] != H * D):
         return None
     (kx, kxv) = kw.srcs[0]
     vw, vwv = va.srcs[1]
-    # q, k and v all read one [1, 3, H, D] block (GGUF's fused QKV order): qkv[:, 0 / 1 / 2]
+    # q, k and v all read one [T, 3, H, D] block (GGUF's fused QKV order): qkv[:, 0 / 1 / 2]
     if not (qx is kx is vw) or isinstance(qxv.offset, SymInt):
         return None
-    o = qxv.offset
-    if not (qxv.shape == (1, H, D) and qxv.strides[1:] == (D, 1) and kxv.shape == (1, H, D)
-            and kxv.strides[1:] == (D, 1) and _same(kxv.offset, o + H * D)):
+    o, R = qxv.offset, 3 * H * D
+    if not (qxv.shape == (T, H, D) and qxv.strides[1:] == (D, 1) and (T == 1 or qxv.strides[0] == R)
+            and kxv.shape == (T, H, D) and kxv.strides == qxv.strides and _same(kxv.offset, o + H * D)):
         return None
-    if not (vwv.shape == (H, 1, D) and vwv.strides[0] == D and vwv.strides[2] == 1 and _same(vwv.offset, o + 2 * H * D)):
+    if not (vwv.shape == (H, T, D) and vwv.strides[0] == D and vwv.strides[2] == 1 and (T == 1 or vwv.strides[1] == R)
+            and _same(vwv.offset, o + 2 * H * D)):
         return None
-    if qx.numel < o + 3 * H * D:
+    if qx.numel < o + T * R:
         return None
-    qkv_view = View((1, 3, H, D), (3 * H * D, H * D, D, 1), o)
+    qkv_view = View((T, 3, H, D), (R, H * D, D, 1), o)
     kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
-    if kbase.dtype not in (dt.float16, dt.float32):
+    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
         return None
-    return qx, qkv_view, qpos, kbase, vbase, rot, base
+    return dict(T=T, qkv=qx, qkv_view=qkv_view, pos=qpos, start=start, kbase=kbase, vbase=vbase, rot=rot,
+                base=base, max_ctx=max_ctx)
+
+
+def _writes_done_by(n: Node, ka: Node, va: Node, m: dict) -> None:
+    """The two cache writes are kernel n's now: they stand for the caches once n has run."""
+    for a, base in ((ka, m["kbase"]), (va, m["vbase"])):
+        a.op, a.arg = Op.AFTER, None
+        set_srcs(a, ((base, View.contiguous(a.shape)), (n, View.contiguous(n.shape))))
+    n.arg.afters = (weakref.ref(ka), weakref.ref(va))   # done when n is (schedule.py)
+
+
+@rule
+def fuse_rope_cache_write(g: Graph) -> int:
+    """A prompt's q = rope(qkv[:, 0]) and its two cache writes (rope(k) and v into rows
+    p..p+T) are one kernel; the attention then reads the roped q it wrote."""
+    from .nn import AttentionKernel, RopeKVWriteKernel
+    fired = 0
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and len(n.srcs) == 3):
+            continue
+        (q, qv), (ka, kav), (va, vav) = n.srcs
+        H, T, D = n.shape
+        m = _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D)
+        if m is None or m["T"] != T:
+            continue
+        kern = RopeKVWriteKernel(T, H, D, m["rot"], m["max_ctx"], m["base"], m["kbase"].dtype)
+        r = Node(Op.CUSTOM, (), dt.float32, (H, T, D), arg=kern)
+        set_srcs(r, ((m["qkv"], m["qkv_view"]), m["pos"], (m["kbase"], View.contiguous(m["kbase"].shape)),
+                     (m["vbase"], View.contiguous(m["vbase"].shape))))
+        _writes_done_by(r, ka, va, m)
+        set_srcs(n, ((r, View.contiguous((H, T, D))), (ka, kav), (va, vav)))
+        fired += 1
+    return fired
+
+
+@rule
+def attention_writes_token_major(g: Graph) -> int:
+    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.transpose(0, 1).reshape(T, C)`,
+    the output projection's input): the attention kernel stores that layout itself, and the
+    copy disappears."""
+    from .nn import AttentionKernel
+    fired = 0
+    for c in g.nodes:
+        if not (c.op is Op.CAST and c.buffer is None and len(c.srcs) == 1):
+            continue
+        a, v = c.srcs[0]
+        if not (_is(a, AttentionKernel) and a.arg.out_layout == "bsd" and a.dtype is c.dtype and len(a.shape) == 3
+                and g.only_reader(a) == (c, 0)):
+            continue
+        B, sq, d = a.shape
+        if sq == 1 or v.shape != (sq, B, d) or v.strides != (d, sq * d, 1) or v.offset != 0:
+            continue
+        k = a.arg
+        a.arg = AttentionKernel(k.causal, k.scale, k.kv_len_static, "sbd", k.kv_len_runtime)
+        a.arg.__dict__.update({x: y for x, y in k.__dict__.items() if x not in a.arg.__dict__})
+        a.shape = (sq, B, d)
+        for r, i in g.readers.get(id(c), ()):
+            srcs = list(r.srcs)
+            srcs[i] = (a, srcs[i][1])
+            set_srcs(r, tuple(srcs))
+        set_srcs(c, ((a, View.contiguous(a.shape)),))
+        fired += 1
+    return fired

@@ -248,11 +248,30 @@ def _same_linear(view: View, m: Node) -> bool:
     return view.offset == 0 and view.is_contiguous and prod(view.shape) == m.numel
 
 
-def _eligible_core(m: Node, view: View, root: Node) -> bool:
+def _over_a_kernel(m: Node) -> bool:
+    """Whether the elementwise node m is computed (through elementwise nodes only) from an
+    unrealized reduction or hand-written kernel."""
+    seen, stack = set(), [m]
+    while stack:
+        x = stack.pop()
+        for s, _ in x.srcs:
+            if s.buffer is not None or s.op is Op.CONST or id(s) in seen:
+                continue
+            if not s.is_elementwise:
+                return True
+            seen.add(id(s))
+            stack.append(s)
+    return False
+
+
+def _graph_reads(m: Node) -> int:
     counts = _graph_consumers[0]
     c = counts.get(id(m)) if counts is not None else None
-    n_reads = c[1] if c is not None and c[0] is m else m.consumers
-    if n_reads != 1:
+    return c[1] if c is not None and c[0] is m else m.consumers
+
+
+def _eligible_core(m: Node, view: View, root: Node) -> bool:
+    if _graph_reads(m) != 1:
         return False
     if m.is_reduce:
         return _same_linear(view, m) and m.numel == root.numel
@@ -361,9 +380,18 @@ def _plan_once(root: Node, limit: int):
                     if not (identity_path and n.op is not Op.CAT and _same_linear(v, m)):
                         misread.append(m)
                     continue
+                if m.is_elementwise and _graph_reads(m) > 1 and _over_a_kernel(m):
+                    # read by several kernels and built on a matmul / reduction: its own kernel
+                    # (with that core in its store), not that core recomputed by every reader
+                    realize(m)
+                    mine.add(id(m.buffer))
+                    continue
                 if m.is_elementwise:
                     sub_path = path if v.is_identity(m.shape) and n.op is not Op.CAT else (path, v, id(n))
-                    sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT, sub_path)
+                    # a core below an elementwise node that other kernels read too would be
+                    # recomputed for each of them: only a node read once leads to a core
+                    sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT
+                                and _graph_reads(m) <= 1, sub_path)
                     inlined.append((len(sub), m))
                     mine |= sub
                 elif core is None and identity_path and n.op is not Op.CAT and _eligible_core(m, v, root):
@@ -380,8 +408,11 @@ def _plan_once(root: Node, limit: int):
             return mine
 
         used = visit(root, True)
-        if core is not None and core is not root and core.buffer is not None:
-            continue    # planning another source realized the core on its own: plan again without it
+        if (core is not None and core is not root and core.buffer is not None) or \
+                any(m.buffer is not None for _, m in inlined):
+            # planning a source realized a node this plan inlined (or its core): the plan is
+            # stale — it would recompute that work — so plan again reading the new buffer
+            continue
         if misread:
             realize(misread[0])
             continue

@@ -568,6 +568,10 @@ class Tensor:
         broadcast_shapes(target.shape, v.shape, what=f"assign value of shape {v.shape} to index of shape {target.shape}")
         if v.ndim > len(target.shape) or broadcast_shapes(target.shape, v.shape) != target.shape:
             raise ValueError(f"could not broadcast value of shape {v.shape} into index result of shape {target.shape}")
+        n = self.node
+        while n is not None:                     # its values are no longer an arange's
+            _ARANGES.pop(n, None)
+            n = n.srcs[0][0] if n.op is Op.ASSIGN and n.srcs else None
         self._adopt(Tensor(assign(self.node, target, v.node, v.view.expand(target.shape)), self.view))
 
     def _adopt(self, other: "Tensor") -> None:
@@ -823,7 +827,26 @@ def ones_like(t: Tensor, dtype=None) -> Tensor:
     return ones(t.shape, dtype or t.dtype)
 
 
+# Tensors made by arange with step 1 and an integer start: the rewrite rules check that rope
+# positions are the rows a cache write goes to (tensor node -> start)
+_ARANGES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def arange_start(node: Node, view: View):
+    """The start of an int arange(start, start + n) read whole through `view`, or None."""
+    start = _ARANGES.get(node)
+    return start if start is not None and view.is_identity(node.shape) else None
+
+
 def arange(start, stop=None, step=1, dtype=None) -> Tensor:
+    t = _arange(start, stop, step, dtype)
+    s = 0 if stop is None else start
+    if step == 1 and isinstance(s, (int, np.integer)) and t.dtype is dt.int32 and t.view.is_identity(t.node.shape):
+        _ARANGES[t.node] = s
+    return t
+
+
+def _arange(start, stop=None, step=1, dtype=None) -> Tensor:
     if stop is None:
         start, stop = 0, start
     if step == 0:

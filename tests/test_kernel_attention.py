@@ -277,3 +277,25 @@ def test_grouped_query_errors():
         attention(out, Base(q).whole(), Base(k[:3]).whole(), Base(v[:3]).whole(), 3)
     with pytest.raises(ValueError, match="differ in shape"):
         attention(out, Base(q).whole(), Base(k[:2]).whole(), Base(v[:1]).whole(), 3)
+
+
+def test_rope_attention_decode_position_and_length_as_parameters():
+    """The fused decode step with pos / kv_len as kernel parameters (what the rewrite rule
+    uses: no int32 buffers to fill per step) equals the buffer form, caches included."""
+    from tensorgpu.kernels.attention import rope_attention_decode
+    H, D, rot, max_ctx, pos = 4, 32, 16, 64, 9
+    qkv = rng.standard_normal((1, 3, H, D)).astype(np.float32)
+    kc0 = rng.standard_normal((H, max_ctx, D)).astype(np.float32)
+    outs = []
+    for by_param in (False, True):
+        kc, vc = runtime.upload(kc0), runtime.upload(kc0 * 0.5)
+        out = runtime.Buffer(4 * H * D)
+        if by_param:
+            rope_attention_decode(out, kc, vc, Base(qkv).whole(), pos, pos + 1, H, D, rot, max_ctx,
+                                  cache_dtype=dtypes.float32)
+        else:
+            rope_attention_decode(out, kc, vc, Base(qkv).whole(), runtime.upload(np.array([pos], np.int32)),
+                                  runtime.upload(np.array([pos + 1], np.int32)), H, D, rot, max_ctx, cache_dtype=dtypes.float32)
+        outs.append([np.frombuffer(runtime.read(b), np.float32) for b in (out, kc, vc)])
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

@@ -821,18 +821,39 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
     if not rope_attention_decode_supported(qkv, H, D, cache_dtype):
         raise ValueError(f"{fn}: head_dim {D} / cache {cache_dtype} not supported (head_dim % 4 == 0, <= {4 * DECODE_WG})")
     check_fits("qkv", qkv, fn)
+    by_param = not isinstance(positions, Buffer)
     for name, b in (("positions", positions), ("kv_len", kv_len)):
-        if not isinstance(b, Buffer) or b.nbytes < 4:
+        if by_param:
+            if isinstance(b, Buffer) or not isinstance(b, int):
+                raise ValueError(f"{fn}: positions and kv_len must both be Buffers or both ints, got {name}={b!r}")
+        elif not isinstance(b, Buffer) or b.nbytes < 4:
             raise ValueError(f"{fn}: {name} must be a Buffer holding an int32")
     csize = H * max_ctx * D * cache_dtype.itemsize
     check_out("k_cache", k_cache, csize, fn)
     check_out("v_cache", v_cache, csize, fn)
     check_out("out", out, 4 * H * D, fn)
-    distinct(fn, out=out, k_cache=k_cache, v_cache=v_cache, qkv=qkv.buffer, positions=positions, kv_len=kv_len)
+    distinct(fn, out=out, k_cache=k_cache, v_cache=v_cache, qkv=qkv.buffer,
+             positions=None if by_param else positions, kv_len=None if by_param else kv_len)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale)
     scratch = _decode_scratch(H, NS, D)
-    dispatch(f"attention_decode[{H}x{max_ctx}x{D}]", src,
+    name = f"attention_decode[{H}x{max_ctx}x{D}]"
+    if by_param:
+        # the position and the key length as kernel parameters (step variables under tg.capture):
+        # no buffers to fill for them, so no kernel before this one in a decode step
+        src = (src.replace("@group(0) @binding(1) var<storage, read> positions: array<i32>;\n", "")
+               .replace("@group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;\n", "")
+               .replace("@binding(3) var<storage, read_write> kc", "@binding(1) var<storage, read_write> kc")
+               .replace("@binding(4) var<storage, read_write> vc", "@binding(2) var<storage, read_write> vc")
+               .replace("@binding(5) var<storage, read_write> out", "@binding(3) var<storage, read_write> out")
+               .replace("@binding(6) var<storage, read_write> scr: array<atomic<u32>>;",
+                        "@binding(4) var<storage, read_write> scr: array<atomic<u32>>;\n"
+                        "@group(0) @binding(5) var<uniform> tgp: array<vec4<u32>, 1>;")
+               .replace("positions[0]", "bitcast<i32>(tgp[0].x)").replace("kvlen_buf[0]", "bitcast<i32>(tgp[0].y)"))
+        dispatch(name, src, [(qkv.buffer, "read"), (k_cache, "rw"), (v_cache, "rw"), (out, "rw"), (scratch, "rw")],
+                 grid_for(H * NS), ((positions, "i32"), (kv_len, "i32")))
+        return
+    dispatch(name, src,
              [(qkv.buffer, "read"), (positions, "read"), (kv_len, "read"), (k_cache, "rw"), (v_cache, "rw"),
               (out, "rw"), (scratch, "rw")], grid_for(H * NS))
 
