@@ -84,15 +84,47 @@ class ParamBlock:
         self.bindings.append(b)
         return b
 
+    def _compile(self) -> None:
+        """Every slot's words as `const + coef @ variable values` (one matrix product per replay
+        instead of Python per value)."""
+        import numpy as np
+        vars_: dict = {}
+        rows = []
+        for j, prog in enumerate(self.programs):
+            for k, (v, ct) in enumerate(prog):
+                terms = v.terms if isinstance(v, SymInt) else ()
+                for var, _ in terms:
+                    vars_.setdefault(var, len(vars_))
+                rows.append((j * SLOT // 4 + k, v.const if isinstance(v, SymInt) else v, terms, ct))
+        self._vars = list(vars_)
+        self._index = np.array([r[0] for r in rows], np.int64)
+        self._const = np.array([float(r[1]) for r in rows], np.float64)
+        self._coef = np.zeros((len(rows), max(len(vars_), 1)), np.float64)
+        for i, (_, _, terms, _) in enumerate(rows):
+            for var, c in terms:
+                self._coef[i, vars_[var]] = c
+        self._f32 = np.array([r[3] == "f32" for r in rows], bool)
+        self._words = np.zeros(-(-len(self.programs) * SLOT // 4), np.uint32)
+        self._n = len(self.programs)
+
     def update(self, bindings: Mapping) -> None:
         """Re-evaluate every slot for new variable values: one write per 64 KiB buffer."""
+        import numpy as np
+        if getattr(self, "_n", None) != len(self.programs):
+            self._compile()
+        x = np.array([float(bindings[v]) for v in self._vars] or [0.0])
+        vals = self._const + self._coef @ x
+        words = self._words
+        ints = np.rint(vals).astype(np.int64)
+        if ((ints < -2**31) | (ints >= 2**32))[~self._f32].any():
+            raise OverflowError("a kernel parameter computed from the step variables does not fit in 32 bits")
+        words[self._index] = (ints & 0xffffffff).astype(np.uint32)
+        if self._f32.any():
+            words[self._index[self._f32]] = vals[self._f32].astype(np.float32).view(np.uint32)
+        per = BLOCK_SLOTS * SLOT // 4
         for bi, buf in enumerate(self.buffers):
-            progs = self.programs[bi * BLOCK_SLOTS:(bi + 1) * BLOCK_SLOTS]
-            out = bytearray(SLOT * len(progs))
-            for j, prog in enumerate(progs):
-                data = pack(prog, bindings)
-                out[j * SLOT:j * SLOT + len(data)] = data
-            self.device.queue.write_buffer(buf, 0, bytes(out))
+            chunk = words[bi * per:(bi + 1) * per]
+            self.device.queue.write_buffer(buf, 0, chunk.tobytes())
 
 
 _lock = threading.Lock()
