@@ -27,7 +27,7 @@ class Node:
     def __init__(self, op: Op, srcs: tuple, dtype: dt.DType, shape: tuple, arg: Any = None, buffer=None):
         self.seq = next(_seq)       # creation order: which in-place writes a read comes after
         self.op = op
-        self.srcs = srcs            # tuple of (Node, View); View.shape is this node's shape for elementwise
+        # srcs: tuple of (Node, View); View.shape is this node's shape for elementwise (set below)
         self.dtype = dtype
         self.shape = tuple(shape)
         self.arg = arg
@@ -35,12 +35,23 @@ class Node:
         self.consumers = 0          # nodes ever built on this one (fusion eligibility)
         self.tensors = 0            # live Tensor objects wrapping this node
         self.readers = None         # WeakSet of unrealized nodes reading this realized node
-        for n, _ in srcs:
-            n.consumers += 1
-            if n.buffer is not None:
-                if n.readers is None:
-                    n.readers = weakref.WeakSet()
-                n.readers.add(self)
+        self.srcs = ()
+        self.set_srcs(srcs)
+
+    def set_srcs(self, srcs) -> None:
+        """Read `srcs` from now on (rewrites change sources in place), keeping the bookkeeping
+        the scheduler relies on: readers of realized nodes (in-place writes run after them) and
+        consumer counts."""
+        for m, _ in self.srcs:
+            if m.readers is not None:
+                m.readers.discard(self)
+        for m, _ in srcs:
+            m.consumers += 1
+            if m.buffer is not None:
+                if m.readers is None:
+                    m.readers = weakref.WeakSet()
+                m.readers.add(self)
+        self.srcs = tuple(srcs)
 
     @property
     def numel(self) -> int:

@@ -69,21 +69,6 @@ class Graph:
         return r[0] if len(r) == 1 and n is not self.root else None
 
 
-def set_srcs(n: Node, srcs: tuple) -> None:
-    """Replace n's sources, keeping the bookkeeping the scheduler relies on (readers of
-    realized nodes: in-place writes run after them; consumer counts)."""
-    for m, _ in n.srcs:
-        if m.readers is not None:
-            m.readers.discard(n)
-    for m, _ in srcs:
-        m.consumers += 1
-        if m.buffer is not None:
-            if m.readers is None:
-                m.readers = weakref.WeakSet()
-            m.readers.add(n)
-    n.srcs = tuple(srcs)
-
-
 def rewrite(root: Node) -> None:
     """Apply every rule, in order, to the graph under `root`."""
     if root.buffer is not None or not root.srcs:
@@ -165,7 +150,7 @@ def rows_before_head(g: Graph) -> int:
             y = linear(h, w)
             srcs = list(n.srcs)
             srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
-            set_srcs(n, tuple(srcs))
+            n.set_srcs(tuple(srcs))
             fired += 1
     return fired
 
@@ -187,7 +172,7 @@ def fold_norm_into_gemv(g: Graph) -> int:
             continue
         k = x.arg
         n.arg = DecodeLinearKernel(n.arg.w_dtype, n.arg.N, n.arg.K, (k.has_w, k.has_b, k.eps))
-        set_srcs(n, (x.srcs[0], n.srcs[1]) + tuple(x.srcs[1:]))
+        n.set_srcs((x.srcs[0], n.srcs[1]) + tuple(x.srcs[1:]))
         fired += 1
     return fired
 
@@ -220,9 +205,9 @@ def _redirect(g: Graph, old: Node, new: Node, offset: int) -> None:
         v = c.srcs[i][1]
         srcs = list(c.srcs)
         srcs[i] = (new, View(v.shape, v.strides, v.offset + offset))
-        set_srcs(c, tuple(srcs))
+        c.set_srcs(tuple(srcs))
     old.op, old.arg = Op.CAST, None
-    set_srcs(old, ((new, View(old.shape, View.contiguous(old.shape).strides, offset)),))
+    old.set_srcs(((new, View(old.shape, View.contiguous(old.shape).strides, offset)),))
 
 
 @rule
@@ -264,7 +249,7 @@ def stack_sibling_gemvs(g: Graph) -> int:
                     srcs.append((p[0], View.contiguous((p[0].numel,))))
         kern = DecodeNormLinearsKernel(wd, N1, N2, K, eps, present, (parts[0][5], parts[1][5]))
         s = Node(Op.CUSTOM, (), dt.float32, (1, N1 + N2), arg=kern)
-        set_srcs(s, tuple(srcs))
+        s.set_srcs(tuple(srcs))
         _redirect(g, parts[0][1], s, 0)
         _redirect(g, parts[1][1], s, N1)
         fired += 1
@@ -306,18 +291,18 @@ def pair_gemvs_in_sum(g: Graph) -> int:
             continue
         pair = Node(Op.CUSTOM, (), dt.float32, g1.shape,
                     arg=DecodeLinearKernel(k1.w_dtype, k1.N, k1.K, None, k2.K, k2.w_dtype))
-        set_srcs(pair, (g1.srcs[0], g1.srcs[1], g2.srcs[0], g2.srcs[1]))
+        pair.set_srcs((g1.srcs[0], g1.srcs[1], g2.srcs[0], g2.srcs[1]))
         rest = [lv for lv in leaves if lv[0] is not g1 and lv[0] is not g2]
         acc = (pair, View.contiguous(n.shape))   # [1, N] read as the sum's shape (same elements)
         if not rest:
             n.op = Op.CAST
-            set_srcs(n, (acc,))
+            n.set_srcs((acc,))
         else:
             for m, v in rest[:-1]:
                 s = Node(Op.ADD, (), n.dtype, n.shape)
-                set_srcs(s, (acc, (m, v)))
+                s.set_srcs((acc, (m, v)))
                 acc = (s, View.contiguous(n.shape))
-            set_srcs(n, (acc, rest[-1]))
+            n.set_srcs((acc, rest[-1]))
         fired += 1
     return fired
 
@@ -352,7 +337,7 @@ def fuse_decode_attention(g: Graph) -> int:
         n.arg = RopeAttentionDecodeKernel(H, D, m["rot"], m["max_ctx"], m["base"], cache_dtype, n.arg.scale,
                                           step=(m["start"], L))
         kbase, vbase = m["kbase"], m["vbase"]
-        set_srcs(n, ((m["qkv"], m["qkv_view"]), (kbase, View.contiguous(kbase.shape)),
+        n.set_srcs(((m["qkv"], m["qkv_view"]), (kbase, View.contiguous(kbase.shape)),
                      (vbase, View.contiguous(vbase.shape))))
         _writes_done_by(n, ka, va, m)
         fired += 1
@@ -421,7 +406,7 @@ def _writes_done_by(n: Node, ka: Node, va: Node, m: dict) -> None:
     """The two cache writes are kernel n's now: they stand for the caches once n has run."""
     for a, base in ((ka, m["kbase"]), (va, m["vbase"])):
         a.op, a.arg = Op.AFTER, None
-        set_srcs(a, ((base, View.contiguous(a.shape)), (n, View.contiguous(n.shape))))
+        a.set_srcs(((base, View.contiguous(a.shape)), (n, View.contiguous(n.shape))))
     n.arg.afters = (weakref.ref(ka), weakref.ref(va))   # done when n is (schedule.py)
 
 
@@ -441,10 +426,10 @@ def fuse_rope_cache_write(g: Graph) -> int:
             continue
         kern = RopeKVWriteKernel(T, H, D, m["rot"], m["max_ctx"], m["base"], m["kbase"].dtype)
         r = Node(Op.CUSTOM, (), dt.float32, (H, T, D), arg=kern)
-        set_srcs(r, ((m["qkv"], m["qkv_view"]), m["pos"], (m["kbase"], View.contiguous(m["kbase"].shape)),
+        r.set_srcs(((m["qkv"], m["qkv_view"]), m["pos"], (m["kbase"], View.contiguous(m["kbase"].shape)),
                      (m["vbase"], View.contiguous(m["vbase"].shape))))
         _writes_done_by(r, ka, va, m)
-        set_srcs(n, ((r, View.contiguous((H, T, D))), (ka, kav), (va, vav)))
+        n.set_srcs(((r, View.contiguous((H, T, D))), (ka, kav), (va, vav)))
         fired += 1
     return fired
 
@@ -473,7 +458,7 @@ def attention_writes_token_major(g: Graph) -> int:
         for r, i in g.readers.get(id(c), ()):
             srcs = list(r.srcs)
             srcs[i] = (a, srcs[i][1])
-            set_srcs(r, tuple(srcs))
-        set_srcs(c, ((a, View.contiguous(a.shape)),))
+            r.set_srcs(tuple(srcs))
+        c.set_srcs(((a, View.contiguous(a.shape)),))
         fired += 1
     return fired
