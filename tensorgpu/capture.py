@@ -131,6 +131,12 @@ class Captured:
         functools.update_wrapper(self, fn)
 
     def __call__(self, *args):
+        # one lock hold per call: a trace installs the runtime's global recorder and arena, so
+        # no other thread's kernels or buffers may land in it; a replay is queued as one unit
+        with runtime.LOCK:
+            return self._call(*args)
+
+    def _call(self, *args):
         sig = _signature(args)
         entry = self.traces.get(sig)
         key = None

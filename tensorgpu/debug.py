@@ -86,3 +86,16 @@ def profile():
         runtime._collect_profile()
     finally:
         runtime._profilers.remove(p)
+
+
+def trim() -> int:
+    """Give every free pooled GPU buffer (and free staging buffer) back to the driver now;
+    returns the bytes released. Buffers of live tensors and captures are kept. The pool also
+    trims itself when its free bytes pass `runtime.OPTIONS.pool_high_water`."""
+    return runtime.trim()
+
+
+def memory() -> dict:
+    """GPU bytes held: `live` (in tensors, captures, caches), `free` (pooled for reuse),
+    `held` (allocated and not released), and `pipelines` (compiled pipelines cached)."""
+    return dict(runtime.pool_bytes(), pipelines=len(runtime._pipelines))

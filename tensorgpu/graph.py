@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from . import dtypes as dt
 from .ops import Op
+from .runtime import LOCK
 from .view import View
 
 
@@ -41,16 +42,20 @@ class Node:
     def set_srcs(self, srcs) -> None:
         """Read `srcs` from now on (rewrites change sources in place), keeping the bookkeeping
         the scheduler relies on: readers of realized nodes (in-place writes run after them) and
-        consumer counts."""
-        for m, _ in self.srcs:
-            if m.readers is not None:
-                m.readers.discard(self)
-        for m, _ in srcs:
-            m.consumers += 1
-            if m.buffer is not None:
-                if m.readers is None:
-                    m.readers = weakref.WeakSet()
-                m.readers.add(self)
+        consumer counts. Sources may be shared between threads (a model's weights): their
+        counters and reader sets change under the runtime's lock (ARCHITECTURE.md, "Threads")."""
+        if not srcs and not self.srcs:
+            return
+        with LOCK:
+            for m, _ in self.srcs:
+                if m.readers is not None:
+                    m.readers.discard(self)
+            for m, _ in srcs:
+                m.consumers += 1
+                if m.buffer is not None:
+                    if m.readers is None:
+                        m.readers = weakref.WeakSet()
+                    m.readers.add(self)
         self.srcs = tuple(srcs)
 
     @property

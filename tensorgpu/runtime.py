@@ -7,13 +7,23 @@ command encoder / ONE compute pass / ONE submit when a value is read back (or `f
 called). Program order is kept by the order of the list; wgpu inserts the barriers between
 dispatches of one pass. Buffers referenced by pending dispatches are kept alive until the
 submit so the pool never hands them out early.
+
+Threads: every piece of shared state here (the pending queue, the pool and arenas, the caches,
+capture recorders, staging buffers, the lazy device) is guarded by ONE re-entrant lock, `LOCK`.
+Entry points that touch it take it (`flush`, `read`, `read_later`, `Ticket.result`, `write`,
+`dispatch`, `replay`, Buffer allocation and release, device creation; schedule.realize and
+capture's __call__ above them), so any number of threads may use tensors and sessions; work
+from different threads is interleaved per entry point, never inside one. Re-entrant because
+realize -> dispatch -> flush nest. Uncontended, an acquire costs ~0.1 us.
 """
 from __future__ import annotations
 
 import heapq
 import itertools
 import os
+import threading
 import time
+from collections import OrderedDict
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,6 +37,19 @@ import wgpu  # noqa: E402
 
 MAX_WORKGROUPS_PER_DIM = 65535
 
+LOCK = threading.RLock()   # see the module docstring: the one lock around all shared state
+
+
+def locked(fn: Callable) -> Callable:
+    """Run `fn` holding LOCK (a decorator for the module's entry points)."""
+    import functools
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        with LOCK:
+            return fn(*args, **kwargs)
+    return inner
+
 
 class NoAdapterError(RuntimeError):
     pass
@@ -39,7 +62,8 @@ class Stats(dict):
     """Cumulative counters a user (or a test) inspects through `tg.debug.stats()`."""
 
     KEYS = ("kernels_dispatched", "pipelines_compiled", "buffers_allocated", "bytes_allocated",
-            "bind_groups_created", "submits", "readbacks", "captures_traced", "captures_replayed")
+            "bind_groups_created", "submits", "readbacks", "captures_traced", "captures_replayed",
+            "bytes_released", "pipelines_evicted")
 
     def __init__(self):
         super().__init__({k: 0 for k in self.KEYS})
@@ -69,6 +93,11 @@ class Options:
     use_f16: bool = True
     use_subgroups: bool = True
     max_storage_buffers: Optional[int] = None  # None: the adapter's limit
+    # memory bounds (ARCHITECTURE.md, "Memory bounds"): compiled pipelines kept (least recently
+    # used dropped first), and bytes of free buffers the pool keeps for reuse (beyond it, the
+    # oldest free buffers are released to the driver)
+    max_pipelines: int = int(os.environ.get("TENSORGPU_MAX_PIPELINES", "512"))
+    pool_high_water: int = int(os.environ.get("TENSORGPU_POOL_HIGH_WATER", str(256 << 20)))
 
 
 OPTIONS = Options(
@@ -153,9 +182,13 @@ _DEVICE: Optional[Device] = None
 
 def get_device() -> Device:
     global _DEVICE
-    if _DEVICE is None:
-        _DEVICE = Device()
-    return _DEVICE
+    d = _DEVICE
+    if d is None:
+        with LOCK:   # double-checked: two threads' first ops must not create two devices
+            if _DEVICE is None:
+                _DEVICE = Device()
+            d = _DEVICE
+    return d
 
 
 # ----------------------------------------------------------------------------- buffers
@@ -185,6 +218,7 @@ class _Pool:
         # step then gets the same buffers each step, so its bind groups come from the cache
         lst = self.free.get(size)
         if lst:
+            self.free_bytes -= size
             return heapq.heappop(lst)[1]
         dev = get_device()
         if size > int(dev.limits["max-buffer-size"]):
@@ -199,6 +233,34 @@ class _Pool:
 
     def give(self, size: int, buf) -> None:
         heapq.heappush(self.free.setdefault(size, []), (self.index[id(buf)], buf))
+        self.free_bytes += size
+        if self.free_bytes > OPTIONS.pool_high_water:
+            self.trim(OPTIONS.pool_high_water // 2)
+
+    free_bytes = 0
+
+    def trim(self, keep: int = 0) -> int:
+        """Release free buffers (largest size classes first) until at most `keep` bytes of free
+        buffers remain; returns the bytes released. Bind groups cached over a released buffer
+        are dropped with it (its id may be reused by a later buffer)."""
+        gone: set = set()
+        released = 0
+        for size in sorted(self.free, reverse=True):
+            lst = self.free[size]
+            while lst and self.free_bytes > keep:
+                _, buf = heapq.heappop(lst)
+                gone.add(id(buf))
+                self.all[self.index.pop(id(buf))] = None
+                self.free_bytes -= size
+                self.bytes_held -= size
+                released += size
+            if not lst:
+                del self.free[size]
+        if gone:
+            for k in [k for k in _bind_groups if not gone.isdisjoint(k[1])]:
+                del _bind_groups[k]
+            STATS["bytes_released"] += released
+        return released
 
 
 POOL = _Pool()
@@ -291,14 +353,16 @@ class Buffer:
     def __init__(self, nbytes: int):
         self.nbytes = int(nbytes)
         self.capacity = _size_class(self.nbytes)
-        self.arena = _arenas[-1] if _arenas else None
-        self.gpu = (self.arena or POOL).take(self.capacity)
-        _live_bytes[0] += self.capacity
+        with LOCK:
+            self.arena = _arenas[-1] if _arenas else None
+            self.gpu = (self.arena or POOL).take(self.capacity)
+            _live_bytes[0] += self.capacity
 
     def __del__(self):
         try:
-            (self.arena or POOL).give(self.capacity, self.gpu)
-            _live_bytes[0] -= self.capacity
+            with LOCK:
+                (self.arena or POOL).give(self.capacity, self.gpu)
+                _live_bytes[0] -= self.capacity
         except Exception:  # interpreter shutdown
             pass
 
@@ -327,6 +391,7 @@ def upload(data, nbytes: Optional[int] = None) -> Buffer:
     return buf
 
 
+@locked
 def write(buf: Buffer, data, offset: int = 0) -> None:
     """Write host bytes into `buf` at byte `offset`, after every pending dispatch that uses it."""
     mv = _byte_view(data)
@@ -361,7 +426,7 @@ class Pipeline:
     uid: int = field(default_factory=lambda: next(_pipeline_uids))
 
 
-_pipelines: dict = {}
+_pipelines: "OrderedDict" = OrderedDict()   # least recently used first; OPTIONS.max_pipelines of them
 _bind_groups: dict = {}
 
 
@@ -371,6 +436,7 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
     key = (wgsl, tuple(access), entry)
     p = _pipelines.get(key)
     if p is not None:
+        _pipelines.move_to_end(key)
         return p
     dev = get_device()
     types = {"read": wgpu.BufferBindingType.read_only_storage, "rw": wgpu.BufferBindingType.storage,
@@ -387,6 +453,13 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
     STATS["pipelines_compiled"] += 1
     p = Pipeline(pipe, bgl, wgsl, name)
     _pipelines[key] = p
+    while len(_pipelines) > max(OPTIONS.max_pipelines, 1):
+        # least recently used first; a Dispatch (a capture's, a queued one) keeps its own
+        # Pipeline alive, so eviction only costs a recompile if the source is seen again
+        old = _pipelines.popitem(last=False)[1]
+        for k in [k for k in _bind_groups if k[0] == old.uid]:
+            del _bind_groups[k]
+        STATS["pipelines_evicted"] += 1
     return p
 
 
@@ -471,6 +544,7 @@ _recorders: list = []  # capture.py hooks: callables(Dispatch)
 _tracing = [0]         # > 0 while tg.capture traces a function
 
 
+@locked
 def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple, params: Sequence[tuple] = ()) -> Dispatch:
     """Append one kernel launch to the pending queue.
 
@@ -512,6 +586,7 @@ def dispatch(name: str, wgsl: str, bindings: Sequence[tuple], grid: tuple, param
     return d
 
 
+@locked
 def replay(dispatches: Sequence[Dispatch], ids: Optional[frozenset] = None, writes: Optional[frozenset] = None) -> None:
     """Queue already-built dispatches again (capture replay): no codegen, no new bind groups.
     ids / writes: the ids of every buffer the list binds / binds read_write, when the caller
@@ -613,6 +688,7 @@ def _collect_profile() -> None:
                 p.append((name, int(dt_ns)))
 
 
+@locked
 def flush() -> None:
     """Encode every pending dispatch into one pass (plus queued readback copies) and submit once."""
     if not _pending and not _pending_copies:
@@ -661,6 +737,7 @@ class Ticket:
         self.stage, self.off, self.nbytes, self.cap = stage, offset_in_stage, nbytes, cap
         self._data = None
 
+    @locked
     def result(self) -> bytes:
         if self._data is None:
             if any(c[2] is self.stage for c in _pending_copies):
@@ -674,14 +751,18 @@ class Ticket:
                 self._data = bytes(self.stage.read_mapped(0, size, copy=True))[self.off:self.off + self.nbytes]
             finally:
                 self.stage.unmap()
-            _free_stages.setdefault(self.cap, []).append(self.stage)
+            free = _free_stages.setdefault(self.cap, [])
+            if len(free) < MAX_FREE_STAGES:   # bounded: a staging buffer per size class in flight
+                free.append(self.stage)
             STATS["readbacks"] += 1
         return self._data
 
 
 _free_stages: dict = {}
+MAX_FREE_STAGES = 8   # free staging (mappable) buffers kept per size class
 
 
+@locked
 def read_later(buf: "Buffer", offset: int = 0, nbytes: Optional[int] = None) -> Ticket:
     """Queue a copy of `buf`'s bytes into a mappable buffer with the next submit."""
     n = buf.nbytes - offset if nbytes is None else int(nbytes)
@@ -696,6 +777,7 @@ def read_later(buf: "Buffer", offset: int = 0, nbytes: Optional[int] = None) -> 
     return Ticket(stage, offset - start, n, cap)
 
 
+@locked
 def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
     """Bytes of `buf` after all pending work: one submit (pending dispatches + the copy) and one map."""
     if _tracing[0]:
@@ -707,9 +789,28 @@ def read(buf: Buffer, offset: int = 0, nbytes: Optional[int] = None) -> bytes:
     return read_later(buf, offset, n).result()
 
 
+@locked
 def sync() -> None:
     """Wait until the GPU has finished all submitted work (benchmarks use this)."""
     flush()
     if not hasattr(sync, "_buf"):
         sync._buf = Buffer(4)
     read(sync._buf, 0, 4)
+
+
+@locked
+def trim() -> int:
+    """Release every free buffer the pool holds (and the free staging buffers) back to the
+    driver; returns the bytes released. Live tensors, captures and pending work keep theirs."""
+    flush()
+    released = POOL.trim(0)
+    for cap, lst in list(_free_stages.items()):
+        released += cap * len(lst)
+        lst.clear()
+    return released
+
+
+def pool_bytes() -> dict:
+    """GPU bytes the runtime holds: `live` (Buffers in use), `free` (pool slots kept for reuse)
+    and `held` (everything allocated and not yet released)."""
+    return {"live": _live_bytes[0], "free": POOL.free_bytes, "held": POOL.bytes_held}

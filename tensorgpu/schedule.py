@@ -44,6 +44,7 @@ class Schedule(list):
             dispatch(k.name, k.wgsl, k.bindings, k.grid, k.params)
 
 
+@runtime.locked
 def schedule(node: Node) -> Schedule:
     """Plan the kernels that give `node` (and the unrealized graph under it) its buffer, without
     running any: graph rewrites (rewrites.py), then fusion. The nodes get their buffers now; the
@@ -63,7 +64,15 @@ def schedule(node: Node) -> Schedule:
 def realize(node: Node) -> None:
     """Make sure `node` has a buffer: schedule, then run the schedule. Kernels planned before an
     exception (an interrupt while planning) still run, so every node that got a buffer holds
-    its value."""
+    its value. Holds the runtime's lock throughout (planning reads and writes shared graph
+    state, and the kernels must be queued as one unit)."""
+    if node.buffer is not None:
+        return
+    with runtime.LOCK:
+        _realize_locked(node)
+
+
+def _realize_locked(node: Node) -> None:
     if node.buffer is not None:
         return
     if runtime._collectors and runtime._collectors[-1] is not None:
@@ -525,6 +534,7 @@ def _depends_on(n: Node, target: Node) -> bool:
     return False
 
 
+@runtime.locked
 def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
     """The in-place `t[idx] = v`, lazily: a node that writes `value` (read through value_view,
     already broadcast to view.shape) into target's buffer through `view`, and stands for the

@@ -62,20 +62,23 @@ class Tensor:
     def __init__(self, node: Node, view: Optional[View] = None):
         if node.tensors == 0 and node.buffer is None and node.op is not Op.CONST:
             _check_fits(node.shape, node.dtype, node.op.name.lower())  # refuse a new lazy result now, not at dispatch
-            for n, _ in node.srcs:
-                # graph.Node registers readers of realized sources; a source still lazy now may be
-                # realized and then written in place (t[i] = v) before this node runs: register it too
-                if n.buffer is None and n.op is not Op.CONST:
-                    if n.readers is None:
-                        n.readers = weakref.WeakSet()
-                    n.readers.add(node)
+        with runtime.LOCK:   # a node may be shared between threads: its counts change under the lock
+            if node.tensors == 0 and node.buffer is None and node.op is not Op.CONST:
+                for n, _ in node.srcs:
+                    # graph.Node registers readers of realized sources; a source still lazy now may be
+                    # realized and then written in place (t[i] = v) before this node runs: register it too
+                    if n.buffer is None and n.op is not Op.CONST:
+                        if n.readers is None:
+                            n.readers = weakref.WeakSet()
+                        n.readers.add(node)
+            node.tensors += 1
         self.node = node
         self.view = view if view is not None else View.contiguous(node.shape)
-        node.tensors += 1
 
     def __del__(self):
         try:
-            self.node.tensors -= 1
+            with runtime.LOCK:
+                self.node.tensors -= 1
         except Exception:
             pass
 
