@@ -89,6 +89,9 @@ class Session:
         if arr.size == 0:
             raise ValueError("empty token sequence: give at least one token id")
         if arr.dtype.kind not in "iu":
+            if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                i = int(np.argmax(~np.isfinite(arr)))
+                raise ValueError(f"token id {arr[i]} at index {i} is not a finite number")
             if arr.dtype.kind == "f" and np.all(arr == np.round(arr)):
                 arr = arr.astype(np.int64)
             else:
@@ -213,11 +216,19 @@ class Session:
                 raise ValueError("this model has no tokenizer in its GGUF metadata: pass token ids")
             ids = tok.encode(prompt) if prompt else []
         else:
-            ids = [] if prompt is None else [int(i) for i in np.asarray(prompt).reshape(-1)]
+            empty = prompt is None or (isinstance(prompt, (list, tuple)) and len(prompt) == 0)
+            # the same checks as forward(): no silent truncation of 1.7, no flattening of [[1, 2]]
+            ids = [] if empty else self._check_ids(prompt).tolist()
         if not ids and not self.position:
             raise ValueError("empty prompt and empty context: nothing to continue from")
         if ids:
             self._check_ids(ids)  # every input error is raised here, before the generator starts
+        if max_new_tokens > 0 and self.remaining - len(ids) < 1:
+            # a generated token needs a row of its own in the cache
+            raise ContextOverflowError(
+                f"no room to generate: the session holds {self.position} of max_context {self.max_context}"
+                + (f" and the prompt adds {len(ids)}" if ids else "")
+                + "; reset() the session or fork() a shorter one")
         return self._generate(ids, max_new_tokens, sampler, stop_ids, stop_strs,
                               tok.eos_id if (stop_on_eos and tok is not None) else None)
 

@@ -175,6 +175,10 @@ def _realize(node: Node) -> None:
 
 SPLIT_MIN_LEN = 32768   # reductions this long with few outputs run in two stages
 SPLIT_CHUNK = 4096
+# Generated code never loops more than this many times in one invocation: lavapipe silently
+# stops a loop after 65,535 iterations (wrong sums, no error), and other drivers have watchdogs.
+# A reduction whose per-thread loop would run longer is split over more workgroups.
+MAX_THREAD_TRIPS = 16384
 
 
 def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
@@ -187,11 +191,13 @@ def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
     rlen = prod(src_view.shape[a] for a in axes)
     n_out = prod(core.shape)
     inner_contig = src_view.strides[axes[-1]] == 1 if axes else True
-    if rlen < SPLIT_MIN_LEN or n_out > 64 or not inner_contig:
+    if (rlen < SPLIT_MIN_LEN or n_out > 64 or not inner_contig) and _thread_trips(src_view, axes, rlen, n_out) <= MAX_THREAD_TRIPS:
         src, bindings, n_wg, params = reduce_kernel(core, root, out, subgroups)
         _dispatch(_name("R", root, core), src, bindings, n_wg, params)
         return
-    C = min(-(-rlen // SPLIT_CHUNK), 1024)
+    # stage 1: C chunks per output row, each one workgroup of 256 threads looping over CH / 256
+    # elements (at most MAX_THREAD_TRIPS); stage 2 reduces C <= 1024-ish partials per row
+    C = max(min(-(-rlen // SPLIT_CHUNK), 1024), -(-rlen // (256 * MAX_THREAD_TRIPS)))
     CH = -(-rlen // C)
     C = -(-rlen // CH)
     is_arg = core.op in (Op.ARGMAX, Op.ARGMIN)
@@ -216,6 +222,16 @@ def _emit_reduce(core: Node, root: Node, out: Buffer) -> None:
     red2 = Node(core.op, ((pnode, pview),), core.dtype, core.shape, arg=(axes[0],))
     src, bindings, n_wg, params = reduce_kernel(red2, root, out, subgroups, index_src=inode, core_node=core)
     _dispatch(_name("R2", root, core), src, bindings, n_wg, params)
+
+
+def _thread_trips(src_view: View, axes: tuple, rlen: int, n_out: int) -> int:
+    """Loop iterations per invocation of codegen.reduce_kernel's single-kernel form (its own
+    strategy choice: a thread per output row for strided rows or short ones, else a workgroup
+    of 256 (64 for short rows) striding over the row)."""
+    inner_stride = src_view.strides[axes[-1]] if axes else 1
+    if (inner_stride != 1 and n_out >= 256) or rlen <= 16:
+        return rlen
+    return -(-rlen // (256 if rlen >= 256 else 64))
 
 
 def _const_bytes(value, d: dt.DType) -> bytes:
@@ -341,6 +357,7 @@ def _plan(root: Node):
     for x in root.shape:
         if type(x) is not int:
             static(x)
+    _bound_select_chains(root)
     limit = get_device().max_storage_buffers
     while True:
         try:
@@ -438,6 +455,56 @@ def _plan_once(root: Node, limit: int):
             realize(max(inlined, key=lambda t: t[0])[1])
         else:
             raise RuntimeError(f"kernel for {root} needs {len(used) + 1} storage buffers, over the limit of {limit}")
+
+
+# A `cat` renders as an if / else-if chain over its pieces, and cats inlined into cats nest
+# those chains. lavapipe computes wrong values from a depth of about 78 on (no error), so no
+# kernel gets a chain deeper than this: longer cats are split into realized sub-cats.
+MAX_SELECT_CHAIN = 32
+
+
+def _bound_select_chains(root: Node) -> None:
+    """Keep every if/else-if chain the kernel of `root` would render at most MAX_SELECT_CHAIN
+    deep: a cat of more pieces becomes a cat of realized cats of <= MAX_SELECT_CHAIN pieces,
+    and a cat that would nest past the bound under the cats above it is realized on its own."""
+    best: dict = {}                       # id(node) -> deepest chain depth it was reached at
+    stack = [(root, 0)]
+    while stack:
+        n, depth = stack.pop()
+        if n.buffer is not None or n.op is Op.CONST or n.op is Op.CUSTOM or best.get(id(n), -1) >= depth:
+            continue
+        if n.op is Op.CAT:
+            if len(n.srcs) > MAX_SELECT_CHAIN:
+                _chunk_cat(n)
+            if depth + len(n.srcs) > MAX_SELECT_CHAIN and n is not root:
+                realize(n)
+                continue
+            depth += len(n.srcs)
+        best[id(n)] = depth
+        if n.is_elementwise or n.is_reduce or n is root:
+            stack.extend((m, depth) for m, _ in n.srcs)
+
+
+def _chunk_cat(node: Node) -> None:
+    """cat(s0 .. sk) -> cat(cat(s0 .. s31) realized, cat(s32 .. s63) realized, ...): the same
+    values, each kernel's chain at most MAX_SELECT_CHAIN pieces (a tree for very long cats)."""
+    axis = node.arg
+    srcs = node.srcs
+    while len(srcs) > MAX_SELECT_CHAIN:
+        groups = []
+        for i in range(0, len(srcs), MAX_SELECT_CHAIN):
+            head = srcs[i:i + MAX_SELECT_CHAIN]
+            if len(head) == 1:
+                groups.append(head[0])
+                continue
+            shape = list(node.shape)
+            shape[axis] = sum(v.shape[axis] for _, v in head)
+            sub = Node(Op.CAT, head, node.dtype, tuple(shape), arg=axis)
+            sub.seq = node.seq            # it reads what the cat read (in-place write order)
+            realize(sub)
+            groups.append((sub, View.contiguous(sub.shape)))
+        srcs = tuple(groups)
+    node.srcs = srcs
 
 
 def _buffers_read(n: Node, v: View, memo: Optional[dict] = None) -> set:
