@@ -86,6 +86,12 @@ class Node:
         return f"Node({self.op.name}, {self.shape}, {self.dtype.name}{', realized' if self.buffer is not None else ''})"
 
 
+# Integer tensors made from host data (tg.tensor) remember their value range, so consumers that
+# index with them (tg.nn.embedding) refuse out-of-range ids at the call, with no readback. An
+# in-place write into the node's buffer forgets it (schedule.assign).
+HOST_RANGE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def buffer_node(buf, shape, dtype: dt.DType) -> Node:
     return Node(Op.BUFFER, (), dtype, shape, buffer=buf)
 

@@ -130,11 +130,20 @@ class EmbeddingKernel(CustomKernel):
 
 def embedding(ids: Tensor, table: Tensor) -> Tensor:
     """Rows of `table` [vocab, dim] (float or quantized) picked by integer `ids` -> float32 [*ids.shape, dim].
-    Ids are checked on the host only when already known (a realized tensor read cheaply is
-    not done here: out-of-range ids read as zero rows on the GPU)."""
+    Ids known on the host are checked at the call: host sequences and arrays, and tensors made
+    from host data (tg.tensor(...), whose range is remembered at upload). Ids computed on the GPU
+    are not read back to be checked: an out-of-range one reads as a zero row."""
+    if isinstance(ids, Tensor):
+        from .graph import HOST_RANGE
+        rng = HOST_RANGE.get(ids.node)
+        if rng is not None and ids.size and (rng[0] < 0 or rng[1] >= table.shape[0]):
+            bad = rng[0] if rng[0] < 0 else rng[1]
+            raise IndexError(f"embedding: id {bad} is out of range for a table of {table.shape[0]} rows")
     if not isinstance(ids, Tensor):
         import numpy as np
         arr = np.asarray(ids)
+        if arr.dtype.kind not in "iu":
+            raise TypeError(f"embedding: ids must be integers, got {arr.dtype}")
         if arr.size and (arr.min() < 0 or arr.max() >= table.shape[0]):
             bad = arr[(arr < 0) | (arr >= table.shape[0])][0]
             raise IndexError(f"embedding: id {bad} is out of range for a table of {table.shape[0]} rows")
@@ -394,6 +403,8 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: floa
         if u is None:
             raise ValueError("sample: temperature > 0 needs u, a uniform number in [0, 1) (float or float32 [1] tensor)")
         if not isinstance(u, Tensor):
+            if not 0.0 <= float(u) < 1.0:   # also refuses NaN
+                raise ValueError(f"sample: u must be a uniform number in [0, 1), got {u!r}")
             u = tensor(np.array([float(u)], np.float32))
         if u.shape != (1,) or u.dtype is not dt.float32:
             raise ValueError(f"sample: u must be a float32 tensor of shape (1,), got {u.shape} {u.dtype}")

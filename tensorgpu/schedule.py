@@ -610,6 +610,11 @@ def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
     kernel, such as the decode attention that writes the cache row it reads."""
     n = Node(Op.ASSIGN, ((target, View.contiguous(target.shape)), (value, value_view)), target.dtype,
              target.shape, arg=view)
+    from .graph import HOST_RANGE
+    m = target
+    while m.op in (Op.ASSIGN, Op.AFTER) and m.srcs:
+        m = m.srcs[0][0]
+    HOST_RANGE.pop(m, None)              # its remembered host values are no longer its values
     buf = _base_buffer(n)
     with _writes_lock:
         _pending_writes.setdefault(buf, []).append(n)

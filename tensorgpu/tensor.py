@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import numbers
+import os
 import weakref
 from math import prod
 from typing import Optional, Sequence, Union
@@ -14,7 +15,7 @@ import numpy as np
 
 from . import dtypes as dt
 from . import runtime
-from .graph import Node, buffer_node, const_node
+from .graph import HOST_RANGE, Node, buffer_node, const_node
 from .ops import BINARY, UNARY, Op, binary_operand_type, binary_result, unary_result
 from .symbolic import guard, is_symbolic, static
 from .view import View
@@ -62,6 +63,8 @@ class Tensor:
     def __init__(self, node: Node, view: Optional[View] = None):
         if node.tensors == 0 and node.buffer is None and node.op is not Op.CONST:
             _check_fits(node.shape, node.dtype, node.op.name.lower())  # refuse a new lazy result now, not at dispatch
+            if node.is_reduce:
+                _check_reduce_size(node)
         with runtime.LOCK:   # a node may be shared between threads: its counts change under the lock
             if node.tensors == 0 and node.buffer is None and node.op is not Op.CONST:
                 for n, _ in node.srcs:
@@ -92,6 +95,11 @@ class Tensor:
             raise TypeError(f"tg.tensor cannot create {d} data from numbers; load a GGUF file or quantize with tg.save_gguf")
         if a.dtype.kind == "c" or a.dtype.kind in "OUSV":
             raise TypeError(f"unsupported dtype {a.dtype}: tensorgpu holds float32, float16, int32, uint32 and bool")
+        _check_fits(a.shape, d, "tg.tensor")   # before any converted copy is made
+        if d is dt.uint32 and a.dtype.kind in "iu" and a.size and (a.max() > 2**32 - 1 or a.min() < 0):
+            raise OverflowError(f"values of {a.dtype} array do not fit uint32 (range {a.min()}..{a.max()})")
+        if d.kind in ("int", "uint") and a.dtype.kind == "f" and a.size and not np.all(np.isfinite(a)):
+            raise ValueError(f"tg.tensor: a {a.dtype} array with NaN or inf cannot become {d.name}")
         if d is dt.bool_:
             host = a.astype(np.bool_).astype(np.uint32)
         elif d is dt.int32 and a.dtype.kind in "iu" and a.size and (a.max() > 2**31 - 1 or a.min() < -2**31):
@@ -101,7 +109,10 @@ class Tensor:
         _check_fits(a.shape, d, "tg.tensor")
         host = np.ascontiguousarray(host)
         buf = runtime.upload(host.reshape(-1).view(np.uint8), max(host.nbytes, 4))
-        return Tensor(buffer_node(buf, a.shape, d))
+        t = Tensor(buffer_node(buf, a.shape, d))
+        if d.kind in ("int", "uint") and host.size:
+            HOST_RANGE[t.node] = (int(host.min()), int(host.max()))
+        return t
 
     @staticmethod
     def from_buffer(buf: runtime.Buffer, shape: Sequence[int], dtype: dt.DType) -> "Tensor":
@@ -674,6 +685,20 @@ def _slice_bounds(i: slice, n: int, axis: int, shape: tuple) -> tuple:
     return start, stop, 1
 
 
+# Generated kernels index elements with 32-bit integers (i32 coordinates), so a reduction may read
+# at most this many elements (a broadcast tg.ones((1 << 33,)).sum() reads 2**33 without memory).
+MAX_REDUCE_ELEMENTS = 2**31 - 1
+
+
+def _check_reduce_size(node: Node) -> None:
+    v = node.srcs[0][1]
+    n = prod(v.shape)
+    if n > MAX_REDUCE_ELEMENTS:
+        raise ValueError(f"{node.op.name.lower()} over a tensor of shape {tuple(v.shape)} reads {n} elements; "
+                         f"generated kernels index with 32-bit integers, so a reduction reads at most "
+                         f"{MAX_REDUCE_ELEMENTS} (reduce in parts, e.g. x.reshape(k, -1).sum(1).sum())")
+
+
 def _check_fits(shape: tuple, d: dt.DType, what: str = "result") -> None:
     """A kernel binds a whole tensor: refuse one over the device's storage-binding limit."""
     if d.is_quant:
@@ -684,6 +709,26 @@ def _check_fits(shape: tuple, d: dt.DType, what: str = "result") -> None:
     if n > lim:
         raise ValueError(f"{what}: a {d.name} tensor of shape {tuple(shape)} needs {n} bytes, over this device's "
                          f"max_storage_buffer_binding_size of {lim} bytes")
+
+
+def _host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _check_alloc(shape: tuple, d: dt.DType, what: str, host_itemsize: int = 8) -> None:
+    """Before a creation function builds its host array (arange, rand, randn): the tensor must
+    fit the device (`_check_fits`) and the host array (`host_itemsize` bytes per element, NumPy's
+    int64/float64 intermediates) at most half of this machine's memory, so a typo like
+    tg.arange(1 << 31) is an error at the call instead of an OOM kill."""
+    _check_fits(shape, d, what)
+    n = prod(shape) * host_itemsize
+    lim = _host_memory_bytes() // 2
+    if n > lim:
+        raise MemoryError(f"{what}: shape {tuple(shape)} needs a {n}-byte host array, over half of this "
+                          f"machine's memory ({lim} bytes)")
 
 
 def _owns(view: View) -> bool:
@@ -860,6 +905,13 @@ def _arange(start, stop=None, step=1, dtype=None) -> Tensor:
         n = static(stop - start) if step == 1 else static(-(-(stop - start) // static(step)))
         base = Tensor.from_numpy(np.arange(0, n * static(step), static(step)), dtype or dt.int32)
         return (base + start).astype(dtype or dt.int32) if n > 0 else base
+    for name, x in (("start", start), ("stop", stop), ("step", step)):
+        if not isinstance(x, numbers.Real) or isinstance(x, bool) or not np.isfinite(x):
+            raise TypeError(f"arange(): {name} must be a finite int or float, got {x!r}")
+    n = max(int(np.ceil((stop - start) / step)), 0)
+    d0 = dt.as_dtype(dtype) if dtype is not None else (
+        dt.int32 if all(isinstance(x, numbers.Integral) for x in (start, stop, step)) else dt.float32)
+    _check_alloc((n,), d0, f"arange({start}, {stop}, {step})")
     a = np.arange(start, stop, step)
     if dtype is None:
         dtype = dt.int32 if a.dtype.kind in "iu" else dt.float32
@@ -881,13 +933,16 @@ def _dims(args: tuple, what: str) -> tuple:
 def rand(*shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
     """Uniform [0, 1) numbers from NumPy's PCG64 (reproducible for a given seed):
     tg.rand(2, 3) or tg.rand((2, 3)); seed and dtype are keyword-only."""
-    return Tensor.from_numpy(np.random.default_rng(seed).random(_dims(shape, "rand"), dtype=np.float32), dtype)
+    shape = _dims(shape, "rand")
+    _check_alloc(shape, dt.as_dtype(dtype), "rand", 4)
+    return Tensor.from_numpy(np.random.default_rng(seed).random(shape, dtype=np.float32), dtype)
 
 
 def randn(*shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
     """Standard normal numbers: tg.randn(32, 16) or tg.randn((32, 16)); seed and dtype keyword-only."""
-    return Tensor.from_numpy(np.random.default_rng(seed).standard_normal(_dims(shape, "randn"), dtype=np.float32),
-                             dtype)
+    shape = _dims(shape, "randn")
+    _check_alloc(shape, dt.as_dtype(dtype), "randn", 4)
+    return Tensor.from_numpy(np.random.default_rng(seed).standard_normal(shape, dtype=np.float32), dtype)
 
 
 def where(cond, a, b) -> Tensor:
