@@ -12,8 +12,8 @@ from typing import Callable, Optional
 
 import tensorgpu as tg
 
-__all__ = ["ModelError", "Params", "MetaReader", "check_tensors", "load_checked", "new_kv_cache",
-           "build_tokenizer"]
+__all__ = ["ModelError", "Params", "MetaReader", "check_tensors", "check_dtypes", "check_cache_fits",
+           "load_checked", "new_kv_cache", "build_tokenizer"]
 
 # Upper bounds of the metadata numbers a model scales with: far above any released model, low
 # enough that a corrupt or hostile value (a block_count of 0xFFFFFFFF) fails at once instead of
@@ -129,6 +129,46 @@ def check_tensors(f, expected: dict, where: str, optional: dict = None) -> dict:
     if bad:
         raise ModelError(f"{where}: tensor shapes do not match the metadata: {'; '.join(bad[:6])}")
     return {k: f.tensors[k] for k in want}
+
+
+# What a model computes on, per tensor role: norm weights and biases are read as plain floats by
+# the layer-norm and bias-add kernels; weight matrices and the embedding go through the GEMV /
+# matmul / embedding kernels, which decode every GGML block type tensorgpu supports.
+VECTOR_DTYPES = ("float32", "float16")
+
+
+def matrix_dtypes() -> tuple:
+    from tensorgpu.kernels.quant import SUPPORTED
+    return ("float32", "float16") + tuple(d.name for d in SUPPORTED)
+
+
+def check_dtypes(tensors: dict, where: str, f=None) -> None:
+    """Every tensor's dtype must be one the model computes on for its role: 1-D tensors (norm
+    weights, biases) float32/float16, matrices float32/float16 or a supported block type. A
+    file that breaks this would load and then give constant tokens, NaN logits or a TypeError at
+    the first forward; here it is a ModelError naming the tensor, its type and its file offset."""
+    mats = matrix_dtypes()
+    for name, t in tensors.items():
+        ok = VECTOR_DTYPES if t.ndim <= 1 else mats
+        if t.dtype.name not in ok:
+            info = getattr(f, "tensor_info", {}).get(name)
+            at = f" (data at file offset {info[2]})" if info else ""
+            role = "a norm weight or bias" if t.ndim <= 1 else "a weight matrix"
+            raise ModelError(f"{where}: tensor {name!r}{at} is {t.dtype.name}, but as {role} {t.shape} it must be "
+                             f"one of {', '.join(ok)}")
+
+
+def check_cache_fits(n_layer: int, n_kv_heads: int, max_context: int, head_dim: int, itemsize: int,
+                     what: str) -> None:
+    """A KV cache of `max_context` rows must fit the device: each layer's K (and V) tensor
+    [n_kv_heads, max_context, head_dim] is one storage binding. The error names the context
+    length, the bytes it needs and the limit."""
+    per = n_kv_heads * max_context * head_dim * itemsize
+    lim = tg.runtime.get_device().max_binding_size
+    if per > lim:
+        raise ValueError(f"{what} = {max_context}: the KV cache needs {per} bytes per layer tensor "
+                         f"({2 * n_layer * per} bytes in all), over this device's max_storage_buffer_binding_size "
+                         f"of {lim} bytes; pass a smaller max_context (at most {lim // (n_kv_heads * head_dim * itemsize)})")
 
 
 def load_checked(path: str, build: Callable, progress: Optional[bool] = None, f=None):

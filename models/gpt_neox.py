@@ -36,7 +36,8 @@ from typing import Optional, Sequence, Union
 
 import tensorgpu as tg
 
-from .base import MetaReader, ModelError, Params, build_tokenizer, check_tensors, load_checked, new_kv_cache
+from .base import (MetaReader, ModelError, Params, build_tokenizer, check_dtypes, check_tensors, load_checked,
+                   new_kv_cache)
 
 __all__ = ["GPTNeoX", "GPTNeoXConfig", "Session", "ModelError", "ContextOverflowError", "DEFAULT_MODEL"]
 
@@ -77,15 +78,22 @@ class GPTNeoXConfig:
         m.require(*cls._REQUIRED)
         cfg = cls(n_vocab=n_vocab, n_ctx=m.int("context_length"), n_embd=m.int("embedding_length"),
                   n_layer=m.int("block_count"), n_head=m.int("attention.head_count"),
-                  n_ff=m.int("feed_forward_length"), rot_dims=m.int("rope.dimension_count", lo=0),
+                  n_ff=m.int("feed_forward_length"), rot_dims=m.int("rope.dimension_count", lo=2),
                   rope_base=m.float("rope.freq_base", 10000.0),
                   norm_eps=m.float("attention.layer_norm_epsilon", hi=1.0),
-                  parallel_residual=bool(md[f"{ARCH}.use_parallel_residual"]))
+                  parallel_residual=_flag(md, f"{ARCH}.use_parallel_residual", where))
         if cfg.n_embd % cfg.n_head:
             raise ModelError(f"{where}: embedding_length {cfg.n_embd} is not divisible by head_count {cfg.n_head}")
-        if cfg.rot_dims % 2 or not 0 <= cfg.rot_dims <= cfg.head_dim:
+        if cfg.rot_dims % 2 or not 2 <= cfg.rot_dims <= cfg.head_dim:
             raise ModelError(f"{where}: rope.dimension_count {cfg.rot_dims} must be even and <= head_dim {cfg.head_dim}")
         return cfg
+
+
+def _flag(md: dict, key: str, where: str) -> bool:
+    v = md[key]
+    if isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)):
+        return bool(v)
+    raise ModelError(f"{where}: metadata {key} = {v!r} is not a bool")
 
 
 # ----------------------------------------------------------------------------- weights
@@ -147,6 +155,7 @@ class GPTNeoX:
             n_vocab = emb.shape[0] if emb is not None and emb.ndim == 2 else 0
             config = GPTNeoXConfig.from_metadata(md, n_vocab, where=path)
             tensors = check_tensors(f, _expected_shapes(config), path)
+            check_dtypes(tensors, path, f)
             return cls(config, tensors, build_tokenizer(md, config.n_vocab, path), path, md)
 
         return load_checked(path, build, progress, _file)

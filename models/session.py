@@ -47,6 +47,7 @@ def _new_stats() -> dict:
 class Session:
     def __init__(self, model, max_context: Optional[int] = None, cache_dtype=tg.float16):
         c = model.config
+        explicit = max_context is not None
         if max_context is None:
             max_context = c.n_ctx
         if not isinstance(max_context, int) or isinstance(max_context, bool) or max_context <= 0:
@@ -56,6 +57,10 @@ class Session:
         cache_dtype = tg.dtypes.as_dtype(cache_dtype)
         if cache_dtype not in (tg.float16, tg.float32):
             raise TypeError(f"cache_dtype must be float16 or float32, got {cache_dtype}")
+        from .base import check_cache_fits
+        kv_heads = getattr(c, "n_head_kv", None) or c.n_head
+        check_cache_fits(getattr(c, "n_layer"), kv_heads, max_context, c.head_dim, cache_dtype.itemsize,
+                         "max_context" if explicit else f"max_context (the model's context_length)")
         self.model = model
         self.max_context = max_context
         self.cache_dtype = cache_dtype
