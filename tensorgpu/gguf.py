@@ -451,6 +451,36 @@ def _cross_check(path: str, scan: _Scan) -> None:
                         f"({data_offset} vs {scan.data_start})")
 
 
+# Byte offsets of the f16 scale fields inside one block, per block type (llama.cpp ggml-common.h).
+_SCALE_OFFSETS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q5_0": (0,), "q5_1": (0, 2),
+                  "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+
+
+def _first_nonfinite(view: np.ndarray, dtype: dt.DType) -> Optional[int]:
+    """Index of the first NaN/inf value of a float tensor, or of the first block whose scale is
+    NaN/inf (quant types: every value of such a block decodes to NaN/inf); None when all finite.
+    Reads only the exponent bits, vectorized over the memory map."""
+    n = len(view)
+    if dtype is dt.float32:
+        words = view[: n - n % 4].view("<u4")
+        bad = (words & 0x7F800000) == 0x7F800000
+    elif dtype in (dt.float16, dt.bfloat16):
+        halves = view[: n - n % 2].view("<u2")
+        mask = 0x7C00 if dtype is dt.float16 else 0x7F80
+        bad = (halves & mask) == mask
+    elif dtype.name in _SCALE_OFFSETS:
+        blocks = view[: n - n % dtype.block_bytes].reshape(-1, dtype.block_bytes)
+        bad = np.zeros(len(blocks), bool)
+        for off in _SCALE_OFFSETS[dtype.name]:
+            h = blocks[:, off:off + 2].copy().view("<u2").reshape(-1)
+            bad |= (h & 0x7C00) == 0x7C00
+    else:
+        return None
+    if not bad.any():
+        return None
+    return int(np.argmax(bad))
+
+
 def _upload_all(path, scan, data, progress) -> GGUFFile:
     total = sum(t.nbytes for t in scan.tensors)
     show = progress if progress is not None else len(data) > PROGRESS_THRESHOLD
@@ -468,6 +498,11 @@ def _upload_all(path, scan, data, progress) -> GGUFFile:
         for t in scan.tensors:
             current = t
             view = data[t.offset: t.offset + t.nbytes]
+            bad = _first_nonfinite(view, t.dtype)
+            if bad is not None:
+                what = f"element {bad}" if not t.dtype.is_quant or t.dtype is dt.bfloat16 else f"the scale of block {bad}"
+                raise GGUFError(f"{path}: tensor {t.name!r} ({t.dtype.name}, numpy shape {t.np_shape}, data at file offset "
+                                f"{t.offset}) holds a NaN or infinity at {what}: a corrupt file or a wrong type id")
             buf = _upload(view, t.nbytes, bar)
             del view
             buffers[t.name] = buf
