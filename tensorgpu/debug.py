@@ -96,6 +96,7 @@ def trim() -> int:
 
 
 def memory() -> dict:
-    """GPU bytes held: `live` (in tensors, captures, caches), `free` (pooled for reuse),
-    `held` (allocated and not released), and `pipelines` (compiled pipelines cached)."""
+    """GPU bytes held: `live` (in tensors and caches), `free` (pooled for reuse), `captured`
+    (reserved for the replays of live tg.capture traces), `held` (allocated and not released:
+    the sum of the three), and `pipelines` (compiled pipelines cached)."""
     return dict(runtime.pool_bytes(), pipelines=len(runtime._pipelines))

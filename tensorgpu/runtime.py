@@ -277,6 +277,7 @@ class Arena:
     reserved for the replays; `release()` (the trace is gone) gives them back to the pool."""
 
     def __init__(self):
+        _all_arenas.add(self)
         self.tracing, self.released = True, False
         self.free: dict = {}     # size class -> GPU buffers free for reuse inside the trace
         self.idle: list = []     # (size class, GPU buffer) reserved for the replays
@@ -327,6 +328,7 @@ class Arena:
 
 
 _arenas: list = []   # the arenas of the captures tracing now (innermost last)
+_all_arenas: "weakref.WeakSet" = weakref.WeakSet()   # every arena not yet collected (memory accounting)
 _bound_in_trace: list = [None]   # WeakSet of the Buffers kernels bound while a capture traces
 
 
@@ -811,6 +813,8 @@ def trim() -> int:
 
 
 def pool_bytes() -> dict:
-    """GPU bytes the runtime holds: `live` (Buffers in use), `free` (pool slots kept for reuse)
-    and `held` (everything allocated and not yet released)."""
-    return {"live": _live_bytes[0], "free": POOL.free_bytes, "held": POOL.bytes_held}
+    """GPU bytes the runtime holds: `live` (Buffers in use), `free` (pool slots kept for reuse),
+    `captured` (buffers reserved for the replays of live captures) and `held` (everything
+    allocated and not yet released: live + free + captured)."""
+    captured = sum(size for a in list(_all_arenas) if not a.released for size, _ in a.idle)
+    return {"live": _live_bytes[0], "free": POOL.free_bytes, "captured": captured, "held": POOL.bytes_held}
