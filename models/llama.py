@@ -37,7 +37,8 @@ import numpy as np
 
 import tensorgpu as tg
 
-from .base import MetaReader, ModelError, Params, build_tokenizer, check_tensors, load_checked, new_kv_cache
+from .base import (MetaReader, ModelError, Params, build_tokenizer, check_dtypes, check_tensors, load_checked,
+                   new_kv_cache)
 
 __all__ = ["Llama", "LlamaConfig", "ARCHITECTURES", "DEFAULT_MODEL"]
 
@@ -178,6 +179,7 @@ class Llama:
                                      f"{config.n_vocab} rows")
             req, opt = _expected_shapes(config)
             tensors = check_tensors(f, req, path, opt)
+            check_dtypes(tensors, path, f)
             return cls(config, tensors, build_tokenizer(md, config.n_vocab, path), path, md)
 
         return load_checked(path, build, progress, _file)
