@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorgpu as tg  # noqa: E402
 from tensorgpu import runtime  # noqa: E402
-from models.gpt_neox import GPTNeoX  # noqa: E402
+from models import load  # noqa: E402   (any registered architecture)
 
 
 PROFILE = False
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
         model = None
         try:
             t0 = time.perf_counter()
-            model = GPTNeoX.from_gguf(path, progress=False)
+            model = load(path, progress=False)
             runtime.sync()
             r["load_s"] = time.perf_counter() - t0
             r.update(bench_decode(model, 32, args.new))
