@@ -258,3 +258,25 @@ def test_core_realized_while_planning_another_source_is_planned_again():
     yy = x.astype(np.float64) + x @ W.T.astype(np.float64)
     r = yy / np.sqrt((yy * yy).mean(-1, keepdims=True) + 1e-6) * w
     np.testing.assert_allclose(got, yy + r @ W.T, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_before_head():
+    """The last row of linear(layer_norm(x)) over a prompt: the norm and the vocabulary
+    projection run for that row (a one-row GEMV), not for all T rows; also when the row is a
+    step variable under tg.capture (one trace for every row)."""
+    T, C, V = 12, 64, 96
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    g, c = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    (w,), (W,) = _weights("q8_0", [(V, C)])
+    want = _ln(x, g, c) @ W.T
+    tx, tg_, tc = tg.tensor(x), tg.tensor(g), tg.tensor(c)
+    head = lambda r: tg.nn.linear(tg.nn.layer_norm(tx, tg_, tc), w)[r:r + 1].contiguous()   # noqa: E731
+    head(T - 1).numpy()                                        # warm-up: the folded constants
+    with tg.debug.kernel_log() as log:
+        got = head(T - 1).numpy()
+    assert not any("matmul" in n or n.startswith("qmatmul") for n in names(log)), names(log)
+    np.testing.assert_allclose(got[0], want[-1], rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    step = tg.capture(head)
+    for r in (T - 1, 3, 7):
+        np.testing.assert_allclose(step(r).numpy()[0], want[r], rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert sum(len(e[1]) for e in step.traces.values()) == 1
