@@ -38,10 +38,25 @@ class Schedule(list):
     def __str__(self):
         return "\n".join(f"{i:3d}  {k!r}" for i, k in enumerate(self)) or "(no kernels)"
 
+    sent = 0            # kernels already handed to the runtime (a streaming realize)
+    stream_every = 0    # > 0: hand them over in chunks as they are planned
+
     def run(self) -> None:
-        """Queue every kernel (compiling pipelines the first time a source is seen)."""
-        for k in self:
-            dispatch(k.name, k.wgsl, k.bindings, k.grid, k.params)
+        """Queue every kernel not queued yet (compiling pipelines the first time a source is seen)."""
+        todo, self.sent = self[self.sent:], len(self)
+        runtime._collectors.append(None)     # dispatch for real, not into a schedule
+        try:
+            for k in todo:
+                dispatch(k.name, k.wgsl, k.bindings, k.grid, k.params)
+        finally:
+            runtime._collectors.pop()
+
+    def append(self, k) -> None:
+        super().append(k)
+        # a realize hands planned kernels over every `stream_every`: each was planned after all
+        # it reads, so a prefill's first layers start on the GPU while the last are planned
+        if self.stream_every and len(self) - self.sent >= self.stream_every:
+            self.run()
 
 
 @runtime.locked
@@ -80,6 +95,7 @@ def _realize_locked(node: Node) -> None:
         return
 
     out = Schedule()
+    out.stream_every = runtime.SUBMIT_EVERY
     runtime._collectors.append(out)
     try:
         _schedule(node)
