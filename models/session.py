@@ -364,6 +364,9 @@ class Session:
         t_dec = None
         for n in range(max_new_tokens):
             nxt = int(tickets.popleft().numpy()[0])
+            if nxt < 0:
+                raise FloatingPointError(f"the model's logits are all NaN at position {len(toks) + (prev is not None)}: "
+                                         "no token can be chosen (check the weights and the input)")
             if n == 0:
                 stats["prefill_s"] = time.perf_counter() - t0
                 t_dec = time.perf_counter()

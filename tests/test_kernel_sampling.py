@@ -135,3 +135,14 @@ def test_errors():
         sample(out, lb, 11)
     with pytest.raises(TypeError, match="append"):
         sample(out, lb, 10, prev_tokens=runtime.Buffer(16), n_prev=2, append=True)
+
+
+def test_greedy_on_all_nan_logits_is_minus_one():
+    """A row of NaN logits has no argmax: the kernel says -1 instead of a silent token 0 (the
+    Session turns it into an error); a NaN among numbers never wins."""
+    import tensorgpu as tg
+    nan = np.float32("nan")
+    assert int(tg.nn.sample(tg.tensor(np.full(300, nan, np.float32))).numpy()[0]) == -1
+    row = np.arange(300, dtype=np.float32)
+    row[7] = nan
+    assert int(tg.nn.sample(tg.tensor(row)).numpy()[0]) == 299

@@ -5,7 +5,8 @@ gather reads).
 Semantics (sample_reference below is the executable definition, in float64 NumPy):
   1. repetition penalty (HF): every distinct id t in prev_tokens[:n_prev] with 0 <= t < vocab
      gets l[t] * p if l[t] < 0 else l[t] / p.
-  2. temperature == 0: greedy, argmax with the first maximum winning (like numpy.argmax).
+  2. temperature == 0: greedy, argmax with the first maximum winning (like numpy.argmax);
+     NaN logits never win, and a row of only NaN gives -1.
   3. otherwise z = l / temperature, then
      * top_k > 0: the candidates are the top_k ids ordered by (z descending, id ascending) —
        exactly k of them; ties at the k-th value are broken by lower id (HF keeps all ties).
@@ -50,7 +51,9 @@ def sample_reference(logits, temperature: float = 0.0, top_k: int = 0, top_p: fl
         s = l[ids]
         l[ids] = np.where(s < 0, s * repetition_penalty, s / repetition_penalty)
     if temperature == 0:
-        return int(np.argmax(l))
+        if np.isnan(l).all():
+            return -1
+        return int(np.nanargmax(l))
     z = l / np.float64(np.float32(temperature))
     u = float(min(max(u, 0.0), np.nextafter(1.0, 0.0)))
     if top_k <= 0 and top_p >= 1.0:
@@ -171,7 +174,8 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
               "    if (lid < s && better(bv[lid + s], bi[lid + s], bv[lid], bi[lid])) { bv[lid] = bv[lid + s]; bi[lid] = bi[lid + s]; }",
               "    workgroupBarrier();",
               "  }",
-              "  let tok = select(bi[0], 0u, bi[0] == 0xffffffffu);"]
+              # every logit NaN: no id won; -1 says so (never a silent token 0)
+              "  let tok = bi[0];"]
     elif full:
         L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
               "  var m = ninf;",
