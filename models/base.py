@@ -72,14 +72,21 @@ class MetaReader:
         if missing:
             raise ModelError(f"{self.where}: missing required metadata key(s): {', '.join(missing)}")
 
-    def int(self, name: str, default: Optional[int] = None, lo: int = 1, hi: Optional[int] = None) -> int:
-        """A positive integer in [lo, hi] (hi from LIMITS by default)."""
+    def _get(self, name: str, default) -> tuple:
+        """(full key, value); the value is None when the key is absent and has a default, and
+        an absent key without a default is a ModelError naming it."""
         k = self.key(name)
         if k not in self.md:
             if default is None:
                 raise ModelError(f"{self.where}: missing required metadata key {k}")
+            return k, None
+        return k, self.md[k]
+
+    def int(self, name: str, default: Optional[int] = None, lo: int = 1, hi: Optional[int] = None) -> int:
+        """A positive integer in [lo, hi] (hi from LIMITS by default)."""
+        k, v = self._get(name, default)
+        if v is None:
             return default
-        v = self.md[k]
         hi = LIMITS.get(name, 1 << 31) if hi is None else hi
         try:
             if isinstance(v, bool):
@@ -94,12 +101,9 @@ class MetaReader:
     def float(self, name: str, default: Optional[float] = None, lo: float = 0.0, hi: float = float("inf"),
               lo_open: bool = True) -> float:
         """A finite float in (lo, hi] (or [lo, hi] with lo_open=False)."""
-        k = self.key(name)
-        if k not in self.md:
-            if default is None:
-                raise ModelError(f"{self.where}: missing required metadata key {k}")
+        k, v = self._get(name, default)
+        if v is None:
             return default
-        v = self.md[k]
         if isinstance(v, (bool, str, list, bytes)) or not isinstance(v, (int, float)):
             raise ModelError(f"{self.where}: metadata {k} = {v!r} is not a number")
         x = float(v)
