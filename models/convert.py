@@ -140,6 +140,25 @@ def _read_torch_index(path: Path) -> list[_Source]:
     return out
 
 
+def collect_sources(hf_dir, is_skipped, to_gguf, what: str) -> dict:
+    """GGUF name -> _Source of every parameter in the checkpoint's files (buffers that
+    `is_skipped` names are left out). A tensor `to_gguf` has no name for, or one seen twice, is
+    a ValueError naming the file and the tensor."""
+    files, kind = _checkpoint_files(hf_dir)
+    sources: dict = {}
+    for fpath in files:
+        for src in (_read_safetensors_index(fpath) if kind == "st" else _read_torch_index(fpath)):
+            if is_skipped(src.name):
+                continue
+            gname = to_gguf(src.name)
+            if gname is None:
+                raise ValueError(f"{src.file}: unexpected tensor {src.name!r} (not a {what} parameter)")
+            if gname in sources:
+                raise ValueError(f"{src.file}: tensor {src.name!r} appears twice (also in {sources[gname].file})")
+            sources[gname] = src
+    return sources
+
+
 def _checkpoint_files(hf_dir: Path) -> tuple[list[Path], str]:
     for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "pt")):
         index = hf_dir / index_name
@@ -359,18 +378,7 @@ def convert(
     tj_path = hf_dir / "tokenizer.json"
     tokens, toktypes = _vocab_from_tokenizer_json(_load_json(tj_path, "tokenizer"), hp.n_vocab, tj_path)
 
-    files, kind = _checkpoint_files(hf_dir)
-    sources: dict[str, _Source] = {}
-    for fpath in files:
-        for src in (_read_safetensors_index(fpath) if kind == "st" else _read_torch_index(fpath)):
-            if is_skipped_hf_name(src.name):
-                continue
-            gname = hf_to_gguf_name(src.name)
-            if gname is None:
-                raise ValueError(f"{src.file}: unexpected tensor {src.name!r} (not a GPT-NeoX parameter)")
-            if gname in sources:
-                raise ValueError(f"{src.file}: tensor {src.name!r} appears twice (also in {sources[gname].file})")
-            sources[gname] = src
+    sources = collect_sources(hf_dir, is_skipped_hf_name, hf_to_gguf_name, "GPT-NeoX")
     expected = _expected_shapes(hp)
     missing = [gguf_to_hf_name(n) for n in expected if n not in sources]
     if missing:

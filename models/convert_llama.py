@@ -166,24 +166,12 @@ def convert_llama(hf_dir, out_path, out_type: str = "f16", progress: bool = True
     name and renamed at the end."""
     import gguf
 
-    from .convert import OUT_TYPES, _checkpoint_files, _load_json, _nbytes, _read_safetensors_index, \
-        _read_torch_index, _tensor_qtype
+    from .convert import OUT_TYPES, _load_json, _nbytes, _tensor_qtype, collect_sources
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     config = _load_json(hf_dir / "config.json", "model config")
     hp = _hparams(config, hf_dir / "config.json")
     arch = hp["arch"]
-    files, kind = _checkpoint_files(hf_dir)
-    sources = {}
-    for fpath in files:
-        for src in (_read_safetensors_index(fpath) if kind == "st" else _read_torch_index(fpath)):
-            if _SKIP_RE.search(src.name):
-                continue
-            g = hf_to_gguf_name(src.name)
-            if g is None:
-                raise ValueError(f"{src.file}: unexpected tensor {src.name!r} (not a {hp['hf_arch']} parameter)")
-            if g in sources:
-                raise ValueError(f"{src.file}: tensor {src.name!r} appears twice")
-            sources[g] = src
+    sources = collect_sources(hf_dir, lambda name: _SKIP_RE.search(name) is not None, hf_to_gguf_name, hp["hf_arch"])
     if hp["tied"]:
         sources.pop("output.weight", None)
     expected = _expected_shapes(hp, biases=arch == "qwen2" or "blk.0.attn_q.bias" in sources)
