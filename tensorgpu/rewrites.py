@@ -177,6 +177,94 @@ def fold_norm_into_gemv(g: Graph) -> int:
     return fired
 
 
+def _const(m: Node, v: View):
+    """The float value of a broadcast constant read (node, view), else None."""
+    if m.op is not Op.CONST or isinstance(m.arg, SymInt) or not isinstance(m.arg, (int, float)):
+        return None
+    return float(m.arg)
+
+
+def _match_rms_norm(m: Node, v: View, K: int):
+    """(x (node, view), weight (node, view of [K]) or None, eps) when the one-row read (m, v) is
+    `tg.nn.rms_norm(x, weight, eps)` in plain ops: x * rsqrt(sum(x * x, -1) * (1/K) + eps)
+    [* weight], x a flat float row [1, K] the GEMV can read, every piece checked. Else None."""
+    import numpy as np
+    if not (m.op is Op.MUL and m.buffer is None and m.shape == (1, K) and _row_view(v, m)):
+        return None
+
+    def scaled(n: Node):
+        """x * rsqrt(mean(x*x) + eps) of a [1, K] node: (x, eps) or None."""
+        if not (n.op is Op.MUL and n.buffer is None and n.shape == (1, K) and len(n.srcs) == 2):
+            return None
+        for (x, xv), (r, rv) in (n.srcs, n.srcs[::-1]):
+            if not (r.op is Op.RSQRT and r.buffer is None and r.shape == (1, 1) and rv.shape == (1, K)
+                    and rv.strides[1] == 0 and rv.offset == 0):
+                continue
+            if not (x.dtype is dt.float32 and xv.shape == (1, K) and _flat_row(xv, K)):
+                continue
+            a, av = r.srcs[0]
+            if not (a.op is Op.ADD and a.buffer is None and a.shape == (1, 1) and av.is_identity((1, 1))):
+                continue
+            for (mm, mv), (c, cv) in (a.srcs, a.srcs[::-1]):
+                eps = _const(c, cv)
+                if eps is None or not (mm.op is Op.MUL and mm.buffer is None and mm.shape == (1, 1)
+                                       and mv.is_identity((1, 1)) and eps >= 0):
+                    continue
+                for (sm, sv), (ic, icv) in (mm.srcs, mm.srcs[::-1]):
+                    inv = _const(ic, icv)
+                    if inv is None or np.float32(inv) != np.float32(1.0 / K):
+                        continue
+                    if not (sm.op is Op.SUM and sm.buffer is None and sm.shape == (1, 1) and sm.arg in ((1,), (-1,))
+                            and sv.is_identity((1, 1)) and sm.dtype is dt.float32):
+                        continue
+                    sq, qv = sm.srcs[0]
+                    if not (sq.op is Op.MUL and sq.buffer is None and qv.is_identity((1, K)) and sq.shape == (1, K)
+                            and all(y is x and yv == xv for y, yv in sq.srcs)):
+                        continue
+                    return (x, xv), eps
+        return None
+
+    got = scaled(m)
+    if got is not None:
+        return got[0], None, got[1]
+    if len(m.srcs) != 2:
+        return None
+    for (n, nv), (w, wv) in (m.srcs, m.srcs[::-1]):
+        if not nv.is_identity((1, K)):
+            continue
+        got = scaled(n)
+        if got is None or w.dtype not in (dt.float32, dt.float16) or isinstance(wv.offset, SymInt):
+            continue
+        if not (wv.shape == (1, K) and wv.strides[1] in (0, 1) and (wv.strides[1] == 1 or K == 1)):
+            continue
+        if w.numel < wv.offset + K:
+            continue
+        return got[0], (w, View((K,), (1,), wv.offset)), got[1]
+    return None
+
+
+@rule
+def fold_rms_norm_into_gemv(g: Graph) -> int:
+    """rms_norm(x, w, eps) (LLaMA's RMSNorm in plain ops: x * rsqrt(mean(x * x) + eps) * w) read
+    by a one-row linear: the GEMV normalises x itself (the row's sum of squares comes out of its
+    final reduction and scales the dot products), so the norm's reduction and scale are no
+    kernels of their own."""
+    from .nn import DecodeLinearKernel
+    fired = 0
+    for n in g.nodes:
+        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2 and not n.arg.rms):
+            continue
+        x, xv = n.srcs[0]
+        m = _match_rms_norm(x, xv, n.arg.K)
+        if m is None:
+            continue
+        (inner, iv), w, eps = m
+        n.arg = DecodeLinearKernel(n.arg.w_dtype, n.arg.N, n.arg.K, (w is not None, False, eps), rms=True)
+        n.set_srcs(((inner, iv), n.srcs[1]) + ((w,) if w is not None else ()))
+        fired += 1
+    return fired
+
+
 def _bias_act_chain(g: Graph, gm: Node):
     """From a GEMV node: its single consumer `+ bias` ([N] float32) and then `.gelu()`, as far
     as they go. Returns (end node, bias (node, view) or None, act or None)."""
@@ -218,7 +306,7 @@ def stack_sibling_gemvs(g: Graph) -> int:
     from .nn import DecodeLinearKernel, DecodeNormLinearsKernel
     groups: dict = {}
     for n in g.nodes:
-        if _is(n, DecodeLinearKernel) and n.arg.ln is not None and not n.arg.K2 and n is not g.root:
+        if _is(n, DecodeLinearKernel) and n.arg.ln is not None and not n.arg.K2 and not n.arg.rms and n is not g.root:
             x, xv = n.srcs[0]
             groups.setdefault((id(x), xv, n.arg.K, n.arg.w_dtype, n.arg.ln[2]), []).append(n)
     fired = 0

@@ -250,3 +250,49 @@ def test_stack_rejects_bad_combinations():
         gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, stack=(w2, 8, None, None))
     with pytest.raises(ValueError, match="second pair|stacked weight"):     # with a pair
         gemv(runtime.Buffer(64), xo, w1, wd, 8, 256, ln=ln, stack=(w2, 8, None, None), pair=(xo, w2, 256))
+
+
+@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("K", [256, 1280], ids=str)
+def test_rms_norm_folded(paths, wdt, K):
+    """rms=True: h = x / sqrt(mean(x^2) + eps) * ln_w (LLaMA's RMSNorm) folded into the GEMV, with
+    and without a weight, with an epilogue; ragged K; far-from-zero mean (RMS has no shift)."""
+    N = 37
+    for lw_none, ep in ((False, None), (True, AffineGelu(rng.standard_normal(N), 0.5))):
+        x = (rng.standard_normal(K) * 3.0 + 5.0).astype(np.float32)
+        if wdt in ("f16", "f32"):
+            W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
+            wb = Base(W)
+            w, wd, Wf = wb.whole(), wb.dtype, W.astype(np.float64)
+        else:
+            wd = dtypes.as_dtype(wdt)
+            raw, Wf = qweights(wd, N, K)
+            w = runtime.upload(raw)
+        lw = None if lw_none else rng.standard_normal(K).astype(np.float32)
+        eps = 1e-6
+        x64 = x.astype(np.float64)
+        h = x64 / np.sqrt((x64 * x64).mean() + eps) * (1 if lw is None else lw)
+        xb = Base(x)
+        out = runtime.Buffer(4 * N)
+        with debug.kernel_log() as log:
+            gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0), w, wd, N, K, ep,
+                 (None if lw is None else Base(lw).whole(), None, eps), rms=True)
+        want = Wf @ h
+        if ep is not None:
+            want = ep.ref(want)
+        got = read_f32(out, N)
+        assert [e.name.split("[")[0] for e in log] == [f"gemv_rms_{wd.name}"]
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert err < 2e-5, f"{wdt} K={K}: rel err {err:.2e}"
+
+
+def test_rms_rejects_bias_pair_stack():
+    K, N = 256, 8
+    W = Base((rng.standard_normal((N, K)) * 0.05).astype(np.float32))
+    x = Base(rng.standard_normal(K).astype(np.float32))
+    b = Base(np.ones(K, np.float32)).whole()
+    xo = Operand(x.buf, x.dtype, (1, K), (K, 1), 0)
+    out = runtime.Buffer(4 * N)
+    for kw in (dict(ln=(None, b, 1e-6)), dict(ln=None), dict(ln=(None, None, 1e-6), stack=(W.whole(), N, None, None))):
+        with pytest.raises(ValueError, match="rms"):
+            gemv(out, xo, W.whole(), W.dtype, N, K, rms=True, **kw)

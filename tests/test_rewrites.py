@@ -280,3 +280,53 @@ def test_rows_before_head():
     for r in (T - 1, 3, 7):
         np.testing.assert_allclose(step(r).numpy()[0], want[r], rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert sum(len(e[1]) for e in step.traces.values()) == 1
+
+
+def _rms(x, g, eps=1e-6):
+    x = x.astype(np.float64)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+
+@pytest.mark.parametrize("kind", [np.float32, "q8_0"], ids=_kind_name)
+@pytest.mark.parametrize("weighted", [True, False], ids=["w", "no_w"])
+def test_fold_rms_norm_into_gemv(kind, weighted):
+    """LLaMA's RMSNorm in plain ops (tg.nn.rms_norm) read by one-row linears (q and k of one
+    norm, a bias after one): each GEMV normalises x itself, the norm is no kernel."""
+    K, N = 256, 64
+    (wq, wk), (Wq, Wk) = _weights(kind, [(N, K), (N // 2, K)])
+    x = (rng.standard_normal((1, K)) * 2 + 3).astype(np.float32)
+    g = rng.standard_normal(K).astype(np.float32) if weighted else None
+    b = rng.standard_normal(N).astype(np.float32)
+    h = tg.nn.rms_norm(tg.tensor(x), tg.tensor(g) if weighted else None, 1e-5)
+    q = tg.nn.linear(h, wq, tg.tensor(b))
+    k = tg.nn.linear(h, wk)
+    with tg.debug.kernel_log() as log:
+        gq, gk = q.numpy(), k.numpy()
+    assert names(log) == [f"gemv_rms_{_kind_name(kind)}"] * 2
+    hh = _rms(x, 1 if g is None else g, 1e-5)
+    for got, want in ((gq, hh @ Wq.T + b), (gk, hh @ Wk.T)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_fold_rms_norm_checks_the_pattern():
+    """Near misses stay what they are: a mean of squares of another row, a mean over a different
+    count (sum * 0.5), a float16 row (x * x rounds in f16 there)."""
+    K, N = 128, 16
+    (w,), (W,) = _weights(np.float32, [(N, K)])
+    x, z = (rng.standard_normal((2, 1, K)) + 1).astype(np.float32)
+    X, Z = tg.tensor(x), tg.tensor(z)
+    cases = [(X * ((Z * Z).mean(-1, keepdims=True) + 1e-6).rsqrt(),
+              x / np.sqrt((z.astype(np.float64) ** 2).mean() + 1e-6)),
+             (X * ((X * X).sum(-1, keepdims=True) * 0.5 + 1e-6).rsqrt(),
+              x / np.sqrt((x.astype(np.float64) ** 2).sum() * 0.5 + 1e-6))]
+    for h, hh in cases:
+        with tg.debug.kernel_log() as log:
+            got = tg.nn.linear(h, w).numpy()
+        assert "gemv_rms_float32" not in names(log)
+        want = hh @ W.T
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    with tg.debug.kernel_log() as log:
+        got = tg.nn.linear(tg.nn.rms_norm(X.astype(tg.float16)), w).numpy()
+    assert "gemv_rms_float32" not in names(log)
+    want = _rms(x.astype(np.float16), 1) @ W.T
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())

@@ -90,15 +90,15 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
 
 def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
          ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None,
-         stack: Optional[tuple] = None) -> None:
+         stack: Optional[tuple] = None, rms: bool = False) -> None:
     """Queue the GEMV that `plan` describes (see there)."""
-    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair, stack)
+    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair, stack, rms)
     runtime.dispatch(name, src, binds, grid)
 
 
 def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
          ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None,
-         stack: Optional[tuple] = None) -> tuple:
+         stack: Optional[tuple] = None, rms: bool = False) -> tuple:
     """The dispatch of out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
     ln = (ln_w, ln_b, eps) (Operands [K] or None), the layer norm of x (biased variance, like
     torch) times ln_w plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of
@@ -123,7 +123,12 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     stack = (w2, N2, ln2_w, ln2_b): a second GEMV of the same x stacked under the first, with its
     own weight (W2 [N2, K], W's type) and its own norm parameters (same eps): out[n] for n < N
     as above, out[N + m] = epilogue(layer_norm(x) * ln2_w + ln2_b) W2[m]). GPT-NeoX's parallel
-    attention and MLP inputs (ln1 + QKV, ln2 + up) in one dispatch. Needs ln; not with pair."""
+    attention and MLP inputs (ln1 + QKV, ln2 + up) in one dispatch. Needs ln; not with pair.
+
+    rms=True: the norm is LLaMA's RMSNorm instead, h = x / sqrt(mean(x^2) + eps) * ln_w (no mean,
+    no bias: ln = (ln_w or None, None, eps)). Then sum_k W[n,k] h_k = rstd * sum_k W[n,k] ln_w_k x_k:
+    the row's sum of squares rides along in the final reduction and scales the dot products, with
+    no weight-derived constants at all. Not with pair or stack."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -132,6 +137,8 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} with weight [{N}, {K}] {w_dtype} is not a supported "
                          f"decode GEMV (contiguous x, K % 8, quant K % block size)")
     wbuf = w.buffer if isinstance(w, Operand) else w
+    if rms and (ln is None or ln[1] is not None or pair is not None or stack is not None):
+        raise ValueError("gemv: rms needs ln = (ln_w or None, None, eps), without pair or stack")
     Kc = K
     w2_dtype = w_dtype
     if pair is not None:
@@ -173,9 +180,10 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         bc = _ln_constants(w, w_dtype, N1, K, ln[0], ln[1], more=((w2, N2, g2, b2),))
         stack = (w2, w2.buffer if isinstance(w2, Operand) else w2, N1, g2)
     else:
-        bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln else None
-    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair, stack)
-    kind = "_ln2" if stack else "_ln" if ln else "2" if pair else ""
+        bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln and not rms else None
+    src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair, stack,
+                               rms)
+    kind = "_ln2" if stack else "_rms" if rms else "_ln" if ln else "2" if pair else ""
     types = w_dtype.name + (f"+{w2_dtype.name}" if w2_dtype is not w_dtype else "")
     return (f"gemv{kind}_{types}[{N}x{Kc}]", src, binds, grid,
             {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
@@ -276,7 +284,7 @@ class _Seg:
     raw: bool = False    # loads split off the decode (a _RAW row)
 
 
-def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None, stack=None):
+def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None, stack=None, rms=False):
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
@@ -309,7 +317,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         lnw2 = Reader("lnw2", g2, b, g2.offset % 4 == 0 and (not g2.shape or g2.strides[-1] == 1))
         b += 1
         readers.append(lnw2)
-    if ln:
+    if ln and not rms:
         bc_binding = b
         b += 1
     enables, ep_text = epilogue_text(ep, b)
@@ -319,7 +327,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s = ["".join(e + "\n" for e in dict.fromkeys(enables))]
     s.append("@group(0) @binding(0) var<storage, read_write> OUT: array<f32>;\n")
     s += [r.decl() for r in readers]
-    if ln:
+    if ln and not rms:
         s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
     wbind = {"W": 2, "W2": 4 if stack is None else 3}
     warrs = [sg.wname for sg in segs] + (["W2"] if stack is not None else [])
@@ -413,7 +421,9 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                 sg = seg_of[it]
                 for r in range(R if sg.raw else 0):
                     s.append(f"    let w{r}_{it} = ldr_{sg.dtype.name}{sg.sfx}({sg.rbp}{r}, i{it});\n")
-        if ln and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
+        if rms and c0 == 0:   # RMSNorm: no shift, no constants; only the sum of squares is used
+            s.append("    var s1 = 0.0;\n    var s2 = 0.0;\n")
+        if ln and not rms and c0 == 0:   # the shift: mean of the first 4 values (same in every invocation): |mean - shift| ~ std
             s.append(f"    let cshift = dot(xv_at4({_u(x0)}), vec4<f32>(0.25));\n    var s1 = 0.0;\n    var s2 = 0.0;\n")
             s.append(f"    let bcn = min(n0 + min(lid, {R - 1}u), {_u(N - 1)});\n"
                      f"    let bcB = BC[bcn];\n    let bcC = BC[{_u(N)} + bcn];\n")
@@ -429,7 +439,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
             fmt = seg_of[it].fmt
             for j, o in enumerate(fmt.offs if fmt else float_offs):
                 v = f"x{it}_{j}"
-                if ln:
+                if ln and not rms:
                     s.append(f"    {v} -= vec4<f32>(cshift);\n")
                 if it in ragged_it:
                     s.append(f"    {v} = select(vec4<f32>(0.0), {v}, ok{it});\n")
@@ -493,7 +503,9 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         s.append(f"    if (lid < {R}u) {{\n        let v = red[lid * {T}u];\n")
         fn_tot = ""
     s.append(f"        let n = min(g, {_u(groups - 1)}) * {R}u + lid;\n")
-    if ln:
+    if rms:
+        s.append(f"        let rstd = inverseSqrt({tot(R + 1)} * INV_K + EPS);\n        let y = rstd * v;\n")
+    elif ln:
         s.append(f"        let dm = {tot(R)} * INV_K;\n"
                  f"        let rstd = inverseSqrt(max({tot(R + 1)} * INV_K - dm * dm, 0.0) + EPS);\n"
                  f"        let y = rstd * (v - dm * bcB) + bcC;\n")
@@ -508,7 +520,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     if ln:
         binds += [(ln[0].buffer, "read")] if ln[0] is not None else []
         binds += [(lnw2.op.buffer, "read")] if lnw2 is not None else []
-        binds += [(bc, "read")]
+        binds += [(bc, "read")] if not rms else []
     binds += epilogue_bindings(ep)
     s.insert(1, fn_tot)
     return "".join(s), runtime.grid_for(groups), binds
