@@ -6,6 +6,8 @@ from nn_kernel_util import Base, paths, read_f32  # noqa: F401
 from tensorgpu import runtime
 from tensorgpu.kernels import attention as attn_mod
 from tensorgpu.kernels.attention import attention
+from tensorgpu import debug as tg_debug  # noqa: E402
+from tensorgpu.kernels.common import Operand  # noqa: E402
 
 rng = np.random.default_rng(5)
 
@@ -299,3 +301,71 @@ def test_rope_attention_decode_position_and_length_as_parameters():
         outs.append([np.frombuffer(runtime.read(b), np.float32) for b in (out, kc, vc)])
     for a, b in zip(*outs):
         np.testing.assert_array_equal(a, b)
+
+
+def _ref_rope_mode(x, pos, rot, mode, base=10000.0):
+    if mode == "neox":
+        return _ref_rope(x, pos, rot, base)
+    from tensorgpu.kernels.rope import inv_freq
+    ang = (np.float32(pos) * inv_freq(rot, base)).astype(np.float64)
+    c, s = np.cos(ang), np.sin(ang)
+    y = x.astype(np.float64).copy()
+    a, b = y[..., 0:rot:2].copy(), y[..., 1:rot:2].copy()
+    y[..., 0:rot:2] = a * c - b * s
+    y[..., 1:rot:2] = b * c + a * s
+    return y
+
+
+@pytest.mark.parametrize("H,Hkv,D,rot,max_ctx,kvls", [(4, 2, 32, 32, 70, (1, 64, 65, 70)), (6, 3, 16, 8, 9, (9, 3)),
+                                                      (4, 4, 32, 16, 40, (12,)), (8, 1, 64, 64, 130, (100, 130))], ids=str)
+@pytest.mark.parametrize("mode", ["normal", "neox"])
+@pytest.mark.parametrize("cache_dtype", [np.float16, np.float32], ids=["f16", "f32"])
+@pytest.mark.parametrize("by_param", [False, True], ids=["bufs", "param"])
+def test_rope_attention_decode_gqa_separate_qkv(H, Hkv, D, rot, max_ctx, kvls, mode, cache_dtype, by_param):
+    """Separate q [1, H, D], k, v [1, Hkv, D] (slices of bigger rows: offsets) and grouped-query
+    heads: query head h reads KV head h // (H / Hkv); each KV head's new row written once, the
+    other rows untouched; both rope modes."""
+    K = rng.standard_normal((Hkv, max_ctx, D)).astype(cache_dtype)
+    V = rng.standard_normal((Hkv, max_ctx, D)).astype(cache_dtype)
+    kc, vc = runtime.upload(K), runtime.upload(V)
+    out = runtime.Buffer(4 * H * D)
+    for kvl in kvls:
+        q = rng.standard_normal((1, H, D)).astype(np.float32)
+        kv = rng.standard_normal((2 + 2 * Hkv * D,)).astype(np.float32)    # k at 2, v after it
+        k, v = kv[2:2 + Hkv * D].reshape(1, Hkv, D), kv[2 + Hkv * D:].reshape(1, Hkv, D)
+        kvb = Base(kv)
+        kop = Operand(kvb.buf, dtypes.float32, (1, Hkv, D), (Hkv * D, D, 1), 2)
+        vop = Operand(kvb.buf, dtypes.float32, (1, Hkv, D), (Hkv * D, D, 1), 2 + Hkv * D)
+        pos = kvl - 1
+        p, L = (pos, kvl) if by_param else (runtime.upload(np.array([pos], np.int32)),
+                                            runtime.upload(np.array([kvl], np.int32)))
+        with tg_debug.kernel_log() as log:
+            rope_attention_decode(out, kc, vc, Base(q).whole(), p, L, H, D, rot, max_ctx,
+                                  cache_dtype=dtypes.from_numpy(cache_dtype), mode=mode, k=kop, v=vop, n_kv_heads=Hkv)
+        assert [e.name.split("[")[0] for e in log] == ["attention_decode_gqa"]
+        got = read_f32(out, H * D, (H, D))
+        K[:, pos] = _ref_rope_mode(k[0], pos, rot, mode).astype(cache_dtype)
+        V[:, pos] = v[0].astype(cache_dtype)
+        G = H // Hkv
+        qr = _ref_rope_mode(q[0], pos, rot, mode)[:, None, :]
+        want = ref_attention(qr, np.repeat(K.astype(np.float64), G, 0), np.repeat(V.astype(np.float64), G, 0), kvl)[:, 0]
+        np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-4)
+        np.testing.assert_array_equal(np.frombuffer(runtime.read(vc), cache_dtype).reshape(V.shape), V)
+        Kg = np.frombuffer(runtime.read(kc), cache_dtype).reshape(K.shape)
+        np.testing.assert_allclose(Kg.astype(np.float64), K.astype(np.float64), atol=2e-3 if cache_dtype == np.float16 else 2e-6)
+        K = Kg.copy()
+
+
+def test_rope_attention_decode_gqa_errors():
+    H, Hkv, D, max_ctx = 4, 2, 16, 8
+    kc = runtime.Buffer(2 * Hkv * max_ctx * D)
+    vc = runtime.Buffer(2 * Hkv * max_ctx * D)
+    out = runtime.Buffer(4 * H * D)
+    q = Base(np.zeros((1, H, D), np.float32)).whole()
+    k = Base(np.zeros((1, Hkv, D), np.float32)).whole()
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        rope_attention_decode(out, kc, vc, q, 0, 1, H, D, D, max_ctx, k=k, v=k, n_kv_heads=3)
+    with pytest.raises(ValueError, match="k has shape"):
+        rope_attention_decode(out, kc, vc, q, 0, 1, H, D, D, max_ctx, k=q, v=k, n_kv_heads=Hkv)
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        rope_attention_decode(out, kc, vc, q, 0, 1, H, D, D, max_ctx, n_kv_heads=Hkv)

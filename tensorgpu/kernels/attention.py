@@ -793,7 +793,8 @@ def rope_attention_decode_supported(qkv: Operand, n_heads: int, head_dim: int, c
 def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Operand, positions: Buffer,
                           kv_len: Buffer, n_heads: int, head_dim: int, rot_dims: int, max_ctx: int,
                           base: float = 10000.0, cache_dtype=None, scale: Optional[float] = None,
-                          mode: str = "neox") -> None:
+                          mode: str = "neox", k: Optional[Operand] = None, v: Optional[Operand] = None,
+                          n_kv_heads: Optional[int] = None) -> None:
     """One decode token's attention in ONE dispatch: for every head h,
         q = rope(qkv[0, 0, h]); k_cache[h, pos] = rope(qkv[0, 1, h]); v_cache[h, pos] = qkv[0, 2, h]
         out[0, h, :] = softmax(scale * q . k_cache[h, :kv_len]) @ v_cache[h, :kv_len]
@@ -808,7 +809,13 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
     counter, and the workgroup that brings it to the split count merges and resets it.
 
     qkv: f32/f16 Operand [1, 3, n_heads, head_dim] (any strides); caches [n_heads, max_ctx,
-    head_dim] of cache_dtype (f16 default, or f32); out: contiguous float32 [1, n_heads, head_dim]."""
+    head_dim] of cache_dtype (f16 default, or f32); out: contiguous float32 [1, n_heads, head_dim].
+
+    Separate operands (k and v given, LLaMA's own q/k/v projections): qkv is q [1, n_heads,
+    head_dim], k and v are [1, n_kv_heads, head_dim] (any strides), the caches [n_kv_heads,
+    max_ctx, head_dim]; query head h reads KV head h // (n_heads / n_kv_heads) (grouped-query
+    attention). Every query head of a group ropes the new key itself (it uses it from registers);
+    only the group's first head stores the row."""
     from .. import dtypes
     from .rope import _check_common, _rope_wgsl
     fn = "rope_attention_decode"
@@ -816,11 +823,26 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
     _check_common(fn, head_dim, rot_dims, mode)
     check_float_operand("qkv", qkv, fn)
     H, D = int(n_heads), int(head_dim)
-    if tuple(qkv.shape) != (1, 3, H, D):
+    sep = None
+    if k is not None or v is not None:
+        Hkv = int(n_kv_heads if n_kv_heads is not None else H)
+        if k is None or v is None or Hkv <= 0 or H % Hkv:
+            raise ValueError(f"{fn}: separate q/k/v need both k and v and n_kv_heads dividing n_heads={H}")
+        for name, op, h in (("q", qkv, H), ("k", k, Hkv), ("v", v, Hkv)):
+            check_float_operand(name, op, fn)
+            if tuple(op.shape) != (1, h, D):
+                raise ValueError(f"{fn}: {name} has shape {tuple(op.shape)}, expected [1, {h}, head_dim={D}]")
+            check_fits(name, op, fn)
+        sep = (k, v, Hkv)
+    elif n_kv_heads is not None and int(n_kv_heads) != H:
+        raise ValueError(f"{fn}: n_kv_heads {n_kv_heads} != n_heads {H} needs separate q, k and v operands")
+    elif tuple(qkv.shape) != (1, 3, H, D):
         raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected [1, 3, n_heads={H}, head_dim={D}]")
-    if not rope_attention_decode_supported(qkv, H, D, cache_dtype):
+    if not rope_attention_decode_supported(qkv if sep is None else Operand(qkv.buffer, qkv.dtype, (1, 3, H, D),
+                                                                        (0, 0, 0, 0), 0), H, D, cache_dtype):
         raise ValueError(f"{fn}: head_dim {D} / cache {cache_dtype} not supported (head_dim % 4 == 0, <= {4 * DECODE_WG})")
-    check_fits("qkv", qkv, fn)
+    if sep is None:
+        check_fits("qkv", qkv, fn)
     by_param = not isinstance(positions, Buffer)
     for name, b in (("positions", positions), ("kv_len", kv_len)):
         if by_param:
@@ -828,16 +850,21 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
                 raise ValueError(f"{fn}: positions and kv_len must both be Buffers or both ints, got {name}={b!r}")
         elif not isinstance(b, Buffer) or b.nbytes < 4:
             raise ValueError(f"{fn}: {name} must be a Buffer holding an int32")
-    csize = H * max_ctx * D * cache_dtype.itemsize
+    csize = (H if sep is None else sep[2]) * max_ctx * D * cache_dtype.itemsize
     check_out("k_cache", k_cache, csize, fn)
     check_out("v_cache", v_cache, csize, fn)
     check_out("out", out, 4 * H * D, fn)
     distinct(fn, out=out, k_cache=k_cache, v_cache=v_cache, qkv=qkv.buffer,
              positions=None if by_param else positions, kv_len=None if by_param else kv_len)
+    if sep is not None:
+        for name, op in (("k", sep[0]), ("v", sep[1])):
+            if op.buffer in (out, k_cache, v_cache):
+                raise ValueError(f"{fn}: {name} shares a buffer with an output")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale)
+    src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale, sep)
     scratch = _decode_scratch(H, NS, D)
-    name = f"attention_decode[{H}x{max_ctx}x{D}]"
+    name = f"attention_decode[{H}x{max_ctx}x{D}]" if sep is None else f"attention_decode_gqa[{H}x{sep[2]}x{max_ctx}x{D}]"
+    kv_in = [] if sep is None else [(sep[0].buffer, "read"), (sep[1].buffer, "read")]
     if by_param:
         # the position and the key length as kernel parameters (step variables under tg.capture):
         # no buffers to fill for them, so no kernel before this one in a decode step
@@ -848,14 +875,16 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
                .replace("@binding(5) var<storage, read_write> out", "@binding(3) var<storage, read_write> out")
                .replace("@binding(6) var<storage, read_write> scr: array<atomic<u32>>;",
                         "@binding(4) var<storage, read_write> scr: array<atomic<u32>>;\n"
-                        "@group(0) @binding(5) var<uniform> tgp: array<vec4<u32>, 1>;")
+                        f"@group(0) @binding({5 + len(kv_in)}) var<uniform> tgp: array<vec4<u32>, 1>;")
+               .replace("@binding(7) var<storage, read> xk", "@binding(5) var<storage, read> xk")
+               .replace("@binding(8) var<storage, read> xv", "@binding(6) var<storage, read> xv")
                .replace("positions[0]", "bitcast<i32>(tgp[0].x)").replace("kvlen_buf[0]", "bitcast<i32>(tgp[0].y)"))
-        dispatch(name, src, [(qkv.buffer, "read"), (k_cache, "rw"), (v_cache, "rw"), (out, "rw"), (scratch, "rw")],
-                 grid_for(H * NS), ((positions, "i32"), (kv_len, "i32")))
+        dispatch(name, src, [(qkv.buffer, "read"), (k_cache, "rw"), (v_cache, "rw"), (out, "rw"), (scratch, "rw")]
+                 + kv_in, grid_for(H * NS), ((positions, "i32"), (kv_len, "i32")))
         return
     dispatch(name, src,
              [(qkv.buffer, "read"), (positions, "read"), (kv_len, "read"), (k_cache, "rw"), (v_cache, "rw"),
-              (out, "rw"), (scratch, "rw")], grid_for(H * NS))
+              (out, "rw"), (scratch, "rw")] + kv_in, grid_for(H * NS))
 
 
 def _decode_layout(H: int, NS: int, D: int) -> tuple:
@@ -866,15 +895,19 @@ def _decode_layout(H: int, NS: int, D: int) -> tuple:
 
 
 def _decode_scratch(H: int, NS: int, D: int) -> Buffer:
-    """The split partials + counters; counters must start at 0 (the kernel leaves them at 0)."""
+    """The split partials + counters; counters must start at 0 (the kernel leaves them at 0).
+    One buffer per layout: the counters of one (H, NS) sit where another layout keeps its
+    partials, so kernels of different head counts (a model with GQA beside one without) must
+    not share it."""
     from ..runtime import write
     n = _decode_layout(H, NS, D)[2] * 4
-    buf = _scratch.get("decode")
-    if buf is None or buf.nbytes < n:
+    key = ("decode", H, NS, D)
+    buf = _scratch.get(key)
+    if buf is None:
         import numpy as np
         buf = Buffer(n)
         write(buf, np.zeros(n // 4, np.uint32))
-        _scratch["decode"] = buf
+        _scratch[key] = buf
     return buf
 
 
@@ -888,7 +921,7 @@ def _conv(ctype: str, w: str) -> str:
 
 
 def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
-                   cache_dtype, scale: float) -> tuple:
+                   cache_dtype, scale: float, sep=None) -> tuple:
     from .. import dtypes
     from .rope import _rope_val_wgsl, _rope_wgsl
     dev = get_device()
@@ -912,10 +945,34 @@ def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: f
     else:
         ctype, st = "vec2<u32>", "vec2<u32>(pack2x16float(({v}).xy), pack2x16float(({v}).zw))"
     rd = Reader("x", qkv, 0, False)
-    ss, s3, sh, sd = qkv.strides
+    readers = [rd]
+    if sep is None:
+        ss, s3, sh, sd = qkv.strides
+        G = 1
+        kdecl = ""
+    else:   # q [1, H, D], k / v [1, Hkv, D] at their own bindings; query head h reads KV head h / G
+        kop, vop, Hkv = sep
+        G = H // Hkv
+        ss, sh, sd = qkv.strides
+        s3 = 0
+        rk, rv = Reader("xk", kop, 7, False), Reader("xv", vop, 8, False)
+        readers += [rk, rv]
+        kdecl = rk.decl() + rv.decl() + _rope_val_wgsl(kop.strides[2], "valk", "xk_at")
+    if sep is None:
+        kval = "val4(bq + {s3}u, d4, posf)".format(s3=s3)
+        vbase = f"bq + {2 * s3}u + d4 * {4 * sd}u"
+        vat, vsd = "x_at", sd
+        kvarg, kvpar, hk = "bq", "bq: u32", "h"
+    else:
+        kval = "vec4<f32>(valk(bk, d4 * 4u, posf), valk(bk, d4 * 4u + 1u, posf), valk(bk, d4 * 4u + 2u, posf), " \
+               "valk(bk, d4 * 4u + 3u, posf))"
+        vsd = vop.strides[2]
+        vbase = f"bv + d4 * {4 * vsd}u"
+        vat = "xv_at"
+        kvarg, kvpar, hk = "bk, bv", "bk: u32, bv: u32", "hk"
     sgp, sg = sg_builtin(sub)
     cv = lambda w: _conv(ctype, w)   # noqa: E731
-    src = f"""{enable_f16(rd, native)}{rd.decl()}
+    src = f"""{enable_f16(*readers, native)}{rd.decl()}{kdecl}
 @group(0) @binding(1) var<storage, read> positions: array<i32>;
 @group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;
 @group(0) @binding(3) var<storage, read_write> kc: array<{ctype}>;
@@ -937,17 +994,17 @@ var<workgroup> Vn: array<vec4<f32>, {D4}>;
   let d = d4 * 4u;
   return vec4<f32>(val(b, d, pos), val(b, d + 1u, pos), val(b, d + 2u, pos), val(b, d + 3u, pos));
 }}
-fn write_row(h: u32, pos: u32, bq: u32, posf: f32, lid: u32) {{
+fn write_row(h: u32, pos: u32, {kvpar}, posf: f32, lid: u32, store: bool) {{
   let row = (h * {max_ctx}u + pos) * {D4}u;
   for (var d4 = lid; d4 < {D4}u; d4 = d4 + {WG}u) {{
-    let kv = val4(bq + {s3}u, d4, posf);
+    let kv = {kval};
     let kq = {st.format(v="kv")};
-    kc[row + d4] = kq;
+    if (store) {{ kc[row + d4] = kq; }}
     Kn[d4] = {cv("kq")};   // as the cache stores it (f16-rounded), like a read-back
-    let b = bq + {2 * s3}u + d4 * {4 * sd}u;
-    let vv = vec4<f32>(x_at(b), x_at(b + {sd}u), x_at(b + {2 * sd}u), x_at(b + {3 * sd}u));
+    let b = {vbase};
+    let vv = vec4<f32>({vat}(b), {vat}(b + {vsd}u), {vat}(b + {2 * vsd}u), {vat}(b + {3 * vsd}u));
     let vq = {st.format(v="vv")};
-    vc[row + d4] = vq;
+    if (store) {{ vc[row + d4] = vq; }}
     Vn[d4] = {cv("vq")};
   }}
 }}
@@ -965,16 +1022,19 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   let kvl = min(u32(max(kvlen_buf[0], 0)), {max_ctx}u);
   let nse = clamp((kvl + {CH - 1}u) / {CH}u, 1u, {NS}u);
   let bq = {qkv.offset}u + h * {sh}u;
+  let hk = h / {G}u;
+  let store = h % {G}u == 0u;   // one query head per KV head writes the new row
+{"" if sep is None else f"  let bk = {sep[0].offset}u + hk * {sep[0].strides[1]}u;{chr(10)}  let bv = {sep[1].offset}u + hk * {sep[1].strides[1]}u;"}
   let k_lo = s * {CH}u;
   let nk = min(kvl - min(kvl, k_lo), {CH}u);
   let klast = k_lo + max(nk, 1u) - 1u;
-  let kbase = h * {max_ctx}u;
+  let kbase = hk * {max_ctx}u;
   // the new key/value row is written by the split that holds it; that split uses the values
   // from registers (Kn/Vn) instead of reading the row back, so no load waits for the store
   let writer = ipos >= 0 && ipos < {max_ctx} && u32(ipos) / {CH}u == s;
   let jpos = u32(ipos) - k_lo;
   if (s >= nse) {{
-    if (writer) {{ write_row(h, u32(ipos), bq, posf, lid); }}
+    if (writer && store) {{ write_row({hk}, u32(ipos), {kvarg}, posf, lid, true); }}
     return;
   }}
   // every cache load of this workgroup, issued at once: the K rows of the scores (TPK threads
@@ -993,7 +1053,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for i in range(JPG):
         L.append(f"  let vw{i} = vc[(kbase + min(k_lo + gg + {i * KG}u, klast)) * {D4}u + d4];")
     src += "\n".join(L) + f"""
-  if (writer) {{ write_row(h, u32(ipos), bq, posf, lid); }}
+  if (writer) {{ write_row({hk}, u32(ipos), {kvarg}, posf, lid, store); }}
   if (lid < {D4}u) {{ Qs[lid] = val4(bq, lid, posf) * SCALE_LOG2E; }}
   workgroupBarrier();
 """
