@@ -456,17 +456,30 @@ class RopeAttentionDecodeKernel(CustomKernel):
     """rope(q, k) + KV-cache write + attention + split combine of one decode token: one dispatch."""
     name = "attention_decode"
 
-    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox", step=None):
+    def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox", step=None,
+                 n_kv_heads=None):
         self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
         self.mode = mode
         # step = (position, key length): ints (step variables under tg.capture) passed as kernel
         # parameters; srcs are then (qkv, k_cache, v_cache). Without it, both are int32 [1] srcs.
         self.step = step
         self.writes = (1, 2) if step is not None else (3, 4)
+        # n_kv_heads: separate q [1, H, D], k, v [1, Hkv, D] srcs (grouped-query heads), then the
+        # caches: srcs (q, k, v, k_cache, v_cache); needs step
+        self.n_kv_heads = n_kv_heads
+        if n_kv_heads is not None:
+            assert step is not None
+            self.writes = (3, 4)
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import rope_attention_decode as k
         H, D, rot, max_ctx, base, cache_dtype, scale = self.args
+        if self.n_kv_heads is not None:
+            q, kx, vx, kc, vc = operands
+            pos, kvl = self.step
+            k(out, kc.buffer, vc.buffer, q, pos, kvl, H, D, rot, max_ctx, base, cache_dtype, scale, mode=self.mode,
+              k=kx, v=vx, n_kv_heads=self.n_kv_heads)
+            return
         if self.step is not None:
             qkv, kc, vc = operands
             pos, kvl = self.step

@@ -432,6 +432,102 @@ def fuse_decode_attention(g: Graph) -> int:
     return fired
 
 
+@rule
+def fuse_decode_attention_gqa(g: Graph) -> int:
+    """One query token with separate q, k and v rows (LLaMA's own projections) and grouped-query
+    heads: q = rope(q_row), cache_k[:, pos] = rope(k_row), cache_v[:, pos] = v_row (caches with
+    Hkv <= H heads, query head h reading KV head h // (H / Hkv)), attention(q, cache[:, :pos + 1])
+    is ONE kernel, either rope mode ("normal" adjacent pairs or "neox")."""
+    from .kernels.attention import rope_attention_decode_supported
+    from .kernels.common import Operand
+    from .nn import AttentionKernel, RopeAttentionDecodeKernel
+    fired = 0
+    if get_device().max_storage_buffers < 7:     # q, k, v, both caches, out, scratch
+        return 0
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is not None and n.arg.causal
+                and n.arg.out_layout == "bsd" and len(n.srcs) == 3):
+            continue
+        (q, qv), (ka, kav), (va, vav) = n.srcs
+        H, sq, D = n.shape
+        if sq != 1:
+            continue
+        L = n.arg.kv_len_runtime
+        m = _match_decode_sep(q, qv, ka, kav, va, vav, H, D)
+        if m is None or not _same(m["start"], L - 1):
+            continue
+        probe = Operand(None, m["q"][0].dtype, (1, 3, H, D), (0, 0, 0, 0), 0)
+        cache_dtype = m["kbase"].dtype
+        if not rope_attention_decode_supported(probe, H, D, cache_dtype):
+            continue
+        n.arg = RopeAttentionDecodeKernel(H, D, m["rot"], m["max_ctx"], m["base"], cache_dtype, n.arg.scale,
+                                          mode=m["mode"], step=(m["start"], L), n_kv_heads=m["Hkv"])
+        kbase, vbase = m["kbase"], m["vbase"]
+        n.set_srcs((m["q"], m["k"], m["v"], (kbase, View.contiguous(kbase.shape)),
+                    (vbase, View.contiguous(vbase.shape))))
+        _writes_done_by(n, ka, va, m)
+        fired += 1
+    return fired
+
+
+def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
+    """The pieces of one decode token's attention input with separate q/k/v rows: q =
+    rope(q_row [1, H, D]), cache_k[:, p:p+1] = rope(k_row [1, Hkv, D]), cache_v[:, p:p+1] = v_row,
+    the caches [Hkv, max_ctx, D] with Hkv dividing H, the rope positions an arange starting at p.
+    Returns the q / k / v (node, [1, heads, D] view) and the rest; None when the graph is not that."""
+    from .nn import RopeKernel
+    from .tensor import arange_start
+    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
+            and va.buffer is None and q.arg.freq_factors is None):
+        return None
+    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3 and ka.shape[2] == D
+            and va.shape == ka.shape):
+        return None
+    Hkv, max_ctx = ka.shape[0], ka.shape[1]
+    if Hkv <= 0 or H % Hkv:
+        return None
+    T, qh, qd, rot, base, mode = q.arg.args
+    if (T, qh, qd) != (1, H, D) or mode not in ("neox", "normal"):
+        return None
+    # q: rope of [1, H, D] (contiguous, the kernel's output) read as [H, 1, D]
+    if qv.shape != (H, 1, D) or qv.strides[0] != D or qv.strides[2] != 1 or qv.offset != 0:
+        return None
+    (qx, qxv), qpos = q.srcs
+    start = arange_start(*qpos)
+    if start is None:
+        return None
+    kw, kwv = ka.srcs[1]
+    if not (_is(kw, RopeKernel) and kw.arg.args == (1, Hkv, D, rot, base, mode) and kw.arg.freq_factors is None
+            and kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]):
+        return None
+    for a in (ka, va):
+        t = a.arg
+        if not (t.shape == (Hkv, 1, D) and t.strides[0] == max_ctx * D and t.strides[2] == 1
+                and _same(t.offset, start * D)):
+            return None
+    if kwv.shape != (Hkv, 1, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0:
+        return None
+    (kx, kxv) = kw.srcs[0]
+    vw, vwv = va.srcs[1]
+    if vwv.shape != (Hkv, 1, D):
+        return None
+    vrow = View((1, Hkv, D), (vwv.strides[1], vwv.strides[0], vwv.strides[2]), vwv.offset)
+    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vw, vrow, Hkv)):
+        if view.shape != (1, h, D) or isinstance(view.offset, SymInt) or node.dtype not in (dt.float32, dt.float16):
+            return None
+        if any(st < 0 for st in view.strides) or view.offset < 0:
+            return None
+        if view.offset + (h - 1) * view.strides[1] + (D - 1) * view.strides[2] >= node.numel:
+            return None
+    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
+    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
+        return None
+    if kbase.shape != ka.shape or vbase.shape != va.shape:
+        return None
+    return dict(q=(qx, qxv), k=(kx, kxv), v=(vw, vrow), start=start, kbase=kbase, vbase=vbase, rot=rot, base=base,
+                mode=mode, max_ctx=max_ctx, Hkv=Hkv)
+
+
 def _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D):
     """The pieces of plain-code attention input for T tokens: q = rope(qkv[:, 0]),
     cache_k[:, p:p+T] = rope(qkv[:, 1]), cache_v[:, p:p+T] = qkv[:, 2], with the rope positions

@@ -95,6 +95,26 @@ def test_kv_cache_is_sized_by_kv_heads(models):
     assert len(s.cache) == 2 and s.cache[0][0].shape == (2, 40, 64) and s.cache[0][0].dtype is tg.float16
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_decode_step_kernels_per_layer(models, name):
+    """A captured decode step of plain LLaMA / Qwen2 code: each RMSNorm folded into the GEMVs
+    that read it (fold_rms_norm_into_gemv), rope + both cache writes + grouped-query attention
+    in one kernel (fuse_decode_attention_gqa); per layer q, k, v, attention, output, gate, up,
+    down: 8 dispatches (was 16), plus input copy, embedding, head and argmax."""
+    import numpy as np
+    m = models(name, "q8_0")
+    cache = m.new_cache(32)
+    step = tg.capture(lambda tok, p: m.forward(tok, p, cache).argmax(-1))
+    with tg.debug.kernel_log() as log:
+        step(tg.tensor(np.array([5], np.int32)), 0).numpy()
+    names = [e.name.split("[")[0] for e in log]
+    L = m.config.n_layer
+    assert names.count("attention_decode_gqa") == L, names
+    assert names.count("gemv_rms_q8_0") == 5 * L + 1, names      # q, k, v, gate, up; the head
+    assert names.count("gemv_q8_0") == 2 * L, names              # output (+ residual), down (+ residual)
+    assert len(names) == 8 * L + 4, names
+
+
 # ----------------------------------------------------------------------------- quantized files vs NumPy
 
 

@@ -330,3 +330,90 @@ def test_fold_rms_norm_checks_the_pattern():
     assert "gemv_rms_float32" not in names(log)
     want = _rms(x.astype(np.float16), 1) @ W.T
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def _np_rope_mode(x, p, rot, mode, base=10000.0):
+    if mode == "neox":
+        return _np_rope(x, p, rot, base)
+    inv = base ** (-np.arange(rot // 2) * 2.0 / rot)
+    ang = p * inv
+    out = x.astype(np.float64).copy()
+    a, b = x[..., 0:rot:2], x[..., 1:rot:2]
+    out[..., 0:rot:2] = a * np.cos(ang) - b * np.sin(ang)
+    out[..., 1:rot:2] = b * np.cos(ang) + a * np.sin(ang)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["normal", "neox"])
+@pytest.mark.parametrize("Hkv,bias,cache_dtype", [(2, False, tg.float16), (1, True, tg.float32), (4, True, tg.float16)],
+                         ids=str)
+def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype):
+    """LLaMA-style plain code for one token (separate q/k/v linears with or without biases, rope
+    in either mode, fewer KV heads, slice-assignment cache writes, grouped-query attention), under
+    tg.capture with the position a step variable: the q/k/v GEMVs and ONE attention kernel; the
+    values and both caches as NumPy says."""
+    H, D, rot, max_ctx, C = 4, 32, 16, 16, 128
+    (wq, wk, wv), (Wq, Wk, Wv) = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    bq, bk, bv = (rng.standard_normal(n).astype(np.float32) for n in (H * D, Hkv * D, Hkv * D))
+    ck = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+    cv = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+
+    def step(x, pos):
+        B = (tg.tensor(bq), tg.tensor(bk), tg.tensor(bv)) if bias else (None, None, None)
+        q = tg.nn.linear(x, wq, B[0]).reshape(1, H, D)
+        k = tg.nn.linear(x, wk, B[1]).reshape(1, Hkv, D)
+        v = tg.nn.linear(x, wv, B[2]).reshape(1, Hkv, D)
+        positions = tg.arange(pos, pos + 1)
+        q, k = tg.nn.rope(q, positions, rot, mode=mode), tg.nn.rope(k, positions, rot, mode=mode)
+        ck[:, pos:pos + 1] = k.transpose(0, 1)
+        cv[:, pos:pos + 1] = v.transpose(0, 1)
+        return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+
+    cap = tg.capture(step)
+    K, V = np.zeros((Hkv, max_ctx, D)), np.zeros((Hkv, max_ctx, D))
+    G = H // Hkv
+    for pos in range(6):
+        x = rng.standard_normal((1, C)).astype(np.float32)
+        with tg.debug.kernel_log() as log:
+            got = cap(tg.tensor(x), pos).numpy()
+        if pos == 0:   # the trace: three GEMVs (biases in their stores) and the fused attention
+            assert names(log) == ["capture_input_copy", "gemv_float32", "gemv_float32", "gemv_float32",
+                                  "attention_decode_gqa"], names(log)
+        q = (x @ Wq.T + (bq if bias else 0)).reshape(H, D)
+        k = (x @ Wk.T + (bk if bias else 0)).reshape(Hkv, D)
+        v = (x @ Wv.T + (bv if bias else 0)).reshape(Hkv, D)
+        K[:, pos], V[:, pos] = _np_rope_mode(k, pos, rot, mode), v
+        qr = _np_rope_mode(q, pos, rot, mode)
+        Kr, Vr = np.repeat(K[:, :pos + 1], G, 0), np.repeat(V[:, :pos + 1], G, 0)
+        s = np.einsum("hd,hkd->hk", qr, Kr) / np.sqrt(D)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("hk,hkd->hd", p / p.sum(-1, keepdims=True), Vr)
+        tol = 2e-3 if cache_dtype is tg.float16 else 1e-4
+        np.testing.assert_allclose(got[:, 0], want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ck.numpy()[:, :6], K[:, :6], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cv.numpy()[:, :6], V[:, :6], rtol=2e-3, atol=2e-3)
+    assert np.all(ck.numpy()[:, 6:] == 0) and np.all(cv.numpy()[:, 6:] == 0)
+
+
+def test_fuse_decode_attention_gqa_checks_the_pattern():
+    """Near misses keep their kernels (and their values): k roped at other positions than q, a
+    cache row other than the rope position."""
+    H, Hkv, D, rot, max_ctx, C = 4, 2, 16, 16, 8, 64
+    (wq, wk, wv), _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    for case in ("k_positions", "row"):
+        ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        x = tg.tensor(rng.standard_normal((1, C)).astype(np.float32))
+        pos = 2
+        q = tg.nn.linear(x, wq).reshape(1, H, D)
+        k = tg.nn.linear(x, wk).reshape(1, Hkv, D)
+        v = tg.nn.linear(x, wv).reshape(1, Hkv, D)
+        q = tg.nn.rope(q, tg.arange(pos, pos + 1), rot)
+        k = tg.nn.rope(k, tg.arange(pos + 1 if case == "k_positions" else pos, pos + 2 if case == "k_positions" else pos + 1), rot)
+        w = pos + 1 if case == "row" else pos
+        ck[:, w:w + 1] = k.transpose(0, 1)
+        cv[:, w:w + 1] = v.transpose(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        with tg.debug.kernel_log() as log:
+            y.numpy()
+        assert "attention_decode_gqa" not in names(log), (case, names(log))
