@@ -296,3 +296,40 @@ def test_rms_rejects_bias_pair_stack():
     for kw in (dict(ln=(None, b, 1e-6)), dict(ln=None), dict(ln=(None, None, 1e-6), stack=(W.whole(), N, None, None))):
         with pytest.raises(ValueError, match="rms"):
             gemv(out, xo, W.whole(), W.dtype, N, K, rms=True, **kw)
+
+
+@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_k"])
+@pytest.mark.parametrize("Ns", [(64, 32, 32), (48, 16), (256, 64, 64)], ids=str)
+def test_rms_stack_of_two_or_three(paths, wdt, Ns):
+    """rms with stack: two or three projections of one RMS-normed x (LLaMA's q, k, v) in one
+    GEMV, rows in order, an epilogue seeing the stacked row index."""
+    K = 256
+    x = (rng.standard_normal(K) * 2 + 1).astype(np.float32)
+    lw = rng.standard_normal(K).astype(np.float32)
+    ws, Wf = [], []
+    for N in Ns:
+        if wdt in ("f16", "f32"):
+            W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
+            wb = Base(W)
+            ws.append(wb.whole())
+            wd = wb.dtype
+            Wf.append(W.astype(np.float64))
+        else:
+            wd = dtypes.as_dtype(wdt)
+            raw, Wq = qweights(wd, N, K)
+            ws.append(runtime.upload(raw))
+            Wf.append(Wq)
+    NT = sum(Ns)
+    ep = AffineGelu(rng.standard_normal(NT), 0.5, gelu=False)
+    xb = Base(x)
+    out = runtime.Buffer(4 * NT)
+    with debug.kernel_log() as log:
+        gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), 0), ws[0], wd, Ns[0], K, ep, (Base(lw).whole(), None, 1e-6),
+             stack=tuple((w, N) for w, N in zip(ws[1:], Ns[1:])), rms=True)
+    assert [e.name.split("[")[0] for e in log] == [f"gemv_rms{len(Ns)}_{wd.name}"]
+    x64 = x.astype(np.float64)
+    h = x64 / np.sqrt((x64 * x64).mean() + 1e-6) * lw
+    want = ep.ref(np.concatenate([W @ h for W in Wf]))
+    got = read_f32(out, NT)
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 2e-5, err

@@ -128,7 +128,9 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     rms=True: the norm is LLaMA's RMSNorm instead, h = x / sqrt(mean(x^2) + eps) * ln_w (no mean,
     no bias: ln = (ln_w or None, None, eps)). Then sum_k W[n,k] h_k = rstd * sum_k W[n,k] ln_w_k x_k:
     the row's sum of squares rides along in the final reduction and scales the dot products, with
-    no weight-derived constants at all. Not with pair or stack."""
+    no weight-derived constants at all. Not with pair. With rms, stack = ((w2, N2), ...): one or
+    two more weights of the same x and the same norm (LLaMA's q, k and v projections) stacked
+    under the first: out[N1 + ...] are their rows, in order."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -137,8 +139,15 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         raise ValueError(f"gemv: x {tuple(x.shape)} {x.dtype} with weight [{N}, {K}] {w_dtype} is not a supported "
                          f"decode GEMV (contiguous x, K % 8, quant K % block size)")
     wbuf = w.buffer if isinstance(w, Operand) else w
-    if rms and (ln is None or ln[1] is not None or pair is not None or stack is not None):
-        raise ValueError("gemv: rms needs ln = (ln_w or None, None, eps), without pair or stack")
+    if rms and (ln is None or ln[1] is not None or pair is not None):
+        raise ValueError("gemv: rms needs ln = (ln_w or None, None, eps), without pair")
+    extra = []    # the stacked weights after the first: (w, N)
+    if stack is not None and rms:
+        if not (isinstance(stack, tuple) and 1 <= len(stack) <= 2 and all(isinstance(p, tuple) and len(p) == 2 for p in stack)):
+            raise ValueError("gemv: with rms, stack is ((w2, N2),) or ((w2, N2), (w3, N3))")
+        extra = [(sw, int(sn)) for sw, sn in stack]
+    elif stack is not None:
+        extra = [(stack[0], int(stack[1]))]
     Kc = K
     w2_dtype = w_dtype
     if pair is not None:
@@ -153,37 +162,41 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
         pair = (x2, w2, K2, w2_dtype)
         Kc = K + K2
     N1 = N
-    if stack is not None:
-        w2, N2, g2, b2 = stack
-        N2 = int(N2)
+    starts = []
+    for w2, N2 in extra:
         w2_dtype = w2.dtype if isinstance(w2, Operand) else w_dtype
         if (ln is None or pair is not None or w2_dtype is not w_dtype or isinstance(w2, Operand) != (xw is not None)
                 or not supported(x, w_dtype, K, w2 if isinstance(w2, Operand) else None) or N2 <= 0):
             raise ValueError(f"gemv: stacked weight [{N2}, {K}] {w2_dtype} is not supported under [{N}, {K}] {w_dtype} "
                              f"(the same type, with a layer norm, without a pair)")
-        N = N1 + N2
+        starts.append(N)
+        N += N2
     _, per, T, R = _config(w_dtype, Kc, ln is not None)   # launch shape from the whole row
     items = K // per                                        # of which the first pair's part
     R = max(1, min(R, N))
-    while stack is not None and N1 % R:                     # a workgroup's rows lie in one weight
+    while any(st % R for st in starts):                     # a workgroup's rows lie in one weight
         R -= 1
     if out.nbytes < 4 * (N + out_offset):
         raise ValueError(f"gemv: output holds {out.nbytes} bytes, needs {4 * (N + out_offset)} for float32 [{N}]")
     ins = ([x.buffer, wbuf] + [o.buffer for o in (ln[:2] if ln else ()) if o is not None] + [o.buffer for o in ep.operands]
            + ([pair[0].buffer, pair[1].buffer if isinstance(pair[1], Operand) else pair[1]] if pair else []))
-    if stack is not None:
-        ins += [stack[0].buffer if isinstance(stack[0], Operand) else stack[0]] + [o.buffer for o in stack[2:] if o is not None]
+    ins += [sw.buffer if isinstance(sw, Operand) else sw for sw, _ in extra]
+    if stack is not None and not rms:
+        ins += [o.buffer for o in stack[2:] if o is not None]
     if any(b is out for b in ins):
         raise ValueError("gemv: the output buffer is also an input")
-    if stack is not None:
+    if stack is not None and rms:
+        bc = None
+        stack = ([(sw, sw.buffer if isinstance(sw, Operand) else sw, st) for (sw, _), st in zip(extra, starts)], None)
+    elif stack is not None:
         w2, N2, g2, b2 = stack
         bc = _ln_constants(w, w_dtype, N1, K, ln[0], ln[1], more=((w2, N2, g2, b2),))
-        stack = (w2, w2.buffer if isinstance(w2, Operand) else w2, N1, g2)
+        stack = ([(w2, w2.buffer if isinstance(w2, Operand) else w2, N1)], g2)
     else:
         bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln and not rms else None
     src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair, stack,
                                rms)
-    kind = "_ln2" if stack else "_rms" if rms else "_ln" if ln else "2" if pair else ""
+    kind = f"_rms{len(extra) + 1}" if stack and rms else "_ln2" if stack else "_rms" if rms else "_ln" if ln else "2" if pair else ""
     types = w_dtype.name + (f"+{w2_dtype.name}" if w2_dtype is not w_dtype else "")
     return (f"gemv{kind}_{types}[{N}x{Kc}]", src, binds, grid,
             {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
@@ -305,15 +318,16 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     if pair is not None:
         readers.append(Reader("xw", segs[1].x, 3, True))
         b = 5
-    if stack is not None:    # W2 at binding 3: rows N1.. read it (see plan's stack)
-        b = 4
+    stk = stack[0] if stack is not None else []      # [(w, wbuf, first row)] of W2 (, W3)
+    if stack is not None:    # W2 (W3) at binding 3 (4): rows N1.. read it (see plan's stack)
+        b = 3 + len(stk)
     if ln and ln[0] is not None:
         lnw = Reader("lnw", ln[0], b, ln[0].offset % 4 == 0 and (not ln[0].shape or ln[0].strides[-1] == 1))
         b += 1
         readers.append(lnw)
     lnw2 = None
-    if stack is not None and stack[3] is not None:    # the stacked rows' own norm weight
-        g2 = stack[3]
+    if stack is not None and stack[1] is not None:    # the stacked rows' own norm weight
+        g2 = stack[1]
         lnw2 = Reader("lnw2", g2, b, g2.offset % 4 == 0 and (not g2.shape or g2.strides[-1] == 1))
         b += 1
         readers.append(lnw2)
@@ -329,8 +343,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s += [r.decl() for r in readers]
     if ln and not rms:
         s.append(f"@group(0) @binding({bc_binding}) var<storage, read> BC: array<f32>;\n")
-    wbind = {"W": 2, "W2": 4 if stack is None else 3}
-    warrs = [sg.wname for sg in segs] + (["W2"] if stack is not None else [])
+    wbind = {"W": 2, "W2": 4 if stack is None else 3, "W3": 4}
+    warrs = [sg.wname for sg in segs] + [f"W{j + 2}" for j in range(len(stk))]
     if quant:
         from .quant import _fmt, _format_wgsl
         def helpers(dt):
@@ -341,8 +355,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         for a in warrs:
             s.append(f"@group(0) @binding({wbind[a]}) var<storage, read> {a}: array<u32>;\n")
         s.append(helpers(w_dtype))
-        if stack is not None:
-            s.append(_reading_copy(helpers(w_dtype), "W", "W2", "_2"))
+        for j in range(len(stk)):
+            s.append(_reading_copy(helpers(w_dtype), "W", f"W{j + 2}", f"_{j + 2}"))
         if pair is not None:
             s.append(_reading_copy(helpers(segs[1].dtype), "W", "W2", "_2"))
             if segs[1].dtype is not w_dtype:     # its helpers that read no weights, where W's lack them
@@ -366,17 +380,23 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
     s.append(f"@compute @workgroup_size({T})\nfn main({bi}) {{\n")
     groups = -(-N // R)
     s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = min(g, {_u(groups - 1)}) * {R}u;\n")
-    if stack is not None:   # rows of W2 from N1 on; a workgroup's R rows lie in one weight (plan)
-        w2, _, N1, _ = stack
-        s.append(f"    let seg2 = n0 >= {_u(N1)};\n")
+    if stack is not None:   # rows of W2 from N1 on (W3 after); a workgroup's R rows lie in one weight (plan)
+        s.append("    let seg = " + " + ".join(["0u"] + [f"select(0u, 1u, n0 >= {_u(st)})" for _, _, st in stk]) + ";\n")
+        s.append("    let seg2 = seg == 1u;\n")
         for r in range(R):
             s.append(f"    let nr{r} = min(n0 + {r}u, {_u(N - 1)});\n")
             if quant:
                 row = K // w_dtype.block_size * w_dtype.block_bytes
-                s.append(f"    let rb{r} = select(nr{r}, nr{r} - {_u(N1)}, seg2) * {_u(row)};\n")
+                e = f"nr{r}"
+                for j, (_, _, st) in enumerate(stk):
+                    e = f"select({e}, nr{r} - {_u(st)}, seg == {j + 1}u)"
+                s.append(f"    let rb{r} = {e} * {_u(row)};\n")
             else:
-                o1, o2, ln_ = int(w.offset) // per, int(w2.offset) // per, K // per
-                s.append(f"    let rb{r} = select({_u(o1)} + nr{r} * {_u(ln_)}, {_u(o2)} + (nr{r} - {_u(N1)}) * {_u(ln_)}, seg2);\n")
+                ln_ = K // per
+                e = f"{_u(int(w.offset) // per)} + nr{r} * {_u(ln_)}"
+                for j, (sw, _, st) in enumerate(stk):
+                    e = f"select({e}, {_u(int(sw.offset) // per)} + (nr{r} - {_u(st)}) * {_u(ln_)}, seg == {j + 1}u)"
+                s.append(f"    let rb{r} = {e};\n")
     for sg in (segs if stack is None else ()):
         for r in range(R):
             if quant:
@@ -413,7 +433,9 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         if raw and stack is not None:   # one uniform branch picks the weight for the whole chunk
             st = _raw_struct(w_dtype)
             s.append("".join(f"    var w{r}_{it}: {st};\n" for it in its for r in range(R)))
-            for br, sfx in (("    if (seg2) {\n", "_2"), ("    } else {\n", "")):
+            brs = [(f"    if (seg == {j - 1}u) {{\n" if j == len(stk) + 1 else f"    }} else if (seg == {j - 1}u) {{\n", f"_{j}")
+                   for j in range(len(stk) + 1, 1, -1)] + [("    } else {\n", "")]
+            for br, sfx in brs:
                 s.append(br + "".join(f"        w{r}_{it} = ldr_{w_dtype.name}{sfx}(rb{r}, i{it});\n" for it in its for r in range(R)))
             s.append("    }\n")
         elif raw:
@@ -433,8 +455,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                 xe = f"{sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u)" if TUNING.get("probe") != 2 else "vec4<f32>(1.0)"
                 s.append(f"    var x{it}_{j} = {xe};\n")
                 if ln and (lnw is not None or lnw2 is not None):
-                    s.append(_norm_weight4(f"gw{it}_{j}", f"e{it} + {o}u", lnw, ln[0], lnw2, stack[3] if stack else None,
-                                           stack is not None))
+                    s.append(_norm_weight4(f"gw{it}_{j}", f"e{it} + {o}u", lnw, ln[0], lnw2, stack[1] if stack else None,
+                                           stack is not None and not rms))
         for it in its:
             fmt = seg_of[it].fmt
             for j, o in enumerate(fmt.offs if fmt else float_offs):
@@ -459,8 +481,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                     s.append(f"    a{r} += vec4<f32>(bitcast<f32>(({z}) & 0x3fffffu | 0x3f800000u));\n")
                 elif quant:
                     q = f"q{r}_{it}"
-                    if stack is not None and not sg.raw:   # the unit of W or of W2 (a uniform branch)
-                        s.append(f"    var {q}: QU;\n    if (seg2) {{ {q} = unit_2({rb_}, i{it}); }} else {{ {q} = unit({rb_}, i{it}); }}\n")
+                    if stack is not None and not sg.raw:   # the unit of W, W2 or W3 (a uniform branch)
+                        s.append(f"    var {q}: QU;\n" + _seg_branch(len(stk), lambda sfx: f"{q} = unit{sfx}({rb_}, i{it});"))
                     else:
                         s.append(f"    let {q} = {f'unr_{sg.dtype.name}({w_}, {rb_}, i{it})' if sg.raw else f'unit{sg.sfx}({rb_}, i{it})'};\n")
                     t = f"vec4<f32>(dot({q}.v0, x{it}_0), dot({q}.v1, x{it}_1), dot({q}.v2, x{it}_2), dot({q}.v3, x{it}_3))"
@@ -469,7 +491,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
                         s.append(f"    c{r} += dot({q}.c, sx{it});\n")
                 else:
                     if stack is not None:
-                        s.append(f"    var {w_}: {vt};\n    if (seg2) {{ {w_} = W2[{rb_} + i{it}]; }} else {{ {w_} = W[{rb_} + i{it}]; }}\n")
+                        s.append(f"    var {w_}: {vt};\n" + _seg_branch(
+                            len(stk), lambda sfx: f"{w_} = W{sfx.lstrip('_')}[{rb_} + i{it}];"))
                     else:
                         s.append(f"    let {w_} = {sg.wname}[{rb_} + i{it}];\n")
                     if w_dtype is dtypes.float16:
@@ -513,8 +536,7 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         s.append("        let y = v;\n")
     s.append(f"        if (n < {_u(N)} && g < {_u(groups)}) {{ OUT[{_u(out_off)} + n] = epilogue(y, n); }}\n    }}\n}}\n")
     binds = [(out, "rw"), (x.buffer, "read"), (wbuf, "read")]
-    if stack is not None:
-        binds += [(stack[1], "read")]
+    binds += [(sb, "read") for _, sb, _ in stk]
     if pair is not None:
         binds += [(segs[1].x.buffer, "read"), (segs[1].wbuf, "read")]
     if ln:
@@ -662,6 +684,14 @@ def _missing_items(wgsl: str, have: str, arr: str) -> str:
     own, there = _items(wgsl), _items(have)
     reads = _readers(own, arr)
     return "".join(b for n, b in own.items() if n not in reads and n not in there)
+
+
+def _seg_branch(n_extra: int, stmt) -> str:
+    """`stmt(suffix)` for the weight the workgroup's rows lie in (seg 0: W, "", 1: W2, "_2", ...)."""
+    s = "    "
+    for j in range(n_extra, 0, -1):
+        s += f"if (seg == {j}u) {{ {stmt(f'_{j + 1}')} }} else "
+    return s + f"{{ {stmt('')} }}\n"
 
 
 def _norm_weight4(name: str, e: str, rd1, op1, rd2=None, op2=None, stacked: bool = False) -> str:
