@@ -566,9 +566,10 @@ class _BiasActEpilogue:
     """Epilogue of a stacked GEMV (`layer_norm_linears`): rows below `split` add bias 0 and apply
     act 0, the rest bias 1 and act 1 (a bias may be absent)."""
 
-    def __init__(self, split: int, biases: list, acts: tuple):
+    def __init__(self, split, biases: list, acts: tuple):
         from .kernels.common import Operand
-        self.split, self.acts = split, acts
+        self.splits = [split] if isinstance(split, int) else list(split)   # first row of each later part
+        self.split, self.acts = self.splits[0], acts
         self.has = [b is not None for b in biases]
         self.operands = [Operand(b.buffer, b.dtype, (b.buffer.nbytes // 4,), (1,), b.offset) for b in biases if b is not None]
 
@@ -581,13 +582,40 @@ class _BiasActEpilogue:
                 k += 1
         for j, (has, act) in enumerate(zip(self.has, self.acts)):
             op = self.operands[sum(self.has[:j])] if has else None
-            i = "i" if j == 0 else f"(i - {self.split}u)"
+            i = "i" if j == 0 else f"(i - {self.splits[j - 1]}u)"
             v = f"acc + EPB{j}[{op.offset}u + {i}]" if has else "acc"
             vals.append(UNARY[Op.GELU].wgsl.format(f"({v})") if act == "gelu" else v)
         if "gelu" in self.acts:
             s += WGSL_HELPERS["tg_erf"] + "\n"
-        return s + (f"fn epilogue(acc: f32, i: u32) -> f32 {{\n  if (i < {self.split}u) {{ return {vals[0]}; }}\n"
-                    f"  return {vals[1]};\n}}\n")
+        body = "".join(f"  if (i < {sp}u) {{ return {vals[j]}; }}\n" for j, sp in enumerate(self.splits))
+        return s + f"fn epilogue(acc: f32, i: u32) -> f32 {{\n{body}  return {vals[-1]};\n}}\n"
+
+
+class DecodeRmsLinearsKernel(CustomKernel):
+    """Two or three projections of one RMS-normed activation row (one norm weight) in one GEMV
+    (kernels/gemv.py's rms stack): LLaMA's q, k and v. srcs: x, the weights, the norm weight
+    (when present), each part's bias (when present)."""
+    name = "gemv_rms_linears"
+
+    def __init__(self, w_dtype, Ns: tuple, K, eps, has_w: bool, has_bias: tuple, acts: tuple):
+        self.w_dtype, self.Ns, self.K, self.eps = w_dtype, tuple(Ns), K, eps
+        self.has_w, self.has_bias, self.acts = has_w, tuple(has_bias), tuple(acts)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.common import Operand
+        from .kernels.gemv import gemv
+        n = len(self.Ns)
+        x, ws, rest = operands[0], operands[1:1 + n], list(operands[1 + n:])
+        lw = rest.pop(0) if self.has_w else None
+        biases = [rest.pop(0) if h else None for h in self.has_bias]
+
+        def wop(w, N):
+            return w.buffer if self.w_dtype.is_quant else Operand(w.buffer, w.dtype, (N, self.K), (self.K, 1), w.offset)
+        splits = [sum(self.Ns[:j + 1]) for j in range(n - 1)]
+        xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
+        gemv(out, xo, wop(ws[0], self.Ns[0]), self.w_dtype, self.Ns[0], self.K,
+             _BiasActEpilogue(splits, biases, self.acts), ln=(lw, None, self.eps),
+             stack=tuple((wop(w, N), N) for w, N in zip(ws[1:], self.Ns[1:])), rms=True)
 
 
 class DecodeNormLinearsKernel(CustomKernel):

@@ -344,6 +344,68 @@ def stack_sibling_gemvs(g: Graph) -> int:
     return fired
 
 
+@rule
+def stack_sibling_rms_gemvs(g: Graph) -> int:
+    """Two or three one-row linears of one input, each after the same RMSNorm (the GEMVs
+    fold_rms_norm_into_gemv left: LLaMA's q, k and v; gate and up): ONE GEMV over the weights
+    stacked, the norm folded in once, each part's `+ bias` (and gelu) in its store; what read
+    the results reads slices of the stacked one."""
+    from .nn import DecodeLinearKernel, DecodeRmsLinearsKernel
+    groups: dict = {}
+    for n in g.nodes:
+        if _is(n, DecodeLinearKernel) and n.arg.rms and not n.arg.K2 and n is not g.root and len(n.srcs) in (2, 3):
+            (x, xv), (w, wv) = n.srcs[:2]
+            if w.buffer is None:
+                continue
+            lw = n.srcs[2] if n.arg.ln[0] else None
+            if (len(n.srcs) == 3) != bool(n.arg.ln[0]):
+                continue
+            key = (id(x), xv, n.arg.K, n.arg.w_dtype, n.arg.ln[2],
+                   (id(lw[0]), lw[1]) if lw is not None else None)
+            groups.setdefault(key, []).append(n)
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for key, nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        nodes = sorted(nodes, key=lambda n: n.seq)
+        while nodes:
+            take = None
+            for k in (3, 2):
+                part = nodes[:k]
+                if len(part) < k:
+                    continue
+                chains = [_bias_act_chain(g, gm) for gm in part]
+                if any(b is not None and (b[0].dtype is not dt.float32 or not b[1].is_contiguous)
+                       for _, b, _ in chains):
+                    continue
+                # out, x, the weights, the norm weight, the biases
+                if 2 + k + (key[5] is not None) + sum(b is not None for _, b, _ in chains) <= limit:
+                    take = (part, chains)
+                    break
+            if take is None:
+                break
+            part, chains = take
+            nodes = nodes[len(part):]
+            a = part[0]
+            K, wd, eps = a.arg.K, a.arg.w_dtype, a.arg.ln[2]
+            Ns = tuple(gm.arg.N for gm in part)
+            srcs = [a.srcs[0]] + [gm.srcs[1] for gm in part] + ([a.srcs[2]] if a.arg.ln[0] else [])
+            for _, b, _ in chains:
+                if b is not None:
+                    srcs.append((b[0], View.contiguous((b[0].numel,))))
+            kern = DecodeRmsLinearsKernel(wd, Ns, K, eps, bool(a.arg.ln[0]), tuple(b is not None for _, b, _ in chains),
+                                          tuple(act for _, _, act in chains))
+            st = Node(Op.CUSTOM, (), dt.float32, (1, sum(Ns)), arg=kern)
+            st.set_srcs(tuple(srcs))
+            off = 0
+            for (end, _, _), N in zip(chains, Ns):
+                _redirect(g, end, st, off)
+                off += N
+            fired += 1
+    return fired
+
+
 def _add_leaves(g: Graph, n: Node, v: View, out: list, top: bool) -> None:
     """The terms of a sum of same-shape tensors (x + a + b, in any grouping)."""
     if (n.op is Op.ADD and n.buffer is None and (top or (g.reads(n) == 1 and v.is_identity(n.shape)))

@@ -98,9 +98,10 @@ def test_kv_cache_is_sized_by_kv_heads(models):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
 def test_decode_step_kernels_per_layer(models, name):
     """A captured decode step of plain LLaMA / Qwen2 code: each RMSNorm folded into the GEMVs
-    that read it (fold_rms_norm_into_gemv), rope + both cache writes + grouped-query attention
-    in one kernel (fuse_decode_attention_gqa); per layer q, k, v, attention, output, gate, up,
-    down: 8 dispatches (was 16), plus input copy, embedding, head and argmax."""
+    that read it (fold_rms_norm_into_gemv), q/k/v (with Qwen2's biases) and gate/up stacked
+    (stack_sibling_rms_gemvs), rope + both cache writes + grouped-query attention in one kernel
+    (fuse_decode_attention_gqa); per layer qkv, attention, output, gate+up, silu(gate) * up,
+    down: 6 dispatches (was 16), plus input copy, embedding, head and argmax."""
     import numpy as np
     m = models(name, "q8_0")
     cache = m.new_cache(32)
@@ -110,9 +111,10 @@ def test_decode_step_kernels_per_layer(models, name):
     names = [e.name.split("[")[0] for e in log]
     L = m.config.n_layer
     assert names.count("attention_decode_gqa") == L, names
-    assert names.count("gemv_rms_q8_0") == 5 * L + 1, names      # q, k, v, gate, up; the head
+    assert names.count("gemv_rms3_q8_0") == L and names.count("gemv_rms2_q8_0") == L, names
+    assert names.count("gemv_rms_q8_0") == 1, names               # the head
     assert names.count("gemv_q8_0") == 2 * L, names              # output (+ residual), down (+ residual)
-    assert len(names) == 8 * L + 4, names
+    assert len(names) == 6 * L + 4, names
 
 
 # ----------------------------------------------------------------------------- quantized files vs NumPy

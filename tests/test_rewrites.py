@@ -417,3 +417,74 @@ def test_fuse_decode_attention_gqa_checks_the_pattern():
         with tg.debug.kernel_log() as log:
             y.numpy()
         assert "attention_decode_gqa" not in names(log), (case, names(log))
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float16, "q8_0"], ids=_kind_name)
+@pytest.mark.parametrize("n,bias", [(3, True), (3, False), (2, True)], ids=str)
+def test_stack_sibling_rms_gemvs(kind, n, bias):
+    """Two or three one-row linears after one RMSNorm (q/k/v with Qwen2's biases; gate/up): ONE
+    stacked GEMV with the norm folded once and each bias in its store; consumers (a reshape, a
+    silu, a sum of two) read its slices."""
+    K = 256
+    Ns = (128, 64, 64)[:n]
+    ws, Ws = _weights(kind, [(N, K) for N in Ns])
+    x = (rng.standard_normal((1, K)) * 2 + 1).astype(np.float32)
+    g = rng.standard_normal(K).astype(np.float32)
+    bs = [rng.standard_normal(N).astype(np.float32) if bias and j != 1 else None for j, N in enumerate(Ns)]
+    h = tg.nn.rms_norm(tg.tensor(x), tg.tensor(g), 1e-6)
+    ys = [tg.nn.linear(h, w, None if b is None else tg.tensor(b)) for w, b in zip(ws, bs)]
+    outs = [ys[0].reshape(2, 64) * 2.0, ys[1].silu()] + ([ys[2] + ys[1]] if n == 3 else [])
+    with tg.debug.kernel_log() as log:
+        tg.realize(*outs)
+        got = [o.numpy() for o in outs]
+    assert names(log).count(f"gemv_rms{n}_{_kind_name(kind)}") == 1, names(log)
+    assert not any(nm.startswith("gemv_rms_") for nm in names(log)), names(log)
+    hh = _rms(x, g)
+    r = [hh @ W.T + (0 if b is None else b) for W, b in zip(Ws, bs)]
+    wants = [r[0].reshape(2, 64) * 2.0, r[1] / (1 + np.exp(-r[1]))] + ([r[2] + r[1]] if n == 3 else [])
+    tol = 2e-3 if kind is np.float16 else 1e-4
+    for a, b in zip(got, wants):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+def test_stack_sibling_rms_gemvs_needs_one_norm():
+    """Linears after two different RMSNorm weights of one x are not stacked (each folds its own)."""
+    K, N = 128, 32
+    (w1, w2), (W1, W2) = _weights(np.float32, [(N, K), (N, K)])
+    x = rng.standard_normal((1, K)).astype(np.float32)
+    g1, g2 = rng.standard_normal((2, K)).astype(np.float32)
+    X = tg.tensor(x)
+    y = tg.nn.linear(tg.nn.rms_norm(X, tg.tensor(g1)), w1) + tg.nn.linear(tg.nn.rms_norm(X, tg.tensor(g2)), w2)
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    assert names(log).count("gemv_rms_float32") == 2, names(log)
+    want = _rms(x, g1) @ W1.T + _rms(x, g2) @ W2.T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_stack_sibling_rms_gemvs_respects_the_storage_limit():
+    """Three biased q/k/v after one RMSNorm need 9 storage buffers: at 8 the first two stack
+    (7) and the third stays its own norm-folded GEMV; at 6 none stack. Same values."""
+    K = 128
+    x = tg.tensor((rng.standard_normal((1, K)) + 1).astype(np.float32))
+    g = tg.tensor(rng.standard_normal(K).astype(np.float32))
+    ws = [tg.tensor((rng.standard_normal((n, K)) * 0.1).astype(np.float32)) for n in (64, 32, 32)]
+    bs = [tg.tensor(rng.standard_normal(n).astype(np.float32)) for n in (64, 32, 32)]
+
+    def block():
+        h = tg.nn.rms_norm(x, g)
+        return [tg.nn.linear(h, w, b) for w, b in zip(ws, bs)]
+    want = [t.numpy() for t in tg.realize(*block())]
+    old = runtime.OPTIONS.max_storage_buffers
+    for limit, expect in ((8, ["gemv_rms2_float32", "gemv_rms_float32"]), (6, ["gemv_rms_float32"] * 3)):
+        runtime.OPTIONS.max_storage_buffers = limit
+        try:
+            ys = block()
+            with tg.debug.kernel_log() as log:
+                tg.realize(*ys)
+            got = [t.numpy() for t in ys]
+        finally:
+            runtime.OPTIONS.max_storage_buffers = old
+        assert sorted(names(log)) == sorted(expect), names(log)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
