@@ -497,13 +497,14 @@ class DecodeLinearKernel(CustomKernel):
     name = "gemv"
     supports_epilogue = True
 
-    def __init__(self, w_dtype, N, K, ln=None, K2=0, w2_dtype=None, rms=False):
+    def __init__(self, w_dtype, N, K, ln=None, K2=0, w2_dtype=None, rms=False, glu=0):
         self.w_dtype, self.N, self.K, self.ln = w_dtype, N, K, ln   # ln: (has_w, has_b, eps)
         self.K2 = K2        # > 0: a second (x2 [K2], w2 [N, K2]) pair summed into the same rows
         self.w2_dtype = w2_dtype or w_dtype
         self.rms = rms      # ln is LLaMA's RMSNorm (has_b False): x / sqrt(mean(x^2) + eps) * ln_w
         if rms:
             self.name = "gemv_rms"
+        self.glu = glu      # > 0: the row is silu(x[k]) * x[k + glu] (kernels/gemv.py's glu)
 
     def _w(self, w, K):
         from .kernels.common import Operand
@@ -528,7 +529,7 @@ class DecodeLinearKernel(CustomKernel):
             lb = rest.pop(0) if has_b else None
             ln = (lw, lb, eps)
         xo = Operand(x.buffer, x.dtype, (1, self.K), (self.K, 1), x.offset)
-        gemv(out, xo, self._w(w, self.K), self.w_dtype, self.N, self.K, epilogue, ln, rms=self.rms)
+        gemv(out, xo, self._w(w, self.K), self.w_dtype, self.N, self.K, epilogue, ln, rms=self.rms, glu=self.glu)
 
 
 def _flat_row_ok(v: View, K: int) -> bool:

@@ -162,7 +162,7 @@ def fold_norm_into_gemv(g: Graph) -> int:
     from .nn import DecodeLinearKernel, LayerNormKernel
     fired = 0
     for n in g.nodes:
-        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2):
+        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2 and not n.arg.glu):
             continue
         x, xv = n.srcs[0]
         if not (_is(x, LayerNormKernel) and _row_view(xv, x) and x.numel == n.arg.K):
@@ -252,7 +252,8 @@ def fold_rms_norm_into_gemv(g: Graph) -> int:
     from .nn import DecodeLinearKernel
     fired = 0
     for n in g.nodes:
-        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2 and not n.arg.rms):
+        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2 and not n.arg.rms
+                and not n.arg.glu):
             continue
         x, xv = n.srcs[0]
         m = _match_rms_norm(x, xv, n.arg.K)
@@ -406,6 +407,39 @@ def stack_sibling_rms_gemvs(g: Graph) -> int:
     return fired
 
 
+@rule
+def fold_glu_into_gemv(g: Graph) -> int:
+    """silu(gate) * up read by a one-row linear, gate and up two slices of one row (the stacked
+    gate/up GEMV stack_sibling_rms_gemvs made: LLaMA's SwiGLU): the GEMV computes its row as it
+    loads it, so the product is no kernel of its own."""
+    from .nn import DecodeLinearKernel
+    fired = 0
+    for n in g.nodes:
+        if not (_is(n, DecodeLinearKernel) and n.arg.ln is None and not n.arg.K2 and not n.arg.rms
+                and not n.arg.glu):
+            continue
+        K = n.arg.K
+        m, mv = n.srcs[0]
+        if not (m.op is Op.MUL and m.buffer is None and m.dtype is dt.float32 and m.shape == (1, K)
+                and _row_view(mv, m) and len(m.srcs) == 2):
+            continue
+        for (sl, slv), (b, bv) in (m.srcs, m.srcs[::-1]):
+            if not (sl.op is Op.SILU and sl.buffer is None and sl.dtype is dt.float32 and sl.shape == (1, K)
+                    and slv.is_identity((1, K))):
+                continue
+            a, av = sl.srcs[0]
+            if not (a is b and a.dtype is dt.float32 and _flat_row(av, K) and _flat_row(bv, K)):
+                continue
+            d = bv.offset - av.offset
+            if d <= 0 or d % 4 or a.numel < bv.offset + K:
+                continue
+            n.arg = DecodeLinearKernel(n.arg.w_dtype, n.arg.N, K, glu=d)
+            n.set_srcs(((a, View((1, K), (K, 1), av.offset)), n.srcs[1]))
+            fired += 1
+            break
+    return fired
+
+
 def _add_leaves(g: Graph, n: Node, v: View, out: list, top: bool) -> None:
     """The terms of a sum of same-shape tensors (x + a + b, in any grouping)."""
     if (n.op is Op.ADD and n.buffer is None and (top or (g.reads(n) == 1 and v.is_identity(n.shape)))
@@ -431,7 +465,7 @@ def pair_gemvs_in_sum(g: Graph) -> int:
         leaves: list = []
         _add_leaves(g, n, View.contiguous(n.shape), leaves, True)
         gemvs = [(m, v) for m, v in leaves
-                 if _is(m, DecodeLinearKernel) and m.arg.ln is None and not m.arg.K2 and g.reads(m) == 1
+                 if _is(m, DecodeLinearKernel) and m.arg.ln is None and not m.arg.K2 and not m.arg.glu and g.reads(m) == 1
                  and v.shape == n.shape and _row_view(v, m) and m.numel == n.numel]
         if len(gemvs) < 2:
             continue

@@ -333,3 +333,32 @@ def test_rms_stack_of_two_or_three(paths, wdt, Ns):
     got = read_f32(out, NT)
     err = np.abs(got - want).max() / np.abs(want).max()
     assert err < 2e-5, err
+
+
+@pytest.mark.parametrize("wdt", ["f16", "f32", "q8_0", "q4_k"])
+@pytest.mark.parametrize("K,d,off", [(256, 256, 0), (768, 768, 8), (512, 520, 4)], ids=str)
+def test_glu_row(paths, wdt, K, d, off):
+    """glu=d: the row is silu(x[k]) * x[k + d] (SwiGLU's gate and up halves of one buffer)."""
+    N = 19
+    xs = (rng.standard_normal(off + d + K) * 2).astype(np.float32)
+    if wdt in ("f16", "f32"):
+        W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
+        wb = Base(W)
+        w, wd, Wf = wb.whole(), wb.dtype, W.astype(np.float64)
+    else:
+        wd = dtypes.as_dtype(wdt)
+        raw, Wf = qweights(wd, N, K)
+        w = runtime.upload(raw)
+    xb = Base(xs)
+    out = runtime.Buffer(4 * N)
+    with debug.kernel_log() as log:
+        gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), off), w, wd, N, K, glu=d)
+    assert [e.name.split("[")[0] for e in log] == [f"gemv_glu_{wd.name}"]
+    a, b = xs[off:off + K].astype(np.float64), xs[off + d:off + d + K].astype(np.float64)
+    want = Wf @ (a / (1 + np.exp(-a)) * b)
+    err = np.abs(read_f32(out, N) - want).max() / np.abs(want).max()
+    assert err < 2e-5, err
+    with pytest.raises(ValueError, match="glu"):
+        gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), off), w, wd, N, K, glu=d + 2)
+    with pytest.raises(ValueError, match="glu"):
+        gemv(out, Operand(xb.buf, xb.dtype, (1, K), (K, 1), off), w, wd, N, K, glu=d + K)

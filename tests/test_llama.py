@@ -100,8 +100,9 @@ def test_decode_step_kernels_per_layer(models, name):
     """A captured decode step of plain LLaMA / Qwen2 code: each RMSNorm folded into the GEMVs
     that read it (fold_rms_norm_into_gemv), q/k/v (with Qwen2's biases) and gate/up stacked
     (stack_sibling_rms_gemvs), rope + both cache writes + grouped-query attention in one kernel
-    (fuse_decode_attention_gqa); per layer qkv, attention, output, gate+up, silu(gate) * up,
-    down: 6 dispatches (was 16), plus input copy, embedding, head and argmax."""
+    (fuse_decode_attention_gqa), silu(gate) * up computed as the down projection loads its row
+    (fold_glu_into_gemv); per layer qkv, attention, output, gate+up, down: 5 dispatches (was 16),
+    plus input copy, embedding, head and argmax."""
     import numpy as np
     m = models(name, "q8_0")
     cache = m.new_cache(32)
@@ -113,8 +114,9 @@ def test_decode_step_kernels_per_layer(models, name):
     assert names.count("attention_decode_gqa") == L, names
     assert names.count("gemv_rms3_q8_0") == L and names.count("gemv_rms2_q8_0") == L, names
     assert names.count("gemv_rms_q8_0") == 1, names               # the head
-    assert names.count("gemv_q8_0") == 2 * L, names              # output (+ residual), down (+ residual)
-    assert len(names) == 6 * L + 4, names
+    assert names.count("gemv_q8_0") == L, names                  # output (+ residual)
+    assert names.count("gemv_glu_q8_0") == L, names              # down (+ residual)
+    assert len(names) == 5 * L + 4, names
 
 
 # ----------------------------------------------------------------------------- quantized files vs NumPy

@@ -488,3 +488,51 @@ def test_stack_sibling_rms_gemvs_respects_the_storage_limit():
         assert sorted(names(log)) == sorted(expect), names(log)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [np.float32, "q8_0"], ids=_kind_name)
+def test_fold_glu_into_gemv(kind):
+    """LLaMA's MLP in plain code, one row: gate/up after one RMSNorm stack into one GEMV, and
+    silu(gate) * up is computed by the down projection as it loads its row (with the residual
+    in its store): two kernels."""
+    C, F = 256, 512
+    (wg, wu, wd), (Wg, Wu, Wd) = _weights(kind, [(F, C), (F, C), (C, F)])
+    x = (rng.standard_normal((1, C))).astype(np.float32)
+    g = rng.standard_normal(C).astype(np.float32)
+    X = tg.tensor(x)
+    h = tg.nn.rms_norm(X, tg.tensor(g), 1e-6)
+    y = X + tg.nn.linear(tg.nn.linear(h, wg).silu() * tg.nn.linear(h, wu), wd)
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    k = _kind_name(kind)
+    assert names(log) == [f"gemv_rms2_{k}", f"gemv_glu_{k}"], names(log)
+    hh = _rms(x, g)
+    a, b = hh @ Wg.T, hh @ Wu.T
+    want = x + (a / (1 + np.exp(-a)) * b) @ Wd.T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_fold_glu_checks_the_pattern():
+    """silu(up) * gate (the halves the other way round), silu of one row times another tensor, and
+    gelu instead of silu keep their elementwise kernel; values as NumPy says."""
+    C, F = 128, 256
+    (wg, wu, wd), (Wg, Wu, Wd) = _weights(np.float32, [(F, C), (F, C), (C, F)])
+    x = rng.standard_normal((1, C)).astype(np.float32)
+    z = rng.standard_normal((1, F)).astype(np.float32)
+    hh = _rms(x, 1)
+    a, b = hh @ Wg.T, hh @ Wu.T
+    silu = lambda t: t / (1 + np.exp(-t))   # noqa: E731
+    for case in ("swapped", "other", "gelu"):
+        h = tg.nn.rms_norm(tg.tensor(x))
+        ga, up = tg.nn.linear(h, wg), tg.nn.linear(h, wu)
+        if case == "swapped":
+            m, want = up.silu() * ga, silu(b) * a
+        elif case == "other":
+            m, want = ga.silu() * tg.tensor(z), silu(a) * z
+        else:
+            m, want = ga.gelu() * up, _gelu(a) * b
+        with tg.debug.kernel_log() as log:
+            got = tg.nn.linear(m, wd).numpy()
+        assert not any(nm.startswith("gemv_glu") for nm in names(log)), (case, names(log))
+        want = want @ Wd.T
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -90,15 +90,15 @@ def _config(w_dtype, K: int, ln: bool = False) -> tuple:
 
 def gemv(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
          ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None,
-         stack: Optional[tuple] = None, rms: bool = False) -> None:
+         stack: Optional[tuple] = None, rms: bool = False, glu: int = 0) -> None:
     """Queue the GEMV that `plan` describes (see there)."""
-    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair, stack, rms)
+    name, src, binds, grid, _ = plan(out, x, w, w_dtype, N, K, epilogue, ln, out_offset, pair, stack, rms, glu)
     runtime.dispatch(name, src, binds, grid)
 
 
 def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epilogue=None,
          ln: Optional[tuple] = None, out_offset: int = 0, pair: Optional[tuple] = None,
-         stack: Optional[tuple] = None, rms: bool = False) -> tuple:
+         stack: Optional[tuple] = None, rms: bool = False, glu: int = 0) -> tuple:
     """The dispatch of out[out_offset + n] = epilogue(sum_k h[k] W[n, k], n) for n < N, h = x or, with
     ln = (ln_w, ln_b, eps) (Operands [K] or None), the layer norm of x (biased variance, like
     torch) times ln_w plus ln_b. w: Operand [N, K] (f16/f32, contiguous rows) or a Buffer of
@@ -130,7 +130,11 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     the row's sum of squares rides along in the final reduction and scales the dot products, with
     no weight-derived constants at all. Not with pair. With rms, stack = ((w2, N2), ...): one or
     two more weights of the same x and the same norm (LLaMA's q, k and v projections) stacked
-    under the first: out[N1 + ...] are their rows, in order."""
+    under the first: out[N1 + ...] are their rows, in order.
+
+    glu = d > 0: the row is h[k] = silu(x[k]) * x[k + d] (SwiGLU: the gate and up halves of one
+    stacked output, d elements apart in x's buffer), computed as x is loaded. d % 4 == 0; not
+    with ln, pair or stack."""
     w_dtype = dtypes.as_dtype(w_dtype)
     N, K = int(N), int(K)
     ep = epilogue if epilogue is not None else NoEpilogue()
@@ -141,6 +145,10 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     wbuf = w.buffer if isinstance(w, Operand) else w
     if rms and (ln is None or ln[1] is not None or pair is not None):
         raise ValueError("gemv: rms needs ln = (ln_w or None, None, eps), without pair")
+    glu = int(glu)
+    if glu and (glu < 0 or glu % 4 or ln is not None or pair is not None or stack is not None
+                or x.buffer.nbytes < x.dtype.itemsize * (int(x.offset) + glu + K)):
+        raise ValueError(f"gemv: glu {glu} needs d % 4 == 0, x's buffer holding x[k + d], no ln, pair or stack")
     extra = []    # the stacked weights after the first: (w, N)
     if stack is not None and rms:
         if not (isinstance(stack, tuple) and 1 <= len(stack) <= 2 and all(isinstance(p, tuple) and len(p) == 2 for p in stack)):
@@ -195,8 +203,8 @@ def plan(out: Buffer, x: Operand, w, w_dtype: dtypes.DType, N: int, K: int, epil
     else:
         bc = _ln_constants(w, w_dtype, N, K, ln[0], ln[1]) if ln and not rms else None
     src, grid, binds = _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, int(out_offset), pair, stack,
-                               rms)
-    kind = f"_rms{len(extra) + 1}" if stack and rms else "_ln2" if stack else "_rms" if rms else "_ln" if ln else "2" if pair else ""
+                               rms, glu)
+    kind = "_glu" if glu else f"_rms{len(extra) + 1}" if stack and rms else "_ln2" if stack else "_rms" if rms else "_ln" if ln else "2" if pair else ""
     types = w_dtype.name + (f"+{w2_dtype.name}" if w2_dtype is not w_dtype else "")
     return (f"gemv{kind}_{types}[{N}x{Kc}]", src, binds, grid,
             {"kernel": "gemv.py", "threads": T, "rows": R, "elements_per_item": per})
@@ -297,7 +305,8 @@ class _Seg:
     raw: bool = False    # loads split off the decode (a _RAW row)
 
 
-def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None, stack=None, rms=False):
+def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_off, pair=None, stack=None, rms=False,
+            glu=0):
     dev = runtime.get_device()
     sub = dev.has_subgroups
     quant = w_dtype not in (dtypes.float16, dtypes.float32)
@@ -368,6 +377,10 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         if w_dtype is dtypes.float16:
             s.append("fn up4(w: vec2<u32>) -> vec4<f32> { return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y)); }\n")
     s.append(ep_text)
+    if glu:
+        from ..ops import UNARY, Op
+        s.append(f"fn glu4(i: u32) -> vec4<f32> {{\n  let a = xv_at4(i);\n"
+                 f"  return {UNARY[Op.SILU].wgsl.format('a')} * xv_at4(i + {_u(glu)});\n}}\n")
     if ln:
         s.append(f"const INV_K: f32 = 1.0f / {K}.0f;\nconst EPS: f32 = {f32_lit(ln[2])};\n")
     NV = R + (2 if ln else 0)                       # values reduced across the workgroup
@@ -452,7 +465,8 @@ def _source(out, x, w, wbuf, w_dtype, N, K, ep, ln, bc, items, per, T, R, out_of
         for it in its:
             sg = seg_of[it]
             for j, o in enumerate(sg.fmt.offs if sg.fmt else float_offs):
-                xe = f"{sg.xname}_at4({_u(int(sg.x.offset))} + e{it} + {o}u)" if TUNING.get("probe") != 2 else "vec4<f32>(1.0)"
+                xe = f"{'glu4' if glu else sg.xname + '_at4'}({_u(int(sg.x.offset))} + e{it} + {o}u)" \
+                    if TUNING.get("probe") != 2 else "vec4<f32>(1.0)"
                 s.append(f"    var x{it}_{j} = {xe};\n")
                 if ln and (lnw is not None or lnw2 is not None):
                     s.append(_norm_weight4(f"gw{it}_{j}", f"e{it} + {o}u", lnw, ln[0], lnw2, stack[1] if stack else None,
