@@ -457,8 +457,9 @@ class RopeAttentionDecodeKernel(CustomKernel):
     name = "attention_decode"
 
     def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox", step=None,
-                 n_kv_heads=None):
+                 n_kv_heads=None, freq_factors=None):
         self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
+        self.freq_factors = freq_factors
         self.mode = mode
         # step = (position, key length): ints (step variables under tg.capture) passed as kernel
         # parameters; srcs are then (qkv, k_cache, v_cache). Without it, both are int32 [1] srcs.
@@ -478,7 +479,7 @@ class RopeAttentionDecodeKernel(CustomKernel):
             q, kx, vx, kc, vc = operands
             pos, kvl = self.step
             k(out, kc.buffer, vc.buffer, q, pos, kvl, H, D, rot, max_ctx, base, cache_dtype, scale, mode=self.mode,
-              k=kx, v=vx, n_kv_heads=self.n_kv_heads)
+              k=kx, v=vx, n_kv_heads=self.n_kv_heads, freq_factors=self.freq_factors)
             return
         if self.step is not None:
             qkv, kc, vc = operands

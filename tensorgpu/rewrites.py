@@ -557,7 +557,8 @@ def fuse_decode_attention_gqa(g: Graph) -> int:
         if not rope_attention_decode_supported(probe, H, D, cache_dtype):
             continue
         n.arg = RopeAttentionDecodeKernel(H, D, m["rot"], m["max_ctx"], m["base"], cache_dtype, n.arg.scale,
-                                          mode=m["mode"], step=(m["start"], L), n_kv_heads=m["Hkv"])
+                                          mode=m["mode"], step=(m["start"], L), n_kv_heads=m["Hkv"],
+                                          freq_factors=m["ff"])
         kbase, vbase = m["kbase"], m["vbase"]
         n.set_srcs((m["q"], m["k"], m["v"], (kbase, View.contiguous(kbase.shape)),
                     (vbase, View.contiguous(vbase.shape))))
@@ -573,8 +574,9 @@ def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
     Returns the q / k / v (node, [1, heads, D] view) and the rest; None when the graph is not that."""
     from .nn import RopeKernel
     from .tensor import arange_start
+    import numpy as np
     if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
-            and va.buffer is None and q.arg.freq_factors is None):
+            and va.buffer is None):
         return None
     if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3 and ka.shape[2] == D
             and va.shape == ka.shape):
@@ -593,7 +595,9 @@ def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
     if start is None:
         return None
     kw, kwv = ka.srcs[1]
-    if not (_is(kw, RopeKernel) and kw.arg.args == (1, Hkv, D, rot, base, mode) and kw.arg.freq_factors is None
+    ff, kff = q.arg.freq_factors, kw.arg.freq_factors if _is(kw, RopeKernel) else None
+    if not (_is(kw, RopeKernel) and kw.arg.args == (1, Hkv, D, rot, base, mode)
+            and (ff is None) == (kff is None) and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))
             and kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]):
         return None
     for a in (ka, va):
@@ -621,7 +625,7 @@ def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
     if kbase.shape != ka.shape or vbase.shape != va.shape:
         return None
     return dict(q=(qx, qxv), k=(kx, kxv), v=(vw, vrow), start=start, kbase=kbase, vbase=vbase, rot=rot, base=base,
-                mode=mode, max_ctx=max_ctx, Hkv=Hkv)
+                mode=mode, max_ctx=max_ctx, Hkv=Hkv, ff=ff)
 
 
 def _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D):

@@ -332,10 +332,17 @@ def test_fold_rms_norm_checks_the_pattern():
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
 
 
-def _np_rope_mode(x, p, rot, mode, base=10000.0):
-    if mode == "neox":
+def _np_rope_mode(x, p, rot, mode, base=10000.0, ff=None):
+    if mode == "neox" and ff is None:
         return _np_rope(x, p, rot, base)
-    inv = base ** (-np.arange(rot // 2) * 2.0 / rot)
+    inv = base ** (-np.arange(rot // 2) * 2.0 / rot) / (1 if ff is None else ff)
+    if mode == "neox":
+        half = rot // 2
+        out = x.astype(np.float64).copy()
+        a, b = x[..., :half], x[..., half:rot]
+        out[..., :half] = a * np.cos(p * inv) - b * np.sin(p * inv)
+        out[..., half:rot] = b * np.cos(p * inv) + a * np.sin(p * inv)
+        return out
     ang = p * inv
     out = x.astype(np.float64).copy()
     a, b = x[..., 0:rot:2], x[..., 1:rot:2]
@@ -347,16 +354,19 @@ def _np_rope_mode(x, p, rot, mode, base=10000.0):
 @pytest.mark.parametrize("mode", ["normal", "neox"])
 @pytest.mark.parametrize("Hkv,bias,cache_dtype", [(2, False, tg.float16), (1, True, tg.float32), (4, True, tg.float16)],
                          ids=str)
-def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype):
+@pytest.mark.parametrize("with_ff", [False, True], ids=["", "freq_factors"])
+def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype, with_ff):
     """LLaMA-style plain code for one token (separate q/k/v linears with or without biases, rope
-    in either mode, fewer KV heads, slice-assignment cache writes, grouped-query attention), under
-    tg.capture with the position a step variable: the q/k/v GEMVs and ONE attention kernel; the
-    values and both caches as NumPy says."""
+    in either mode, with Llama 3.1's frequency factors or without, fewer KV heads,
+    slice-assignment cache writes, grouped-query attention), under tg.capture with the position
+    a step variable: the q/k/v GEMVs and ONE attention kernel; the values and both caches as
+    NumPy says."""
     H, D, rot, max_ctx, C = 4, 32, 16, 16, 128
     (wq, wk, wv), (Wq, Wk, Wv) = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
     bq, bk, bv = (rng.standard_normal(n).astype(np.float32) for n in (H * D, Hkv * D, Hkv * D))
     ck = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
     cv = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+    ff = (1 + 7 * rng.random(rot // 2)).astype(np.float32) if with_ff else None
 
     def step(x, pos):
         B = (tg.tensor(bq), tg.tensor(bk), tg.tensor(bv)) if bias else (None, None, None)
@@ -364,7 +374,8 @@ def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype):
         k = tg.nn.linear(x, wk, B[1]).reshape(1, Hkv, D)
         v = tg.nn.linear(x, wv, B[2]).reshape(1, Hkv, D)
         positions = tg.arange(pos, pos + 1)
-        q, k = tg.nn.rope(q, positions, rot, mode=mode), tg.nn.rope(k, positions, rot, mode=mode)
+        q = tg.nn.rope(q, positions, rot, mode=mode, freq_factors=ff)
+        k = tg.nn.rope(k, positions, rot, mode=mode, freq_factors=ff)
         ck[:, pos:pos + 1] = k.transpose(0, 1)
         cv[:, pos:pos + 1] = v.transpose(0, 1)
         return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
@@ -382,8 +393,8 @@ def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype):
         q = (x @ Wq.T + (bq if bias else 0)).reshape(H, D)
         k = (x @ Wk.T + (bk if bias else 0)).reshape(Hkv, D)
         v = (x @ Wv.T + (bv if bias else 0)).reshape(Hkv, D)
-        K[:, pos], V[:, pos] = _np_rope_mode(k, pos, rot, mode), v
-        qr = _np_rope_mode(q, pos, rot, mode)
+        K[:, pos], V[:, pos] = _np_rope_mode(k, pos, rot, mode, ff=ff), v
+        qr = _np_rope_mode(q, pos, rot, mode, ff=ff)
         Kr, Vr = np.repeat(K[:, :pos + 1], G, 0), np.repeat(V[:, :pos + 1], G, 0)
         s = np.einsum("hd,hkd->hk", qr, Kr) / np.sqrt(D)
         p = np.exp(s - s.max(-1, keepdims=True))
@@ -396,11 +407,11 @@ def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype):
 
 
 def test_fuse_decode_attention_gqa_checks_the_pattern():
-    """Near misses keep their kernels (and their values): k roped at other positions than q, a
-    cache row other than the rope position."""
+    """Near misses keep their kernels: k roped at other positions than q, a cache row other than
+    the rope position, k roped with frequency factors q is not."""
     H, Hkv, D, rot, max_ctx, C = 4, 2, 16, 16, 8, 64
     (wq, wk, wv), _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
-    for case in ("k_positions", "row"):
+    for case in ("k_positions", "row", "k_ff"):
         ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
         cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
         x = tg.tensor(rng.standard_normal((1, C)).astype(np.float32))
@@ -409,7 +420,8 @@ def test_fuse_decode_attention_gqa_checks_the_pattern():
         k = tg.nn.linear(x, wk).reshape(1, Hkv, D)
         v = tg.nn.linear(x, wv).reshape(1, Hkv, D)
         q = tg.nn.rope(q, tg.arange(pos, pos + 1), rot)
-        k = tg.nn.rope(k, tg.arange(pos + 1 if case == "k_positions" else pos, pos + 2 if case == "k_positions" else pos + 1), rot)
+        kp = tg.arange(pos + 1, pos + 2) if case == "k_positions" else tg.arange(pos, pos + 1)
+        k = tg.nn.rope(k, kp, rot, freq_factors=np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None)
         w = pos + 1 if case == "row" else pos
         ck[:, w:w + 1] = k.transpose(0, 1)
         cv[:, w:w + 1] = v.transpose(0, 1)

@@ -794,7 +794,7 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
                           kv_len: Buffer, n_heads: int, head_dim: int, rot_dims: int, max_ctx: int,
                           base: float = 10000.0, cache_dtype=None, scale: Optional[float] = None,
                           mode: str = "neox", k: Optional[Operand] = None, v: Optional[Operand] = None,
-                          n_kv_heads: Optional[int] = None) -> None:
+                          n_kv_heads: Optional[int] = None, freq_factors=None) -> None:
     """One decode token's attention in ONE dispatch: for every head h,
         q = rope(qkv[0, 0, h]); k_cache[h, pos] = rope(qkv[0, 1, h]); v_cache[h, pos] = qkv[0, 2, h]
         out[0, h, :] = softmax(scale * q . k_cache[h, :kv_len]) @ v_cache[h, :kv_len]
@@ -815,7 +815,9 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
     head_dim], k and v are [1, n_kv_heads, head_dim] (any strides), the caches [n_kv_heads,
     max_ctx, head_dim]; query head h reads KV head h // (n_heads / n_kv_heads) (grouped-query
     attention). Every query head of a group ropes the new key itself (it uses it from registers);
-    only the group's first head stores the row."""
+    only the group's first head stores the row.
+
+    freq_factors: float32 [rot_dims/2] (Llama 3.1's rope_freqs, linear scaling), as `rope` takes."""
     from .. import dtypes
     from .rope import _check_common, _rope_wgsl
     fn = "rope_attention_decode"
@@ -861,7 +863,7 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
             if op.buffer in (out, k_cache, v_cache):
                 raise ValueError(f"{fn}: {name} shares a buffer with an output")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale, sep)
+    src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale, sep, freq_factors)
     scratch = _decode_scratch(H, NS, D)
     name = f"attention_decode[{H}x{max_ctx}x{D}]" if sep is None else f"attention_decode_gqa[{H}x{sep[2]}x{max_ctx}x{D}]"
     kv_in = [] if sep is None else [(sep[0].buffer, "read"), (sep[1].buffer, "read")]
@@ -921,7 +923,7 @@ def _conv(ctype: str, w: str) -> str:
 
 
 def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
-                   cache_dtype, scale: float, sep=None) -> tuple:
+                   cache_dtype, scale: float, sep=None, freq_factors=None) -> tuple:
     from .. import dtypes
     from .rope import _rope_val_wgsl, _rope_wgsl
     dev = get_device()
@@ -979,7 +981,7 @@ def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: f
 @group(0) @binding(4) var<storage, read_write> vc: array<{ctype}>;
 @group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read_write> scr: array<atomic<u32>>;
-{_rope_wgsl(rot, base, mode)}
+{_rope_wgsl(rot, base, mode, freq_factors)}
 {seg_reduce("red_max", "max", WG, WG, sub, NEG_INF)}
 {seg_reduce("red_sum", "+", WG, WG, sub, "0.0")}
 const SCALE_LOG2E: f32 = {f32_lit(scale * math.log2(math.e))};
