@@ -597,8 +597,10 @@ def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
     kw, kwv = ka.srcs[1]
     ff, kff = q.arg.freq_factors, kw.arg.freq_factors if _is(kw, RopeKernel) else None
     if not (_is(kw, RopeKernel) and kw.arg.args == (1, Hkv, D, rot, base, mode)
-            and (ff is None) == (kff is None) and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))
-            and kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]):
+            and (ff is None) == (kff is None) and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))):
+        return None
+    kstart = arange_start(*kw.srcs[1])     # k's positions: the same arange, or one with the same start
+    if not (kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]) and (kstart is None or not _same(kstart, start)):
         return None
     for a in (ka, va):
         t = a.arg

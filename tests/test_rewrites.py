@@ -548,3 +548,32 @@ def test_fold_glu_checks_the_pattern():
         assert not any(nm.startswith("gemv_glu") for nm in names(log)), (case, names(log))
         want = want @ Wd.T
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_fuse_decode_attention_gqa_respects_the_storage_limit():
+    """The fused kernel binds 7 storage buffers (q, k, v, both caches, out, scratch): at 6 the
+    rope, cache-write and attention kernels stay, with the same values."""
+    H, Hkv, D, rot, max_ctx, C = 4, 2, 16, 16, 8, 64
+    (wq, wk, wv), _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    x = tg.tensor(rng.standard_normal((1, C)).astype(np.float32))
+    outs = []
+    for limit in (None, 6):
+        ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        pos = 3
+        q = tg.nn.rope(tg.nn.linear(x, wq).reshape(1, H, D), tg.arange(pos, pos + 1), rot, mode="normal")
+        k = tg.nn.rope(tg.nn.linear(x, wk).reshape(1, Hkv, D), tg.arange(pos, pos + 1), rot, mode="normal")
+        ck[:, pos:pos + 1] = k.transpose(0, 1)
+        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).transpose(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        old = runtime.OPTIONS.max_storage_buffers
+        if limit:
+            runtime.OPTIONS.max_storage_buffers = limit
+        try:
+            with tg.debug.kernel_log() as log:
+                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+        finally:
+            runtime.OPTIONS.max_storage_buffers = old
+        assert ("attention_decode_gqa" in names(log)) == (limit is None), names(log)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
