@@ -256,6 +256,10 @@ class _Pool:
                 released += size
             if not lst:
                 del self.free[size]
+        # the count from the lists themselves: a Buffer finalized while a pool call was under way
+        # (the garbage collector runs finalizers at any allocation, in any thread) can leave the
+        # running count off, and a phantom count would keep free bytes above the high-water mark
+        self.free_bytes = sum(size * len(lst) for size, lst in self.free.items())
         if gone:
             for k in [k for k in _bind_groups if not gone.isdisjoint(k[1])]:
                 del _bind_groups[k]

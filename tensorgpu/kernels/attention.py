@@ -907,8 +907,11 @@ def _decode_scratch(H: int, NS: int, D: int) -> Buffer:
     buf = _scratch.get(key)
     if buf is None:
         import numpy as np
-        buf = Buffer(n)
-        write(buf, np.zeros(n // 4, np.uint32))
+
+        from ..runtime import untraced
+        with untraced():     # kept for the process: from the pool, never from a capture's arena
+            buf = Buffer(n)
+            write(buf, np.zeros(n // 4, np.uint32))
         _scratch[key] = buf
     return buf
 
