@@ -491,6 +491,16 @@ def pair_gemvs_in_sum(g: Graph) -> int:
     return fired
 
 
+def _one_token_attentions(g: Graph):
+    """(node, q, k, v sources, heads, head size, key length) of every unrealized causal
+    attention of one query over a cache prefix: what the decode-attention rules look at."""
+    from .nn import AttentionKernel
+    for n in g.nodes:
+        if (_is(n, AttentionKernel) and n.arg.kv_len_runtime is not None and n.arg.causal
+                and n.arg.out_layout == "bsd" and len(n.srcs) == 3 and n.shape[1] == 1):
+            yield (n,) + tuple(n.srcs) + (n.shape[0], n.shape[2], n.arg.kv_len_runtime)
+
+
 @rule
 def fuse_decode_attention(g: Graph) -> int:
     """One query token: q = rope(qkv[:, 0]), cache_k[:, pos] = rope(qkv[:, 1]),
@@ -499,17 +509,9 @@ def fuse_decode_attention(g: Graph) -> int:
     fused projection."""
     from .kernels.attention import rope_attention_decode_supported
     from .kernels.common import Operand
-    from .nn import AttentionKernel, RopeAttentionDecodeKernel
+    from .nn import RopeAttentionDecodeKernel
     fired = 0
-    for n in g.nodes:
-        if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is not None and n.arg.causal
-                and n.arg.out_layout == "bsd" and len(n.srcs) == 3):
-            continue
-        (q, qv), (ka, kav), (va, vav) = n.srcs
-        H, sq, D = n.shape
-        if sq != 1:
-            continue
-        L = n.arg.kv_len_runtime
+    for n, (q, qv), (ka, kav), (va, vav), H, D, L in _one_token_attentions(g):
         m = _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D)
         if m is None or m["T"] != 1 or not _same(m["start"], L - 1):
             continue
@@ -536,19 +538,11 @@ def fuse_decode_attention_gqa(g: Graph) -> int:
     is ONE kernel, either rope mode ("normal" adjacent pairs or "neox")."""
     from .kernels.attention import rope_attention_decode_supported
     from .kernels.common import Operand
-    from .nn import AttentionKernel, RopeAttentionDecodeKernel
+    from .nn import RopeAttentionDecodeKernel
     fired = 0
     if get_device().max_storage_buffers < 7:     # q, k, v, both caches, out, scratch
         return 0
-    for n in g.nodes:
-        if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is not None and n.arg.causal
-                and n.arg.out_layout == "bsd" and len(n.srcs) == 3):
-            continue
-        (q, qv), (ka, kav), (va, vav) = n.srcs
-        H, sq, D = n.shape
-        if sq != 1:
-            continue
-        L = n.arg.kv_len_runtime
+    for n, (q, qv), (ka, kav), (va, vav), H, D, L in _one_token_attentions(g):
         m = _match_decode_sep(q, qv, ka, kav, va, vav, H, D)
         if m is None or not _same(m["start"], L - 1):
             continue
