@@ -140,6 +140,18 @@ def _read_torch_index(path: Path) -> list[_Source]:
     return out
 
 
+def check_source_shapes(sources: dict, expected: dict, hf_dir, what: str) -> None:
+    """No tensor beyond `expected` (GGUF name -> shape), and every one of its shape; errors name
+    the file and the tensor (`what` says what the checkpoint should be, e.g. "24-layer model")."""
+    extra = [sources[n].name for n in sources if n not in expected]
+    if extra:
+        raise ValueError(f"{hf_dir}: tensor {extra[0]!r} does not fit a {what}")
+    for n, shape in expected.items():
+        if sources[n].shape != shape:
+            raise ValueError(f"{sources[n].file}: tensor {sources[n].name!r} has shape {sources[n].shape}, "
+                             f"config.json implies {shape}")
+
+
 def collect_sources(hf_dir, is_skipped, to_gguf, what: str) -> dict:
     """GGUF name -> _Source of every parameter in the checkpoint's files (buffers that
     `is_skipped` names are left out). A tensor `to_gguf` has no name for, or one seen twice, is
@@ -384,13 +396,7 @@ def convert(
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise ValueError(f"{hf_dir}: checkpoint is missing tensor(s) {', '.join(missing[:3])}{more}")
-    extra = [sources[n].name for n in sources if n not in expected]
-    if extra:
-        raise ValueError(f"{hf_dir}: tensor {extra[0]!r} does not fit a {hp.n_layer}-layer model")
-    for n, shape in expected.items():
-        if sources[n].shape != shape:
-            raise ValueError(f"{sources[n].file}: tensor {sources[n].name!r} has shape {sources[n].shape}, "
-                             f"config.json implies {shape}")
+    check_source_shapes(sources, expected, hf_dir, f"{hp.n_layer}-layer model")
 
     special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=len(tokens))
     if not special.merges:

@@ -166,7 +166,7 @@ def convert_llama(hf_dir, out_path, out_type: str = "f16", progress: bool = True
     name and renamed at the end."""
     import gguf
 
-    from .convert import OUT_TYPES, _load_json, _nbytes, _tensor_qtype, collect_sources
+    from .convert import OUT_TYPES, _load_json, _nbytes, _tensor_qtype, check_source_shapes, collect_sources
     hf_dir, out_path = Path(hf_dir), Path(out_path)
     config = _load_json(hf_dir / "config.json", "model config")
     hp = _hparams(config, hf_dir / "config.json")
@@ -179,13 +179,7 @@ def convert_llama(hf_dir, out_path, out_type: str = "f16", progress: bool = True
     if missing:
         raise ValueError(f"{hf_dir}: checkpoint is missing tensor(s) for {', '.join(missing[:3])}"
                          f"{' and more' if len(missing) > 3 else ''}")
-    extra = [sources[n].name for n in sources if n not in expected]
-    if extra:
-        raise ValueError(f"{hf_dir}: tensor {extra[0]!r} does not fit a {hp['n_layer']}-layer {hp['hf_arch']}")
-    for n, shape in expected.items():
-        if sources[n].shape != shape:
-            raise ValueError(f"{sources[n].file}: tensor {sources[n].name!r} has shape {sources[n].shape}, "
-                             f"config.json implies {shape}")
+    check_source_shapes(sources, expected, hf_dir, f"{hp['n_layer']}-layer {hp['hf_arch']}")
     tj_path = hf_dir / "tokenizer.json"
     tok_model, tokens, types, scores = _vocab(_load_json(tj_path, "tokenizer"), hp, tj_path)
     special = gguf.SpecialVocab(hf_dir, load_merges=tok_model == "gpt2", n_vocab=len(tokens))

@@ -17,6 +17,20 @@ def names(log):
     return [e.name.split("[")[0] for e in log]
 
 
+def _realize_under_limit(block, limit: int):
+    """(kernel log, values) of realizing block()'s tensors together on an adapter of `limit`
+    storage buffers per kernel."""
+    old = runtime.OPTIONS.max_storage_buffers
+    runtime.OPTIONS.max_storage_buffers = limit
+    try:
+        ys = block()
+        with tg.debug.kernel_log() as log:
+            tg.realize(*ys)
+        return log, [t.numpy() for t in ys]
+    finally:
+        runtime.OPTIONS.max_storage_buffers = old
+
+
 def _ln(x, g, c, eps=1e-5):
     x = x.astype(np.float64)
     return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * g + c
@@ -102,15 +116,7 @@ def test_stack_respects_eight_storage_buffers():
         return (tg.nn.linear(tg.nn.layer_norm(x, ps[0], ps[1]), ws[0], ps[4]),
                 tg.nn.linear(tg.nn.layer_norm(x, ps[2], ps[3]), ws[1], ps[5]).gelu())
     want = [t.numpy() for t in tg.realize(*block())]
-    old = runtime.OPTIONS.max_storage_buffers
-    runtime.OPTIONS.max_storage_buffers = 8
-    try:
-        ys = block()
-        with tg.debug.kernel_log() as log:
-            tg.realize(*ys)
-        got = [t.numpy() for t in ys]
-    finally:
-        runtime.OPTIONS.max_storage_buffers = old
+    log, got = _realize_under_limit(block, 8)
     assert "gemv_ln2_float32" not in names(log) and names(log).count("gemv_ln_float32") == 2, names(log)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -487,16 +493,8 @@ def test_stack_sibling_rms_gemvs_respects_the_storage_limit():
         h = tg.nn.rms_norm(x, g)
         return [tg.nn.linear(h, w, b) for w, b in zip(ws, bs)]
     want = [t.numpy() for t in tg.realize(*block())]
-    old = runtime.OPTIONS.max_storage_buffers
     for limit, expect in ((8, ["gemv_rms2_float32", "gemv_rms_float32"]), (6, ["gemv_rms_float32"] * 3)):
-        runtime.OPTIONS.max_storage_buffers = limit
-        try:
-            ys = block()
-            with tg.debug.kernel_log() as log:
-                tg.realize(*ys)
-            got = [t.numpy() for t in ys]
-        finally:
-            runtime.OPTIONS.max_storage_buffers = old
+        log, got = _realize_under_limit(block, limit)
         assert sorted(names(log)) == sorted(expect), names(log)
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
