@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import dtypes as dt
 from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
-from .graph import CustomKernel
+from .graph import IN_PLACE, WRITE_CHAIN, CustomKernel
 from .ops import Op
 from .tensor import Tensor, tensor
 from .symbolic import is_symbolic, static
@@ -273,7 +273,7 @@ def _cache_prefix(t: Tensor) -> Optional[Tensor]:
     as cache[..., :n, :]), or None."""
     from .view import contiguous_strides
     n, v = t.node, t.view
-    stored = n.buffer is not None or n.op is Op.ASSIGN    # a cache, or one with pending writes
+    stored = n.buffer is not None or n.op in IN_PLACE    # a cache, or one with pending writes
     if not stored or len(n.shape) != t.ndim or t.ndim < 2 or is_symbolic(v.offset) or v.offset != 0:
         return None
     full = n.shape
@@ -374,7 +374,7 @@ class SampleKernel(CustomKernel):
 
 def _written_in_place(t: Tensor) -> Tensor:
     """A tensor a hand-written kernel writes in place: its pending in-place writes run first."""
-    if t.node.buffer is None and t.node.op in (Op.ASSIGN, Op.AFTER):
+    if t.node.buffer is None and t.node.op in WRITE_CHAIN:
         t.realize()
     return t
 
