@@ -217,6 +217,8 @@ class Engine:
         self.cache = [(tg.zeros(shape, cache_dtype).contiguous().realize(),
                        tg.zeros(shape, cache_dtype).contiguous().realize()) for _ in range(c.n_layer)]
         self._scratch = model.session(max_context=L, cache_dtype=cache_dtype)   # prefills run here
+        # every prompt bucket shape (~20 up to 2048 tokens) stays captured: steady-state serving traces nothing
+        self._scratch.captured_forwards = 32
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque = deque()
@@ -479,7 +481,7 @@ class Engine:
             text = s.stop.add(s.stream.step(tok)) if s.stream is not None else ""
             if s.stop.stopped:
                 reason = "stop"
-            elif len(req.output_ids) >= p.max_tokens or s.n_cache + 1 > self.max_context:
+            elif len(req.output_ids) >= p.max_tokens or len(req.prompt_ids) + len(req.output_ids) >= self.max_context:
                 reason = "length"
         req.text = s.stop.shown
         req._emit(Output(tok, text, logprob, top))
