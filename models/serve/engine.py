@@ -427,14 +427,18 @@ class Engine:
 
     # -- decode -------------------------------------------------------------------------------
 
-    def _step_fn(self, bucket: int):
-        fn = self._steps.get(bucket)
+    def _step_fn(self, bucket: int, greedy: bool):
+        """The captured decode step of `bucket` rows: logits [bucket, V], or (greedy: every
+        running sequence picks the argmax and wants no logprobs) the chosen ids int32 [bucket],
+        so only 4 bytes per row come back."""
+        fn = self._steps.get((bucket, greedy))
         if fn is None:
             model, cache = self.model, self.cache
 
             def step(ids, pos):
-                return model.forward(ids, pos, cache)                      # [bucket, V]
-            fn = self._steps[bucket] = tg.capture(step)
+                logits = model.forward(ids, pos, cache)                    # [bucket, V]
+                return logits.argmax(-1).astype(tg.int32) if greedy else logits
+            fn = self._steps[(bucket, greedy)] = tg.capture(step)
         return fn
 
     def _decode(self) -> tuple:
@@ -448,11 +452,16 @@ class Engine:
         pos = np.zeros(bucket, np.int32)
         for s in seqs:
             ids[s.slot], pos[s.slot] = s.last, s.n_cache
-        logits = self._step_fn(bucket)(ids, pos).numpy()                 # [bucket, V]
+        greedy = all(s.req.params.greedy and not s.req.params.penalized and s.req.params.logprobs is None
+                     for s in seqs)
+        out = self._step_fn(bucket, greedy)(ids, pos).numpy()             # [bucket] ids or [bucket, V] logits
         self._stats["steps"] += 1
         for s in seqs:
             s.n_cache += 1
-        picks = self._pick(logits[[s.slot for s in seqs]], seqs)
+        if greedy:
+            picks = [(int(out[s.slot]), None, None) for s in seqs]
+        else:
+            picks = self._pick(out[[s.slot for s in seqs]], seqs)
         for s, pick in zip(seqs, picks):
             self._accept(s, *pick)
         return len(seqs), bucket
