@@ -757,8 +757,10 @@ def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, mt, T, R) -> tuple:
         b += ", @builtin(subgroup_invocation_id) sgl: u32, @builtin(subgroup_id) sgid: u32, @builtin(num_subgroups) nsg: u32"
     s.append(f"@compute @workgroup_size({T})\nfn main({b}) {{\n")
     # past the end (N or x rows): clamped reads, no store; no early return before the barriers
-    s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = (g % {_u(groups)}) * {R}u;\n"
-             f"    let m0 = (g / {_u(groups)}) * {mt}u;\n")
+    # consecutive workgroups take the x-row chunks of one weight row group: a weight row is
+    # fetched from memory once and re-read from L2 by the other chunks (a batch of sequences)
+    s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = (g / {_u(chunks)}) * {R}u;\n"
+             f"    let m0 = (g % {_u(chunks)}) * {mt}u;\n")
     for r in range(R):
         s.append(f"    let rb{r} = WB + min(n0 + {r}u, N - 1u) * RB;\n")
     for m in range(mt):
