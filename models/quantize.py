@@ -36,7 +36,7 @@ from models.quant_blocks import BLOCK_LAYOUT, quantize_rows, row_bytes
 from models.quant_mix import (FILE_TYPES, FileType, QuantizeError, TensorSpec, choose_types, describe, model_info,
                               parse_file_type, visit_order)
 
-__all__ = ["quantize", "main", "QuantizeError", "QuantizeReport", "RequantizeWarning"]
+__all__ = ["quantize", "main", "QuantizeError", "QuantizeReport", "FallbackWarning", "RequantizeWarning"]
 
 PROG = "python -m models.quantize"
 GGUF_VERSION = 3
@@ -49,6 +49,11 @@ _GGML_ID = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_
             "q6_k": 14, "bf16": 30, "i32": 26}
 _DTYPE_NAME = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "int32": "i32"}
 _QUANTIZED = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k")
+
+
+class FallbackWarning(UserWarning):
+    """Tensors whose row length the chosen block type does not divide got another type (as
+    llama-quantize's "required fallback quantization")."""
 
 
 class RequantizeWarning(UserWarning):
@@ -262,8 +267,10 @@ def quantize(src_path, dst_path, ftype, progress: bool = True, *, pure: bool = F
             warnings.warn(f"{src}: requantizing {n_req} tensor(s) already in {', '.join(requant)}: this can severely "
                           "reduce quality compared to quantizing from 16 or 32 bits", RequantizeWarning, stacklevel=2)
         fallbacks = [f"{n}: {note}" for n, (_, note) in types.items() if note]
-        for line in fallbacks:
-            warnings.warn(f"tensor {line}", UserWarning, stacklevel=2)
+        if fallbacks:
+            more = f"; and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
+            warnings.warn(f"{len(fallbacks)} of {len(plans)} tensors needed a fallback type: "
+                          f"{'; '.join(fallbacks[:4])}{more}", FallbackWarning, stacklevel=2)
         alignment = scan.alignment
         off = 0
         for p in plans:
