@@ -16,7 +16,9 @@ Entry point: `quantize_rows(x, type_name)`: float32 [rows, n] -> uint8 [rows, by
 """
 from __future__ import annotations
 
-from typing import Callable
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -26,7 +28,8 @@ F32 = np.float32
 QK_K = 256
 GROUP_MAX_EPS = F32(1e-15)   # ggml-quants.c: a group whose largest |x| is below this is all zeros
 _MAGIC = F32(12582912.0)     # 1.5 * 2**23: nearest_int's rounding constant
-CHUNK_ELEMENTS = 1 << 20     # floats per chunk: bounds temporaries to a few tens of MB
+CHUNK_ELEMENTS = 1 << 16     # floats per chunk: a chunk's temporaries stay in the CPU caches
+THREADS = min(os.cpu_count() or 1, 16)   # chunks quantized at once (NumPy releases the GIL in its loops)
 
 # type -> (elements per block, bytes per block); f16/f32 are the plain fallbacks
 BLOCK_LAYOUT = {"q4_0": (32, 18), "q4_1": (32, 20), "q5_0": (32, 22), "q5_1": (32, 24), "q8_0": (32, 34),
@@ -190,6 +193,28 @@ def _q5_1(x: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- k-quant helpers
 
 
+def _codes(v: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """clip(nearest_int(v), lo, hi) as float32, in place in v. nearest_int is round-half-even for
+    |v| < 2**22, where np.rint gives the same integers faster; outside (an overflowed fit: inf, NaN,
+    huge) the magic-number emulation keeps C's bit pattern."""
+    vmax, vmin = v.max(), v.min()
+    if vmax < F32(2.0 ** 22) and vmin >= F32(-2.0 ** 22):    # False for NaN
+        np.rint(v, out=v)
+    else:
+        v[...] = _nearest_int(v)
+    return np.clip(v, lo, hi, out=v)
+
+
+def _weighted_sq_error(w, x, scale, L, minv, buf) -> np.ndarray:
+    """sum over lanes of w * (scale * L + min - x)^2, each product and sum rounded as the C loop does."""
+    np.multiply(L, scale, out=buf)
+    buf += minv
+    buf -= x
+    buf *= buf
+    buf *= w
+    return _running_sum(buf)
+
+
 def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants (use_mad false) for 32-lane groups: codes L in [0, nmax], scale and the
     (positive) min such that x ~ scale * L - min. Tries nstep + 1 rescalings of the range and keeps
@@ -198,38 +223,38 @@ def _make_qkx2(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     nmax_f = F32(nmax)
     lo = np.minimum(np.min(x, axis=0), F32(0))
     hi = np.max(x, axis=0)
+    flat = hi == lo                      # C returns at once: all codes 0, scale 0
     sum_w = _running_sum(w[1:], start=w[0])
-    sum_x = _running_sum(w[1:] * x[1:], start=w[0] * x[0])
-    flat = hi == lo
+    wx = w * x
+    sum_x = _running_sum(wx[1:], start=wx[0])
+    Laux, wl, buf = np.empty_like(x), np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = nmax_f / (hi - lo)
+        iscale = nmax_f / np.where(flat, F32(1), hi - lo)
         scale = F32(1) / iscale
-        L = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)
-        diff = scale * L + lo - x
-        best = _running_sum(w * (diff * diff))
+        L = _codes(np.multiply(np.subtract(x, lo, out=buf), iscale, out=buf), 0, nmax).copy()
+        best = _weighted_sq_error(w, x, scale, L, lo, buf)
         for step in range(nstep + 1):
-            iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / (hi - lo)
-            Laux = np.clip(_nearest_int(iscale * (x - lo)), 0, nmax).astype(F32)
-            wl = w * Laux
+            iscale = (F32(rmin) + F32(rdelta) * F32(step) + nmax_f) / np.where(flat, F32(1), hi - lo)
+            _codes(np.multiply(np.subtract(x, lo, out=Laux), iscale, out=Laux), 0, nmax)
+            np.multiply(w, Laux, out=wl)
             sum_l = _running_sum(wl)
-            sum_l2 = _running_sum(wl * Laux)
-            sum_xl = _running_sum(wl * x)
+            sum_l2 = _running_sum(np.multiply(wl, Laux, out=buf))
+            sum_xl = _running_sum(np.multiply(wl, x, out=buf))
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
             this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
             pos = this_min > 0
             this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
             this_min = np.where(pos, F32(0), this_min)
-            diff = this_scale * Laux + this_min - x
-            cur = _running_sum(w * (diff * diff))
+            cur = _weighted_sq_error(w, x, this_scale, Laux, this_min, buf)
             better = (D > 0) & (cur < best) & ~flat
-            L = np.where(better, Laux, L)
-            best = np.where(better, cur, best)
-            scale = np.where(better, this_scale, scale)
-            lo = np.where(better, this_min, lo)
-    L = np.where(flat, F32(0), L)
-    scale = np.where(flat, F32(0), scale)
-    return L, scale, -lo
+            if better.any():
+                np.copyto(L, Laux, where=better[None])
+                best = np.where(better, cur, best)
+                scale = np.where(better, this_scale, scale)
+                lo = np.where(better, this_min, lo)
+    L[:, flat] = 0
+    return L, np.where(flat, F32(0), scale), -lo
 
 
 def _make_qx(x, nmax: int):
@@ -239,26 +264,31 @@ def _make_qx(x, nmax: int):
     zero = amax < GROUP_MAX_EPS
     nmax_f = F32(nmax)
     w = x * x
+    wx = w * x                           # C: w*x[i]*l is (w*x)*l
+    l, buf = np.empty_like(x), np.empty_like(x)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = F32(-nmax) / vmax
-        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
-        sumlx = _running_sum(w * x * l)
-        suml2 = _running_sum(w * l * l)
+        vsafe = np.where(zero, F32(1), vmax)
+        iscale = F32(-nmax) / vsafe
+        _codes(np.multiply(x, iscale, out=l), -nmax, nmax - 1)
+        sumlx = _running_sum(np.multiply(wx, l, out=buf))
+        suml2 = _running_sum(np.multiply(np.multiply(w, l, out=buf), l, out=buf))
         scale = np.where(suml2 != 0, sumlx / suml2, F32(0)).astype(F32)
         L = l + nmax_f
         best = scale * sumlx
         for i in range(-9, 10):
             if i == 0:
                 continue
-            iscale = -(nmax_f + F32(0.1) * F32(i)) / vmax
-            l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
-            sumlx = _running_sum(w * x * l)
-            suml2 = _running_sum(w * l * l)
+            iscale = -(nmax_f + F32(0.1) * F32(i)) / vsafe
+            _codes(np.multiply(x, iscale, out=l), -nmax, nmax - 1)
+            sumlx = _running_sum(np.multiply(wx, l, out=buf))
+            suml2 = _running_sum(np.multiply(np.multiply(w, l, out=buf), l, out=buf))
             better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-            L = np.where(better, l + nmax_f, L)
-            scale = np.where(better, sumlx / suml2, scale)
-            best = np.where(better, scale * sumlx, best)
-    return np.where(zero, F32(0), L), np.where(zero, F32(0), scale)
+            if better.any():
+                np.copyto(L, np.add(l, nmax_f, out=buf), where=better[None])
+                scale = np.where(better, sumlx / suml2, scale)
+                best = np.where(better, scale * sumlx, best)
+    L[:, zero] = 0
+    return L, np.where(zero, F32(0), scale)
 
 
 def _qkx_blocks(x: np.ndarray, nmax: int, rmin: float, nstep: int):
@@ -346,10 +376,12 @@ _QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 
 
-def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
+def quantize_rows(x: np.ndarray, type_name: str, threads: Optional[int] = None) -> np.ndarray:
     """float32 [rows, n] -> uint8 [rows, row_bytes(type_name, n)]: each row's blocks as ggml's
     reference quantizer writes them (f16 / f32: plain conversions). n must be a multiple of the
-    type's block size; values must be finite (the caller checks, naming the tensor)."""
+    type's block size; values must be finite (the caller checks, naming the tensor). Chunks of
+    blocks are quantized on `threads` threads (default THREADS); every block's bytes depend on
+    that block alone, so the result does not depend on the chunking."""
     if type_name not in BLOCK_LAYOUT:
         raise ValueError(f"quantize_rows: unknown type {type_name!r}; known: {', '.join(BLOCK_LAYOUT)}")
     x = np.asarray(x)
@@ -369,7 +401,21 @@ def quantize_rows(x: np.ndarray, type_name: str) -> np.ndarray:
     flat_out = out.reshape(-1, bb)
     blocks = np.ascontiguousarray(x, dtype=F32).reshape(-1, bs)
     step = max(1, CHUNK_ELEMENTS // bs)
-    for start in range(0, len(blocks), step):
+
+    def one(start: int) -> None:
         chunk = blocks[start:start + step]
         flat_out[start:start + len(chunk)] = fn(np.ascontiguousarray(chunk.T))
+
+    starts = range(0, len(blocks), step)
+    workers = min(THREADS if threads is None else max(1, threads), len(starts))
+    if workers <= 1:
+        for s0 in starts:
+            one(s0)
+        return out
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quantize")
+    try:
+        for _ in pool.map(one, starts):
+            pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
