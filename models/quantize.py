@@ -42,6 +42,7 @@ PROG = "python -m models.quantize"
 GGUF_VERSION = 3
 GGML_QNT_VERSION = 2
 ROWS_ELEMENTS = 1 << 24       # floats dequantized at once (64 MiB): bounds memory on big matrices
+COPY_CHUNK = 64 << 20         # bytes per write of a tensor copied as it is
 _DROPPED_KEYS = ("general.quantization_version", "general.file_type", "split.no", "split.count",
                  "split.tensors.count")
 # ggml type ids of what a quantized file holds (gguf.GGMLQuantizationType)
@@ -149,7 +150,7 @@ def _check_finite(x: np.ndarray, name: str, path: str, first_row: int) -> None:
                             "cannot quantize NaN or infinity")
 
 
-def _check_blocks(out: np.ndarray, type_name: str, name: str, path: str) -> None:
+def _check_blocks(out: np.ndarray, type_name: str, name: str, path: str, first: int) -> None:
     """A block whose f16 scale overflowed (values beyond 65504 times the type's range) would decode
     to infinities: llama-quantize's row validation refuses it, and so does this."""
     from tensorgpu import dtypes
@@ -157,9 +158,9 @@ def _check_blocks(out: np.ndarray, type_name: str, name: str, path: str) -> None
     dt = {"f16": dtypes.float16, "f32": dtypes.float32}.get(type_name) or getattr(dtypes, type_name)
     bad = _first_nonfinite(out.reshape(-1), dt)
     if bad is not None:
+        why = "beyond f16's range" if type_name == "f16" else "too large for the block's f16 scale"
         what = "element" if type_name in ("f16", "f32") else "block"
-        raise QuantizeError(f"{path}: tensor {name!r}: {what} {bad} does not fit {type_name} (its values are too "
-                            "large for the type's f16 scale)")
+        raise QuantizeError(f"{path}: tensor {name!r}: {what} {first + bad} does not fit {type_name} (values {why})")
 
 
 def _pad(n: int, alignment: int) -> int:
@@ -195,7 +196,8 @@ def _write_tensor(f, data, p: _Plan, path: str, bar) -> None:
     e = p.entry
     raw = data[e.offset: e.offset + e.nbytes]
     if p.src == p.dst:
-        f.write(raw.tobytes())
+        for start in range(0, e.nbytes, COPY_CHUNK):   # straight from the memory map, no copy in memory
+            f.write(raw[start:start + COPY_CHUNK])
         if bar is not None:
             bar.update(int(np.prod(e.ne, dtype=np.int64)))
         return
@@ -208,18 +210,74 @@ def _write_tensor(f, data, p: _Plan, path: str, bar) -> None:
         x = _to_float32(np.asarray(raw[r0 * in_row: r1 * in_row]), p.src, r1 - r0, ne0, p.name)
         _check_finite(x, p.name, path, r0)
         out = quantize_rows(x, p.dst)
-        _check_blocks(out, p.dst, p.name, path)
+        _check_blocks(out, p.dst, p.name, path, r0 * (ne0 // BLOCK_LAYOUT[p.dst][0]))
         f.write(out.tobytes())
         if bar is not None:
             bar.update((r1 - r0) * ne0)
+
+
+def _plan(src: str, scan, ft: FileType, pure: bool):
+    """(types, plans in file order with their output offsets): what each tensor becomes."""
+    info = model_info(scan.metadata, src)
+    by_name = {e.name: e for e in scan.tensors}
+    specs = [TensorSpec(e.name, tuple(e.ne) or (1,), _type_name(e)) for e in scan.tensors]
+    types = choose_types(specs, ft, info, pure=pure)
+    plans, off = [], 0
+    for n in visit_order(by_name):
+        e, (dst_type, _) = by_name[n], types[n]
+        if dst_type != _type_name(e) and dst_type not in BLOCK_LAYOUT:
+            raise QuantizeError(f"{src}: tensor {n!r}: cannot write type {dst_type}")
+        ne0 = e.ne[0] if e.ne else 1
+        nbytes = e.nbytes if dst_type == _type_name(e) else \
+            row_bytes(dst_type, ne0) * (int(np.prod(e.ne, dtype=np.int64)) // max(ne0, 1))
+        plans.append(_Plan(n, e, _type_name(e), dst_type, nbytes, off))
+        off += _pad(nbytes, scan.alignment)
+    return types, plans
+
+
+def _warn_about(src: str, types: dict, plans: list) -> list:
+    """Warnings llama-quantize gives too: requantized tensors, fallback types. Returns the fallbacks."""
+    requant = [p for p in plans if p.src != p.dst and p.src in _QUANTIZED]
+    if requant:
+        kinds = ", ".join(sorted({p.src for p in requant}))
+        warnings.warn(f"{src}: requantizing {len(requant)} tensor(s) already in {kinds}: this can severely "
+                      "reduce quality compared to quantizing from 16 or 32 bits", RequantizeWarning, stacklevel=3)
+    fallbacks = [f"{n}: {note}" for n, (_, note) in types.items() if note]
+    if fallbacks:
+        more = f"; and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
+        warnings.warn(f"{len(fallbacks)} of {len(plans)} tensors needed a fallback type: "
+                      f"{'; '.join(fallbacks[:4])}{more}", FallbackWarning, stacklevel=3)
+    return fallbacks
+
+
+def _write_file(tmp: str, src: str, header: bytes, plans: list, alignment: int, desc, progress: bool) -> None:
+    bar = None
+    data = np.memmap(src, mode="r")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header)
+            if progress:
+                from tqdm import tqdm
+                bar = tqdm(total=sum(int(np.prod(p.entry.ne, dtype=np.int64)) for p in plans), unit="w",
+                           unit_scale=True, desc=desc, leave=False)
+            for p in plans:
+                if bar is not None:
+                    bar.set_postfix_str(f"{p.name} {p.src}->{p.dst}", refresh=False)
+                _write_tensor(f, data, p, src, bar)
+                f.write(b"\0" * (_pad(p.nbytes, alignment) - p.nbytes))
+    finally:
+        if bar is not None:
+            bar.close()
+        del data
 
 
 def quantize(src_path, dst_path, ftype, progress: bool = True, *, pure: bool = False) -> QuantizeReport:
     """Quantize the GGUF file `src_path` to `dst_path` as llama-quantize does for file type `ftype`
     (a name such as "Q4_K_M" or "q8_0", any case, or a FileType). pure: every quantizable tensor
     gets the type's block type (llama-quantize --pure). Shows a tqdm bar when progress is true.
-    Warns (RequantizeWarning) when tensors were already quantized; raises QuantizeError or
+    Warns (RequantizeWarning, FallbackWarning) as llama-quantize does; raises QuantizeError or
     tensorgpu.gguf.GGUFError (both ValueError) naming the file and tensor; leaves no partial output."""
+    from tensorgpu.gguf import GGUFError
     t0 = time.perf_counter()
     ft = ftype if isinstance(ftype, FileType) else parse_file_type(ftype)
     src, dst = os.fspath(src_path), os.fspath(dst_path)
@@ -230,83 +288,35 @@ def quantize(src_path, dst_path, ftype, progress: bool = True, *, pure: bool = F
         raise QuantizeError(f"cannot write {dst}: it is a folder; give the output file's name")
     try:
         size = os.path.getsize(src)
-        fin = open(src, "rb")
+        with open(src, "rb") as fin:
+            if os.path.exists(dst) and os.path.samefile(src, dst):
+                raise QuantizeError(f"{dst}: the output would overwrite the input; choose another file name")
+            if size < 24:
+                raise GGUFError(f"{src}: not a GGUF file: {size} bytes, shorter than a GGUF header")
+            with mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                scan = _scan_file(src, mm, size)
+                records = _kv_records(mm, size, src, len(scan.kv_types))
     except OSError as e:
         raise QuantizeError(f"cannot read {src}: {e.strerror or e}") from None
-    if os.path.exists(dst) and os.path.samefile(src, dst):
-        fin.close()
-        raise QuantizeError(f"{dst}: the output would overwrite the input; choose another file name")
-    with fin:
-        if size < 24:
-            from tensorgpu.gguf import GGUFError
-            raise GGUFError(f"{src}: not a GGUF file: {size} bytes, shorter than a GGUF header")
-        with mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            scan = _scan_file(src, mm, size)
-            records = _kv_records(mm, size, src, len(scan.kv_types))
-        split = scan.metadata.get("split.count", 1)
-        if isinstance(split, int) and split > 1:
-            raise QuantizeError(f"{src}: a split GGUF ({split} files); merge it first (llama-gguf-split --merge)")
-        info = model_info(scan.metadata, src)
-        by_name = {e.name: e for e in scan.tensors}
-        specs = [TensorSpec(e.name, tuple(e.ne) or (1,), _type_name(e)) for e in scan.tensors]
-        types = choose_types(specs, ft, info, pure=pure)
-        plans = []
-        for n in visit_order(by_name):
-            e = by_name[n]
-            dst_type, _ = types[n]
-            ne0 = e.ne[0] if e.ne else 1
-            nbytes = e.nbytes if dst_type == _type_name(e) else \
-                row_bytes(dst_type, ne0) * (int(np.prod(e.ne, dtype=np.int64)) // max(ne0, 1))
-            plans.append(_Plan(n, e, _type_name(e), dst_type, nbytes))
-        for p in plans:
-            if p.src != p.dst and p.dst not in BLOCK_LAYOUT:
-                raise QuantizeError(f"{src}: tensor {p.name!r}: cannot write type {p.dst}")
-        requant = sorted({p.src for p in plans if p.src != p.dst and p.src in _QUANTIZED})
-        if requant:
-            n_req = sum(p.src != p.dst and p.src in _QUANTIZED for p in plans)
-            warnings.warn(f"{src}: requantizing {n_req} tensor(s) already in {', '.join(requant)}: this can severely "
-                          "reduce quality compared to quantizing from 16 or 32 bits", RequantizeWarning, stacklevel=2)
-        fallbacks = [f"{n}: {note}" for n, (_, note) in types.items() if note]
-        if fallbacks:
-            more = f"; and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else ""
-            warnings.warn(f"{len(fallbacks)} of {len(plans)} tensors needed a fallback type: "
-                          f"{'; '.join(fallbacks[:4])}{more}", FallbackWarning, stacklevel=2)
-        alignment = scan.alignment
-        off = 0
-        for p in plans:
-            p.offset = off
-            off += _pad(p.nbytes, alignment)
-
-        tmp = dst + ".part"
-        bar = None
-        data = np.memmap(src, mode="r") if size else np.zeros(0, np.uint8)
+    split = scan.metadata.get("split.count", 1)
+    if isinstance(split, int) and split > 1:
+        raise QuantizeError(f"{src}: a split GGUF ({split} files); merge it first (llama-gguf-split --merge)")
+    types, plans = _plan(src, scan, ft, pure)
+    fallbacks = _warn_about(src, types, plans)
+    tmp = dst + ".part"
+    try:
+        _write_file(tmp, src, _header(records, plans, ft, scan.alignment), plans, scan.alignment,
+                    f"{os.path.basename(dst)} ({ft.name})", progress)
+        os.replace(tmp, dst)
+    except BaseException:
         try:
-            with open(tmp, "wb") as f:
-                f.write(_header(records, plans, ft, alignment))
-                if progress:
-                    from tqdm import tqdm
-                    total = sum(int(np.prod(p.entry.ne, dtype=np.int64)) for p in plans)
-                    bar = tqdm(total=total, unit="w", unit_scale=True, desc=f"{os.path.basename(dst)} ({ft.name})",
-                               leave=False)
-                for p in plans:
-                    if bar is not None:
-                        bar.set_postfix_str(f"{p.name} {p.src}->{p.dst}", refresh=False)
-                    _write_tensor(f, data, p, src, bar)
-                    f.write(b"\0" * (_pad(p.nbytes, alignment) - p.nbytes))
-            os.replace(tmp, dst)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        finally:
-            if bar is not None:
-                bar.close()
-            del data
-    n_el = sum(int(np.prod(p.entry.ne, dtype=np.int64)) for p in plans)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return QuantizeReport(dst, ft, {p.name: types[p.name] for p in plans}, sum(e.nbytes for e in scan.tensors),
-                          sum(p.nbytes for p in plans), n_el, time.perf_counter() - t0, fallbacks)
+                          sum(p.nbytes for p in plans), sum(int(np.prod(p.entry.ne, dtype=np.int64)) for p in plans),
+                          time.perf_counter() - t0, fallbacks)
 
 
 # ----------------------------------------------------------------------------- command line

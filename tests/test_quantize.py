@@ -412,6 +412,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     trunc = tmp_path / "t.gguf"
     trunc.write_bytes(Path(good).read_bytes()[:-100])
     cases.append(([str(trunc), str(tmp_path / "o.gguf"), "q8_0"], "runs past the end of the file"))
+    with pytest.raises(GGUFError, match="not a GGUF file"):   # the API raises; the command prints it
+        qz.quantize(notgguf, tmp_path / "o.gguf", "q8_0")
     for argv, msg in cases:
         rc, err = _err(capsys, argv)
         assert rc == 2 and msg in err, (argv, err)
@@ -425,8 +427,8 @@ def test_bad_tensors_name_the_tensor(tmp_path, capsys):
     cases = [
         (dict(tensors={"blk.0.attn_k.weight": nan}), "q8_0",
          "tensor 'blk.0.attn_k.weight' holds nan at row 1, column 7: cannot quantize NaN or infinity"),
-        (dict(tensors={"blk.0.attn_k.weight": np.full((2, 256), 1e9, np.float32)}), "q8_0",
-         "tensor 'blk.0.attn_k.weight': block 0 does not fit q8_0"),
+        (dict(tensors={"blk.0.attn_k.weight": np.concatenate([np.ones((1, 256)), np.full((1, 256), 1e9)]).astype(
+            np.float32)}), "q8_0", "tensor 'blk.0.attn_k.weight': block 8 does not fit q8_0 (values too large"),
         (dict(tensors={"blk.0.attn_k.weight": np.full((2, 256), 1e6, np.float32)}), "f16",
          "tensor 'blk.0.attn_k.weight': element 0 does not fit f16"),
         (dict(meta={}), "q8_0", "metadata llama.block_count is missing"),
