@@ -125,14 +125,12 @@ def _llama_specs(n_layer, n_embd=256, n_ff=768, n_kv=128, vocab=4096, tied=False
     specs = [TensorSpec("token_embd.weight", (n_embd, vocab), ty), TensorSpec("output_norm.weight", (n_embd,), "f32")]
     if not tied:
         specs.append(TensorSpec("output.weight", (n_embd, vocab), ty))
+    shapes = {"attn_q": (n_embd, n_embd), "attn_k": (n_embd, n_kv), "attn_v": (n_embd, n_kv),
+              "attn_output": (n_embd, n_embd), "ffn_gate": (n_embd, n_ff), "ffn_up": (n_embd, n_ff),
+              "ffn_down": (n_ff, n_embd)}
     for i in range(n_layer):
-        b = f"blk.{i}."
-        specs += [TensorSpec(b + "attn_norm.weight", (n_embd,), "f32"), TensorSpec(b + "ffn_norm.weight", (n_embd,), "f32"),
-                  TensorSpec(b + "attn_q.weight", (n_embd, n_embd), ty), TensorSpec(b + "attn_k.weight", (n_embd, n_kv), ty),
-                  TensorSpec(b + "attn_v.weight", (n_embd, n_kv), ty),
-                  TensorSpec(b + "attn_output.weight", (n_embd, n_embd), ty),
-                  TensorSpec(b + "ffn_gate.weight", (n_embd, n_ff), ty), TensorSpec(b + "ffn_up.weight", (n_embd, n_ff), ty),
-                  TensorSpec(b + "ffn_down.weight", (n_ff, n_embd), ty)]
+        specs += [TensorSpec(f"blk.{i}.{k}.weight", (n_embd,), "f32") for k in ("attn_norm", "ffn_norm")]
+        specs += [TensorSpec(f"blk.{i}.{k}.weight", ne, ty) for k, ne in shapes.items()]
     return specs
 
 
@@ -286,10 +284,10 @@ def test_output_layout_metadata_and_copied_tensors(tmp_path):
         assert list(out.tensor_info) == ["output_norm.weight", "token_embd.weight", "blk.0.attn_q.bias",
                                          "blk.0.attn_q.weight", "blk.0.ffn_down.weight"]
         assert all(info[2] % 64 == 0 for info in out.tensor_info.values())
-        src_r = gguf.GGUFReader(src)
+        src_t = {t.name: np.array(t.data) for t in gguf.GGUFReader(src).tensors}
         for name in ("output_norm.weight", "blk.0.attn_q.bias"):   # 1-D: copied as they are
-            assert out.raw_bytes(name) == bytes(np.array(next(t for t in src_r.tensors if t.name == name).data).view(np.uint8))
-        ffn = np.array(next(t for t in src_r.tensors if t.name == "blk.0.ffn_down.weight").data, np.float32)
+            assert out.raw_bytes(name) == src_t[name].tobytes()
+        ffn = src_t["blk.0.ffn_down.weight"].astype(np.float32)
         assert out.raw_bytes("blk.0.ffn_down.weight") == _gguf_quantize(ffn, "q8_0").tobytes()   # from f16
         assert {n: i[1].name for n, i in out.tensor_info.items()}["token_embd.weight"] == "q8_0"
     finally:
@@ -384,7 +382,8 @@ def test_q8_0_from_f32_equals_the_converter(tmp_path, model):
     if not folder or not (Path(folder) / f"{model}-f32.gguf").is_file():
         pytest.skip(f"{FULL[model]} not set (folder with {model}-f32.gguf)")
     out = qz.quantize(Path(folder) / f"{model}-f32.gguf", tmp_path / "out.gguf", "q8_0", progress=False).path
-    conv = {t.name: (t.tensor_type, np.array(t.data)) for t in gguf.GGUFReader(Path(folder) / f"{model}-q8_0.gguf").tensors}
+    conv = {t.name: (t.tensor_type, np.array(t.data))
+            for t in gguf.GGUFReader(Path(folder) / f"{model}-q8_0.gguf").tensors}
     for t in gguf.GGUFReader(out).tensors:
         assert t.tensor_type == conv[t.name][0] and np.array_equal(np.array(t.data), conv[t.name][1]), t.name
 
