@@ -7,7 +7,12 @@ float -> int8 truncation). To give the same bytes, this module does the same flo
 the same order, but over many blocks at once: each array holds one lane of the block loop for
 every block (layout (elements per group, groups)), and a running sum over a block is a Python loop
 over its 16 or 32 lanes (`_running_sum`), never `np.sum` (pairwise summation rounds differently).
-Work goes in chunks of rows so temporaries stay bounded on a large embedding matrix.
+Work goes in chunks of 64K floats (temporaries stay in the CPU caches, memory stays bounded on a
+large embedding matrix), on a thread pool: NumPy releases the GIL inside its loops.
+
+The signs of zeros and the NaNs of an overflowed fit follow the C code too (a max scan that starts
+from +0.0, comparisons that a NaN never wins): models/quant-reference holds ggml's own bytes for
+such rows, and tests/test_quantize.py compares every type against them.
 
 Where the C code reads a value it wrote earlier (a k-quant's 6-bit sub-block scale, its f16
 super-block scale) this code recomputes the same value rather than unpacking it.

@@ -11,6 +11,11 @@ projections. A row length the chosen type's block does not divide falls back to 
 2-D (and 3-D expert) tensors whose name ends in "weight" are quantized; norms, biases, and a few
 small named tensors keep their type.
 
+The rules are those of llama.cpp's tensor-category code (the source kept for the GPU machine,
+3f545bec, and upstream since): a fused attn_qkv.weight (GPT-NeoX) counts as a value projection, so
+the _M mixes give it q6_k or the default type by layer. Older llama.cpp gave it q5_k (Q4_K_M) or
+q6_k (Q5_K_M) in every layer; llama / qwen2 models get the same types from both.
+
 The layer counters follow llama.cpp exactly: value projections and down projections are counted
 in the order llama.cpp visits tensors (`visit_order`: by layer number, then by name), so the same
 model gets the same types as llama-quantize gives it, tensor for tensor.
