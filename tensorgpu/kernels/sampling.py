@@ -106,6 +106,125 @@ fn {name}(v: {ty}, lid: u32) -> {ty} {{
 """
 
 
+# ----------------------------------------------------------------------------- building blocks
+# WGSL line lists shared by the one-row kernel (`_source`, constants baked in) and the rows
+# kernel (`_rows_source`, runtime values). Each takes the expressions it needs as WGSL text:
+# a count is "40u" in one and "kk" (a function parameter) in the other.
+
+
+def _radix_select_lines(WG: int, kk: str, key: str) -> list:
+    """The kk-th largest of key(i) over i < V by a 4-pass radix select (a 256-bin histogram of
+    one key byte per pass, highest byte first). Leaves `T` (that key) and `need_eq` (how many
+    ids with key == T belong to the kk largest, lowest ids first). Needs `hist`, `ctl`, `lid`."""
+    return ["  var prefix = 0u;", "  var pmask = 0u;", f"  var kleft = {kk};",
+            "  for (var ps = 0u; ps < 4u; ps = ps + 1u) {",
+            "    let sh = 24u - 8u * ps;",
+            "    atomicStore(&hist[lid & 255u], 0u);" if WG >= 256 else
+            f"    for (var h = lid; h < 256u; h = h + {WG}u) {{ atomicStore(&hist[h], 0u); }}",
+            "    workgroupBarrier();",
+            f"    for (var i = lid; i < V; i = i + {WG}u) {{",
+            f"      let key = {key};",
+            "      if ((key & pmask) == prefix) { atomicAdd(&hist[(key >> sh) & 255u], 1u); }",
+            "    }",
+            "    workgroupBarrier();",
+            "    if (lid == 0u) {",
+            "      var above = 0u;",
+            "      var d = 255u;",
+            "      loop {",
+            "        let h = atomicLoad(&hist[d]);",
+            "        if (above + h >= kleft || d == 0u) { break; }",
+            "        above += h;",
+            "        d = d - 1u;",
+            "      }",
+            "      ctl[0] = d; ctl[1] = above;",
+            "    }",
+            "    let dsel = workgroupUniformLoad(&ctl[0]);",
+            "    let above = ctl[1];",
+            "    prefix = prefix | (dsel << sh);",
+            "    pmask = pmask | (255u << sh);",
+            "    kleft = kleft - above;",
+            "    workgroupBarrier();",
+            "  }",
+            "  let T = prefix;",
+            "  let need_eq = kleft;"]
+
+
+def _compact_lines(WG: int, CH: int, val: str, key: str, store: str, kk: str, kp: str, pad: str) -> list:
+    """Compaction in id order: the ids whose key is > T, and the first need_eq ids whose key
+    == T, go to ci[0..kk) with `store` (an expression of z = val(i) and key = key(z)) in cv;
+    cv/ci[kk..kp) get `pad` / 0xffffffff. Each invocation owns the CH ids from lid * CH; two
+    prefix scans (scan_u) place them."""
+    return [f"  let c0 = min(lid * {CH}u, V);",
+            f"  let c1 = min(c0 + {CH}u, V);",
+            "  var ngt = 0u;", "  var neq = 0u;",
+            f"  for (var i = c0; i < c1; i = i + 1u) {{ let key = {key}({val}(i)); ngt += u32(key > T); neq += u32(key == T); }}",
+            "  let eq_before = scan_u(neq, lid) - neq;",
+            "  let take_eq = min(neq, need_eq - min(need_eq, eq_before));",
+            "  var p = scan_u(ngt + take_eq, lid) - (ngt + take_eq);",
+            "  var eqc = 0u;",
+            "  for (var i = c0; i < c1; i = i + 1u) {",
+            f"    let z = {val}(i);",
+            f"    let key = {key}(z);",
+            "    var take = key > T;",
+            "    if (key == T && eqc < take_eq) { take = true; eqc = eqc + 1u; }",
+            f"    if (take && p < {kk}) {{ cv[p] = {store}; ci[p] = i; p = p + 1u; }}",
+            "  }",
+            f"  for (var r = {kk} + lid; r < {kp}; r = r + {WG}u) {{ cv[r] = {pad}; ci[r] = 0xffffffffu; }}",
+            "  workgroupBarrier();"]
+
+
+def _bitonic_lines(WG: int, kp: str) -> list:
+    """Sort cv/ci[0..kp) (kp a power of two) best first by `before(v, i, w, j)`."""
+    return [f"  for (var k = 2u; k <= {kp}; k = k << 1u) {{",
+            "    for (var j = k >> 1u; j > 0u; j = j >> 1u) {",
+            f"      for (var a = lid; a < {kp}; a = a + {WG}u) {{",
+            "        let b = a ^ j;",
+            "        if (b > a) {",
+            "          let va = cv[a]; let ia = ci[a]; let vb = cv[b]; let ib = ci[b];",
+            "          let asc = (a & k) == 0u;",
+            "          if ((asc && before(vb, ib, va, ia)) || (!asc && before(va, ia, vb, ib))) {",
+            "            cv[a] = vb; ci[a] = ib; cv[b] = va; ci[b] = ia;",
+            "          }",
+            "        }",
+            "      }",
+            "      workgroupBarrier();",
+            "    }",
+            "  }"]
+
+
+def _walk_lines(WG: int, CH: int, w_sum: str, w_walk: str, pre_sum=(), pre_walk=()) -> list:
+    """Inverse-CDF draw over the whole vocabulary in id order: each invocation sums the
+    weights of its CH ids (`w_sum`, an expression of i), a scan finds the chunk where the
+    running sum passes u * total, and its owner walks it (`w_walk`). Leaves `tok` (uniform).
+    Needs `u`, scan_f, `owner`, `pick`. pre_sum / pre_walk: lines before the sum / the walk."""
+    return ([f"  let c0 = min(lid * {CH}u, V);",
+             f"  let c1 = min(c0 + {CH}u, V);"] + list(pre_sum) +
+            ["  var s = 0.0;",
+             f"  for (var i = c0; i < c1; i = i + 1u) {{ s += {w_sum}; }}",
+             "  let incl = scan_f(s, lid);",
+             f"  let total = scan_f_buf[{WG - 1}u];",
+             "  let excl = select(0.0, scan_f_buf[max(lid, 1u) - 1u], lid > 0u);",
+             "  let goal = u * total;",
+             "  if (lid == 0u) { atomicStore(&owner, 0u); }",
+             "  workgroupBarrier();",
+             # the chunk holding the goal: the last non-empty chunk starting at or before it
+             "  if (s > 0.0 && excl <= goal) { atomicMax(&owner, lid); }",
+             "  workgroupBarrier();",
+             "  if (lid == atomicLoad(&owner)) {"] + list(pre_walk) +
+            ["    var c = excl;",
+             "    var found = 0xffffffffu;",
+             "    var lastnz = c0;",
+             "    for (var i = c0; i < c1; i = i + 1u) {",
+             f"      let w = {w_walk};",
+             "      c += w;",
+             "      if (w > 0.0) { lastnz = i; }",
+             "      if (c > goal) { found = i; break; }",
+             "    }",
+             "    pick = select(found, lastnz, found == 0xffffffffu);",
+             "  }",
+             "  let tok = workgroupUniformLoad(&pick);"])
+
+
 def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_p: float, penalty: Optional[float],
             prev: Optional[tuple], append: bool, WG: int) -> tuple:
     """WGSL and binding names. prev: (max_prev, n_prev_const or None when from a buffer)."""
@@ -180,33 +299,8 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
         L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
               "  var m = ninf;",
               f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
-              "  let M = red_max(m, lid, 1u);",
-              f"  let c0 = min(lid * {CH}u, V);",
-              f"  let c1 = min(c0 + {CH}u, V);",
-              "  var s = 0.0;",
-              "  for (var i = c0; i < c1; i = i + 1u) { s += exp(zval(i) - M); }",
-              "  let incl = scan_f(s, lid);",
-              f"  let total = scan_f_buf[{WG - 1}u];",
-              "  let excl = select(0.0, scan_f_buf[max(lid, 1u) - 1u], lid > 0u);",
-              "  let goal = u * total;",
-              "  if (lid == 0u) { atomicStore(&owner, 0u); }",
-              "  workgroupBarrier();",
-              # the chunk holding the goal: the last non-empty chunk starting at or before it
-              "  if (s > 0.0 && excl <= goal) { atomicMax(&owner, lid); }",
-              "  workgroupBarrier();",
-              "  if (lid == atomicLoad(&owner)) {",
-              "    var c = excl;",
-              "    var found = 0xffffffffu;",
-              "    var lastnz = c0;",
-              "    for (var i = c0; i < c1; i = i + 1u) {",
-              "      let w = exp(zval(i) - M);",
-              "      c += w;",
-              "      if (w > 0.0) { lastnz = i; }",
-              "      if (c > goal) { found = i; break; }",
-              "    }",
-              "    pick = select(found, lastnz, found == 0xffffffffu);",
-              "  }",
-              "  let tok = workgroupUniformLoad(&pick);"]
+              "  let M = red_max(m, lid, 1u);"]
+        L += _walk_lines(WG, CH, "exp(zval(i) - M)", "exp(zval(i) - M)")
     else:
         L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
         if top_k <= 0:   # top-p against the full-vocabulary normaliser
@@ -216,73 +310,10 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
                   "  var zs = 0.0;",
                   f"  for (var i = lid; i < V; i = i + {WG}u) {{ zs += exp(zval(i) - M); }}",
                   "  let Z = red_sum(zs, lid, 1u);"]
-        # radix select of the K-th largest key
-        L += ["  var prefix = 0u;", "  var pmask = 0u;", f"  var kleft = {K}u;",
-              "  for (var ps = 0u; ps < 4u; ps = ps + 1u) {",
-              "    let sh = 24u - 8u * ps;",
-              "    atomicStore(&hist[lid & 255u], 0u);" if WG >= 256 else
-              f"    for (var h = lid; h < 256u; h = h + {WG}u) {{ atomicStore(&hist[h], 0u); }}",
-              "    workgroupBarrier();",
-              f"    for (var i = lid; i < V; i = i + {WG}u) {{",
-              "      let key = okey(zval(i));",
-              "      if ((key & pmask) == prefix) { atomicAdd(&hist[(key >> sh) & 255u], 1u); }",
-              "    }",
-              "    workgroupBarrier();",
-              "    if (lid == 0u) {",
-              "      var above = 0u;",
-              "      var d = 255u;",
-              "      loop {",
-              "        let h = atomicLoad(&hist[d]);",
-              "        if (above + h >= kleft || d == 0u) { break; }",
-              "        above += h;",
-              "        d = d - 1u;",
-              "      }",
-              "      ctl[0] = d; ctl[1] = above;",
-              "    }",
-              "    let dsel = workgroupUniformLoad(&ctl[0]);",
-              "    let above = ctl[1];",
-              "    prefix = prefix | (dsel << sh);",
-              "    pmask = pmask | (255u << sh);",
-              "    kleft = kleft - above;",
-              "    workgroupBarrier();",
-              "  }",
-              "  let T = prefix;",
-              "  let need_eq = kleft;",
-              # compaction in id order
-              f"  let c0 = min(lid * {CH}u, V);",
-              f"  let c1 = min(c0 + {CH}u, V);",
-              "  var ngt = 0u;", "  var neq = 0u;",
-              "  for (var i = c0; i < c1; i = i + 1u) { let key = okey(zval(i)); ngt += u32(key > T); neq += u32(key == T); }",
-              "  let eq_before = scan_u(neq, lid) - neq;",
-              "  let take_eq = min(neq, need_eq - min(need_eq, eq_before));",
-              "  var p = scan_u(ngt + take_eq, lid) - (ngt + take_eq);",
-              "  var eqc = 0u;",
-              "  for (var i = c0; i < c1; i = i + 1u) {",
-              "    let z = zval(i);",
-              "    let key = okey(z);",
-              "    var take = key > T;",
-              "    if (key == T && eqc < take_eq) { take = true; eqc = eqc + 1u; }",
-              f"    if (take && p < {K}u) {{ cv[p] = z; ci[p] = i; p = p + 1u; }}",
-              "  }",
-              f"  for (var r = {K}u + lid; r < {KP}u; r = r + {WG}u) {{ cv[r] = ninf; ci[r] = 0xffffffffu; }}",
-              "  workgroupBarrier();",
-              # bitonic sort: best first
-              f"  for (var k = 2u; k <= {KP}u; k = k << 1u) {{",
-              "    for (var j = k >> 1u; j > 0u; j = j >> 1u) {",
-              f"      for (var a = lid; a < {KP}u; a = a + {WG}u) {{",
-              "        let b = a ^ j;",
-              "        if (b > a) {",
-              "          let va = cv[a]; let ia = ci[a]; let vb = cv[b]; let ib = ci[b];",
-              "          let asc = (a & k) == 0u;",
-              "          if ((asc && before(vb, ib, va, ia)) || (!asc && before(va, ia, vb, ib))) {",
-              "            cv[a] = vb; ci[a] = ib; cv[b] = va; ci[b] = ia;",
-              "          }",
-              "        }",
-              "      }",
-              "      workgroupBarrier();",
-              "    }",
-              "  }",
-              "  var tok = 0u;",
+        L += _radix_select_lines(WG, f"{K}u", "okey(zval(i))")
+        L += _compact_lines(WG, CH, "zval", "okey", "z", f"{K}u", f"{KP}u", "ninf")
+        L += _bitonic_lines(WG, f"{KP}u")
+        L += ["  var tok = 0u;",
               "  if (lid == 0u) {",
               "    let z0 = cv[0];",
               "    var wsum = 0.0;",
