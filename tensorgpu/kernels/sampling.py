@@ -617,7 +617,7 @@ def _reduce_acc_fn(WG: int, subgroups: bool) -> str:
 
 def _rows_footprint(WG: int) -> int:
     """Workgroup memory of the rows kernel: reduction (3 x WG), two scans, histogram, candidates."""
-    return 20 * WG + 4 * 256 + 8 * KCAP + 64
+    return 20 * WG + 4 * 256 + 12 * KCAP + 64
 
 
 def _rows_workgroup() -> int:
@@ -662,7 +662,7 @@ def _rows_source(B: int, V: int, logits: Operand, params: dict, n_logprobs: int,
         _ROWS_HELPERS, _reduce_acc_fn(WG, subgroups), _scan_fn("scan_u", "u32", WG), _scan_fn("scan_f", "f32", WG),
         "var<workgroup> hist: array<atomic<u32>, 256>;", "var<workgroup> ctl: array<u32, 2>;",
         f"var<workgroup> cv: array<u32, {KCAP}>;", f"var<workgroup> ci: array<u32, {KCAP}>;",
-        "var<workgroup> owner: atomic<u32>;", "var<workgroup> pick: u32;"]
+        f"var<workgroup> cw: array<f32, {KCAP}>;", "var<workgroup> owner: atomic<u32>;", "var<workgroup> pick: u32;"]
     # the kk-th largest key (T) and how many ids equal to it are in (need_eq)
     L += ["fn radix_kth(kk: u32, lid: u32) -> vec2<u32> {"]
     L += _radix_select_lines(WG, "kk", "nkey(lg(i))")
@@ -692,27 +692,30 @@ def _rows_source(B: int, V: int, logits: Operand, params: dict, n_logprobs: int,
     # top-p, min-p and the draw over the C sorted candidates (invocation 0)
     L += ["fn draw_candidates(C: u32, norm_in: f32, top_p: f32, usep: bool, min_p: f32, usem: bool, u: f32,",
           "                   lid: u32) -> u32 {",
+          # every candidate's weight once, in parallel; invocation 0 then only adds
+          f"  for (var r = lid; r < C; r = r + {WG}u) {{ cw[r] = wexp(kval(cv[r])); }}",
+          "  workgroupBarrier();",
           "  if (lid == 0u) {",
           "    var norm = norm_in;",
-          "    if (norm_in < 0.0) { norm = 0.0; for (var r = 0u; r < C; r = r + 1u) { norm += wexp(kval(cv[r])); } }",
+          "    if (norm_in < 0.0) { norm = 0.0; for (var r = 0u; r < C; r = r + 1u) { norm += cw[r]; } }",
           "    var keep = C;",
           "    if (usep) {",
           "      var cb = 0.0;",
           "      for (var r = 0u; r < C; r = r + 1u) {",
           "        if (r > 0u && cb >= top_p * norm) { keep = r; break; }",
-          "        cb += wexp(kval(cv[r]));",
+          "        cb += cw[r];",
           "      }",
           "    }",
           "    if (usem) {",
-          "      for (var r = 1u; r < keep; r = r + 1u) { if (wexp(kval(cv[r])) < min_p) { keep = r; break; } }",
+          "      for (var r = 1u; r < keep; r = r + 1u) { if (cw[r] < min_p) { keep = r; break; } }",
           "    }",
           "    var wk = 0.0;",
-          "    for (var r = 0u; r < keep; r = r + 1u) { wk += wexp(kval(cv[r])); }",
+          "    for (var r = 0u; r < keep; r = r + 1u) { wk += cw[r]; }",
           "    let goal = u * wk;",
           "    var c = 0.0;",
           "    var t = ci[keep - 1u];",
           "    for (var r = 0u; r < keep; r = r + 1u) {",
-          "      c += wexp(kval(cv[r]));",
+          "      c += cw[r];",
           "      if (c > goal) { t = ci[r]; break; }",
           "    }",
           "    pick = t;",
