@@ -7,6 +7,7 @@ elementwise consumers of the result (bias, gelu, residual add) fuse into its sto
 from __future__ import annotations
 
 from math import prod
+from numbers import Integral
 from typing import NamedTuple, Optional
 
 from . import dtypes as dt
@@ -512,9 +513,9 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
     B, V = logits.shape
     if (V > 1 and logits.view.strides[1] != 1) or logits.view.strides[0] < 0:
         logits = logits.contiguous()      # the kernel reads unit-stride rows
-    if isinstance(n_logprobs, bool) or not isinstance(n_logprobs, int) or not 0 <= n_logprobs <= MAX_LOGPROBS:
+    if isinstance(n_logprobs, bool) or not isinstance(n_logprobs, Integral) or not 0 <= n_logprobs <= MAX_LOGPROBS:
         raise ValueError(f"sample_rows: n_logprobs must be an int in [0, {MAX_LOGPROBS}], got {n_logprobs!r}")
-    N = n_logprobs
+    N = int(n_logprobs)
     params = [_row_param(temperature, "temperature", B, dt.float32), _row_param(top_k, "top_k", B, dt.int32),
               _row_param(top_p, "top_p", B, dt.float32), _row_param(min_p, "min_p", B, dt.float32),
               _row_param(u, "u", B, dt.float32)]
