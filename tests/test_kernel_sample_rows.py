@@ -436,3 +436,17 @@ def test_kernel_level_errors():
         sample_rows(oi, of, logits, ps, counts=Operand(runtime.Buffer(4 * B * V), dtypes.int32, (B, V), (1, 1)))
     with pytest.raises(ValueError, match="out_ints and out_floats are the same Buffer"):
         sample_rows(oi, oi, logits, ps)
+
+
+def test_one_prompt_many_draws_through_a_broadcast_row():
+    """OpenAI's `n`: one row of logits read by B rows (a stride-0 view), each with its own u."""
+    V, B = 500, 8
+    l = (rng.standard_normal(V) * 2).astype(F32)
+    U = np.linspace(0.05, 0.95, B).astype(F32)
+    rows = tg.tensor(l)[None].expand(B, V)
+    assert rows.view.strides[0] == 0
+    out = tg.nn.sample_rows(rows, *params([0.9] * B, [50] * B, [0.95] * B, [0.0] * B, U), n_logprobs=2)
+    want = sample_rows_reference(np.tile(l, (B, 1)), [0.9] * B, [50] * B, [0.95] * B, [0.0] * B, U, 2)
+    np.testing.assert_array_equal(out.tokens.numpy(), want[0])
+    np.testing.assert_array_equal(out.top_ids.numpy(), want[2])
+    assert len(set(out.tokens.numpy().tolist())) > 1
