@@ -183,6 +183,27 @@ class _Seq:
         self.seen = set(req.prompt_ids) if p.repetition_penalty != 1.0 else set()
 
 
+@dataclass
+class _Inflight:
+    """A decode step queued on the GPU whose outputs the host has not read yet."""
+    seqs: list
+    bucket: int
+    mode: str
+    n_lp: int
+    outs: tuple
+    tickets: list
+
+
+class _Host:
+    """A host array where _picks expects a tensor (it calls .numpy())."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def numpy(self):
+        return self.a
+
+
 def _next_bucket(n: int, cap: int) -> int:
     b = 1
     while b < n:
@@ -224,14 +245,15 @@ class Engine:
         self._free: list = list(range(max_batch))                          # a heap: lowest slot first
         self._running: dict = {}                                           # slot -> _Seq
         self._prefill: Optional[_Seq] = None
-        self._steps: dict = {}                                             # bucket -> captured step
+        self._steps: dict = {}                                             # (bucket, mode, n_lp) -> captured step
+        self._inflight: Optional[_Inflight] = None                         # the decode step queued, not read yet
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._closed = False
         self.listeners: List[Callable[[StepInfo], None]] = []
         self._stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "requests": 0,
-                       "finished": 0, "cancelled": 0}
+                       "finished": 0, "cancelled": 0, "chained_steps": 0}
 
     # -- submitting -------------------------------------------------------------------
 
@@ -305,7 +327,7 @@ class Engine:
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._running or self._prefill is not None)
+        return bool(self._waiting or self._running or self._prefill is not None or self._inflight is not None)
 
     def shutdown(self, cancel: bool = True, timeout: float = 30.0) -> None:
         """Stop taking requests; cancel (or, with cancel=False, finish) the in-flight ones; stop
@@ -364,6 +386,7 @@ class Engine:
             self._finish(s, "cancelled")
 
     def _fail_all(self, msg: str) -> None:
+        self._inflight = None
         with self._lock:
             seqs = list(self._running.values()) + ([self._prefill] if self._prefill else [])
             waiting = list(self._waiting) if self._closed else []
@@ -498,39 +521,83 @@ class Engine:
         return picks[0]
 
     def _decode(self) -> tuple:
+        """Queue this iteration's decode step, then read the previous one (one step in flight:
+        the GPU runs step N+1 while the host delivers step N's tokens). While no sequence joins
+        or leaves, step N+1 takes its input ids straight from step N's output on the GPU; a
+        join, a finish or a step that could be a sequence's last reads step N first."""
+        inf = self._inflight
         with self._lock:
-            seqs = sorted(self._running.values(), key=lambda s: s.slot)
-        seqs = [s for s in seqs if s.last is not None]
-        if not seqs:
-            return 0, 0
-        bucket = _next_bucket(seqs[-1].slot + 1, self.max_batch)
-        ids = np.zeros(bucket, np.int32)
-        pos = np.zeros(bucket, np.int32)
-        for s in seqs:
-            ids[s.slot], pos[s.slot] = s.last, s.n_cache
+            running = sorted(self._running.values(), key=lambda s: s.slot)
+        running = [s for s in running if s.last is not None or (inf is not None and s in inf.seqs)]
+        done = (0, 0)
+        if inf is not None:
+            if self._can_chain(inf, running):
+                nxt = self._queue_step(running, inf)
+                self._stats["chained_steps"] += 1
+                done = self._read(inf)
+                self._inflight = nxt
+                return done
+            done = self._read(inf)
+            self._inflight = None
+            with self._lock:
+                running = sorted(self._running.values(), key=lambda s: s.slot)
+        running = [s for s in running if s.last is not None]
+        if running:
+            self._inflight = self._queue_step(running, None)
+        return done
+
+    def _mode(self, seqs: list) -> tuple:
         ps = [s.req.params for s in seqs]
         n_lp = max((p.logprobs or 0) for p in ps)
         if any(p.penalized for p in ps):
             mode = "penalized"
-        elif n_lp == 0 and not any(p.logprobs is not None for p in ps) and all(p.greedy for p in ps):
-            mode = "argmax"
+        elif all(p.greedy and p.logprobs is None for p in ps):
+            return "argmax", 0
         else:
             mode = "sample"
-        n_lp = 0 if mode == "argmax" else (n_lp and 20)       # one variant with the top 20, sliced per request
-        outs = self._step_fn(bucket, mode, n_lp)(ids, pos, *self._row_params(seqs, bucket, lambda s: s.slot))
-        tg.realize(*outs)
-        self._stats["steps"] += 1
-        for s in seqs:
-            s.n_cache += 1
-        tokens = outs[0].numpy()
-        if mode == "argmax":
-            picks = [(int(tokens[s.slot]), None, None) for s in seqs]
+        return mode, (20 if n_lp else 0)     # one variant with the top 20, sliced per request
+
+    def _can_chain(self, inf: "_Inflight", running: list) -> bool:
+        """Step N+1 may be queued before step N is read: the same sequences, none of which can
+        end by length in step N (so step N+1 writes inside every context)."""
+        if [s.slot for s in running] != [s.slot for s in inf.seqs] or any(a is not b for a, b in zip(running, inf.seqs)):
+            return False
+        if self._mode(running) != (inf.mode, inf.n_lp):
+            return False
+        L = self.max_context
+        return all(len(s.req.output_ids) + 2 < s.req.params.max_tokens and s.n_cache + 1 < L
+                   and len(s.req.prompt_ids) + len(s.req.output_ids) + 2 < L for s in running)
+
+    def _queue_step(self, seqs: list, prev: Optional["_Inflight"]) -> "_Inflight":
+        bucket = _next_bucket(seqs[-1].slot + 1, self.max_batch)
+        if prev is not None:
+            ids = prev.outs[0]                       # step N's chosen ids, still on the GPU
         else:
-            picks = _picks(tokens, outs[1].numpy(), outs[2] if n_lp else None, outs[3] if n_lp else None, seqs,
-                           lambda s: s.slot)
-        for s, pick in zip(seqs, picks):
+            ids = np.zeros(bucket, np.int32)
+            for s in seqs:
+                ids[s.slot] = s.last
+        pos = np.zeros(bucket, np.int32)
+        for s in seqs:
+            pos[s.slot] = s.n_cache
+            s.n_cache += 1
+        mode, n_lp = self._mode(seqs)
+        outs = self._step_fn(bucket, mode, n_lp)(ids, pos, *self._row_params(seqs, bucket, lambda s: s.slot))
+        tickets = [o.read_async() for o in outs]     # the capture's outputs are rewritten by the next replay
+        tg.flush()
+        self._stats["steps"] += 1
+        return _Inflight(list(seqs), bucket, mode, n_lp, outs, tickets)
+
+    def _read(self, inf: "_Inflight") -> tuple:
+        vals = [t.numpy() for t in inf.tickets]
+        live = [s for s in inf.seqs if not s.req.finished]
+        if inf.mode == "argmax":
+            picks = [(int(vals[0][s.slot]), None, None) for s in live]
+        else:
+            tops = (_Host(vals[2]), _Host(vals[3])) if inf.n_lp else (None, None)
+            picks = _picks(vals[0], vals[1], *tops, live, lambda s: s.slot)
+        for s, pick in zip(live, picks):
             self._accept(s, *pick)
-        return len(seqs), bucket
+        return len(inf.seqs), inf.bucket
 
     def _accept(self, s: _Seq, tok: int, logprob, top) -> None:
         """Deliver a sampled token and decide whether the sequence ends here."""
