@@ -565,17 +565,28 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
 
 class RopeKVWriteKernel(CustomKernel):
     """q_out = rope(qkv[:, 0]) as [H, T, D]; k_cache[h, pos] = rope(k); v_cache[h, pos] = v — one
-    kernel for a prompt's attention inputs (rewrites.fuse_rope_cache_write puts it in the graph)."""
+    kernel for a prompt's attention inputs (rewrites.fuse_rope_cache_write puts it in the graph).
+
+    With n_kv_heads (rewrites.fuse_rope_cache_write_gqa: LLaMA's and Qwen2's own q/k/v
+    projections), srcs are (q [T, H, D], positions, k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D]),
+    any rope mode, with optional frequency factors."""
     name = "rope_kv_write"
     writes = (2, 3)
 
-    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype):
+    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, mode="neox",
+                 n_kv_heads=None, freq_factors=None):
         self.args = (seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
+        self.mode, self.n_kv_heads, self.freq_factors = mode, n_kv_heads, freq_factors
 
     def emit(self, out, operands, epilogue):
         from .kernels.rope import rope_kv_write as k
-        qkv, pos, kc, vc = operands
         seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype = self.args
+        if self.n_kv_heads is not None:
+            q, pos, kc, vc, kx, vx = operands
+            k(out, kc.buffer, vc.buffer, q, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype,
+              self.mode, k=kx, v=vx, n_kv_heads=self.n_kv_heads, freq_factors=self.freq_factors)
+            return
+        qkv, pos, kc, vc = operands
         k(out, kc.buffer, vc.buffer, qkv, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
 
 

@@ -714,6 +714,106 @@ def fuse_rope_cache_write(g: Graph) -> int:
     return fired
 
 
+def _match_prompt_sep(q, qv, ka, kav, va, vav, H, T, D):
+    """The pieces of a T-token attention input with separate q/k/v (LLaMA's and Qwen2's own
+    projections) and grouped-query heads: q = rope(q_x [T, H, D]) read as [H, T, D],
+    cache_k[:, p:p+T] = rope(k_x [T, Hkv, D]).transpose(0, 1), cache_v[:, p:p+T] = v_x.transpose(0, 1),
+    caches [Hkv, max_ctx, D] with Hkv dividing H, both ropes with the same arguments and
+    frequency factors, their positions an arange starting at p (the same one, or one with the
+    same start). Returns q / k / v as (node, [T, heads, D] view) and the rest; None when the
+    graph is not that."""
+    from .nn import RopeKernel
+    from .tensor import arange_start
+    import numpy as np
+    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
+            and va.buffer is None):
+        return None
+    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3 and ka.shape[2] == D
+            and va.shape == ka.shape):
+        return None
+    Hkv, max_ctx = ka.shape[0], ka.shape[1]
+    if Hkv <= 0 or H % Hkv:
+        return None
+    qT, qh, qd, rot, base, mode = q.arg.args
+    if (qT, qh, qd) != (T, H, D) or mode not in ("neox", "normal"):
+        return None
+    # q: rope of [T, H, D] (contiguous, the kernel's output) read as [H, T, D]
+    if qv.shape != (H, T, D) or qv.strides[0] != D or qv.strides[2] != 1 or (T > 1 and qv.strides[1] != H * D) \
+            or qv.offset != 0:
+        return None
+    (qx, qxv), qpos = q.srcs
+    start = arange_start(*qpos)
+    if start is None:
+        return None
+    kw, kwv = ka.srcs[1]
+    ff = q.arg.freq_factors
+    if not (_is(kw, RopeKernel) and kw.arg.args == (T, Hkv, D, rot, base, mode)):
+        return None
+    kff = kw.arg.freq_factors
+    if (ff is None) != (kff is None) or (ff is not None and not np.array_equal(np.asarray(ff), np.asarray(kff))):
+        return None
+    kstart = arange_start(*kw.srcs[1])     # k's positions: the same arange, or one with the same start
+    if not (kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]) and (kstart is None or not _same(kstart, start)):
+        return None
+    for a in (ka, va):
+        t = a.arg
+        if not (t.shape == (Hkv, T, D) and t.strides[0] == max_ctx * D and t.strides[2] == 1
+                and (T == 1 or t.strides[1] == D) and _same(t.offset, start * D)):
+            return None
+    if kwv.shape != (Hkv, T, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0 or \
+            (T > 1 and kwv.strides[1] != Hkv * D):
+        return None
+    (kx, kxv) = kw.srcs[0]
+    vw, vwv = va.srcs[1]
+    if vwv.shape != (Hkv, T, D):
+        return None
+    vx = View((T, Hkv, D), (vwv.strides[1], vwv.strides[0], vwv.strides[2]), vwv.offset)
+    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vw, vx, Hkv)):
+        if view.shape != (T, h, D) or isinstance(view.offset, SymInt) or node.dtype not in (dt.float32, dt.float16):
+            return None
+        if any(st < 0 for st in view.strides) or view.offset < 0:
+            return None
+        if view.offset + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) >= node.numel:
+            return None
+    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
+    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
+        return None
+    if kbase.shape != ka.shape or vbase.shape != va.shape:
+        return None
+    return dict(q=(qx, qxv), k=(kx, kxv), v=(vw, vx), pos=qpos, start=start, kbase=kbase, vbase=vbase, rot=rot,
+                base=base, mode=mode, max_ctx=max_ctx, Hkv=Hkv, ff=ff)
+
+
+@rule
+def fuse_rope_cache_write_gqa(g: Graph) -> int:
+    """A prompt's q = rope(q_x), cache_k[:, p:p+T] = rope(k_x) and cache_v[:, p:p+T] = v_x with
+    separate q/k/v projections and grouped-query heads (LLaMA: "normal" rope; Qwen2: "neox";
+    Llama 3.1's frequency factors) are ONE rope + cache-write kernel reading the three
+    projections where they are; the attention then reads the roped q it wrote. (The fused-QKV
+    form is fuse_rope_cache_write's.)"""
+    from .nn import AttentionKernel, RopeKVWriteKernel
+    fired = 0
+    if get_device().max_storage_buffers < 7:     # q, positions, q_out, both caches, k, v
+        return 0
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and len(n.srcs) == 3 and n.arg.out_layout == "bsd" and len(n.shape) == 3):
+            continue
+        (q, qv), (ka, kav), (va, vav) = n.srcs
+        H, T, D = n.shape
+        m = _match_prompt_sep(q, qv, ka, kav, va, vav, H, T, D)
+        if m is None:
+            continue
+        kern = RopeKVWriteKernel(T, H, D, m["rot"], m["max_ctx"], m["base"], m["kbase"].dtype, m["mode"],
+                                 n_kv_heads=m["Hkv"], freq_factors=m["ff"])
+        r = Node(Op.CUSTOM, (), dt.float32, (H, T, D), arg=kern)
+        r.set_srcs((m["q"], m["pos"], (m["kbase"], View.contiguous(m["kbase"].shape)),
+                    (m["vbase"], View.contiguous(m["vbase"].shape)), m["k"], m["v"]))
+        _writes_done_by(r, ka, va, m)
+        n.set_srcs(((r, View.contiguous((H, T, D))), (ka, kav), (va, vav)))
+        fired += 1
+    return fired
+
+
 @rule
 def attention_writes_token_major(g: Graph) -> int:
     """attention(...) [heads, T, d] copied to [T, heads, d] (`a.transpose(0, 1).reshape(T, C)`,
