@@ -76,6 +76,7 @@ class KernelBuilder:
         self.tmp = 0
         self.core: Optional[Node] = None
         self.core_var = "acc"
+        self.row_vals: dict = {}      # id(row reduction) -> the variable holding its row's value
         dev = get_device()
         self.native_f16 = dev.has_f16
         # runtime values (a uniform, see `param`): view offsets and scalar constants, so new
@@ -193,6 +194,8 @@ class KernelBuilder:
         ct = compute_type(node.dtype)
         if node is self.core:
             val = self.core_var
+        elif id(node) in self.row_vals:
+            val = self.row_vals[id(node)]
         elif node.op is Op.CONST:
             if self.use_params and ct in ("f32", "i32", "u32"):
                 val = self.param(node.arg, ct)
@@ -588,6 +591,85 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
            + "  " + store_sh + tree
            + f"  if (lid == 0u) {{\n    {final}\n" + ind(epi, 4) + "  }\n}\n")
     return src, b.bindings, n_out * (split[0] if split is not None else 1), b.params
+
+
+# ----------------------------------------------------------------------------- row kernels
+
+
+def _workgroup_combine(op: Op, act: str, acc: str, out: str, wg: int, subgroups: bool, helpers: set) -> list:
+    """WGSL lines combining every invocation's `acc` (compute type `act`) of a workgroup of `wg`
+    into `let {out}`, visible to all of them; the shared array `sv_{act}` is free again after."""
+    combine = REDUCE[op][2]
+    nan_aware = act == "f32" and op in (Op.RMAX, Op.RMIN)
+    if nan_aware:   # NumPy's max/min propagate NaN; WGSL's max/min need not
+        combine = "tg_fmax({0}, {1})" if op is Op.RMAX else "tg_fmin({0}, {1})"
+        helpers |= {"tg_isnan", "tg_fmax" if op is Op.RMAX else "tg_fmin"}
+    sv = f"sv_{act}"
+    if subgroups:
+        fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
+        if nan_aware:   # subgroupMax/Min may drop NaN: carry a NaN flag through the subgroup
+            part = [f"let sgn_{out} = subgroupMax(select(0u, 1u, tg_isnan({acc})));",
+                    f"let sg_{out} = select({fn}({acc}), bitcast<f32>(0x7fc00000u), sgn_{out} != 0u);"]
+        else:
+            part = [f"let sg_{out} = {fn}({acc});"]
+        return part + [f"if (sgid == 0u) {{ {sv}[lid / sgsize] = sg_{out}; }}", "workgroupBarrier();",
+                       f"var t_{out}: {act} = {sv}[0];",
+                       f"for (var k = 1u; k < {wg}u / sgsize; k = k + 1u) {{ t_{out} = {combine.format(f't_{out}', f'{sv}[k]')}; }}",
+                       f"let {out} = t_{out};", "workgroupBarrier();"]
+    return [f"{sv}[lid] = {acc};", "workgroupBarrier();",
+            f"for (var s = {wg // 2}u; s > 0u; s = s >> 1u) {{",
+            f"  if (lid < s) {{ {sv}[lid] = {combine.format(f'{sv}[lid]', f'{sv}[lid + s]')}; }}",
+            "  workgroupBarrier();", "}", f"let {out} = {sv}[0];", "workgroupBarrier();"]
+
+
+def row_kernel(root: Node, cores: list, k: int, out_buf, subgroups: bool):
+    """One workgroup per row: the row reductions `cores` (keepdims shape [rows..., 1, ...], axes
+    from k on; each one's prologue its inlined source expression, which may read an earlier
+    one's row value), then the elementwise `root` over the row's elements (axes from k on of
+    root.shape), reading each reduction as its row's value; stored contiguously. What
+    RMSNorm / layer norm / softmax in plain ops become (schedule.RowCores)."""
+    b = KernelBuilder()
+    O = cores[0].shape
+    n_rows = prod(O)
+    row_shape = tuple(root.shape[k:])
+    RL = prod(row_shape)
+    rlens = [prod(c.srcs[0][1].shape[a] for a in c.arg) for c in cores]
+    wg = 256 if max(rlens + [RL]) >= 256 else 64
+    b.lines = []
+    out_c = b.unravel(b.new("i32(o)", "i32"), O)
+    body = b.lines
+    acts = []
+    for j, (red, rlen) in enumerate(zip(cores, rlens)):
+        src, sv = red.srcs[0]
+        act = compute_type(red.dtype)
+        acts.append(act)
+        b.lines, b.memo = [], {}
+        rc = b.unravel(b.new("i32(r)", "i32"), tuple(sv.shape[a] for a in red.arg))
+        c = list(out_c)
+        for a, e in zip(red.arg, rc):
+            c[a] = e
+        val = convert(b.render(src, sv, c), compute_type(src.dtype), act)
+        combine = REDUCE[red.op][2]
+        if act == "f32" and red.op in (Op.RMAX, Op.RMIN):
+            combine = "tg_fmax({0}, {1})" if red.op is Op.RMAX else "tg_fmin({0}, {1})"
+        body += [f"var acc{j}: {act} = {REDUCE[red.op][1][act]};",
+                 f"for (var r = lid; r < {rlen}u; r = r + {wg}u) {{"]
+        body += ["  " + l for l in b.lines] + [f"  acc{j} = {combine.format(f'acc{j}', val)};", "}"]
+        body += _workgroup_combine(red.op, act, f"acc{j}", f"row{j}", wg, subgroups, b.helpers)
+        b.row_vals[id(red)] = f"row{j}"
+    b.lines, b.memo = [], {}
+    ec = b.unravel(b.new("i32(e)", "i32"), row_shape)
+    val = b.render(root, View.contiguous(root.shape), list(out_c[:k]) + ec)
+    st = store_stmt(b, out_buf, root.dtype, f"o * {RL}u + e", val)
+    body += [f"for (var e = lid; e < {RL}u; e = e + {wg}u) {{"] + ["  " + l for l in b.lines + [st]] + ["}"]
+    shared = "".join(f"var<workgroup> sv_{a}: array<{a}, {wg}>;\n" for a in sorted(set(acts)))
+    sg_args = ", @builtin(subgroup_invocation_id) sgid: u32, @builtin(subgroup_size) sgsize: u32" if subgroups else ""
+    pre = GRID_PREAMBLE.format(wg=wg).replace(" @builtin(local_invocation_index) lid: u32)",
+                                              f" @builtin(local_invocation_index) lid: u32{sg_args})")
+    src = (b.header() + b.decls() + "\n" + b.helper_text() + "\n" + shared + pre
+           + f"  let o = wid.x + wid.y * nwg.x;\n  if (o >= {n_rows}u) {{ return; }}\n"
+           + "".join("  " + l + "\n" for l in body) + "}\n")
+    return src, b.bindings, n_rows, b.params
 
 
 # ----------------------------------------------------------------------------- epilogues
