@@ -155,6 +155,73 @@ def rows_before_head(g: Graph) -> int:
     return fired
 
 
+def _rows_of(m: Node, v: View, r, k: int, memo: dict):
+    """(node, view) reading rows r .. r+k of axis 0 of what (m, v) reads. An elementwise node or
+    a reduction that keeps axis 0, read row for row, is rebuilt over those rows only (its
+    sources' rows, recursively: RMSNorm's sum of squares becomes that of the rows); anything
+    else is read through the sliced view."""
+    key = (id(m), v)
+    hit = memo.get(key)
+    if hit is not None:
+        return hit
+    from .graph import REINDEXING
+    nd = len(m.shape)
+    shape = (k,) + tuple(v.shape[1:])
+    rowwise = (m.buffer is None and m.op is not Op.CONST and nd >= 1 and len(v.shape) == nd
+               and v.shape[0] == m.shape[0] > 1 and not isinstance(v.offset, SymInt) and v.offset == 0
+               and v.strides[0] == View.contiguous(m.shape).strides[0]
+               and ((m.is_elementwise and m.op not in REINDEXING) or (m.is_reduce and 0 not in m.arg)))
+    if not rowwise:
+        out = (m, View(shape, v.strides, v.offset + r * v.strides[0]))
+    else:
+        mshape = (k,) + tuple(m.shape[1:])
+        n = Node(m.op, (), m.dtype, mshape, arg=m.arg)
+        n.seq = m.seq                  # it reads what m read (in-place write order)
+        n.set_srcs(tuple(_rows_of(s, sv, r, k, memo) for s, sv in m.srcs))
+        out = (n, View(shape, (View.contiguous(mshape).strides[0],) + tuple(v.strides[1:]), 0))
+    memo[key] = out
+    return out
+
+
+@rule
+def rows_before_linear(g: Graph) -> int:
+    """Some rows of linear(f(x)), f computed row by row in plain ops (LLaMA's final RMSNorm:
+    x * rsqrt(mean(x * x) + eps) * w) — a prompt's last-token logits out of [T, vocab] — are the
+    linear of f of those rows: the vocabulary projection (and the norm) run for the rows read,
+    not for the whole prompt. (A hand-written layer_norm is rows_before_head's.)"""
+    from .customops import MatmulKernel, QuantMatmulKernel
+    from .nn import linear
+    from .tensor import Tensor
+    fired = 0
+    for n in list(g.nodes):
+        for i, (L, v) in enumerate(n.srcs):
+            if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
+                    and g.only_reader(L) == (n, i) and len(L.srcs) == 2):
+                continue
+            T, V = L.shape
+            k = v.shape[0] if len(v.shape) == 2 else 0
+            if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
+                continue
+            (X, xv), (W, wv) = L.srcs
+            r = v.offset // V if not isinstance(v.offset, SymInt) else None
+            if r is None:
+                if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
+                    continue
+                r = SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
+            elif r * V != v.offset:
+                continue
+            if len(xv.shape) != 2 or xv.shape[0] != T or len(wv.shape) != 2:
+                continue
+            h = Tensor(*_rows_of(X, xv, r, k, {}))
+            w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
+            y = linear(h, w)
+            srcs = list(n.srcs)
+            srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
+            n.set_srcs(tuple(srcs))
+            fired += 1
+    return fired
+
+
 @rule
 def fold_norm_into_gemv(g: Graph) -> int:
     """layer_norm(x) read by a one-row linear: the GEMV normalises x itself (its constants

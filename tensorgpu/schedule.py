@@ -427,6 +427,7 @@ def _row_read(v: View, m: Node):
 
 # A row kernel's reductions: ops it combines in a workgroup (the arg reductions keep their kernels)
 _ROW_OPS = (Op.SUM, Op.RMAX, Op.RMIN)
+ROW_MAP_MIN = 4096     # a row kernel may map rows this long whatever the length of its reductions
 
 
 def _row_cores_ok(root: Node, cores: list, shapes: set, edges: dict):
@@ -462,7 +463,10 @@ def _row_cores_ok(root: Node, cores: list, shapes: set, edges: dict):
             return None
         if -(-rlen // 64) > MAX_THREAD_TRIPS or len(edges.get(id(red), ())) != _graph_reads(red):
             return None
-    if -(-RL // 64) > MAX_THREAD_TRIPS or RL == 0:
+    # the workgroup of a row maps the row: worth it while the map is not much longer than the
+    # reductions it follows (x / x[:8].sum() over a long row stays two kernels, the map wide)
+    longest = max(prod(r.srcs[0][1].shape[a] for a in r.arg) for r in cores)
+    if RL == 0 or n_rows == 0 or -(-RL // 64) > MAX_THREAD_TRIPS or RL > max(4 * longest, ROW_MAP_MIN):
         return None
     return k
 
