@@ -575,3 +575,183 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         assert ("attention_decode_gqa" in names(log)) == (limit is None), names(log)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _prompt_attention(x, ws, bs, ck, cv, pos, T, H, Hkv, D, rot, mode, ff, positions=None, row=None):
+    """LLaMA-style plain code for T prompt tokens: separate q/k/v linears (biases optional),
+    rope, slice-assignment cache writes, grouped-query attention over cache[:, :pos + T]."""
+    q = tg.nn.linear(x, ws[0], bs[0]).reshape(T, H, D)
+    k = tg.nn.linear(x, ws[1], bs[1]).reshape(T, Hkv, D)
+    v = tg.nn.linear(x, ws[2], bs[2]).reshape(T, Hkv, D)
+    p = tg.arange(pos, pos + T)
+    q = tg.nn.rope(q, p, rot, mode=mode, freq_factors=ff)
+    k = tg.nn.rope(k, p if positions is None else positions, rot, mode=mode, freq_factors=ff)
+    w = pos if row is None else row
+    ck[:, w:w + T] = k.transpose(0, 1)
+    cv[:, w:w + T] = v.transpose(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+
+
+@pytest.mark.parametrize("mode", ["normal", "neox"])
+@pytest.mark.parametrize("Hkv,bias,cache_dtype", [(2, False, tg.float16), (1, True, tg.float32), (4, True, tg.float16)],
+                         ids=str)
+@pytest.mark.parametrize("with_ff", [False, True], ids=["", "freq_factors"])
+def test_fuse_rope_cache_write_gqa(mode, Hkv, bias, cache_dtype, with_ff):
+    """A prompt of LLaMA / Qwen2 plain code (separate q/k/v linears, rope in either mode, with or
+    without frequency factors, fewer KV heads, slice-assignment cache writes after earlier rows):
+    rope(q), rope(k) and both cache writes are ONE rope_kv_write kernel, under tg.capture with
+    the position a step variable too; the attention output and both caches as NumPy says, rows
+    outside the prompt untouched."""
+    H, D, rot, max_ctx, C, T = 4, 32, 16, 24, 128, 5
+    ws, (Wq, Wk, Wv) = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    bq, bk, bv = (rng.standard_normal(n).astype(np.float32) for n in (H * D, Hkv * D, Hkv * D))
+    B = (tg.tensor(bq), tg.tensor(bk), tg.tensor(bv)) if bias else (None, None, None)
+    ff = (1 + 7 * rng.random(rot // 2)).astype(np.float32) if with_ff else None
+    ck = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+    cv = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+    K, V = np.zeros((Hkv, max_ctx, D)), np.zeros((Hkv, max_ctx, D))
+    cap = tg.capture(lambda x, pos: _prompt_attention(x, ws, B, ck, cv, pos, T, H, Hkv, D, rot, mode, ff))
+    G = H // Hkv
+    for step, pos in enumerate((0, T, 2 * T)):
+        x = rng.standard_normal((T, C)).astype(np.float32)
+        if step == 2:     # eagerly, the same kernels
+            with tg.debug.kernel_log() as log:
+                got = _prompt_attention(tg.tensor(x), ws, B, ck, cv, pos, T, H, Hkv, D, rot, mode, ff).numpy()
+        else:
+            with tg.debug.kernel_log() as log:
+                got = cap(tg.tensor(x), pos).numpy()
+        if step != 1:     # (step 1 replays the trace)
+            assert names(log).count("rope_kv_write") == 1, names(log)
+            assert not any(n in ("rope", "E_assign") for n in names(log)), names(log)
+        q = (x @ Wq.T + (bq if bias else 0)).reshape(T, H, D)
+        k = (x @ Wk.T + (bk if bias else 0)).reshape(T, Hkv, D)
+        v = (x @ Wv.T + (bv if bias else 0)).reshape(T, Hkv, D)
+        for t in range(T):
+            K[:, pos + t] = _np_rope_mode(k[t], pos + t, rot, mode, ff=ff)
+            V[:, pos + t] = v[t]
+        L = pos + T
+        Kr, Vr = np.repeat(K[:, :L], G, 0), np.repeat(V[:, :L], G, 0)
+        qr = np.stack([_np_rope_mode(q[t], pos + t, rot, mode, ff=ff) for t in range(T)], 1)   # [H, T, D]
+        s = np.einsum("htd,hkd->htk", qr, Kr) / np.sqrt(D)
+        s = np.where(np.arange(L)[None, None, :] <= pos + np.arange(T)[None, :, None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("htk,hkd->htd", p / p.sum(-1, keepdims=True), Vr)
+        tol = 2e-3 if cache_dtype is tg.float16 else 1e-4
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ck.numpy()[:, :3 * T], K[:, :3 * T], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cv.numpy()[:, :3 * T], V[:, :3 * T], rtol=2e-3, atol=2e-3)
+    assert np.all(ck.numpy()[:, 3 * T:] == 0) and np.all(cv.numpy()[:, 3 * T:] == 0)
+
+
+def test_fuse_rope_cache_write_gqa_checks_the_pattern():
+    """Near misses keep their rope and cache-write kernels, with the values of the plain code:
+    k roped at other positions than q, cache rows other than the rope positions, k with
+    frequency factors q has not."""
+    H, Hkv, D, rot, max_ctx, C, T, pos = 4, 2, 16, 16, 16, 64, 3, 2
+    ws, _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    x = tg.tensor(rng.standard_normal((T, C)).astype(np.float32))
+    for case in ("k_positions", "row", "k_ff"):
+        outs = []
+        for fused in (True, False):
+            ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+            cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+            kp = tg.arange(pos + 1, pos + 1 + T) if case == "k_positions" else None
+            row = pos + 1 if case == "row" else None
+            if fused:
+                ff = np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None
+                q = tg.nn.rope(tg.nn.linear(x, ws[0]).reshape(T, H, D), tg.arange(pos, pos + T), rot, mode="normal")
+                k = tg.nn.rope(tg.nn.linear(x, ws[1]).reshape(T, Hkv, D), kp if kp is not None else tg.arange(pos, pos + T),
+                               rot, mode="normal", freq_factors=ff)
+                w = row if row is not None else pos
+                ck[:, w:w + T] = k.transpose(0, 1)
+                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).transpose(0, 1)
+                y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+                with tg.debug.kernel_log() as log:
+                    outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+                assert "rope_kv_write" not in names(log), (case, names(log))
+            else:     # the same computation, every piece realized on its own
+                ff = np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None
+                q = tg.nn.rope(tg.nn.linear(x, ws[0]).reshape(T, H, D), tg.arange(pos, pos + T), rot,
+                               mode="normal").realize()
+                k = tg.nn.rope(tg.nn.linear(x, ws[1]).reshape(T, Hkv, D), kp if kp is not None else tg.arange(pos, pos + T),
+                               rot, mode="normal", freq_factors=ff).realize()
+                w = row if row is not None else pos
+                ck[:, w:w + T] = k.transpose(0, 1)
+                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).transpose(0, 1)
+                ck.realize(), cv.realize()
+                y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+        for a, b in zip(*outs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_rope_cache_write_gqa_respects_the_storage_limit():
+    """The kernel binds 7 storage buffers (q, positions, q_out, both caches, k, v): at 6 the rope
+    and cache-write kernels stay, with the same values."""
+    H, Hkv, D, rot, max_ctx, C, T, pos = 4, 2, 16, 16, 16, 64, 4, 1
+    ws, _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    x = tg.tensor(rng.standard_normal((T, C)).astype(np.float32))
+    outs = []
+    for limit in (None, 6):
+        ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        y = _prompt_attention(x, ws, (None,) * 3, ck, cv, pos, T, H, Hkv, D, rot, "neox", None)
+        old = runtime.OPTIONS.max_storage_buffers
+        if limit:
+            runtime.OPTIONS.max_storage_buffers = limit
+        try:
+            with tg.debug.kernel_log() as log:
+                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+        finally:
+            runtime.OPTIONS.max_storage_buffers = old
+        assert ("rope_kv_write" in names(log)) == (limit is None), names(log)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [np.float32, "q8_0"], ids=_kind_name)
+def test_rows_before_linear(kind):
+    """The last row (or rows) of linear(rms_norm(x)) in plain ops, a prompt's last logits: the
+    norm and the projection run for those rows only (one row: one GEMV with the norm folded
+    in), under tg.capture with the row a step variable too; values as NumPy says."""
+    T, C, V = 12, 128, 96
+    (w,), (W,) = _weights(kind, [(V, C)])
+    x = (rng.standard_normal((T, C)) * 2 + 1).astype(np.float32)
+    g = rng.standard_normal(C).astype(np.float32)
+    X, G = tg.tensor(x), tg.tensor(g)
+    want = _rms(x, g, 1e-5) @ W.T
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    def head(r, k=1):
+        return tg.nn.linear(tg.nn.rms_norm(X, G, 1e-5), w)[r:r + k].contiguous()
+
+    with tg.debug.kernel_log() as log:
+        got = head(T - 1).numpy()
+    assert names(log) == [f"gemv_rms_{_kind_name(kind)}"], names(log)
+    np.testing.assert_allclose(got, want[T - 1:], **tol)
+    with tg.debug.kernel_log() as log:
+        got = head(3, 2).numpy()       # two rows: the norm of two rows, a two-row product
+    assert not any(n.startswith("R_") or n.startswith("E_") for n in names(log)), names(log)
+    np.testing.assert_allclose(got, want[3:5], **tol)
+    step = tg.capture(head)
+    for r in (T - 1, 0, 6):
+        np.testing.assert_allclose(step(r).numpy(), want[r:r + 1], **tol)
+    assert sum(len(e[1]) for e in step.traces.values()) == 1
+
+
+def test_rows_before_linear_reads_what_the_plain_code_reads():
+    """Rows of a linear of a row-wise expression over a transposed input, a column reduction
+    (not row-wise: computed over every row) and a lazy write issued after the expression was
+    built (the rows read the old contents, as the plain code does)."""
+    T, C, V = 6, 40, 24
+    (w,), (W,) = _weights(np.float32, [(V, C)])
+    a = rng.standard_normal((C, T)).astype(np.float32)
+    b = rng.standard_normal((T, C)).astype(np.float32)
+    A, Bt = tg.tensor(a), tg.tensor(b).contiguous().realize()
+    h = A.T * (Bt.sum(0, keepdims=True) + Bt.max(-1, keepdims=True))      # [T, C]
+    y = tg.nn.linear(h, w)[2:4].contiguous()
+    Bt[:, :] = 0.0                                                        # after y was built
+    hh = a.T.astype(np.float64) * (b.sum(0, keepdims=True) + b.max(-1, keepdims=True))
+    want = (hh @ W.T)[2:4]
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.all(Bt.numpy() == 0)
