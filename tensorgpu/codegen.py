@@ -596,9 +596,11 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
 # ----------------------------------------------------------------------------- row kernels
 
 
-def _workgroup_combine(op: Op, act: str, acc: str, out: str, wg: int, subgroups: bool, helpers: set) -> list:
+def _workgroup_combine(op: Op, act: str, acc: str, out: str, wg: int, subgroups: bool, helpers: set,
+                       reuse: bool) -> list:
     """WGSL lines combining every invocation's `acc` (compute type `act`) of a workgroup of `wg`
-    into `let {out}`, visible to all of them; the shared array `sv_{act}` is free again after."""
+    into `let {out}`, visible to all of them; with `reuse` the shared array `sv_{act}` is free
+    again after (a barrier once every invocation has read it)."""
     combine = REDUCE[op][2]
     nan_aware = act == "f32" and op in (Op.RMAX, Op.RMIN)
     if nan_aware:   # NumPy's max/min propagate NaN; WGSL's max/min need not
@@ -612,14 +614,17 @@ def _workgroup_combine(op: Op, act: str, acc: str, out: str, wg: int, subgroups:
                     f"let sg_{out} = select({fn}({acc}), bitcast<f32>(0x7fc00000u), sgn_{out} != 0u);"]
         else:
             part = [f"let sg_{out} = {fn}({acc});"]
+        # one invocation combines the subgroups' partials (every invocation looping over them is
+        # several times slower on lavapipe), then all read the total
         return part + [f"if (sgid == 0u) {{ {sv}[lid / sgsize] = sg_{out}; }}", "workgroupBarrier();",
-                       f"var t_{out}: {act} = {sv}[0];",
-                       f"for (var k = 1u; k < {wg}u / sgsize; k = k + 1u) {{ t_{out} = {combine.format(f't_{out}', f'{sv}[k]')}; }}",
-                       f"let {out} = t_{out};", "workgroupBarrier();"]
+                       "if (lid == 0u) {", f"  var t: {act} = {sv}[0];",
+                       f"  for (var k = 1u; k < {wg}u / sgsize; k = k + 1u) {{ t = {combine.format('t', f'{sv}[k]')}; }}",
+                       f"  {sv}[0] = t;", "}", "workgroupBarrier();",
+                       f"let {out} = {sv}[0];"] + (["workgroupBarrier();"] if reuse else [])
     return [f"{sv}[lid] = {acc};", "workgroupBarrier();",
             f"for (var s = {wg // 2}u; s > 0u; s = s >> 1u) {{",
             f"  if (lid < s) {{ {sv}[lid] = {combine.format(f'{sv}[lid]', f'{sv}[lid + s]')}; }}",
-            "  workgroupBarrier();", "}", f"let {out} = {sv}[0];", "workgroupBarrier();"]
+            "  workgroupBarrier();", "}", f"let {out} = {sv}[0];"] + (["workgroupBarrier();"] if reuse else [])
 
 
 def row_kernel(root: Node, cores: list, k: int, out_buf, subgroups: bool):
@@ -655,7 +660,8 @@ def row_kernel(root: Node, cores: list, k: int, out_buf, subgroups: bool):
         body += [f"var acc{j}: {act} = {REDUCE[red.op][1][act]};",
                  f"for (var r = lid; r < {rlen}u; r = r + {wg}u) {{"]
         body += ["  " + l for l in b.lines] + [f"  acc{j} = {combine.format(f'acc{j}', val)};", "}"]
-        body += _workgroup_combine(red.op, act, f"acc{j}", f"row{j}", wg, subgroups, b.helpers)
+        reuse = any(compute_type(c.dtype) == act for c in cores[j + 1:])     # a later reduction's shared array
+        body += _workgroup_combine(red.op, act, f"acc{j}", f"row{j}", wg, subgroups, b.helpers, reuse)
         b.row_vals[id(red)] = f"row{j}"
     b.lines, b.memo = [], {}
     ec = b.unravel(b.new("i32(e)", "i32"), row_shape)
