@@ -678,7 +678,7 @@ def test_fuse_batched_decode_attention(layout, mode, Hkv, bias, with_ff, cache_d
     assert np.all(ck.numpy()[B:] == 0) and np.all(cv.numpy()[B:] == 0)
 
 
-def test_fuse_batched_decode_attention_one_sequence_and_unfused_values():
+def test_fuse_batched_decode_attention_one_sequence_and_unfused_values(monkeypatch):
     """A batch of one (positions an int32 [1] tensor) fuses too; fused and unfused plain code give
     the same outputs and the same cache bytes."""
     from tensorgpu import rewrites
@@ -686,21 +686,17 @@ def test_fuse_batched_decode_attention_one_sequence_and_unfused_values():
     qkv = rng.standard_normal((B, 3, H, D)).astype(np.float32)
     outs = []
     for fuse in (True, False):
-        rule = rewrites.fuse_batched_decode_attention
         if not fuse:
-            rewrites.RULES.remove(rule)
-        try:
-            ck = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
-            cv = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
-            pos = tg.tensor(np.array([9], np.int32))
-            t = tg.tensor(qkv) * 1.0
-            q, k = tg.nn.rope(t[:, 0], pos, rot), tg.nn.rope(t[:, 1], pos, rot)
-            with tg.debug.kernel_log() as log:
-                got = _batched_attention(q, k, t[:, 2], pos, ck, cv).numpy()
-            outs.append((got, ck.numpy(), cv.numpy()))
-        finally:
-            if not fuse:
-                rewrites.RULES.insert(rewrites.RULES.index(rewrites.fuse_decode_attention_gqa) + 1, rule)
+            monkeypatch.setattr(rewrites, "RULES", [r for r in rewrites.RULES
+                                                    if r is not rewrites.fuse_batched_decode_attention])
+        ck = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
+        cv = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
+        pos = tg.tensor(np.array([9], np.int32))
+        t = tg.tensor(qkv) * 1.0
+        q, k = tg.nn.rope(t[:, 0], pos, rot), tg.nn.rope(t[:, 1], pos, rot)
+        with tg.debug.kernel_log() as log:
+            got = _batched_attention(q, k, t[:, 2], pos, ck, cv).numpy()
+        outs.append((got, ck.numpy(), cv.numpy()))
         assert ("attention_decode_batch" in names(log)) == fuse, names(log)
     np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
     for a, b in zip(outs[0][1:], outs[1][1:]):
