@@ -706,6 +706,19 @@ def _float_input(node: Node, view: View) -> bool:
     return view.offset + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) < node.numel
 
 
+def _through_copies(n: Node, v: View):
+    """(node, view) reading the same elements as (n, v), past unrealized same-dtype copies of a
+    contiguous run of another node: what `_redirect` leaves for a reader outside the graph (the
+    batched decode's K/V writes read the q/k/v rows through those after the rows were stacked)."""
+    while (n.op is Op.CAST and n.buffer is None and len(n.srcs) == 1 and n.srcs[0][0].dtype is n.dtype
+           and not isinstance(v.offset, SymInt)):
+        m, mv = n.srcs[0]
+        if not (mv.shape == n.shape and mv.is_contiguous and not isinstance(mv.offset, SymInt)):
+            break
+        n, v = m, View(v.shape, v.strides, v.offset + mv.offset)
+    return n, v
+
+
 def _plus_one_of(n: Node, v: View, pos: Node, pv: View) -> bool:
     """(n, v) is `pos + 1` (int32, read whole), through identity copies."""
     while (n.op is Op.CAST and n.buffer is None and n.dtype is dt.int32 and len(n.srcs) == 1
@@ -783,7 +796,7 @@ def _match_batched_decode(n: Node):
         return None
     if not _reads_as(kwv, (B, Hkv, D), (Hkv * D, D, 1), 0):
         return None
-    kx, kxv = kw.srcs[0]
+    (qx, qxv), (kx, kxv), (vx, vxv) = (_through_copies(*x) for x in ((qx, qxv), kw.srcs[0], (vx, vxv)))
     for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vx, vxv, Hkv)):
         if view.shape != (B, h, D) or not _float_input(node, view):
             return None
