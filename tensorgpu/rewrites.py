@@ -734,8 +734,9 @@ def _plus_one_of(n: Node, v: View, pos: Node, pv: View) -> bool:
 
 
 def _write_before(cache: Node, n: Node):
-    """The last in-place write into cache's buffer issued before n (n reads that buffer), or None
-    when there is none or anything else waits on it in between."""
+    """The last in-place write not run yet into cache's buffer issued before n (which reads that
+    buffer through another tensor), or None. Folding only that one keeps the order: earlier
+    writes still run before n, and none comes between it and n."""
     from .schedule import pending_writes_into
     ws = [w for w in pending_writes_into(cache.buffer) if w.seq < n.seq]
     return max(ws, key=lambda w: w.seq) if ws else None
