@@ -1,8 +1,10 @@
-"""On-GPU token selection from one row of logits, so decode step N+1 can be queued before
-token N is read back (the chosen id stays in a GPU buffer that the next step's embedding
-gather reads).
+"""On-GPU token selection from one row of logits (`sample`), or from each of B rows with
+per-row parameters read from buffers (`sample_rows`, continuous batching: see "many rows"
+below), so decode step N+1 can be queued before token N is read back (the chosen id stays in
+a GPU buffer that the next step's embedding gather reads). Both kernels are built from the
+same WGSL blocks (radix select, compaction, bitonic sort, inverse-CDF walk).
 
-Semantics (sample_reference below is the executable definition, in float64 NumPy):
+Semantics of `sample` (sample_reference below is the executable definition, in float64 NumPy):
   1. repetition penalty (HF): every distinct id t in prev_tokens[:n_prev] with 0 <= t < vocab
      gets l[t] * p if l[t] < 0 else l[t] / p.
   2. temperature == 0: greedy, argmax with the first maximum winning (like numpy.argmax);
