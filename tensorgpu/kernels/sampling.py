@@ -301,13 +301,13 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
               # every logit NaN: no id won; -1 says so (never a silent token 0)
               "  let tok = bi[0];"]
     elif full:
-        L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
+        L += ["  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
               "  var m = ninf;",
               f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
               "  let M = red_max(m, lid, 1u);"]
         L += _walk_lines(WG, CH, "exp(zval(i) - M)", "exp(zval(i) - M)")
     else:
-        L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
+        L += ["  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
         if top_k <= 0:   # top-p against the full-vocabulary normaliser
             L += ["  var m = ninf;",
                   f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
