@@ -571,7 +571,8 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     # pending lazy read of their old contents
     # (a reader built on this kernel's own result, e.g. attention over the cache it fills, reads
     # the new contents by construction and is not one of them; nor is a read built after the
-    # lazy writes a rule folded into this kernel: it runs them, this kernel, when it is realized)
+    # lazy writes a rule folded into this kernel, or after the kernel itself, which an
+    # `after_write` orders after it: realizing such a read runs this kernel first)
     folded = [a() for a in getattr(kernel, "afters", ())]
     first_write = min([a.seq for a in folded if a is not None] + [node.seq])
     for i in getattr(kernel, "writes", ()):
@@ -655,6 +656,27 @@ def _pend(n: Node, target: Node) -> Node:
     buf = _base_buffer(n)
     with _writes_lock:
         _pending_writes.setdefault(buf, []).append(n)
+    return n
+
+
+@runtime.locked
+def after_write(target: Node, kernel: Node) -> Node:
+    """The in-place write a hand-written kernel node makes into realized `target`'s buffer (its
+    `writes`), as the node that stands for that buffer once the kernel ran (an AFTER). Pending
+    like an ASSIGN: a read built after it, through any view of the buffer, runs the kernel
+    first; the kernel marks it done when it runs (`CustomKernel.afters`)."""
+    assert target.buffer is not None, f"after_write into an unrealized {target}"
+    n = Node(Op.AFTER, ((target, View.contiguous(target.shape)), (kernel, View.contiguous(kernel.shape))),
+             target.dtype, target.shape)
+    from .graph import HOST_RANGE
+    m = target
+    while m.op in (Op.ASSIGN, Op.AFTER) and m.srcs:
+        m = m.srcs[0][0]
+    HOST_RANGE.pop(m, None)              # its remembered host values are no longer its values
+    HOST_RANGE.pop(target, None)
+    with _writes_lock:
+        _pending_writes.setdefault(target.buffer, []).append(n)
+    kernel.arg.afters = tuple(getattr(kernel.arg, "afters", ())) + (weakref.ref(n),)
     return n
 
 
