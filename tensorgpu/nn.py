@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import dtypes as dt
 from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
-from .graph import CustomKernel
+from .graph import IN_PLACE, WRITE_CHAIN, CustomKernel
 from .ops import Op
 from .tensor import Tensor, tensor
 from .symbolic import is_symbolic, static
@@ -244,9 +244,10 @@ def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str =
 class AttentionKernel(CustomKernel):
     name = "attention"
 
-    def __init__(self, causal, scale, kv_len_static, out_layout, kv_len_runtime=None):
+    def __init__(self, causal, scale, kv_len_static, out_layout, kv_len_runtime=None, kv_rows=0):
         self.causal, self.scale, self.kv_len_static, self.out_layout = causal, scale, kv_len_static, out_layout
         self.kv_len_runtime = kv_len_runtime   # the valid prefix of a cache: a kernel parameter
+        self.kv_rows = kv_rows                 # rows of q per kv_len entry (0: one length for all)
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import KVParam, attention as k
@@ -254,7 +255,8 @@ class AttentionKernel(CustomKernel):
         kv_len = operands[3].buffer if len(operands) > 3 else self.kv_len_static
         if self.kv_len_runtime is not None:
             kv_len = KVParam(self.kv_len_runtime)
-        k(out, q, kc, vc, kv_len, causal=self.causal, scale=self.scale, out_layout=self.out_layout)
+        k(out, q, kc, vc, kv_len, causal=self.causal, scale=self.scale, out_layout=self.out_layout,
+          kv_rows=self.kv_rows)
 
 
 def _fold_batch(t: Tensor) -> Tensor:
@@ -271,7 +273,7 @@ def _cache_prefix(t: Tensor) -> Optional[Tensor]:
     as cache[..., :n, :]), or None."""
     from .view import contiguous_strides
     n, v = t.node, t.view
-    stored = n.buffer is not None or n.op is Op.ASSIGN    # a cache, or one with pending writes
+    stored = n.buffer is not None or n.op in IN_PLACE    # a cache, or one with pending writes
     if not stored or len(n.shape) != t.ndim or t.ndim < 2 or is_symbolic(v.offset) or v.offset != 0:
         return None
     full = n.shape
@@ -288,8 +290,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
 
     k and v may be the first rows of a preallocated cache, `cache[:, :pos + T]`: the kernel reads
     the cache with the length as a runtime parameter (a step variable under tg.capture), so one
-    compiled kernel serves every decode step. kv_len (int32 [1] tensor, optional) says the same
-    from the GPU: only the first kv_len keys are valid.
+    compiled kernel serves every decode step. kv_len (int32 tensor, optional) says the same
+    from the GPU: only the first kv_len keys are valid. Its shape is (1,) (one length) or the
+    batch dims of q before the head axis (q [B, H, sq, d], kv_len [B]: each sequence of a batch
+    attends over its own cache length, as flash-attention's `cache_seqlens`); with causal, each
+    sequence's last query sees its last valid key.
 
     Grouped-query attention (torch's enable_gqa=True): k, v may have fewer heads (axis -3)
     than q when their count divides q's; query head h reads KV head h // (Hq / Hkv). The
@@ -323,13 +328,20 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     if not q3.dtype.is_float:
         q3 = q3.astype(dt.float32)
     srcs = [q3, k3, v3]
+    kv_rows = 0
     if kv_len is not None:
-        if kv_len.shape != (1,) or kv_len.dtype is not dt.int32:
-            raise ValueError(f"attention: kv_len must be an int32 tensor of shape (1,), got {kv_len.shape} {kv_len.dtype}")
-        srcs.append(kv_len if kv_len.node.buffer is not None else kv_len.contiguous())
+        per_seq = tuple(q.shape[:-3])
+        if kv_len.dtype is not dt.int32 or (kv_len.shape != (1,) and (not per_seq or kv_len.shape != per_seq)):
+            raise ValueError(f"attention: kv_len must be an int32 tensor of shape (1,)"
+                             + (f" or {per_seq} (one length per sequence of q {q.shape})" if per_seq else "")
+                             + f", got {kv_len.shape} {kv_len.dtype}")
+        if kv_len.shape != (1,) and kv_len.size > 1:
+            kv_rows = q3.shape[0] // kv_len.size
+        ok = kv_len.node.buffer is not None and kv_len.view.offset == 0 and kv_len.view.is_contiguous
+        srcs.append(kv_len if ok else kv_len.contiguous())
     B = q3.shape[0]
     kern = AttentionKernel(causal, scale, None if kv_len is not None or kv_runtime is not None else static(sk),
-                           "bsd", kv_runtime)
+                           "bsd", kv_runtime, kv_rows)
     return _custom(kern, srcs, (B, sq, d)).reshape(batch + (sq, d))
 
 
@@ -362,7 +374,7 @@ class SampleKernel(CustomKernel):
 
 def _written_in_place(t: Tensor) -> Tensor:
     """A tensor a hand-written kernel writes in place: its pending in-place writes run first."""
-    if t.node.buffer is None and t.node.op in (Op.ASSIGN, Op.AFTER):
+    if t.node.buffer is None and t.node.op in WRITE_CHAIN:
         t.realize()
     return t
 
