@@ -24,6 +24,7 @@ Serve deployment calls it without HTTP too.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 import traceback
@@ -92,7 +93,8 @@ class OpenAIServing:
             if self.engine is None:
                 t = time.perf_counter()
                 engine = self._factory()
-                print(f"tensorgpu serve: loaded {self.model_name} in {time.perf_counter() - t:.1f} s", flush=True)
+                print(f"tensorgpu serve: loaded {self.model_name} in {time.perf_counter() - t:.1f} s",
+                      file=sys.stderr, flush=True)
                 with self._lock:
                     self.engine = engine
             tok = self.engine.tokenizer
@@ -201,7 +203,7 @@ class OpenAIServing:
 
     def _submit_all(self, kind, req, engine, prompts) -> list:
         """One engine request per (prompt, choice); all or none are submitted."""
-        from .engine import ContextOverflowError, ParamError, QueueFullError, SamplingParams
+        from .engine import ContextOverflowError, EngineStoppedError, ParamError, QueueFullError, SamplingParams
 
         ctx = engine.max_context
         wanted = P.requested_max_tokens(req)
@@ -231,13 +233,15 @@ class OpenAIServing:
                     r = engine.submit(ids, params)
                 except QueueFullError as e:
                     raise ApiError(503, f"the server is busy: {e} (retry later)", code="queue_full") from None
+                except EngineStoppedError:
+                    raise ApiError(503, "the server is shutting down", code="shutting_down") from None
                 except ContextOverflowError as e:
                     raise ApiError(400, f"{prompt_param}: {e}", param=prompt_param,
                                    code="context_length_exceeded") from None
                 except ParamError as e:
                     name = P.client_param(req, e.param)
                     raise ApiError(400, f"{name}: {str(e).split(': ', 1)[-1]}", param=name) from None
-                timer = RequestTimer(self.metrics, len(ids)) if self.metrics is not None else None
+                timer = RequestTimer(self.metrics) if self.metrics is not None else None
                 submitted.append(_Choice(i * req.n + j, r, timer, text if getattr(req, "echo", False) else ""))
         except BaseException:
             for c in submitted:
@@ -467,13 +471,7 @@ def build_app(engine_or_factory, model_name: str, *, load_in_background: bool = 
     engine_or_factory: an Engine (the app starts it at startup and shuts it down at shutdown),
     or a function returning one, called at startup (on a background thread when
     load_in_background, so /health answers 503 meanwhile)."""
-    # built before the app so a broken argument fails here, not at the first request
-    metrics = None
-    try:
-        max_batch = getattr(engine_or_factory, "max_batch", 64)
-        metrics = ServerMetrics(max_batch=max_batch if isinstance(max_batch, int) and max_batch > 0 else 64)
-    except ImportError:  # pragma: no cover - prometheus_client is a serve dependency
-        metrics = None
+    metrics = ServerMetrics()
     server = OpenAIServing(engine_or_factory, model_name, metrics)
 
     @asynccontextmanager
