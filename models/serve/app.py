@@ -257,9 +257,7 @@ class OpenAIServing:
         try:
             await _collect(choices, is_disconnected, self._logprob_builders(kind, req, choices), engine.tokenizer)
         finally:
-            for c in choices:
-                if c.finish is None:
-                    c.req.cancel()
+            _abandon(choices)
         return self._response(kind, req, choices, prompt_tokens)
 
     def _logprob_builders(self, kind, req, choices) -> Optional[dict]:
@@ -294,6 +292,17 @@ def _raise_for_finish(c: _Choice) -> None:
         raise ApiError(500, f"generation failed: {c.error or 'engine error'}", code="engine_error")
     if c.finish == "cancelled" or c.finish is None:
         raise ApiError(503, "the request was cancelled (the server is shutting down)", code="cancelled")
+
+
+def _abandon(choices) -> None:
+    """Cancel the choices nobody will read to the end (client gone, shutdown, an error); the
+    engine frees their sequences at its next step."""
+    for c in choices:
+        if c.finish is None:
+            c.req.cancel()
+            c.finish = c.req.finish_reason or "cancelled"
+            if c.timer is not None:
+                c.timer.finish(c.finish)
 
 
 def _take_output(c: _Choice, out, lps, tok) -> Optional[str]:
@@ -386,9 +395,7 @@ class _Stream:
         self.continuous_usage = bool(opts and opts.continuous_usage_stats)
 
     def close(self) -> None:
-        for c in self.choices:
-            if c.finish is None:
-                c.req.cancel()
+        _abandon(self.choices)
 
     def _chunk(self, choice_dicts, usage=None) -> str:
         d = {"id": self.id, "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
