@@ -125,6 +125,22 @@ class OpenAIServing:
         if engine is not None and self.metrics is not None:
             self.metrics.detach(engine)
 
+    async def drain(self, timeout: float) -> None:
+        """Graceful shutdown's first half: refuse new requests (503), give the in-flight ones
+        `timeout` seconds to finish, then cancel the rest and stop the engine; their responses end
+        cleanly (a stream with an error event and [DONE], a plain request with a 503)."""
+        self.shutting_down = True
+        if self.engine is None or not self._started:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            st = self.engine.stats()
+            if st["running"] == 0 and st["waiting"] == 0:
+                return
+            await asyncio.sleep(0.05)
+        await loop.run_in_executor(None, self.shutdown)
+
     def health(self) -> tuple:
         if self.shutting_down:
             return 503, {"status": "shutting down"}

@@ -102,16 +102,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .ray_serve import run_ray
         return run_ray(a.model, name, replicas=a.replicas, num_gpus=a.num_gpus, host=a.host, port=a.port,
                        max_batch=a.max_batch, ctx=a.ctx, max_waiting=a.max_waiting, address=a.ray_address)
-    import uvicorn
-
     from .app import build_app
-    app = build_app(engine_factory(a.model, a.max_batch, a.ctx, a.max_waiting), name,
-                    shutdown_timeout=max(a.shutdown_timeout, 1.0))
+    app = build_app(engine_factory(a.model, a.max_batch, a.ctx, a.max_waiting), name)
     print(f"tensorgpu serve: {name} ({a.model}) on http://{a.host}:{a.port} (loading; GET /health is 200 when "
           f"ready)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level, access_log=a.access_log,
-                timeout_graceful_shutdown=a.shutdown_timeout)
+    serve_uvicorn(app, a.host, a.port, a.shutdown_timeout, log_level=a.log_level, access_log=a.access_log)
     return 0
+
+
+def serve_uvicorn(app, host: str, port: int, shutdown_timeout: float, **config) -> None:
+    """Run `app` (build_app's) under uvicorn until SIGTERM / SIGINT, then shut down gracefully:
+    the listener closes, in-flight requests get `shutdown_timeout` s to finish, the rest are
+    cancelled through the engine (their responses end cleanly), the engine stops, and the
+    process exits 0."""
+    import asyncio
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    serving = app.state.server
+
+    class GracefulServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            drain = asyncio.ensure_future(serving.drain(shutdown_timeout))
+            try:
+                await super().shutdown(sockets)
+            finally:
+                if not drain.done():
+                    drain.cancel()
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # as uvicorn's, but without re-raising the signal at the end: a drained server exits 0
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in old.items():
+                    signal.signal(sig, handler)
+
+    # uvicorn's own cancellation of still-running tasks is only a backstop behind the drain
+    cfg = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=shutdown_timeout + 10, **config)
+    GracefulServer(cfg).run()
 
 
 if __name__ == "__main__":
