@@ -65,7 +65,7 @@ class _Common(_Strict):
     model: Optional[str] = None            # None: the served model
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, List[str], None] = None
-    temperature: Optional[float] = Field(None, ge=0, le=100)
+    temperature: Optional[float] = Field(None, ge=0)
     top_p: Optional[float] = Field(None, gt=0, le=1)
     top_k: Optional[int] = Field(None, ge=-1)          # 0 or -1: off (vLLM's convention)
     min_p: Optional[float] = Field(None, ge=0, le=1)
