@@ -45,6 +45,11 @@ __all__ = ["build_app", "OpenAIServing"]
 DISCONNECT_POLL_S = 0.25
 
 
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected; its requests were cancelled (the
+    reply, status 499 as nginx names it, reaches nobody)."""
+
+
 class _Choice:
     """One engine request's share of a response: text, token count, logprobs, finish reason."""
 
@@ -389,7 +394,7 @@ async def _collect(choices, is_disconnected, lps, tok) -> None:
                 for c in choices:
                     c.req.cancel()
                 await task
-                break
+                raise ClientGone()
     finally:
         if not task.done():
             task.cancel()
@@ -515,6 +520,10 @@ def build_app(engine_or_factory, model_name: str, *, load_in_background: bool = 
     @app.exception_handler(ApiError)
     async def _api_error(_request, e: ApiError):
         return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_request, _e):
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_request, e: StarletteHTTPException):
