@@ -87,10 +87,6 @@ class OpenAIServing:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        return self._started and not self.shutting_down
-
     def start(self) -> None:
         """Load the model (when given a factory) and start the engine's thread; on the caller's
         thread. A failed load leaves /health at 503 with the error."""
@@ -428,7 +424,8 @@ class _Stream:
     def _usage(self) -> dict:
         return P.usage(self.prompt_tokens, sum(c.tokens for c in self.choices))
 
-    async def __aiter__(self):
+    async def events(self):
+        """The SSE strings of the response, in order."""
         tok = self.server.engine.tokenizer
         lps = self.server._logprob_builders(self.kind, self.req, self.choices)
         chat = self.kind == "chat"
@@ -481,7 +478,7 @@ class _EngineStreamingResponse(StreamingResponse):
     client disconnected (Starlette cancels the body task), or server shutdown."""
 
     def __init__(self, stream: _Stream):
-        super().__init__(stream.__aiter__(), media_type="text/event-stream",
+        super().__init__(stream.events(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._stream = stream
 
