@@ -7,7 +7,8 @@ elementwise consumers of the result (bias, gelu, residual add) fuse into its sto
 from __future__ import annotations
 
 from math import prod
-from typing import Optional
+from numbers import Integral
+from typing import NamedTuple, Optional
 
 from . import dtypes as dt
 from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
@@ -18,7 +19,7 @@ from .symbolic import is_symbolic, static
 from .view import View
 
 __all__ = ["linear", "layer_norm", "rms_norm", "embedding", "rope", "scaled_dot_product_attention", "gelu",
-           "softmax", "log_softmax", "sample"]
+           "softmax", "log_softmax", "sample", "sample_rows", "SampledRows"]
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -443,6 +444,120 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: floa
             n_static = prev_tokens.shape[0] if n_prev is None else int(n_prev)
     kern = SampleKernel(vocab, temperature, top_k, top_p, penalty, not greedy, has_prev, n_static, append)
     return _custom(kern, srcs, (1,), dt.int32)
+
+
+class SampledRows(NamedTuple):
+    """What `sample_rows` returns: lazy tensors of one kernel (reading any of them runs it once).
+
+    tokens:       int32 [B], the chosen id of each row (-1 for a row of only NaN logits)
+    logprobs:     float32 [B, 1], the log-softmax of the chosen id, of the logits as given
+                  (before temperature: what vLLM and the OpenAI API report); NaN where the
+                  row's largest logit is not finite
+    top_ids:      int32 [B, N], the N = n_logprobs best ids of each row, best first, ties by
+                  lower id, NaN logits last (-1 past the vocabulary); None when n_logprobs is 0
+    top_logprobs: float32 [B, N], their log-softmax (-inf past the vocabulary); None when n_logprobs is 0
+    """
+    tokens: Tensor
+    logprobs: Tensor
+    top_ids: Optional[Tensor]
+    top_logprobs: Optional[Tensor]
+
+
+class SampleRowsKernel(CustomKernel):
+    """One token per row of logits, each row with its own parameters (kernels/sampling.py:
+    sample_rows). Sources: logits, temperature, top_k, top_p, min_p, u, the float outputs'
+    buffer and optionally counts; the last two are written in place (`after_write` nodes
+    stand for them)."""
+    name = "sample_rows"
+
+    def __init__(self, n_logprobs: int, has_counts: bool):
+        self.n_logprobs, self.has_counts = n_logprobs, has_counts
+        self.writes = (6, 7) if has_counts else (6,)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.sampling import ROW_PARAMS, sample_rows as k
+        logits, floats = operands[0], operands[6]
+        params = dict(zip(ROW_PARAMS, operands[1:6]))
+        k(out, floats.buffer, logits, params, self.n_logprobs, operands[7] if self.has_counts else None)
+
+
+def _row_param(t, name: str, B: int, dtype) -> Tensor:
+    """A per-row parameter as the kernel reads it: a [B] tensor of `dtype`, any non-negative stride."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"sample_rows: {name} must be a tensor of dtype {dtype.name} and shape ({B},) "
+                        f"(one value per row), got {type(t).__name__}")
+    if t.dtype is not dtype or t.shape != (B,):
+        raise ValueError(f"sample_rows: {name} must be a tensor of dtype {dtype.name} and shape ({B},) "
+                         f"(one value per row), got {t.dtype.name} {t.shape}")
+    return t.contiguous() if t.view.strides[0] < 0 else t
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, u: Tensor,
+                n_logprobs: int = 0, counts: Optional[Tensor] = None) -> SampledRows:
+    """One token from each row of `logits` (float32 [B, V]), chosen on the GPU, every row with its
+    own parameters — what one decode step of a batch of independent sequences needs.
+
+    temperature, top_p, min_p, u: float32 [B]; top_k: int32 [B]. The kernel reads them from their
+    buffers, so one compiled kernel serves every mix of values and a `tg.capture`d step replays
+    with new ones. Per row: temperature 0 is greedy (argmax, first maximum, NaN never wins);
+    top_k 0 is off; top_p 1 is off; min_p 0 is off (else keep tokens with p >= min_p * p_max
+    after temperature, as vLLM and llama.cpp do); u in [0, 1) is the row's uniform draw (the
+    host draws it from the request's seeded RNG). Exact rules: kernels/sampling.py, "many rows".
+
+    Returns SampledRows(tokens, logprobs, top_ids, top_logprobs); n_logprobs (0..20) sizes the
+    top lists (None when 0). Penalties are not applied here: apply them to the logits first
+    (plain tensor ops). counts (int32 [B, V], a realized tensor or its leading rows `c[:B]`):
+    counts[row, token] += 1 for each chosen token, in place, in the same kernel — a read of
+    that memory built after this call sees the new counts."""
+    from .kernels.sampling import MAX_LOGPROBS
+    from .schedule import after_write
+    from .runtime import Buffer, get_device
+    from .graph import buffer_node
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"sample_rows: logits must be a float32 tensor [B, V], got {type(logits).__name__}")
+    logits._check_plain("sample_rows")
+    if logits.ndim != 2 or 0 in logits.shape:
+        raise ValueError(f"sample_rows: logits must be [B, V] with B, V >= 1, got shape {logits.shape}")
+    if not logits.dtype.is_float:
+        raise TypeError(f"sample_rows: logits must be float32 (or float16), got {logits.dtype.name}")
+    if logits.dtype is not dt.float32:
+        logits = logits.astype(dt.float32)
+    B, V = logits.shape
+    if (V > 1 and logits.view.strides[1] != 1) or logits.view.strides[0] < 0:
+        logits = logits.contiguous()      # the kernel reads unit-stride rows
+    if isinstance(n_logprobs, bool) or not isinstance(n_logprobs, Integral) or not 0 <= n_logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"sample_rows: n_logprobs must be an int in [0, {MAX_LOGPROBS}], got {n_logprobs!r}")
+    N = int(n_logprobs)
+    params = [_row_param(temperature, "temperature", B, dt.float32), _row_param(top_k, "top_k", B, dt.int32),
+              _row_param(top_p, "top_p", B, dt.float32), _row_param(min_p, "min_p", B, dt.float32),
+              _row_param(u, "u", B, dt.float32)]
+    if counts is not None:
+        if not isinstance(counts, Tensor):
+            raise TypeError(f"sample_rows: counts must be an int32 tensor [{B}, {V}], got {type(counts).__name__}")
+        if counts.dtype is not dt.int32 or counts.shape != (B, V):
+            raise ValueError(f"sample_rows: counts must be an int32 tensor of shape ({B}, {V}) (rows of logits), "
+                             f"got {counts.dtype.name} {counts.shape}")
+        _written_in_place(counts)
+        cv = counts.view
+        if counts.node.buffer is None or is_symbolic(cv.offset) or (V > 1 and cv.strides[1] != 1) \
+                or (B > 1 and cv.strides[0] < V):
+            raise ValueError(f"sample_rows: counts must be a realized int32 tensor or leading rows of one "
+                             f"(c[:{B}] of a [S, {V}] table), written in place; got a view with strides "
+                             f"{cv.strides}, offset {cv.offset}{'' if counts.node.buffer is not None else ', unrealized'}")
+    # bindings: logits, the parameters' buffers, two outputs, counts — past the device's limit the
+    # float parameters travel as rows of one tensor (one binding, one small copy kernel)
+    if 3 + (counts is not None) + len({id(p.node) for p in params}) > get_device().max_storage_buffers:
+        from .tensor import stack
+        packed = stack([params[0], params[2], params[3], params[4]])
+        params = [packed[0], params[1], packed[1], packed[2], packed[3]]
+    floats = Tensor(buffer_node(Buffer(4 * B * (1 + N)), (B * (1 + N),), dt.float32))
+    srcs = [logits] + params + [floats] + ([counts] if counts is not None else [])
+    ints = _custom(SampleRowsKernel(N, counts is not None), srcs, (B * (1 + N),), dt.int32)
+    floats = Tensor(after_write(floats.node, ints.node))
+    if counts is not None:
+        counts._adopt(Tensor(after_write(counts.node, ints.node), counts.view))
+    return SampledRows(ints[:B], floats[:B].reshape(B, 1), ints[B:].reshape(B, N) if N else None,
+                       floats[B:].reshape(B, N) if N else None)
 
 
 # ----------------------------------------------------------------------------- fused decode attention

@@ -570,11 +570,12 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     # a kernel that writes some of its sources in place (a KV-cache write) runs after every
     # pending lazy read of their old contents
     # (a reader built on this kernel's own result, e.g. attention over the cache it fills, reads
-    # the new contents by construction and is not one of them)
+    # the new contents by construction and is not one of them; nor is a read built after the
+    # kernel, which an `after_write` orders after it)
     for i in getattr(kernel, "writes", ()):
         m = node.srcs[i][0]
         for r in list(m.readers or ()):
-            if r.buffer is None and r is not node and r is not root and not _depends_on(r, node):
+            if r.buffer is None and r is not node and r is not root and r.seq < node.seq and not _depends_on(r, node):
                 realize(r)
     operands = []
     for i, (m, v) in enumerate(node.srcs):
@@ -651,6 +652,27 @@ def _pend(n: Node, target: Node) -> Node:
     buf = _base_buffer(n)
     with _writes_lock:
         _pending_writes.setdefault(buf, []).append(n)
+    return n
+
+
+@runtime.locked
+def after_write(target: Node, kernel: Node) -> Node:
+    """The in-place write a hand-written kernel node makes into realized `target`'s buffer (its
+    `writes`), as the node that stands for that buffer once the kernel ran (an AFTER). Pending
+    like an ASSIGN: a read built after it, through any view of the buffer, runs the kernel
+    first; the kernel marks it done when it runs (`CustomKernel.afters`)."""
+    assert target.buffer is not None, f"after_write into an unrealized {target}"
+    n = Node(Op.AFTER, ((target, View.contiguous(target.shape)), (kernel, View.contiguous(kernel.shape))),
+             target.dtype, target.shape)
+    from .graph import HOST_RANGE
+    m = target
+    while m.op in (Op.ASSIGN, Op.AFTER) and m.srcs:
+        m = m.srcs[0][0]
+    HOST_RANGE.pop(m, None)              # its remembered host values are no longer its values
+    HOST_RANGE.pop(target, None)
+    with _writes_lock:
+        _pending_writes.setdefault(target.buffer, []).append(n)
+    kernel.arg.afters = tuple(getattr(kernel.arg, "afters", ())) + (weakref.ref(n),)
     return n
 
 

@@ -44,8 +44,10 @@ def test_greedy_batch_equals_each_sequence_alone(engine, solo):
     # and the 13-token prompt is prefilled in two chunks between decode steps
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in (10, 3, 10, 7, 10, 5)]
     reqs = [engine.submit(engine.model.tokenizer.encode(p), sp) for p, sp in zip(PROMPTS, params)]
+    chained = engine.stats()["chained_steps"]
     while engine.step():
         pass
+    assert engine.stats()["chained_steps"] > chained     # steps fed by the previous step's ids on the GPU
     for r, p, sp in zip(reqs, PROMPTS, params):
         assert r.output_ids == solo[p][:sp.max_tokens], p
         assert r.finish_reason == "length"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import math
 import threading
 import time
 import uuid
@@ -38,7 +37,7 @@ import tensorgpu as tg
 
 from ..base import check_cache_fits
 from ..session import ContextOverflowError, bucket_length
-from .params import MAX_LOGPROBS, ParamError, SamplingParams
+from .params import ParamError, SamplingParams
 from .stops import StopText
 
 __all__ = ["Engine", "Request", "Output", "StepInfo", "SamplingParams", "ParamError", "QueueFullError",
@@ -184,6 +183,27 @@ class _Seq:
         self.seen = set(req.prompt_ids) if p.repetition_penalty != 1.0 else set()
 
 
+@dataclass
+class _Inflight:
+    """A decode step queued on the GPU whose outputs the host has not read yet."""
+    seqs: list
+    bucket: int
+    mode: str
+    n_lp: int
+    outs: tuple
+    tickets: list
+
+
+class _Host:
+    """A host array where _picks expects a tensor (it calls .numpy())."""
+
+    def __init__(self, a):
+        self.a = a
+
+    def numpy(self):
+        return self.a
+
+
 def _next_bucket(n: int, cap: int) -> int:
     b = 1
     while b < n:
@@ -225,14 +245,15 @@ class Engine:
         self._free: list = list(range(max_batch))                          # a heap: lowest slot first
         self._running: dict = {}                                           # slot -> _Seq
         self._prefill: Optional[_Seq] = None
-        self._steps: dict = {}                                             # bucket -> captured step
+        self._steps: dict = {}                                             # (bucket, mode, n_lp) -> captured step
+        self._inflight: Optional[_Inflight] = None                         # the decode step queued, not read yet
         self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._closed = False
         self.listeners: List[Callable[[StepInfo], None]] = []
         self._stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "requests": 0,
-                       "finished": 0, "cancelled": 0}
+                       "finished": 0, "cancelled": 0, "chained_steps": 0}
 
     # -- submitting -------------------------------------------------------------------
 
@@ -306,7 +327,7 @@ class Engine:
                 self._fail_all(f"{type(e).__name__}: {e}")
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._running or self._prefill is not None)
+        return bool(self._waiting or self._running or self._prefill is not None or self._inflight is not None)
 
     def shutdown(self, cancel: bool = True, timeout: float = 30.0) -> None:
         """Stop taking requests; cancel (or, with cancel=False, finish) the in-flight ones; stop
@@ -365,6 +386,7 @@ class Engine:
             self._finish(s, "cancelled")
 
     def _fail_all(self, msg: str) -> None:
+        self._inflight = None
         with self._lock:
             seqs = list(self._running.values()) + ([self._prefill] if self._prefill else [])
             waiting = list(self._waiting) if self._closed else []
@@ -422,50 +444,167 @@ class Engine:
         with self._lock:
             self._prefill = None
             self._running[s.slot] = s
-        self._accept(s, *self._pick(logits.numpy().reshape(1, -1), [s])[0])
+        if s.req.params.penalized:
+            self._reset_penalty_rows(s)
+        self._accept(s, *self._sample_first(logits, s))
         return len(chunk)
 
     # -- decode -------------------------------------------------------------------------------
 
-    def _step_fn(self, bucket: int):
-        fn = self._steps.get(bucket)
+    def _step_fn(self, bucket: int, mode: str, n_logprobs: int):
+        """The captured decode step of `bucket` rows. mode "argmax": every running sequence is
+        greedy without penalties or logprobs, the step returns the chosen ids int32 [bucket]
+        (4 bytes per row come back); "sample": per-row sampling on the GPU (tg.nn.sample_rows,
+        parameters as per-row inputs); "penalized": the same after repetition/frequency/presence
+        penalties applied to the logits as plain tensor ops over per-slot count tables."""
+        key = (bucket, mode, n_logprobs)
+        fn = self._steps.get(key)
         if fn is None:
             model, cache = self.model, self.cache
+            tables = self._penalty_tables() if mode == "penalized" else None
 
-            def step(ids, pos):
-                return model.forward(ids, pos, cache)                      # [bucket, V]
-            fn = self._steps[bucket] = tg.capture(step)
+            def step(ids, pos, temp, top_k, top_p, min_p, u, rep, freq, pres):
+                logits = model.forward(ids, pos, cache)                    # [bucket, V]
+                if mode == "argmax":
+                    return (logits.argmax(-1).astype(tg.int32),)
+                counts = None
+                if tables is not None:
+                    seen, counts = tables[0][:bucket], tables[1][:bucket]
+                    logits = _penalize(logits, seen, counts, rep, freq, pres)
+                r = tg.nn.sample_rows(logits, temp, top_k, top_p, min_p, u, n_logprobs=n_logprobs, counts=counts)
+                return tuple(t for t in r if t is not None)
+            fn = self._steps[key] = tg.capture(step)
         return fn
 
+    def _penalty_tables(self):
+        """int32 [max_batch, V] per slot: prompt presence (repetition penalty) and output counts
+        (frequency/presence penalties; bumped by the sampler in the step). Made on first use."""
+        if getattr(self, "_tables", None) is None:
+            shape = (self.max_batch, self.vocab_size)
+            self._tables = (tg.zeros(shape, tg.int32).contiguous().realize(),
+                            tg.zeros(shape, tg.int32).contiguous().realize())
+        return self._tables
+
+    def _reset_penalty_rows(self, s: _Seq) -> None:
+        seen, counts = self._penalty_tables()
+        row = np.zeros(self.vocab_size, np.int32)
+        row[np.asarray(s.req.prompt_ids)] = 1
+        seen[s.slot] = tg.tensor(row)
+        counts[s.slot] = tg.tensor(np.zeros(self.vocab_size, np.int32))
+
+    def _row_params(self, seqs: list, rows: int, index) -> tuple:
+        """The per-row sampling inputs (idle rows: greedy, no penalty)."""
+        temp, top_p, min_p, u = (np.zeros(rows, np.float32), np.ones(rows, np.float32),
+                                 np.zeros(rows, np.float32), np.zeros(rows, np.float32))
+        top_k = np.zeros(rows, np.int32)
+        rep, freq, pres = np.ones(rows, np.float32), np.zeros(rows, np.float32), np.zeros(rows, np.float32)
+        for s in seqs:
+            i, p = index(s), s.req.params
+            temp[i] = 0.0 if p.greedy else p.temperature
+            top_k[i], top_p[i], min_p[i] = p.top_k, p.top_p, p.min_p
+            u[i] = 0.0 if p.greedy else s.rng.random()
+            rep[i], freq[i], pres[i] = p.repetition_penalty, p.frequency_penalty, p.presence_penalty
+        return temp, top_k, top_p, min_p, u, rep, freq, pres
+
+    def _sample_first(self, logits: tg.Tensor, s: _Seq) -> tuple:
+        """The first token of a sequence, from its prompt's last logits [1, V] (not captured: a
+        prefill is followed by one of these)."""
+        p = s.req.params
+        rp = [tg.tensor(a) for a in self._row_params([s], 1, lambda _: 0)]
+        if p.penalized:
+            seen, counts = self._penalty_tables()
+            logits = _penalize(logits, seen[s.slot:s.slot + 1], counts[s.slot:s.slot + 1], *rp[5:])
+        r = tg.nn.sample_rows(logits, *rp[:5], n_logprobs=p.logprobs or 0)
+        picks = _picks(r.tokens.numpy(), r.logprobs.numpy(), r.top_ids, r.top_logprobs, [s], lambda _: 0)
+        if p.penalized:
+            self._penalty_tables()[1][s.slot, picks[0][0]] = tg.tensor(np.ones((), np.int32))
+        return picks[0]
+
     def _decode(self) -> tuple:
+        """Queue this iteration's decode step, then read the previous one (one step in flight:
+        the GPU runs step N+1 while the host delivers step N's tokens). While no sequence joins
+        or leaves, step N+1 takes its input ids straight from step N's output on the GPU; a
+        join, a finish or a step that could be a sequence's last reads step N first."""
+        inf = self._inflight
         with self._lock:
-            seqs = sorted(self._running.values(), key=lambda s: s.slot)
-        seqs = [s for s in seqs if s.last is not None]
-        if not seqs:
-            return 0, 0
+            running = sorted(self._running.values(), key=lambda s: s.slot)
+        running = [s for s in running if s.last is not None or (inf is not None and s in inf.seqs)]
+        done = (0, 0)
+        if inf is not None:
+            if self._can_chain(inf, running):
+                nxt = self._queue_step(running, inf)
+                self._stats["chained_steps"] += 1
+                done = self._read(inf)
+                self._inflight = nxt
+                return done
+            done = self._read(inf)
+            self._inflight = None
+            with self._lock:
+                running = sorted(self._running.values(), key=lambda s: s.slot)
+        running = [s for s in running if s.last is not None]
+        if running:
+            self._inflight = self._queue_step(running, None)
+        return done
+
+    def _mode(self, seqs: list) -> tuple:
+        ps = [s.req.params for s in seqs]
+        n_lp = max((p.logprobs or 0) for p in ps)
+        if any(p.penalized for p in ps):
+            mode = "penalized"
+        elif all(p.greedy and p.logprobs is None for p in ps):
+            return "argmax", 0
+        else:
+            mode = "sample"
+        return mode, (20 if n_lp else 0)     # one variant with the top 20, sliced per request
+
+    def _can_chain(self, inf: "_Inflight", running: list) -> bool:
+        """Step N+1 may be queued before step N is read: the same sequences, none of which can
+        end by length in step N (so step N+1 writes inside every context)."""
+        if [s.slot for s in running] != [s.slot for s in inf.seqs] or any(a is not b for a, b in zip(running, inf.seqs)):
+            return False
+        if self._mode(running) != (inf.mode, inf.n_lp):
+            return False
+        L = self.max_context
+        return all(len(s.req.output_ids) + 2 < s.req.params.max_tokens and s.n_cache + 1 < L
+                   and len(s.req.prompt_ids) + len(s.req.output_ids) + 2 < L for s in running)
+
+    def _queue_step(self, seqs: list, prev: Optional["_Inflight"]) -> "_Inflight":
         bucket = _next_bucket(seqs[-1].slot + 1, self.max_batch)
-        ids = np.zeros(bucket, np.int32)
+        if prev is not None:
+            ids = prev.outs[0]                       # step N's chosen ids, still on the GPU
+        else:
+            ids = np.zeros(bucket, np.int32)
+            for s in seqs:
+                ids[s.slot] = s.last
         pos = np.zeros(bucket, np.int32)
         for s in seqs:
-            ids[s.slot], pos[s.slot] = s.last, s.n_cache
-        logits = self._step_fn(bucket)(ids, pos).numpy()                 # [bucket, V]
-        self._stats["steps"] += 1
-        for s in seqs:
+            pos[s.slot] = s.n_cache
             s.n_cache += 1
-        picks = self._pick(logits[[s.slot for s in seqs]], seqs)
-        for s, pick in zip(seqs, picks):
+        mode, n_lp = self._mode(seqs)
+        outs = self._step_fn(bucket, mode, n_lp)(ids, pos, *self._row_params(seqs, bucket, lambda s: s.slot))
+        tickets = [o.read_async() for o in outs]     # the capture's outputs are rewritten by the next replay
+        tg.flush()
+        self._stats["steps"] += 1
+        return _Inflight(list(seqs), bucket, mode, n_lp, outs, tickets)
+
+    def _read(self, inf: "_Inflight") -> tuple:
+        vals = [t.numpy() for t in inf.tickets]
+        live = [s for s in inf.seqs if not s.req.finished]
+        if inf.mode == "argmax":
+            picks = [(int(vals[0][s.slot]), None, None) for s in live]
+        else:
+            tops = (_Host(vals[2]), _Host(vals[3])) if inf.n_lp else (None, None)
+            picks = _picks(vals[0], vals[1], *tops, live, lambda s: s.slot)
+        for s, pick in zip(live, picks):
             self._accept(s, *pick)
-        return len(seqs), bucket
-
-    # -- sampling -----------------------------------------------------------------------------
-
-    def _pick(self, rows: np.ndarray, seqs: list) -> list:
-        """(token, logprob, top_logprobs) per row of logits, following each sequence's params."""
-        return [_host_pick(row.astype(np.float64), s) for row, s in zip(rows, seqs)]
+        return len(inf.seqs), inf.bucket
 
     def _accept(self, s: _Seq, tok: int, logprob, top) -> None:
         """Deliver a sampled token and decide whether the sequence ends here."""
         req, p = s.req, s.req.params
+        if tok < 0:      # the sampler's answer to a row of only NaN logits
+            self._finish(s, "error", f"the model's logits are all NaN at position {s.n_cache}: no token can be chosen")
+            return
         if req.first_token_time is None:
             req.first_token_time = time.monotonic()
         req.output_ids.append(tok)
@@ -489,48 +628,30 @@ class Engine:
             self._finish(s, reason)
 
 
-def _log_softmax(l: np.ndarray) -> np.ndarray:
-    m = np.max(l[np.isfinite(l)]) if np.isfinite(l).any() else 0.0
-    return l - (m + np.log(np.sum(np.exp(l - m))))
+def _penalize(logits: tg.Tensor, seen: tg.Tensor, counts: tg.Tensor, rep: tg.Tensor, freq: tg.Tensor,
+              pres: tg.Tensor) -> tg.Tensor:
+    """Repetition (HF: over prompt and output tokens, l/r or l*r when negative), frequency and
+    presence penalties (OpenAI: l - f*count - p*[count > 0], over output tokens) on logits
+    [B, V], as plain tensor ops (one fused elementwise kernel). seen, counts: int32 [B, V];
+    rep, freq, pres: float32 [B] (1, 0, 0 leave a row unchanged, exactly)."""
+    out = counts != 0
+    hit = (seen != 0) | out
+    r = rep[:, None]
+    l = tg.where(hit, tg.where(logits < 0, logits * r, logits / r), logits)
+    return l - freq[:, None] * counts.astype(tg.float32) - pres[:, None] * out.astype(tg.float32)
 
 
-def _host_pick(l: np.ndarray, s: _Seq) -> tuple:
-    """Host sampling of one float64 row (penalties, temperature, top-k, min-p, top-p, draw)."""
-    p = s.req.params
-    lp = _log_softmax(l) if p.logprobs is not None else None
-    if p.repetition_penalty != 1.0 and s.seen:
-        ids = np.fromiter(s.seen, np.int64)
-        v = l[ids]
-        l[ids] = np.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty)
-    if s.counts and (p.frequency_penalty or p.presence_penalty):
-        ids = np.fromiter(s.counts.keys(), np.int64)
-        cnt = np.fromiter(s.counts.values(), np.float64)
-        l[ids] -= p.frequency_penalty * cnt + p.presence_penalty
-    if p.greedy:
-        tok = int(np.nanargmax(l)) if not np.isnan(l).all() else 0
-    else:
-        z = l / p.temperature
-        order = np.argsort(-z, kind="stable")
-        if p.top_k:
-            order = order[:p.top_k]
-        zz = z[order]
-        w = np.exp(zz - zz[0])
-        prob = w / np.exp(z - zz[0]).sum()
-        keep = np.ones(len(order), bool)
-        if p.min_p > 0:
-            keep &= prob >= p.min_p * prob[0]
-        if p.top_p < 1:
-            before = np.concatenate([[0.0], np.cumsum(prob)[:-1]])
-            keep &= before < p.top_p
-        keep[0] = True
-        w = w * keep
-        c = np.cumsum(w)
-        u = s.rng.random()
-        tok = int(order[min(int(np.searchsorted(c, u * c[-1], side="right")), len(order) - 1)])
-    if lp is None:
-        return tok, None, None
-    top = None
-    if p.logprobs:
-        best = np.argsort(-lp, kind="stable")[:p.logprobs]
-        top = [(int(i), float(lp[i])) for i in best]
-    return tok, float(lp[tok]), top
+def _picks(tokens: np.ndarray, logprobs: np.ndarray, top_ids, top_lps, seqs: list, index) -> list:
+    """(token, logprob, top_logprobs) per sequence from a sampler's outputs."""
+    if top_ids is not None:
+        top_ids, top_lps = top_ids.numpy(), top_lps.numpy()
+    res = []
+    for s in seqs:
+        i, k = index(s), s.req.params.logprobs
+        tok = int(tokens[i])
+        if k is None:
+            res.append((tok, None, None))
+            continue
+        top = [(int(t), float(v)) for t, v in zip(top_ids[i, :k], top_lps[i, :k])] if k else None
+        res.append((tok, float(logprobs[i, 0]), top))
+    return res

@@ -6,7 +6,7 @@ turns a ParamError into an OpenAI 400 with `param` set)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 MAX_LOGPROBS = 20
