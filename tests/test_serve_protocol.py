@@ -54,8 +54,10 @@ def test_http_layer_accepts_exactly_what_the_engine_accepts(field, value):
         assert getattr(params, field) == value
     elif field == "logprobs":
         assert params.logprobs == value
-    elif not (field == "top_k" and value == -1):
-        assert getattr(params, field) == value and (not isinstance(value, float) or math.isfinite(value))
+    elif field == "top_k":
+        assert params.top_k == (0 if value == -1 else value)
+    else:                                                  # a float field: the JSON number as a float
+        assert getattr(params, field) == float(value) and math.isfinite(getattr(params, field))
 
 
 def test_defaults_follow_openai():
