@@ -105,7 +105,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (LLaMA's RMSNorm), in plain ops: the
-    fuser makes it one reduction whose epilogue is the scale (no hand-written kernel)."""
+    fuser makes it one row kernel (a workgroup per row reduces it and scales it; no hand-written
+    kernel), and a one-row linear of it folds it into the GEMV (rewrites.fold_rms_norm_into_gemv)."""
     if not x.dtype.is_float:
         x = x.astype(dt.float32)
     if weight is not None and weight.shape != x.shape[-1:]:
