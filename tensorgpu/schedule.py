@@ -283,7 +283,8 @@ def _name(prefix: str, root: Node, core=None) -> str:
     for c in cores:
         walk(c.srcs[0][0]) if c.is_reduce and c.srcs else None
         ops.append(c.op.name.lower() if c.op is not Op.CUSTOM else c.arg.name)
-        seen.add(id(c))
+        if isinstance(core, (list, tuple)):
+            seen.add(id(c))       # a row kernel's reductions are named once
     walk(root)
     return prefix + "_" + "_".join(ops[:6])
 
