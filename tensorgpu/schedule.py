@@ -311,6 +311,23 @@ def _over_a_kernel(m: Node) -> bool:
     return False
 
 
+def _over_reductions_only(m: Node) -> bool:
+    """Whether every unrealized non-elementwise node the elementwise node m is computed from
+    (through elementwise nodes) is a reduction: what a row kernel may compute with it."""
+    seen, stack = set(), [m]
+    while stack:
+        x = stack.pop()
+        for s, _ in x.srcs:
+            if s.buffer is not None or s.op is Op.CONST or id(s) in seen:
+                continue
+            seen.add(id(s))
+            if s.is_elementwise:
+                stack.append(s)
+            elif not s.is_reduce:
+                return False
+    return True
+
+
 def _graph_reads(m: Node) -> int:
     counts = _graph_consumers[0]
     c = counts.get(id(m)) if counts is not None else None
@@ -534,7 +551,7 @@ def _plan_once(root: Node, limit: int, rows: bool = False):
                         misread.append(m)
                     continue
                 if m.is_elementwise and _graph_reads(m) > 1 and _over_a_kernel(m):
-                    if sub_dom is not None:
+                    if sub_dom is not None and _over_reductions_only(m):
                         # in a row kernel, read more than once but perhaps only here (softmax's
                         # exp(x - max) in the sum and in the map): inlined if so (checked below)
                         shared.setdefault(id(m), (m, set()))[1].add((id(n), i))

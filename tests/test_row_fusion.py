@@ -194,3 +194,18 @@ def test_row_patterns_property(data):
     if C > 16:
         assert len(log) == 1 and names(log)[0].startswith("RE_"), (pattern, layout, names(log))
     check(y, want, rtol=1e-4, atol=1e-5)
+
+
+def test_norm_of_a_matmul_with_residual():
+    """rms_norm(r + x @ w.T): the matmul keeps the residual add in its store (one kernel), the
+    norm reads its result (one row kernel); `r + x @ w.T` * 2 read elsewhere stays right."""
+    x = rng.standard_normal((40, 64)).astype(np.float32)
+    w = rng.standard_normal((96, 64)).astype(np.float32)
+    r = rng.standard_normal((40, 96)).astype(np.float32)
+    h = tg.tensor(r) + tg.tensor(x) @ tg.tensor(w).T
+    y = tg.nn.rms_norm(h, eps=1e-5)
+    log = kernels(lambda: y.realize())
+    assert len(log) == 2 and names(log)[1].startswith("RE_"), names(log)
+    hh = r + x.astype(np.float64) @ w.T
+    check(y, _rms(hh), rtol=1e-4, atol=1e-5)
+    check(h * 2, 2 * hh, rtol=1e-4, atol=1e-4)
