@@ -48,6 +48,30 @@ class QuantMatmulKernel(CustomKernel):
         quant_matmul(out, x, w.buffer, self.w_dtype, self.n, self.k, epilogue)
 
 
+class StackedMatmulKernel(CustomKernel):
+    """x [M, K] @ [W_0 | W_1 | ...].T, the W_j [N_j, K] weights of one dtype (float or GGUF
+    blocks) each its own tensor, read as `W_j.T`: one tiled matmul writing [M, sum(N_j)]
+    (kernels/matmul.py's b_parts; rewrites.stack_sibling_matmuls puts it in the graph)."""
+    name = "matmul_stack"
+    supports_epilogue = True
+
+    def __init__(self, w_dtype, Ns, K):
+        self.w_dtype, self.Ns, self.K = w_dtype, tuple(int(n) for n in Ns), int(K)
+
+    def emit(self, out, operands, epilogue):
+        from . import runtime
+        x, *ws = operands
+        if self.w_dtype.is_quant:
+            from .kernels.quant import plan_stacked_matmul
+            passes = plan_stacked_matmul(out, x, [w.buffer for w in ws], self.w_dtype, self.Ns, self.K, epilogue).passes
+        else:
+            from .kernels.matmul import plan
+            L = plan(out, x, ws[0], epilogue, force="tiled", b_parts=[(w, None) for w in ws[1:]])
+            passes = [] if L.kind == "empty" else [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra)
+        for name, wgsl, bindings, grid in passes:
+            runtime.dispatch(name, wgsl, bindings, grid)
+
+
 def _is_quant_transposed(b: Tensor) -> bool:
     """b is W.T for a whole quantized [N, K] tensor W (the only quantized view matmul reads)."""
     v = b.view

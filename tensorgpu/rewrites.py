@@ -917,6 +917,119 @@ def fuse_batched_decode_attention(g: Graph) -> int:
     return fired
 
 
+def _cols_view(v: View, N: int, NT: int, off: int):
+    """The view of a [M, NT] node that reads what `v` reads of a contiguous [M, N] one whose
+    columns are its columns off .. off+N: row strides (multiples of N) scale to NT, column
+    strides stay, provided no read carries past a row's end. None when v is not like that."""
+    if isinstance(v.offset, SymInt):
+        return None
+    o_r, o_c = divmod(v.offset, N)
+    strides, reach = [], o_c
+    for n, st in zip(v.shape, v.strides):
+        if n == 1 or st % N == 0:
+            strides.append(0 if n == 1 else st // N * NT)
+        elif st > 0:
+            strides.append(st)
+            reach += (n - 1) * st
+        else:
+            return None
+    return View(v.shape, tuple(strides), o_r * NT + o_c + off) if reach < N else None
+
+
+def _sibling_end(g: Graph, L: Node):
+    """(end node, bias (node, view) or None): L, or its only reader `L + b` with b [N] float32
+    broadcast over the rows (tg.nn.linear's bias), which the stacked kernel's store adds."""
+    M, N = L.shape
+    r = g.only_reader(L)
+    if r is not None:
+        c, i = r
+        if c.op is Op.ADD and c.buffer is None and len(c.srcs) == 2 and c.shape == L.shape and c.dtype is dt.float32 \
+                and c.srcs[i][1].is_identity(L.shape):
+            b, bv = c.srcs[1 - i]
+            if b.shape == (N,) and b.dtype is dt.float32 and bv.shape == (M, N) and bv.strides == (0, 1) \
+                    and bv.offset == 0:
+                return c, (b, View((N,), (1,), 0))
+    return L, None
+
+
+@rule
+def stack_sibling_matmuls(g: Graph) -> int:
+    """Two or three many-row linears of one x (LLaMA's and Qwen2's q, k and v projections of a
+    prompt): ONE tiled matmul over the weights side by side (customops.StackedMatmulKernel; each
+    weight stays its own tensor), biases added in its store; what read each projection reads its
+    columns. Why: k and v have few columns (TinyLlama: 256 of q's 2048), too few output tiles
+    to fill a GPU without splitting K, so three matmuls, three split-K reductions, ran where
+    one fills it. Only where each projection's readers are kernels of their own anyway (rope,
+    a cache write, a strided read), never an epilogue the stack would take away (gate/up's
+    silu(gate) * up stays in up's store)."""
+    from .customops import MatmulKernel, QuantMatmulKernel, StackedMatmulKernel
+    from .graph import IN_PLACE
+    from .kernels import matmul as mm, quant
+    from .nn import RopeKernel
+    from .tensor import Tensor, cat
+    groups: dict = {}
+    for L in g.nodes:
+        q = _is(L, QuantMatmulKernel)
+        if not ((q or _is(L, MatmulKernel)) and L is not g.root and len(L.shape) == 2 and len(L.srcs) == 2):
+            continue
+        (X, xv), (W, wv) = L.srcs
+        M, N = L.shape
+        K = xv.shape[-1] if len(xv.shape) == 2 else -1
+        if not (W.buffer is not None and W.shape == (N, K) and wv == View((K, N), (1, K), 0)
+                and (q or W.dtype in (dt.float32, dt.float16)) and X.dtype in (dt.float32, dt.float16)
+                and M > (quant.TUNING if q else mm.TUNING)["gemv_max_m"]):
+            continue
+        groups.setdefault((id(X), xv, W.dtype, q), []).append(L)
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for (_, xv, wd, q), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        parts = []
+        for L in sorted(nodes, key=lambda n: n.seq):
+            end, bias = _sibling_end(g, L)
+            ok = True
+            for c, i in g.readers.get(id(end), ()):
+                v = c.srcs[i][1]
+                fine = (_is(c, RopeKernel) or (c.op in IN_PLACE and i == 1)
+                        or (c.is_elementwise and not v.is_identity(end.shape)))
+                ok = ok and fine
+            if ok:
+                parts.append((L, end, bias))
+        # a weight whose columns are not a multiple of 128 goes last; only one may be
+        parts.sort(key=lambda p: p[0].shape[1] % 128 != 0)
+        while len(parts) > 1 and (any(p[0].shape[1] % 128 for p in parts[:-1])
+                                  or 2 + len(parts) + sum(b is not None for _, _, b in parts) > limit):
+            parts.pop()
+        parts = parts[:3]
+        if len(parts) < 2:
+            continue
+        Ns = [L.shape[1] for L, _, _ in parts]
+        NT, M, K = sum(Ns), parts[0][0].shape[0], parts[0][0].srcs[1][0].shape[1]
+        offs = [sum(Ns[:j]) for j in range(len(Ns))]
+        views = []
+        for (L, end, _), N, off in zip(parts, Ns, offs):
+            views.append([(c, i, _cols_view(c.srcs[i][1], N, NT, off)) for c, i in g.readers.get(id(end), ())])
+        if any(nv is None for vs in views for _, _, nv in vs):
+            continue
+        st = Node(Op.CUSTOM, (), dt.float32, (M, NT), arg=StackedMatmulKernel(wd, Ns, K))
+        st.set_srcs((parts[0][0].srcs[0],) + tuple(L.srcs[1] for L, _, _ in parts))
+        top = st
+        if any(b is not None for _, _, b in parts):
+            pieces = [Tensor(*b) if b is not None else Tensor.const(0.0, dt.float32, (N,))
+                      for (_, _, b), N in zip(parts, Ns)]
+            top = (Tensor(st) + cat(pieces)).node
+        for (L, end, _), N, off, vs in zip(parts, Ns, offs, views):
+            for c, i, nv in vs:
+                srcs = list(c.srcs)
+                srcs[i] = (top, nv)
+                c.set_srcs(tuple(srcs))
+            end.op, end.arg = Op.CAST, None          # for a Tensor holding it: the columns, copied
+            end.set_srcs(((top, View((M, N), (NT, 1), off)),))
+        fired += 1
+    return fired
+
+
 @rule
 def fuse_rope_cache_write(g: Graph) -> int:
     """A prompt's q = rope(qkv[:, 0]) and its two cache writes (rope(k) and v into rows

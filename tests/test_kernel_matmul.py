@@ -575,3 +575,89 @@ def test_tile_candidates_still_choose_the_split():
 def test_bad_tile_knobs_name_the_knob(knobs, match):
     with pytest.raises(ValueError, match=match):
         _plan_info(20, 64, 64, **knobs)
+
+
+# ----------------------------------------------------------------------------- stacked right operands
+
+
+def run_stacked(a_view, a_op, parts, epilogue=None, ref_fn=None):
+    """mm.plan with b_parts: a @ [b_0 | b_1 | ...] against NumPy (same tolerance as `run`)."""
+    Ns = [bv.shape[1] for bv, _ in parts]
+    M, N = a_view.shape[0], sum(Ns)
+    out = runtime.Buffer(M * N * 4)
+    launch = mm.plan(out, a_op, parts[0][1], epilogue, b_parts=[(bo, None) for _, bo in parts[1:]])
+    runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+    for e in launch.extra:
+        runtime.dispatch(*e)
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+    a64 = a_view.astype(np.float64)
+    b64 = np.concatenate([bv.astype(np.float64) for bv, _ in parts], axis=1)
+    ref, bound = a64 @ b64, RTOL * (np.abs(a64) @ np.abs(b64)) + 1e-6
+    if ref_fn is not None:
+        ref, bound = ref_fn(ref), bound * 2 + 1e-5
+    err = np.abs(got - ref)
+    assert np.all(err <= bound), f"{launch.name}: max err {err.max()}"
+    return launch
+
+
+@pytest.mark.parametrize("M,K,Ns", [(40, 64, (128, 128, 64)), (130, 96, (256, 128)), (17, 48, (128, 128, 7)),
+                                    (200, 2048 // 16, (384, 128, 128))], ids=str)
+@pytest.mark.parametrize("db", [np.float32, np.float16], ids=["f32", "f16"])
+def test_stacked_parts(paths, M, K, Ns, db):
+    """Two or three weights [N_j, K] read as w.T side by side: one tiled kernel writing
+    [M, sum(N_j)] (the last part's columns need not fill a tile), f32 and f16 weights, both
+    code paths."""
+    a = rand(M, K)
+    parts = []
+    for n in Ns:
+        W = Base(rand(n, K, dtype=db))
+        parts.append((W.arr.T, W.view(W.arr.T)))
+    launch = run_stacked(a, op(a), parts)
+    assert launch.kind == "tiled" and launch.name.endswith(f"_x{len(Ns)}")
+    assert len(launch.bindings) == 2 + len(Ns)           # out (or the partials), a, each weight
+
+
+@pytest.mark.parametrize("tile,split", [((128, 128), 1), ((64, 128), 3), ((64, 64), 2), ((16, 64), 1)], ids=str)
+def test_stacked_tiles_split_k_and_epilogue(tuning, tile, split):
+    """Forced tile shapes and split-K (the reduce pass applies the epilogue over the stacked
+    columns); a strided x."""
+    tuning.update(tile_mn=tile, split_k=split)
+    M, K, Ns = 67, 160, (128, 128, 40)
+    X = Base(rand(M, 2 * K))
+    av = X.arr[:, ::2]
+    parts = [(W.arr.T, W.view(W.arr.T)) for W in (Base(rand(n, K)) for n in Ns)]
+    ep = BiasGelu(rand(sum(Ns)))
+    launch = run_stacked(av, X.view(av), parts, epilogue=ep, ref_fn=ep.ref)
+    assert launch.info["tile"] == tile and launch.info["split"] == split
+
+
+def test_stacked_parts_of_other_alignment_load_one_way():
+    """A part at an odd element offset cannot take vector loads: every part then loads
+    scalars (one shared-memory layout), with the same values."""
+    M, K, Ns = 33, 64, (128, 64)
+    W0 = Base(rand(Ns[0], K))
+    W1 = Base(rand(Ns[1] * K + 1))
+    w1 = W1.arr[1:].reshape(Ns[1], K)
+    a = rand(M, K)
+    launch = run_stacked(a, op(a), [(W0.arr.T, W0.view(W0.arr.T)), (w1.T, W1.view(w1.T))])
+    assert launch.info["modes"][1] == "s", launch.name
+    launch = run_stacked(a, op(a), [(W0.arr.T, W0.view(W0.arr.T)), (W0.arr[:64].T, W0.view(W0.arr[:64].T))])
+    assert launch.info["modes"][1] == "vk", launch.name
+
+
+def test_stacked_errors_name_the_operand():
+    a = op(rand(20, 32))
+    W = [Base(rand(n, 32)) for n in (100, 128)]
+    bs = [w.view(w.arr.T) for w in W]
+    out = runtime.Buffer(20 * 228 * 4)
+    with pytest.raises(ValueError, match=r"multiple of 128"):
+        mm.plan(out, a, bs[0], b_parts=[(bs[1], None)])
+    with pytest.raises(ValueError, match="tiled path only"):
+        mm.plan(out, a, bs[1], force="gemv_k", b_parts=[(bs[0], None)])
+    h = Base(rand(64, 32, dtype=np.float16))
+    with pytest.raises(TypeError, match=r"b_parts\[0\]"):
+        mm.plan(out, a, bs[1], b_parts=[(h.view(h.arr.T), None)])
+    with pytest.raises(ValueError, match=r"\[K, N_j\]"):
+        mm.plan(out, a, bs[1], b_parts=[(op(rand(16, 64)), None)])
+    with pytest.raises(ValueError, match="output buffer holds"):
+        mm.plan(runtime.Buffer(64), a, bs[1], b_parts=[(bs[0], None)])

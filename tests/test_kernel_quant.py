@@ -465,3 +465,55 @@ def test_small_m_plans_at_pythia_shapes(mm_tuning, dt, M, N, K):
     tm, tn = launch.info["tile"]
     assert M % tm == 0 and (M == 64 or tm == M)
     assert 128 <= -(-N // tn) * (M // tm) * launch.info["split"] <= 512
+
+
+# ----------------------------------------------------------------------------- stacked weights
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+def test_stacked_matmul_every_format(dt):
+    """Several GGUF weights of one format side by side in one tiled matmul (LLaMA's q, k, v):
+    x @ [W_0 | W_1 | W_2].T against the dequantized weights, the last part's columns not a
+    multiple of the tile; each extra weight's decoders are renamed copies reading its own array."""
+    K = 512 if dt.block_size == 256 else 192
+    if dt is dtypes.bfloat16:
+        K = 200
+    M, Ns = 37, (128, 128, 41)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raws = [random_blocks(dt, n * K // dt.block_size) for n in Ns]
+    W = np.concatenate([ref_dequant(dt, r)[:n * K].reshape(n, K) for r, n in zip(raws, Ns)]).astype(np.float64)
+    xop, _ = x_operand(x)
+    out = runtime.Buffer(M * sum(Ns) * 4)
+    launch = quant.plan_stacked_matmul(out, xop, [runtime.upload(r) for r in raws], dt, Ns, K)
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    ref = x.astype(np.float64) @ W.T
+    got = read_f32(out, M * sum(Ns)).reshape(M, sum(Ns))
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max(), launch.passes[0][0]
+    assert launch.kind == "tiled" and launch.passes[0][0].endswith("_x3")
+    assert "W1" in launch.passes[0][1] and "W2" in launch.passes[0][1]
+
+
+def test_stacked_matmul_split_k_epilogue_and_errors(mm_tuning):
+    dt, K, M, Ns = dtypes.q8_0, 256, 50, (128, 64)
+    mm_tuning.update(split_k=2)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raws = [random_blocks(dt, n * K // 32) for n in Ns]
+    W = np.concatenate([ref_dequant(dt, r).reshape(n, K) for r, n in zip(raws, Ns)]).astype(np.float64)
+    bias = _rng.standard_normal(sum(Ns)).astype(np.float32)
+    ep = BiasGelu(bias)
+    xop, _ = x_operand(x)
+    out = runtime.Buffer(M * sum(Ns) * 4)
+    wbufs = [runtime.upload(r) for r in raws]
+    launch = quant.plan_stacked_matmul(out, xop, wbufs, dt, Ns, K, ep)
+    assert len(launch.passes) == 2
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    ref = ep.ref(bias)(x.astype(np.float64) @ W.T)
+    assert np.abs(read_f32(out, M * sum(Ns)).reshape(M, -1) - ref).max() <= RTOL * np.abs(ref).max()
+    with pytest.raises(ValueError, match="weight 1"):
+        quant.plan_stacked_matmul(out, xop, [wbufs[0], runtime.upload(raws[1][:64])], dt, Ns, K)
+    with pytest.raises(ValueError, match="K=250"):
+        quant.plan_stacked_matmul(out, xop, wbufs, dt, Ns, 250)
+    with pytest.raises(ValueError, match="one each"):
+        quant.plan_stacked_matmul(out, xop, wbufs[:1], dt, Ns[:1], K)

@@ -974,3 +974,77 @@ def test_fuse_batched_decode_attention_respects_the_storage_limit():
             assert fused == (limit is None or layout == "block"), (layout, limit, names(log))
         for a, b in zip(*outs):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float16, "q8_0"], ids=_kind_name)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_stack_sibling_matmuls(kind, bias):
+    """A prompt's q, k and v linears of one x (LLaMA; Qwen2 with biases) read by rope and the
+    cache writes: ONE matmul over the three weights side by side (biases in its store), then
+    one rope_kv_write; attention output and caches as NumPy says."""
+    T, H, Hkv, D, rot, max_ctx, C, pos = 24, 4, 2, 64, 32, 64, 128, 5
+    ws, (Wq, Wk, Wv) = _weights(kind, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    bs = [rng.standard_normal(n).astype(np.float32) for n in (H * D, Hkv * D, Hkv * D)]
+    B = tuple(tg.tensor(b) for b in bs) if bias else (None,) * 3
+    ck = tg.zeros((Hkv, max_ctx, D), tg.float32).contiguous().realize()
+    cv = tg.zeros((Hkv, max_ctx, D), tg.float32).contiguous().realize()
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    y = _prompt_attention(tg.tensor(x), ws, B, ck, cv, pos, T, H, Hkv, D, rot, "normal", None)
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    mms = [n for n in names(log) if n.startswith("matmul") and "splitk_reduce" not in n]
+    assert len(mms) == 1 and mms[0].endswith("_x3"), names(log)
+    assert "rope_kv_write" in names(log) and not any(n.startswith("E_") for n in names(log)), names(log)
+    q, k, v = (x @ W.T + (b if bias else 0) for W, b in zip((Wq, Wk, Wv), bs))
+    q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+    K_ = np.stack([_np_rope_mode(k[t], pos + t, rot, "normal") for t in range(T)], 1)     # [Hkv, T, D]
+    V_ = v.transpose(1, 0, 2)
+    qr = np.stack([_np_rope_mode(q[t], pos + t, rot, "normal") for t in range(T)], 1)     # [H, T, D]
+    G = H // Hkv
+    s = np.einsum("htd,hkd->htk", qr, np.repeat(K_, G, 0)) / np.sqrt(D)
+    L = pos + T
+    s_full = np.full((H, T, L), -np.inf)
+    s_full[:, :, pos:] = np.where(np.arange(T)[None, None, :] <= np.arange(T)[None, :, None], s, -np.inf)
+    s_full[:, :, :pos] = 0.0          # the zero rows already in the cache: scores 0
+    p = np.exp(s_full - s_full.max(-1, keepdims=True))
+    Vfull = np.concatenate([np.zeros((H, pos, D)), np.repeat(V_, G, 0)], 1)
+    want = np.einsum("htk,hkd->htd", p / p.sum(-1, keepdims=True), Vfull)
+    tol = 2e-3 if kind is np.float16 else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ck.numpy()[:, pos:L], K_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cv.numpy()[:, pos:L], V_, rtol=1e-4, atol=1e-4)
+
+
+def test_stack_sibling_matmuls_leaves_epilogues_and_small_batches():
+    """Not stacked: gate and up (silu(gate) * up stays in up's store), a projection another
+    elementwise kernel reads element for element (it would lose its store), 16 rows or fewer
+    (the GEMV path). Values as NumPy says, and a projection held in a variable reads right."""
+    C = 128
+    (wg, wu, wd), (Wg, Wu, Wd) = _weights(np.float32, [(256, C), (256, C), (C, 256)])
+    for T in (24, 8):
+        x = rng.standard_normal((T, C)).astype(np.float32)
+        X = tg.tensor(x)
+        y = tg.nn.linear(tg.nn.linear(X, wg).silu() * tg.nn.linear(X, wu), wd)
+        with tg.debug.kernel_log() as log:
+            got = y.numpy()
+        assert not any(n.endswith(("_x2", "_x3")) for n in names(log)), names(log)
+        g = x.astype(np.float64) @ Wg.T
+        want = (g / (1 + np.exp(-g)) * (x @ Wu.T)) @ Wd.T
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    x = rng.standard_normal((24, C)).astype(np.float32)
+    X = tg.tensor(x)
+    a, b = tg.nn.linear(X, wg), tg.nn.linear(X, wu)
+    outs = (a.reshape(24, 4, 64).transpose(0, 1) * 2.0, b + 1.0)     # b + 1: b's epilogue
+    with tg.debug.kernel_log() as log:
+        tg.realize(*outs)
+    assert not any(n.endswith("_x2") for n in names(log)), names(log)
+    np.testing.assert_allclose(outs[1].numpy(), x @ Wu.T + 1, rtol=1e-4, atol=1e-4)
+    # both read through strided views: stacked; `a` itself, held here, reads its columns
+    a, b = tg.nn.linear(X, wg), tg.nn.linear(X, wu)
+    outs = (a.reshape(24, 4, 64).transpose(0, 1) * 2.0, b.T * 3.0)
+    with tg.debug.kernel_log() as log:
+        tg.realize(*outs)
+    assert sum(n.endswith("_x2") for n in names(log)) == 1, names(log)
+    np.testing.assert_allclose(outs[0].numpy(), (x @ Wg.T).reshape(24, 4, 64).transpose(1, 0, 2) * 2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs[1].numpy(), (x @ Wu.T).T * 3, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.numpy(), x @ Wg.T, rtol=1e-4, atol=1e-4)

@@ -245,14 +245,22 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
 
 
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
-         b_binding: Optional["_Binding"] = None) -> Launch:
+         b_binding: Optional["_Binding"] = None, b_parts: Optional[list] = None) -> Launch:
     """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive")
     overrides the choice (tests use it to cover every path on every shape).
 
     `b_binding` (tiled path only) replaces b's storage declaration and loads, so b may be a
     non-float dtype the binding decodes (quant.py's GGUF weights): the planner, split-K and
-    epilogue handling are then shared with the float path."""
+    epilogue handling are then shared with the float path.
+
+    `b_parts` (tiled path only, no batch dims): more right operands [K, N_j] stacked after b
+    along N, each in its own buffer, as [(Operand, binding or None)]: out = a @ [b | b_1 | ...]
+    in one dispatch (LLaMA's q, k and v projections of one x: rewrites.stack_sibling_matmuls).
+    b's and every part's columns but the last are a multiple of 128, so an output tile never
+    straddles two of them; a workgroup loads its b tiles from the one its columns lie in."""
     ep = epilogue if epilogue is not None else NoEpilogue()
+    if b_parts:
+        return _plan_parts(out, a, b, list(b_parts), ep, force, b_binding)
     _check_float("a", a)
     if b_binding is None:
         _check_float("b", b)
@@ -342,6 +350,8 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
         key = (kind, numel, c.M, c.N, c.K, c.nb, tuple(c.dims), mat(c.A), mat(c.B), c.aliased,
                dev.has_f16, dev.has_subgroups, dev.max_workgroup_storage,
                tuple(sorted(TUNING.items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
+        if c.parts:
+            key += tuple((mat(pm), start, pb and pb.functions()) for pm, pb, start in c.parts)
         hash(key)
     except TypeError:      # an unhashable knob value: no caching
         return None
@@ -351,11 +361,13 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
 class _Ctx:
     """Shared state of one generation: operands, their binding declarations, epilogue text."""
 
-    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None):
+    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None, parts=()):
         self.dev, self.A, self.B, self.M, self.N, self.K, self.nb, self.dims, self.ep = dev, A, B, M, N, K, nb, dims, ep
         self.b_binding = b_binding
         self.lanes = {"a": 1, "b": 1}
         self.out_vec = False
+        # stacked right operands after B (plan's b_parts): [(_Mat, binding or None, first column)]
+        self.parts = list(parts)
 
     def want(self, which: str, lanes: int) -> None:
         self.lanes[which] = lanes
@@ -374,7 +386,12 @@ class _Ctx:
             return [one], one, one
         ba = _Binding("mm_a", A.dtype, la, f16n)
         bb = self.b_binding or _Binding("mm_b", B.dtype, lb, f16n)
-        return [ba, bb], ba, bb
+        more = [pb or _Binding(f"mm_b{j + 1}", pm.dtype, lb, f16n) for j, (pm, pb, _) in enumerate(self.parts)]
+        return [ba, bb] + more, ba, bb
+
+    def part_bindings(self) -> list:
+        """The bindings of B and of each stacked part after it, in column order."""
+        return self._bindings()[0][1:] if self.parts else [self.bind_b]
 
     @property
     def bind_a(self) -> _Binding:
@@ -394,7 +411,8 @@ class _Ctx:
 
     def input_bindings(self) -> list:
         binds = self._bindings()[0]
-        return [(self.A.op.buffer, "read")] + ([(self.B.op.buffer, "read")] if len(binds) == 2 else [])
+        return ([(self.A.op.buffer, "read")] + ([(self.B.op.buffer, "read")] if len(binds) >= 2 else [])
+                + [(pm.op.buffer, "read") for pm, _, _ in self.parts])
 
     def header(self) -> str:
         binds = self._bindings()[0]
@@ -869,6 +887,8 @@ def _gen_tiled(c: _Ctx):
         c.ep = NoEpilogue()         # raw partial sums; the reduction kernel applies the epilogue
     moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, threads=NT, lanes=LA)
     modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, threads=NT)
+    if c.parts:
+        modb, regs_b, load_b, store_b = _part_loads(c, TN, BK, K, NT)
     if c.aliased and c.lanes["a"] != c.lanes["b"]:
         # one declaration serves both views: scalar loads for both
         c.want("a", 1)
@@ -878,7 +898,7 @@ def _gen_tiled(c: _Ctx):
     c.out_vec = N % 4 == 0
     ba, bb = c.bind_a, c.bind_b
     load_a = load_a.replace("{B}", ba.name)
-    load_b = load_b.replace("{B}", bb.name)
+    load_b = load_b.replace("{B}", bb.name)     # (stacked parts: their names are in already)
     pre, boa, bob = _batch_code(c.dims)
     s = [f"var<workgroup> mm_As: array<{at}, {BK * TM // LA}>;\n",
          f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
@@ -895,6 +915,8 @@ def _gen_tiled(c: _Ctx):
           f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
           pre,
           f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
+          "".join(f"    let bbase{j + 1} = {_u(pm.offset)};\n    let btl{j + 1} = bt0 - {_u(start)};\n"
+                  for j, (pm, _, start) in enumerate(c.parts)),
           f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n"]
     for r in range(RM):
         for h in range(GN):
@@ -951,8 +973,105 @@ def _gen_tiled(c: _Ctx):
     s.append("}\n")
     block = "" if (RM, RN) == TILE_BLOCKS[(TM, TN)] else f"_r{RM}x{RN}"   # a swept register block
     name = f"matmul_{c.dtag()}_t{TM}x{TN}{block}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
+    if c.parts:
+        name += f"_x{len(c.parts) + 1}"
     info = {"tile": (TM, TN), "block": (RM, RN), "threads": NT, "modes": (moda, modb), "bk": BK, "split": S}
     return name, "".join(s), runtime.grid_for(total), info
+
+
+def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int) -> tuple:
+    """The b tile loads of a stacked right operand (plan's b_parts): each part's own loads
+    (its binding, offset and column count), the one the workgroup's columns lie in chosen by a
+    uniform branch on bt0; one shared-memory layout (every part loads the same way, else all
+    scalar)."""
+    B = c.B
+    parts = [(B, c.bind_b, 0)] + c.parts
+    ends = [start for _, _, start in parts[1:]] + [c.N]
+    for allow_vec in (True, False):
+        if not allow_vec:
+            c.want("b", 1)
+        gens = []
+        for j, (pm, _, start) in enumerate(parts):
+            c.B = pm
+            gens.append(_tile_load(c, "b", TN, BK, ends[j] - start, K, allow_vec=allow_vec, threads=NT))
+        c.B = B
+        if len({g[0] for g in gens}) == 1 and len({g[1] for g in gens}) == 1 and len({g[3] for g in gens}) == 1:
+            break
+    binds = c.part_bindings()
+    code = ""
+    for j, ((_, _, load, _), bd) in enumerate(zip(gens, binds)):
+        load = load.replace("{B}", bd.name)
+        if j:
+            load = load.replace("bbase", f"bbase{j}").replace("bt0", f"btl{j}")
+        cond = f"if (bt0 < {_u(ends[j])}) " if j < len(parts) - 1 else ""
+        code += ("        " if j == 0 else " else ") + cond + "{\n" + load + "        }"
+    mode, regs, _, store = gens[0]
+    return mode, regs, code + "\n", store
+
+
+def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_binding) -> Launch:
+    """plan() with b_parts: validated here, generated by the tiled path."""
+    if force not in (None, "tiled"):
+        raise ValueError(f"matmul: stacked right operands (b_parts) run on the tiled path only, not {force!r}")
+    _check_float("a", a)
+    ops = [(b, b_binding)] + [(p, pb) for p, pb in parts]
+    for j, (p, pb) in enumerate(ops):
+        name = "b" if j == 0 else f"b_parts[{j - 1}]"
+        if len(p.shape) != 2 or len(p.strides) != 2:
+            raise ValueError(f"matmul: {name} has shape {tuple(p.shape)}; stacked right operands are [K, N_j]")
+        if pb is None:
+            _check_float(name, p)
+        if p.dtype is not b.dtype or (pb is None) != (b_binding is None):
+            raise TypeError(f"matmul: {name} is {p.dtype}{' (bound)' if pb else ''}, b is {b.dtype}"
+                            f"{' (bound)' if b_binding else ''}: stacked right operands share a dtype and a binding kind")
+        if p.buffer is a.buffer or p.buffer is out:
+            raise ValueError(f"matmul: {name} shares a buffer with a or the output")
+    if len(a.shape) != 2 or int(a.shape[1]) != int(b.shape[0]) or any(int(p.shape[0]) != int(b.shape[0]) for p, _ in parts):
+        raise ValueError(f"matmul: a {tuple(a.shape)} @ stacked {[tuple(p.shape) for p, _ in ops]}: a is [M, K], "
+                         f"each right operand [K, N_j]")
+    Ns = [int(p.shape[1]) for p, _ in ops]
+    if any(n <= 0 for n in Ns) or any(n % 128 for n in Ns[:-1]):
+        raise ValueError(f"matmul: stacked column counts {Ns}: each but the last must be a positive multiple of 128")
+    M, K, N = int(a.shape[0]), int(a.shape[1]), sum(Ns)
+    if out.nbytes < M * N * 4:
+        raise ValueError(f"matmul: output buffer holds {out.nbytes} bytes, {M * N * 4} needed for float32 ({M}, {N})")
+    if any(buf is out for buf in [a.buffer] + [o.buffer for o in getattr(ep, "operands", ())]):
+        raise ValueError("matmul: the output buffer is also an input (a or an epilogue operand)")
+    if M * N == 0:
+        return Launch("empty", "matmul_empty")
+    _check_bounds("a", a)
+    for j, (p, pb) in enumerate(ops):
+        if pb is None:
+            _check_bounds("b" if j == 0 else f"b_parts[{j - 1}]", p)
+
+    def z(n, st):
+        return 0 if n == 1 else int(st)
+
+    A = _Mat(a, M, K, z(M, a.strides[0]), z(K, a.strides[1]), int(a.offset), ())
+    mats = [_Mat(p, K, n, z(K, p.strides[0]), z(n, p.strides[1]), int(p.offset), ()) for (p, _), n in zip(ops, Ns)]
+    starts = [sum(Ns[:j]) for j in range(len(Ns))]
+    ctx = _Ctx(runtime.get_device(), A, mats[0], M, N, K, 1, [], ep, b_binding,
+               [(m, pb, st) for m, (_, pb), st in zip(mats[1:], parts, starts[1:])])
+    key = _tiled_key(ctx, "tiled", M * N)
+    hit = _tiled_cache.get(key) if key is not None else None
+    if hit is None:
+        name, body, grid, info = _gen_tiled(ctx)
+        wgsl = ctx.header() + body
+        split = info.get("split", 1)
+        red = _splitk_reduce(out, None, M * N, split, ep) if split > 1 else None
+        if key is not None:
+            if len(_tiled_cache) > 512:
+                _tiled_cache.clear()
+            _tiled_cache[key] = (name, wgsl, grid, info, red)
+    else:
+        name, wgsl, grid, info, red = hit
+    inputs = ctx.input_bindings()
+    if red is not None:
+        part = _scratch_buffer("splitk", info["split"] * M * N * 4)
+        rname, rsrc, _, rgrid = red
+        reduce = (rname, rsrc, [(out, "rw"), (part, "read")] + epilogue_bindings(ep), rgrid)
+        return Launch("tiled", name, wgsl, [(part, "rw")] + inputs, grid, dict(info), [reduce])
+    return Launch("tiled", name, wgsl, [(out, "rw")] + inputs + epilogue_bindings(ep), grid, dict(info))
 
 
 _scratch: dict = {}
