@@ -1082,7 +1082,9 @@ def _scratch_buffer(tag: str, nbytes: int) -> Buffer:
     (and captured dispatches) that use it stay valid. Dispatches run in queue order, so one scratch
     serves every split-K matmul of a graph."""
     buf = _scratch.get(tag)
-    if buf is None or buf.nbytes < nbytes:
+    lim = runtime.get_device().max_binding_size
+    # (one planned for a shape past the binding limit, never dispatched, would fail every later bind)
+    if buf is None or buf.nbytes < nbytes or buf.nbytes > lim >= nbytes:
         buf = Buffer(nbytes)
         _scratch[tag] = buf
     return buf
