@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from models.gguf_names import (
+from .gguf_names import (
     ARCH,
     gguf_tensor_order,
     gguf_to_hf_name,
@@ -488,7 +488,7 @@ def export_hf(
     import gguf
     from safetensors.numpy import save_file
 
-    from models.tokenizer import Tokenizer, read_gguf_metadata
+    from .tokenizer import Tokenizer, read_gguf_metadata
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     md = read_gguf_metadata(gguf_path)
