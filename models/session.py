@@ -202,6 +202,15 @@ class Session:
         """Forget the context (the cache memory is kept and overwritten)."""
         self.tokens, self._pending = [], []
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first `n` tokens of the context (their cache rows stay valid, the rest
+        are forgotten): a chat turn whose prompt shares a prefix with the context runs only
+        the tokens after it."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"truncate() takes an int >= 0, got {n!r}")
+        if n < self.position:
+            self.tokens, self._pending = self.context[:n], []
+
     def fork(self) -> "Session":
         """A new session with a copy of this one's cache and context (e.g. to reuse a prefilled prompt)."""
         new = Session.__new__(Session)
@@ -479,6 +488,21 @@ class Perplexity:
         """The perplexity scoring only positions first_scored..ctx-1 of each window
         (ctx // 2 + 1 is what llama-perplexity scores)."""
         return float(np.exp(self.nll[:, first_scored - 1:].mean()))
+
+    def uncertainty(self, first_scored: int = 1) -> float:
+        """llama-perplexity's "+/-": the standard error of the mean NLL over the scored tokens,
+        carried over to the perplexity (ppl * sqrt(var / (n - 1))); nan for fewer than 2 tokens."""
+        x = self.nll[:, first_scored - 1:].ravel()
+        if x.size < 2:
+            return float("nan")
+        mean = x.mean()
+        var = max(float((x * x).mean() - mean * mean), 0.0)
+        return float(np.exp(mean) * np.sqrt(var / (x.size - 1)))
+
+    def running(self, first_scored: int = 1) -> np.ndarray:
+        """The perplexity over the first 1, 2, ... windows (llama-perplexity's `[1]p1,[2]p2,...`)."""
+        s = self.nll[:, first_scored - 1:]
+        return np.exp(np.cumsum(s.sum(1)) / (s.shape[1] * np.arange(1, s.shape[0] + 1)))
 
 
 def perplexity(model, ids: Sequence[int], ctx: int = 256, first_scored: int = 1, max_windows: Optional[int] = None,
