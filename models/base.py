@@ -211,3 +211,36 @@ def new_kv_cache(n_layer: int, n_kv_heads: int, max_context: int, head_dim: int,
     shape = (n_kv_heads, max_context, head_dim)
     return [(tg.zeros(shape, cache_dtype).contiguous().realize(), tg.zeros(shape, cache_dtype).contiguous().realize())
             for _ in range(n_layer)]
+
+
+def token_positions(pos, T: int) -> tg.Tensor:
+    """Positions of a forward's T tokens: pos .. pos+T-1 for one sequence (pos an int, a step
+    variable under tg.capture), or pos itself for a batch (an int32 [T] tensor: token t is the
+    next token of sequence t)."""
+    return pos if isinstance(pos, tg.Tensor) else tg.arange(pos, pos + T)
+
+
+def cached_attention(q: tg.Tensor, k: tg.Tensor, v: tg.Tensor, pos, k_cache: tg.Tensor,
+                     v_cache: tg.Tensor) -> tg.Tensor:
+    """Write this forward's K/V rows into the cache and attend over everything cached so far.
+    q [T, Hq, D], k, v [T, Hkv, D] (roped) -> [T, Hq, D]; query head h reads KV head h // (Hq/Hkv).
+
+    One sequence (pos an int): caches [Hkv, max_ctx, D], rows pos .. pos+T-1 are written and
+    the T queries attend causally over the first pos+T rows.
+    A batch (pos an int32 [T] tensor): caches [S, Hkv, max_ctx, D] with S >= T slots; token t
+    belongs to the sequence in slot t, is written at row pos[t] of that slot and attends over the
+    slot's first pos[t]+1 rows. Both are plain tensor ops; the engine's rewrite rules fuse the
+    one-sequence decode step (rope + cache write + attention in one kernel)."""
+    T = q.shape[0]
+    if not isinstance(pos, tg.Tensor):
+        k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # [Hkv, T, D] rows
+        v_cache[:, pos:pos + T] = v.transpose(0, 1)
+        a = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
+                                               causal=True)               # [Hq, T, D]
+        return a.transpose(0, 1)                                           # [T, Hq, D]
+    rows = pos[:, None, None, None]                                        # [T, 1, 1, 1]
+    tg.put_along_axis(k_cache[:T], rows, k[:, :, None, :], axis=2)         # k_cache[t, :, pos[t]] = k[t]
+    tg.put_along_axis(v_cache[:T], rows, v[:, :, None, :], axis=2)
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], k_cache[:T], v_cache[:T], causal=True,
+                                           kv_len=pos + 1)                 # [T, Hq, 1, D]
+    return a.reshape(q.shape)

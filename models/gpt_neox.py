@@ -36,8 +36,8 @@ from typing import Optional, Sequence, Union
 
 import tensorgpu as tg
 
-from .base import (MetaReader, ModelError, Params, build_tokenizer, check_dtypes, check_tensors, load_checked,
-                   new_kv_cache)
+from .base import (MetaReader, ModelError, Params, build_tokenizer, cached_attention, check_dtypes, check_tensors,
+                   load_checked, new_kv_cache, token_positions)
 
 __all__ = ["GPTNeoX", "GPTNeoXConfig", "Session", "ModelError", "ContextOverflowError", "DEFAULT_MODEL"]
 
@@ -162,14 +162,16 @@ class GPTNeoX:
 
     # -- the forward pass -----------------------------------------------------------
 
-    def forward(self, ids: tg.Tensor, pos: int, cache: Sequence) -> tg.Tensor:
+    def forward(self, ids: tg.Tensor, pos, cache: Sequence) -> tg.Tensor:
         """Logits float32 [T, vocab] of `ids` (int32 [T]) at positions pos .. pos+T-1. Each
         layer writes its K/V rows into `cache` (per layer a (k, v) pair of [H, max_ctx, D]
         tensors) and attends over the first pos+T rows. Under tg.capture `pos` is a step
-        variable: one captured step serves every position."""
+        variable: one captured step serves every position.
+        A batch of T sequences, one token each: pos is an int32 [T] tensor and the caches are
+        [S, H, max_ctx, D] slots (see base.cached_attention)."""
         c = self.config
         T = ids.shape[0]
-        positions = tg.arange(pos, pos + T)                                # [T]
+        positions = token_positions(pos, T)                                # [T]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
         for blk, (k_cache, v_cache) in zip(self.blk, cache):
             x = self._block(blk, x, pos, positions, k_cache, v_cache)
@@ -184,11 +186,8 @@ class GPTNeoX:
         qkv = qkv.reshape(T, 3, H, D)                                      # GGUF rows: all q, all k, all v
         q = tg.nn.rope(qkv[:, 0], positions, c.rot_dims, c.rope_base)      # [T, H, D]
         k = tg.nn.rope(qkv[:, 1], positions, c.rot_dims, c.rope_base)
-        k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # caches [H, max_ctx, D]
-        v_cache[:, pos:pos + T] = qkv[:, 2].transpose(0, 1)
-        a = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
-                                               causal=True)               # [H, T, D]
-        a = a.transpose(0, 1).reshape(T, c.n_embd)                         # [T, C]
+        a = cached_attention(q, k, qkv[:, 2], pos, k_cache, v_cache)       # [T, H, D]
+        a = a.reshape(T, c.n_embd)                                         # [T, C]
         attn = tg.nn.linear(a, blk.attn_output.weight, blk.attn_output.bias)
         if c.parallel_residual:                                            # x + attn(ln1(x)) + mlp(ln2(x))
             return x + attn + self._mlp(blk, tg.nn.layer_norm(x, blk.ffn_norm.weight, blk.ffn_norm.bias, c.norm_eps))

@@ -37,8 +37,8 @@ import numpy as np
 
 import tensorgpu as tg
 
-from .base import (MetaReader, ModelError, Params, build_tokenizer, check_dtypes, check_tensors, load_checked,
-                   new_kv_cache)
+from .base import (MetaReader, ModelError, Params, build_tokenizer, cached_attention, check_dtypes, check_tensors,
+                   load_checked, new_kv_cache, token_positions)
 
 __all__ = ["Llama", "LlamaConfig", "ARCHITECTURES", "DEFAULT_MODEL"]
 
@@ -186,14 +186,14 @@ class Llama:
 
     # -- the forward pass (the models' protocol: models/session.py drives it) ----------------
 
-    def forward(self, ids: tg.Tensor, pos: int, cache: Sequence) -> tg.Tensor:
+    def forward(self, ids: tg.Tensor, pos, cache: Sequence) -> tg.Tensor:
         """Logits float32 [T, vocab] of `ids` (int32 [T]) at positions pos .. pos+T-1. Each layer
         writes its K/V rows into `cache` (per layer a (k, v) pair of [Hkv, max_ctx, D]) and
         attends over the first pos+T rows. Under tg.capture `pos` is a step variable: one
         captured step serves every position."""
         c = self.config
         T = ids.shape[0]
-        positions = tg.arange(pos, pos + T)                                # [T]
+        positions = token_positions(pos, T)                                # [T]
         x = tg.nn.embedding(ids, self.token_embd)                          # [T, C]
         for blk, (k_cache, v_cache) in zip(self.blk, cache):
             x = self.block(blk, x, pos, positions, k_cache, v_cache)
@@ -216,12 +216,8 @@ class Llama:
         k = tg.nn.linear(h, blk.attn_k.weight, blk.attn_k.bias).reshape(T, Hkv, D)
         v = tg.nn.linear(h, blk.attn_v.weight, blk.attn_v.bias).reshape(T, Hkv, D)
         q, k = tg.nn.rope(q, positions, **rope), tg.nn.rope(k, positions, **rope)
-        k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # caches [Hkv, max_ctx, D]
-        v_cache[:, pos:pos + T] = v.transpose(0, 1)
         # query head h reads KV head h // (Hq / Hkv): no copy of K/V to Hq heads
-        a = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
-                                               causal=True)               # [Hq, T, D]
-        a = a.transpose(0, 1).reshape(T, Hq * D)                           # [T, Hq*D]
+        a = cached_attention(q, k, v, pos, k_cache, v_cache).reshape(T, Hq * D)   # [T, Hq*D]
         return tg.nn.linear(a, blk.attn_output.weight)                     # [T, C]
 
     def mlp(self, blk, h):

@@ -62,6 +62,8 @@ class _StopText:
 
 
 class Session:
+    captured_forwards = CAPTURED_FORWARDS   # prompt shapes kept captured (a server's scratch session keeps more)
+
     def __init__(self, model, max_context: Optional[int] = None, cache_dtype=tg.float16):
         c = model.config
         explicit = max_context is not None
@@ -183,7 +185,7 @@ class Session:
                     return model.forward(ids, pos, cache)                              # [B, V]
             fn = tg.capture(fwd, submit_every=64 if B > 1 else None)
         caps[key] = fn                                # most recent last
-        while len(caps) > CAPTURED_FORWARDS:
+        while len(caps) > self.captured_forwards:
             del caps[next(iter(caps))]
         ids = np.zeros(B, np.int32)
         ids[:T] = run
@@ -215,6 +217,7 @@ class Session:
         """A new session with a copy of this one's cache and context (e.g. to reuse a prefilled prompt)."""
         new = Session.__new__(Session)
         new.model, new.max_context, new.cache_dtype = self.model, self.max_context, self.cache_dtype
+        new.captured_forwards = self.captured_forwards
         new.cache = [(k.contiguous().realize(), v.contiguous().realize()) for k, v in self.cache]
         new.tokens, new._pending = list(self.tokens), list(self._pending)
         return new

@@ -6,6 +6,7 @@ from .dtypes import (DType, bfloat16, float16, float32, int32, q4_0, q4_1, q4_k,
 from .dtypes import bool_ as bool  # noqa: A001 - tg.bool is part of the public API
 from .tensor import (Tensor, arange, broadcast_shapes, cat, empty, full, matmul, maximum, minimum, ones,
                      ones_like, rand, randn, realize, stack, tensor, where, zeros, zeros_like)
+from .indexing import put_along_axis, take_along_axis
 from .runtime import NoAdapterError, flush, sync
 from .capture import capture
 

@@ -164,6 +164,9 @@ class Captured:
             if not lo <= x <= hi:
                 raise IndexError(f"tg.capture replay: {what}: {x} is outside [{lo}, {hi}] "
                                  f"(step variables {', '.join(f'{v.name}={n}' for v, n in values.items())})")
+        from .schedule import pending_writes, realize
+        for w in pending_writes():      # lazy writes issued before this call: the replay reads after them
+            realize(w)
         if tr.block is not None:
             if not runtime._pending_ids.isdisjoint(tr.param_ids):
                 runtime.flush()     # the last replay's kernels read the old values: submit them first

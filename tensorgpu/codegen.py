@@ -219,6 +219,8 @@ class KernelBuilder:
         ct = compute_type(node.dtype)
         if op is Op.CAT:
             return self.render_cat(node, coords)
+        if op is Op.GATHER:
+            return self.render_gather(node, coords)
         srcs = [self.render(n, v, coords) for n, v in node.srcs]
         if op is Op.CAST:
             src_dt = node.srcs[0][0].dtype
@@ -294,6 +296,32 @@ class KernelBuilder:
         self.lines, self.memo = saved_lines, saved_memo
         return out
 
+    def index_value(self, raw: str, ct: str, n: int) -> tuple:
+        """An index read from a tensor (compute type `ct`) into an axis of length n: the i32
+        position (negative values count from the end, NumPy's rule) and whether it is inside
+        the axis. Out-of-range positions are never dereferenced: gathers read 0, scatters skip."""
+        n = static(n)
+        if ct == "u32":
+            i = self.new(f"select(-1, i32({raw}), {raw} < {n}u)", "i32")
+        else:
+            i = self.new(f"select({raw}, {raw} + {n}, {raw} < 0)", "i32")
+        ok = self.new(f"({i} >= 0 && {i} < {n})", "bool")
+        return i, ok
+
+    def render_gather(self, node: Node, coords: list) -> str:
+        """srcs[0] read at `coords` with the coordinate along the gather axis taken from srcs[1]
+        (`take_along_axis`); a dimension of size 1 in the source is read at 0 (broadcast)."""
+        axis = node.arg
+        (src, sv), (idx, iv) = node.srcs
+        raw = self.render(idx, iv, coords)
+        i, ok = self.index_value(raw, compute_type(idx.dtype), sv.shape[axis])
+        sub = ["0" if sv.shape[d] == 1 else c for d, c in enumerate(coords)]
+        sub[axis] = f"select(0, {i}, {ok})"
+        val = self.render(src, sv, sub)
+        ct = compute_type(node.dtype)
+        zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[ct]
+        return self.new(f"select({zero}, {val}, {ok})", ct)
+
     def _note_helpers(self, tmpl: str) -> None:
         for h in WGSL_HELPERS:
             if h + "(" in tmpl:
@@ -321,16 +349,21 @@ GRID_PREAMBLE = ("@compute @workgroup_size({wg})\n"
                  " @builtin(local_invocation_index) lid: u32) {{\n")
 
 
-def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node] = None):
+def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node] = None, scatter=None):
     """WGSL + bindings computing `root` for every coordinate of out_view.shape and storing it
-    through out_view into out_buf (contiguous for fresh results, strided for setitem)."""
+    through out_view into out_buf (contiguous for fresh results, strided for setitem).
+
+    `scatter=(index node, index view, axis)`: a scatter (`put_along_axis`): `root` and the index
+    are computed over root.shape, and each value is stored through out_view (a
+    graph.ScatterArg's view) with its coordinate along `axis` replaced by the index value;
+    values whose index is out of range are not stored."""
     b = KernelBuilder()
-    shape = out_view.shape
+    shape = out_view.shape if scatter is None else root.shape
     n = prod(shape)
     d = root.dtype
     packed_f16 = d is dt.float16 and not b.native_f16
     # two halves per thread; an odd count may write the half after the last only if that is padding
-    pairs = (packed_f16 and out_view.is_contiguous and out_view.offset % 2 == 0
+    pairs = (packed_f16 and out_view.is_contiguous and out_view.offset % 2 == 0 and scatter is None
              and (n % 2 == 0 or out_view.offset + n >= out_buf.nbytes // 2))
     body: list = []
 
@@ -357,12 +390,23 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
     else:
         n_threads = n
         b.lines = []
-        val = value_at("i32(gidx)")
-        if out_view.is_identity(shape):
-            idx = "gidx"
+        ok = None
+        if scatter is not None:
+            b.memo = {}
+            coords = b.unravel(b.new("i32(gidx)", "i32"), shape)
+            val = b.render(root, View.contiguous(shape), coords)
+            inode, iview, axis = scatter
+            i, ok = b.index_value(b.render(inode, iview, coords), compute_type(inode.dtype), out_view.shape[axis])
+            coords[axis] = i
+            idx = f"u32({b.linear(out_view, coords)})"
         else:
-            lin = b.new("i32(gidx)", "i32")
-            idx = f"u32({b.linear(out_view, b.unravel(lin, shape))})"
+            val = value_at("i32(gidx)")
+            if out_view.is_identity(shape):
+                idx = "gidx"
+            else:
+                lin = b.new("i32(gidx)", "i32")
+                idx = f"u32({b.linear(out_view, b.unravel(lin, shape))})"
+        head = len(b.lines)
         if packed_f16:
             name = b.bind(out_buf, d, "atomic")
             b.lines += [
@@ -373,6 +417,8 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
                 f"  if (atomicCompareExchangeWeak(&{name}[oi >> 1u], old, nv).exchanged) {{ break; }}", "}"]
         else:
             b.lines.append(store_stmt(b, out_buf, d, idx, val))
+        if ok is not None:    # a scatter stores only values whose index is inside the axis
+            b.lines[head:] = [f"if ({ok}) {{"] + ["  " + l for l in b.lines[head:]] + ["}"]
         body = b.lines
         prologue = ""
     n_wg = (n_threads + WG - 1) // WG

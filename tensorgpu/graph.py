@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from math import prod
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from . import dtypes as dt
@@ -18,7 +19,24 @@ from .view import View
 
 _seq = itertools.count()
 _NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
-                              Op.ASSIGN, Op.AFTER, Op.SINK))
+                              Op.ASSIGN, Op.SCATTER, Op.AFTER, Op.SINK))
+# lazy in-place writes (a pending write of a realized buffer), and the ops a chain of writes
+# into one buffer is made of (AFTER: a write another kernel did, rewrites.py)
+IN_PLACE = frozenset((Op.ASSIGN, Op.SCATTER))
+WRITE_CHAIN = frozenset((Op.ASSIGN, Op.SCATTER, Op.AFTER))
+# elementwise ops that read a source at coordinates other than their own (a cat's pieces, a
+# gather's data-dependent rows): the planner never treats such a read as element-for-element
+REINDEXING = frozenset((Op.CAT, Op.GATHER))
+
+
+@dataclass(frozen=True)
+class ScatterArg:
+    """What an Op.SCATTER writes: `view` maps coordinates of the iteration shape (the value's
+    and index's broadcast shape, with the axis dimension widened to the target's length) to
+    target elements, broadcast dims at stride 0; the coordinate along `axis` is the index value
+    (negative values count from the end; values outside [-n, n) write nothing)."""
+    view: View
+    axis: int
 
 
 class Node:

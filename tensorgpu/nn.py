@@ -7,18 +7,19 @@ elementwise consumers of the result (bias, gelu, residual add) fuse into its sto
 from __future__ import annotations
 
 from math import prod
-from typing import Optional
+from numbers import Integral
+from typing import NamedTuple, Optional
 
 from . import dtypes as dt
 from .customops import _custom, matmul, rows_operand, rows_viewable, softmax as _softmax
-from .graph import CustomKernel
+from .graph import IN_PLACE, WRITE_CHAIN, CustomKernel
 from .ops import Op
 from .tensor import Tensor, tensor
 from .symbolic import is_symbolic, static
 from .view import View
 
 __all__ = ["linear", "layer_norm", "rms_norm", "embedding", "rope", "scaled_dot_product_attention", "gelu",
-           "softmax", "log_softmax", "sample"]
+           "softmax", "log_softmax", "sample", "sample_rows", "SampledRows"]
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
@@ -244,9 +245,10 @@ def rope(x: Tensor, positions, rot_dims: int, base: float = 10000.0, mode: str =
 class AttentionKernel(CustomKernel):
     name = "attention"
 
-    def __init__(self, causal, scale, kv_len_static, out_layout, kv_len_runtime=None):
+    def __init__(self, causal, scale, kv_len_static, out_layout, kv_len_runtime=None, kv_rows=0):
         self.causal, self.scale, self.kv_len_static, self.out_layout = causal, scale, kv_len_static, out_layout
         self.kv_len_runtime = kv_len_runtime   # the valid prefix of a cache: a kernel parameter
+        self.kv_rows = kv_rows                 # rows of q per kv_len entry (0: one length for all)
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import KVParam, attention as k
@@ -254,7 +256,8 @@ class AttentionKernel(CustomKernel):
         kv_len = operands[3].buffer if len(operands) > 3 else self.kv_len_static
         if self.kv_len_runtime is not None:
             kv_len = KVParam(self.kv_len_runtime)
-        k(out, q, kc, vc, kv_len, causal=self.causal, scale=self.scale, out_layout=self.out_layout)
+        k(out, q, kc, vc, kv_len, causal=self.causal, scale=self.scale, out_layout=self.out_layout,
+          kv_rows=self.kv_rows)
 
 
 def _fold_batch(t: Tensor) -> Tensor:
@@ -271,7 +274,7 @@ def _cache_prefix(t: Tensor) -> Optional[Tensor]:
     as cache[..., :n, :]), or None."""
     from .view import contiguous_strides
     n, v = t.node, t.view
-    stored = n.buffer is not None or n.op is Op.ASSIGN    # a cache, or one with pending writes
+    stored = n.buffer is not None or n.op in IN_PLACE    # a cache, or one with pending writes
     if not stored or len(n.shape) != t.ndim or t.ndim < 2 or is_symbolic(v.offset) or v.offset != 0:
         return None
     full = n.shape
@@ -288,8 +291,11 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
 
     k and v may be the first rows of a preallocated cache, `cache[:, :pos + T]`: the kernel reads
     the cache with the length as a runtime parameter (a step variable under tg.capture), so one
-    compiled kernel serves every decode step. kv_len (int32 [1] tensor, optional) says the same
-    from the GPU: only the first kv_len keys are valid.
+    compiled kernel serves every decode step. kv_len (int32 tensor, optional) says the same
+    from the GPU: only the first kv_len keys are valid. Its shape is (1,) (one length) or the
+    batch dims of q before the head axis (q [B, H, sq, d], kv_len [B]: each sequence of a batch
+    attends over its own cache length, as flash-attention's `cache_seqlens`); with causal, each
+    sequence's last query sees its last valid key.
 
     Grouped-query attention (torch's enable_gqa=True): k, v may have fewer heads (axis -3)
     than q when their count divides q's; query head h reads KV head h // (Hq / Hkv). The
@@ -323,13 +329,20 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool =
     if not q3.dtype.is_float:
         q3 = q3.astype(dt.float32)
     srcs = [q3, k3, v3]
+    kv_rows = 0
     if kv_len is not None:
-        if kv_len.shape != (1,) or kv_len.dtype is not dt.int32:
-            raise ValueError(f"attention: kv_len must be an int32 tensor of shape (1,), got {kv_len.shape} {kv_len.dtype}")
-        srcs.append(kv_len if kv_len.node.buffer is not None else kv_len.contiguous())
+        per_seq = tuple(q.shape[:-3])
+        if kv_len.dtype is not dt.int32 or (kv_len.shape != (1,) and (not per_seq or kv_len.shape != per_seq)):
+            raise ValueError(f"attention: kv_len must be an int32 tensor of shape (1,)"
+                             + (f" or {per_seq} (one length per sequence of q {q.shape})" if per_seq else "")
+                             + f", got {kv_len.shape} {kv_len.dtype}")
+        if kv_len.shape != (1,) and kv_len.size > 1:
+            kv_rows = q3.shape[0] // kv_len.size
+        ok = kv_len.node.buffer is not None and kv_len.view.offset == 0 and kv_len.view.is_contiguous
+        srcs.append(kv_len if ok else kv_len.contiguous())
     B = q3.shape[0]
     kern = AttentionKernel(causal, scale, None if kv_len is not None or kv_runtime is not None else static(sk),
-                           "bsd", kv_runtime)
+                           "bsd", kv_runtime, kv_rows)
     return _custom(kern, srcs, (B, sq, d)).reshape(batch + (sq, d))
 
 
@@ -362,7 +375,7 @@ class SampleKernel(CustomKernel):
 
 def _written_in_place(t: Tensor) -> Tensor:
     """A tensor a hand-written kernel writes in place: its pending in-place writes run first."""
-    if t.node.buffer is None and t.node.op in (Op.ASSIGN, Op.AFTER):
+    if t.node.buffer is None and t.node.op in WRITE_CHAIN:
         t.realize()
     return t
 
@@ -431,6 +444,120 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: floa
             n_static = prev_tokens.shape[0] if n_prev is None else int(n_prev)
     kern = SampleKernel(vocab, temperature, top_k, top_p, penalty, not greedy, has_prev, n_static, append)
     return _custom(kern, srcs, (1,), dt.int32)
+
+
+class SampledRows(NamedTuple):
+    """What `sample_rows` returns: lazy tensors of one kernel (reading any of them runs it once).
+
+    tokens:       int32 [B], the chosen id of each row (-1 for a row of only NaN logits)
+    logprobs:     float32 [B, 1], the log-softmax of the chosen id, of the logits as given
+                  (before temperature: what vLLM and the OpenAI API report); NaN where the
+                  row's largest logit is not finite
+    top_ids:      int32 [B, N], the N = n_logprobs best ids of each row, best first, ties by
+                  lower id, NaN logits last (-1 past the vocabulary); None when n_logprobs is 0
+    top_logprobs: float32 [B, N], their log-softmax (-inf past the vocabulary); None when n_logprobs is 0
+    """
+    tokens: Tensor
+    logprobs: Tensor
+    top_ids: Optional[Tensor]
+    top_logprobs: Optional[Tensor]
+
+
+class SampleRowsKernel(CustomKernel):
+    """One token per row of logits, each row with its own parameters (kernels/sampling.py:
+    sample_rows). Sources: logits, temperature, top_k, top_p, min_p, u, the float outputs'
+    buffer and optionally counts; the last two are written in place (`after_write` nodes
+    stand for them)."""
+    name = "sample_rows"
+
+    def __init__(self, n_logprobs: int, has_counts: bool):
+        self.n_logprobs, self.has_counts = n_logprobs, has_counts
+        self.writes = (6, 7) if has_counts else (6,)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.sampling import ROW_PARAMS, sample_rows as k
+        logits, floats = operands[0], operands[6]
+        params = dict(zip(ROW_PARAMS, operands[1:6]))
+        k(out, floats.buffer, logits, params, self.n_logprobs, operands[7] if self.has_counts else None)
+
+
+def _row_param(t, name: str, B: int, dtype) -> Tensor:
+    """A per-row parameter as the kernel reads it: a [B] tensor of `dtype`, any non-negative stride."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"sample_rows: {name} must be a tensor of dtype {dtype.name} and shape ({B},) "
+                        f"(one value per row), got {type(t).__name__}")
+    if t.dtype is not dtype or t.shape != (B,):
+        raise ValueError(f"sample_rows: {name} must be a tensor of dtype {dtype.name} and shape ({B},) "
+                         f"(one value per row), got {t.dtype.name} {t.shape}")
+    return t.contiguous() if t.view.strides[0] < 0 else t
+
+
+def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, u: Tensor,
+                n_logprobs: int = 0, counts: Optional[Tensor] = None) -> SampledRows:
+    """One token from each row of `logits` (float32 [B, V]), chosen on the GPU, every row with its
+    own parameters — what one decode step of a batch of independent sequences needs.
+
+    temperature, top_p, min_p, u: float32 [B]; top_k: int32 [B]. The kernel reads them from their
+    buffers, so one compiled kernel serves every mix of values and a `tg.capture`d step replays
+    with new ones. Per row: temperature 0 is greedy (argmax, first maximum, NaN never wins);
+    top_k 0 is off; top_p 1 is off; min_p 0 is off (else keep tokens with p >= min_p * p_max
+    after temperature, as vLLM and llama.cpp do); u in [0, 1) is the row's uniform draw (the
+    host draws it from the request's seeded RNG). Exact rules: kernels/sampling.py, "many rows".
+
+    Returns SampledRows(tokens, logprobs, top_ids, top_logprobs); n_logprobs (0..20) sizes the
+    top lists (None when 0). Penalties are not applied here: apply them to the logits first
+    (plain tensor ops). counts (int32 [B, V], a realized tensor or its leading rows `c[:B]`):
+    counts[row, token] += 1 for each chosen token, in place, in the same kernel — a read of
+    that memory built after this call sees the new counts."""
+    from .kernels.sampling import MAX_LOGPROBS
+    from .schedule import after_write
+    from .runtime import Buffer, get_device
+    from .graph import buffer_node
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"sample_rows: logits must be a float32 tensor [B, V], got {type(logits).__name__}")
+    logits._check_plain("sample_rows")
+    if logits.ndim != 2 or 0 in logits.shape:
+        raise ValueError(f"sample_rows: logits must be [B, V] with B, V >= 1, got shape {logits.shape}")
+    if not logits.dtype.is_float:
+        raise TypeError(f"sample_rows: logits must be float32 (or float16), got {logits.dtype.name}")
+    if logits.dtype is not dt.float32:
+        logits = logits.astype(dt.float32)
+    B, V = logits.shape
+    if (V > 1 and logits.view.strides[1] != 1) or logits.view.strides[0] < 0:
+        logits = logits.contiguous()      # the kernel reads unit-stride rows
+    if isinstance(n_logprobs, bool) or not isinstance(n_logprobs, Integral) or not 0 <= n_logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"sample_rows: n_logprobs must be an int in [0, {MAX_LOGPROBS}], got {n_logprobs!r}")
+    N = int(n_logprobs)
+    params = [_row_param(temperature, "temperature", B, dt.float32), _row_param(top_k, "top_k", B, dt.int32),
+              _row_param(top_p, "top_p", B, dt.float32), _row_param(min_p, "min_p", B, dt.float32),
+              _row_param(u, "u", B, dt.float32)]
+    if counts is not None:
+        if not isinstance(counts, Tensor):
+            raise TypeError(f"sample_rows: counts must be an int32 tensor [{B}, {V}], got {type(counts).__name__}")
+        if counts.dtype is not dt.int32 or counts.shape != (B, V):
+            raise ValueError(f"sample_rows: counts must be an int32 tensor of shape ({B}, {V}) (rows of logits), "
+                             f"got {counts.dtype.name} {counts.shape}")
+        _written_in_place(counts)
+        cv = counts.view
+        if counts.node.buffer is None or is_symbolic(cv.offset) or (V > 1 and cv.strides[1] != 1) \
+                or (B > 1 and cv.strides[0] < V):
+            raise ValueError(f"sample_rows: counts must be a realized int32 tensor or leading rows of one "
+                             f"(c[:{B}] of a [S, {V}] table), written in place; got a view with strides "
+                             f"{cv.strides}, offset {cv.offset}{'' if counts.node.buffer is not None else ', unrealized'}")
+    # bindings: logits, the parameters' buffers, two outputs, counts — past the device's limit the
+    # float parameters travel as rows of one tensor (one binding, one small copy kernel)
+    if 3 + (counts is not None) + len({id(p.node) for p in params}) > get_device().max_storage_buffers:
+        from .tensor import stack
+        packed = stack([params[0], params[2], params[3], params[4]])
+        params = [packed[0], params[1], packed[1], packed[2], packed[3]]
+    floats = Tensor(buffer_node(Buffer(4 * B * (1 + N)), (B * (1 + N),), dt.float32))
+    srcs = [logits] + params + [floats] + ([counts] if counts is not None else [])
+    ints = _custom(SampleRowsKernel(N, counts is not None), srcs, (B * (1 + N),), dt.int32)
+    floats = Tensor(after_write(floats.node, ints.node))
+    if counts is not None:
+        counts._adopt(Tensor(after_write(counts.node, ints.node), counts.view))
+    return SampledRows(ints[:B], floats[:B].reshape(B, 1), ints[B:].reshape(B, N) if N else None,
+                       floats[B:].reshape(B, N) if N else None)
 
 
 # ----------------------------------------------------------------------------- fused decode attention

@@ -22,7 +22,7 @@ from typing import Optional
 
 from . import dtypes as dt
 from .codegen import GraphEpilogue, elementwise_kernel, reduce_kernel
-from .graph import CustomKernel, Node, buffer_node
+from .graph import IN_PLACE, REINDEXING, WRITE_CHAIN, CustomKernel, Node, ScatterArg, buffer_node
 from .ops import Op
 from . import runtime
 from .runtime import Buffer, dispatch, get_device, grid_for, upload
@@ -163,7 +163,7 @@ def _realize(node: Node) -> None:
     if node.op is Op.CUSTOM:
         _emit_custom(node, node, None)
         return
-    if node.op is Op.ASSIGN:
+    if node.op in IN_PLACE:
         _emit_assign(node)
         return
     if node.op is Op.SINK:
@@ -368,13 +368,14 @@ def _static_view(v: View) -> None:
             static(x)
 
 
-def _plan(root: Node):
-    """Choose the core of root's kernel and materialize every source that can't be inlined."""
+def _plan(root: Node, extra_bindings: int = 0):
+    """Choose the core of root's kernel and materialize every source that can't be inlined
+    (`extra_bindings`: storage buffers the kernel binds besides root's, a scatter's index)."""
     for x in root.shape:
         if type(x) is not int:
             static(x)
     _bound_select_chains(root)
-    limit = get_device().max_storage_buffers
+    limit = get_device().max_storage_buffers - extra_bindings
     while True:
         try:
             return _plan_once(root, limit)
@@ -419,7 +420,7 @@ def _plan_once(root: Node, limit: int):
                 if m is core and m is not root:
                     # a shared elementwise node above the core is read on two paths: the kernel's
                     # accumulator serves only reads of the same element
-                    if not (identity_path and n.op is not Op.CAT and _same_linear(v, m)):
+                    if not (identity_path and n.op not in REINDEXING and _same_linear(v, m)):
                         misread.append(m)
                     continue
                 if m.is_elementwise and _graph_reads(m) > 1 and _over_a_kernel(m):
@@ -429,14 +430,14 @@ def _plan_once(root: Node, limit: int):
                     mine.add(id(m.buffer))
                     continue
                 if m.is_elementwise:
-                    sub_path = path if v.is_identity(m.shape) and n.op is not Op.CAT else (path, v, id(n))
+                    sub_path = path if v.is_identity(m.shape) and n.op not in REINDEXING else (path, v, id(n))
                     # a core below an elementwise node that other kernels read too would be
                     # recomputed for each of them: only a node read once leads to a core
-                    sub = visit(m, identity_path and _same_linear(v, m) and n.op is not Op.CAT
+                    sub = visit(m, identity_path and _same_linear(v, m) and n.op not in REINDEXING
                                 and _graph_reads(m) <= 1, sub_path)
                     inlined.append((len(sub), m))
                     mine |= sub
-                elif core is None and identity_path and n.op is not Op.CAT and _eligible_core(m, v, root):
+                elif core is None and identity_path and n.op not in REINDEXING and _eligible_core(m, v, root):
                     core = m
                     if m.is_reduce:
                         mine |= visit(m, False, (path, id(m)))
@@ -569,11 +570,12 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     # a kernel that writes some of its sources in place (a KV-cache write) runs after every
     # pending lazy read of their old contents
     # (a reader built on this kernel's own result, e.g. attention over the cache it fills, reads
-    # the new contents by construction and is not one of them)
+    # the new contents by construction and is not one of them; nor is a read built after the
+    # kernel, which an `after_write` orders after it)
     for i in getattr(kernel, "writes", ()):
         m = node.srcs[i][0]
         for r in list(m.readers or ()):
-            if r.buffer is None and r is not node and r is not root and not _depends_on(r, node):
+            if r.buffer is None and r is not node and r is not root and r.seq < node.seq and not _depends_on(r, node):
                 realize(r)
     operands = []
     for i, (m, v) in enumerate(node.srcs):
@@ -626,9 +628,25 @@ def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
     kernel, such as the decode attention that writes the cache row it reads."""
     n = Node(Op.ASSIGN, ((target, View.contiguous(target.shape)), (value, value_view)), target.dtype,
              target.shape, arg=view)
+    return _pend(n, target)
+
+
+@runtime.locked
+def scatter(target: Node, arg: ScatterArg, value: Node, value_view: View, index: Node, index_view: View) -> Node:
+    """The in-place scatter `put_along_axis(t, index, value, axis)`, lazily: like `assign`, a
+    node standing for the written tensor, ordered with every other write and read of the
+    buffer by creation order. value_view and index_view are both broadcast to the iteration
+    shape (see graph.ScatterArg)."""
+    n = Node(Op.SCATTER, ((target, View.contiguous(target.shape)), (value, value_view), (index, index_view)),
+             target.dtype, target.shape, arg=arg)
+    return _pend(n, target)
+
+
+def _pend(n: Node, target: Node) -> Node:
+    """Register the write `n` into target's buffer as pending."""
     from .graph import HOST_RANGE
     m = target
-    while m.op in (Op.ASSIGN, Op.AFTER) and m.srcs:
+    while m.op in WRITE_CHAIN and m.srcs:
         m = m.srcs[0][0]
     HOST_RANGE.pop(m, None)              # its remembered host values are no longer its values
     buf = _base_buffer(n)
@@ -637,9 +655,30 @@ def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
     return n
 
 
+@runtime.locked
+def after_write(target: Node, kernel: Node) -> Node:
+    """The in-place write a hand-written kernel node makes into realized `target`'s buffer (its
+    `writes`), as the node that stands for that buffer once the kernel ran (an AFTER). Pending
+    like an ASSIGN: a read built after it, through any view of the buffer, runs the kernel
+    first; the kernel marks it done when it runs (`CustomKernel.afters`)."""
+    assert target.buffer is not None, f"after_write into an unrealized {target}"
+    n = Node(Op.AFTER, ((target, View.contiguous(target.shape)), (kernel, View.contiguous(kernel.shape))),
+             target.dtype, target.shape)
+    from .graph import HOST_RANGE
+    m = target
+    while m.op in (Op.ASSIGN, Op.AFTER) and m.srcs:
+        m = m.srcs[0][0]
+    HOST_RANGE.pop(m, None)              # its remembered host values are no longer its values
+    HOST_RANGE.pop(target, None)
+    with _writes_lock:
+        _pending_writes.setdefault(target.buffer, []).append(n)
+    kernel.arg.afters = tuple(getattr(kernel.arg, "afters", ())) + (weakref.ref(n),)
+    return n
+
+
 def _base_buffer(n: Node):
     """The Buffer an ASSIGN chain ends up writing (the realized node at its root)."""
-    while n.buffer is None and n.op in (Op.ASSIGN, Op.AFTER):
+    while n.buffer is None and n.op in WRITE_CHAIN:
         n = n.srcs[0][0]
     assert n.buffer is not None, f"in-place write into an unrealized {n}"
     return n.buffer
@@ -666,7 +705,9 @@ def writes_before(buf, seq: float, reader: Optional[Node] = None) -> None:
 def _emit_assign(node: Node) -> None:
     target, _ = node.srcs[0]
     value, value_view = node.srcs[1]
-    view = node.arg
+    is_scatter = node.op is Op.SCATTER
+    view = node.arg.view if is_scatter else node.arg
+    shape = value_view.shape if is_scatter else view.shape
     realize(target)                      # earlier writes of the chain
     buf = target.buffer
     writes_before(buf, node.seq)         # writes through other views issued before this one
@@ -676,19 +717,32 @@ def _emit_assign(node: Node) -> None:
     for r in list(target.readers or ()):
         if r.buffer is None and r is not node and r.seq < node.seq and not _depends_on(r, node):
             realize(r)
-    if prod(view.shape) != 0:
-        root = Node(Op.CAST, ((value, value_view),), target.dtype, view.shape)
+    if prod(shape) != 0:
+        root = Node(Op.CAST, ((value, value_view),), target.dtype, shape)
         root.seq = node.seq              # it reads what the write's value read
         if _reads_buffer(root, buf):     # t[1:] = t[:-1]: copy the value out first
-            tmp = Node(Op.CAST, ((value, value_view),), value.dtype, view.shape)
+            tmp = Node(Op.CAST, ((value, value_view),), value.dtype, shape)
             tmp.seq = node.seq
             realize(tmp)
-            root = Node(Op.CAST, ((tmp, View.contiguous(view.shape)),), target.dtype, view.shape)
+            root = Node(Op.CAST, ((tmp, View.contiguous(shape)),), target.dtype, shape)
             root.seq = node.seq
-        core, root = _plan(root)
+        sc = None
+        if is_scatter:
+            # the index is read from its own buffer (a lazy index is computed first, an index
+            # that reads the written buffer is copied out first)
+            index, index_view = node.srcs[2]
+            if index.op is not Op.CONST and (index.buffer is None or _reads_buffer(index, buf)):
+                ic = Node(Op.CAST, ((index, index_view),), index.dtype, shape)
+                ic.seq = node.seq
+                realize(ic)
+                index, index_view = ic, View.contiguous(shape)
+            elif index.buffer is not None and index.buffer in _pending_writes:
+                writes_before(index.buffer, node.seq)
+            sc = (index, index_view, node.arg.axis)
+        core, root = _plan(root, extra_bindings=1 if is_scatter else 0)
         assert core is None
-        src, bindings, n_wg, params = elementwise_kernel(root, buf, view)
-        _dispatch("E_assign", src, bindings, n_wg, params)
+        src, bindings, n_wg, params = elementwise_kernel(root, buf, view, scatter=sc)
+        _dispatch("E_scatter" if is_scatter else "E_assign", src, bindings, n_wg, params)
     _done_writing(node, buf)
 
 

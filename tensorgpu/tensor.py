@@ -15,7 +15,7 @@ import numpy as np
 
 from . import dtypes as dt
 from . import runtime
-from .graph import HOST_RANGE, Node, buffer_node, const_node
+from .graph import HOST_RANGE, IN_PLACE, Node, buffer_node, const_node
 from .ops import BINARY, UNARY, Op, binary_operand_type, binary_result, unary_result
 from .symbolic import guard, is_symbolic, static
 from .view import View
@@ -567,26 +567,39 @@ class Tensor:
 
     def __setitem__(self, idx, value) -> None:
         """In-place write, ordered after every pending read of the old contents."""
-        from .schedule import assign, realize
+        from .schedule import assign
         self._check_plain("assignment")
-        owned = self.node.buffer is not None or self.node.op is Op.ASSIGN   # a pending write owns it too
-        if not owned or self.node.op is Op.CONST or 0 in self.view.strides and self.size > 1:
-            # own the memory first (NumPy semantics: a fresh array is writable)
-            if self.node.op is Op.CONST or not owned or not _owns(self.view):
-                c = self.contiguous()
-                realize(c.node)
-                self._adopt(c)
+        self._own_memory()
         target = self._index_view(idx)
         v = _as_operand(value, self.dtype)
         v._check_plain("assignment")
         broadcast_shapes(target.shape, v.shape, what=f"assign value of shape {v.shape} to index of shape {target.shape}")
         if v.ndim > len(target.shape) or broadcast_shapes(target.shape, v.shape) != target.shape:
             raise ValueError(f"could not broadcast value of shape {v.shape} into index result of shape {target.shape}")
-        n = self.node
-        while n is not None:                     # its values are no longer an arange's
-            _ARANGES.pop(n, None)
-            n = n.srcs[0][0] if n.op is Op.ASSIGN and n.srcs else None
+        self._forget_arange()
         self._adopt(Tensor(assign(self.node, target, v.node, v.view.expand(target.shape)), self.view))
+
+    def _must_copy_to_write(self) -> bool:
+        """Whether an in-place write needs this tensor to get its own memory first: a lazy
+        result, a constant, or a broadcast view (NumPy semantics: a fresh array is writable)."""
+        owned = self.node.buffer is not None or self.node.op in IN_PLACE   # a pending write owns it too
+        return self.node.op is Op.CONST or not owned or (0 in self.view.strides and self.size > 1
+                                                         and not _owns(self.view))
+
+    def _own_memory(self) -> None:
+        """Before an in-place write: realize a contiguous copy when _must_copy_to_write."""
+        from .schedule import realize
+        if self._must_copy_to_write():
+            c = self.contiguous()
+            realize(c.node)
+            self._adopt(c)
+
+    def _forget_arange(self) -> None:
+        """Its values are about to change: it is no longer an arange (rewrites.py relies on those)."""
+        n = self.node
+        while n is not None:
+            _ARANGES.pop(n, None)
+            n = n.srcs[0][0] if n.op in IN_PLACE and n.srcs else None
 
     def _adopt(self, other: "Tensor") -> None:
         self.node.tensors -= 1

@@ -306,3 +306,13 @@ def test_generate_stop_token_with_steps_in_flight(model):
     got = list(s.generate("The river", max_new_tokens=10, stop=[full[3]], stop_on_eos=False))
     assert got == full[:full.index(full[3]) + 1]
     assert s.position == len(model.tokenizer.encode("The river")) + len(got)
+
+
+def test_a_replay_sees_lazy_writes_issued_before_it():
+    """A write into a buffer the capture reads (`cache[i] = v`, not realized yet) runs before the
+    replay's kernels: the replay reads the new rows, as an eager call would."""
+    cache = tg.zeros((4, 3)).contiguous().realize()
+    f = tg.capture(lambda x: (cache * x).sum(-1))
+    f(np.float32(1.0)).numpy()                     # traced
+    cache[2] = tg.tensor(np.array([1.0, 2.0, 3.0], np.float32))   # lazy: nothing runs yet
+    np.testing.assert_allclose(f(np.float32(2.0)).numpy(), [0, 0, 12, 0])

@@ -132,9 +132,11 @@ class KVParam:
 _TGP = "@TGP_BINDING@"
 
 
-def _params_wgsl(kv_len, q_pos0, sq: int, sk_max: int, first_binding: int) -> tuple:
+def _params_wgsl(kv_len, q_pos0, sq: int, sk_max: int, first_binding: int, kv_rows: int = 0) -> tuple:
     """Declarations and WGSL expressions for the KV length and q_pos0 (constants, or storage
-    reads so one pipeline serves every decode step); returns (decls, kvl_expr, qp0_expr, buffers)."""
+    reads so one pipeline serves every decode step); returns (decls, kvl_expr, qp0_expr, buffers).
+    kv_rows > 0: the buffer holds one length per kv_rows consecutive rows b of q (per sequence
+    of a batch: its heads share the length); the expression then reads `b`."""
     decls, bufs = "", []
     b = first_binding
     if isinstance(kv_len, KVParam):
@@ -142,7 +144,8 @@ def _params_wgsl(kv_len, q_pos0, sq: int, sk_max: int, first_binding: int) -> tu
         kvl = f"min(tgp[0].x, {sk_max}u)"
     elif isinstance(kv_len, Buffer):
         decls += f"@group(0) @binding({b}) var<storage, read> kvlen_buf: array<i32>;\n"
-        kvl = f"min(u32(max(kvlen_buf[0], 0)), {sk_max}u)"
+        at = f"b / {kv_rows}u" if kv_rows else "0"
+        kvl = f"min(u32(max(kvlen_buf[{at}], 0)), {sk_max}u)"
         bufs.append(kv_len)
         b += 1
     else:
@@ -159,13 +162,13 @@ def _params_wgsl(kv_len, q_pos0, sq: int, sk_max: int, first_binding: int) -> tu
 
 
 def _prefill_io(q: Operand, k: Operand, v: Operand, D: int, kv_len, q_pos0, sq: int, sk_max: int, split: bool,
-                out_elem: str) -> tuple:
+                out_elem: str, kv_rows: int = 0) -> tuple:
     """What both prefill kernels declare first: the q/k/v readers and their row loaders, the kv
     length / q_pos0 parameters, and the output (the split partials, or `out` of out_elem).
     Returns (WGSL lines, kvl expression, qp0 expression, bindings of q, k, v and the params)."""
     vq, vk, vv = (vec4_ok(o, D) for o in (q, k, v))
     rq, rk, rv = Reader("qb", q, 0, vq), Reader("kb", k, 1, vk), Reader("vb", v, 2, vv)
-    decls, kvl, qp0, pbufs = _params_wgsl(kv_len, q_pos0, sq, sk_max, 3)
+    decls, kvl, qp0, pbufs = _params_wgsl(kv_len, q_pos0, sq, sk_max, 3, kv_rows)
     nb = 3 + len(pbufs)
     if split:
         outs = (f"@group(0) @binding({nb}) var<storage, read_write> part_o: array<vec4<f32>>;\n"
@@ -240,7 +243,7 @@ def _store_row4(D: int, idx: str, val: str) -> str:
 
 
 def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, sk_max: int, D: int,
-                 kv_len, q_pos0, causal: bool, scale: float, layout: str) -> tuple:
+                 kv_len, q_pos0, causal: bool, scale: float, layout: str, kv_rows: int = 0) -> tuple:
     dev = get_device()
     sub = dev.has_subgroups
     WG, BQ, BK, D4, D4P, KW, G, RQ, TR, NO, OP, KG = (p.WG, p.BQ, p.BK, p.D4, p.D4P, p.KW, p.G, p.RQ,
@@ -248,7 +251,7 @@ def _main_source(p: _Plan, q: Operand, k: Operand, v: Operand, B: int, sq: int, 
     NS = p.NSPLIT
     split = NS > 1
     L, kvl, qp0, binds = _prefill_io(q, k, v, D, kv_len, q_pos0, sq, sk_max, split,
-                                     "vec4<f32>" if D % 4 == 0 else "f32")
+                                     "vec4<f32>" if D % 4 == 0 else "f32", kv_rows)
     sgp, sg = sg_builtin(sub)
     L += [seg_reduce("red_max", "max", TR, WG, sub, NEG_INF),
          seg_reduce("red_sum", "+", TR, WG, sub, "0.0"),
@@ -492,14 +495,14 @@ def _pv_loop(p: _TilePlan) -> list:
 
 
 def _tiled_source(p: _TilePlan, q: Operand, k: Operand, v: Operand, B: int, sq: int, sk_max: int, D: int,
-                  kv_len, q_pos0, causal: bool, scale: float, layout: str) -> tuple:
+                  kv_len, q_pos0, causal: bool, scale: float, layout: str, kv_rows: int = 0) -> tuple:
     dev = get_device()
     sub = dev.has_subgroups
     WG, BQ, BK, TX, D4, VW, NU, KPT, R = p.WG, p.BQ, p.BK, p.TX, p.D4, p.VW, p.NU, p.KPT, p.REGS
     BQ4 = BQ // 4
     NS = p.NSPLIT
     split = NS > 1
-    L, kvl, qp0, binds = _prefill_io(q, k, v, D, kv_len, q_pos0, sq, sk_max, split, "vec4<f32>")
+    L, kvl, qp0, binds = _prefill_io(q, k, v, D, kv_len, q_pos0, sq, sk_max, split, "vec4<f32>", kv_rows)
     sgp, sg = sg_builtin(sub)
     L += [seg_reduce("red_max", "max", TX, WG, sub, NEG_INF, "vec4<f32>"),
           seg_reduce("red_sum", "+", TX, WG, sub, "vec4<f32>(0.0)", "vec4<f32>"),
@@ -698,14 +701,16 @@ def _key_span(kv_len, q_pos0, sq: int, causal: bool) -> Optional[int]:
 
 def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
               kv_len: Union[Buffer, int], causal: bool = True, scale: Optional[float] = None,
-              q_pos0: Union[Buffer, int, None] = None, out_layout: str = "bsd") -> None:
+              q_pos0: Union[Buffer, int, None] = None, out_layout: str = "bsd", kv_rows: int = 0) -> None:
     """Attention of q [B, sq, d] over the first kv_len keys of k_cache/v_cache [B, sk_max, d]
     (or [B / G, sk_max, d]: grouped-query attention, query head b reads K/V head b // G, as
     torch's enable_gqa=True).
 
     B is batch*heads; all three are f32/f16 Operands with any strides (e.g. caches laid out
     [n_heads, max_ctx, head_dim] and q [n_heads, sq, head_dim] need no copy). kv_len: int, or
-    an int32 Buffer read at element 0 on the GPU (clamped to [0, sk_max]). causal: key j is
+    an int32 Buffer read at element 0 on the GPU (clamped to [0, sk_max]); with kv_rows > 0 the
+    Buffer holds B / kv_rows lengths, one per kv_rows consecutive rows (a batch of sequences, each
+    with its heads: every sequence attends over its own cache length). causal: key j is
     visible to query i iff j <= q_pos0 + i; q_pos0 (int or int32 Buffer element 0) defaults
     to kv_len - sq. scale defaults to 1/sqrt(d). A query that sees no key gets zeros.
     out: contiguous float32, [B, sq, d] (out_layout="bsd") or [sq, B, d] ("sbd", i.e. the
@@ -729,8 +734,11 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
             raise ValueError(f"attention: kv_len={int(kv_len.value)} outside [0, sk_max={sk_max}] (k_cache shape {tuple(k_cache.shape)})")
         params = ((kv_len.value, "u32"),)
     elif isinstance(kv_len, Buffer):
-        if kv_len.nbytes < 4:
-            raise ValueError("attention: kv_len buffer must hold one int32")
+        n_len = B // kv_rows if kv_rows else 1
+        if kv_rows and (kv_rows < 0 or B % kv_rows):
+            raise ValueError(f"attention: kv_rows={kv_rows} does not divide the {B} rows of q {tuple(q.shape)}")
+        if kv_len.nbytes < 4 * n_len:
+            raise ValueError(f"attention: kv_len buffer ({kv_len.nbytes} bytes) must hold {n_len} int32")
     else:
         kv_len = int(kv_len)
         if not 0 <= kv_len <= sk_max:
@@ -747,11 +755,13 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
     tp = _TilePlan(B, sq, sk_max, D, (), _key_span(kv_len, q_pos0, sq, causal))
     if tp.ok:
         p = tp
-        src, binds = _tiled_source(tp, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
+        src, binds = _tiled_source(tp, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout,
+                                   kv_rows)
         name = f"attention_tiled[{B}x{sq}x{sk_max}x{D}]"
     else:
         p = _Plan(B, sq, sk_max, D)
-        src, binds = _main_source(p, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout)
+        src, binds = _main_source(p, q, k_cache, v_cache, B, sq, sk_max, D, kv_len, q_pos0, causal, scale, out_layout,
+                                  kv_rows)
         name = f"attention[{B}x{sq}x{sk_max}x{D}]"
     n_wg = B * p.NQT * p.NSPLIT
     src = src.replace(_TGP, str(len(binds) + (1 if p.NSPLIT == 1 else 2)))

@@ -47,7 +47,7 @@ SUPPORTED = (dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_0, dtypes.q5_1,
 # Knobs the benchmarks sweep (TENSORGPU_QGEMV="threads,rows" overrides in bench_quant_gemv.py).
 # The tiled (prefill) path is the float tiled matmul: its tile / split-K / BK knobs are matmul.TUNING.
 TUNING = {
-    "gemv_max_m": 8,      # x rows (batch*M) up to this use the GEMV kernel, else tiled
+    "gemv_max_m": 16,     # x rows (batch*M) up to this use the GEMV kernel, else tiled (16: H200, RESULTS.md)
     "gemv_m_chunk": 4,    # x rows per GEMV dispatch pass (registers: 16 x floats per row)
     "gemv_threads": None, # GEMV workgroup size; None: from K (256 for K >= 4096)
     "gemv_rows": None,    # weight rows per GEMV workgroup; None: from the M chunk (4 for M=1)
@@ -757,8 +757,10 @@ def _gemv_wgsl(dev, X, dt, fmt, N, K, rb, wbase, ep, mt, T, R) -> tuple:
         b += ", @builtin(subgroup_invocation_id) sgl: u32, @builtin(subgroup_id) sgid: u32, @builtin(num_subgroups) nsg: u32"
     s.append(f"@compute @workgroup_size({T})\nfn main({b}) {{\n")
     # past the end (N or x rows): clamped reads, no store; no early return before the barriers
-    s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = (g % {_u(groups)}) * {R}u;\n"
-             f"    let m0 = (g / {_u(groups)}) * {mt}u;\n")
+    # consecutive workgroups take the x-row chunks of one weight row group: a weight row is
+    # fetched from memory once and re-read from L2 by the other chunks (a batch of sequences)
+    s.append(f"    let g = {runtime.WGSL_LINEAR_ID};\n    let n0 = (g / {_u(chunks)}) * {R}u;\n"
+             f"    let m0 = (g % {_u(chunks)}) * {mt}u;\n")
     for r in range(R):
         s.append(f"    let rb{r} = WB + min(n0 + {r}u, N - 1u) * RB;\n")
     for m in range(mt):
