@@ -3,8 +3,8 @@
 Installed, it is the `tensorgpu` console script; in a checkout, `python -m models TOOL ...` and
 `python -m models.gpt_neox TOOL ...` are the same command. Each tool lives in its own module with
 `add_arguments(parser)` and `run(args) -> int` (models/tools/); a module with only
-`main(argv) -> int` is handed its arguments as they are. A tool whose module is not there (the
-server, the quantizer, until they land) is simply not listed.
+`main(argv[, prog]) -> int` (models/quantize.py) is handed its arguments as they are. A tool
+whose module is not there (the server, until it lands) is simply not listed.
 
 Errors in what the user gave (an argument, a missing or broken file, a prompt too long) print one
 `error:` line and exit with status 2, as llama.cpp's tools do; Ctrl-C exits with 130.
@@ -39,7 +39,8 @@ TOOLS = (
     Tool("serve", ".serve.cli", "an HTTP server for completions and chat", "llama-server"),
     Tool("convert", ".tools.convert", "Hugging Face checkpoint (GPT-NeoX, Llama, Mistral, Qwen2) -> GGUF",
          "convert_hf_to_gguf.py"),
-    Tool("quantize", ".tools.quantize", "GGUF -> GGUF of another quantization type", "llama-quantize"),
+    Tool("quantize", ".quantize", "GGUF -> GGUF of another type (q8_0 ... Q4_K_M), blocks as llama.cpp writes "
+                                  "them", "llama-quantize"),
     Tool("export-hf", ".tools.export_hf", "GGUF (GPT-NeoX) -> Hugging Face checkpoint, the inverse of convert"),
 )
 
@@ -149,6 +150,10 @@ def _parser_for(tool: Tool, module) -> argparse.ArgumentParser:
 def _run_tool(tool: Tool, argv: list) -> int:
     module = importlib.import_module(tool.module, __package__)
     if not hasattr(module, "add_arguments") and hasattr(module, "main"):
+        # a module that owns its whole command line (models/quantize.py): main(argv[, prog])
+        import inspect
+        if "prog" in inspect.signature(module.main).parameters:
+            return module.main(argv, prog=f"{prog()} {tool.name}")
         return module.main(argv)
     args = _parser_for(tool, module).parse_args(argv)
     return module.run(args)

@@ -49,8 +49,12 @@ def test_tensorgpu_lines_parse_and_name_files_that_exist(argv):
         return
     tool = next(t for t in cli.available_tools() if t.name == argv[0])
     module = __import__(f"models{tool.module}", fromlist=["x"])
-    args = cli._parser_for(tool, module).parse_args(argv[1:])
-    for key in ("model", "file", "hf_dir", "gguf", "tokenizer"):
+    if hasattr(module, "add_arguments"):
+        parser = cli._parser_for(tool, module)
+    else:                     # a module that owns its command line (models/quantize.py)
+        parser = module._parser()
+    args = parser.parse_args(argv[1:])
+    for key in ("model", "file", "hf_dir", "gguf", "tokenizer", "input"):
         path = getattr(args, key, None)
         if path and path != "-" and not str(path).startswith("build/"):
             assert (ROOT / path).exists(), path   # (an absolute path, the default model's, stays as it is)
