@@ -123,6 +123,26 @@ def test_generate_short_runs_have_honest_timing_lines(capsys):
         assert want in err and "nan" not in err and not re.search(r"(?<![\d.])1 tokens", err), err
 
 
+def test_keep_counts_after_the_bos_and_minus_one_is_the_prompt():
+    import argparse
+    from types import SimpleNamespace
+
+    from models.tools.common import UsageError
+    from models.tools.generate import keep_tokens
+    bos = SimpleNamespace(bos_id=1)
+    a = argparse.Namespace(keep=0, no_context_shift=False)
+    assert keep_tokens(a, bos, [1, 5, 6, 7], 16) == 1          # the BOS always stays
+    assert keep_tokens(a, bos, [5, 6, 7], 16) == 0
+    a.keep = 2
+    assert keep_tokens(a, bos, [1, 5, 6, 7], 16) == 3 and keep_tokens(a, bos, [5], 16) == 1
+    a.keep = -1
+    assert keep_tokens(a, bos, [1, 5, 6, 7], 16) == 4
+    with pytest.raises(UsageError, match="leaves nothing for a context shift"):
+        keep_tokens(a, bos, list(range(15)), 16)
+    a.no_context_shift = True
+    assert keep_tokens(a, bos, list(range(15)), 16) == 15
+
+
 def test_timing_line():
     st = dict(prefill_tokens=1, prefill_s=0.5, decode_tokens=1, decode_s=0.25, stop="length", context_shifts=0)
     assert timing_line(st, 512) == ("prefill: 1 token in 0.500 s = 2.0 tokens/s; "

@@ -91,7 +91,8 @@ def chat(model, sess, a, system: str, seed: int) -> int:
         sess.truncate(shared)
         kw["seed"] = seed + turn
         reply, sd = [], tok.decode_stream(skip_special=True)
-        for t in sess.generate(ids[shared:], max_new_tokens=max_new(a), keep=0, **kw):
+        keep = 1 if ids[0] == tok.bos_id else 0      # a context shift keeps the BOS, as llama-cli does
+        for t in sess.generate(ids[shared:], max_new_tokens=max_new(a), keep=keep, **kw):
             reply.append(t)
             piece = sd.step(t)
             if piece:
