@@ -58,7 +58,7 @@ def script(readme: Path) -> str:
         if c in SKIP:
             out.append(f"echo {shlex.quote(f'# skipped: {c} ({SKIP[c]})')}")
             continue
-        out.append(f"echo {shlex.quote('$ ' + c)}")
+        out.append(f"echo \"[$SECONDS s] \"{shlex.quote('$ ' + c)}")
         out.append(c)
     return "\n".join(out) + "\n"
 
