@@ -424,7 +424,8 @@ class Session:
         def queue_steps():
             nonlocal tok, queued
             # step s writes row base+s-1 and needs row base+s free for token s
-            while len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens and base + queued + 1 < self.max_context:
+            while (len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens
+                   and base + queued + 1 < self.max_context):
                 p = base + queued
                 tok = step(tok, p) if greedy else step(tok, p, float(sampler.rng.random()))
                 tickets.append(tok.read_async())
@@ -437,15 +438,17 @@ class Session:
             nxt = int(tickets.popleft().numpy()[0])
             t = time.perf_counter()
             if nxt < 0:
-                raise FloatingPointError(f"the model's logits are all NaN at position {len(toks) + (prev is not None)}: "
-                                         "no token can be chosen (check the weights and the input)")
+                raise FloatingPointError(f"the model's logits are all NaN at position "
+                                         f"{len(toks) + (prev is not None)}: no token can be chosen "
+                                         "(check the weights and the input)")
             if n == 0:
                 self._count_first(stats, reprefill, t - t0, n_prompt)
                 dec0 = stats["decode_s"]
             else:
                 stats["decode_tokens"] += 1
                 stats["decode_s"] = dec0 + (t - t_dec) * n / queued
-            reason = "eos" if nxt == eos else "stop" if nxt in stop_ids or (stops is not None and stops.hit(nxt)) else None
+            stopped = nxt in stop_ids or (stops is not None and stops.hit(nxt))
+            reason = "eos" if nxt == eos else "stop" if stopped else None
             if reason is None:
                 if n == 0:
                     t_dec = time.perf_counter()

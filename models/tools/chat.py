@@ -83,8 +83,10 @@ def chat(model, sess, a, system: str, seed: int) -> int:
         ids = _fit(tok, messages, sess.max_context)
         if ids is None:
             messages.pop()
-            print(f"error: the message ({plural(len(_render(tok, messages + [{'role': 'user', 'content': text}])), 'token')} "
-                  f"with the template) does not fit the context of {sess.max_context} tokens", file=sys.stderr)
+            system = [m for m in messages[:1] if m["role"] == "system"]
+            n = len(_render(tok, system + [{"role": "user", "content": text}]))
+            print(f"error: the message ({plural(n, 'token')} with the template) does not fit the context of "
+                  f"{sess.max_context} tokens", file=sys.stderr)
             continue
         # keep what the session already holds of this prompt; at least one token is fed anew
         shared = min(_common_prefix(sess.context, ids), len(ids) - 1)

@@ -59,8 +59,11 @@ def float_in(lo: float, hi: float = math.inf, lo_open: bool = False, what: str =
     def parse(text: str) -> float:
         v = _number(float, text)
         if v < lo or (lo_open and v == lo) or v > hi:
-            rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]" if hi != math.inf else f"{'>' if lo_open else '>='} {lo:g}"
-            raise argparse.ArgumentTypeError(f"must be {'in ' if hi != math.inf else ''}{rng}{what}, got {text}")
+            if hi != math.inf:
+                rng = f"in {'(' if lo_open else '['}{lo:g}, {hi:g}]"
+            else:
+                rng = f"{'>' if lo_open else '>='} {lo:g}"
+            raise argparse.ArgumentTypeError(f"must be {rng}{what}, got {text}")
         return v
     parse.__name__ = "number"
     return parse
