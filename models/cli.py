@@ -3,8 +3,8 @@
 Installed, it is the `tensorgpu` console script; in a checkout, `python -m models TOOL ...` and
 `python -m models.gpt_neox TOOL ...` are the same command. Each tool lives in its own module with
 `add_arguments(parser)` and `run(args) -> int` (models/tools/); a module with only
-`main(argv[, prog]) -> int` (models/quantize.py) is handed its arguments as they are. A tool
-whose module is not there (the server, until it lands) is simply not listed.
+`main(argv[, prog]) -> int` (models/quantize.py, models/serve/cli.py) is handed its arguments as
+they are. A tool whose module is not there is simply not listed.
 
 Errors in what the user gave (an argument, a missing or broken file, a prompt too long) print one
 `error:` line and exit with status 2, as llama.cpp's tools do; Ctrl-C exits with 130.
@@ -36,7 +36,7 @@ TOOLS = (
     Tool("perplexity", ".tools.perplexity", "perplexity of a text file over windows: PPL = X +/- Y",
          "llama-perplexity"),
     Tool("bench", ".tools.bench", "prompt processing and generation speed, as a table", "llama-bench"),
-    Tool("serve", ".serve.cli", "an HTTP server for completions and chat", "llama-server"),
+    Tool("serve", ".serve.cli", "OpenAI-compatible HTTP server with continuous batching", "llama-server"),
     Tool("convert", ".tools.convert", "Hugging Face checkpoint (GPT-NeoX, Llama, Mistral, Qwen2) -> GGUF",
          "convert_hf_to_gguf.py"),
     Tool("quantize", ".quantize", "GGUF -> GGUF of another type (q8_0 ... Q4_K_M), blocks as llama.cpp writes "
@@ -149,8 +149,9 @@ def _parser_for(tool: Tool, module) -> argparse.ArgumentParser:
 
 def _run_tool(tool: Tool, argv: list) -> int:
     module = importlib.import_module(tool.module, __package__)
-    if not hasattr(module, "add_arguments") and hasattr(module, "main"):
-        # a module that owns its whole command line (models/quantize.py): main(argv[, prog])
+    if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
+        # a module that owns its whole command line (models/quantize.py, models/serve/cli.py):
+        # main(argv[, prog])
         import inspect
         if "prog" in inspect.signature(module.main).parameters:
             return module.main(argv, prog=f"{prog()} {tool.name}")

@@ -409,3 +409,59 @@ def test_one_row_takes_decode_gemv(dt):
     t = _rng.standard_normal((K, 3)).astype(np.float32)
     assert run_matmul(dt, t.T[:1], 9).info.get("kernel") is None
     assert run_matmul(dt, x.repeat(2, 0), 9).info.get("kernel") is None
+
+
+# ----------------------------------------------------------------------------- small-M tiles (batched decode)
+
+SMALL_TILES = [(16, 64), (16, 128), (32, 64), (32, 128)]
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_small_tiles_every_format(mm_tuning, dt, tile):
+    """Every block type through each 16/32-row tile of the decoding binding: M and N not multiples
+    of the tile (two row tiles), a bias + gelu epilogue in the split-K reduce pass (2 splits) and in
+    the store (no split); bf16 with a K that is no multiple of 16."""
+    K = 512 if dt.block_size == 256 else 160
+    if dt is dtypes.bfloat16:
+        K = 203
+    M, N = tile[0] + 3, tile[1] + 9
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raw = random_blocks(dt, N * K // dt.block_size)
+    for split in (2, 1):
+        mm_tuning.update(tile_mn=tile, split_k=split)
+        launch = run_matmul(dt, x, N, epilogue=ep, ep_ref=ep.ref(bias), raw=raw, force="tiled")
+        assert launch.kind == "tiled" and launch.info["tile"] == tile and launch.info["split"] == split
+        assert len(launch.passes) == split and dt.name in launch.passes[0][0]
+
+
+@pytest.mark.parametrize("dt", KEY, ids=lambda d: d.name)
+@pytest.mark.parametrize("tile,block", [((16, 128), None), ((32, 64), None), ((16, 64), (1, 4))], ids=str)
+def test_small_tiles_x16_paths(paths, mm_tuning, dt, tile, block):
+    """f16 x (array<f16> / packed u32 words) through the small tiles, one row of x (M = 1), odd N,
+    a bias + gelu epilogue; a 1-row register block (a's shared tile as f32) too."""
+    mm_tuning.update(tile_mn=tile, tile_blocks=((tile, block),) if block else None)
+    K = 512 if dt.block_size == 256 else 96
+    N = 21
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    for M in (1, 2 * tile[0] - 1):
+        x = _rng.standard_normal((M, K)).astype(np.float32)
+        launch = run_matmul(dt, x, N, xdt=F16, epilogue=ep, ep_ref=ep.ref(bias), force="tiled")
+        assert launch.info["tile"] == tile
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0, dtypes.q4_k], ids=lambda d: d.name)
+@pytest.mark.parametrize("M", [16, 32, 64])
+@pytest.mark.parametrize("N,K", [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)], ids=str)
+def test_small_m_plans_at_pythia_shapes(mm_tuning, dt, M, N, K):
+    """Batched decode through the decoding binding (plan only): the float planner's choice, so
+    16/32 rows take a tile of exactly that many rows and no shape wastes rows."""
+    x = Operand(runtime.Buffer(M * K * 4), F32, (M, K), (K, 1), 0)
+    w = runtime.Buffer(quant.quant_nbytes(dt, N * K))
+    launch = quant.plan_matmul(runtime.Buffer(M * N * 4), x, w, dt, N, K, force="tiled")
+    tm, tn = launch.info["tile"]
+    assert M % tm == 0 and (M == 64 or tm == M)
+    assert 128 <= -(-N // tn) * (M // tm) * launch.info["split"] <= 512

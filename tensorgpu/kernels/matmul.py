@@ -2,7 +2,7 @@
 
 Three paths, picked by `plan()` from shapes, strides, dtypes and device features:
 
-  gemv_k   M <= TUNING['gemv_max_m'] (16) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
+  gemv_k   M <= TUNING['gemv_max_m'] (4) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
            [N, K]): a workgroup owns COLS output columns and its threads stride along K with
            vector loads (vec4 f32, 8 f16 as one vec4<u32>), then reduce across the workgroup
            (subgroupAdd + a few shared slots, or a shared-memory tree without subgroups).
@@ -10,8 +10,10 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
            full width; the activation rows are tiny and stay in cache.
   gemv_n   M <= TUNING['gemv_max_m'] and b's N axis is the fast one (x @ w with w stored [K, N], attention's
            p @ v): adjacent threads own adjacent columns (coalesced), K split across thread rows.
-  tiled    everything else: a 128x128 (8x8 per thread) or 64x64 (4x4 per thread) output tile per
-           256-thread workgroup, K in steps of 16 staged through shared memory with the next
+  tiled    everything else: an output tile per workgroup, 128 or 64 rows (prefill: 8x8 .. 4x4
+           outputs per thread, 256 threads) or 32 or 16 rows (batched decode: 4x8 .. 2x4 per
+           thread, 128 threads) by 128 or 64 columns, picked with a split-K factor by a cost
+           model (`_tiled_config`); K in steps of 16 staged through shared memory with the next
            step's global loads prefetched into registers. Each operand's tile load is specialised
            to its layout: vec4 along K (row-major a, `w.T` b), vec4 along M/N (transposed a,
            row-major b) or scalar strided reads for anything else. No copy is ever made.
@@ -39,7 +41,7 @@ from .. import dtypes, runtime
 from ..runtime import Buffer
 from .common import NoEpilogue, Operand, epilogue_bindings
 
-GEMV_MAX_M = 16         # default of TUNING["gemv_max_m"] (a batch of 16 sequences: H200, benchmarks/RESULTS.md)
+GEMV_MAX_M = 4          # default of TUNING["gemv_max_m"] (M = 16: the tiled planner wins on the H200, RESULTS.md)
 
 # Knobs the benchmarks sweep; plan() reads them at every call (values are chosen for H100-like
 # GPUs from H100-FACTS.md: 256-thread GEMV workgroups, 128x128 tiles with 8x8 per thread).
@@ -49,7 +51,13 @@ TUNING = {
     "gemv_threads": None,   # GEMV workgroup size; None: by K
     "tile": None,           # 128 or 64: force a square tile (no split-K unless split_k); None: chosen
     "tile128_min_wgs": 128,
-    "tile_mn": None,        # (TM, TN) in {64, 128}^2: force the tiled kernel's output tile
+    "tile_mn": None,        # (TM, TN) in {16, 32, 64, 128} x {64, 128}: force the tiled kernel's output tile
+    "tile_candidates": None,  # the tiles the cost model chooses among, e.g. ((16, 128),); None: every tile_eff one
+    "small_tile_max_m": 64,   # the 16/32-row tiles are chosen for up to this many rows (M) only
+    "tile_blocks": None,    # ((TM, TN), (RM, RN)), ...: a register block other than TILE_BLOCKS' for a tile
+    # the cost model's inner-loop speed of each tile relative to 128x128 (_tiled_config says why)
+    "tile_eff": ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6),
+                 (32, 128, 0.6), (32, 64, 0.55), (16, 128, 0.45), (16, 64, 0.4)),
     "split_k": None,        # force a split-K factor (None: chosen with the tile)
     "target_wgs": 256,      # workgroups the tile / split-K choice aims for (about 2 per SM on an H100)
     "split_min_k": 256,     # K elements per split, at least
@@ -627,12 +635,15 @@ def _gen_naive(c: _Ctx):
 # ----------------------------------------------------------------------------- tiled
 
 
-def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True):
+def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True,
+               threads: int = 256, lanes: int = 4):
     """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
-    memory into registers (`load`) and from registers into shared memory (`store`).
+    memory into registers (`load`) and from registers into shared memory (`store`), spread over
+    the workgroup's `threads` invocations.
 
-    Shared layout: S[k * T/4 + t/4][t % 4] (vec4 rows along t) so the inner loop reads a thread's
-    4 consecutive m (or n) values as one vec4."""
+    Shared layout: S[k * T/L + t/L][t % L] with L = `lanes` (4: vec4 rows along t, so the inner
+    loop reads a thread's 4 consecutive m (or n) values as one vec4; 2 or 1 for a's tile when a
+    thread owns fewer than 4 rows: vec2 or f32 elements)."""
     m = c.A if which == "a" else c.B
     X = "a" if which == "a" else "b"
     S = "mm_As" if which == "a" else "mm_Bs"
@@ -642,8 +653,17 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
     else:
         sk, st, kaxis, taxis = m.srow, m.scol, "row", "col"
     T4 = T // 4
+    NT = threads
     regs, load, store = [], [], []
     conds = ([f"gt < {_u(tdim)}"] if tdim % T else []) + ([f"gk < {_u(K)}"] if K % BK else [])
+
+    def slot(kexpr: str, t: str = "t") -> str:
+        """The shared-memory element of (k, t)."""
+        if lanes == 4:
+            return f"{S}[{kexpr} * {T4}u + {t} / 4u][{t} % 4u]"
+        if lanes == 2:
+            return f"{S}[{kexpr} * {T // 2}u + {t} / 2u][{t} % 2u]"
+        return f"{S}[{kexpr} * {T}u + {t}]"
 
     def guarded(reg: str, zero: str, value: str) -> str:
         """reg = value, behind the tile-edge bounds (gt, gk) when the tile can pass an edge; the
@@ -657,59 +677,121 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
         c.want(which, 4)
         per = BK // 4                       # vec4s per tile row
         count = T * per
-        R = -(-count // 256)
+        R = -(-count // NT)
         for r in range(R):
             regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
-            load.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n"
+            load.append(f"        {{ let e = lid + {NT * r}u; let t = e / {per}u; let kv = e % {per}u;\n"
                         f"          let gt = {X}t0 + t; let gk = k0 + kv * 4u;\n")
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gt * {_u(st)} + gk)"))
-            store.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
+            store.append(f"        {{ let e = lid + {NT * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
             for j in range(4):
-                store.append(f"          {S}[(kv * 4u + {j}u) * {T4}u + t / 4u][t % 4u] = r{X}{r}[{j}];\n")
+                store.append(f"          {slot(f'(kv * 4u + {j}u)')} = r{X}{r}[{j}];\n")
             store.append("        }\n")
     elif allow_vec and c.can_vec(which, taxis, 4):
         mode = "vt"
         c.want(which, 4)
         count = BK * T4
-        R = -(-count // 256)
+        R = -(-count // NT)
         for r in range(R):
             regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
-            load.append(f"        {{ let e = lid + {256 * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
+            load.append(f"        {{ let e = lid + {NT * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
                         f"          let gt = {X}t0 + tv * 4u; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gk * {_u(sk)} + gt)"))
-            store.append(f"        {{ let e = lid + {256 * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
+            if lanes == 4:
+                store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
+            else:   # 4 consecutive t as 2 vec2 (or 4 f32) elements
+                w = 4 // lanes
+                parts = " ".join(f"{S}[(e / {T4}u) * {T // lanes}u + (e % {T4}u) * {w}u + {q}u] = "
+                                 f"r{X}{r}{'.' + ('xy', 'zw')[q] if lanes == 2 else f'[{q}]'};" for q in range(w))
+                store.append(f"        {{ let e = lid + {NT * r}u; {parts} }}\n")
     else:
         mode = "s"
         count = BK * T
-        R = -(-count // 256)
+        R = -(-count // NT)
         kfast = abs(sk) <= abs(st)
         for r in range(R):
             regs.append(f"    var r{X}{r} = 0.0;\n")
             if kfast:
-                idx = f"let e = lid + {256 * r}u; let kk = e % {BK}u; let t = e / {BK}u;"
+                idx = f"let e = lid + {NT * r}u; let kk = e % {BK}u; let t = e / {BK}u;"
             else:
-                idx = f"let e = lid + {256 * r}u; let t = e % {T}u; let kk = e / {T}u;"
+                idx = f"let e = lid + {NT * r}u; let t = e % {T}u; let kk = e / {T}u;"
             load.append(f"        {{ {idx}\n          let gt = {X}t0 + t; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "0.0", f"ld_{{B}}({X}base + gt * {_u(st)} + gk * {_u(sk)})"))
-            store.append(f"        {{ {idx} {S}[kk * {T4}u + t / 4u][t % 4u] = r{X}{r}; }}\n")
-    if count % 256:
-        # the last item of each thread exists only for the first count % 256 threads
-        guard = f"if (lid + {256 * (R - 1)}u < {count}u) "
-        load = [(guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {256 * (R - 1)}u;") else x for x in load]
-        store = [(" " * 8 + guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {256 * (R - 1)}u;") else x for x in store]
+            store.append(f"        {{ {idx} {slot('kk')} = r{X}{r}; }}\n")
+    if count % NT:
+        # the last item of each thread exists only for the first count % NT threads
+        guard = f"if (lid + {NT * (R - 1)}u < {count}u) "
+        load = [(guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {NT * (R - 1)}u;") else x for x in load]
+        store = [(" " * 8 + guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {NT * (R - 1)}u;") else x for x in store]
     return mode, "".join(regs), "".join(load), "".join(store)
 
 
+# Output tiles of the tiled kernel and the register block each uses by default: a thread
+# accumulates RM rows x RN columns of its tile, so a workgroup has (TM / RM) * (TN / RN) threads.
+# Every default keeps 16 threads across N (TN / RN = 16), the access pattern the prefill tiles
+# were tuned with: a warp's b reads from shared memory are 16 distinct vec4s (the other half-warp
+# reads the same ones) and its a reads touch 2 addresses. The small-M tiles (TM = 16, 32: batched
+# decode, M = B sequences) have 128 threads, one warp per SM sub-partition, with 2x4..4x8 blocks.
+TILE_BLOCKS = {
+    (128, 128): (8, 8), (128, 64): (8, 4), (64, 128): (4, 8), (64, 64): (4, 4),   # 256 threads
+    (32, 128): (4, 8), (32, 64): (4, 4), (16, 128): (2, 8), (16, 64): (2, 4),     # 128 threads
+}
+
+
+def _tile_block(TM: int, TN: int) -> tuple:
+    """(RM, RN, threads) of output tile (TM, TN): its TILE_BLOCKS entry, or TUNING["tile_blocks"]'s."""
+    if (TM, TN) not in TILE_BLOCKS:
+        raise ValueError(f"matmul: output tile {TM}x{TN} is not one of the tiled kernel's "
+                         f"({', '.join(f'{a}x{b}' for a, b in TILE_BLOCKS)}); check TUNING['tile_mn'], "
+                         f"TUNING['tile'] and TUNING['tile_candidates']")
+    RM, RN = TILE_BLOCKS[(TM, TN)]
+    for tile, block in (TUNING.get("tile_blocks") or ()):
+        if tuple(int(x) for x in tile) == (TM, TN):
+            RM, RN = (int(x) for x in block)
+    threads = (TM // RM) * (TN // RN) if RM > 0 and RN > 0 else 0
+    if RM not in (1, 2, 4, 8) or RN not in (4, 8) or TM % RM or TN % RN or not 32 <= threads <= 256:
+        raise ValueError(f"matmul: register block {RM}x{RN} for output tile {TM}x{TN} (TUNING['tile_blocks']): "
+                         f"a thread takes 1, 2, 4 or 8 rows and 4 or 8 columns, dividing the tile, and a "
+                         f"workgroup 32..256 threads (this gives {threads})")
+    return RM, RN, threads
+
+
 def _tiled_config(c: _Ctx, BK: int) -> tuple:
-    """(TM, TN, S): output tile and split-K factor.
+    """(TM, TN, S, KC, (RM, RN, threads)): output tile, split-K factor, K steps per split and the
+    tile's register block.
 
     Why: a prefill-sized matmul (M = 512 rows) has few 128x128 tiles (N = 2048 gives 64
     workgroups for 132 SMs on an H100), so most of the GPU idles while the big tiles that make
     2048^3 fast run one wave. Rectangular tiles and splitting K over several workgroups (partial
     sums reduced, epilogue applied, by a second small kernel) raise the workgroup count while
     keeping the 8x8 (or 8x4) register blocks that reach ~70% of the FMA peak.
-    Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape; TUNING["tile"] forces
-    a square tile (no split unless split_k says so)."""
+
+    Batched decode (M = B = 16..64 sequences, every weight read once per step) is the opposite
+    end: a 64-row tile over 16 rows does 4x the useful FMAs (the f32 FMAs, not the weight bytes,
+    bound a step at these M: an H200 does ~7 FMAs per HBM byte, an f16 weight feeds M), and
+    N = 2048 has 32 such tiles, so the 64-row tiles need an 8-way split and a reduce pass to fill
+    the GPU. The 16- and 32-row tiles waste no rows and give 2-4x the tiles, so fewer splits.
+
+    The model, one score per (tile, split), the highest wins (ties: the earlier, larger tile):
+      eff     the tile's inner-loop speed relative to 128x128 (TUNING["tile_eff"]): bigger
+              register blocks do more FMAs per shared-memory read, bigger tiles more FMAs per
+              staged element and barrier. 128/64 values measured on an H100 (prefill sweep);
+              the 16/32-row ones are estimates below 64x64's (half to a quarter of its FMAs per
+              staged element) for the H200 sweep (benchmarks/bench_matmul.py) to correct.
+      fill    min(1, workgroups / TUNING["target_wgs"]): latency hiding needs ~2 per SM.
+      quant   past one "wave" of target_wgs, the last wave's idle share (wave quantization).
+      split   1 - 3% per extra split: partial sums written and read, a second dispatch. Once
+              fill is 1, more splits only cost, so a tile with enough tiles takes few or none.
+      useful  M * N / (tiles * TM * TN): rows and columns past the matrix edges are wasted FMAs.
+    The 16/32-row tiles are candidates only up to M = TUNING["small_tile_max_m"] (64) rows, so
+    every larger matmul (prefill) keeps the choice it had before them: with a few tiles of any
+    size (a tiny N) the fill term alone would prefer the many small tiles, unmeasured there.
+
+    Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape (no split unless
+    split_k says so); TUNING["tile"] forces a square tile; TUNING["tile_candidates"] limits the
+    tiles the model chooses among (its split still chosen: one tile for a sweep, the four
+    64/128 tiles for the choice before the small ones); TUNING["tile_blocks"] changes a tile's
+    register block."""
     M, N, K, nb = c.M, c.N, c.K, c.nb
     smem_ok = lambda tm, tn: 2 * BK * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
     forced = TUNING.get("tile_mn")
@@ -721,19 +803,30 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         TM = TN = 128 if -(-M // 128) * -(-N // 128) * nb >= TUNING["tile128_min_wgs"] else 64
     else:
         TM = TN = None
-    if TM is not None and not smem_ok(TM, TN):
-        TM = TN = 64
+    if TM is not None:
+        _tile_block(TM, TN)
+        if not smem_ok(TM, TN):
+            TM = TN = 64
     KT = -(-K // BK)
     S = TUNING.get("split_k")
     if TM is not None:
         S = int(S or 1)
     else:
+        effs = {(int(tm), int(tn)): float(e) for tm, tn, e in TUNING["tile_eff"]}
+        cands = [tuple(int(x) for x in t) for t in (TUNING.get("tile_candidates") or effs)]
+        if not TUNING.get("tile_candidates") and M > int(TUNING.get("small_tile_max_m") or 0):
+            cands = [t for t in cands if t[0] >= 64] or cands   # prefill: the 64/128-row tiles, as before
         target = int(TUNING.get("target_wgs", 256))
         min_kt = max(1, int(TUNING.get("split_min_k", 256)) // BK)   # K steps per split, at least
         best = None
-        for tm, tn, eff in ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6)):
+        for tm, tn in cands:
+            _tile_block(tm, tn)
+            if (tm, tn) not in effs:
+                raise ValueError(f"matmul: TUNING['tile_candidates'] names tile {tm}x{tn}, which has no "
+                                 f"TUNING['tile_eff'] entry")
             if not smem_ok(tm, tn):
                 continue
+            eff = effs[(tm, tn)]
             tiles = -(-M // tm) * -(-N // tn) * nb
             for s in ((int(S),) if S else range(1, 9)):
                 if s > 1 and not S and KT // s < min_kt:
@@ -757,37 +850,39 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
     S = max(1, min(int(S), KT))
     KC = -(-KT // S)            # K steps per split
     S = -(-KT // KC)            # no empty splits
-    return TM, TN, S, KC
+    return TM, TN, S, KC, _tile_block(TM, TN)
 
 
 def _gen_tiled(c: _Ctx):
     A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
     BK = TUNING["bk"]
-    TM, TN, S, KC = _tiled_config(c, BK)
-    GM, GN = TM // 64, TN // 64     # vec4 groups per thread along m and along n
-    RM = 4 * GM                     # rows per thread
+    TM, TN, S, KC, (RM, RN, NT) = _tiled_config(c, BK)
+    TY, TX = TM // RM, TN // RN     # threads along m and along n
+    LA = min(RM, 4)                 # a's shared elements: vec4 (4 rows), vec2 or f32
+    GM, GN = RM // LA, RN // 4      # a reads and b vec4 reads per thread and k
+    at = {1: "f32", 2: "vec2<f32>", 4: "vec4<f32>"}[LA]
     gm, gn = -(-M // TM), -(-N // TN)
     tiles = gm * gn * c.nb
     total = tiles * S
     KT = -(-K // BK)
     if S > 1:
         c.ep = NoEpilogue()         # raw partial sums; the reduction kernel applies the epilogue
-    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K)
-    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K)
+    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, threads=NT, lanes=LA)
+    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, threads=NT)
     if c.aliased and c.lanes["a"] != c.lanes["b"]:
         # one declaration serves both views: scalar loads for both
         c.want("a", 1)
         c.want("b", 1)
-        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False)
-        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False)
+        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False, threads=NT, lanes=LA)
+        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False, threads=NT)
     c.out_vec = N % 4 == 0
     ba, bb = c.bind_a, c.bind_b
     load_a = load_a.replace("{B}", ba.name)
     load_b = load_b.replace("{B}", bb.name)
     pre, boa, bob = _batch_code(c.dims)
-    s = [f"var<workgroup> mm_As: array<vec4<f32>, {BK * TM // 4}>;\n",
+    s = [f"var<workgroup> mm_As: array<{at}, {BK * TM // LA}>;\n",
          f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
-         "@compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+         f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
          "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
          _GRID_PRELUDE.format(total=_u(total))]
     if S > 1:
@@ -800,7 +895,7 @@ def _gen_tiled(c: _Ctx):
           f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
           pre,
           f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
-          "    let tx = lid % 16u;\n    let ty = lid / 16u;\n"]
+          f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n"]
     for r in range(RM):
         for h in range(GN):
             s.append(f"    var c{r}_{h} = vec4<f32>(0.0);\n")
@@ -812,31 +907,31 @@ def _gen_tiled(c: _Ctx):
     s.append(f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
     s.append(f"        for (var kk = 0u; kk < {BK}u; kk++) {{\n")
     for gi in range(GM):
-        s.append(f"            let a{gi} = mm_As[kk * {TM // 4}u + {gi * 16}u + ty];\n")
+        s.append(f"            let a{gi} = mm_As[kk * {TM // LA}u + {gi * TY}u + ty];\n")
     for h in range(GN):
-        s.append(f"            let b{h} = mm_Bs[kk * {TN // 4}u + {h * 16}u + tx];\n")
+        s.append(f"            let b{h} = mm_Bs[kk * {TN // 4}u + {h * TX}u + tx];\n")
     comp = "xyzw"
     for r in range(RM):
-        gi, i = divmod(r, 4)
+        gi, i = divmod(r, LA)
+        av = f"a{gi}.{comp[i]}" if LA > 1 else f"a{gi}"
         for h in range(GN):
-            s.append(f"            c{r}_{h} = fma(vec4<f32>(a{gi}.{comp[i]}), b{h}, c{r}_{h});\n")
+            s.append(f"            c{r}_{h} = fma(vec4<f32>({av}), b{h}, c{r}_{h});\n")
     s.append("        }\n        workgroupBarrier();\n    }\n")
     # store (a split stores its raw partial sums at partial si's copy of the output)
     if S > 1:
         s.append(f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n")
-        ep = ("v.x", "v.y", "v.z", "v.w")
         st_vec = "mm_out[o >> 2u] = v;"
     else:
         s.append(f"    let ob = bi * {_u(M * N)};\n")
         st_vec = ("mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
                   "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
     for r in range(RM):
-        gi, i = divmod(r, 4)
-        s.append(f"    {{ let m = at0 + {gi * 64 + i}u + ty * 4u;\n")
+        gi, i = divmod(r, LA)
+        s.append(f"    {{ let m = at0 + {gi * TY * LA + i}u + ty * {LA}u;\n")
         if M % TM:
             s.append(f"      if (m < {_u(M)}) {{\n")
         for h in range(GN):
-            s.append(f"        {{ let n = bt0 + {h * 64}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
+            s.append(f"        {{ let n = bt0 + {h * TX * 4}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
             if c.out_vec:
                 st = st_vec
                 if N % TN:
@@ -854,8 +949,10 @@ def _gen_tiled(c: _Ctx):
             s.append("      }\n")
         s.append("    }\n")
     s.append("}\n")
-    name = f"matmul_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
-    return name, "".join(s), runtime.grid_for(total), {"tile": (TM, TN), "modes": (moda, modb), "bk": BK, "split": S}
+    block = "" if (RM, RN) == TILE_BLOCKS[(TM, TN)] else f"_r{RM}x{RN}"   # a swept register block
+    name = f"matmul_{c.dtag()}_t{TM}x{TN}{block}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
+    info = {"tile": (TM, TN), "block": (RM, RN), "threads": NT, "modes": (moda, modb), "bk": BK, "split": S}
+    return name, "".join(s), runtime.grid_for(total), info
 
 
 _scratch: dict = {}
