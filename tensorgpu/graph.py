@@ -31,12 +31,13 @@ REINDEXING = frozenset((Op.CAT, Op.GATHER))
 
 @dataclass(frozen=True)
 class ScatterArg:
-    """What an Op.SCATTER writes: `view` maps coordinates of the iteration shape (the value's
-    and index's broadcast shape, with the axis dimension widened to the target's length) to
-    target elements, broadcast dims at stride 0; the coordinate along `axis` is the index value
-    (negative values count from the end; values outside [-n, n) write nothing)."""
+    """What an Op.SCATTER writes: the target's elements through `view`, at coordinates given
+    by `dims`, one entry per dimension of `view`: `j >= 0` is coordinate j of the iteration
+    shape (the value's shape), `-1 - k` is the value of index tensor k (srcs[2 + k]) there.
+    Index values count from the end when negative (NumPy); a value outside [-n, n) writes
+    nothing. An Op.GATHER's arg is such a `dims` tuple for its source view."""
     view: View
-    axis: int
+    dims: tuple
 
 
 class Node:

@@ -38,12 +38,14 @@ class Op(Enum):
     CUSTOM = auto()
     # in-place: write srcs[1] into srcs[0]'s buffer through the View in arg (`t[idx] = v`)
     ASSIGN = auto()
-    # in-place scatter: write srcs[1] into srcs[0]'s buffer at the positions srcs[2] (an integer
-    # tensor) names along one axis (`tg.put_along_axis`, `t[idx] = v`); arg is a ScatterArg
+    # in-place scatter: write srcs[1] into srcs[0]'s buffer at positions some of whose
+    # coordinates are read from integer tensors srcs[2:] (`tg.put_along_axis`, `t[idx] = v`);
+    # arg is a graph.ScatterArg
     SCATTER = auto()
-    # gather: srcs[0] read with the coordinate along one axis taken from srcs[1], an integer
-    # tensor of this node's shape (`tg.take_along_axis`, `t[idx]`); arg is the axis. Rendered
-    # inline like an elementwise op (codegen.render_gather), so it fuses with what reads it.
+    # gather: srcs[0] read at coordinates some of which are read from integer tensors srcs[1:]
+    # of this node's shape (`tg.take_along_axis`, `t[idx]`); arg is the coordinate map (see
+    # graph.ScatterArg.dims). Rendered inline like an elementwise op (codegen.render_gather),
+    # so it fuses with what reads it.
     GATHER = auto()
     # srcs[0]'s buffer once srcs[1] is realized (a write another kernel did: rewrites.py)
     AFTER = auto()

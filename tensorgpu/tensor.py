@@ -526,8 +526,6 @@ class Tensor:
     def _index_view(self, idx) -> View:
         if not isinstance(idx, tuple):
             idx = (idx,)
-        if any(isinstance(i, (Tensor, np.ndarray, list)) for i in idx):
-            raise TypeError("indexing with tensors/arrays/lists (advanced indexing) is not supported; use tg.nn.embedding to gather rows")
         n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
         if sum(1 for i in idx if i is Ellipsis) > 1:
             raise IndexError("an index can only have a single ellipsis ('...')")
@@ -552,22 +550,34 @@ class Tensor:
                     raise ValueError("slice step cannot be zero")
                 v = v.slice(axis, start, stop, step)
                 axis += 1
-            elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
-                n = v.shape[axis]
-                if not -n <= i < n or (is_symbolic(i) and i < 0):
-                    raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n} (shape {self.shape})")
-                guard(i, 0, n - 1, f"index along axis {axis} of a tensor of shape {self.shape}")
-                v = v.index(axis, i if is_symbolic(i) else int(i) % n)
+            elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+                v = v.index(axis, _index_int(i, v.shape[axis], axis, self.shape))
+            elif isinstance(i, (bool, np.bool_)):
+                raise TypeError("a bool scalar index (t[True], t[False]) is not supported: use t[None] or t[:0]")
             else:
                 raise TypeError(f"unsupported index {i!r} of type {type(i).__name__}")
         return v
 
     def __getitem__(self, idx) -> "Tensor":
+        """NumPy indexing. Ints, slices, None and ... give a view (no copy, nothing runs);
+        integer arrays / lists / int tensors and boolean masks give a lazy gather
+        (tensorgpu/indexing.py: NumPy's advanced-indexing rules; a mask is read back to learn
+        the result's shape)."""
+        from .indexing import getitem, is_advanced
+        if is_advanced(idx):
+            return getitem(self, idx)
         return self._with_view(self._index_view(idx))
 
     def __setitem__(self, idx, value) -> None:
-        """In-place write, ordered after every pending read of the old contents."""
+        """In-place write, ordered after every pending read of the old contents. With integer
+        arrays or masks in the index it is a scatter (tensorgpu/indexing.py: with duplicate
+        indices one of the values lands, which one is unspecified; `t[mask] = scalar` needs no
+        readback)."""
+        from .indexing import is_advanced, setitem
         from .schedule import assign
+        if is_advanced(idx):
+            setitem(self, idx, value)
+            return
         self._check_plain("assignment")
         self._own_memory()
         target = self._index_view(idx)
@@ -667,6 +677,15 @@ class PendingRead:
             a = np.frombuffer(raw, np.uint32 if d is dt.bool_ else d.np_dtype, count=prod(self.shape))
             self._value = (a != 0 if d is dt.bool_ else a.copy()).reshape(self.shape)
         return self._value
+
+
+def _index_int(i, n: int, axis: int, shape: tuple):
+    """An integer index into an axis of length n, normalised (negative counts from the end); a
+    step variable must be in [0, n) and is re-checked on every replay of a capture."""
+    if not -n <= i < n or (is_symbolic(i) and i < 0):
+        raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n} (shape {shape})")
+    guard(i, 0, n - 1, f"index along axis {axis} of a tensor of shape {shape}")
+    return i if is_symbolic(i) else int(i) % n
 
 
 def _slice_bounds(i: slice, n: int, axis: int, shape: tuple) -> tuple:
