@@ -246,6 +246,10 @@ class KernelBuilder:
                 fn = {"f32": "tg_fmod", "i32": "tg_imod", "u32": "tg_umod"}[sct]
                 self.helpers.add({"tg_fmod": "tg_fmod", "tg_imod": "tg_imod", "tg_umod": "tg_idiv_safe"}[fn])
                 return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
+            if op is Op.FLOORDIV:
+                fn = {"f32": "tg_ffloordiv", "i32": "tg_ifloordiv", "u32": "tg_ufloordiv"}[sct]
+                self.helpers.add(fn)
+                return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
             if op is Op.POW and sct in ("i32", "u32"):
                 fn = "tg_ipow" if sct == "i32" else "tg_upow"
                 self.helpers.add(fn)
@@ -568,7 +572,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
     else:
         shared = f"var<workgroup> sv: array<{act}, {wg}>;\n"
         if subgroups and act in ("f32", "i32", "u32"):
-            sg_fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
+            sg_fn = {Op.SUM: "subgroupAdd", Op.PROD: "subgroupMul", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
             store_sh = (f"let sg = {sg_fn}(acc_r);\n  if (sgid == 0u) {{ sv[lid / sgsize] = sg; }}\n")
             if nan_aware:  # subgroupMax/Min may drop NaN: carry a NaN flag through the subgroup
                 store_sh = (f"let sgn = subgroupMax(select(0u, 1u, tg_isnan(acc_r)));\n"

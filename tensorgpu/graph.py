@@ -18,7 +18,8 @@ from .view import View
 
 
 _seq = itertools.count()
-_NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
+_REDUCE_OPS = frozenset((Op.SUM, Op.PROD, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN))
+_NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.PROD, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
                               Op.ASSIGN, Op.SCATTER, Op.AFTER, Op.SINK))
 # lazy in-place writes (a pending write of a realized buffer), and the ops a chain of writes
 # into one buffer is made of (AFTER: a write another kernel did, rewrites.py)
@@ -91,7 +92,7 @@ class Node:
 
     @property
     def is_reduce(self) -> bool:
-        return self.op in (Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN)
+        return self.op in _REDUCE_OPS
 
     def set_buffer(self, buf) -> None:
         """Realized: keep the result, drop the sources so their memory can be reused."""
