@@ -7,6 +7,7 @@ from .dtypes import bool_ as bool  # noqa: A001 - tg.bool is part of the public 
 from .tensor import (Tensor, arange, argsort, broadcast_shapes, cat, concatenate, cumsum, dot, empty, expand_dims,
                      eye, full, linspace, matmul, maximum, minimum, ones, ones_like, rand, randn, realize, sort, stack,
                      tensor, topk, where, zeros, zeros_like)
+from .einsum import einsum
 from .indexing import put_along_axis, take_along_axis
 from .runtime import NoAdapterError, flush, sync
 from .capture import capture

@@ -265,8 +265,21 @@ class Tensor:
         return self.numpy().tolist()
 
     def __array__(self, dtype=None, copy=None):
+        """np.asarray(t) / np.array(t): the values read back (always a fresh host array)."""
         a = self.numpy()
         return a.astype(dtype) if dtype is not None else a
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """np.exp(t), np.add(t, x), np.add.reduce(t, axis)...: tensorgpu's own ops, returning
+        tensors (numpy_api.py lists them); other ufuncs run on the values read back."""
+        from .numpy_api import array_ufunc
+        return array_ufunc(ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        """np.sum(t), np.mean(t), np.concatenate([t, u]), np.sort(t)...: tensorgpu's own ops,
+        returning tensors (numpy_api.py lists them); other functions run on the values read back."""
+        from .numpy_api import array_function
+        return array_function(func, types, args, kwargs)
 
     def contiguous(self) -> "Tensor":
         """An explicit copy into a fresh row-major buffer (a visible kernel)."""
