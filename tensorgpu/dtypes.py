@@ -161,7 +161,8 @@ def host_values(a: np.ndarray, d: DType, explicit: bool, what: str = "tg.tensor"
                                    f"tensorgpu stores them in; out-of-range values wrap as NumPy's astype does")
     if d.kind in ("int", "uint") and a.dtype.kind == "f" and a.size and not np.all(np.isfinite(a)):
         raise ValueError(f"{what}: a {a.dtype} array with NaN or inf cannot become {d.name}")
-    out = a.astype(d.np_dtype)
+    with np.errstate(over="ignore", invalid="ignore"):     # said once below, as a DtypeConversionWarning
+        out = a.astype(d.np_dtype)
     if d.is_float and a.dtype.kind == "f" and a.dtype.itemsize > d.itemsize and a.size:
         with np.errstate(all="ignore"):
             grew = np.isinf(out) & np.isfinite(a)

@@ -24,6 +24,8 @@ Scalar = Union[int, float, bool]
 
 
 def broadcast_shapes(*shapes: tuple, what: str = "broadcast") -> tuple:
+    """NumPy's broadcast_shapes: the shape arrays of these shapes broadcast to (a ValueError
+    naming them when they cannot; `what` names the operation in the message)."""
     nd = max((len(s) for s in shapes), default=0)
     out = []
     for i in range(nd):
@@ -57,6 +59,10 @@ def _norm_axes(axis, ndim: int) -> tuple:
 
 
 class Tensor:
+    """A lazy n-dimensional array: a graph node read through a View. Operations build graph
+    nodes and return at once; reading a value (.numpy(), .item(), printing, float(t)) computes
+    what it needs in a few fused GPU kernels. The API follows NumPy (operators, reductions,
+    indexing, np.* functions through NumPy's protocols), with torch names where NumPy has none."""
     __slots__ = ("node", "view", "__weakref__")
     __array_priority__ = 1000  # NumPy defers to our reflected operators
 
@@ -1082,6 +1088,8 @@ def _shape_arg(shape) -> tuple:
 
 
 def full(shape, value, dtype=None) -> Tensor:
+    """A tensor of `shape` filled with `value` (dtype from the value: bool, int32 or float32,
+    unless given). Lazy and free: a constant read by whatever uses it, no buffer."""
     shape = _shape_arg(shape)
     d = dt.as_dtype(dtype) if dtype is not None else (dt.bool_ if isinstance(value, bool) else dt.int32 if isinstance(value, int) else dt.float32)
     if d.is_quant:
@@ -1108,6 +1116,7 @@ def zeros(*shape, dtype=dt.float32) -> Tensor:
 
 
 def ones(*shape, dtype=dt.float32) -> Tensor:
+    """tg.ones(2, 3), tg.ones((2, 3)) or tg.ones((2, 3), tg.float16): a constant of ones."""
     shape, dtype = _shape_and_dtype(shape, dtype, "ones")
     return full(shape, 1, dtype)
 
@@ -1122,10 +1131,12 @@ def empty(*shape, dtype=dt.float32) -> Tensor:
 
 
 def zeros_like(t: Tensor, dtype=None) -> Tensor:
+    """Zeros of t's shape (and dtype, unless given)."""
     return zeros(t.shape, dtype or t.dtype)
 
 
 def ones_like(t: Tensor, dtype=None) -> Tensor:
+    """Ones of t's shape (and dtype, unless given)."""
     return ones(t.shape, dtype or t.dtype)
 
 
@@ -1141,6 +1152,8 @@ def arange_start(node: Node, view: View):
 
 
 def arange(start, stop=None, step=1, dtype=None) -> Tensor:
+    """NumPy's arange: int32 for int arguments, float32 otherwise. Under tg.capture, a step
+    variable start (arange(pos, pos + T)) stays a runtime value of the captured step."""
     t = _arange(start, stop, step, dtype)
     s = 0 if stop is None else start
     if step == 1 and isinstance(s, (int, np.integer)) and t.dtype is dt.int32 and t.view.is_identity(t.node.shape):
@@ -1200,6 +1213,8 @@ def randn(*shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
 
 
 def where(cond, a, b) -> Tensor:
+    """NumPy's where(cond, a, b): elementwise choice with broadcasting; a non-bool cond means
+    cond != 0. Fused like any elementwise op."""
     c = cond if isinstance(cond, Tensor) else tensor(cond)
     if c.dtype is not dt.bool_:
         c = c != 0
@@ -1331,14 +1346,18 @@ def eye(N: int, M: Optional[int] = None, k: int = 0, dtype=dt.float32) -> Tensor
 
 
 def maximum(a, b) -> Tensor:
+    """Elementwise maximum with broadcasting (NaN propagates, as NumPy's maximum)."""
     return (a if isinstance(a, Tensor) else _as_operand(a, b.dtype))._binary(Op.MAX, b)
 
 
 def minimum(a, b) -> Tensor:
+    """Elementwise minimum with broadcasting (NaN propagates, as NumPy's minimum)."""
     return (a if isinstance(a, Tensor) else _as_operand(a, b.dtype))._binary(Op.MIN, b)
 
 
 def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis (torch.cat; tg.concatenate is NumPy's name). Lazy:
+    a reader of the result reads each piece where it lies, no copy is made first."""
     tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
     if not tensors:
         raise ValueError("cat needs at least one tensor")
@@ -1360,6 +1379,7 @@ def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 
 
 def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join equally shaped tensors along a new axis (NumPy's stack)."""
     tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
     if not tensors:
         raise ValueError("stack needs at least one tensor")
@@ -1374,5 +1394,108 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """NumPy's matmul (a @ b): batched with broadcast batch dims, 1-d operands promoted;
+    float32 result with f32 accumulation; quantized weights as `x @ w.T`."""
     from .customops import matmul as _mm
     return _mm(a, b)
+
+
+# ---------------------------------------------------------------------- method docstrings
+# The one-line methods above (operators, elementwise math, views) are documented here, in one
+# table, rather than each inside its one-liner.
+_UNARY_DOC = "Elementwise {} (NumPy's np.{}); int and bool tensors are computed in float32."
+_METHOD_DOCS = {
+    "__add__": "a + b, elementwise with broadcasting; Python scalars are weakly typed (NumPy 2 promotion).",
+    "__radd__": "b + a (a Python scalar or array on the left).",
+    "__sub__": "a - b, elementwise with broadcasting.",
+    "__rsub__": "b - a (a Python scalar or array on the left).",
+    "__mul__": "a * b, elementwise with broadcasting.",
+    "__rmul__": "b * a (a Python scalar or array on the left).",
+    "__truediv__": "a / b: true division (integers give float32).",
+    "__rtruediv__": "b / a (a Python scalar or array on the left).",
+    "__pow__": "a ** b (integer powers of integers stay integer, as NumPy).",
+    "__rpow__": "b ** a (a Python scalar or array on the left).",
+    "__floordiv__": "a // b: NumPy's floor division (rounds toward -inf for negatives; integer division by zero gives 0).",
+    "__rfloordiv__": "b // a (a Python scalar or array on the left).",
+    "__mod__": "a % b: NumPy's remainder (the sign of b).",
+    "__rmod__": "b % a (a Python scalar or array on the left).",
+    "__lt__": "a < b, elementwise (a bool tensor).",
+    "__le__": "a <= b, elementwise (a bool tensor).",
+    "__gt__": "a > b, elementwise (a bool tensor).",
+    "__ge__": "a >= b, elementwise (a bool tensor).",
+    "__eq__": "a == b, elementwise (a bool tensor, as NumPy; not an identity test).",
+    "__ne__": "a != b, elementwise (a bool tensor; NaN != NaN).",
+    "__and__": "a & b: logical and of bool tensors.",
+    "__or__": "a | b: logical or of bool tensors.",
+    "__invert__": "~a: logical not of a bool tensor.",
+    "__neg__": "-a (wraps for uint32, as NumPy).",
+    "__pos__": "+a: the tensor itself.",
+    "__abs__": "abs(a), elementwise.",
+    "__matmul__": "a @ b: NumPy's matmul (see tg.matmul).",
+    "__rmatmul__": "b @ a (an array on the left).",
+    "__len__": "The length of the first axis (a TypeError for a 0-d tensor).",
+    "__iter__": "Iterate over the first axis (views, no copies).",
+    "__del__": "Release this wrapper's hold on its node (its buffer goes back to the pool when unused).",
+    "abs": "Elementwise absolute value (np.abs).",
+    "exp": _UNARY_DOC.format("e**x", "exp"),
+    "log": _UNARY_DOC.format("natural logarithm", "log"),
+    "sqrt": _UNARY_DOC.format("square root", "sqrt"),
+    "rsqrt": "Elementwise 1 / sqrt(x); int and bool tensors are computed in float32.",
+    "sin": _UNARY_DOC.format("sine", "sin"),
+    "cos": _UNARY_DOC.format("cosine", "cos"),
+    "tanh": _UNARY_DOC.format("hyperbolic tangent", "tanh"),
+    "erf": "Elementwise error function (scipy.special.erf); computed in float32.",
+    "sigmoid": "Elementwise 1 / (1 + exp(-x)); computed in float32.",
+    "relu": "Elementwise max(x, 0).",
+    "silu": "Elementwise x * sigmoid(x) (SiLU / swish); computed in float32.",
+    "reciprocal": "Elementwise 1 / x (np.reciprocal for floats); integers give float32.",
+    "floor": "Elementwise floor (np.floor); integer tensors are returned as they are.",
+    "ceil": "Elementwise ceiling (np.ceil); integer tensors are returned as they are.",
+    "gelu": "GELU: x * Phi(x) with erf, or approximate='tanh' for the tanh form.",
+    "maximum": "Elementwise maximum with another tensor or scalar (NaN propagates).",
+    "minimum": "Elementwise minimum with another tensor or scalar (NaN propagates).",
+    "clip": "NumPy's clip: values limited to [min, max] (either may be None).",
+    "sum": "Sum over `axis` (None: all; int or tuple), NumPy's sum; float16 sums in float32, bool as int32.",
+    "max": "Maximum over `axis` (None: all), NumPy's max; NaN propagates.",
+    "min": "Minimum over `axis` (None: all), NumPy's min; NaN propagates.",
+    "mean": "Mean over `axis` (None: all), NumPy's mean (integers give float32; empty gives NaN).",
+    "var": "Variance over `axis` with `ddof` (NumPy's var), two-pass: sum((x - mean)**2) / (n - ddof).",
+    "std": "Standard deviation over `axis` with `ddof` (NumPy's std).",
+    "argmax": "Index (int32) of the maximum along `axis` (None: the flattened tensor); the first NaN wins.",
+    "argmin": "Index (int32) of the minimum along `axis` (None: the flattened tensor); the first NaN wins.",
+    "logsumexp": "log(sum(exp(x))) along `axis`, stable (the maximum is subtracted first).",
+    "softmax": "Softmax along `axis` (a one-pass row kernel for the last axis).",
+    "log_softmax": "log(softmax(x)) along `axis`, stable.",
+    "reshape": "NumPy's reshape (one -1 allowed): a view when strides allow, else a visible contiguous copy.",
+    "view_as": "reshape to another tensor's shape.",
+    "flatten": "torch's flatten: axes start_dim..end_dim merged into one (a view when strides allow).",
+    "permute": "The axes in a new order (a view); NumPy's transpose(axes).",
+    "expand": "Broadcast to a larger shape (-1 keeps a dimension): a view with stride 0, no copy.",
+    "broadcast_to": "NumPy's broadcast_to: a view with stride 0 along the broadcast axes.",
+    "squeeze": "Remove axes of length 1 (all of them, or those in `axis`): a view.",
+    "unsqueeze": "Insert an axis of length 1 at `axis`: a view (NumPy: expand_dims).",
+    "split": "torch's split: pieces of a given size (or a list of sizes) along `axis`, as views.",
+    "chunk": "torch's chunk: `chunks` nearly equal views along `axis`.",
+    "numpy": "The values as a NumPy array (computes the tensor; quantized types are dequantized).",
+    "item": "The value of a one-element tensor as a Python scalar.",
+    "tolist": "The values as nested Python lists (NumPy's tolist).",
+    "astype": "A converted copy (lazy): floats to ints truncate toward zero, NaN to bool is True; the same dtype is returned as is.",
+    "const": "A constant tensor of `value` (no buffer: it is a literal or parameter of the kernels reading it).",
+}
+_PROPERTY_DOCS = {
+    "shape": "The tensor's dimensions, a tuple of ints.",
+    "ndim": "The number of dimensions.",
+    "size": "The number of elements.",
+    "numel": "The number of elements (torch's name).",
+    "dtype": "The element type (tg.float32, tg.float16, tg.int32, tg.uint32, tg.bool, or a GGML block type).",
+    "strides": "Strides of the view in elements (not bytes, unlike NumPy).",
+    "T": "The axes reversed (a view), NumPy's .T.",
+    "is_realized": "Whether the value is computed (held in a buffer) or a constant.",
+}
+for _name, _doc in _METHOD_DOCS.items():
+    _f = Tensor.__dict__[_name]
+    (_f.__func__ if isinstance(_f, staticmethod) else _f).__doc__ = _doc
+for _name, _doc in _PROPERTY_DOCS.items():
+    _p = Tensor.__dict__[_name]
+    setattr(Tensor, _name, property(_p.fget, _p.fset, _p.fdel, _doc))
+del _name, _doc, _f, _p
