@@ -29,11 +29,22 @@ def broadcast_shapes(*shapes: tuple, what: str = "broadcast") -> tuple:
     nd = max((len(s) for s in shapes), default=0)
     out = []
     for i in range(nd):
-        dims = {s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0}
-        dims.discard(1)
-        if len(dims) > 1:
+        col = [s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0]
+        big = [d for d in col if int(d) != 1]
+        if len({int(d) for d in big}) > 1:
             raise ValueError(f"{what}: shapes {' and '.join(str(tuple(s)) for s in shapes)} cannot be broadcast together")
-        out.append(dims.pop() if dims else 1)
+        if not big:
+            out.append(1)
+            continue
+        first = big[0]
+        if any(d is not first and not (is_symbolic(d) == is_symbolic(first) and d == first) for d in big) or \
+                any(is_symbolic(d) for d in col if int(d) == 1):
+            # a step variable's size meets another size: the broadcast holds for this value only
+            for d in col:
+                static(d)
+            out.append(int(first))
+        else:
+            out.append(first)
     return tuple(out)
 
 
