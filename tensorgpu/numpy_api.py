@@ -11,8 +11,11 @@ the protocols existed.
 """
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
+from .ops import Op
 from .tensor import Tensor, tensor
 
 
@@ -21,8 +24,9 @@ def _t(x):
 
 
 def _operand(x):
-    """Tensors and Python scalars pass (scalars stay weakly typed); arrays become tensors."""
-    if isinstance(x, (Tensor, bool, int, float)):
+    """Tensors and scalars (Python's or NumPy's) pass, scalars weakly typed as in every tensor
+    operator; arrays and lists become tensors."""
+    if isinstance(x, (Tensor, numbers.Number, np.bool_)) or (isinstance(x, np.generic) and x.ndim == 0):
         return x
     return tensor(x)
 
@@ -228,14 +232,14 @@ FUNCTIONS = {
 if hasattr(np, "around"):
     FUNCTIONS[np.around] = _round
 
+# ufunc -> the op of the table (ops.py); Tensor._binary applies it with the operand order kept
+# (a scalar on the left is the reflected form), so NumPy's scalar types never re-enter NumPy
 _BINARY = {
-    np.add: lambda a, b: a + b, np.subtract: lambda a, b: a - b, np.multiply: lambda a, b: a * b,
-    np.true_divide: lambda a, b: a / b, np.floor_divide: lambda a, b: a // b, np.power: lambda a, b: a ** b,
-    np.remainder: lambda a, b: a % b, np.less: lambda a, b: a < b, np.less_equal: lambda a, b: a <= b,
-    np.greater: lambda a, b: a > b, np.greater_equal: lambda a, b: a >= b, np.equal: lambda a, b: a == b,
-    np.not_equal: lambda a, b: a != b, np.logical_and: lambda a, b: _bool(a) & _bool(b),
-    np.logical_or: lambda a, b: _bool(a) | _bool(b),
+    np.add: Op.ADD, np.subtract: Op.SUB, np.multiply: Op.MUL, np.true_divide: Op.DIV, np.floor_divide: Op.FLOORDIV,
+    np.power: Op.POW, np.remainder: Op.MOD, np.less: Op.LT, np.less_equal: Op.LE, np.greater: Op.GT,
+    np.greater_equal: Op.GE, np.equal: Op.EQ, np.not_equal: Op.NE, np.maximum: Op.MAX, np.minimum: Op.MIN,
 }
+_LOGICAL = {np.logical_and: Op.AND, np.logical_or: Op.OR}
 _UNARY = {
     np.negative: lambda a: -a, np.positive: lambda a: +a, np.absolute: lambda a: abs(a), np.exp: lambda a: a.exp(),
     np.log: lambda a: a.log(), np.sqrt: lambda a: a.sqrt(), np.sin: lambda a: a.sin(), np.cos: lambda a: a.cos(),
@@ -265,7 +269,7 @@ def _as_array(x):
 
 def array_ufunc(ufunc, method: str, inputs: tuple, kwargs: dict):
     """Tensor.__array_ufunc__: a mapped ufunc runs as tensor ops; others on read-back arrays."""
-    if method == "__call__" and (ufunc in _BINARY or ufunc in _UNARY or ufunc in (np.maximum, np.minimum, np.matmul)):
+    if method == "__call__" and (ufunc in _BINARY or ufunc in _LOGICAL or ufunc in _UNARY or ufunc is np.matmul):
         kw = dict(kwargs)
         dtype = kw.pop("dtype", None)
         _no_out(ufunc.__name__, kw.pop("out", None), kw.pop("where", True), **kw)
@@ -275,14 +279,11 @@ def array_ufunc(ufunc, method: str, inputs: tuple, kwargs: dict):
         elif ufunc is np.matmul:
             from .tensor import matmul
             res = matmul(_t(args[0]), _t(args[1]))
-        elif ufunc in (np.maximum, np.minimum):
-            from .tensor import maximum, minimum
-            a, b = args
-            fn = maximum if ufunc is np.maximum else minimum
-            res = fn(a, b) if isinstance(a, Tensor) else fn(b, a)
+        elif ufunc in _LOGICAL:
+            res = _bool(args[0])._binary(_LOGICAL[ufunc], _bool(args[1]))
         else:
             a, b = args
-            res = _BINARY[ufunc](a, b)
+            res = a._binary(_BINARY[ufunc], b) if isinstance(a, Tensor) else b._binary(_BINARY[ufunc], a, True)
         return _dtyped(res, dtype)
     if method == "reduce" and ufunc in _REDUCE:
         kw = dict(kwargs)

@@ -134,3 +134,16 @@ def test_other_numpy_functions_work_on_the_values():
     assert isinstance(a, np.ndarray) and a.dtype == np.float32
     np.testing.assert_array_equal(a, X)
     np.testing.assert_array_equal(np.array(t, dtype=np.float64), X.astype(np.float64))
+
+
+@pytest.mark.parametrize("s", [np.float64(2.0), np.float32(2.0), np.int64(3), np.bool_(True), 2.0])
+def test_numpy_scalars_on_either_side(s):
+    """NumPy's scalar types on the left of an operator reach __array_ufunc__: they work as on the
+    right, weakly typed like Python scalars (a float16 tensor stays float16), with no recursion."""
+    h = np.array([1.0, 2.0], np.float16)
+    t = tg.tensor(h)
+    py = s.item() if isinstance(s, np.generic) else s
+    for fn in (lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b, lambda a, b: a < b,
+               lambda a, b: a // b, np.maximum):
+        check(fn(s, t), fn(np.float16(py), h))
+        check(fn(t, s), fn(h, np.float16(py)))
