@@ -60,8 +60,8 @@ def format_tensor(t) -> str:
         return f"{describe(t)} (value not computed: {type(e).__name__}: {e})"
     prefix = "tensor("
     extra = f"dtype={t.dtype.name}"
-    if values.size == 0 and values.shape != (0,):
-        extra = f"shape={t.shape}, {extra}"
+    if (values.size == 0 and values.shape != (0,)) or threshold == 0:
+        extra = f"shape={t.shape}, {extra}"     # as NumPy 2 does for empty and summarised arrays
     body = np.array2string(values, separator=", ", prefix=prefix, threshold=threshold)
     width = opts["linewidth"]
     last = len(body) - body.rfind("\n") - 1 if "\n" in body else len(prefix) + len(body)
