@@ -989,7 +989,7 @@ def stack_sibling_matmuls(g: Graph) -> int:
         parts = []
         for L in sorted(nodes, key=lambda n: n.seq):
             end, bias = _sibling_end(g, L)
-            ok = True
+            ok = end is not g.root
             for c, i in g.readers.get(id(end), ()):
                 v = c.srcs[i][1]
                 fine = (_is(c, RopeKernel) or (c.op in IN_PLACE and i == 1)
