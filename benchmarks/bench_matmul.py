@@ -10,6 +10,7 @@ then GPU timestamps around a pass of R copies of the dispatch (probe.gpu_time_pe
 """
 import functools
 import os
+import re
 
 import gguf
 import numpy as np
@@ -150,17 +151,18 @@ def test_small_m_sweep(benchmark, wdt, M, path):
 # One decode step of M = B sequences through pythia-1.4b's four linear layers (qkv 6144x2048,
 # attention out 2048x2048, mlp up 8192x2048, mlp down 2048x8192): x [M, K] f32 @ W.T with W [N, K]
 # f16 or q4_0, per output tile of the tiled kernel (its split-K still planned), beside the choice
-# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto") and, at M = 16,
-# the GEMV kernels that take M <= gemv_max_m today. Each dispatch reads its own copy of W
+# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto") and, at M <= 16,
+# the GEMV kernels that take M <= gemv_max_m today (M = 8 decides where GEMV should stop). Each dispatch reads its own copy of W
 # (>= 128 MB of copies) so W comes from HBM, as in a step; dispatches share the output, so they
 # serialise as a step's do. Not part of gpu.sh's kernel run ("sweep"); on the GPU machine:
 #   TENSORGPU_BENCH_FULL=1 python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep -s -q \
 #       -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json=$OUT/small_m.json
 # prints one line per case and, at the end, each variant's sum over the four layers x 24 layers
-# (the matmul ms of one pythia-1.4b step). TENSORGPU_SMALLM="16x128r4x4,32x64r2x4" adds variants
-# with other register blocks (matmul.TUNING["tile_blocks"]).
+# (the matmul ms of one pythia-1.4b step). TENSORGPU_SMALLM="16x128r4x4,32x64r2x4,16x64k16" adds
+# variants with another register block (rRMxRN: matmul.TUNING["tile_blocks"]) or K step
+# (kBK: matmul.TUNING["bk_small"]).
 
-SMALL_M = [16, 32, 64] if FULL else [16, 32]
+SMALL_M = [8, 16, 32, 64] if FULL else [16, 32]
 SMALL_M_NK = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)] if FULL else [(200, 256)]
 SMALL_M_WDT = ["float16", "q4_0"]
 OLD_TILES = ((128, 128), (128, 64), (64, 128), (64, 64))
@@ -168,12 +170,12 @@ PYTHIA_LAYERS = 24
 
 
 def _variants(M: int) -> list:
-    """What runs a case: "auto", "old", "gemv" (M <= 16), "TMxTN" or "TMxTNrRMxRN" (a tile with
-    TM <= M, optionally with a register block)."""
+    """What runs a case: "auto", "old", "gemv" (M <= 16), "TMxTN[rRMxRN][kBK]" (a tile with
+    TM <= max(M, 16), optionally with another register block or K step)."""
     v = ["auto", "old"] + (["gemv"] if M <= 16 else [])
-    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm < 64 and tm <= M]
+    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm < 64 and tm <= max(M, 16)]
     extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
-    return v + [e for e in extra if int(e.split("x")[0]) <= M]
+    return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
 
 
 def _variant_knobs(variant: str) -> tuple:
@@ -184,11 +186,15 @@ def _variant_knobs(variant: str) -> tuple:
         return "tiled", {}
     if variant == "old":
         return "tiled", {"tile_candidates": OLD_TILES}
-    tile, _, block = variant.partition("r")
-    tile = tuple(int(x) for x in tile.split("x"))
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)x(\d+))?(?:k(\d+))?", variant)
+    if m is None:
+        raise ValueError(f"TENSORGPU_SMALLM: variant {variant!r} is not TMxTN[rRMxRN][kBK], e.g. 16x128r4x4k16")
+    tile = (int(m[1]), int(m[2]))
     knobs = {"tile_candidates": (tile,)}
-    if block:
-        knobs["tile_blocks"] = ((tile, tuple(int(x) for x in block.split("x"))),)
+    if m[3]:
+        knobs["tile_blocks"] = ((tile, (int(m[3]), int(m[4]))),)
+    if m[5]:
+        knobs["bk_small" if tile[0] < 64 else "bk"] = int(m[5])
     return "tiled", knobs
 
 

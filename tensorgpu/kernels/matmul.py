@@ -63,6 +63,7 @@ TUNING = {
     "split_min_k": 256,     # K elements per split, at least
     "tile_policy": "auto",  # "auto": rectangular tiles + split-K by the cost model; "square": the first policy
     "bk": 16,               # K step of the tiled kernel
+    "bk_small": 32,         # K step of its 16/32-row tiles (None: bk)
 }
 
 _U32 = 1 << 32
@@ -756,9 +757,18 @@ def _tile_block(TM: int, TN: int) -> tuple:
     return RM, RN, threads
 
 
-def _tiled_config(c: _Ctx, BK: int) -> tuple:
-    """(TM, TN, S, KC, (RM, RN, threads)): output tile, split-K factor, K steps per split and the
-    tile's register block.
+def _tile_bk(TM: int) -> int:
+    """K step of a tile: TUNING["bk_small"] for the 16/32-row tiles, TUNING["bk"] for the others."""
+    knob = "bk_small" if TM < 64 and TUNING.get("bk_small") else "bk"
+    bk = TUNING[knob]
+    if not isinstance(bk, int) or bk <= 0 or bk % 4:
+        raise ValueError(f"matmul: TUNING[{knob!r}] = {bk!r}; the tiled kernel's K step must be a positive multiple of 4")
+    return bk
+
+
+def _tiled_config(c: _Ctx) -> tuple:
+    """(TM, TN, BK, S, KC, (RM, RN, threads)): output tile, K step, split-K factor, K steps per
+    split and the tile's register block.
 
     Why: a prefill-sized matmul (M = 512 rows) has few 128x128 tiles (N = 2048 gives 64
     workgroups for 132 SMs on an H100), so most of the GPU idles while the big tiles that make
@@ -771,6 +781,10 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
     bound a step at these M: an H200 does ~7 FMAs per HBM byte, an f16 weight feeds M), and
     N = 2048 has 32 such tiles, so the 64-row tiles need an 8-way split and a reduce pass to fill
     the GPU. The 16- and 32-row tiles waste no rows and give 2-4x the tiles, so fewer splits.
+    They stage K in steps of TUNING["bk_small"] (32, against 16): a small tile has few FMAs per
+    staged element, so the longer step halves the barriers per FMA and doubles the weight bytes
+    each workgroup has in flight (at ~2 workgroups per SM, 16 steps keep ~1/3 of what HBM needs
+    in flight; a q4_0 row's K step is then one whole 32-element block).
 
     The model, one score per (tile, split), the highest wins (ties: the earlier, larger tile):
       eff     the tile's inner-loop speed relative to 128x128 (TUNING["tile_eff"]): bigger
@@ -791,9 +805,11 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
     split_k says so); TUNING["tile"] forces a square tile; TUNING["tile_candidates"] limits the
     tiles the model chooses among (its split still chosen: one tile for a sweep, the four
     64/128 tiles for the choice before the small ones); TUNING["tile_blocks"] changes a tile's
-    register block."""
+    register block; TUNING["bk"] / TUNING["bk_small"] set the K steps."""
     M, N, K, nb = c.M, c.N, c.K, c.nb
-    smem_ok = lambda tm, tn: 2 * BK * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
+    # shared memory of a tile: a [BK x TM] and b [BK x TN] f32 (the rule was 2x that, which demoted a
+    # 128x128 tile at bk = 32 to 64x64 on a 32 KiB adapter although it fits)
+    smem_ok = lambda tm, tn: _tile_bk(tm) * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
     forced = TUNING.get("tile_mn")
     if forced:
         TM, TN = (int(x) for x in forced)
@@ -807,7 +823,6 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         _tile_block(TM, TN)
         if not smem_ok(TM, TN):
             TM = TN = 64
-    KT = -(-K // BK)
     S = TUNING.get("split_k")
     if TM is not None:
         S = int(S or 1)
@@ -817,7 +832,6 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         if not TUNING.get("tile_candidates") and M > int(TUNING.get("small_tile_max_m") or 0):
             cands = [t for t in cands if t[0] >= 64] or cands   # prefill: the 64/128-row tiles, as before
         target = int(TUNING.get("target_wgs", 256))
-        min_kt = max(1, int(TUNING.get("split_min_k", 256)) // BK)   # K steps per split, at least
         best = None
         for tm, tn in cands:
             _tile_block(tm, tn)
@@ -827,6 +841,8 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
             if not smem_ok(tm, tn):
                 continue
             eff = effs[(tm, tn)]
+            KT = -(-K // _tile_bk(tm))
+            min_kt = max(1, int(TUNING.get("split_min_k", 256)) // _tile_bk(tm))   # K steps per split, at least
             tiles = -(-M // tm) * -(-N // tn) * nb
             for s in ((int(S),) if S else range(1, 9)):
                 if s > 1 and not S and KT // s < min_kt:
@@ -847,16 +863,17 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
             S = 1
         else:
             _, TM, TN, S = best
+    BK = _tile_bk(TM)
+    KT = -(-K // BK)
     S = max(1, min(int(S), KT))
     KC = -(-KT // S)            # K steps per split
     S = -(-KT // KC)            # no empty splits
-    return TM, TN, S, KC, _tile_block(TM, TN)
+    return TM, TN, BK, S, KC, _tile_block(TM, TN)
 
 
 def _gen_tiled(c: _Ctx):
     A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
-    BK = TUNING["bk"]
-    TM, TN, S, KC, (RM, RN, NT) = _tiled_config(c, BK)
+    TM, TN, BK, S, KC, (RM, RN, NT) = _tiled_config(c)
     TY, TX = TM // RM, TN // RN     # threads along m and along n
     LA = min(RM, 4)                 # a's shared elements: vec4 (4 rows), vec2 or f32
     GM, GN = RM // LA, RN // 4      # a reads and b vec4 reads per thread and k
