@@ -20,6 +20,18 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
            quant.py's prefill runs through it too, with a b binding that decodes GGUF blocks.
   naive    one thread per output; used for K == 0 (the epilogue of 0) and tiny problems.
 
+Where GEMV stops (TUNING["gemv_max_m"]; quant.TUNING["gemv_max_m"] for GGUF weights). A GEMV
+reads each weight once, but every workgroup re-reads all M activation rows for its few columns
+(gemv_k: M x K floats per column at M >= 8, i.e. 16-32x the weight bytes from L1/L2 at M = 16)
+and each thread keeps cols x M accumulators, so its loads per FMA grow with M; quant's GEMV
+decodes each weight unit once per 4-row chunk (4x at M = 16, 16x at M = 64). Raising its reach
+(8-row chunks, more rows per pass) costs registers: the H200 sweep of 2026-12-03 measured 36-38 ms
+for a B = 64 q4_0 step through GEMV against 16-17 ms tiled. The tiled kernel stages the rows once
+per workgroup in shared memory and reuses each weight element for TM rows from registers; with
+16-row tiles M = 16 no longer pays for 64 rows, so the crossover is expected at or below 16:
+benchmarks/bench_matmul.py's small-M sweep (M = 8 and 16, "gemv" against the 16-row tiles)
+decides both gemv_max_m knobs.
+
 Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
 into the WGSL as u32 constants and all index arithmetic wraps modulo 2**32, so a negative stride
 is just a large constant. The pipeline cache is keyed by source, so one layout of one shape
