@@ -1,9 +1,11 @@
 #!/bin/bash
 # The GPU-machine benchmark run (see README "Benchmarks on the GPU machine").
 # Usage, on the GPU machine from the repo root (after `source .device/setup.sh`):
-#   bash benchmarks/gpu.sh [kernels] [models] [baseline]     (default: all three)
+#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [serve]   (default: the first three)
 # Writes everything under $OUT (default /tmp/tg-bench): kernels.json (pytest-benchmark),
-# models.json (our prefill/decode), torch.json (PyTorch baseline), clocks.log, and a log.
+# models.json (our prefill/decode), torch.json (PyTorch baseline), serve-*.json (the OpenAI server
+# through HTTP at 1/4/16/64 streams, benchmarks/bench_serve.py), clocks.log, and a log.
+# `serve` needs the serve extra's packages there: fastapi uvicorn prometheus_client httpx.
 set -uo pipefail
 OUT=${OUT:-/tmp/tg-bench}
 mkdir -p "$OUT"
@@ -35,4 +37,14 @@ fi
 if [[ " $what " == *" baseline "* ]]; then
   timeout "${T_BASELINE:-400}" python3 .device/baseline_torch_neox.py --models "${TORCH_MODELS:-pythia-160m,pythia-1.4b,redpajama-3b}" \
     --compile "${TORCH_COMPILE:-pythia-160m,pythia-1.4b,redpajama-3b}" --prims --json "$OUT/torch.json" 2>&1 | grep -E "RESULT|Error|error" | tail -n 60
+fi
+if [[ " $what " == *" serve "* ]]; then
+  # 128-token random prompts, 128 greedy tokens each (ignore_eos), 2 requests per stream per level
+  mkdir -p /tmp/ggufs
+  for d in ${SERVE_DTYPES:-f16 q4_0}; do
+    g=/tmp/ggufs/pythia-1.4b-$d.gguf
+    [ -f "$g" ] || python3 .device/make_random_neox_gguf.py --preset pythia-1.4b --dtype "$d" -o "$g" >/dev/null
+    timeout "${T_SERVE:-500}" python3 benchmarks/bench_serve.py --model "$g" --concurrency "${SERVE_CONCURRENCY:-1,4,16,64}" \
+      --out "$OUT/serve-pythia-1.4b-$d.json" 2>&1 | tail -n 12
+  done
 fi

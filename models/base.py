@@ -230,7 +230,7 @@ def cached_attention(q: tg.Tensor, k: tg.Tensor, v: tg.Tensor, pos, k_cache: tg.
     A batch (pos an int32 [T] tensor): caches [S, Hkv, max_ctx, D] with S >= T slots; token t
     belongs to the sequence in slot t, is written at row pos[t] of that slot and attends over the
     slot's first pos[t]+1 rows. Both are plain tensor ops; the engine's rewrite rules fuse the
-    one-sequence decode step (rope + cache write + attention in one kernel)."""
+    decode step, of one sequence or of a batch (rope + cache writes + attention in one kernel)."""
     T = q.shape[0]
     if not isinstance(pos, tg.Tensor):
         k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # [Hkv, T, D] rows

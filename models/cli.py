@@ -26,7 +26,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=PROG, description="LLM inference on tensorgpu (WebGPU through wgpu-py): "
                                                         "GPT-NeoX, LLaMA-family and Qwen2 GGUF files.")
-    sub = ap.add_subparsers(dest="command", metavar="{generate,perplexity,convert}")
+    sub = ap.add_subparsers(dest="command", metavar="{generate,perplexity,convert,serve}")
     sub.required = True
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming",
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="Hugging Face GPT-NeoX / Llama / Qwen2 checkpoint -> GGUF", add_help=False)
     c.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching", add_help=False)
     return ap
 
 
@@ -142,6 +143,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[:1] == ["convert"]:
         from .convert import main_convert
         return main_convert(argv[1:])
+    if argv[:1] == ["serve"]:  # the OpenAI-compatible server (models/serve/cli.py)
+        from .serve.cli import main as main_serve
+        return main_serve(argv[1:])
     a = _parser().parse_args(argv)
     from tensorgpu.gguf import GGUFError
 

@@ -580,11 +580,12 @@ class RopeKVWriteKernel(CustomKernel):
 
 
 class RopeAttentionDecodeKernel(CustomKernel):
-    """rope(q, k) + KV-cache write + attention + split combine of one decode token: one dispatch."""
+    """rope(q, k) + KV-cache write + attention + split combine of one decode token (or of one
+    token for each of a batch of sequences): one dispatch."""
     name = "attention_decode"
 
     def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox", step=None,
-                 n_kv_heads=None, freq_factors=None):
+                 n_kv_heads=None, freq_factors=None, batched=False):
         self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
         self.freq_factors = freq_factors
         self.mode = mode
@@ -595,13 +596,30 @@ class RopeAttentionDecodeKernel(CustomKernel):
         # n_kv_heads: separate q [1, H, D], k, v [1, Hkv, D] srcs (grouped-query heads), then the
         # caches: srcs (q, k, v, k_cache, v_cache); needs step
         self.n_kv_heads = n_kv_heads
-        if n_kv_heads is not None:
+        if n_kv_heads is not None and not batched:
             assert step is not None
             self.writes = (3, 4)
+        # batched: one token per sequence of a batch, row b at int32 position positions[b] in cache
+        # slot b (key length positions[b] + 1): srcs (qkv [B, 3, H, D], positions [B], k_cache,
+        # v_cache [S, Hkv, max_ctx, D]), or with n_kv_heads (q, k, v, positions, k_cache, v_cache)
+        self.batched = batched
+        if batched:
+            assert step is None
+            self.writes = (2, 3) if n_kv_heads is None else (4, 5)
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import rope_attention_decode as k
         H, D, rot, max_ctx, base, cache_dtype, scale = self.args
+        if self.batched:
+            if self.n_kv_heads is not None:
+                q, kx, vx, p, kc, vc = operands
+                sep = dict(k=kx, v=vx, n_kv_heads=self.n_kv_heads)
+            else:
+                q, p, kc, vc = operands
+                sep = {}
+            k(out, kc.buffer, vc.buffer, q, p.buffer, None, H, D, rot, max_ctx, base, cache_dtype, scale,
+              mode=self.mode, freq_factors=self.freq_factors, **sep)
+            return
         if self.n_kv_heads is not None:
             q, kx, vx, kc, vc = operands
             pos, kvl = self.step

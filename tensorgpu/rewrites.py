@@ -690,6 +690,166 @@ def _writes_done_by(n: Node, ka: Node, va: Node, m: dict) -> None:
     n.arg.afters = (weakref.ref(ka), weakref.ref(va))   # done when n is (schedule.py)
 
 
+def _reads_as(v: View, shape: tuple, strides: tuple, offset) -> bool:
+    """v reads the elements (shape, strides, offset) names: the same shape and offset, the same
+    strides wherever the extent is above 1 (a stride over one element is never used)."""
+    return (v.shape == tuple(shape) and not isinstance(v.offset, SymInt) and v.offset == offset
+            and all(a == b for a, b, n in zip(v.strides, strides, shape) if n > 1))
+
+
+def _float_input(node: Node, view: View) -> bool:
+    """A float16/32 operand the fused kernel reads with its view's static strides, in bounds."""
+    if node.dtype not in (dt.float32, dt.float16) or isinstance(view.offset, SymInt) or view.offset < 0:
+        return False
+    if any(isinstance(st, SymInt) or st < 0 for st in view.strides):
+        return False
+    return view.offset + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) < node.numel
+
+
+def _through_copies(n: Node, v: View):
+    """(node, view) reading the same elements as (n, v), past unrealized same-dtype copies of a
+    contiguous run of another node: what `_redirect` leaves for a reader outside the graph (the
+    batched decode's K/V writes read the q/k/v rows through those after the rows were stacked)."""
+    while (n.op is Op.CAST and n.buffer is None and len(n.srcs) == 1 and n.srcs[0][0].dtype is n.dtype
+           and not isinstance(v.offset, SymInt)):
+        m, mv = n.srcs[0]
+        if not (mv.shape == n.shape and mv.is_contiguous and not isinstance(mv.offset, SymInt)):
+            break
+        n, v = m, View(v.shape, v.strides, v.offset + mv.offset)
+    return n, v
+
+
+def _plus_one_of(n: Node, v: View, pos: Node, pv: View) -> bool:
+    """(n, v) is `pos + 1` (int32, read whole), through identity copies."""
+    while (n.op is Op.CAST and n.buffer is None and n.dtype is dt.int32 and len(n.srcs) == 1
+           and v.is_identity(n.shape) and n.srcs[0][1].is_identity(n.shape)):
+        n, v = n.srcs[0]
+    if not (n.op is Op.ADD and n.buffer is None and n.dtype is dt.int32 and n.shape == pos.shape
+            and v.is_identity(n.shape) and len(n.srcs) == 2):
+        return False
+    for (a, av), (c, cv) in (n.srcs, n.srcs[::-1]):
+        if a is pos and av == pv and _const(c, cv) == 1.0:
+            return True
+    return False
+
+
+def _write_before(cache: Node, n: Node):
+    """The last in-place write not run yet into cache's buffer issued before n (which reads that
+    buffer through another tensor), or None. Folding only that one keeps the order: earlier
+    writes still run before n, and none comes between it and n."""
+    from .schedule import pending_writes_into
+    ws = [w for w in pending_writes_into(cache.buffer) if w.seq < n.seq]
+    return max(ws, key=lambda w: w.seq) if ws else None
+
+
+def _match_batched_decode(n: Node):
+    """The pieces of a batched decode step's attention in plain code (base.cached_attention with
+    positions an int32 [B] tensor): q = rope(q_in, pos) [B, H, D]; put_along_axis writes of
+    rope(k_in, pos) and v [B, Hkv, D] into rows pos[b] of the first B slots of realized caches
+    [S, Hkv, max_ctx, D] (the index exactly the positions the ropes used); attention of q [B*H, 1,
+    D] over those slots with kv_len = pos + 1. None when the graph is not exactly that."""
+    from .nn import RopeKernel
+    from .schedule import pending_writes_into
+    import numpy as np
+    (q, qv), (kc, kcv), (vc, vcv), (ln, lnv) = n.srcs
+    if not _is(q, RopeKernel):
+        return None
+    B, H, D, rot, base, mode = q.arg.args
+    if mode not in ("neox", "normal") or n.shape != (B * H, 1, D) or not (
+            n.arg.kv_rows == H or (n.arg.kv_rows == 0 and B == 1)):
+        return None
+    if not _reads_as(qv, (B * H, 1, D), (D, D, 1), 0):
+        return None
+    (qx, qxv), (pn, pv) = q.srcs
+    if not (pn.dtype is dt.int32 and pn.shape == (B,) and pv.is_identity((B,)) and _plus_one_of(ln, lnv, pn, pv)):
+        return None
+    if pn.buffer is not None and pending_writes_into(pn.buffer):
+        return None                      # the positions change between their reads: not one value
+    # the caches: the first B slots of two realized [S, Hkv, max_ctx, D] tensors
+    if kc.buffer is None or vc.buffer is None or kc.buffer is vc.buffer or len(kc.shape) != 4 or vc.shape != kc.shape:
+        return None
+    S, Hkv, L, _ = kc.shape
+    if kc.shape[3] != D or S < B or Hkv <= 0 or H % Hkv or kc.dtype not in (dt.float16, dt.float32) \
+            or vc.dtype is not kc.dtype:
+        return None
+    if not (_reads_as(kcv, (B * Hkv, L, D), (L * D, D, 1), 0) and _reads_as(vcv, (B * Hkv, L, D), (L * D, D, 1), 0)):
+        return None
+    # the writes: put_along_axis(cache[:B], pos[:, None, None, None], x[:, :, None, :], axis=2), the
+    # last write into each cache before the attention
+    vals = []
+    for c in (kc, vc):
+        w = _write_before(c, n)
+        if not (w is not None and w.op is Op.SCATTER and w.srcs[0][0] is c and w.srcs[0][1].is_identity(c.shape)
+                and w.arg.axis == 2 and _reads_as(w.arg.view, (B, Hkv, L, D), (Hkv * L * D, L * D, D, 1), 0)):
+            return None
+        (x, xv), (ix, ixv) = w.srcs[1], w.srcs[2]
+        if not (ix is pn and _reads_as(ixv, (B, Hkv, 1, D), (pv.strides[0], 0, 0, 0), pv.offset)):
+            return None
+        if xv.shape != (B, Hkv, 1, D):
+            return None
+        vals.append((w, x, View((B, Hkv, D), (xv.strides[0], xv.strides[1], xv.strides[3]), xv.offset)))
+    (ka, kw, kwv), (va, vx, vxv) = vals
+    ff = q.arg.freq_factors
+    kff = kw.arg.freq_factors if _is(kw, RopeKernel) else None
+    if not (_is(kw, RopeKernel) and kw.arg.args == (B, Hkv, D, rot, base, mode) and kw.srcs[1][0] is pn
+            and kw.srcs[1][1] == pv and (ff is None) == (kff is None)
+            and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))):
+        return None
+    if not _reads_as(kwv, (B, Hkv, D), (Hkv * D, D, 1), 0):
+        return None
+    (qx, qxv), (kx, kxv), (vx, vxv) = (_through_copies(*x) for x in ((qx, qxv), kw.srcs[0], (vx, vxv)))
+    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vx, vxv, Hkv)):
+        if view.shape != (B, h, D) or not _float_input(node, view):
+            return None
+    m = dict(B=B, H=H, Hkv=Hkv, D=D, L=L, rot=rot, base=base, mode=mode, ff=ff, pos=(pn, pv), kbase=kc, vbase=vc,
+             ka=ka, va=va, q=(qx, qxv), k=(kx, kxv), v=(vx, vxv), qkv=None)
+    # q, k and v as one [B, 3, H, D] block (GPT-NeoX's fused projection): one binding, not three
+    d = kxv.offset - qxv.offset
+    if (qx is kx is vx and Hkv == H and d > 0 and _reads_as(kxv, (B, H, D), qxv.strides, qxv.offset + d)
+            and _reads_as(vxv, (B, H, D), qxv.strides, qxv.offset + 2 * d)):
+        s0, s1, s2 = qxv.strides
+        m["qkv"] = (qx, View((B, 3, H, D), (s0, d, s1, s2), qxv.offset))
+    return m
+
+
+@rule
+def fuse_batched_decode_attention(g: Graph) -> int:
+    """One token for each of B sequences (continuous batching's decode step, base.cached_attention
+    with positions an int32 [B] tensor): q = rope(q_in, pos), put_along_axis writes of rope(k_in,
+    pos) and v into row pos[b] of cache slot b, attention over each slot's first pos[b] + 1 rows
+    (kv_len = pos + 1) is ONE kernel: the ropes, both cache writes, the `pos + 1`, the attention and
+    its split combine. q/k/v from one [B, 3, H, D] block, or separate with grouped-query heads."""
+    from .kernels.attention import rope_attention_decode_supported
+    from .kernels.common import Operand
+    from .nn import AttentionKernel, RopeAttentionDecodeKernel
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is None and n.arg.kv_len_static is None
+                and n.arg.causal and n.arg.out_layout == "bsd" and len(n.srcs) == 4 and len(n.shape) == 3
+                and n.shape[1] == 1):
+            continue
+        m = _match_batched_decode(n)
+        if m is None:
+            continue
+        B, H, D, cache_dtype = m["B"], m["H"], m["D"], m["kbase"].dtype
+        block = m["qkv"] is not None
+        # bindings: qkv (or q, k, v), positions, both caches, out, scratch
+        if limit < (6 if block else 8):
+            continue
+        probe = Operand(None, m["q"][0].dtype, (B, 3, H, D), (0, 0, 0, 0), 0)
+        if not rope_attention_decode_supported(probe, H, D, cache_dtype, m["L"]):
+            continue
+        n.arg = RopeAttentionDecodeKernel(H, D, m["rot"], m["L"], m["base"], cache_dtype, n.arg.scale, mode=m["mode"],
+                                          n_kv_heads=None if block else m["Hkv"], freq_factors=m["ff"], batched=True)
+        kbase, vbase = m["kbase"], m["vbase"]
+        ins = (m["qkv"],) if block else (m["q"], m["k"], m["v"])
+        n.set_srcs(ins + (m["pos"], (kbase, View.contiguous(kbase.shape)), (vbase, View.contiguous(vbase.shape))))
+        _writes_done_by(n, m["ka"], m["va"], m)
+        fired += 1
+    return fired
+
+
 @rule
 def fuse_rope_cache_write(g: Graph) -> int:
     """A prompt's q = rope(qkv[:, 0]) and its two cache writes (rope(k) and v into rows

@@ -571,11 +571,15 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     # pending lazy read of their old contents
     # (a reader built on this kernel's own result, e.g. attention over the cache it fills, reads
     # the new contents by construction and is not one of them; nor is a read built after the
-    # kernel, which an `after_write` orders after it)
+    # lazy writes a rule folded into this kernel, or after the kernel itself, which an
+    # `after_write` orders after it: realizing such a read runs this kernel first)
+    folded = [a() for a in getattr(kernel, "afters", ())]
+    first_write = min([a.seq for a in folded if a is not None] + [node.seq])
     for i in getattr(kernel, "writes", ()):
         m = node.srcs[i][0]
         for r in list(m.readers or ()):
-            if r.buffer is None and r is not node and r is not root and r.seq < node.seq and not _depends_on(r, node):
+            if (r.buffer is None and r is not node and r is not root and r.seq < first_write
+                    and not _depends_on(r, node)):
                 realize(r)
     operands = []
     for i, (m, v) in enumerate(node.srcs):
@@ -759,6 +763,14 @@ def _done_writing(node: Node, buf) -> None:
     """`node` (an ASSIGN, or an AFTER standing for a write another kernel did) holds buf now."""
     _unpend(node, buf)
     node.set_buffer(buf)
+
+
+def pending_writes_into(buf) -> list:
+    """The in-place writes not run yet into `buf`, in the order they were issued (a rule that
+    folds a write into the kernel reading it looks here: the write's node is not in the graph
+    when the reader reads the buffer through another tensor, as put_along_axis into a view)."""
+    with _writes_lock:
+        return [w for w in _pending_writes.get(buf, ()) if w.buffer is None]
 
 
 def pending_writes() -> list:

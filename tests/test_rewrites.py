@@ -575,3 +575,222 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         assert ("attention_decode_gqa" in names(log)) == (limit is None), names(log)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- batched decode attention
+
+
+def _batched_attention(q, k, v, pos, ck, cv):
+    """models.base.cached_attention's batch form in plain code: sequence b's K/V row written at
+    row pos[b] of cache slot b, its query attending over the slot's first pos[b] + 1 rows."""
+    B = q.shape[0]
+    rows = pos[:, None, None, None]
+    tg.put_along_axis(ck[:B], rows, k[:, :, None, :], axis=2)
+    tg.put_along_axis(cv[:B], rows, v[:, :, None, :], axis=2)
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], ck[:B], cv[:B], causal=True, kv_len=pos + 1)
+    return a.reshape(q.shape)
+
+
+def _np_batched_attention(q, k, v, pos, K, V, rot, mode, ff):
+    """NumPy of _batched_attention after rope: updates K, V [S, Hkv, L, D]; returns [B, H, D]."""
+    B, H, D = q.shape
+    Hkv = K.shape[1]
+    out = np.zeros((B, H, D))
+    for b, p in enumerate(pos):
+        K[b, :, p] = _np_rope_mode(k[b], p, rot, mode, ff=ff)
+        V[b, :, p] = v[b]
+        qr = _np_rope_mode(q[b], p, rot, mode, ff=ff)
+        Kr, Vr = np.repeat(K[b, :, :p + 1], H // Hkv, 0), np.repeat(V[b, :, :p + 1], H // Hkv, 0)
+        s = np.einsum("hd,hkd->hk", qr, Kr) / np.sqrt(D)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[b] = np.einsum("hk,hkd->hd", e / e.sum(-1, keepdims=True), Vr)
+    return out
+
+
+_ATTENTION_PIECES = ("rope", "E_scatter", "attention", "attention_combine")
+
+
+def _attention_kernels(log):
+    """The kernels of a decode step that are not the projections (linears) or capture copies."""
+    return [nm for nm in names(log) if not nm.startswith(("gemv", "matmul", "qgemv", "capture", "E_add_matmul"))]
+
+
+@pytest.mark.parametrize("layout,mode,Hkv,bias,with_ff", [
+    ("block", "neox", 4, True, False),          # GPT-NeoX: one qkv projection, q/k/v slices of it
+    ("separate", "normal", 2, False, False),    # LLaMA: own projections, grouped-query heads
+    ("separate", "neox", 1, True, True),        # Qwen2-like biases, one KV head, Llama 3.1 frequency factors
+    ("separate", "normal", 4, False, True),
+], ids=str)
+@pytest.mark.parametrize("cache_dtype", [tg.float16, tg.float32], ids=["f16", "f32"])
+def test_fuse_batched_decode_attention(layout, mode, Hkv, bias, with_ff, cache_dtype):
+    """A batch of B sequences, one token each, in plain code (rope at positions pos [B], the
+    put_along_axis cache writes, attention with kv_len = pos + 1) under tg.capture with new
+    positions per replay: the projections and ONE attention kernel (no rope, scatter, `pos + 1`,
+    attention or combine kernels); outputs and both slotted caches as NumPy says, slots past the
+    batch untouched."""
+    B, S, H, D, rot, L, C = 3, 4, 4, 16, 16, 80, 64
+    ff = (1 + 3 * rng.random(rot // 2)).astype(np.float32) if with_ff else None
+    if layout == "block":
+        (wqkv,), (Wqkv,) = _weights(np.float32, [(3 * H * D, C)])
+        bqkv = rng.standard_normal(3 * H * D).astype(np.float32) if bias else None
+    else:
+        (wq, wk, wv), (Wq, Wk, Wv) = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+        bs = [rng.standard_normal(n).astype(np.float32) if bias else None for n in (H * D, Hkv * D, Hkv * D)]
+    ck = tg.zeros((S, Hkv, L, D), cache_dtype).contiguous().realize()
+    cv = tg.zeros((S, Hkv, L, D), cache_dtype).contiguous().realize()
+
+    def project(x):
+        if layout == "block":
+            qkv = tg.nn.linear(x, wqkv, None if bqkv is None else tg.tensor(bqkv)).reshape(B, 3, H, D)
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        b = [None if t is None else tg.tensor(t) for t in bs]
+        return (tg.nn.linear(x, wq, b[0]).reshape(B, H, D), tg.nn.linear(x, wk, b[1]).reshape(B, Hkv, D),
+                tg.nn.linear(x, wv, b[2]).reshape(B, Hkv, D))
+
+    def step(x, pos):
+        q, k, v = project(x)
+        q = tg.nn.rope(q, pos, rot, mode=mode, freq_factors=ff)
+        k = tg.nn.rope(k, pos, rot, mode=mode, freq_factors=ff)
+        return _batched_attention(q, k, v, pos, ck, cv)
+
+    cap = tg.capture(step)
+    K, V = np.zeros((S, Hkv, L, D)), np.zeros((S, Hkv, L, D))
+    fused = "attention_decode_batch" if layout == "block" else "attention_decode_gqa_batch"
+    pos = np.array([0, 62, 20], np.int32)            # the second crosses a 64-key split boundary
+    for it in range(4):
+        x = rng.standard_normal((B, C)).astype(np.float32)
+        with tg.debug.kernel_log() as log:
+            got = cap(tg.tensor(x), pos).numpy()
+        if it == 0:
+            assert _attention_kernels(log) == [fused], names(log)
+        if layout == "block":
+            qkv = (x @ Wqkv.T + (0 if bqkv is None else bqkv)).reshape(B, 3, H, D)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        else:
+            q, k, v = ((x @ W.T + (0 if bb is None else bb)).reshape(B, h, D)
+                       for W, bb, h in ((Wq, bs[0], H), (Wk, bs[1], Hkv), (Wv, bs[2], Hkv)))
+        want = _np_batched_attention(q, k, v, pos, K, V, rot, mode, ff)
+        tol = 2e-3 if cache_dtype is tg.float16 else 1e-4
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        pos = pos + 1
+    np.testing.assert_allclose(ck.numpy(), K, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cv.numpy(), V, rtol=2e-3, atol=2e-3)
+    assert np.all(ck.numpy()[B:] == 0) and np.all(cv.numpy()[B:] == 0)
+
+
+def test_fuse_batched_decode_attention_one_sequence_and_unfused_values(monkeypatch):
+    """A batch of one (positions an int32 [1] tensor) fuses too; fused and unfused plain code give
+    the same outputs and the same cache bytes."""
+    from tensorgpu import rewrites
+    B, H, D, rot, L = 1, 2, 32, 32, 16
+    qkv = rng.standard_normal((B, 3, H, D)).astype(np.float32)
+    outs = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(rewrites, "RULES", [r for r in rewrites.RULES
+                                                    if r is not rewrites.fuse_batched_decode_attention])
+        ck = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
+        cv = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
+        pos = tg.tensor(np.array([9], np.int32))
+        t = tg.tensor(qkv) * 1.0
+        q, k = tg.nn.rope(t[:, 0], pos, rot), tg.nn.rope(t[:, 1], pos, rot)
+        with tg.debug.kernel_log() as log:
+            got = _batched_attention(q, k, t[:, 2], pos, ck, cv).numpy()
+        outs.append((got, ck.numpy(), cv.numpy()))
+        assert ("attention_decode_batch" in names(log)) == fuse, names(log)
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["index", "k_positions", "kv_len", "slots", "late_write", "extra_write",
+                                  "positions_rewritten"])
+def test_fuse_batched_decode_attention_checks_the_pattern(case):
+    """Near misses keep their kernels (and their values): the write index another tensor than the
+    rope positions (equal values), k roped at other positions, kv_len other than pos + 1, slots
+    not starting at 0, the V write issued after the attention, another write into the cache
+    between the K write and the attention, the positions written between their reads."""
+    B, S, H, D, rot, L = 2, 3, 2, 16, 16, 8
+    ck = tg.zeros((S, H, L, D)).contiguous().realize()
+    cv = tg.zeros((S, H, L, D)).contiguous().realize()
+    vals = np.array([3, 5], np.int32)
+    pos = tg.tensor(vals)
+    alias = pos[:]                        # the same memory, read after a write through `pos`
+    t = tg.tensor(rng.standard_normal((B, 3, H, D)).astype(np.float32)) * 1.0
+    q = tg.nn.rope(t[:, 0], pos, rot)
+    if case == "positions_rewritten":
+        pos[0:1] = tg.tensor(np.array([4], np.int32))
+        pos = alias
+    k = tg.nn.rope(t[:, 1], tg.tensor(vals + 1) if case == "k_positions" else pos, rot)
+    v = t[:, 2]
+    rows = (tg.tensor(vals) if case == "index" else pos)[:, None, None, None]
+    lo = 1 if case == "slots" else 0
+    tg.put_along_axis(ck[lo:lo + B], rows, k[:, :, None, :], axis=2)
+    if case == "extra_write":
+        tg.put_along_axis(ck[:B], rows, k[:, :, None, :] * 2.0, axis=2)
+    if case != "late_write":
+        tg.put_along_axis(cv[lo:lo + B], rows, v[:, :, None, :], axis=2)
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], ck[lo:lo + B], cv[lo:lo + B], causal=True,
+                                           kv_len=pos + (2 if case == "kv_len" else 1))
+    if case == "late_write":
+        tg.put_along_axis(cv[:B], rows, v[:, :, None, :], axis=2)
+    with tg.debug.kernel_log() as log:
+        got = a.numpy()
+    assert not any(nm.startswith("attention_decode") for nm in names(log)), (case, names(log))
+    assert "attention" in names(log) and np.all(np.isfinite(got))
+
+
+def test_batched_decode_attention_keeps_the_order_of_reads():
+    """A lazy read of a cache built before its write sees the old rows, one built after the write
+    (and before the attention) sees the new ones; the fused kernel runs once."""
+    B, S, H, D, rot, L = 2, 2, 2, 16, 16, 8
+    K0 = rng.standard_normal((S, H, L, D)).astype(np.float32)
+    ck = tg.tensor(K0).contiguous().realize()
+    cv = tg.zeros((S, H, L, D)).contiguous().realize()
+    pos = tg.tensor(np.array([2, 6], np.int32))
+    t = tg.tensor(rng.standard_normal((B, 3, H, D)).astype(np.float32)) * 1.0
+    q, k = tg.nn.rope(t[:, 0], pos, rot), tg.nn.rope(t[:, 1], pos, rot)
+    before = ck * 1.0
+    rows = pos[:, None, None, None]
+    tg.put_along_axis(ck[:B], rows, k[:, :, None, :], axis=2)
+    tg.put_along_axis(cv[:B], rows, t[:, 2][:, :, None, :], axis=2)
+    after = ck * 1.0
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], ck[:B], cv[:B], causal=True, kv_len=pos + 1)
+    with tg.debug.kernel_log() as log:
+        a.numpy()
+    assert names(log).count("attention_decode_batch") == 1, names(log)
+    np.testing.assert_array_equal(before.numpy(), K0)
+    kr = k.numpy()
+    new = after.numpy()
+    for b, p in enumerate((2, 6)):
+        np.testing.assert_allclose(new[b, :, p], kr[b], rtol=1e-6, atol=1e-6)
+    mask = np.ones(K0.shape, bool)
+    mask[0, :, 2] = mask[1, :, 6] = False
+    np.testing.assert_array_equal(new[mask], K0[mask])
+
+
+def test_fuse_batched_decode_attention_respects_the_storage_limit():
+    """Separate q, k, v bind 8 storage buffers (q, positions, k, v, both caches, out, scratch): at 7
+    that form keeps its kernels, the qkv-block form (6) still fuses; the values are the same."""
+    B, S, H, Hkv, D, rot, L = 2, 2, 4, 2, 16, 16, 8
+    xs = [rng.standard_normal(s).astype(np.float32) for s in ((B, H, D), (B, Hkv, D), (B, Hkv, D), (B, 3, H, D))]
+    for layout in ("separate", "block"):
+        outs = []
+        for limit in (None, 7):
+            def block():
+                ck = tg.zeros((S, Hkv if layout == "separate" else H, L, D)).contiguous().realize()
+                cv = tg.zeros(ck.shape).contiguous().realize()
+                pos = tg.tensor(np.array([1, 4], np.int32))
+                if layout == "separate":
+                    q, k, v = (tg.tensor(x) * 1.0 for x in xs[:3])
+                else:
+                    t = tg.tensor(xs[3]) * 1.0
+                    q, k, v = t[:, 0], t[:, 1], t[:, 2]
+                a = _batched_attention(tg.nn.rope(q, pos, rot), tg.nn.rope(k, pos, rot), v, pos, ck, cv)
+                return [a, ck, cv]
+            log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
+            outs.append(vals)
+            fused = any(nm.startswith("attention_decode") for nm in names(log))
+            assert fused == (limit is None or layout == "block"), (layout, limit, names(log))
+        for a, b in zip(*outs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

@@ -2,7 +2,7 @@
 
 Three paths, picked by `plan()` from shapes, strides, dtypes and device features:
 
-  gemv_k   M <= TUNING['gemv_max_m'] (16) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
+  gemv_k   M <= TUNING['gemv_max_m'] (4) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
            [N, K]): a workgroup owns COLS output columns and its threads stride along K with
            vector loads (vec4 f32, 8 f16 as one vec4<u32>), then reduce across the workgroup
            (subgroupAdd + a few shared slots, or a shared-memory tree without subgroups).
@@ -53,7 +53,7 @@ from .. import dtypes, runtime
 from ..runtime import Buffer
 from .common import NoEpilogue, Operand, epilogue_bindings
 
-GEMV_MAX_M = 16         # default of TUNING["gemv_max_m"] (a batch of 16 sequences: H200, benchmarks/RESULTS.md)
+GEMV_MAX_M = 4          # default of TUNING["gemv_max_m"] (M = 16: the tiled planner wins on the H200, RESULTS.md)
 
 # Knobs the benchmarks sweep; plan() reads them at every call (values are chosen for H100-like
 # GPUs from H100-FACTS.md: 256-thread GEMV workgroups, 128x128 tiles with 8x8 per thread).

@@ -47,7 +47,7 @@ SUPPORTED = (dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_0, dtypes.q5_1,
 # Knobs the benchmarks sweep (TENSORGPU_QGEMV="threads,rows" overrides in bench_quant_gemv.py).
 # The tiled (prefill) path is the float tiled matmul: its tile / split-K / BK knobs are matmul.TUNING.
 TUNING = {
-    "gemv_max_m": 16,     # x rows (batch*M) up to this use the GEMV kernel, else tiled (16: H200, RESULTS.md)
+    "gemv_max_m": 8,      # x rows (batch*M) up to this use the GEMV kernel, else tiled (M = 16: tiled wins, RESULTS.md)
     "gemv_m_chunk": 4,    # x rows per GEMV dispatch pass (registers: 16 x floats per row)
     "gemv_threads": None, # GEMV workgroup size; None: from K (256 for K >= 4096)
     "gemv_rows": None,    # weight rows per GEMV workgroup; None: from the M chunk (4 for M=1)

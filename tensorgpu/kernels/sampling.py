@@ -1,8 +1,10 @@
-"""On-GPU token selection from one row of logits, so decode step N+1 can be queued before
-token N is read back (the chosen id stays in a GPU buffer that the next step's embedding
-gather reads).
+"""On-GPU token selection from one row of logits (`sample`), or from each of B rows with
+per-row parameters read from buffers (`sample_rows`, continuous batching: see "many rows"
+below), so decode step N+1 can be queued before token N is read back (the chosen id stays in
+a GPU buffer that the next step's embedding gather reads). Both kernels are built from the
+same WGSL blocks (radix select, compaction, bitonic sort, inverse-CDF walk).
 
-Semantics (sample_reference below is the executable definition, in float64 NumPy):
+Semantics of `sample` (sample_reference below is the executable definition, in float64 NumPy):
   1. repetition penalty (HF): every distinct id t in prev_tokens[:n_prev] with 0 <= t < vocab
      gets l[t] * p if l[t] < 0 else l[t] / p.
   2. temperature == 0: greedy, argmax with the first maximum winning (like numpy.argmax);
@@ -299,13 +301,13 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
               # every logit NaN: no id won; -1 says so (never a silent token 0)
               "  let tok = bi[0];"]
     elif full:
-        L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
+        L += ["  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
               "  var m = ninf;",
               f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
               "  let M = red_max(m, lid, 1u);"]
         L += _walk_lines(WG, CH, "exp(zval(i) - M)", "exp(zval(i) - M)")
     else:
-        L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
+        L += ["  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
         if top_k <= 0:   # top-p against the full-vocabulary normaliser
             L += ["  var m = ninf;",
                   f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
