@@ -151,10 +151,12 @@ def test_small_m_sweep(benchmark, wdt, M, path):
 # One decode step of M = B sequences through pythia-1.4b's four linear layers (qkv 6144x2048,
 # attention out 2048x2048, mlp up 8192x2048, mlp down 2048x8192): x [M, K] f32 @ W.T with W [N, K]
 # f16 or q4_0, per output tile of the tiled kernel (its split-K still planned), beside the choice
-# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto") and, at M <= 16,
-# the GEMV kernels that take M <= gemv_max_m today (M = 8 decides where GEMV should stop). Each dispatch reads its own copy of W
-# (>= 128 MB of copies) so W comes from HBM, as in a step; dispatches share the output, so they
-# serialise as a step's do. Not part of gpu.sh's kernel run ("sweep"); on the GPU machine:
+# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto"; "autok16": with
+# the 16/32-row tiles at K step 16, bk_small's default being 32) and, at M <= 16, the GEMV
+# kernels (M = 8 and 16 decide where GEMV should stop: matmul's and quant's gemv_max_m). Each
+# dispatch reads its own copy of W (>= 128 MB of copies) so W comes from HBM, as in a step;
+# dispatches share the output, so they serialise as a step's do. 160 cases, ~1.5 min on the
+# H200. Not part of gpu.sh's kernel run ("sweep"); on the GPU machine:
 #   TENSORGPU_BENCH_FULL=1 python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep -s -q \
 #       -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json=$OUT/small_m.json
 # prints one line per case and, at the end, each variant's sum over the four layers x 24 layers
@@ -170,10 +172,13 @@ PYTHIA_LAYERS = 24
 
 
 def _variants(M: int) -> list:
-    """What runs a case: "auto", "old", "gemv" (M <= 16), "TMxTN[rRMxRN][kBK]" (a tile with
-    TM <= max(M, 16), optionally with another register block or K step)."""
-    v = ["auto", "old"] + (["gemv"] if M <= 16 else [])
-    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm < 64 and tm <= max(M, 16)]
+    """What runs a case: "auto" (the planner), "autok16" (the planner with bk_small = 16),
+    "old", "gemv" (M <= 16), "TMxTN[rRMxRN][kBK]" (one tile, optionally with another register
+    block or K step). By default the 16-row tiles up to M = 16 and the 32-row ones above (the
+    H200 sweep measured 16-row tiles at M = 32 and 64 1.05-2.7x slower than the best), and
+    "old" from M = 16 (at M = 8 it is a 64-row tile: 8x the FMAs)."""
+    v = ["auto"] + (["autok16", "old"] if M > 8 else []) + (["gemv"] if M <= 16 else [])
+    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm == (16 if M <= 16 else 32)]
     extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
     return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
 
@@ -184,6 +189,8 @@ def _variant_knobs(variant: str) -> tuple:
         return "gemv", {}
     if variant == "auto":
         return "tiled", {}
+    if variant == "autok16":
+        return "tiled", {"bk_small": 16}
     if variant == "old":
         return "tiled", {"tile_candidates": OLD_TILES}
     m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)x(\d+))?(?:k(\d+))?", variant)
@@ -266,7 +273,7 @@ def test_small_m_sweep(benchmark, small_m_table, M, variant, N, K, wdt):
                 passes, name, info = la.passes, la.passes[0][0], la.info
             ds += [runtime.dispatch(*p) for p in passes]
     _small_m_check(out, x, host, wdt, N, K)
-    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.15, target_s=0.03, rounds=3) / len(copies)
+    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.1, target_s=0.03, rounds=3) / len(copies)
 
     def step():
         runtime.replay(ds)

@@ -28,9 +28,10 @@ decodes each weight unit once per 4-row chunk (4x at M = 16, 16x at M = 64). Rai
 (8-row chunks, more rows per pass) costs registers: the H200 sweep of 2026-12-03 measured 36-38 ms
 for a B = 64 q4_0 step through GEMV against 16-17 ms tiled. The tiled kernel stages the rows once
 per workgroup in shared memory and reuses each weight element for TM rows from registers; with
-16-row tiles M = 16 no longer pays for 64 rows, so the crossover is expected at or below 16:
-benchmarks/bench_matmul.py's small-M sweep (M = 8 and 16, "gemv" against the 16-row tiles)
-decides both gemv_max_m knobs.
+16-row tiles M = 16 no longer pays for 64 rows: in the H200 small-M sweep they beat the float
+GEMV at M = 16 by 1.02-1.6x (hence gemv_max_m 4) and quant's within -4%..+40% (8 there);
+benchmarks/bench_matmul.py's small-M sweep (M = 8 and 16: "gemv" against the tiles) re-decides
+both knobs.
 
 Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
 into the WGSL as u32 constants and all index arithmetic wraps modulo 2**32, so a negative stride
@@ -69,7 +70,7 @@ TUNING = {
     "tile_blocks": None,    # ((TM, TN), (RM, RN)), ...: a register block other than TILE_BLOCKS' for a tile
     # the cost model's inner-loop speed of each tile relative to 128x128 (_tiled_config says why)
     "tile_eff": ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6),
-                 (32, 128, 0.6), (32, 64, 0.55), (16, 128, 0.45), (16, 64, 0.4)),
+                 (32, 128, 0.55), (32, 64, 0.49), (16, 128, 0.35), (16, 64, 0.32)),
     "split_k": None,        # force a split-K factor (None: chosen with the tile)
     "target_wgs": 256,      # workgroups the tile / split-K choice aims for (about 2 per SM on an H100)
     "split_min_k": 256,     # K elements per split, at least
@@ -789,29 +790,36 @@ def _tiled_config(c: _Ctx) -> tuple:
     keeping the 8x8 (or 8x4) register blocks that reach ~70% of the FMA peak.
 
     Batched decode (M = B = 16..64 sequences, every weight read once per step) is the opposite
-    end: a 64-row tile over 16 rows does 4x the useful FMAs (the f32 FMAs, not the weight bytes,
-    bound a step at these M: an H200 does ~7 FMAs per HBM byte, an f16 weight feeds M), and
-    N = 2048 has 32 such tiles, so the 64-row tiles need an 8-way split and a reduce pass to fill
-    the GPU. The 16- and 32-row tiles waste no rows and give 2-4x the tiles, so fewer splits.
-    They stage K in steps of TUNING["bk_small"] (32, against 16): a small tile has few FMAs per
-    staged element, so the longer step halves the barriers per FMA and doubles the weight bytes
-    each workgroup has in flight (at ~2 workgroups per SM, 16 steps keep ~1/3 of what HBM needs
-    in flight; a q4_0 row's K step is then one whole 32-element block).
+    end: a 64-row tile over 16 rows does 4x the useful FMAs, and N = 2048 has 32 such tiles, so
+    the 64-row tiles need an 8-way split and a reduce pass to fill the GPU. The 16- and 32-row
+    tiles waste no rows. What the H200 sweep of them showed (benchmarks/bench_matmul.py
+    small-M sweep, results/2026-12-03b/small_m.json, BK 16): a decode-sized tiled matmul costs
+    ~4 us + ~0.86 us per K step a workgroup walks (the serial chain of load latency and barriers;
+    at M = 16 about half the time) + its padded FMAs at a per-tile rate (64x64: ~16 TFMA/s;
+    32-row tiles 0.82-0.92 of that, 16-row 0.55) + ~1 us and ~1 us per MB of partials for a
+    split. So at M = 16 and 32 the tile of M rows wins (by 1.2-1.6x over the 64-row one), while
+    at M = 64 the 64-row tiles stay best: a 32-row tile's 2 row tiles either double the K steps
+    per workgroup (fewer splits: 1.5x slower at N = 2048) or keep them at a lower rate (-3%).
+    Hence the 16/32-row tiles stage K in steps of TUNING["bk_small"] (32, against 16): half the
+    K steps per workgroup for the same work, twice the weight bytes in flight per workgroup, a
+    q4_0 row's step one whole 32-element block (the sweep's "autok16" variant checks it).
 
     The model, one score per (tile, split), the highest wins (ties: the earlier, larger tile):
-      eff     the tile's inner-loop speed relative to 128x128 (TUNING["tile_eff"]): bigger
-              register blocks do more FMAs per shared-memory read, bigger tiles more FMAs per
-              staged element and barrier. 128/64 values measured on an H100 (prefill sweep);
-              the 16/32-row ones are estimates below 64x64's (half to a quarter of its FMAs per
-              staged element) for the H200 sweep (benchmarks/bench_matmul.py) to correct.
+      eff     the tile's FMA rate relative to 128x128 (TUNING["tile_eff"]). 128/64 values from
+              the H100 prefill sweep; the 16/32-row ones from the H200 small-M sweep, relative
+              to 64x64 (0.6): 32x128 0.92x, 32x64 0.82x, 16x128 and 16x64 0.55x (16x128 gets
+              0.35 rather than 0.33: the model has no term for K steps per workgroup, which
+              make a 4-way split of 16x128 beat a 2-way split of 16x64 at N = 8192).
       fill    min(1, workgroups / TUNING["target_wgs"]): latency hiding needs ~2 per SM.
       quant   past one "wave" of target_wgs, the last wave's idle share (wave quantization).
       split   1 - 3% per extra split: partial sums written and read, a second dispatch. Once
               fill is 1, more splits only cost, so a tile with enough tiles takes few or none.
       useful  M * N / (tiles * TM * TN): rows and columns past the matrix edges are wasted FMAs.
-    The 16/32-row tiles are candidates only up to M = TUNING["small_tile_max_m"] (64) rows, so
-    every larger matmul (prefill) keeps the choice it had before them: with a few tiles of any
-    size (a tiny N) the fill term alone would prefer the many small tiles, unmeasured there.
+    On the sweep's 24 shapes (M = 16/32/64, pythia-1.4b's linears, f16 and q4_0) it picks the
+    measured best or one within 2%. The 16/32-row tiles are candidates only up to M =
+    TUNING["small_tile_max_m"] (64) rows, so every larger matmul (prefill) keeps the choice it
+    had before them: with few tiles of any size (a tiny N) the fill term alone would prefer the
+    many small tiles, unmeasured there.
 
     Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape (no split unless
     split_k says so); TUNING["tile"] forces a square tile; TUNING["tile_candidates"] limits the
