@@ -155,8 +155,9 @@ def test_small_m_sweep(benchmark, wdt, M, path):
 # the 16/32-row tiles at K step 16, bk_small's default being 32) and, at M <= 16, the GEMV
 # kernels (M = 8 and 16 decide where GEMV should stop: matmul's and quant's gemv_max_m). Each
 # dispatch reads its own copy of W (>= 128 MB of copies) so W comes from HBM, as in a step;
-# dispatches share the output, so they serialise as a step's do. 160 cases, ~1.5 min on the
-# H200. Not part of gpu.sh's kernel run ("sweep"); on the GPU machine:
+# dispatches share the output, so they serialise as a step's do. 160 cases (the first, 136-case
+# version ran inside a 170 s timeout on the H200). Not part of gpu.sh's kernel run ("sweep"); on
+# the GPU machine:
 #   TENSORGPU_BENCH_FULL=1 python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep -s -q \
 #       -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json=$OUT/small_m.json
 # prints one line per case and, at the end, each variant's sum over the four layers x 24 layers
