@@ -597,3 +597,17 @@ def test_tile_fits_shared_memory_by_its_footprint(bk):
     adapter's workgroup storage, and falls back to 64x64 past it."""
     fits = bk * 256 * 4 <= runtime.get_device().max_workgroup_storage
     assert _plan_info(200, 200, 256, tile_mn=(128, 128), bk=bk)[0] == ((128, 128) if fits else (64, 64))
+
+
+def test_split_partials_fit_one_binding(tuning):
+    """The split-K partials (S copies of the output, one scratch binding) never pass the adapter's
+    max_storage_buffer_binding_size: a prefill whose wave-quantization term asks for 2 splits of a
+    big output (2048 x 11008, LLaMA-7B's mlp up) takes fewer where they would not fit, and a
+    forced split_k is clamped the same way (plan only; nothing runs)."""
+    lim = runtime.get_device().max_binding_size
+    M, N, K = 2048, 11008, 4096
+    cap = max(1, lim // (M * N * 4))
+    _, split, _ = _plan_info(M, N, K)
+    assert split <= cap
+    _, forced, _ = _plan_info(M, N, K, split_k=8)
+    assert forced == min(8, cap)

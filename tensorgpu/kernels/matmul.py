@@ -844,6 +844,8 @@ def _tiled_config(c: _Ctx) -> tuple:
         if not smem_ok(TM, TN):
             TM = TN = 64
     S = TUNING.get("split_k")
+    # a split's partial sums (S copies of the output) are one binding: at most max_binding_size
+    max_s = max(1, c.dev.max_binding_size // max(1, nb * M * N * 4))
     if TM is not None:
         S = int(S or 1)
     else:
@@ -864,7 +866,7 @@ def _tiled_config(c: _Ctx) -> tuple:
             KT = -(-K // _tile_bk(tm))
             min_kt = max(1, int(TUNING.get("split_min_k", 256)) // _tile_bk(tm))   # K steps per split, at least
             tiles = -(-M // tm) * -(-N // tn) * nb
-            for s in ((int(S),) if S else range(1, 9)):
+            for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
                 if s > 1 and not S and KT // s < min_kt:
                     break
                 wgs = tiles * s
@@ -885,7 +887,7 @@ def _tiled_config(c: _Ctx) -> tuple:
             _, TM, TN, S = best
     BK = _tile_bk(TM)
     KT = -(-K // BK)
-    S = max(1, min(int(S), KT))
+    S = max(1, min(int(S), KT, max_s))
     KC = -(-KT // S)            # K steps per split
     S = -(-KT // KC)            # no empty splits
     return TM, TN, BK, S, KC, _tile_block(TM, TN)
