@@ -13,10 +13,11 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
   tiled    everything else: an output tile per workgroup, 128 or 64 rows (prefill: 8x8 .. 4x4
            outputs per thread, 256 threads) or 32 or 16 rows (batched decode: 4x8 .. 2x4 per
            thread, 128 threads) by 128 or 64 columns, picked with a split-K factor by a cost
-           model (`_tiled_config`); K in steps of 16 staged through shared memory with the next
-           step's global loads prefetched into registers. Each operand's tile load is specialised
-           to its layout: vec4 along K (row-major a, `w.T` b), vec4 along M/N (transposed a,
-           row-major b) or scalar strided reads for anything else. No copy is ever made.
+           model (`_tiled_config`); K in steps of 16 (32 for the 16/32-row tiles) staged through
+           shared memory with the next step's global loads prefetched into registers. Each
+           operand's tile load is specialised to its layout: vec4 along K (row-major a, `w.T`
+           b), vec4 along M/N (transposed a, row-major b) or scalar strided reads for anything
+           else. No copy is ever made.
            quant.py's prefill runs through it too, with a b binding that decodes GGUF blocks.
   naive    one thread per output; used for K == 0 (the epilogue of 0) and tiny problems.
 
@@ -68,7 +69,7 @@ TUNING = {
     "tile_candidates": None,  # the tiles the cost model chooses among, e.g. ((16, 128),); None: every tile_eff one
     "small_tile_max_m": 64,   # the 16/32-row tiles are chosen for up to this many rows (M) only
     "tile_blocks": None,    # ((TM, TN), (RM, RN)), ...: a register block other than TILE_BLOCKS' for a tile
-    # the cost model's inner-loop speed of each tile relative to 128x128 (_tiled_config says why)
+    # the cost model's FMA rate of each tile relative to 128x128 (_tiled_config says where from)
     "tile_eff": ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6),
                  (32, 128, 0.55), (32, 64, 0.49), (16, 128, 0.35), (16, 64, 0.32)),
     "split_k": None,        # force a split-K factor (None: chosen with the tile)
