@@ -142,8 +142,7 @@ def test_matmul_sweep(benchmark, dt, tile, bk):
 @pytest.mark.parametrize("wdt", ["float32", "float16"])
 def test_gemv_reach_sweep(benchmark, wdt, M, path):
     """Where GEMV stops beating the tiled kernel at 4096 x 4096 (TUNING["gemv_max_m"]; the
-    pythia-shaped small-M sweep below compares every tile too). Was test_small_m_sweep, a name
-    the sweep below took over."""
+    pythia-shaped small-M sweep below compares every tile too)."""
     with debug.tuning(mm.TUNING, gemv_max_m=64 if path == "gemv" else 0):
         test_gemv(benchmark, M, 4096, 4096, wdt)
 
