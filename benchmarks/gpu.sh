@@ -1,7 +1,9 @@
 #!/bin/bash
 # The GPU-machine benchmark run (see README "Benchmarks on the GPU machine").
 # Usage, on the GPU machine from the repo root (after `source .device/setup.sh`):
-#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [serve]   (default: the first three)
+#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [serve] [bench]   (default: the first three)
+# bench: `tensorgpu bench` (llama-bench's table: pp512 / tg128 through Session) on the GGUFs the
+# models step made, into $OUT/bench.md.
 # Writes everything under $OUT (default /tmp/tg-bench): kernels.json (pytest-benchmark),
 # models.json (our prefill/decode), torch.json (PyTorch baseline), serve-*.json (the OpenAI server
 # through HTTP at 1/4/16/64 streams, benchmarks/bench_serve.py), clocks.log, and a log.
@@ -33,6 +35,13 @@ if [[ " $what " == *" models "* ]]; then
     [ -f /tmp/ggufs/$m-$d.gguf ] || python3 .device/make_random_neox_gguf.py --preset "$m" --dtype "$d" -o /tmp/ggufs/$m-$d.gguf >/dev/null
   done
   timeout "${T_MODELS:-400}" python3 benchmarks/run_models.py --dir /tmp/ggufs --specs "${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}" --json "$OUT/models.json" ${PROFILE:+--profile}
+fi
+if [[ " $what " == *" bench "* ]]; then
+  for spec in ${MODELS:-pythia-160m:f16 pythia-1.4b:f16 pythia-1.4b:q8_0 pythia-1.4b:q4_0 redpajama-3b:f16 redpajama-3b:q4_0}; do
+    f=/tmp/ggufs/${spec/:/-}.gguf
+    if [ -f "$f" ]; then timeout "${T_BENCH:-300}" python3 -m models bench -m "$f" -r "${BENCH_REPS:-5}" | tee -a "$OUT/bench.md"
+    else echo "bench: $f is missing (run the models step first)"; fi
+  done
 fi
 if [[ " $what " == *" baseline "* ]]; then
   timeout "${T_BASELINE:-400}" python3 .device/baseline_torch_neox.py --models "${TORCH_MODELS:-pythia-160m,pythia-1.4b,redpajama-3b}" \

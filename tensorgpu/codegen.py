@@ -246,6 +246,10 @@ class KernelBuilder:
                 fn = {"f32": "tg_fmod", "i32": "tg_imod", "u32": "tg_umod"}[sct]
                 self.helpers.add({"tg_fmod": "tg_fmod", "tg_imod": "tg_imod", "tg_umod": "tg_idiv_safe"}[fn])
                 return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
+            if op is Op.FLOORDIV:
+                fn = {"f32": "tg_ffloordiv", "i32": "tg_ifloordiv", "u32": "tg_ufloordiv"}[sct]
+                self.helpers.add(fn)
+                return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
             if op is Op.POW and sct in ("i32", "u32"):
                 fn = "tg_ipow" if sct == "i32" else "tg_upow"
                 self.helpers.add(fn)
@@ -308,15 +312,31 @@ class KernelBuilder:
         ok = self.new(f"({i} >= 0 && {i} < {n})", "bool")
         return i, ok
 
+    def mapped_coords(self, sv: View, dims: tuple, coords: list, index_srcs) -> tuple:
+        """Coordinates into a view `sv` that a gather reads or a scatter writes (graph.ScatterArg:
+        dims[d] >= 0 takes coordinate dims[d] of `coords`, dims[d] = -1 - k the value of index
+        source k at `coords`), and a bool expression saying whether every index was in range
+        (None when no index is involved). A dimension of size 1 is read at 0 (broadcast)."""
+        out, oks = [], []
+        for d, m in enumerate(dims):
+            if m >= 0:
+                out.append("0" if sv.shape[d] == 1 else coords[m])
+            else:
+                inode, iview = index_srcs[-1 - m]
+                i, ok = self.index_value(self.render(inode, iview, coords), compute_type(inode.dtype), sv.shape[d])
+                out.append(i)
+                oks.append(ok)
+        ok = self.new(" && ".join(oks), "bool") if len(oks) > 1 else (oks[0] if oks else None)
+        return out, ok
+
     def render_gather(self, node: Node, coords: list) -> str:
-        """srcs[0] read at `coords` with the coordinate along the gather axis taken from srcs[1]
-        (`take_along_axis`); a dimension of size 1 in the source is read at 0 (broadcast)."""
-        axis = node.arg
-        (src, sv), (idx, iv) = node.srcs
-        raw = self.render(idx, iv, coords)
-        i, ok = self.index_value(raw, compute_type(idx.dtype), sv.shape[axis])
-        sub = ["0" if sv.shape[d] == 1 else c for d, c in enumerate(coords)]
-        sub[axis] = f"select(0, {i}, {ok})"
+        """srcs[0] read at coordinates some of which come from the index sources srcs[1:]
+        (`take_along_axis`, `t[idx]`); out-of-range indices read 0 (never dereferenced)."""
+        src, sv = node.srcs[0]
+        sub, ok = self.mapped_coords(sv, node.arg, coords, node.srcs[1:])
+        if ok is None:
+            return self.render(src, sv, sub)
+        sub = [c if m >= 0 else f"select(0, {c}, {ok})" for c, m in zip(sub, node.arg)]
         val = self.render(src, sv, sub)
         ct = compute_type(node.dtype)
         zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[ct]
@@ -353,10 +373,10 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
     """WGSL + bindings computing `root` for every coordinate of out_view.shape and storing it
     through out_view into out_buf (contiguous for fresh results, strided for setitem).
 
-    `scatter=(index node, index view, axis)`: a scatter (`put_along_axis`): `root` and the index
-    are computed over root.shape, and each value is stored through out_view (a
-    graph.ScatterArg's view) with its coordinate along `axis` replaced by the index value;
-    values whose index is out of range are not stored."""
+    `scatter=(index sources, dims)`: a scatter (`put_along_axis`, `t[idx] = v`): `root` and the
+    indices are computed over root.shape, and each value is stored through out_view (a
+    graph.ScatterArg's view) at the coordinates `dims` maps to (KernelBuilder.mapped_coords);
+    values with an index out of range are not stored."""
     b = KernelBuilder()
     shape = out_view.shape if scatter is None else root.shape
     n = prod(shape)
@@ -395,10 +415,9 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
             b.memo = {}
             coords = b.unravel(b.new("i32(gidx)", "i32"), shape)
             val = b.render(root, View.contiguous(shape), coords)
-            inode, iview, axis = scatter
-            i, ok = b.index_value(b.render(inode, iview, coords), compute_type(inode.dtype), out_view.shape[axis])
-            coords[axis] = i
-            idx = f"u32({b.linear(out_view, coords)})"
+            index_srcs, dims = scatter
+            tcoords, ok = b.mapped_coords(out_view, dims, coords, index_srcs)
+            idx = f"u32({b.linear(out_view, tcoords)})"
         else:
             val = value_at("i32(gidx)")
             if out_view.is_identity(shape):
@@ -553,7 +572,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
     else:
         shared = f"var<workgroup> sv: array<{act}, {wg}>;\n"
         if subgroups and act in ("f32", "i32", "u32"):
-            sg_fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
+            sg_fn = {Op.SUM: "subgroupAdd", Op.PROD: "subgroupMul", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
             store_sh = (f"let sg = {sg_fn}(acc_r);\n  if (sgid == 0u) {{ sv[lid / sgsize] = sg; }}\n")
             if nan_aware:  # subgroupMax/Min may drop NaN: carry a NaN flag through the subgroup
                 store_sh = (f"let sgn = subgroupMax(select(0u, 1u, tg_isnan(acc_r)));\n"

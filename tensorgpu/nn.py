@@ -23,14 +23,17 @@ __all__ = ["linear", "layer_norm", "rms_norm", "embedding", "rope", "scaled_dot_
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, exact (erf) or approximate="tanh" (GPT-2 / NeoX's fast form)."""
     return x.gelu(approximate)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Softmax along `axis` (a one-pass row kernel for the last axis)."""
     return _softmax(x, axis)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """log(softmax(x)) along `axis`, computed as (x - max) - log(sum(exp(x - max)))."""
     return _softmax(x, axis, log=True)
 
 

@@ -636,12 +636,12 @@ def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
 
 
 @runtime.locked
-def scatter(target: Node, arg: ScatterArg, value: Node, value_view: View, index: Node, index_view: View) -> Node:
-    """The in-place scatter `put_along_axis(t, index, value, axis)`, lazily: like `assign`, a
-    node standing for the written tensor, ordered with every other write and read of the
-    buffer by creation order. value_view and index_view are both broadcast to the iteration
-    shape (see graph.ScatterArg)."""
-    n = Node(Op.SCATTER, ((target, View.contiguous(target.shape)), (value, value_view), (index, index_view)),
+def scatter(target: Node, arg: ScatterArg, value: Node, value_view: View, indices) -> Node:
+    """The in-place scatter `put_along_axis(t, index, value, axis)` or `t[idx] = v`, lazily: like
+    `assign`, a node standing for the written tensor, ordered with every other write and read of
+    the buffer by creation order. value_view and the views of `indices` ((node, view) pairs) all
+    have the iteration shape (see graph.ScatterArg)."""
+    n = Node(Op.SCATTER, ((target, View.contiguous(target.shape)), (value, value_view)) + tuple(indices),
              target.dtype, target.shape, arg=arg)
     return _pend(n, target)
 
@@ -732,18 +732,20 @@ def _emit_assign(node: Node) -> None:
             root.seq = node.seq
         sc = None
         if is_scatter:
-            # the index is read from its own buffer (a lazy index is computed first, an index
+            # indices are read from their own buffers (a lazy index is computed first, an index
             # that reads the written buffer is copied out first)
-            index, index_view = node.srcs[2]
-            if index.op is not Op.CONST and (index.buffer is None or _reads_buffer(index, buf)):
-                ic = Node(Op.CAST, ((index, index_view),), index.dtype, shape)
-                ic.seq = node.seq
-                realize(ic)
-                index, index_view = ic, View.contiguous(shape)
-            elif index.buffer is not None and index.buffer in _pending_writes:
-                writes_before(index.buffer, node.seq)
-            sc = (index, index_view, node.arg.axis)
-        core, root = _plan(root, extra_bindings=1 if is_scatter else 0)
+            indices = []
+            for index, index_view in node.srcs[2:]:
+                if index.op is not Op.CONST and (index.buffer is None or _reads_buffer(index, buf)):
+                    ic = Node(Op.CAST, ((index, index_view),), index.dtype, shape)
+                    ic.seq = node.seq
+                    realize(ic)
+                    index, index_view = ic, View.contiguous(shape)
+                elif index.buffer is not None and index.buffer in _pending_writes:
+                    writes_before(index.buffer, node.seq)
+                indices.append((index, index_view))
+            sc = (indices, node.arg.dims)
+        core, root = _plan(root, extra_bindings=len(node.srcs) - 2)
         assert core is None
         src, bindings, n_wg, params = elementwise_kernel(root, buf, view, scatter=sc)
         _dispatch("E_scatter" if is_scatter else "E_assign", src, bindings, n_wg, params)

@@ -13,9 +13,10 @@ Why this shape:
   in use, idle slots inside it compute a throw-away row (their cache row 0 is rewritten when the
   slot is taken), so steady-state serving replays captures and compiles nothing.
 * Prompts are prefilled between decode steps on a scratch Session (the single-sequence path,
-  with its captured, bucketed prefill), `prefill_chunk` tokens per engine iteration so a long
-  prompt does not stall the running sequences for long; its cache rows are then copied into
-  the sequence's slot.
+  with its captured, bucketed prefill) in chunks of `prefill_chunk` tokens, at most about
+  `prefill_budget` tokens per engine iteration, so a long prompt does not stall the running
+  sequences for long and a burst of short ones joins in a few iterations; the cache rows are
+  then copied into the sequence's slot.
 * All GPU work happens on one thread (the engine thread, or the caller of `step()`); other
   threads only submit and cancel, under `self._lock`.
 """
@@ -128,8 +129,10 @@ class Request:
                 if out.finish_reason is not None:
                     return
 
-    async def aoutputs(self):
-        """The same as outputs(), for asyncio consumers."""
+    async def aoutput_batches(self):
+        """For asyncio consumers: lists of the outputs that arrived since the last one (at least
+        one each); ends after the list holding the final output. A consumer that falls behind
+        gets several tokens at once and can answer them with one message."""
         loop = asyncio.get_running_loop()
         ev = asyncio.Event()
         with self._cond:
@@ -144,13 +147,20 @@ class Request:
                     await ev.wait()
                     continue
                 i += len(batch)
-                for out in batch:
-                    yield out
+                for j, out in enumerate(batch):
                     if out.finish_reason is not None:
+                        yield batch[:j + 1]
                         return
+                yield batch
         finally:
             with self._cond:
                 self._waiters.remove((loop, ev))
+
+    async def aoutputs(self):
+        """The same as outputs(), for asyncio consumers."""
+        async for batch in self.aoutput_batches():
+            for out in batch:
+                yield out
 
     def result(self, timeout: Optional[float] = None) -> "Request":
         """Wait until finished; returns self (text, output_ids, finish_reason are final)."""
@@ -213,14 +223,15 @@ def _next_bucket(n: int, cap: int) -> int:
 
 class Engine:
     def __init__(self, model, max_batch: int = 64, max_context: Optional[int] = None, max_waiting: int = 256,
-                 cache_dtype=tg.float16, prefill_chunk: int = 256):
+                 cache_dtype=tg.float16, prefill_chunk: int = 256, prefill_budget: int = 512):
         c = model.config
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
             raise ValueError(f"max_batch must be an int in [1, 1024], got {max_batch!r}")
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        for name, v in (("prefill_chunk", prefill_chunk), ("prefill_budget", prefill_budget)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         L = c.n_ctx if max_context is None else max_context
         if isinstance(L, bool) or not isinstance(L, int) or not 2 <= L <= c.n_ctx:
             raise ValueError(f"max_context must be an int in [2, {c.n_ctx}] (the model's context_length), got {L!r}")
@@ -231,7 +242,8 @@ class Engine:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch, self.max_context, self.max_waiting = max_batch, L, max_waiting
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk      # prompt tokens per prefill forward
+        self.prefill_budget = prefill_budget    # prompt tokens per iteration (several prompts when many wait)
         self.vocab_size = c.n_vocab
         shape = (max_batch, kv_heads, L, c.head_dim)                       # [S, Hkv, L, D] per layer
         self.cache = [(tg.zeros(shape, cache_dtype).contiguous().realize(),
@@ -360,7 +372,12 @@ class Engine:
         Returns whether work remains."""
         t0 = time.perf_counter()
         self._reap_cancelled()
-        n_pre = self._prefill_some()
+        n_pre = 0
+        while n_pre < self.prefill_budget:      # a burst of arrivals joins in a few iterations, not one per step
+            n = self._prefill_some()
+            if n == 0:
+                break
+            n_pre += n
         n_dec, bucket = self._decode()
         if n_pre or n_dec:
             info = StepInfo(n_dec, bucket, n_pre, time.perf_counter() - t0)
