@@ -780,7 +780,8 @@ def _match_batched_decode(n: Node):
     for c in (kc, vc):
         w = _write_before(c, n)
         if not (w is not None and w.op is Op.SCATTER and w.srcs[0][0] is c and w.srcs[0][1].is_identity(c.shape)
-                and w.arg.axis == 2 and _reads_as(w.arg.view, (B, Hkv, L, D), (Hkv * L * D, L * D, D, 1), 0)):
+                and tuple(w.arg.dims) == (0, 1, -1, 3) and len(w.srcs) == 3
+                and _reads_as(w.arg.view, (B, Hkv, L, D), (Hkv * L * D, L * D, D, 1), 0)):
             return None
         (x, xv), (ix, ixv) = w.srcs[1], w.srcs[2]
         if not (ix is pn and _reads_as(ixv, (B, Hkv, 1, D), (pv.strides[0], 0, 0, 0), pv.offset)):
