@@ -877,7 +877,7 @@ def fuse_rope_cache_write(g: Graph) -> int:
 
 @rule
 def attention_writes_token_major(g: Graph) -> int:
-    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.transpose(0, 1).reshape(T, C)`,
+    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.swapaxes(0, 1).reshape(T, C)`,
     the output projection's input): the attention kernel stores that layout itself, and the
     copy disappears."""
     from .nn import AttentionKernel

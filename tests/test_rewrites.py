@@ -162,9 +162,9 @@ def _decode_layer(x, qkv_w, cache_k, cache_v, pos, positions, H, D, rot):
     qkv = tg.nn.linear(x, qkv_w).reshape(T, 3, H, D)
     q = tg.nn.rope(qkv[:, 0], positions, rot)
     k = tg.nn.rope(qkv[:, 1], positions, rot)
-    cache_k[:, pos:pos + T] = k.transpose(0, 1)
-    cache_v[:, pos:pos + T] = qkv[:, 2].transpose(0, 1)
-    return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
+    cache_k[:, pos:pos + T] = k.swapaxes(0, 1)
+    cache_v[:, pos:pos + T] = qkv[:, 2].swapaxes(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
 
 
 def _np_rope(x, p, rot, base=10000.0):
@@ -382,9 +382,9 @@ def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype, with_ff):
         positions = tg.arange(pos, pos + 1)
         q = tg.nn.rope(q, positions, rot, mode=mode, freq_factors=ff)
         k = tg.nn.rope(k, positions, rot, mode=mode, freq_factors=ff)
-        ck[:, pos:pos + 1] = k.transpose(0, 1)
-        cv[:, pos:pos + 1] = v.transpose(0, 1)
-        return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, pos:pos + 1] = k.swapaxes(0, 1)
+        cv[:, pos:pos + 1] = v.swapaxes(0, 1)
+        return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
 
     cap = tg.capture(step)
     K, V = np.zeros((Hkv, max_ctx, D)), np.zeros((Hkv, max_ctx, D))
@@ -429,9 +429,9 @@ def test_fuse_decode_attention_gqa_checks_the_pattern():
         kp = tg.arange(pos + 1, pos + 2) if case == "k_positions" else tg.arange(pos, pos + 1)
         k = tg.nn.rope(k, kp, rot, freq_factors=np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None)
         w = pos + 1 if case == "row" else pos
-        ck[:, w:w + 1] = k.transpose(0, 1)
-        cv[:, w:w + 1] = v.transpose(0, 1)
-        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, w:w + 1] = k.swapaxes(0, 1)
+        cv[:, w:w + 1] = v.swapaxes(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         with tg.debug.kernel_log() as log:
             y.numpy()
         assert "attention_decode_gqa" not in names(log), (case, names(log))
@@ -561,9 +561,9 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         pos = 3
         q = tg.nn.rope(tg.nn.linear(x, wq).reshape(1, H, D), tg.arange(pos, pos + 1), rot, mode="normal")
         k = tg.nn.rope(tg.nn.linear(x, wk).reshape(1, Hkv, D), tg.arange(pos, pos + 1), rot, mode="normal")
-        ck[:, pos:pos + 1] = k.transpose(0, 1)
-        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).transpose(0, 1)
-        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, pos:pos + 1] = k.swapaxes(0, 1)
+        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).swapaxes(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         old = runtime.OPTIONS.max_storage_buffers
         if limit:
             runtime.OPTIONS.max_storage_buffers = limit
