@@ -10,6 +10,7 @@ then GPU timestamps around a pass of R copies of the dispatch (probe.gpu_time_pe
 """
 import functools
 import os
+import re
 
 import gguf
 import numpy as np
@@ -139,8 +140,9 @@ def test_matmul_sweep(benchmark, dt, tile, bk):
 @pytest.mark.parametrize("path", ["gemv", "tiled"])
 @pytest.mark.parametrize("M", [2, 4, 8, 16])
 @pytest.mark.parametrize("wdt", ["float32", "float16"])
-def test_small_m_sweep(benchmark, wdt, M, path):
-    """Where GEMV stops beating the tiled kernel (sets TUNING["gemv_max_m"])."""
+def test_gemv_reach_sweep(benchmark, wdt, M, path):
+    """Where GEMV stops beating the tiled kernel at 4096 x 4096 (TUNING["gemv_max_m"]; the
+    pythia-shaped small-M sweep below compares every tile too)."""
     with debug.tuning(mm.TUNING, gemv_max_m=64 if path == "gemv" else 0):
         test_gemv(benchmark, M, 4096, 4096, wdt)
 
@@ -150,17 +152,21 @@ def test_small_m_sweep(benchmark, wdt, M, path):
 # One decode step of M = B sequences through pythia-1.4b's four linear layers (qkv 6144x2048,
 # attention out 2048x2048, mlp up 8192x2048, mlp down 2048x8192): x [M, K] f32 @ W.T with W [N, K]
 # f16 or q4_0, per output tile of the tiled kernel (its split-K still planned), beside the choice
-# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto") and, at M = 16,
-# the GEMV kernels that take M <= gemv_max_m today. Each dispatch reads its own copy of W
-# (>= 128 MB of copies) so W comes from HBM, as in a step; dispatches share the output, so they
-# serialise as a step's do. Not part of gpu.sh's kernel run ("sweep"); on the GPU machine:
+# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto"; "autok16": with
+# the 16/32-row tiles at K step 16, bk_small's default being 32) and, at M <= 16, the GEMV
+# kernels (M = 8 and 16 decide where GEMV should stop: matmul's and quant's gemv_max_m). Each
+# dispatch reads its own copy of W (>= 128 MB of copies) so W comes from HBM, as in a step;
+# dispatches share the output, so they serialise as a step's do. 160 cases (the first, 136-case
+# version ran inside a 170 s timeout on the H200). Not part of gpu.sh's kernel run ("sweep"); on
+# the GPU machine:
 #   TENSORGPU_BENCH_FULL=1 python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep -s -q \
 #       -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json=$OUT/small_m.json
 # prints one line per case and, at the end, each variant's sum over the four layers x 24 layers
-# (the matmul ms of one pythia-1.4b step). TENSORGPU_SMALLM="16x128r4x4,32x64r2x4" adds variants
-# with other register blocks (matmul.TUNING["tile_blocks"]).
+# (the matmul ms of one pythia-1.4b step). TENSORGPU_SMALLM="16x128r4x4,32x64r2x4,16x64k16" adds
+# variants with another register block (rRMxRN: matmul.TUNING["tile_blocks"]) or K step
+# (kBK: matmul.TUNING["bk_small"]).
 
-SMALL_M = [16, 32, 64] if FULL else [16, 32]
+SMALL_M = [8, 16, 32, 64] if FULL else [16, 32]
 SMALL_M_NK = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)] if FULL else [(200, 256)]
 SMALL_M_WDT = ["float16", "q4_0"]
 OLD_TILES = ((128, 128), (128, 64), (64, 128), (64, 64))
@@ -168,12 +174,15 @@ PYTHIA_LAYERS = 24
 
 
 def _variants(M: int) -> list:
-    """What runs a case: "auto", "old", "gemv" (M <= 16), "TMxTN" or "TMxTNrRMxRN" (a tile with
-    TM <= M, optionally with a register block)."""
-    v = ["auto", "old"] + (["gemv"] if M <= 16 else [])
-    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm < 64 and tm <= M]
+    """What runs a case: "auto" (the planner), "autok16" (the planner with bk_small = 16),
+    "old", "gemv" (M <= 16), "TMxTN[rRMxRN][kBK]" (one tile, optionally with another register
+    block or K step). By default the 16-row tiles up to M = 16 and the 32-row ones above (the
+    H200 sweep measured 16-row tiles at M = 32 and 64 1.05-2.7x slower than the best), and
+    "old" from M = 16 (at M = 8 it is a 64-row tile: 8x the FMAs)."""
+    v = ["auto"] + (["autok16", "old"] if M > 8 else []) + (["gemv"] if M <= 16 else [])
+    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm == (16 if M <= 16 else 32)]
     extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
-    return v + [e for e in extra if int(e.split("x")[0]) <= M]
+    return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
 
 
 def _variant_knobs(variant: str) -> tuple:
@@ -182,13 +191,19 @@ def _variant_knobs(variant: str) -> tuple:
         return "gemv", {}
     if variant == "auto":
         return "tiled", {}
+    if variant == "autok16":
+        return "tiled", {"bk_small": 16}
     if variant == "old":
         return "tiled", {"tile_candidates": OLD_TILES}
-    tile, _, block = variant.partition("r")
-    tile = tuple(int(x) for x in tile.split("x"))
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)x(\d+))?(?:k(\d+))?", variant)
+    if m is None:
+        raise ValueError(f"TENSORGPU_SMALLM: variant {variant!r} is not TMxTN[rRMxRN][kBK], e.g. 16x128r4x4k16")
+    tile = (int(m[1]), int(m[2]))
     knobs = {"tile_candidates": (tile,)}
-    if block:
-        knobs["tile_blocks"] = ((tile, tuple(int(x) for x in block.split("x"))),)
+    if m[3]:
+        knobs["tile_blocks"] = ((tile, (int(m[3]), int(m[4]))),)
+    if m[5]:
+        knobs["bk_small" if tile[0] < 64 else "bk"] = int(m[5])
     return "tiled", knobs
 
 
@@ -260,7 +275,7 @@ def test_small_m_sweep(benchmark, small_m_table, M, variant, N, K, wdt):
                 passes, name, info = la.passes, la.passes[0][0], la.info
             ds += [runtime.dispatch(*p) for p in passes]
     _small_m_check(out, x, host, wdt, N, K)
-    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.15, target_s=0.03, rounds=3) / len(copies)
+    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.1, target_s=0.03, rounds=3) / len(copies)
 
     def step():
         runtime.replay(ds)

@@ -1058,7 +1058,7 @@ def fuse_rope_cache_write(g: Graph) -> int:
 def _match_prompt_sep(q, qv, ka, kav, va, vav, H, T, D):
     """The pieces of a T-token attention input with separate q/k/v (LLaMA's and Qwen2's own
     projections) and grouped-query heads: q = rope(q_x [T, H, D]) read as [H, T, D],
-    cache_k[:, p:p+T] = rope(k_x [T, Hkv, D]).transpose(0, 1), cache_v[:, p:p+T] = v_x.transpose(0, 1),
+    cache_k[:, p:p+T] = rope(k_x [T, Hkv, D]).swapaxes(0, 1), cache_v[:, p:p+T] = v_x.swapaxes(0, 1),
     caches [Hkv, max_ctx, D] with Hkv dividing H, both ropes with the same arguments and
     frequency factors, their positions an arange starting at p (the same one, or one with the
     same start). Returns q / k / v as (node, [T, heads, D] view) and the rest; None when the
@@ -1157,7 +1157,7 @@ def fuse_rope_cache_write_gqa(g: Graph) -> int:
 
 @rule
 def attention_writes_token_major(g: Graph) -> int:
-    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.transpose(0, 1).reshape(T, C)`,
+    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.swapaxes(0, 1).reshape(T, C)`,
     the output projection's input): the attention kernel stores that layout itself, and the
     copy disappears."""
     from .nn import AttentionKernel

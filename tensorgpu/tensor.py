@@ -652,16 +652,12 @@ class Tensor:
 
     def transpose(self, *axes) -> "Tensor":
         """NumPy's transpose: `t.transpose()` reverses the axes, `t.transpose(2, 0, 1)` or
-        `t.transpose((2, 0, 1))` permutes them (a view, no copy). Two axes on a tensor that does
-        not have two dimensions, where NumPy raises "axes don't match array", keep this method's
-        older meaning and swap them (`x.transpose(0, 1)` on [T, H, D]: the models' idiom); new
-        code should say `x.swapaxes(0, 1)`."""
+        `t.transpose((2, 0, 1))` permutes them (a view, no copy); exchanging two axes of any
+        tensor is `swapaxes(a, b)`."""
         if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
             axes = () if axes[0] is None else tuple(axes[0])
         if not axes:
             return self.permute(*reversed(range(self.ndim)))
-        if len(axes) == 2 and self.ndim != 2:
-            return self.swapaxes(*axes)
         if len(axes) != self.ndim:
             raise ValueError(f"transpose: axes {axes} don't match a tensor of shape {self.shape} "
                              f"({self.ndim} axes); use swapaxes(a, b) to exchange two axes")

@@ -458,7 +458,8 @@ def test_small_tiles_x16_paths(paths, mm_tuning, dt, tile, block):
 @pytest.mark.parametrize("N,K", [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)], ids=str)
 def test_small_m_plans_at_pythia_shapes(mm_tuning, dt, M, N, K):
     """Batched decode through the decoding binding (plan only): the float planner's choice, so
-    16/32 rows take a tile of exactly that many rows and no shape wastes rows."""
+    16/32 rows take a tile of exactly that many rows (64 rows: the 64-row tiles) and no shape
+    wastes rows."""
     x = Operand(runtime.Buffer(M * K * 4), F32, (M, K), (K, 1), 0)
     w = runtime.Buffer(quant.quant_nbytes(dt, N * K))
     launch = quant.plan_matmul(runtime.Buffer(M * N * 4), x, w, dt, N, K, force="tiled")

@@ -162,9 +162,9 @@ def _decode_layer(x, qkv_w, cache_k, cache_v, pos, positions, H, D, rot):
     qkv = tg.nn.linear(x, qkv_w).reshape(T, 3, H, D)
     q = tg.nn.rope(qkv[:, 0], positions, rot)
     k = tg.nn.rope(qkv[:, 1], positions, rot)
-    cache_k[:, pos:pos + T] = k.transpose(0, 1)
-    cache_v[:, pos:pos + T] = qkv[:, 2].transpose(0, 1)
-    return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
+    cache_k[:, pos:pos + T] = k.swapaxes(0, 1)
+    cache_v[:, pos:pos + T] = qkv[:, 2].swapaxes(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
 
 
 def _np_rope(x, p, rot, base=10000.0):
@@ -382,9 +382,9 @@ def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype, with_ff):
         positions = tg.arange(pos, pos + 1)
         q = tg.nn.rope(q, positions, rot, mode=mode, freq_factors=ff)
         k = tg.nn.rope(k, positions, rot, mode=mode, freq_factors=ff)
-        ck[:, pos:pos + 1] = k.transpose(0, 1)
-        cv[:, pos:pos + 1] = v.transpose(0, 1)
-        return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, pos:pos + 1] = k.swapaxes(0, 1)
+        cv[:, pos:pos + 1] = v.swapaxes(0, 1)
+        return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
 
     cap = tg.capture(step)
     K, V = np.zeros((Hkv, max_ctx, D)), np.zeros((Hkv, max_ctx, D))
@@ -429,9 +429,9 @@ def test_fuse_decode_attention_gqa_checks_the_pattern():
         kp = tg.arange(pos + 1, pos + 2) if case == "k_positions" else tg.arange(pos, pos + 1)
         k = tg.nn.rope(k, kp, rot, freq_factors=np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None)
         w = pos + 1 if case == "row" else pos
-        ck[:, w:w + 1] = k.transpose(0, 1)
-        cv[:, w:w + 1] = v.transpose(0, 1)
-        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, w:w + 1] = k.swapaxes(0, 1)
+        cv[:, w:w + 1] = v.swapaxes(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         with tg.debug.kernel_log() as log:
             y.numpy()
         assert "attention_decode_gqa" not in names(log), (case, names(log))
@@ -561,9 +561,9 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         pos = 3
         q = tg.nn.rope(tg.nn.linear(x, wq).reshape(1, H, D), tg.arange(pos, pos + 1), rot, mode="normal")
         k = tg.nn.rope(tg.nn.linear(x, wk).reshape(1, Hkv, D), tg.arange(pos, pos + 1), rot, mode="normal")
-        ck[:, pos:pos + 1] = k.transpose(0, 1)
-        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).transpose(0, 1)
-        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, pos:pos + 1] = k.swapaxes(0, 1)
+        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).swapaxes(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         old = runtime.OPTIONS.max_storage_buffers
         if limit:
             runtime.OPTIONS.max_storage_buffers = limit
@@ -587,9 +587,9 @@ def _prompt_attention(x, ws, bs, ck, cv, pos, T, H, Hkv, D, rot, mode, ff, posit
     q = tg.nn.rope(q, p, rot, mode=mode, freq_factors=ff)
     k = tg.nn.rope(k, p if positions is None else positions, rot, mode=mode, freq_factors=ff)
     w = pos if row is None else row
-    ck[:, w:w + T] = k.transpose(0, 1)
-    cv[:, w:w + T] = v.transpose(0, 1)
-    return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+    ck[:, w:w + T] = k.swapaxes(0, 1)
+    cv[:, w:w + T] = v.swapaxes(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
 
 
 @pytest.mark.parametrize("mode", ["normal", "neox"])
@@ -663,9 +663,9 @@ def test_fuse_rope_cache_write_gqa_checks_the_pattern():
                 k = tg.nn.rope(tg.nn.linear(x, ws[1]).reshape(T, Hkv, D), kp if kp is not None else tg.arange(pos, pos + T),
                                rot, mode="normal", freq_factors=ff)
                 w = row if row is not None else pos
-                ck[:, w:w + T] = k.transpose(0, 1)
-                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).transpose(0, 1)
-                y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+                ck[:, w:w + T] = k.swapaxes(0, 1)
+                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).swapaxes(0, 1)
+                y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
                 with tg.debug.kernel_log() as log:
                     outs.append((y.numpy(), ck.numpy(), cv.numpy()))
                 assert "rope_kv_write" not in names(log), (case, names(log))
@@ -676,10 +676,10 @@ def test_fuse_rope_cache_write_gqa_checks_the_pattern():
                 k = tg.nn.rope(tg.nn.linear(x, ws[1]).reshape(T, Hkv, D), kp if kp is not None else tg.arange(pos, pos + T),
                                rot, mode="normal", freq_factors=ff).realize()
                 w = row if row is not None else pos
-                ck[:, w:w + T] = k.transpose(0, 1)
-                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).transpose(0, 1)
+                ck[:, w:w + T] = k.swapaxes(0, 1)
+                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).swapaxes(0, 1)
                 ck.realize(), cv.realize()
-                y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+                y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
                 outs.append((y.numpy(), ck.numpy(), cv.numpy()))
         for a, b in zip(*outs):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -1034,14 +1034,14 @@ def test_stack_sibling_matmuls_leaves_epilogues_and_small_batches():
     x = rng.standard_normal((24, C)).astype(np.float32)
     X = tg.tensor(x)
     a, b = tg.nn.linear(X, wg), tg.nn.linear(X, wu)
-    outs = (a.reshape(24, 4, 64).transpose(0, 1) * 2.0, b + 1.0)     # b + 1: b's epilogue
+    outs = (a.reshape(24, 4, 64).swapaxes(0, 1) * 2.0, b + 1.0)     # b + 1: b's epilogue
     with tg.debug.kernel_log() as log:
         tg.realize(*outs)
     assert not any(n.endswith("_x2") for n in names(log)), names(log)
     np.testing.assert_allclose(outs[1].numpy(), x @ Wu.T + 1, rtol=1e-4, atol=1e-4)
     # both read through strided views: stacked; `a` itself, held here, reads its columns
     a, b = tg.nn.linear(X, wg), tg.nn.linear(X, wu)
-    outs = (a.reshape(24, 4, 64).transpose(0, 1) * 2.0, b.T * 3.0)
+    outs = (a.reshape(24, 4, 64).swapaxes(0, 1) * 2.0, b.T * 3.0)
     with tg.debug.kernel_log() as log:
         tg.realize(*outs)
     assert sum(n.endswith("_x2") for n in names(log)) == 1, names(log)

@@ -13,12 +13,26 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
   tiled    everything else: an output tile per workgroup, 128 or 64 rows (prefill: 8x8 .. 4x4
            outputs per thread, 256 threads) or 32 or 16 rows (batched decode: 4x8 .. 2x4 per
            thread, 128 threads) by 128 or 64 columns, picked with a split-K factor by a cost
-           model (`_tiled_config`); K in steps of 16 staged through shared memory with the next
-           step's global loads prefetched into registers. Each operand's tile load is specialised
-           to its layout: vec4 along K (row-major a, `w.T` b), vec4 along M/N (transposed a,
-           row-major b) or scalar strided reads for anything else. No copy is ever made.
+           model (`_tiled_config`); K in steps of 16 (32 for the 16/32-row tiles) staged through
+           shared memory with the next step's global loads prefetched into registers. Each
+           operand's tile load is specialised to its layout: vec4 along K (row-major a, `w.T`
+           b), vec4 along M/N (transposed a, row-major b) or scalar strided reads for anything
+           else. No copy is ever made.
            quant.py's prefill runs through it too, with a b binding that decodes GGUF blocks.
   naive    one thread per output; used for K == 0 (the epilogue of 0) and tiny problems.
+
+Where GEMV stops (TUNING["gemv_max_m"]; quant.TUNING["gemv_max_m"] for GGUF weights). A GEMV
+reads each weight once, but every workgroup re-reads all M activation rows for its few columns
+(gemv_k: M x K floats per column at M >= 8, i.e. 16-32x the weight bytes from L1/L2 at M = 16)
+and each thread keeps cols x M accumulators, so its loads per FMA grow with M; quant's GEMV
+decodes each weight unit once per 4-row chunk (4x at M = 16, 16x at M = 64). Raising its reach
+(8-row chunks, more rows per pass) costs registers: the H200 sweep of 2026-12-03 measured 36-38 ms
+for a B = 64 q4_0 step through GEMV against 16-17 ms tiled. The tiled kernel stages the rows once
+per workgroup in shared memory and reuses each weight element for TM rows from registers; with
+16-row tiles M = 16 no longer pays for 64 rows: in the H200 small-M sweep they beat the float
+GEMV at M = 16 by 1.02-1.6x (hence gemv_max_m 4) and quant's within -4%..+40% (8 there);
+benchmarks/bench_matmul.py's small-M sweep (M = 8 and 16: "gemv" against the tiles) re-decides
+both knobs.
 
 Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
 into the WGSL as u32 constants and all index arithmetic wraps modulo 2**32, so a negative stride
@@ -55,14 +69,15 @@ TUNING = {
     "tile_candidates": None,  # the tiles the cost model chooses among, e.g. ((16, 128),); None: every tile_eff one
     "small_tile_max_m": 64,   # the 16/32-row tiles are chosen for up to this many rows (M) only
     "tile_blocks": None,    # ((TM, TN), (RM, RN)), ...: a register block other than TILE_BLOCKS' for a tile
-    # the cost model's inner-loop speed of each tile relative to 128x128 (_tiled_config says why)
+    # the cost model's FMA rate of each tile relative to 128x128 (_tiled_config says where from)
     "tile_eff": ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6),
-                 (32, 128, 0.6), (32, 64, 0.55), (16, 128, 0.45), (16, 64, 0.4)),
+                 (32, 128, 0.55), (32, 64, 0.49), (16, 128, 0.35), (16, 64, 0.32)),
     "split_k": None,        # force a split-K factor (None: chosen with the tile)
     "target_wgs": 256,      # workgroups the tile / split-K choice aims for (about 2 per SM on an H100)
     "split_min_k": 256,     # K elements per split, at least
     "tile_policy": "auto",  # "auto": rectangular tiles + split-K by the cost model; "square": the first policy
     "bk": 16,               # K step of the tiled kernel
+    "bk_small": None,       # K step of the 16/32-row tiles (None: bk; 32 halves the steps, unmeasured on a GPU yet)
 }
 
 _U32 = 1 << 32
@@ -774,9 +789,18 @@ def _tile_block(TM: int, TN: int) -> tuple:
     return RM, RN, threads
 
 
-def _tiled_config(c: _Ctx, BK: int) -> tuple:
-    """(TM, TN, S, KC, (RM, RN, threads)): output tile, split-K factor, K steps per split and the
-    tile's register block.
+def _tile_bk(TM: int) -> int:
+    """K step of a tile: TUNING["bk_small"] for the 16/32-row tiles, TUNING["bk"] for the others."""
+    knob = "bk_small" if TM < 64 and TUNING.get("bk_small") else "bk"
+    bk = TUNING[knob]
+    if not isinstance(bk, int) or bk <= 0 or bk % 4:
+        raise ValueError(f"matmul: TUNING[{knob!r}] = {bk!r}; the tiled kernel's K step must be a positive multiple of 4")
+    return bk
+
+
+def _tiled_config(c: _Ctx) -> tuple:
+    """(TM, TN, BK, S, KC, (RM, RN, threads)): output tile, K step, split-K factor, K steps per
+    split and the tile's register block.
 
     Why: a prefill-sized matmul (M = 512 rows) has few 128x128 tiles (N = 2048 gives 64
     workgroups for 132 SMs on an H100), so most of the GPU idles while the big tiles that make
@@ -785,33 +809,47 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
     keeping the 8x8 (or 8x4) register blocks that reach ~70% of the FMA peak.
 
     Batched decode (M = B = 16..64 sequences, every weight read once per step) is the opposite
-    end: a 64-row tile over 16 rows does 4x the useful FMAs (the f32 FMAs, not the weight bytes,
-    bound a step at these M: an H200 does ~7 FMAs per HBM byte, an f16 weight feeds M), and
-    N = 2048 has 32 such tiles, so the 64-row tiles need an 8-way split and a reduce pass to fill
-    the GPU. The 16- and 32-row tiles waste no rows and give 2-4x the tiles, so fewer splits.
+    end: a 64-row tile over 16 rows does 4x the useful FMAs, and N = 2048 has 32 such tiles, so
+    the 64-row tiles need an 8-way split and a reduce pass to fill the GPU. The 16- and 32-row
+    tiles waste no rows. What the H200 sweep of them showed (benchmarks/bench_matmul.py
+    small-M sweep, results/2026-12-03b/small_m.json, BK 16): a decode-sized tiled matmul costs
+    ~4 us + ~0.86 us per K step a workgroup walks (the serial chain of load latency and barriers;
+    at M = 16 about half the time) + its padded FMAs at a per-tile rate (64x64: ~16 TFMA/s;
+    32-row tiles 0.82-0.92 of that, 16-row 0.55) + ~1 us and ~1 us per MB of partials for a
+    split. So at M = 16 and 32 the tile of M rows wins (by 1.2-1.6x over the 64-row one), while
+    at M = 64 the 64-row tiles stay best: a 32-row tile's 2 row tiles either double the K steps
+    per workgroup (fewer splits: 1.5x slower at N = 2048) or keep them at a lower rate (-3%).
+    TUNING["bk_small"] = 32 would stage K in steps of 32 for the 16/32-row tiles: half the K
+    steps per workgroup for the same work, a q4_0 row's step one whole 32-element block. It is
+    tested for correctness but not yet timed on a GPU (the sweep's "autok16" variant compares
+    it), so the default keeps the measured K step of 16.
 
     The model, one score per (tile, split), the highest wins (ties: the earlier, larger tile):
-      eff     the tile's inner-loop speed relative to 128x128 (TUNING["tile_eff"]): bigger
-              register blocks do more FMAs per shared-memory read, bigger tiles more FMAs per
-              staged element and barrier. 128/64 values measured on an H100 (prefill sweep);
-              the 16/32-row ones are estimates below 64x64's (half to a quarter of its FMAs per
-              staged element) for the H200 sweep (benchmarks/bench_matmul.py) to correct.
+      eff     the tile's FMA rate relative to 128x128 (TUNING["tile_eff"]). 128/64 values from
+              the H100 prefill sweep; the 16/32-row ones from the H200 small-M sweep, relative
+              to 64x64 (0.6): 32x128 0.92x, 32x64 0.82x, 16x128 and 16x64 0.55x (16x128 gets
+              0.35 rather than 0.33: the model has no term for K steps per workgroup, which
+              make a 4-way split of 16x128 beat a 2-way split of 16x64 at N = 8192).
       fill    min(1, workgroups / TUNING["target_wgs"]): latency hiding needs ~2 per SM.
       quant   past one "wave" of target_wgs, the last wave's idle share (wave quantization).
       split   1 - 3% per extra split: partial sums written and read, a second dispatch. Once
               fill is 1, more splits only cost, so a tile with enough tiles takes few or none.
       useful  M * N / (tiles * TM * TN): rows and columns past the matrix edges are wasted FMAs.
-    The 16/32-row tiles are candidates only up to M = TUNING["small_tile_max_m"] (64) rows, so
-    every larger matmul (prefill) keeps the choice it had before them: with a few tiles of any
-    size (a tiny N) the fill term alone would prefer the many small tiles, unmeasured there.
+    On the sweep's 24 shapes (M = 16/32/64, pythia-1.4b's linears, f16 and q4_0) it picks the
+    measured best or one within 2%. The 16/32-row tiles are candidates only up to M =
+    TUNING["small_tile_max_m"] (64) rows, so every larger matmul (prefill) keeps the choice it
+    had before them: with few tiles of any size (a tiny N) the fill term alone would prefer the
+    many small tiles, unmeasured there.
 
     Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape (no split unless
     split_k says so); TUNING["tile"] forces a square tile; TUNING["tile_candidates"] limits the
     tiles the model chooses among (its split still chosen: one tile for a sweep, the four
     64/128 tiles for the choice before the small ones); TUNING["tile_blocks"] changes a tile's
-    register block."""
+    register block; TUNING["bk"] / TUNING["bk_small"] set the K steps."""
     M, N, K, nb = c.M, c.N, c.K, c.nb
-    smem_ok = lambda tm, tn: 2 * BK * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
+    # shared memory of a tile: a [BK x TM] and b [BK x TN] f32 (the rule was 2x that, which demoted a
+    # 128x128 tile at bk = 32 to 64x64 on a 32 KiB adapter although it fits)
+    smem_ok = lambda tm, tn: _tile_bk(tm) * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
     forced = TUNING.get("tile_mn")
     if forced:
         TM, TN = (int(x) for x in forced)
@@ -825,8 +863,9 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         _tile_block(TM, TN)
         if not smem_ok(TM, TN):
             TM = TN = 64
-    KT = -(-K // BK)
     S = TUNING.get("split_k")
+    # a split's partial sums (S copies of the output) are one binding: at most max_binding_size
+    max_s = max(1, c.dev.max_binding_size // max(1, nb * M * N * 4))
     if TM is not None:
         S = int(S or 1)
     else:
@@ -835,7 +874,6 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         if not TUNING.get("tile_candidates") and M > int(TUNING.get("small_tile_max_m") or 0):
             cands = [t for t in cands if t[0] >= 64] or cands   # prefill: the 64/128-row tiles, as before
         target = int(TUNING.get("target_wgs", 256))
-        min_kt = max(1, int(TUNING.get("split_min_k", 256)) // BK)   # K steps per split, at least
         best = None
         for tm, tn in cands:
             _tile_block(tm, tn)
@@ -845,8 +883,10 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
             if not smem_ok(tm, tn):
                 continue
             eff = effs[(tm, tn)]
+            KT = -(-K // _tile_bk(tm))
+            min_kt = max(1, int(TUNING.get("split_min_k", 256)) // _tile_bk(tm))   # K steps per split, at least
             tiles = -(-M // tm) * -(-N // tn) * nb
-            for s in ((int(S),) if S else range(1, 9)):
+            for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
                 if s > 1 and not S and KT // s < min_kt:
                     break
                 wgs = tiles * s
@@ -865,16 +905,17 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
             S = 1
         else:
             _, TM, TN, S = best
-    S = max(1, min(int(S), KT))
+    BK = _tile_bk(TM)
+    KT = -(-K // BK)
+    S = max(1, min(int(S), KT, max_s))
     KC = -(-KT // S)            # K steps per split
     S = -(-KT // KC)            # no empty splits
-    return TM, TN, S, KC, _tile_block(TM, TN)
+    return TM, TN, BK, S, KC, _tile_block(TM, TN)
 
 
 def _gen_tiled(c: _Ctx):
     A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
-    BK = TUNING["bk"]
-    TM, TN, S, KC, (RM, RN, NT) = _tiled_config(c, BK)
+    TM, TN, BK, S, KC, (RM, RN, NT) = _tiled_config(c)
     TY, TX = TM // RM, TN // RN     # threads along m and along n
     LA = min(RM, 4)                 # a's shared elements: vec4 (4 rows), vec2 or f32
     GM, GN = RM // LA, RN // 4      # a reads and b vec4 reads per thread and k
@@ -1082,9 +1123,7 @@ def _scratch_buffer(tag: str, nbytes: int) -> Buffer:
     (and captured dispatches) that use it stay valid. Dispatches run in queue order, so one scratch
     serves every split-K matmul of a graph."""
     buf = _scratch.get(tag)
-    lim = runtime.get_device().max_binding_size
-    # (one planned for a shape past the binding limit, never dispatched, would fail every later bind)
-    if buf is None or buf.nbytes < nbytes or buf.nbytes > lim >= nbytes:
+    if buf is None or buf.nbytes < nbytes:
         buf = Buffer(nbytes)
         _scratch[tag] = buf
     return buf
