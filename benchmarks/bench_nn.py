@@ -22,6 +22,7 @@ import pytest
 
 from tensorgpu import dtypes, runtime
 from tensorgpu.kernels import probe
+from tensorgpu.kernels.probe import recorded
 from tensorgpu.kernels.attention import _Plan, attention
 from tensorgpu.kernels.common import Operand
 from tensorgpu.kernels.layernorm import layer_norm
@@ -41,15 +42,6 @@ COPY_BYTES = (256 << 20) if FULL else (4 << 20)
 rng = np.random.default_rng(0)
 
 
-def recorded(enqueue) -> list:
-    """The Dispatch objects that `enqueue()` queues (for timestamped replay)."""
-    rec: list = []
-    runtime._recorders.append(rec.append)
-    try:
-        enqueue()
-    finally:
-        runtime._recorders.remove(rec.append)
-    return rec
 
 
 def measure(benchmark, dispatches, nbytes=None, flop=None, reps: int = 10) -> float:

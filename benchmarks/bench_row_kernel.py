@@ -17,21 +17,12 @@ import pytest
 
 import tensorgpu as tg
 from tensorgpu import runtime
-from tensorgpu.kernels.probe import bench_dispatches
+from tensorgpu.kernels.probe import bench_dispatches, recorded
 
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 ROWS, C = (512 if FULL else 128), 2048
 
 
-def recorded(fn):
-    """Run fn() and return the Dispatch objects it queued."""
-    got = []
-    runtime._recorders.append(got.append)
-    try:
-        fn()
-    finally:
-        runtime._recorders.remove(got.append)
-    return got
 
 
 def rms_fused(x, w):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import tensorgpu as tg
+from tensorgpu.kernels.probe import recorded
 from tensorgpu import dtypes, runtime
 from tensorgpu.kernels import probe
 from tensorgpu.kernels.common import Operand
@@ -34,14 +35,6 @@ COPY_BYTES = (256 << 20) if FULL else (4 << 20)
 rng = np.random.default_rng(0)
 
 
-def recorded(enqueue) -> list:
-    rec: list = []
-    runtime._recorders.append(rec.append)
-    try:
-        enqueue()
-    finally:
-        runtime._recorders.remove(rec.append)
-    return rec
 
 
 def measure(benchmark, dispatches, nbytes=None, items=None) -> float:

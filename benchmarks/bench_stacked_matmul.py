@@ -17,21 +17,13 @@ from tensorgpu import dtypes, runtime
 from tensorgpu.kernels import matmul as mm, quant
 from tensorgpu.kernels.common import Operand
 from tensorgpu.kernels import probe
-from tensorgpu.kernels.probe import bench_dispatches
+from tensorgpu.kernels.probe import bench_dispatches, recorded
 from tensorgpu.testing import random_blocks
 
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 M, K, NS = (512 if FULL else 32), 2048, (2048, 256, 256)
 
 
-def recorded(fn):
-    got = []
-    runtime._recorders.append(got.append)
-    try:
-        fn()
-    finally:
-        runtime._recorders.remove(got.append)
-    return got
 
 
 def _forms(kind):

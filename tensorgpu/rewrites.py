@@ -105,6 +105,25 @@ def _same(a, b) -> bool:
     return not isinstance(d, SymInt) and d == 0
 
 
+def _rows_of_a_matmul(g: Graph, n, i: int, L, v) -> Optional[tuple]:
+    """(T, V, k, r) when source i of n reads rows r .. r+k of a [T, V] matmul (x @ w.T) that
+    nothing else reads, with k < T (a prompt's last row); r may be a step variable. Else None."""
+    from .customops import MatmulKernel, QuantMatmulKernel
+    if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
+            and g.only_reader(L) == (n, i) and len(L.srcs) == 2):
+        return None
+    T, V = L.shape
+    k = v.shape[0] if len(v.shape) == 2 else 0
+    if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
+        return None
+    if not isinstance(v.offset, SymInt):
+        r = v.offset // V
+        return (T, V, k, r) if r * V == v.offset else None
+    if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
+        return None
+    return T, V, k, SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
+
+
 # ----------------------------------------------------------------------------- rules
 
 
@@ -114,26 +133,15 @@ def rows_before_head(g: Graph) -> int:
     the linear of the layer norm of those rows of x: the vocabulary projection runs for the
     rows read, not for the whole prompt."""
     from .nn import LayerNormKernel, layer_norm, linear
-    from .customops import MatmulKernel, QuantMatmulKernel
     from .tensor import Tensor
     fired = 0
     for n in list(g.nodes):
         for i, (L, v) in enumerate(n.srcs):
-            if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
-                    and g.only_reader(L) == (n, i)):
+            rows = _rows_of_a_matmul(g, n, i, L, v)
+            if rows is None:
                 continue
-            T, V = L.shape
-            k = v.shape[0] if len(v.shape) == 2 else 0
-            if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
-                continue
+            T, V, k, r = rows
             (X, xv), (W, wv) = L.srcs
-            r = v.offset // V if not isinstance(v.offset, SymInt) else None
-            if r is None:
-                if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
-                    continue
-                r = SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
-            elif r * V != v.offset:
-                continue
             if not (_is(X, LayerNormKernel) and g.only_reader(X) == (L, 0) and xv.is_identity(X.shape)
                     and len(X.shape) == 2):
                 continue
@@ -189,27 +197,16 @@ def rows_before_linear(g: Graph) -> int:
     x * rsqrt(mean(x * x) + eps) * w) — a prompt's last-token logits out of [T, vocab] — are the
     linear of f of those rows: the vocabulary projection (and the norm) run for the rows read,
     not for the whole prompt. (A hand-written layer_norm is rows_before_head's.)"""
-    from .customops import MatmulKernel, QuantMatmulKernel
     from .nn import linear
     from .tensor import Tensor
     fired = 0
     for n in list(g.nodes):
         for i, (L, v) in enumerate(n.srcs):
-            if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
-                    and g.only_reader(L) == (n, i) and len(L.srcs) == 2):
+            rows = _rows_of_a_matmul(g, n, i, L, v)
+            if rows is None:
                 continue
-            T, V = L.shape
-            k = v.shape[0] if len(v.shape) == 2 else 0
-            if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
-                continue
+            T, V, k, r = rows
             (X, xv), (W, wv) = L.srcs
-            r = v.offset // V if not isinstance(v.offset, SymInt) else None
-            if r is None:
-                if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
-                    continue
-                r = SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
-            elif r * V != v.offset:
-                continue
             if len(xv.shape) != 2 or xv.shape[0] != T or len(wv.shape) != 2:
                 continue
             h = Tensor(*_rows_of(X, xv, r, k, {}))
