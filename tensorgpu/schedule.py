@@ -295,25 +295,9 @@ def _same_linear(view: View, m: Node) -> bool:
     return view.offset == 0 and view.is_contiguous and prod(view.shape) == m.numel
 
 
-def _over_a_kernel(m: Node) -> bool:
-    """Whether the elementwise node m is computed (through elementwise nodes only) from an
-    unrealized reduction or hand-written kernel."""
-    seen, stack = set(), [m]
-    while stack:
-        x = stack.pop()
-        for s, _ in x.srcs:
-            if s.buffer is not None or s.op is Op.CONST or id(s) in seen:
-                continue
-            if not s.is_elementwise:
-                return True
-            seen.add(id(s))
-            stack.append(s)
-    return False
-
-
-def _over_reductions_only(m: Node) -> bool:
-    """Whether every unrealized non-elementwise node the elementwise node m is computed from
-    (through elementwise nodes) is a reduction: what a row kernel may compute with it."""
+def _cores_under(m: Node):
+    """The unrealized non-elementwise nodes (reductions, hand-written kernels) the elementwise
+    node m is computed from, through elementwise nodes only."""
     seen, stack = set(), [m]
     while stack:
         x = stack.pop()
@@ -323,9 +307,20 @@ def _over_reductions_only(m: Node) -> bool:
             seen.add(id(s))
             if s.is_elementwise:
                 stack.append(s)
-            elif not s.is_reduce:
-                return False
-    return True
+            else:
+                yield s
+
+
+def _over_a_kernel(m: Node) -> bool:
+    """Whether the elementwise node m is computed (through elementwise nodes only) from an
+    unrealized reduction or hand-written kernel."""
+    return next(_cores_under(m), None) is not None
+
+
+def _over_reductions_only(m: Node) -> bool:
+    """Whether every unrealized non-elementwise node the elementwise node m is computed from
+    (through elementwise nodes) is a reduction: what a row kernel may compute with it."""
+    return all(s.is_reduce for s in _cores_under(m))
 
 
 def _graph_reads(m: Node) -> int:
