@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import threading
 import time
 import uuid
@@ -204,16 +203,6 @@ class _Inflight:
     tickets: list
 
 
-class _Host:
-    """A host array where _picks expects a tensor (it calls .numpy())."""
-
-    def __init__(self, a):
-        self.a = a
-
-    def numpy(self):
-        return self.a
-
-
 def _next_bucket(n: int, cap: int) -> int:
     b = 1
     while b < n:
@@ -259,7 +248,6 @@ class Engine:
         self._prefill: Optional[_Seq] = None
         self._steps: dict = {}                                             # (bucket, mode, n_lp) -> captured step
         self._inflight: Optional[_Inflight] = None                         # the decode step queued, not read yet
-        self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._closed = False
@@ -532,7 +520,8 @@ class Engine:
             seen, counts = self._penalty_tables()
             logits = _penalize(logits, seen[s.slot:s.slot + 1], counts[s.slot:s.slot + 1], *rp[5:])
         r = tg.nn.sample_rows(logits, *rp[:5], n_logprobs=p.logprobs or 0)
-        picks = _picks(r.tokens.numpy(), r.logprobs.numpy(), r.top_ids, r.top_logprobs, [s], lambda _: 0)
+        tops = (r.top_ids.numpy(), r.top_logprobs.numpy()) if r.top_ids is not None else (None, None)
+        picks = _picks(r.tokens.numpy(), r.logprobs.numpy(), *tops, [s], lambda _: 0)
         if p.penalized:
             self._penalty_tables()[1][s.slot, picks[0][0]] = tg.tensor(np.ones((), np.int32))
         return picks[0]
@@ -610,7 +599,7 @@ class Engine:
         if inf.mode == "argmax":
             picks = [(int(vals[0][s.slot]), None, None) for s in live]
         else:
-            tops = (_Host(vals[2]), _Host(vals[3])) if inf.n_lp else (None, None)
+            tops = (vals[2], vals[3]) if inf.n_lp else (None, None)
             picks = _picks(vals[0], vals[1], *tops, live, lambda s: s.slot)
         for s, pick in zip(live, picks):
             self._accept(s, *pick)
@@ -658,10 +647,9 @@ def _penalize(logits: tg.Tensor, seen: tg.Tensor, counts: tg.Tensor, rep: tg.Ten
     return l - freq[:, None] * counts.astype(tg.float32) - pres[:, None] * out.astype(tg.float32)
 
 
-def _picks(tokens: np.ndarray, logprobs: np.ndarray, top_ids, top_lps, seqs: list, index) -> list:
-    """(token, logprob, top_logprobs) per sequence from a sampler's outputs."""
-    if top_ids is not None:
-        top_ids, top_lps = top_ids.numpy(), top_lps.numpy()
+def _picks(tokens: np.ndarray, logprobs: np.ndarray, top_ids: Optional[np.ndarray], top_lps: Optional[np.ndarray],
+           seqs: list, index) -> list:
+    """(token, logprob, top_logprobs) per sequence from a sampler's outputs read back (row index(s))."""
     res = []
     for s in seqs:
         i, k = index(s), s.req.params.logprobs
