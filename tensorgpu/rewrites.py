@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from . import dtypes as dt
 from .graph import Node
+from .graph import _seq as _node_seq
 from .ops import Op
 from .runtime import STATS, get_device
 from .symbolic import SymInt
@@ -153,14 +154,31 @@ def rows_before_head(g: Graph) -> int:
             extra = [Tensor(m, mv) for m, mv in X.srcs[1:]]
             lw = extra.pop(0) if ln.has_w else None
             lb = extra.pop(0) if ln.has_b else None
+            floor = next(_node_seq)
             h = layer_norm(Tensor(Y, rows), lw, lb, ln.eps)
             w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
             y = linear(h, w)
+            _age_as(y.node, floor, X.seq)      # the new nodes read what the norm read (in-place write order)
+            y.node.seq = L.seq
             srcs = list(n.srcs)
             srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
             n.set_srcs(tuple(srcs))
             fired += 1
     return fired
+
+
+def _age_as(root: Node, floor: int, seq: int) -> None:
+    """Give the unrealized nodes built after creation order `floor` under root the order `seq`:
+    a rule's rebuilt nodes then read what the nodes they replace read (a lazy write issued in
+    between stays after them)."""
+    stack, seen = [root], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x.seq <= floor or x.buffer is not None:
+            continue
+        seen.add(id(x))
+        x.seq = seq
+        stack.extend(m for m, _ in x.srcs)
 
 
 def _rows_of(m: Node, v: View, r, k: int, memo: dict):

@@ -1048,3 +1048,18 @@ def test_stack_sibling_matmuls_leaves_epilogues_and_small_batches():
     np.testing.assert_allclose(outs[0].numpy(), (x @ Wg.T).reshape(24, 4, 64).transpose(1, 0, 2) * 2, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(outs[1].numpy(), (x @ Wu.T).T * 3, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(a.numpy(), x @ Wg.T, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_before_head_reads_what_the_plain_code_reads():
+    """A lazy write into the prompt's x issued after the head was built: the rows the rule
+    rebuilds read the old contents, as the plain code does."""
+    T, C, V = 6, 64, 24
+    (w,), (W,) = _weights("q8_0", [(V, C)])
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    g, c = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    X = tg.tensor(x).contiguous().realize()
+    y = tg.nn.linear(tg.nn.layer_norm(X, tg.tensor(g), tg.tensor(c)), w)[2:4].contiguous()
+    X[:, :] = 0.0                                                         # after y was built
+    want = (_ln(x, g, c) @ W.T)[2:4]
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.all(X.numpy() == 0)
