@@ -646,64 +646,10 @@ def fuse_decode_attention_gqa(g: Graph) -> int:
 def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
     """The pieces of one decode token's attention input with separate q/k/v rows: q =
     rope(q_row [1, H, D]), cache_k[:, p:p+1] = rope(k_row [1, Hkv, D]), cache_v[:, p:p+1] = v_row,
-    the caches [Hkv, max_ctx, D] with Hkv dividing H, the rope positions an arange starting at p.
-    Returns the q / k / v (node, [1, heads, D] view) and the rest; None when the graph is not that."""
-    from .nn import RopeKernel
-    from .tensor import arange_start
-    import numpy as np
-    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
-            and va.buffer is None):
-        return None
-    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3 and ka.shape[2] == D
-            and va.shape == ka.shape):
-        return None
-    Hkv, max_ctx = ka.shape[0], ka.shape[1]
-    if Hkv <= 0 or H % Hkv:
-        return None
-    T, qh, qd, rot, base, mode = q.arg.args
-    if (T, qh, qd) != (1, H, D) or mode not in ("neox", "normal"):
-        return None
-    # q: rope of [1, H, D] (contiguous, the kernel's output) read as [H, 1, D]
-    if qv.shape != (H, 1, D) or qv.strides[0] != D or qv.strides[2] != 1 or qv.offset != 0:
-        return None
-    (qx, qxv), qpos = q.srcs
-    start = arange_start(*qpos)
-    if start is None:
-        return None
-    kw, kwv = ka.srcs[1]
-    ff, kff = q.arg.freq_factors, kw.arg.freq_factors if _is(kw, RopeKernel) else None
-    if not (_is(kw, RopeKernel) and kw.arg.args == (1, Hkv, D, rot, base, mode)
-            and (ff is None) == (kff is None) and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))):
-        return None
-    kstart = arange_start(*kw.srcs[1])     # k's positions: the same arange, or one with the same start
-    if not (kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]) and (kstart is None or not _same(kstart, start)):
-        return None
-    for a in (ka, va):
-        t = a.arg
-        if not (t.shape == (Hkv, 1, D) and t.strides[0] == max_ctx * D and t.strides[2] == 1
-                and _same(t.offset, start * D)):
-            return None
-    if kwv.shape != (Hkv, 1, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0:
-        return None
-    (kx, kxv) = kw.srcs[0]
-    vw, vwv = va.srcs[1]
-    if vwv.shape != (Hkv, 1, D):
-        return None
-    vrow = View((1, Hkv, D), (vwv.strides[1], vwv.strides[0], vwv.strides[2]), vwv.offset)
-    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vw, vrow, Hkv)):
-        if view.shape != (1, h, D) or isinstance(view.offset, SymInt) or node.dtype not in (dt.float32, dt.float16):
-            return None
-        if any(st < 0 for st in view.strides) or view.offset < 0:
-            return None
-        if view.offset + (h - 1) * view.strides[1] + (D - 1) * view.strides[2] >= node.numel:
-            return None
-    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
-    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
-        return None
-    if kbase.shape != ka.shape or vbase.shape != va.shape:
-        return None
-    return dict(q=(qx, qxv), k=(kx, kxv), v=(vw, vrow), start=start, kbase=kbase, vbase=vbase, rot=rot, base=base,
-                mode=mode, max_ctx=max_ctx, Hkv=Hkv, ff=ff)
+    the caches [Hkv, max_ctx, D] with Hkv dividing H, the rope positions an arange starting at p:
+    the prompt form's match for one token (_match_prompt_sep). Returns the q / k / v (node,
+    [1, heads, D] view) and the rest; None when the graph is not that."""
+    return _match_prompt_sep(q, qv, ka, kav, va, vav, H, 1, D)
 
 
 def _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D):
