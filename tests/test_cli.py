@@ -271,3 +271,33 @@ def test_generate_errors_after_the_load(capsys):
     assert cli.main(["generate", "-m", str(SEQ), "-p", "word " * 40, "--max-context", "16", "--no-warmup"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[-1].startswith("error: ") and "do not fit" in err[-1]
+
+
+def test_chat_ctrl_c_ends_the_reply_and_the_conversation_goes_on(monkeypatch, capsys):
+    """Ctrl-C while a reply streams ends that reply ([interrupted]) and the next message is
+    answered; end of input then exits 0, as llama-cli's interactive mode does."""
+    import io
+    from models.session import Session
+    real = Session.generate
+    calls = []
+
+    def generate(self, *args, **kw):
+        calls.append(1)
+        gen = real(self, *args, **kw)
+        if len(calls) > 1:
+            return gen
+
+        def interrupted():                 # the first reply: Ctrl-C after two tokens
+            for i, t in enumerate(gen):
+                if i == 2:
+                    raise KeyboardInterrupt
+                yield t
+        return interrupted()
+
+    monkeypatch.setattr(Session, "generate", generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Tell me a story\nAgain\n"))
+    assert cli.main(["generate", "-m", str(QWEN), "--chat", "-n", "4", "--no-warmup"]) == 0
+    out, err = capsys.readouterr()
+    assert len(calls) == 2
+    first, second = out.split("\n")[:2]
+    assert first.endswith(" [interrupted]") and "2 turns" in err, (out, err)

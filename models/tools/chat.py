@@ -5,7 +5,8 @@ HF renders it) and feeds the session only what its context does not already hold
 both share stay in the KV cache (Session.truncate drops the rest), so a turn costs its new
 tokens, not the whole history. When a turn no longer fits the context, the oldest messages after
 the system message are dropped. A reply ends at an end-of-generation token (EOS, or an
-end-of-turn marker of the vocabulary such as <|im_end|> or <|eot_id|>), at -n tokens or at --stop.
+end-of-turn marker of the vocabulary such as <|im_end|> or <|eot_id|>), at -n tokens, at --stop,
+or at Ctrl-C (the partial reply is kept and the next prompt follows; Ctrl-C at the prompt exits).
 """
 from __future__ import annotations
 
@@ -94,12 +95,17 @@ def chat(model, sess, a, system: str, seed: int) -> int:
         kw["seed"] = seed + turn
         reply, sd = [], tok.decode_stream(skip_special=True)
         keep = 1 if ids[0] == tok.bos_id else 0      # a context shift keeps the BOS, as llama-cli does
-        for t in sess.generate(ids[shared:], max_new_tokens=max_new(a), keep=keep, **kw):
-            reply.append(t)
-            piece = sd.step(t)
-            if piece:
-                out.write(piece)
-                out.flush()
+        gen = sess.generate(ids[shared:], max_new_tokens=max_new(a), keep=keep, **kw)
+        try:
+            for t in gen:
+                reply.append(t)
+                piece = sd.step(t)
+                if piece:
+                    out.write(piece)
+                    out.flush()
+        except KeyboardInterrupt:        # Ctrl-C during a reply ends the reply, as llama-cli does
+            gen.close()
+            out.write(sd.flush() + " [interrupted]")
         out.write(sd.flush() + "\n")
         out.flush()
         st = sess.last_stats
