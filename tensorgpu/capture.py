@@ -96,7 +96,7 @@ class _Trace:
 
     def __del__(self):
         try:
-            self.arena.release()
+            runtime.run_or_defer(self.arena.release)   # the pool is shared state: under LOCK, never waiting
         except Exception:  # interpreter shutdown
             pass
 

@@ -59,6 +59,10 @@ class Node:
         self.srcs = ()
         self.set_srcs(srcs)
 
+    def drop_tensor(self) -> None:
+        """One Tensor wrapping this node is gone (called holding LOCK)."""
+        self.tensors -= 1
+
     def set_srcs(self, srcs) -> None:
         """Read `srcs` from now on (rewrites change sources in place), keeping the bookkeeping
         the scheduler relies on: readers of realized nodes (in-place writes run after them) and

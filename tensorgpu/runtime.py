@@ -18,6 +18,8 @@ realize -> dispatch -> flush nest. Uncontended, an acquire costs ~0.1 us.
 """
 from __future__ import annotations
 
+import collections
+import functools
 import heapq
 import itertools
 import os
@@ -39,14 +41,48 @@ MAX_WORKGROUPS_PER_DIM = 65535
 
 LOCK = threading.RLock()   # see the module docstring: the one lock around all shared state
 
+# Finalizers (Buffer/Tensor/trace __del__) that found LOCK held by another thread. A destructor
+# runs wherever the garbage collector runs: possibly on wgpu's poll thread while another thread
+# holds LOCK and waits on that very thread for a readback. Waiting there would deadlock, so the
+# finalizer is queued and the next thread to take LOCK through an entry point runs it.
+_DEFERRED: "collections.deque" = collections.deque()
+
+
+def run_or_defer(fn: Callable[[], None]) -> None:
+    """Run fn holding LOCK if that needs no wait (this thread holds it already, or nobody
+    does); else queue it for the next locked entry point. For finalizers only."""
+    if LOCK.acquire(blocking=False):
+        try:
+            fn()
+        finally:
+            LOCK.release()
+    else:
+        _DEFERRED.append(fn)
+
+
+def _run_deferred() -> None:
+    """Run the queued finalizers (LOCK held)."""
+    while _DEFERRED:
+        try:
+            fn = _DEFERRED.popleft()
+        except IndexError:
+            return
+        try:
+            fn()
+        except Exception:  # a finalizer never raises into the caller
+            pass
+
 
 def locked(fn: Callable) -> Callable:
-    """Run `fn` holding LOCK (a decorator for the module's entry points)."""
+    """Run `fn` holding LOCK (a decorator for the module's entry points); finalizers deferred
+    by other threads run first."""
     import functools
 
     @functools.wraps(fn)
     def inner(*args, **kwargs):
         with LOCK:
+            if _DEFERRED:
+                _run_deferred()
             return fn(*args, **kwargs)
     return inner
 
@@ -366,14 +402,17 @@ class Buffer:
 
     def __del__(self):
         try:
-            with LOCK:
-                (self.arena or POOL).give(self.capacity, self.gpu)
-                _live_bytes[0] -= self.capacity
+            run_or_defer(functools.partial(_give_back, self.arena or POOL, self.capacity, self.gpu))
         except Exception:  # interpreter shutdown
             pass
 
     def __repr__(self):
         return f"Buffer({self.nbytes} B)"
+
+
+def _give_back(owner, capacity: int, gpu) -> None:
+    owner.give(capacity, gpu)
+    _live_bytes[0] -= capacity
 
 
 def live_bytes() -> int:

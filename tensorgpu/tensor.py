@@ -97,8 +97,7 @@ class Tensor:
 
     def __del__(self):
         try:
-            with runtime.LOCK:
-                self.node.tensors -= 1
+            runtime.run_or_defer(self.node.drop_tensor)   # never waits: see runtime.run_or_defer
         except Exception:
             pass
 

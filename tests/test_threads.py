@@ -109,3 +109,26 @@ def test_first_use_from_two_threads_creates_one_device(repo_root):
     """)
     r = subprocess.run([sys.executable, "-c", code], cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_a_finalizer_on_another_thread_never_waits_for_the_lock():
+    """A Buffer dropped on a thread while another holds the runtime lock (as the garbage
+    collector may do on wgpu's poll thread while a readback waits on it) is queued, not waited
+    for; the next locked entry point returns it to the pool."""
+    from tensorgpu import runtime
+    box = [runtime.Buffer(4096)]
+    live = runtime.live_bytes()
+    done = threading.Event()
+
+    def drop():
+        box.clear()                  # the last reference: Buffer.__del__ runs on this thread
+        done.set()
+
+    with runtime.LOCK:
+        t = threading.Thread(target=drop)
+        t.start()
+        assert done.wait(20), "a finalizer waited for the lock another thread held"
+    t.join()
+    assert runtime.live_bytes() == live               # not given back yet: queued
+    tg.tensor(np.ones(4, np.float32)).numpy()         # a locked entry point runs the queue
+    assert not runtime._DEFERRED and runtime.live_bytes() < live
