@@ -1,14 +1,15 @@
 # tensorgpu — make targets
 #
-#   make run     set up, then generate text with the bundled tiny-neox model
+#   make run     set up, then generate text with the bundled tiny-neox model (.venv/bin/tensorgpu)
 #   make test    set up, then run pytest over tests/   (make test PYTEST_ARGS="-k foo")
 #   make bench   set up, then run the pytest-benchmark suites in benchmarks/
 #   make setup   only the set-up: .venv, editable install, GPU driver check
 #   make clean / make distclean
 #
 # Set-up is shared and stamp-based: .venv/.installed is rebuilt only when
-# setup.cfg or pyproject.toml change. If wgpu finds no (non-OpenGL) adapter and
-# apt-get is usable, Mesa's lavapipe (software Vulkan) is installed.
+# setup.cfg, setup.py or pyproject.toml change; it puts the `tensorgpu` command in .venv/bin.
+# If wgpu finds no (non-OpenGL) adapter and apt-get is usable, Mesa's lavapipe (software Vulkan)
+# is installed.
 
 PYTHON      ?= python3
 VENV        ?= .venv
@@ -39,7 +40,7 @@ $(VPY):
 	  exit 1; \
 	fi
 
-$(STAMP): $(VPY) setup.cfg pyproject.toml
+$(STAMP): $(VPY) setup.cfg setup.py pyproject.toml
 	$(VPY) -m pip install --disable-pip-version-check --progress-bar off -e ".[test]"
 	@touch $@
 
@@ -59,7 +60,7 @@ driver: $(STAMP)
 	fi
 
 run: setup
-	$(VPY) -m models.gpt_neox generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
+	$(VENV)/bin/tensorgpu generate --prompt "$(PROMPT)" --max-tokens $(MAX_TOKENS)
 
 # pytest exits 5 when it collects no tests; treat that as success.
 test: setup

@@ -114,6 +114,17 @@ def end_to_end(engine: Engine, B: int, prompt_len: int, gen: int) -> float:
     return sum(len(r.output_ids) for r in reqs) / dt
 
 
+def rules_off(spec: str) -> list:
+    """--rules-off a,b: drop these graph rules for this run (what they save, measured)."""
+    from tensorgpu import rewrites
+    off = [r for r in spec.split(",") if r]
+    unknown = set(off) - {r.__name__ for r in rewrites.RULES}
+    if unknown:
+        raise SystemExit(f"--rules-off: no rule {sorted(unknown)} (rules: {', '.join(r.__name__ for r in rewrites.RULES)})")
+    rewrites.RULES[:] = [r for r in rewrites.RULES if r.__name__ not in off]
+    return off
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True)
@@ -125,13 +136,16 @@ def main(argv=None):
     ap.add_argument("--json")
     ap.add_argument("--tune", default="", help="kernel TUNING knobs, e.g. quant.gemv_max_m=16,quant.gemv_m_chunk=8")
     ap.add_argument("--profile", action="store_true", help="GPU time per kernel of one step per batch size")
+    ap.add_argument("--rules-off", default="", help="graph rules left out for an A/B run, e.g. "
+                    "fuse_batched_decode_attention (names in tensorgpu/rewrites.py)")
     a = ap.parse_args(argv)
     tuned = apply_tuning(a.tune)
+    off = rules_off(a.rules_off)
     batches = [int(b) for b in a.batches.split(",")]
     model = load(a.gguf)
     d = tg.device()
     print(f"device: {d['name']} ({d['backend']}); model {os.path.basename(a.gguf)}", flush=True)
-    res = {"model": os.path.basename(a.gguf), "device": d["name"], "tuning": tuned,
+    res = {"model": os.path.basename(a.gguf), "device": d["name"], "tuning": tuned, "rules_off": off,
            "session_decode_tok_s": session_decode(model, 32, a.gen)}
     print(f"batch-1 Session decode: {res['session_decode_tok_s']:.1f} tok/s", flush=True)
     engine = Engine(model, max_batch=max(batches), max_context=a.ctx)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import tensorgpu as tg
+from tensorgpu.kernels.probe import recorded
 from tensorgpu import runtime
 from tensorgpu.kernels import probe
 
@@ -49,15 +50,6 @@ def chain_numpy(x, y):
     return np.maximum(np.exp(x * y + 1) * np.float32(0.5) - y, 0)
 
 
-def recorded(fn):
-    """Run fn() and return the Dispatch objects it queued (for GPU timing by replay)."""
-    got = []
-    runtime._recorders.append(got.append)
-    try:
-        fn()
-    finally:
-        runtime._recorders.remove(got.append)
-    return got
 
 
 @pytest.fixture(scope="module")

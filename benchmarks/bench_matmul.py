@@ -8,15 +8,20 @@ Layout is the linear-layer one, x @ w.T with w stored [N, K] row-major; activati
 f32 or f16 (GEMV); matmul "f16" means both operands f16, f32 accumulation. Timing: 300 ms warm-up,
 then GPU timestamps around a pass of R copies of the dispatch (probe.gpu_time_per_dispatch).
 """
+import functools
 import os
+import re
 
+import gguf
 import numpy as np
 import pytest
+from gguf import GGMLQuantizationType as QT
 
 from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import matmul as mm
-from tensorgpu.kernels import probe
+from tensorgpu.kernels import probe, quant
 from tensorgpu.kernels.common import Operand
+from tensorgpu.testing import random_blocks
 
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 
@@ -135,7 +140,153 @@ def test_matmul_sweep(benchmark, dt, tile, bk):
 @pytest.mark.parametrize("path", ["gemv", "tiled"])
 @pytest.mark.parametrize("M", [2, 4, 8, 16])
 @pytest.mark.parametrize("wdt", ["float32", "float16"])
-def test_small_m_sweep(benchmark, wdt, M, path):
-    """Where GEMV stops beating the tiled kernel (sets TUNING["gemv_max_m"])."""
+def test_gemv_reach_sweep(benchmark, wdt, M, path):
+    """Where GEMV stops beating the tiled kernel at 4096 x 4096 (TUNING["gemv_max_m"]; the
+    pythia-shaped small-M sweep below compares every tile too)."""
     with debug.tuning(mm.TUNING, gemv_max_m=64 if path == "gemv" else 0):
         test_gemv(benchmark, M, 4096, 4096, wdt)
+
+
+# ----------------------------------------------------------------------------- batched decode: small M
+#
+# One decode step of M = B sequences through pythia-1.4b's four linear layers (qkv 6144x2048,
+# attention out 2048x2048, mlp up 8192x2048, mlp down 2048x8192): x [M, K] f32 @ W.T with W [N, K]
+# f16 or q4_0, per output tile of the tiled kernel (its split-K still planned), beside the choice
+# before the 16/32-row tiles ("old": 64/128 tiles only), the planner's ("auto"; "autok16": with
+# the 16/32-row tiles at K step 16, bk_small's default being 32) and, at M <= 16, the GEMV
+# kernels (M = 8 and 16 decide where GEMV should stop: matmul's and quant's gemv_max_m). Each
+# dispatch reads its own copy of W (>= 128 MB of copies) so W comes from HBM, as in a step;
+# dispatches share the output, so they serialise as a step's do. 160 cases (the first, 136-case
+# version ran inside a 170 s timeout on the H200). Not part of gpu.sh's kernel run ("sweep"); on
+# the GPU machine:
+#   TENSORGPU_BENCH_FULL=1 python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep -s -q \
+#       -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json=$OUT/small_m.json
+# prints one line per case and, at the end, each variant's sum over the four layers x 24 layers
+# (the matmul ms of one pythia-1.4b step). TENSORGPU_SMALLM="16x128r4x4,32x64r2x4,16x64k16" adds
+# variants with another register block (rRMxRN: matmul.TUNING["tile_blocks"]) or K step
+# (kBK: matmul.TUNING["bk_small"]).
+
+SMALL_M = [8, 16, 32, 64] if FULL else [16, 32]
+SMALL_M_NK = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)] if FULL else [(200, 256)]
+SMALL_M_WDT = ["float16", "q4_0"]
+OLD_TILES = ((128, 128), (128, 64), (64, 128), (64, 64))
+PYTHIA_LAYERS = 24
+
+
+def _variants(M: int) -> list:
+    """What runs a case: "auto" (the planner), "autok16" (the planner with bk_small = 16),
+    "old", "gemv" (M <= 16), "TMxTN[rRMxRN][kBK]" (one tile, optionally with another register
+    block or K step). By default the 16-row tiles up to M = 16 and the 32-row ones above (the
+    H200 sweep measured 16-row tiles at M = 32 and 64 1.05-2.7x slower than the best), and
+    "old" from M = 16 (at M = 8 it is a 64-row tile: 8x the FMAs)."""
+    v = ["auto"] + (["autok16", "old"] if M > 8 else []) + (["gemv"] if M <= 16 else [])
+    v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm == (16 if M <= 16 else 32)]
+    extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
+    return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
+
+
+def _variant_knobs(variant: str) -> tuple:
+    """(force, matmul.TUNING overrides) of a variant name."""
+    if variant == "gemv":
+        return "gemv", {}
+    if variant == "auto":
+        return "tiled", {}
+    if variant == "autok16":
+        return "tiled", {"bk_small": 16}
+    if variant == "old":
+        return "tiled", {"tile_candidates": OLD_TILES}
+    m = re.fullmatch(r"(\d+)x(\d+)(?:r(\d+)x(\d+))?(?:k(\d+))?", variant)
+    if m is None:
+        raise ValueError(f"TENSORGPU_SMALLM: variant {variant!r} is not TMxTN[rRMxRN][kBK], e.g. 16x128r4x4k16")
+    tile = (int(m[1]), int(m[2]))
+    knobs = {"tile_candidates": (tile,)}
+    if m[3]:
+        knobs["tile_blocks"] = ((tile, (int(m[3]), int(m[4]))),)
+    if m[5]:
+        knobs["bk_small" if tile[0] < 64 else "bk"] = int(m[5])
+    return "tiled", knobs
+
+
+@functools.lru_cache(maxsize=None)
+def _small_m_weight(wdt: str, N: int, K: int):
+    """(host weight, GPU copies): f16 normals, or random q4_0 blocks of the same scale (quantizing
+    16M floats in NumPy takes long; the bytes read are what matter)."""
+    rng = np.random.default_rng(0)
+    if wdt == "float16":
+        host = (rng.standard_normal((N, K), np.float32) / np.sqrt(K)).astype(np.float16)
+    else:
+        host = random_blocks(dtypes.as_dtype(wdt), (N, K), 1 / np.sqrt(K), rng)
+    copies = max(2, min(64, -(-(128 << 20) // host.nbytes))) if FULL else 2
+    return host, [runtime.upload(host) for _ in range(copies)]
+
+
+def _small_m_check(out, x, host, wdt, N, K):
+    """Spot-check 64 output columns against NumPy."""
+    M = x.shape[0]
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+    cols = np.unique(np.linspace(0, N - 1, 64).astype(int))
+    if wdt == "float16":
+        w = host[cols].astype(np.float64)
+    else:
+        w = np.stack([np.asarray(gguf.quants.dequantize(host[c], QT(dtypes.as_dtype(wdt).ggml_type)), np.float64)
+                      .reshape(-1) for c in cols])
+    ref = x.astype(np.float64) @ w.T
+    err = np.abs(got[:, cols] - ref).max() / max(np.abs(ref).max(), 1e-30)
+    assert err < 1e-3, f"{wdt} M={M} {N}x{K}: wrong result (rel err {err:.2e})"
+
+
+@pytest.fixture(scope="module")
+def small_m_table():
+    """Collects (wdt, M, variant) -> {(N, K): us}; prints each variant's step sum at the end."""
+    table: dict = {}
+    yield table
+    if not table:
+        return
+    print("\n\nsmall-M matmuls, one pythia-1.4b step (sum of the 4 linears x 24 layers, ms); best per shape:")
+    for (wdt, M) in sorted({k[:2] for k in table}, key=lambda k: (k[0], k[1])):
+        rows = {v: r for (w, m, v), r in table.items() if (w, m) == (wdt, M)}
+        full = {v: r for v, r in rows.items() if len(r) == len(SMALL_M_NK)}
+        line = "  ".join(f"{v} {sum(u for u, _ in r.values()) * PYTHIA_LAYERS / 1e3:.2f}"
+                         for v, r in sorted(full.items(), key=lambda vr: sum(u for u, _ in vr[1].values())))
+        print(f"  {wdt:8s} M={M:3d}: {line}")
+        for nk in SMALL_M_NK:
+            best = min((r[nk][0], v, r[nk][1]) for v, r in rows.items() if nk in r)
+            print(f"      {nk[0]}x{nk[1]}: {best[1]} {best[0]:.1f} us ({best[2]})")
+
+
+@pytest.mark.parametrize("wdt", SMALL_M_WDT)
+@pytest.mark.parametrize("N,K", SMALL_M_NK, ids=lambda x: str(x))
+@pytest.mark.parametrize("M,variant", [(m, v) for m in SMALL_M for v in _variants(m)], ids=lambda x: str(x))
+def test_small_m_sweep(benchmark, small_m_table, M, variant, N, K, wdt):
+    force, knobs = _variant_knobs(variant)
+    x = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
+    xop = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
+    out = runtime.Buffer(M * N * 4)
+    host, copies = _small_m_weight(wdt, N, K)
+    ds = []
+    with debug.tuning(mm.TUNING, **knobs):
+        for w in copies:
+            if wdt == "float16":
+                la = mm.plan(out, xop, Operand(w, dtypes.float16, (K, N), (1, K), 0),
+                             force="gemv_k" if force == "gemv" else "tiled")
+                passes, name, info = [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra), la.name, la.info
+            else:
+                la = quant.plan_matmul(out, xop, w, dtypes.as_dtype(wdt), N, K, force=force)
+                passes, name, info = la.passes, la.passes[0][0], la.info
+            ds += [runtime.dispatch(*p) for p in passes]
+    _small_m_check(out, x, host, wdt, N, K)
+    t = probe.gpu_time_per_dispatch(ds, warmup_s=0.1, target_s=0.03, rounds=3) / len(copies)
+
+    def step():
+        runtime.replay(ds)
+        runtime.sync()
+    benchmark.pedantic(step, rounds=2, iterations=1)
+    wbytes = host.nbytes
+    peak = probe.fma_flops(*FMA_SHAPE)
+    gf = 2 * M * N * K / t / 1e9
+    _info(benchmark, type("L", (), {"name": name})(), t, variant=variant, tile=info.get("tile"),
+          split=info.get("split"), block=info.get("block"), weight_bytes=wbytes, copies=len(copies),
+          **{"GFLOP/s": gf, "% of FMA peak": 100 * gf * 1e9 / peak, "weight GB/s": wbytes / t / 1e9})
+    small_m_table.setdefault((wdt, M, variant), {})[(N, K)] = (t * 1e6, name)
+    print(f"\nsmall-M {wdt:8s} M={M:3d} {N}x{K} {variant:10s}: {t * 1e6:8.1f} us {gf / 1e3:6.2f} TFLOP/s "
+          f"({100 * gf * 1e9 / peak:4.1f}% of FMA peak) {wbytes / t / 1e9:7.0f} GB/s W  {name}")

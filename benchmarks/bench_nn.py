@@ -6,6 +6,10 @@ Small sizes by default (lavapipe); the H100 sizes with TENSORGPU_BENCH_FULL=1:
   softmax / layer_norm [4096, 4096] f32          GB/s = (read + write bytes) / time, % of copy BW
   attention decode: 1 query vs 2048 keys, 16 heads x 128, f16 KV cache (kv_len in a buffer,
                     cache capacity 2048 and 4096)  GB/s of K+V bytes read, % of copy BW
+  batched attention decode (continuous batching): 16 and 64 sequences at ~1024 keys each, 16 heads
+                    x 128, f16 slotted caches of capacity 2048: the fused one-dispatch step (the
+                    fuse_batched_decode_attention rule's kernel) against the plain code's seven
+                    dispatches (rope, rope, 2 scatters, pos + 1, attention, combine)  GB/s, % of copy BW
   attention prefill: 512 queries, causal, 16 heads x 128   GFLOP/s (causal half counted)
   rope_kv_write decode (1 token, 16 x 128) and sample (50k vocab, greedy / top-k+top-p): us
 Timing: 300 ms warm-up, then GPU timestamps around a pass of R repetitions of the kernel's
@@ -18,6 +22,7 @@ import pytest
 
 from tensorgpu import dtypes, runtime
 from tensorgpu.kernels import probe
+from tensorgpu.kernels.probe import recorded
 from tensorgpu.kernels.attention import _Plan, attention
 from tensorgpu.kernels.common import Operand
 from tensorgpu.kernels.layernorm import layer_norm
@@ -29,21 +34,14 @@ FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 ROWS_COLS = [(4096, 4096), (1, 4096), (4096, 50304)] if FULL else [(256, 1024)]
 DECODE = [(16, 128, 2048, 2048), (16, 128, 2048, 4096)] if FULL else [(4, 64, 256, 256)]   # (H, D, kv_len, capacity)
 PREFILL = [(16, 128, 512)] if FULL else [(2, 64, 64)]                                      # (H, D, seq)
+BATCH_DECODE = ([(16, 16, 128, 1024, 2048), (64, 16, 128, 1024, 2048)] if FULL
+                else [(4, 4, 64, 100, 256)])                              # (B, H, D, keys ~, capacity)
 VOCAB = 50304 if FULL else 4096
 COPY_BYTES = (256 << 20) if FULL else (4 << 20)
 
 rng = np.random.default_rng(0)
 
 
-def recorded(enqueue) -> list:
-    """The Dispatch objects that `enqueue()` queues (for timestamped replay)."""
-    rec: list = []
-    runtime._recorders.append(rec.append)
-    try:
-        enqueue()
-    finally:
-        runtime._recorders.remove(rec.append)
-    return rec
 
 
 def measure(benchmark, dispatches, nbytes=None, flop=None, reps: int = 10) -> float:
@@ -103,6 +101,58 @@ def test_attention_decode(benchmark, H, D, kvl, cap):
     assert np.allclose(got, want, rtol=1e-4, atol=1e-5)
     benchmark.extra_info["splits"] = _Plan(H, 1, cap, D).NSPLIT
     measure(benchmark, ds, nbytes=2 * H * kvl * D * 2)
+
+
+def _np_rope_neox(x, pos, base=10000.0):
+    from tensorgpu.kernels.rope import inv_freq
+    D = x.shape[-1]
+    ang = (np.float32(pos) * inv_freq(D, base)).astype(np.float64)
+    a, b = x[..., :D // 2].astype(np.float64), x[..., D // 2:].astype(np.float64)
+    return np.concatenate([a * np.cos(ang) - b * np.sin(ang), b * np.cos(ang) + a * np.sin(ang)], -1)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("B,H,D,ctx,cap", BATCH_DECODE, ids=lambda s: str(s))
+def test_attention_decode_batch(benchmark, monkeypatch, fused, B, H, D, ctx, cap):
+    """Continuous batching's decode attention: B sequences, one token each, at positions around
+    ctx in slotted f16 caches [B, H, cap, D]. fused: rope_attention_decode's batch form (one
+    dispatch: both ropes, both cache writes, the key lengths, attention and combine); plain: the
+    same plain code with the rule off (rope, rope, scatter, scatter, pos + 1, attention, combine)."""
+    import tensorgpu as tg
+    from tensorgpu import rewrites
+    from tensorgpu.kernels.attention import rope_attention_decode
+    qkv = rng.standard_normal((B, 3, H, D)).astype(np.float32)
+    K = rng.standard_normal((B, H, cap, D)).astype(np.float16)
+    V = rng.standard_normal((B, H, cap, D)).astype(np.float16)
+    pos = np.array([max(0, ctx - 1 - (7 * b) % 32) for b in range(B)], np.int32)
+    if fused:
+        kc, vc, out, pb = runtime.upload(K), runtime.upload(V), runtime.Buffer(4 * B * H * D), runtime.upload(pos)
+        ds = recorded(lambda: rope_attention_decode(out, kc, vc, Operand(runtime.upload(qkv), dtypes.float32, qkv.shape,
+                                                                         (3 * H * D, H * D, D, 1)),
+                                                    pb, None, H, D, D, cap))
+        got = np.frombuffer(runtime.read(out), np.float32)[:B * H * D].reshape(B, H, D)
+    else:
+        monkeypatch.setattr(rewrites, "RULES", [r for r in rewrites.RULES
+                                                if r is not rewrites.fuse_batched_decode_attention])
+        kc, vc = tg.tensor(K).contiguous().realize(), tg.tensor(V).contiguous().realize()
+        t, p = tg.tensor(qkv), tg.tensor(pos)
+        q, k = tg.nn.rope(t[:, 0], p, D), tg.nn.rope(t[:, 1], p, D)
+        tg.put_along_axis(kc, p[:, None, None, None], k[:, :, None, :], axis=2)
+        tg.put_along_axis(vc, p[:, None, None, None], t[:, 2][:, :, None, :], axis=2)
+        a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], kc, vc, causal=True, kv_len=p + 1)
+        ds = recorded(lambda: a.realize())
+        got = a.numpy().reshape(B, H, D)
+    # sequence 0 against NumPy: its new row written, its first pos + 1 keys attended
+    p0 = int(pos[0])
+    K[0, :, p0] = _np_rope_neox(qkv[0, 1], p0).astype(np.float16)
+    V[0, :, p0] = qkv[0, 2].astype(np.float16)
+    qr = _np_rope_neox(qkv[0, 0], p0)
+    sc = np.einsum("hd,hkd->hk", qr, K[0, :, :p0 + 1].astype(np.float64)) / np.sqrt(D)
+    e = np.exp(sc - sc.max(-1, keepdims=True))
+    want = np.einsum("hk,hkd->hd", e / e.sum(-1, keepdims=True), V[0, :, :p0 + 1].astype(np.float64))
+    assert np.allclose(got[0], want, rtol=2e-3, atol=2e-3)
+    benchmark.extra_info["kernels"] = len(ds)
+    measure(benchmark, ds, nbytes=2 * 2 * H * D * int((pos + 1).sum()))
 
 
 @pytest.mark.parametrize("H,D,S", PREFILL, ids=lambda s: str(s))

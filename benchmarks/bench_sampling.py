@@ -19,6 +19,7 @@ import pytest
 
 from tensorgpu import dtypes, runtime
 from tensorgpu.kernels import probe
+from tensorgpu.kernels.probe import recorded
 from tensorgpu.kernels.common import Operand
 from tensorgpu.kernels.sampling import sample, sample_reference, sample_row_reference, sample_rows
 
@@ -30,14 +31,6 @@ rng = np.random.default_rng(0)
 MIXED = [(0.0, 0, 1.0, 0.0), (0.8, 40, 0.9, 0.0), (0.8, 0, 0.9, 0.0), (1.0, 0, 1.0, 0.05), (1.0, 0, 1.0, 0.0)]
 
 
-def recorded(enqueue) -> list:
-    rec: list = []
-    runtime._recorders.append(rec.append)
-    try:
-        enqueue()
-    finally:
-        runtime._recorders.remove(rec.append)
-    return rec
 
 
 def settings(B: int, mode: str) -> np.ndarray:

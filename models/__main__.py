@@ -1,6 +1,6 @@
-"""`python -m models {generate,perplexity,convert} --model FILE.gguf`: any supported architecture."""
+"""`python -m models TOOL ...` (installed: the `tensorgpu` command): see models/cli.py."""
 import sys
 
-from models.cli import main
+from .cli import main
 
 sys.exit(main())

@@ -230,14 +230,14 @@ def cached_attention(q: tg.Tensor, k: tg.Tensor, v: tg.Tensor, pos, k_cache: tg.
     A batch (pos an int32 [T] tensor): caches [S, Hkv, max_ctx, D] with S >= T slots; token t
     belongs to the sequence in slot t, is written at row pos[t] of that slot and attends over the
     slot's first pos[t]+1 rows. Both are plain tensor ops; the engine's rewrite rules fuse the
-    one-sequence decode step (rope + cache write + attention in one kernel)."""
+    decode step, of one sequence or of a batch (rope + cache writes + attention in one kernel)."""
     T = q.shape[0]
     if not isinstance(pos, tg.Tensor):
-        k_cache[:, pos:pos + T] = k.transpose(0, 1)                        # [Hkv, T, D] rows
-        v_cache[:, pos:pos + T] = v.transpose(0, 1)
-        a = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
+        k_cache[:, pos:pos + T] = k.swapaxes(0, 1)                        # [Hkv, T, D] rows
+        v_cache[:, pos:pos + T] = v.swapaxes(0, 1)
+        a = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), k_cache[:, :pos + T], v_cache[:, :pos + T],
                                                causal=True)               # [Hq, T, D]
-        return a.transpose(0, 1)                                           # [T, Hq, D]
+        return a.swapaxes(0, 1)                                           # [T, Hq, D]
     rows = pos[:, None, None, None]                                        # [T, 1, 1, 1]
     tg.put_along_axis(k_cache[:T], rows, k[:, :, None, :], axis=2)         # k_cache[t, :, pos[t]] = k[t]
     tg.put_along_axis(v_cache[:T], rows, v[:, :, None, :], axis=2)

@@ -18,12 +18,12 @@ GPT-2 regex, which is what HF's ByteLevel pre-tokenizer does).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import struct
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from models.gguf_names import (
+from .gguf_names import (
     ARCH,
     gguf_tensor_order,
     gguf_to_hf_name,
@@ -49,6 +49,7 @@ LLAMA_DEFAULT_ROPE_BASE = 10000.0
 OUT_TYPES = {
     "f32": ("F32", 0),   # LlamaFileType.ALL_F32
     "f16": ("F16", 1),   # MOSTLY_F16
+    "bf16": ("BF16", 32),  # MOSTLY_BF16
     "q4_0": ("Q4_0", 2),  # MOSTLY_Q4_0
     "q8_0": ("Q8_0", 7),  # MOSTLY_Q8_0
 }
@@ -488,7 +489,7 @@ def export_hf(
     import gguf
     from safetensors.numpy import save_file
 
-    from models.tokenizer import Tokenizer, read_gguf_metadata
+    from .tokenizer import Tokenizer, read_gguf_metadata
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     md = read_gguf_metadata(gguf_path)
@@ -595,36 +596,18 @@ def export_hf(
 # ---------------------------------------------------------------------------------------
 
 def main_convert(argv: Sequence[str] | None = None) -> int:
-    """``convert HF_DIR OUT.gguf [--type f16|f32|q8_0|q4_0] [--name N] [--pre P] [--quiet]``"""
-    ap = argparse.ArgumentParser(prog="convert", description="Hugging Face GPT-NeoX / Llama / Mistral / Qwen2 "
-                                                             "checkpoint -> GGUF")
-    ap.add_argument("hf_dir")
-    ap.add_argument("out")
-    ap.add_argument("--type", default="f16", choices=sorted(OUT_TYPES))
-    ap.add_argument("--name", default=None, help="general.name (default: from config.json or the folder)")
-    ap.add_argument("--pre", default=None, help="tokenizer.ggml.pre (default: mpt for GPT-NeoX, default for a "
-                                                "SentencePiece vocabulary, llama-bpe / qwen2 for byte-level BPE)")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    path = convert(a.hf_dir, a.out, a.type, progress=not a.quiet, name=a.name, pre=a.pre)
-    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
-    return 0
+    """``convert HF_DIR OUT.gguf [--type f16] ...``: the `tensorgpu convert` tool (models/tools/convert.py)."""
+    from .cli import main
+    return main(["convert", *(sys.argv[1:] if argv is None else argv)])
 
 
 def main_export(argv: Sequence[str] | None = None) -> int:
-    """``export-hf MODEL.gguf OUT_DIR [--tokenizer tokenizer.json]``"""
-    ap = argparse.ArgumentParser(prog="export-hf", description="GGUF (gptneox) -> Hugging Face checkpoint")
-    ap.add_argument("gguf")
-    ap.add_argument("out_dir")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json to copy instead of rebuilding it")
-    a = ap.parse_args(argv)
-    print(f"wrote {export_hf(a.gguf, a.out_dir, a.tokenizer)}")
-    return 0
+    """``export-hf MODEL.gguf OUT_DIR [--tokenizer tokenizer.json]``: the `tensorgpu export-hf` tool."""
+    from .cli import main
+    return main(["export-hf", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    import sys
-
     if len(sys.argv) > 1 and sys.argv[1] == "export-hf":
         raise SystemExit(main_export(sys.argv[2:]))
     raise SystemExit(main_convert(sys.argv[1:] if sys.argv[1:2] != ["convert"] else sys.argv[2:]))

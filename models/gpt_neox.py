@@ -226,5 +226,5 @@ from .session import ContextOverflowError, Session  # noqa: E402  (session.py do
 if __name__ == "__main__":
     import sys
 
-    from models.cli import main
+    from .cli import main
     sys.exit(main())

@@ -32,9 +32,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from models.quant_blocks import BLOCK_LAYOUT, quantize_rows, row_bytes
-from models.quant_mix import (FILE_TYPES, FileType, QuantizeError, TensorSpec, choose_types, describe, model_info,
-                              parse_file_type, visit_order)
+from .quant_blocks import BLOCK_LAYOUT, quantize_rows, row_bytes
+from .quant_mix import (FILE_TYPES, FileType, QuantizeError, TensorSpec, choose_types, describe, model_info,
+                        parse_file_type, visit_order)
 
 __all__ = ["quantize", "main", "QuantizeError", "QuantizeReport", "FallbackWarning", "RequantizeWarning"]
 
@@ -322,10 +322,10 @@ def quantize(src_path, dst_path, ftype, progress: bool = True, *, pure: bool = F
 # ----------------------------------------------------------------------------- command line
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str = PROG) -> argparse.ArgumentParser:
     types = "\n".join(f"  {ft.name:<7} general.file_type {ft.ftype:>2}: {ft.about}" for ft in FILE_TYPES.values())
     ap = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Quantize a GGUF model file as llama-quantize does (same per-tensor types, same blocks).",
         epilog=f"types (any case; Q4_K and Q5_K mean Q4_K_M and Q5_K_M):\n{types}")
     ap.add_argument("input", metavar="IN.gguf", help="GGUF file to quantize (f32/f16/bf16, or already quantized: "
@@ -340,11 +340,12 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line; returns the exit status (0, 2 for a bad input, 130 when interrupted)."""
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """The command line (also `tensorgpu quantize`, prog naming it); returns the exit status (0, 2
+    for a bad input, 130 when interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        a = _parser().parse_args(argv)
+        a = _parser(prog).parse_args(argv)
     except SystemExit as e:   # --help (0) or a usage error (2): argparse already printed
         return int(e.code or 0)
     from tensorgpu.gguf import GGUFError

@@ -12,12 +12,13 @@ from .base import ModelError
 
 __all__ = ["MODELS", "load", "model_class", "supported_architectures"]
 
-# general.architecture -> "module:Class" (imported on first use); the class has
-# from_gguf(path, progress=None, _file=None)
+# general.architecture -> ".module:Class", relative to this package (imported on first use; relative
+# because the package is `models` in a checkout and `tensorgpu_models` once installed); the class
+# has from_gguf(path, progress=None, _file=None)
 MODELS = {
-    "gptneox": "models.gpt_neox:GPTNeoX",
-    "llama": "models.llama:Llama",
-    "qwen2": "models.llama:Llama",
+    "gptneox": ".gpt_neox:GPTNeoX",
+    "llama": ".llama:Llama",
+    "qwen2": ".llama:Llama",
 }
 
 
@@ -32,7 +33,7 @@ def model_class(arch, where: str = "GGUF file"):
         raise ModelError(f"{where}: general.architecture {arch!r} is not supported; supported architectures: "
                          f"{', '.join(supported_architectures())}")
     mod, _, cls = spec.partition(":")
-    return getattr(importlib.import_module(mod), cls)
+    return getattr(importlib.import_module(mod, __package__), cls)
 
 
 def load(path: Union[str, os.PathLike], progress: Optional[bool] = None):

@@ -41,7 +41,24 @@ class ContextOverflowError(ValueError):
 
 
 def _new_stats() -> dict:
-    return {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0}
+    return {"prefill_tokens": 0, "prefill_s": 0.0, "decode_tokens": 0, "decode_s": 0.0, "stop": None,
+            "context_shifts": 0}
+
+
+class _StopText:
+    """Finds stop strings in the decoded continuation, also across token boundaries and context
+    shifts, holding only the last max(len(stop)) - 1 characters (bounded on long runs)."""
+
+    def __init__(self, tokenizer, strings: list):
+        self.stream, self.strings = tokenizer.decode_stream(), strings
+        self.keep, self.tail = max(len(s) for s in strings) - 1, ""
+
+    def hit(self, token: int) -> bool:
+        text = self.tail + self.stream.step(token)
+        if any(s in text for s in self.strings):
+            return True
+        self.tail = text[len(text) - self.keep:] if self.keep else ""
+        return False
 
 
 class Session:
@@ -187,6 +204,15 @@ class Session:
         """Forget the context (the cache memory is kept and overwritten)."""
         self.tokens, self._pending = [], []
 
+    def truncate(self, n: int) -> None:
+        """Keep only the first `n` tokens of the context (their cache rows stay valid, the rest
+        are forgotten): a chat turn whose prompt shares a prefix with the context runs only
+        the tokens after it."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"truncate() takes an int >= 0, got {n!r}")
+        if n < self.position:
+            self.tokens, self._pending = self.context[:n], []
+
     def fork(self) -> "Session":
         """A new session with a copy of this one's cache and context (e.g. to reuse a prefilled prompt)."""
         new = Session.__new__(Session)
@@ -201,7 +227,8 @@ class Session:
     def generate(self, prompt: Union[str, Sequence[int], None], max_new_tokens: int = 32, temperature: float = 0.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
                  repetition_penalty: Optional[float] = None, seed: Optional[int] = None,
-                 stop: Optional[Iterable[Union[str, int]]] = None, stop_on_eos: bool = True) -> Iterator[int]:
+                 stop: Optional[Iterable[Union[str, int]]] = None, stop_on_eos: bool = True,
+                 context_shift: bool = False, keep: int = 0) -> Iterator[int]:
         """Yield new token ids one at a time (streaming).
 
         `prompt` (text or ids) is appended to the context first; None or "" continues the current
@@ -209,8 +236,14 @@ class Session:
         sampling from a NumPy Generator seeded with `seed`. Generation ends after max_new_tokens,
         at EOS (stop_on_eos), after a token in `stop` (ids) or once the decoded continuation
         contains a `stop` string (the stopping token is yielded), or when the context is full.
+        With `context_shift`, a full context does not end it: as llama-cli does, the first `keep`
+        tokens stay, half of the rest (the oldest) are dropped, and what is left is run again as a
+        prompt (the cache holds positions, so the kept tokens are recomputed at their new ones);
+        the tokens that follow are those of a fresh session given the shifted context.
         The last yielded token joins the context when the session runs next.
-        Afterwards `self.last_stats` holds prefill/decode token counts and seconds."""
+        Afterwards `self.last_stats` holds prefill/decode token counts and seconds, why it
+        stopped (`stop`: "eos", "stop", "length" or "context") and `context_shifts`; a shift's
+        re-run counts as decode time, since it is part of producing the tokens after it."""
         if isinstance(stop, (str, int)):
             stop = [stop]
         stop_strs = [s for s in (stop or ()) if isinstance(s, str) and s]
@@ -218,6 +251,11 @@ class Session:
         sampler = Sampler(temperature, top_k, top_p, repetition_penalty, seed)  # validates its arguments
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if context_shift and (isinstance(keep, bool) or not isinstance(keep, int)
+                              or not 0 <= keep <= self.max_context - 2):
+            # a shift must drop at least one token: keep leaves two or more of a full context
+            raise ValueError(f"keep must be an int in [0, max_context - 2 = {self.max_context - 2}] "
+                             f"for a context shift, got {keep!r}")
         tok = self.model.tokenizer
         if isinstance(prompt, str):
             if tok is None:
@@ -237,53 +275,79 @@ class Session:
                 f"no room to generate: the session holds {self.position} of max_context {self.max_context}"
                 + (f" and the prompt adds {len(ids)}" if ids else "")
                 + "; reset() the session or fork() a shorter one")
-        return self._generate(ids, max_new_tokens, sampler, stop_ids, stop_strs,
-                              tok.eos_id if (stop_on_eos and tok is not None) else None)
+        stops = _StopText(tok, stop_strs) if stop_strs else None
+        return self._generate(ids, max_new_tokens, sampler, stop_ids, stops,
+                              tok.eos_id if (stop_on_eos and tok is not None) else None,
+                              keep if context_shift else None)
 
-    def _generate(self, ids, max_new_tokens, sampler, stop_ids, stop_strs, eos):
-        if sampler.on_gpu:
-            yield from self._generate_gpu(ids, max_new_tokens, sampler, stop_ids, stop_strs, eos)
-            return
-        import time
+    def _generate(self, ids, max_new_tokens, sampler, stop_ids, stops, eos, keep):
+        """Runs of the decode loop; between two, a context shift (keep is None: no shifts)."""
+        stats = self.last_stats = _new_stats()
         if max_new_tokens == 0:
-            self.last_stats = _new_stats()
+            stats["stop"] = "length"
             return
-        stats, stream, t0, logits = self._start_generation(ids, stop_strs)
-        text = ""
-        history = self.tokens
-        nxt = sampler.pick(logits, history)
-        stats["prefill_s"] = time.perf_counter() - t0
+        run = self._run_gpu if sampler.on_gpu else self._run_host
+        produced, reprefill = 0, False
+        while True:
+            reason, n = yield from run(ids, max_new_tokens - produced, sampler, stop_ids, stops, eos, stats, reprefill)
+            produced += n
+            stats["stop"] = reason
+            if reason != "context" or keep is None:
+                return
+            ids = self._shifted_context(keep)
+            self.reset()
+            reprefill = True
+            stats["context_shifts"] += 1
+
+    def _shifted_context(self, keep: int) -> list:
+        """The context after llama-cli's shift: the first `keep` tokens, then the newer half of the
+        rest (n_discard = (position - keep) // 2 dropped after the kept ones)."""
+        ctx = self.context
+        n_discard = (len(ctx) - keep) // 2
+        return ctx[:keep] + ctx[keep + n_discard:]
+
+    def _prefill_logits(self, ids):
+        """The logits the first token of a run is chosen from: run the prompt (after any pending
+        token), or re-run the last token into its own cache row when only continuing."""
+        if ids or self._pending:
+            return self._feed(ids, last_only=True)
+        last = self.tokens.pop()
+        return self._feed([last], last_only=True)
+
+    @staticmethod
+    def _count_first(stats, reprefill: bool, seconds: float, n_prompt: int) -> None:
+        """Account a run's first token: after the prompt it closes the prefill; after a context
+        shift's re-run it is one more decode token, the re-run its time."""
+        if reprefill:
+            stats["decode_tokens"] += 1
+            stats["decode_s"] += seconds
+        else:
+            stats["prefill_tokens"] = n_prompt
+            stats["prefill_s"] = seconds
+
+    def _run_host(self, ids, max_new_tokens, sampler, stop_ids, stops, eos, stats, reprefill):
+        """One run of the decode loop with sampling on the host (top_k above the GPU kernel's cap).
+        Returns (why it stopped, tokens yielded)."""
+        import time
+        t0 = time.perf_counter()
+        n_prompt = len(ids) + len(self._pending)
+        logits = self._prefill_logits(ids)
+        nxt = sampler.pick(logits, self.tokens)
+        self._count_first(stats, reprefill, time.perf_counter() - t0, n_prompt)
         for n in range(max_new_tokens):
+            reason = ("eos" if nxt == eos else "stop" if nxt in stop_ids or (stops is not None and stops.hit(nxt))
+                      else "length" if n + 1 == max_new_tokens
+                      else "context" if self.remaining <= 1 else None)   # nxt takes the last free row
             self._pending = [nxt]
             yield nxt
-            if nxt in stop_ids or nxt == eos:
-                return
-            if stream is not None:
-                text += stream.step(nxt)
-                if any(s in text for s in stop_strs):
-                    return
-            if n + 1 == max_new_tokens or self.remaining == 0:
-                return
+            if reason:
+                return reason, n + 1
             t = time.perf_counter()
             logits = self._feed([], last_only=True)
             nxt = sampler.pick(logits, self.tokens)
             stats["decode_s"] += time.perf_counter() - t
             stats["decode_tokens"] += 1
-
-    def _start_generation(self, ids, stop_strs):
-        """Prefill for generate(): run the prompt (or re-run the last token to get its logits
-        when continuing) and set up the stats and the stop-string stream."""
-        import time
-        stats = self.last_stats = _new_stats()
-        stream = self.model.tokenizer.decode_stream() if stop_strs else None
-        t0 = time.perf_counter()
-        if ids or self._pending:
-            stats["prefill_tokens"] = len(ids) + len(self._pending)
-            logits = self._feed(ids, last_only=True)
-        else:  # continue: recompute the last token's logits into its own cache row
-            last = self.tokens.pop()
-            logits = self._feed([last], last_only=True)
-        return stats, stream, t0, logits
+        return "length", max_new_tokens
 
     # -- the fast decode loop -------------------------------------------------------------
 
@@ -318,25 +382,29 @@ class Session:
                               tg.zeros((1,), tg.int32).contiguous().realize())
         return h
 
-    def _generate_gpu(self, ids, max_new_tokens, sampler, stop_ids, stop_strs, eos):
-        """Decode with every token chosen on the GPU, STEPS_IN_FLIGHT steps ahead of the host.
+    def _run_gpu(self, ids, max_new_tokens, sampler, stop_ids, stops, eos, stats, reprefill):
+        """One run of the decode loop with every token chosen on the GPU, STEPS_IN_FLIGHT steps
+        ahead of the host. Returns (why it stopped, tokens yielded).
 
         Step s feeds token s-1 (from the GPU, where step s-1 sampled it) into the cache and
         samples token s; the host only reads 4 bytes per token. Steps are queued before the
         tokens they depend on are read back, so the GPU never waits for Python (encoding,
-        stop checks, the caller's work between tokens) and the host never waits on a map that
-        could not be ready. When generation ends, the steps queued past the end have written
-        K/V rows beyond the context and appended to the GPU history: both are rewritten before
-        they are read (rows past `position` are never attended; the history is reset per call),
-        so stopping early costs at most STEPS_IN_FLIGHT - 1 discarded steps."""
+        stop checks, the caller's work between tokens). When generation ends, the steps queued
+        past the end have written K/V rows beyond the context and appended to the GPU history:
+        both are rewritten before they are read (rows past `position` are never attended; the
+        history is reset per call), so stopping early costs at most STEPS_IN_FLIGHT discarded steps.
+
+        Timing: a readback waits for everything submitted before it (wgpu's device poll), so
+        token 0 is read before any step is queued (its arrival ends the prefill), each step is
+        submitted with its own readback, and decode time runs from the first step's request to
+        the latest token's arrival, prorated over the steps run by then: steps queued ahead and
+        never used (after an early stop) are not counted as decode time."""
         import time
         from collections import deque
 
-        if max_new_tokens == 0:
-            self.last_stats = _new_stats()
-            return
-        stats, stream, t0, logits = self._start_generation(ids, stop_strs)
-        text = ""
+        t0 = time.perf_counter()
+        n_prompt = len(ids) + len(self._pending)
+        logits = self._prefill_logits(ids)
         # the whole context is the repetition-penalty history; sampling appends to it on the GPU
         hist, n_prev = self._gpu_history()
         ctx = list(self.tokens)
@@ -347,48 +415,54 @@ class Session:
         tok = tg.nn.sample(logits, 0.0 if greedy else sampler.temperature, 0 if greedy else (sampler.top_k or 0),
                            1.0 if greedy else (sampler.top_p or 1.0), u=None if greedy else sampler.rng.random(),
                            repetition_penalty=sampler.penalty, prev_tokens=hist, n_prev=n_prev, append=True).realize()
+        tickets = deque([tok.read_async()])
+        tg.flush()
         step = self._decode_step(sampler)
         base = len(ctx)                   # the row token 0 goes to
-        tickets = deque([tok.read_async()])
         queued = 0                        # steps queued so far (step s produces token s)
 
         def queue_steps():
             nonlocal tok, queued
             # step s writes row base+s-1 and needs row base+s free for token s
-            while len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens and base + queued + 1 < self.max_context:
+            while (len(tickets) <= STEPS_IN_FLIGHT and queued + 1 < max_new_tokens
+                   and base + queued + 1 < self.max_context):
                 p = base + queued
                 tok = step(tok, p) if greedy else step(tok, p, float(sampler.rng.random()))
                 tickets.append(tok.read_async())
+                tg.flush()                # its own submit: a token's readback never waits on a later step
                 queued += 1
-            tg.flush()
 
-        queue_steps()
         toks, prev = list(ctx), None     # the context grows by one token per yield (no copies)
-        t_dec = None
+        t_dec, dec0 = None, stats["decode_s"]
         for n in range(max_new_tokens):
             nxt = int(tickets.popleft().numpy()[0])
+            t = time.perf_counter()
             if nxt < 0:
-                raise FloatingPointError(f"the model's logits are all NaN at position {len(toks) + (prev is not None)}: "
-                                         "no token can be chosen (check the weights and the input)")
+                raise FloatingPointError(f"the model's logits are all NaN at position "
+                                         f"{len(toks) + (prev is not None)}: no token can be chosen "
+                                         "(check the weights and the input)")
             if n == 0:
-                stats["prefill_s"] = time.perf_counter() - t0
-                t_dec = time.perf_counter()
+                self._count_first(stats, reprefill, t - t0, n_prompt)
+                dec0 = stats["decode_s"]
             else:
                 stats["decode_tokens"] += 1
-                stats["decode_s"] = time.perf_counter() - t_dec
-            stop = nxt in stop_ids or nxt == eos or not tickets
-            if stream is not None and not stop:
-                text += stream.step(nxt)
-                stop = any(s_ in text for s_ in stop_strs)
-            if not stop:
+                stats["decode_s"] = dec0 + (t - t_dec) * n / queued
+            stopped = nxt in stop_ids or (stops is not None and stops.hit(nxt))
+            reason = "eos" if nxt == eos else "stop" if stopped else None
+            if reason is None:
+                if n == 0:
+                    t_dec = time.perf_counter()
                 queue_steps()            # before the caller gets control: the GPU keeps going
+                if not tickets:
+                    reason = "length" if n + 1 == max_new_tokens else "context"
             # the yielded token is pending: it joins the cache when the session runs next
             if prev is not None:
                 toks.append(prev)
             self.tokens, self._pending, prev = toks, [nxt], nxt
             yield nxt
-            if stop:
-                return
+            if reason:
+                return reason, n + 1
+        return "length", max_new_tokens
 
     # -- scoring ------------------------------------------------------------------------
 
@@ -420,6 +494,21 @@ class Perplexity:
         """The perplexity scoring only positions first_scored..ctx-1 of each window
         (ctx // 2 + 1 is what llama-perplexity scores)."""
         return float(np.exp(self.nll[:, first_scored - 1:].mean()))
+
+    def uncertainty(self, first_scored: int = 1) -> float:
+        """llama-perplexity's "+/-": the standard error of the mean NLL over the scored tokens,
+        carried over to the perplexity (ppl * sqrt(var / (n - 1))); nan for fewer than 2 tokens."""
+        x = self.nll[:, first_scored - 1:].ravel()
+        if x.size < 2:
+            return float("nan")
+        mean = x.mean()
+        var = max(float((x * x).mean() - mean * mean), 0.0)
+        return float(np.exp(mean) * np.sqrt(var / (x.size - 1)))
+
+    def running(self, first_scored: int = 1) -> np.ndarray:
+        """The perplexity over the first 1, 2, ... windows (llama-perplexity's `[1]p1,[2]p2,...`)."""
+        s = self.nll[:, first_scored - 1:]
+        return np.exp(np.cumsum(s.sum(1)) / (s.shape[1] * np.arange(1, s.shape[0] + 1)))
 
 
 def perplexity(model, ids: Sequence[int], ctx: int = 256, first_scored: int = 1, max_windows: Optional[int] = None,

@@ -4,11 +4,31 @@ from . import debug, dtypes
 from .dtypes import (DType, bfloat16, float16, float32, int32, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0,
                      uint32)
 from .dtypes import bool_ as bool  # noqa: A001 - tg.bool is part of the public API
-from .tensor import (Tensor, arange, broadcast_shapes, cat, empty, full, matmul, maximum, minimum, ones,
-                     ones_like, rand, randn, realize, stack, tensor, where, zeros, zeros_like)
+from .dtypes import DtypeConversionWarning, OutOfRangeError
+from .tensor import (Tensor, arange, argsort, broadcast_shapes, cat, concatenate, cumsum, dot, empty, expand_dims,
+                     eye, full, linspace, matmul, maximum, minimum, ones, ones_like, rand, randn, realize, sort, stack,
+                     tensor, topk, where, zeros, zeros_like)
+from .einsum import einsum
 from .indexing import put_along_axis, take_along_axis
 from .runtime import NoAdapterError, flush, sync
 from .capture import capture
+
+
+# The release: the installed distribution's metadata (setup.cfg's `version` when built), or the
+# same number written here for a source tree that was never installed. tests/test_api_docs.py
+# checks that the two agree.
+_SOURCE_VERSION = "0.1.0"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("tensorgpu")
+    except Exception:     # not installed (a source checkout on sys.path)
+        return _SOURCE_VERSION
+
+
+__version__ = _version()
 
 
 def device() -> dict:
@@ -30,7 +50,8 @@ def _fn(name):
 for _n in ("exp", "log", "sqrt", "rsqrt", "sin", "cos", "tanh", "erf", "sigmoid", "relu", "silu", "gelu",
            "reciprocal", "floor", "ceil", "abs", "clip", "sum", "mean", "max", "min", "argmax", "argmin", "var",
            "std", "softmax", "log_softmax", "logsumexp", "reshape", "permute", "transpose", "expand",
-           "broadcast_to", "squeeze", "unsqueeze", "flatten", "contiguous", "split", "chunk", "astype"):
+           "broadcast_to", "squeeze", "unsqueeze", "flatten", "contiguous", "split", "chunk", "astype",
+           "prod", "any", "all", "round", "isnan", "isinf", "isfinite", "ravel", "copy", "swapaxes", "moveaxis"):
     globals()[_n] = _fn(_n)
 del _n
 

@@ -76,6 +76,7 @@ class KernelBuilder:
         self.tmp = 0
         self.core: Optional[Node] = None
         self.core_var = "acc"
+        self.row_vals: dict = {}      # id(row reduction) -> the variable holding its row's value
         dev = get_device()
         self.native_f16 = dev.has_f16
         # runtime values (a uniform, see `param`): view offsets and scalar constants, so new
@@ -193,6 +194,8 @@ class KernelBuilder:
         ct = compute_type(node.dtype)
         if node is self.core:
             val = self.core_var
+        elif id(node) in self.row_vals:
+            val = self.row_vals[id(node)]
         elif node.op is Op.CONST:
             if self.use_params and ct in ("f32", "i32", "u32"):
                 val = self.param(node.arg, ct)
@@ -245,6 +248,10 @@ class KernelBuilder:
             if op is Op.MOD:
                 fn = {"f32": "tg_fmod", "i32": "tg_imod", "u32": "tg_umod"}[sct]
                 self.helpers.add({"tg_fmod": "tg_fmod", "tg_imod": "tg_imod", "tg_umod": "tg_idiv_safe"}[fn])
+                return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
+            if op is Op.FLOORDIV:
+                fn = {"f32": "tg_ffloordiv", "i32": "tg_ifloordiv", "u32": "tg_ufloordiv"}[sct]
+                self.helpers.add(fn)
                 return self.new(f"{fn}({srcs[0]}, {srcs[1]})", ct)
             if op is Op.POW and sct in ("i32", "u32"):
                 fn = "tg_ipow" if sct == "i32" else "tg_upow"
@@ -308,15 +315,31 @@ class KernelBuilder:
         ok = self.new(f"({i} >= 0 && {i} < {n})", "bool")
         return i, ok
 
+    def mapped_coords(self, sv: View, dims: tuple, coords: list, index_srcs) -> tuple:
+        """Coordinates into a view `sv` that a gather reads or a scatter writes (graph.ScatterArg:
+        dims[d] >= 0 takes coordinate dims[d] of `coords`, dims[d] = -1 - k the value of index
+        source k at `coords`), and a bool expression saying whether every index was in range
+        (None when no index is involved). A dimension of size 1 is read at 0 (broadcast)."""
+        out, oks = [], []
+        for d, m in enumerate(dims):
+            if m >= 0:
+                out.append("0" if sv.shape[d] == 1 else coords[m])
+            else:
+                inode, iview = index_srcs[-1 - m]
+                i, ok = self.index_value(self.render(inode, iview, coords), compute_type(inode.dtype), sv.shape[d])
+                out.append(i)
+                oks.append(ok)
+        ok = self.new(" && ".join(oks), "bool") if len(oks) > 1 else (oks[0] if oks else None)
+        return out, ok
+
     def render_gather(self, node: Node, coords: list) -> str:
-        """srcs[0] read at `coords` with the coordinate along the gather axis taken from srcs[1]
-        (`take_along_axis`); a dimension of size 1 in the source is read at 0 (broadcast)."""
-        axis = node.arg
-        (src, sv), (idx, iv) = node.srcs
-        raw = self.render(idx, iv, coords)
-        i, ok = self.index_value(raw, compute_type(idx.dtype), sv.shape[axis])
-        sub = ["0" if sv.shape[d] == 1 else c for d, c in enumerate(coords)]
-        sub[axis] = f"select(0, {i}, {ok})"
+        """srcs[0] read at coordinates some of which come from the index sources srcs[1:]
+        (`take_along_axis`, `t[idx]`); out-of-range indices read 0 (never dereferenced)."""
+        src, sv = node.srcs[0]
+        sub, ok = self.mapped_coords(sv, node.arg, coords, node.srcs[1:])
+        if ok is None:
+            return self.render(src, sv, sub)
+        sub = [c if m >= 0 else f"select(0, {c}, {ok})" for c, m in zip(sub, node.arg)]
         val = self.render(src, sv, sub)
         ct = compute_type(node.dtype)
         zero = {"f32": "0.0", "i32": "0", "u32": "0u", "bool": "false"}[ct]
@@ -353,10 +376,10 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
     """WGSL + bindings computing `root` for every coordinate of out_view.shape and storing it
     through out_view into out_buf (contiguous for fresh results, strided for setitem).
 
-    `scatter=(index node, index view, axis)`: a scatter (`put_along_axis`): `root` and the index
-    are computed over root.shape, and each value is stored through out_view (a
-    graph.ScatterArg's view) with its coordinate along `axis` replaced by the index value;
-    values whose index is out of range are not stored."""
+    `scatter=(index sources, dims)`: a scatter (`put_along_axis`, `t[idx] = v`): `root` and the
+    indices are computed over root.shape, and each value is stored through out_view (a
+    graph.ScatterArg's view) at the coordinates `dims` maps to (KernelBuilder.mapped_coords);
+    values with an index out of range are not stored."""
     b = KernelBuilder()
     shape = out_view.shape if scatter is None else root.shape
     n = prod(shape)
@@ -395,10 +418,9 @@ def elementwise_kernel(root: Node, out_buf, out_view: View, core: Optional[Node]
             b.memo = {}
             coords = b.unravel(b.new("i32(gidx)", "i32"), shape)
             val = b.render(root, View.contiguous(shape), coords)
-            inode, iview, axis = scatter
-            i, ok = b.index_value(b.render(inode, iview, coords), compute_type(inode.dtype), out_view.shape[axis])
-            coords[axis] = i
-            idx = f"u32({b.linear(out_view, coords)})"
+            index_srcs, dims = scatter
+            tcoords, ok = b.mapped_coords(out_view, dims, coords, index_srcs)
+            idx = f"u32({b.linear(out_view, tcoords)})"
         else:
             val = value_at("i32(gidx)")
             if out_view.is_identity(shape):
@@ -553,7 +575,7 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
     else:
         shared = f"var<workgroup> sv: array<{act}, {wg}>;\n"
         if subgroups and act in ("f32", "i32", "u32"):
-            sg_fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
+            sg_fn = {Op.SUM: "subgroupAdd", Op.PROD: "subgroupMul", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
             store_sh = (f"let sg = {sg_fn}(acc_r);\n  if (sgid == 0u) {{ sv[lid / sgsize] = sg; }}\n")
             if nan_aware:  # subgroupMax/Min may drop NaN: carry a NaN flag through the subgroup
                 store_sh = (f"let sgn = subgroupMax(select(0u, 1u, tg_isnan(acc_r)));\n"
@@ -588,6 +610,91 @@ def reduce_kernel(red: Node, root: Node, out_buf, subgroups: bool, split=None, i
            + "  " + store_sh + tree
            + f"  if (lid == 0u) {{\n    {final}\n" + ind(epi, 4) + "  }\n}\n")
     return src, b.bindings, n_out * (split[0] if split is not None else 1), b.params
+
+
+# ----------------------------------------------------------------------------- row kernels
+
+
+def _workgroup_combine(op: Op, act: str, acc: str, out: str, wg: int, subgroups: bool, helpers: set,
+                       reuse: bool) -> list:
+    """WGSL lines combining every invocation's `acc` (compute type `act`) of a workgroup of `wg`
+    into `let {out}`, visible to all of them; with `reuse` the shared array `sv_{act}` is free
+    again after (a barrier once every invocation has read it)."""
+    combine = REDUCE[op][2]
+    nan_aware = act == "f32" and op in (Op.RMAX, Op.RMIN)
+    if nan_aware:   # NumPy's max/min propagate NaN; WGSL's max/min need not
+        combine = "tg_fmax({0}, {1})" if op is Op.RMAX else "tg_fmin({0}, {1})"
+        helpers |= {"tg_isnan", "tg_fmax" if op is Op.RMAX else "tg_fmin"}
+    sv = f"sv_{act}"
+    if subgroups:
+        fn = {Op.SUM: "subgroupAdd", Op.RMAX: "subgroupMax", Op.RMIN: "subgroupMin"}[op]
+        if nan_aware:   # subgroupMax/Min may drop NaN: carry a NaN flag through the subgroup
+            part = [f"let sgn_{out} = subgroupMax(select(0u, 1u, tg_isnan({acc})));",
+                    f"let sg_{out} = select({fn}({acc}), bitcast<f32>(0x7fc00000u), sgn_{out} != 0u);"]
+        else:
+            part = [f"let sg_{out} = {fn}({acc});"]
+        # one invocation combines the subgroups' partials (every invocation looping over them is
+        # several times slower on lavapipe), then all read the total
+        return part + [f"if (sgid == 0u) {{ {sv}[lid / sgsize] = sg_{out}; }}", "workgroupBarrier();",
+                       "if (lid == 0u) {", f"  var t: {act} = {sv}[0];",
+                       f"  for (var k = 1u; k < {wg}u / sgsize; k = k + 1u) {{ t = {combine.format('t', f'{sv}[k]')}; }}",
+                       f"  {sv}[0] = t;", "}", "workgroupBarrier();",
+                       f"let {out} = {sv}[0];"] + (["workgroupBarrier();"] if reuse else [])
+    return [f"{sv}[lid] = {acc};", "workgroupBarrier();",
+            f"for (var s = {wg // 2}u; s > 0u; s = s >> 1u) {{",
+            f"  if (lid < s) {{ {sv}[lid] = {combine.format(f'{sv}[lid]', f'{sv}[lid + s]')}; }}",
+            "  workgroupBarrier();", "}", f"let {out} = {sv}[0];"] + (["workgroupBarrier();"] if reuse else [])
+
+
+def row_kernel(root: Node, cores: list, k: int, out_buf, subgroups: bool):
+    """One workgroup per row: the row reductions `cores` (keepdims shape [rows..., 1, ...], axes
+    from k on; each one's prologue its inlined source expression, which may read an earlier
+    one's row value), then the elementwise `root` over the row's elements (axes from k on of
+    root.shape), reading each reduction as its row's value; stored contiguously. What
+    RMSNorm / layer norm / softmax in plain ops become (schedule.RowCores)."""
+    b = KernelBuilder()
+    O = cores[0].shape
+    n_rows = prod(O)
+    row_shape = tuple(root.shape[k:])
+    RL = prod(row_shape)
+    rlens = [prod(c.srcs[0][1].shape[a] for a in c.arg) for c in cores]
+    wg = 256 if max(rlens + [RL]) >= 256 else 64
+    b.lines = []
+    out_c = b.unravel(b.new("i32(o)", "i32"), O)
+    body = b.lines
+    acts = []
+    for j, (red, rlen) in enumerate(zip(cores, rlens)):
+        src, sv = red.srcs[0]
+        act = compute_type(red.dtype)
+        acts.append(act)
+        b.lines, b.memo = [], {}
+        rc = b.unravel(b.new("i32(r)", "i32"), tuple(sv.shape[a] for a in red.arg))
+        c = list(out_c)
+        for a, e in zip(red.arg, rc):
+            c[a] = e
+        val = convert(b.render(src, sv, c), compute_type(src.dtype), act)
+        combine = REDUCE[red.op][2]
+        if act == "f32" and red.op in (Op.RMAX, Op.RMIN):
+            combine = "tg_fmax({0}, {1})" if red.op is Op.RMAX else "tg_fmin({0}, {1})"
+        body += [f"var acc{j}: {act} = {REDUCE[red.op][1][act]};",
+                 f"for (var r = lid; r < {rlen}u; r = r + {wg}u) {{"]
+        body += ["  " + l for l in b.lines] + [f"  acc{j} = {combine.format(f'acc{j}', val)};", "}"]
+        reuse = any(compute_type(c.dtype) == act for c in cores[j + 1:])     # a later reduction's shared array
+        body += _workgroup_combine(red.op, act, f"acc{j}", f"row{j}", wg, subgroups, b.helpers, reuse)
+        b.row_vals[id(red)] = f"row{j}"
+    b.lines, b.memo = [], {}
+    ec = b.unravel(b.new("i32(e)", "i32"), row_shape)
+    val = b.render(root, View.contiguous(root.shape), list(out_c[:k]) + ec)
+    st = store_stmt(b, out_buf, root.dtype, f"o * {RL}u + e", val)
+    body += [f"for (var e = lid; e < {RL}u; e = e + {wg}u) {{"] + ["  " + l for l in b.lines + [st]] + ["}"]
+    shared = "".join(f"var<workgroup> sv_{a}: array<{a}, {wg}>;\n" for a in sorted(set(acts)))
+    sg_args = ", @builtin(subgroup_invocation_id) sgid: u32, @builtin(subgroup_size) sgsize: u32" if subgroups else ""
+    pre = GRID_PREAMBLE.format(wg=wg).replace(" @builtin(local_invocation_index) lid: u32)",
+                                              f" @builtin(local_invocation_index) lid: u32{sg_args})")
+    src = (b.header() + b.decls() + "\n" + b.helper_text() + "\n" + shared + pre
+           + f"  let o = wid.x + wid.y * nwg.x;\n  if (o >= {n_rows}u) {{ return; }}\n"
+           + "".join("  " + l + "\n" for l in body) + "}\n")
+    return src, b.bindings, n_rows, b.params
 
 
 # ----------------------------------------------------------------------------- epilogues

@@ -18,6 +18,13 @@ def kernel_log():
         runtime._kernel_logs.remove(log)
 
 
+def describe(t) -> str:
+    """A tensor described without computing it (what `repr` printed before it showed values):
+    shape, dtype, realized / lazy (and the op) / pending in-place write, and its view."""
+    from .printing import describe as _describe
+    return _describe(t)
+
+
 def schedule(*tensors):
     """The kernels that realize `tensors` (together, in one schedule), in order: planned by the
     scheduler after the graph rewrites, then run. Print it to see each kernel's name, grid,

@@ -81,8 +81,26 @@ def from_ggml_type(type_id: int) -> Optional[DType]:
     return _BY_GGML.get(int(type_id))
 
 
+SUPPORTED = "float32, float16, int32, uint32 and bool"
+
+
+class OutOfRangeError(ValueError, OverflowError):
+    """Values that do not fit the dtype they must be stored in (a ValueError, and an
+    OverflowError as NumPy raises for out-of-bounds Python integers)."""
+
+
+class DtypeConversionWarning(UserWarning):
+    """Host data whose values changed on the way to the dtype tensorgpu stores it in (NumPy int64
+    past int32, float64 past float32's range). Issued once per conversion per process."""
+
+
+_WARNED: set = set()     # (from, to) conversions already warned about
+
+
 def from_numpy(dt) -> DType:
-    """Map a NumPy dtype to the tensorgpu dtype that stores it (float64 -> float32, int64 -> int32)."""
+    """The tensorgpu dtype that stores host data of NumPy dtype `dt`: float64 -> float32, any
+    signed int -> int32, any unsigned int -> uint32 (what `tg.tensor(array)` does implicitly;
+    values that change on the way are warned about once, see `host_values`)."""
     dt = np.dtype(dt)
     if dt == np.bool_:
         return bool_
@@ -92,11 +110,14 @@ def from_numpy(dt) -> DType:
         return int32
     if dt.kind == "u":
         return uint32
-    raise TypeError(f"unsupported dtype {dt}: tensorgpu holds float32, float16, int32, uint32 and bool")
+    raise TypeError(f"unsupported dtype {dt}: tensorgpu holds {SUPPORTED}")
 
 
 def as_dtype(d) -> DType:
-    """Accept a DType, a name ("float32"), or a NumPy dtype-like."""
+    """An explicitly requested dtype: a DType, a name ("float32"), a NumPy dtype-like of a
+    supported type, or Python's bool / float / int (tensorgpu's bool, float32 and int32: its
+    default float and integer). Anything else (float64, int64, int8, ...) is a TypeError naming
+    the supported dtypes: tensorgpu does not silently store a requested type as another."""
     if isinstance(d, DType):
         return d
     if isinstance(d, str) and d in _BY_NAME:
@@ -108,11 +129,62 @@ def as_dtype(d) -> DType:
     if d is int:
         return int32
     try:
-        return from_numpy(d)
-    except TypeError:
-        raise
+        nd = np.dtype(d)
     except Exception:
-        raise TypeError(f"unsupported dtype {d!r}: expected one of {', '.join(_BY_NAME)}") from None
+        raise TypeError(f"unsupported dtype {d!r}: expected one of {SUPPORTED} (or a GGML block type: "
+                        f"{', '.join(q.name for q in QUANT)})") from None
+    for p in PLAIN:
+        if p.np_dtype == nd:
+            return p
+    raise TypeError(f"unsupported dtype {nd}: tensorgpu holds {SUPPORTED} (and the GGML block types "
+                    f"{', '.join(q.name for q in QUANT)} for weights); ask for one of those, e.g. dtype=tg.float32")
+
+
+_LIMITS = {"int32": (-2**31, 2**31 - 1), "uint32": (0, 2**32 - 1)}
+
+
+def host_values(a: np.ndarray, d: DType, explicit: bool, what: str = "tg.tensor") -> np.ndarray:
+    """Host data `a` converted to what a buffer of dtype `d` holds (bool as one uint32 per
+    element). An implicit narrowing (a NumPy int64 / float64 array becoming int32 / float32)
+    that changes values warns once (DtypeConversionWarning) and keeps NumPy's astype result;
+    integers out of range of an explicitly requested dtype are an OutOfRangeError."""
+    if d is bool_:
+        return a.astype(np.bool_).astype(np.uint32)
+    if d.kind in ("int", "uint") and a.dtype.kind in "iub" and a.size:
+        lo, hi = _LIMITS[d.name]
+        amin, amax = a.min(), a.max()
+        if amin < lo or amax > hi:
+            if explicit or a.dtype.itemsize <= d.itemsize:
+                raise OutOfRangeError(f"{what}: {a.dtype} values {amin}..{amax} do not fit {d.name} "
+                                      f"({d.name} holds {lo}..{hi})")
+            _warn_once(a.dtype, d, f"{what}: {a.dtype} values {amin}..{amax} do not fit {d.name}, the type "
+                                   f"tensorgpu stores them in; out-of-range values wrap as NumPy's astype does")
+    if d.kind in ("int", "uint") and a.dtype.kind == "f" and a.size and not np.all(np.isfinite(a)):
+        raise ValueError(f"{what}: a {a.dtype} array with NaN or inf cannot become {d.name}")
+    with np.errstate(over="ignore", invalid="ignore"):     # said once below, as a DtypeConversionWarning
+        out = a.astype(d.np_dtype)
+    if d.is_float and a.dtype.kind == "f" and a.dtype.itemsize > d.itemsize and a.size:
+        with np.errstate(all="ignore"):
+            grew = np.isinf(out) & np.isfinite(a)
+        if grew.any():
+            _warn_once(a.dtype, d, f"{what}: {a.dtype} values beyond {d.name}'s range (e.g. {a[grew].flat[0]}) "
+                                   f"became inf")
+    return out
+
+
+def _warn_once(src, d: DType, msg: str) -> None:
+    import os
+    import sys
+    import warnings
+    key = (str(src), d.name)
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    # point at the user's line: the first caller outside this package
+    pkg, f, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(0), 1
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(pkg + os.sep):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, DtypeConversionWarning, stacklevel=level)
 
 
 def result_type(a: DType, b: DType) -> DType:

@@ -18,7 +18,8 @@ from .view import View
 
 
 _seq = itertools.count()
-_NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
+_REDUCE_OPS = frozenset((Op.SUM, Op.PROD, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN))
+_NOT_ELEMENTWISE = frozenset((Op.BUFFER, Op.CONST, Op.SUM, Op.PROD, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN, Op.CUSTOM,
                               Op.ASSIGN, Op.SCATTER, Op.AFTER, Op.SINK))
 # lazy in-place writes (a pending write of a realized buffer), and the ops a chain of writes
 # into one buffer is made of (AFTER: a write another kernel did, rewrites.py)
@@ -31,12 +32,13 @@ REINDEXING = frozenset((Op.CAT, Op.GATHER))
 
 @dataclass(frozen=True)
 class ScatterArg:
-    """What an Op.SCATTER writes: `view` maps coordinates of the iteration shape (the value's
-    and index's broadcast shape, with the axis dimension widened to the target's length) to
-    target elements, broadcast dims at stride 0; the coordinate along `axis` is the index value
-    (negative values count from the end; values outside [-n, n) write nothing)."""
+    """What an Op.SCATTER writes: the target's elements through `view`, at coordinates given
+    by `dims`, one entry per dimension of `view`: `j >= 0` is coordinate j of the iteration
+    shape (the value's shape), `-1 - k` is the value of index tensor k (srcs[2 + k]) there.
+    Index values count from the end when negative (NumPy); a value outside [-n, n) writes
+    nothing. An Op.GATHER's arg is such a `dims` tuple for its source view."""
     view: View
-    axis: int
+    dims: tuple
 
 
 class Node:
@@ -90,7 +92,7 @@ class Node:
 
     @property
     def is_reduce(self) -> bool:
-        return self.op in (Op.SUM, Op.RMAX, Op.RMIN, Op.ARGMAX, Op.ARGMIN)
+        return self.op in _REDUCE_OPS
 
     def set_buffer(self, buf) -> None:
         """Realized: keep the result, drop the sources so their memory can be reused."""

@@ -23,14 +23,17 @@ __all__ = ["linear", "layer_norm", "rms_norm", "embedding", "rope", "scaled_dot_
 
 
 def gelu(x: Tensor, approximate: str = "none") -> Tensor:
+    """GELU, exact (erf) or approximate="tanh" (GPT-2 / NeoX's fast form)."""
     return x.gelu(approximate)
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """Softmax along `axis` (a one-pass row kernel for the last axis)."""
     return _softmax(x, axis)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    """log(softmax(x)) along `axis`, computed as (x - max) - log(sum(exp(x - max)))."""
     return _softmax(x, axis, log=True)
 
 
@@ -105,7 +108,8 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis (LLaMA's RMSNorm), in plain ops: the
-    fuser makes it one reduction whose epilogue is the scale (no hand-written kernel)."""
+    fuser makes it one row kernel (a workgroup per row reduces it and scales it; no hand-written
+    kernel), and a one-row linear of it folds it into the GEMV (rewrites.fold_rms_norm_into_gemv)."""
     if not x.dtype.is_float:
         x = x.astype(dt.float32)
     if weight is not None and weight.shape != x.shape[-1:]:
@@ -565,26 +569,38 @@ def sample_rows(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tenso
 
 class RopeKVWriteKernel(CustomKernel):
     """q_out = rope(qkv[:, 0]) as [H, T, D]; k_cache[h, pos] = rope(k); v_cache[h, pos] = v — one
-    kernel for a prompt's attention inputs (rewrites.fuse_rope_cache_write puts it in the graph)."""
+    kernel for a prompt's attention inputs (rewrites.fuse_rope_cache_write puts it in the graph).
+
+    With n_kv_heads (rewrites.fuse_rope_cache_write_gqa: LLaMA's and Qwen2's own q/k/v
+    projections), srcs are (q [T, H, D], positions, k_cache, v_cache, k [T, Hkv, D], v [T, Hkv, D]),
+    any rope mode, with optional frequency factors."""
     name = "rope_kv_write"
     writes = (2, 3)
 
-    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype):
+    def __init__(self, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, mode="neox",
+                 n_kv_heads=None, freq_factors=None):
         self.args = (seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
+        self.mode, self.n_kv_heads, self.freq_factors = mode, n_kv_heads, freq_factors
 
     def emit(self, out, operands, epilogue):
         from .kernels.rope import rope_kv_write as k
-        qkv, pos, kc, vc = operands
         seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype = self.args
+        if self.n_kv_heads is not None:
+            q, pos, kc, vc, kx, vx = operands
+            k(out, kc.buffer, vc.buffer, q, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype,
+              self.mode, k=kx, v=vx, n_kv_heads=self.n_kv_heads, freq_factors=self.freq_factors)
+            return
+        qkv, pos, kc, vc = operands
         k(out, kc.buffer, vc.buffer, qkv, pos.buffer, seq, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype)
 
 
 class RopeAttentionDecodeKernel(CustomKernel):
-    """rope(q, k) + KV-cache write + attention + split combine of one decode token: one dispatch."""
+    """rope(q, k) + KV-cache write + attention + split combine of one decode token (or of one
+    token for each of a batch of sequences): one dispatch."""
     name = "attention_decode"
 
     def __init__(self, n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale, mode="neox", step=None,
-                 n_kv_heads=None, freq_factors=None):
+                 n_kv_heads=None, freq_factors=None, batched=False):
         self.args = (n_heads, head_dim, rot_dims, max_ctx, base, cache_dtype, scale)
         self.freq_factors = freq_factors
         self.mode = mode
@@ -595,13 +611,30 @@ class RopeAttentionDecodeKernel(CustomKernel):
         # n_kv_heads: separate q [1, H, D], k, v [1, Hkv, D] srcs (grouped-query heads), then the
         # caches: srcs (q, k, v, k_cache, v_cache); needs step
         self.n_kv_heads = n_kv_heads
-        if n_kv_heads is not None:
+        if n_kv_heads is not None and not batched:
             assert step is not None
             self.writes = (3, 4)
+        # batched: one token per sequence of a batch, row b at int32 position positions[b] in cache
+        # slot b (key length positions[b] + 1): srcs (qkv [B, 3, H, D], positions [B], k_cache,
+        # v_cache [S, Hkv, max_ctx, D]), or with n_kv_heads (q, k, v, positions, k_cache, v_cache)
+        self.batched = batched
+        if batched:
+            assert step is None
+            self.writes = (2, 3) if n_kv_heads is None else (4, 5)
 
     def emit(self, out, operands, epilogue):
         from .kernels.attention import rope_attention_decode as k
         H, D, rot, max_ctx, base, cache_dtype, scale = self.args
+        if self.batched:
+            if self.n_kv_heads is not None:
+                q, kx, vx, p, kc, vc = operands
+                sep = dict(k=kx, v=vx, n_kv_heads=self.n_kv_heads)
+            else:
+                q, p, kc, vc = operands
+                sep = {}
+            k(out, kc.buffer, vc.buffer, q, p.buffer, None, H, D, rot, max_ctx, base, cache_dtype, scale,
+              mode=self.mode, freq_factors=self.freq_factors, **sep)
+            return
         if self.n_kv_heads is not None:
             q, kx, vx, kc, vc = operands
             pos, kvl = self.step

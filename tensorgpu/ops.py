@@ -25,25 +25,27 @@ class Op(Enum):
     NEG = auto(); ABS = auto(); EXP = auto(); LOG = auto(); SQRT = auto(); RSQRT = auto()
     SIN = auto(); COS = auto(); TANH = auto(); ERF = auto(); SIGMOID = auto(); RELU = auto()
     SILU = auto(); GELU = auto(); GELU_TANH = auto(); RECIP = auto(); FLOOR = auto(); CEIL = auto()
-    NOT = auto()
+    NOT = auto(); ROUND = auto(); ISNAN = auto(); ISINF = auto(); ISFINITE = auto()
     # binary
-    ADD = auto(); SUB = auto(); MUL = auto(); DIV = auto(); POW = auto(); MOD = auto()
+    ADD = auto(); SUB = auto(); MUL = auto(); DIV = auto(); POW = auto(); MOD = auto(); FLOORDIV = auto()
     MAX = auto(); MIN = auto(); LT = auto(); LE = auto(); GT = auto(); GE = auto(); EQ = auto(); NE = auto()
     AND = auto(); OR = auto()
     # ternary
     WHERE = auto()
     # reductions
-    SUM = auto(); RMAX = auto(); RMIN = auto(); ARGMAX = auto(); ARGMIN = auto()
+    SUM = auto(); RMAX = auto(); RMIN = auto(); ARGMAX = auto(); ARGMIN = auto(); PROD = auto()
     # hand-written kernels (matmul, softmax, attention, ...)
     CUSTOM = auto()
     # in-place: write srcs[1] into srcs[0]'s buffer through the View in arg (`t[idx] = v`)
     ASSIGN = auto()
-    # in-place scatter: write srcs[1] into srcs[0]'s buffer at the positions srcs[2] (an integer
-    # tensor) names along one axis (`tg.put_along_axis`, `t[idx] = v`); arg is a ScatterArg
+    # in-place scatter: write srcs[1] into srcs[0]'s buffer at positions some of whose
+    # coordinates are read from integer tensors srcs[2:] (`tg.put_along_axis`, `t[idx] = v`);
+    # arg is a graph.ScatterArg
     SCATTER = auto()
-    # gather: srcs[0] read with the coordinate along one axis taken from srcs[1], an integer
-    # tensor of this node's shape (`tg.take_along_axis`, `t[idx]`); arg is the axis. Rendered
-    # inline like an elementwise op (codegen.render_gather), so it fuses with what reads it.
+    # gather: srcs[0] read at coordinates some of which are read from integer tensors srcs[1:]
+    # of this node's shape (`tg.take_along_axis`, `t[idx]`); arg is the coordinate map (see
+    # graph.ScatterArg.dims). Rendered inline like an elementwise op (codegen.render_gather),
+    # so it fuses with what reads it.
     GATHER = auto()
     # srcs[0]'s buffer once srcs[1] is realized (a write another kernel did: rewrites.py)
     AFTER = auto()
@@ -129,6 +131,32 @@ WGSL_HELPERS = {
   return r;
 }""",
     "tg_idiv_safe": """fn tg_umod(a: u32, b: u32) -> u32 { if (b == 0u) { return 0u; } return a % b; }""",
+    "tg_isinf": """fn tg_isinf(x: f32) -> bool { return (bitcast<u32>(x) & 0x7fffffffu) == 0x7f800000u; }""",
+    # NumPy's floor_divide (npy_divmod): (a - fmod(a, b)) / b, one less when the remainder's sign
+    # differs from b's, rounded to the nearest integer; a / b for b == 0; NaN for inf or NaN a
+    "tg_ffloordiv": """fn tg_ffloordiv(a: f32, b: f32) -> f32 {
+  let neg = (bitcast<u32>(a) ^ bitcast<u32>(b)) & 0x80000000u;
+  if (tg_isnan(a) || tg_isnan(b) || tg_isinf(a)) { return bitcast<f32>(0x7fc00000u); }
+  if (b == 0.0) { return select(bitcast<f32>(0x7f800000u | neg), bitcast<f32>(0x7fc00000u), a == 0.0); }
+  if (tg_isinf(b)) { return select(bitcast<f32>(neg), -1.0, a != 0.0 && neg != 0u); }
+  // C's fmod: the remainder with a's sign, from an exact fma residual (one step back when the
+  // rounded quotient overshot)
+  var m = fma(-trunc(a / b), b, a);
+  if (m != 0.0 && ((m < 0.0) != (a < 0.0))) { m = m + select(-abs(b), abs(b), a > 0.0); }
+  var d = (a - m) / b;
+  if (m != 0.0 && ((b < 0.0) != (m < 0.0))) { d = d - 1.0; }
+  if (d == 0.0) { return bitcast<f32>(neg); }
+  var f = floor(d);
+  if (d - f > 0.5) { f = f + 1.0; }
+  return f;
+}""",
+    "tg_ifloordiv": """fn tg_ifloordiv(a: i32, b: i32) -> i32 {
+  if (b == 0) { return 0; }
+  if (b == -1) { return 0 - a; }
+  let q = a / b;
+  return select(q, q - 1, (a % b != 0) && ((a < 0) != (b < 0)));
+}""",
+    "tg_ufloordiv": """fn tg_ufloordiv(a: u32, b: u32) -> u32 { if (b == 0u) { return 0u; } return a / b; }""",
 }
 
 UNARY = {
@@ -151,6 +179,12 @@ UNARY = {
     Op.FLOOR: OpDef(np.floor, "floor({0})", True),
     Op.CEIL: OpDef(np.ceil, "ceil({0})", True),
     Op.NOT: OpDef(np.logical_not, "(!{0})", result="bool"),
+    # WGSL's round() rounds halfway cases to even, as NumPy's round does (integers: unchanged)
+    Op.ROUND: OpDef(np.round, "round({0})"),
+    # float inputs only (tensor.py answers integer and bool tensors without a kernel)
+    Op.ISNAN: OpDef(np.isnan, "tg_isnan({0})", result="bool"),
+    Op.ISINF: OpDef(np.isinf, "tg_isinf({0})", result="bool"),
+    Op.ISFINITE: OpDef(np.isfinite, "(!tg_nonfinite({0}))", result="bool"),
 }
 
 BINARY = {
@@ -160,6 +194,8 @@ BINARY = {
     Op.DIV: OpDef(np.true_divide, "({0} / {1})", True),
     Op.POW: OpDef(np.power, "tg_pow({0}, {1})", True),
     Op.MOD: OpDef(_mod_np, "{mod}({0}, {1})"),
+    # NumPy semantics for negatives (floor, not truncation); integer division by zero gives 0
+    Op.FLOORDIV: OpDef(np.floor_divide, "{floordiv}({0}, {1})"),
     Op.MAX: OpDef(np.maximum, "max({0}, {1})"),
     Op.MIN: OpDef(np.minimum, "min({0}, {1})"),
     Op.LT: OpDef(np.less, "({0} < {1})", result="bool"),
@@ -184,11 +220,13 @@ F32_OVERRIDES = {
 # u32 variants: WGSL has no unary minus on u32 (NumPy wraps)
 U32_OVERRIDES = {Op.NEG: "(0u - {0})"}
 
-# reduce op -> (NumPy reference, identity as a WGSL expression per compute type, combine template)
+# reduce op -> (NumPy reference, identity as a WGSL expression per compute type, combine template).
+# any/all are RMAX/RMIN over the values' truth (tensor.py), so they fuse like every reduction.
 REDUCE = {
     Op.SUM: (np.sum, {"f32": "0.0", "i32": "0", "u32": "0u"}, "({0} + {1})"),
     Op.RMAX: (np.max, {"f32": "bitcast<f32>(0xff800000u)", "i32": "-2147483647 - 1", "u32": "0u"}, "max({0}, {1})"),
     Op.RMIN: (np.min, {"f32": "bitcast<f32>(0x7f800000u)", "i32": "2147483647", "u32": "4294967295u"}, "min({0}, {1})"),
+    Op.PROD: (np.prod, {"f32": "1.0", "i32": "1", "u32": "1u"}, "({0} * {1})"),
     Op.ARGMAX: (np.argmax, None, None),
     Op.ARGMIN: (np.argmin, None, None),
 }
@@ -219,7 +257,7 @@ def binary_operand_type(op: Op, a: dt.DType, b: dt.DType) -> dt.DType:
         return dt.int32 if r is dt.bool_ else r
     if BINARY[op].float_only and not r.is_float:
         return dt.float32
-    if op in (Op.SUB, Op.MOD, Op.LT, Op.LE, Op.GT, Op.GE) and r is dt.bool_:  # WGSL can't order bools
+    if op in (Op.SUB, Op.MOD, Op.FLOORDIV, Op.LT, Op.LE, Op.GT, Op.GE) and r is dt.bool_:  # WGSL can't order bools
         return dt.int32
     return r
 

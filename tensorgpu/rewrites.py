@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 from . import dtypes as dt
 from .graph import Node
+from .graph import _seq as _node_seq
 from .ops import Op
 from .runtime import STATS, get_device
 from .symbolic import SymInt
@@ -105,6 +106,25 @@ def _same(a, b) -> bool:
     return not isinstance(d, SymInt) and d == 0
 
 
+def _rows_of_a_matmul(g: Graph, n, i: int, L, v) -> Optional[tuple]:
+    """(T, V, k, r) when source i of n reads rows r .. r+k of a [T, V] matmul (x @ w.T) that
+    nothing else reads, with k < T (a prompt's last row); r may be a step variable. Else None."""
+    from .customops import MatmulKernel, QuantMatmulKernel
+    if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
+            and g.only_reader(L) == (n, i) and len(L.srcs) == 2):
+        return None
+    T, V = L.shape
+    k = v.shape[0] if len(v.shape) == 2 else 0
+    if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
+        return None
+    if not isinstance(v.offset, SymInt):
+        r = v.offset // V
+        return (T, V, k, r) if r * V == v.offset else None
+    if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
+        return None
+    return T, V, k, SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
+
+
 # ----------------------------------------------------------------------------- rules
 
 
@@ -114,26 +134,15 @@ def rows_before_head(g: Graph) -> int:
     the linear of the layer norm of those rows of x: the vocabulary projection runs for the
     rows read, not for the whole prompt."""
     from .nn import LayerNormKernel, layer_norm, linear
-    from .customops import MatmulKernel, QuantMatmulKernel
     from .tensor import Tensor
     fired = 0
     for n in list(g.nodes):
         for i, (L, v) in enumerate(n.srcs):
-            if not ((_is(L, MatmulKernel) or _is(L, QuantMatmulKernel)) and len(L.shape) == 2
-                    and g.only_reader(L) == (n, i)):
+            rows = _rows_of_a_matmul(g, n, i, L, v)
+            if rows is None:
                 continue
-            T, V = L.shape
-            k = v.shape[0] if len(v.shape) == 2 else 0
-            if not (0 < k < T and v.shape == (k, V) and v.strides == (V, 1)):
-                continue
+            T, V, k, r = rows
             (X, xv), (W, wv) = L.srcs
-            r = v.offset // V if not isinstance(v.offset, SymInt) else None
-            if r is None:
-                if any(c % V for _, c in v.offset.terms) or v.offset.const % V:
-                    continue
-                r = SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
-            elif r * V != v.offset:
-                continue
             if not (_is(X, LayerNormKernel) and g.only_reader(X) == (L, 0) and xv.is_identity(X.shape)
                     and len(X.shape) == 2):
                 continue
@@ -145,7 +154,80 @@ def rows_before_head(g: Graph) -> int:
             extra = [Tensor(m, mv) for m, mv in X.srcs[1:]]
             lw = extra.pop(0) if ln.has_w else None
             lb = extra.pop(0) if ln.has_b else None
+            floor = next(_node_seq)
             h = layer_norm(Tensor(Y, rows), lw, lb, ln.eps)
+            w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
+            y = linear(h, w)
+            _age_as(y.node, floor, X.seq)      # the new nodes read what the norm read (in-place write order)
+            y.node.seq = L.seq
+            srcs = list(n.srcs)
+            srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
+            n.set_srcs(tuple(srcs))
+            fired += 1
+    return fired
+
+
+def _age_as(root: Node, floor: int, seq: int) -> None:
+    """Give the unrealized nodes built after creation order `floor` under root the order `seq`:
+    a rule's rebuilt nodes then read what the nodes they replace read (a lazy write issued in
+    between stays after them)."""
+    stack, seen = [root], set()
+    while stack:
+        x = stack.pop()
+        if id(x) in seen or x.seq <= floor or x.buffer is not None:
+            continue
+        seen.add(id(x))
+        x.seq = seq
+        stack.extend(m for m, _ in x.srcs)
+
+
+def _rows_of(m: Node, v: View, r, k: int, memo: dict):
+    """(node, view) reading rows r .. r+k of axis 0 of what (m, v) reads. An elementwise node or
+    a reduction that keeps axis 0, read row for row, is rebuilt over those rows only (its
+    sources' rows, recursively: RMSNorm's sum of squares becomes that of the rows); anything
+    else is read through the sliced view."""
+    key = (id(m), v)
+    hit = memo.get(key)
+    if hit is not None:
+        return hit
+    from .graph import REINDEXING
+    nd = len(m.shape)
+    shape = (k,) + tuple(v.shape[1:])
+    rowwise = (m.buffer is None and m.op is not Op.CONST and nd >= 1 and len(v.shape) == nd
+               and v.shape[0] == m.shape[0] > 1 and not isinstance(v.offset, SymInt) and v.offset == 0
+               and v.strides[0] == View.contiguous(m.shape).strides[0]
+               and ((m.is_elementwise and m.op not in REINDEXING) or (m.is_reduce and 0 not in m.arg)))
+    if not rowwise:
+        out = (m, View(shape, v.strides, v.offset + r * v.strides[0]))
+    else:
+        mshape = (k,) + tuple(m.shape[1:])
+        n = Node(m.op, (), m.dtype, mshape, arg=m.arg)
+        n.seq = m.seq                  # it reads what m read (in-place write order)
+        n.set_srcs(tuple(_rows_of(s, sv, r, k, memo) for s, sv in m.srcs))
+        out = (n, View(shape, (View.contiguous(mshape).strides[0],) + tuple(v.strides[1:]), 0))
+    memo[key] = out
+    return out
+
+
+@rule
+def rows_before_linear(g: Graph) -> int:
+    """Some rows of linear(f(x)), f computed row by row in plain ops (LLaMA's final RMSNorm:
+    x * rsqrt(mean(x * x) + eps) * w) — a prompt's last-token logits out of [T, vocab] — are the
+    linear of f of those rows: the vocabulary projection (and the norm) run for the rows read,
+    not for the whole prompt. (A hand-written layer_norm is rows_before_head's.)"""
+    from .nn import linear
+    from .tensor import Tensor
+    fired = 0
+    for n in list(g.nodes):
+        for i, (L, v) in enumerate(n.srcs):
+            rows = _rows_of_a_matmul(g, n, i, L, v)
+            if rows is None:
+                continue
+            T, V, k, r = rows
+            (X, xv), (W, wv) = L.srcs
+            if len(xv.shape) != 2 or xv.shape[0] != T or len(wv.shape) != 2:
+                continue
+            h = Tensor(*_rows_of(X, xv, r, k, {}))
             w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
             y = linear(h, w)
             srcs = list(n.srcs)
@@ -564,64 +646,10 @@ def fuse_decode_attention_gqa(g: Graph) -> int:
 def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
     """The pieces of one decode token's attention input with separate q/k/v rows: q =
     rope(q_row [1, H, D]), cache_k[:, p:p+1] = rope(k_row [1, Hkv, D]), cache_v[:, p:p+1] = v_row,
-    the caches [Hkv, max_ctx, D] with Hkv dividing H, the rope positions an arange starting at p.
-    Returns the q / k / v (node, [1, heads, D] view) and the rest; None when the graph is not that."""
-    from .nn import RopeKernel
-    from .tensor import arange_start
-    import numpy as np
-    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
-            and va.buffer is None):
-        return None
-    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3 and ka.shape[2] == D
-            and va.shape == ka.shape):
-        return None
-    Hkv, max_ctx = ka.shape[0], ka.shape[1]
-    if Hkv <= 0 or H % Hkv:
-        return None
-    T, qh, qd, rot, base, mode = q.arg.args
-    if (T, qh, qd) != (1, H, D) or mode not in ("neox", "normal"):
-        return None
-    # q: rope of [1, H, D] (contiguous, the kernel's output) read as [H, 1, D]
-    if qv.shape != (H, 1, D) or qv.strides[0] != D or qv.strides[2] != 1 or qv.offset != 0:
-        return None
-    (qx, qxv), qpos = q.srcs
-    start = arange_start(*qpos)
-    if start is None:
-        return None
-    kw, kwv = ka.srcs[1]
-    ff, kff = q.arg.freq_factors, kw.arg.freq_factors if _is(kw, RopeKernel) else None
-    if not (_is(kw, RopeKernel) and kw.arg.args == (1, Hkv, D, rot, base, mode)
-            and (ff is None) == (kff is None) and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))):
-        return None
-    kstart = arange_start(*kw.srcs[1])     # k's positions: the same arange, or one with the same start
-    if not (kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]) and (kstart is None or not _same(kstart, start)):
-        return None
-    for a in (ka, va):
-        t = a.arg
-        if not (t.shape == (Hkv, 1, D) and t.strides[0] == max_ctx * D and t.strides[2] == 1
-                and _same(t.offset, start * D)):
-            return None
-    if kwv.shape != (Hkv, 1, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0:
-        return None
-    (kx, kxv) = kw.srcs[0]
-    vw, vwv = va.srcs[1]
-    if vwv.shape != (Hkv, 1, D):
-        return None
-    vrow = View((1, Hkv, D), (vwv.strides[1], vwv.strides[0], vwv.strides[2]), vwv.offset)
-    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vw, vrow, Hkv)):
-        if view.shape != (1, h, D) or isinstance(view.offset, SymInt) or node.dtype not in (dt.float32, dt.float16):
-            return None
-        if any(st < 0 for st in view.strides) or view.offset < 0:
-            return None
-        if view.offset + (h - 1) * view.strides[1] + (D - 1) * view.strides[2] >= node.numel:
-            return None
-    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
-    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
-        return None
-    if kbase.shape != ka.shape or vbase.shape != va.shape:
-        return None
-    return dict(q=(qx, qxv), k=(kx, kxv), v=(vw, vrow), start=start, kbase=kbase, vbase=vbase, rot=rot, base=base,
-                mode=mode, max_ctx=max_ctx, Hkv=Hkv, ff=ff)
+    the caches [Hkv, max_ctx, D] with Hkv dividing H, the rope positions an arange starting at p:
+    the prompt form's match for one token (_match_prompt_sep). Returns the q / k / v (node,
+    [1, heads, D] view) and the rest; None when the graph is not that."""
+    return _match_prompt_sep(q, qv, ka, kav, va, vav, H, 1, D)
 
 
 def _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D):
@@ -690,6 +718,280 @@ def _writes_done_by(n: Node, ka: Node, va: Node, m: dict) -> None:
     n.arg.afters = (weakref.ref(ka), weakref.ref(va))   # done when n is (schedule.py)
 
 
+def _reads_as(v: View, shape: tuple, strides: tuple, offset) -> bool:
+    """v reads the elements (shape, strides, offset) names: the same shape and offset, the same
+    strides wherever the extent is above 1 (a stride over one element is never used)."""
+    return (v.shape == tuple(shape) and not isinstance(v.offset, SymInt) and v.offset == offset
+            and all(a == b for a, b, n in zip(v.strides, strides, shape) if n > 1))
+
+
+def _float_input(node: Node, view: View) -> bool:
+    """A float16/32 operand the fused kernel reads with its view's static strides, in bounds."""
+    if node.dtype not in (dt.float32, dt.float16) or isinstance(view.offset, SymInt) or view.offset < 0:
+        return False
+    if any(isinstance(st, SymInt) or st < 0 for st in view.strides):
+        return False
+    return view.offset + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) < node.numel
+
+
+def _through_copies(n: Node, v: View):
+    """(node, view) reading the same elements as (n, v), past unrealized same-dtype copies of a
+    contiguous run of another node: what `_redirect` leaves for a reader outside the graph (the
+    batched decode's K/V writes read the q/k/v rows through those after the rows were stacked)."""
+    while (n.op is Op.CAST and n.buffer is None and len(n.srcs) == 1 and n.srcs[0][0].dtype is n.dtype
+           and not isinstance(v.offset, SymInt)):
+        m, mv = n.srcs[0]
+        if not (mv.shape == n.shape and mv.is_contiguous and not isinstance(mv.offset, SymInt)):
+            break
+        n, v = m, View(v.shape, v.strides, v.offset + mv.offset)
+    return n, v
+
+
+def _plus_one_of(n: Node, v: View, pos: Node, pv: View) -> bool:
+    """(n, v) is `pos + 1` (int32, read whole), through identity copies."""
+    while (n.op is Op.CAST and n.buffer is None and n.dtype is dt.int32 and len(n.srcs) == 1
+           and v.is_identity(n.shape) and n.srcs[0][1].is_identity(n.shape)):
+        n, v = n.srcs[0]
+    if not (n.op is Op.ADD and n.buffer is None and n.dtype is dt.int32 and n.shape == pos.shape
+            and v.is_identity(n.shape) and len(n.srcs) == 2):
+        return False
+    for (a, av), (c, cv) in (n.srcs, n.srcs[::-1]):
+        if a is pos and av == pv and _const(c, cv) == 1.0:
+            return True
+    return False
+
+
+def _write_before(cache: Node, n: Node):
+    """The last in-place write not run yet into cache's buffer issued before n (which reads that
+    buffer through another tensor), or None. Folding only that one keeps the order: earlier
+    writes still run before n, and none comes between it and n."""
+    from .schedule import pending_writes_into
+    ws = [w for w in pending_writes_into(cache.buffer) if w.seq < n.seq]
+    return max(ws, key=lambda w: w.seq) if ws else None
+
+
+def _match_batched_decode(n: Node):
+    """The pieces of a batched decode step's attention in plain code (base.cached_attention with
+    positions an int32 [B] tensor): q = rope(q_in, pos) [B, H, D]; put_along_axis writes of
+    rope(k_in, pos) and v [B, Hkv, D] into rows pos[b] of the first B slots of realized caches
+    [S, Hkv, max_ctx, D] (the index exactly the positions the ropes used); attention of q [B*H, 1,
+    D] over those slots with kv_len = pos + 1. None when the graph is not exactly that."""
+    from .nn import RopeKernel
+    from .schedule import pending_writes_into
+    import numpy as np
+    (q, qv), (kc, kcv), (vc, vcv), (ln, lnv) = n.srcs
+    if not _is(q, RopeKernel):
+        return None
+    B, H, D, rot, base, mode = q.arg.args
+    if mode not in ("neox", "normal") or n.shape != (B * H, 1, D) or not (
+            n.arg.kv_rows == H or (n.arg.kv_rows == 0 and B == 1)):
+        return None
+    if not _reads_as(qv, (B * H, 1, D), (D, D, 1), 0):
+        return None
+    (qx, qxv), (pn, pv) = q.srcs
+    if not (pn.dtype is dt.int32 and pn.shape == (B,) and pv.is_identity((B,)) and _plus_one_of(ln, lnv, pn, pv)):
+        return None
+    if pn.buffer is not None and pending_writes_into(pn.buffer):
+        return None                      # the positions change between their reads: not one value
+    # the caches: the first B slots of two realized [S, Hkv, max_ctx, D] tensors
+    if kc.buffer is None or vc.buffer is None or kc.buffer is vc.buffer or len(kc.shape) != 4 or vc.shape != kc.shape:
+        return None
+    S, Hkv, L, _ = kc.shape
+    if kc.shape[3] != D or S < B or Hkv <= 0 or H % Hkv or kc.dtype not in (dt.float16, dt.float32) \
+            or vc.dtype is not kc.dtype:
+        return None
+    if not (_reads_as(kcv, (B * Hkv, L, D), (L * D, D, 1), 0) and _reads_as(vcv, (B * Hkv, L, D), (L * D, D, 1), 0)):
+        return None
+    # the writes: put_along_axis(cache[:B], pos[:, None, None, None], x[:, :, None, :], axis=2), the
+    # last write into each cache before the attention
+    vals = []
+    for c in (kc, vc):
+        w = _write_before(c, n)
+        if not (w is not None and w.op is Op.SCATTER and w.srcs[0][0] is c and w.srcs[0][1].is_identity(c.shape)
+                and tuple(w.arg.dims) == (0, 1, -1, 3) and len(w.srcs) == 3
+                and _reads_as(w.arg.view, (B, Hkv, L, D), (Hkv * L * D, L * D, D, 1), 0)):
+            return None
+        (x, xv), (ix, ixv) = w.srcs[1], w.srcs[2]
+        if not (ix is pn and _reads_as(ixv, (B, Hkv, 1, D), (pv.strides[0], 0, 0, 0), pv.offset)):
+            return None
+        if xv.shape != (B, Hkv, 1, D):
+            return None
+        vals.append((w, x, View((B, Hkv, D), (xv.strides[0], xv.strides[1], xv.strides[3]), xv.offset)))
+    (ka, kw, kwv), (va, vx, vxv) = vals
+    ff = q.arg.freq_factors
+    kff = kw.arg.freq_factors if _is(kw, RopeKernel) else None
+    if not (_is(kw, RopeKernel) and kw.arg.args == (B, Hkv, D, rot, base, mode) and kw.srcs[1][0] is pn
+            and kw.srcs[1][1] == pv and (ff is None) == (kff is None)
+            and (ff is None or np.array_equal(np.asarray(ff), np.asarray(kff)))):
+        return None
+    if not _reads_as(kwv, (B, Hkv, D), (Hkv * D, D, 1), 0):
+        return None
+    (qx, qxv), (kx, kxv), (vx, vxv) = (_through_copies(*x) for x in ((qx, qxv), kw.srcs[0], (vx, vxv)))
+    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vx, vxv, Hkv)):
+        if view.shape != (B, h, D) or not _float_input(node, view):
+            return None
+    m = dict(B=B, H=H, Hkv=Hkv, D=D, L=L, rot=rot, base=base, mode=mode, ff=ff, pos=(pn, pv), kbase=kc, vbase=vc,
+             ka=ka, va=va, q=(qx, qxv), k=(kx, kxv), v=(vx, vxv), qkv=None)
+    # q, k and v as one [B, 3, H, D] block (GPT-NeoX's fused projection): one binding, not three
+    d = kxv.offset - qxv.offset
+    if (qx is kx is vx and Hkv == H and d > 0 and _reads_as(kxv, (B, H, D), qxv.strides, qxv.offset + d)
+            and _reads_as(vxv, (B, H, D), qxv.strides, qxv.offset + 2 * d)):
+        s0, s1, s2 = qxv.strides
+        m["qkv"] = (qx, View((B, 3, H, D), (s0, d, s1, s2), qxv.offset))
+    return m
+
+
+@rule
+def fuse_batched_decode_attention(g: Graph) -> int:
+    """One token for each of B sequences (continuous batching's decode step, base.cached_attention
+    with positions an int32 [B] tensor): q = rope(q_in, pos), put_along_axis writes of rope(k_in,
+    pos) and v into row pos[b] of cache slot b, attention over each slot's first pos[b] + 1 rows
+    (kv_len = pos + 1) is ONE kernel: the ropes, both cache writes, the `pos + 1`, the attention and
+    its split combine. q/k/v from one [B, 3, H, D] block, or separate with grouped-query heads."""
+    from .kernels.attention import rope_attention_decode_supported
+    from .kernels.common import Operand
+    from .nn import AttentionKernel, RopeAttentionDecodeKernel
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and n.arg.kv_len_runtime is None and n.arg.kv_len_static is None
+                and n.arg.causal and n.arg.out_layout == "bsd" and len(n.srcs) == 4 and len(n.shape) == 3
+                and n.shape[1] == 1):
+            continue
+        m = _match_batched_decode(n)
+        if m is None:
+            continue
+        B, H, D, cache_dtype = m["B"], m["H"], m["D"], m["kbase"].dtype
+        block = m["qkv"] is not None
+        # bindings: qkv (or q, k, v), positions, both caches, out, scratch
+        if limit < (6 if block else 8):
+            continue
+        probe = Operand(None, m["q"][0].dtype, (B, 3, H, D), (0, 0, 0, 0), 0)
+        if not rope_attention_decode_supported(probe, H, D, cache_dtype, m["L"]):
+            continue
+        n.arg = RopeAttentionDecodeKernel(H, D, m["rot"], m["L"], m["base"], cache_dtype, n.arg.scale, mode=m["mode"],
+                                          n_kv_heads=None if block else m["Hkv"], freq_factors=m["ff"], batched=True)
+        kbase, vbase = m["kbase"], m["vbase"]
+        ins = (m["qkv"],) if block else (m["q"], m["k"], m["v"])
+        n.set_srcs(ins + (m["pos"], (kbase, View.contiguous(kbase.shape)), (vbase, View.contiguous(vbase.shape))))
+        _writes_done_by(n, m["ka"], m["va"], m)
+        fired += 1
+    return fired
+
+
+def _cols_view(v: View, N: int, NT: int, off: int):
+    """The view of a [M, NT] node that reads what `v` reads of a contiguous [M, N] one whose
+    columns are its columns off .. off+N: row strides (multiples of N) scale to NT, column
+    strides stay, provided no read carries past a row's end. None when v is not like that."""
+    if isinstance(v.offset, SymInt):
+        return None
+    o_r, o_c = divmod(v.offset, N)
+    strides, reach = [], o_c
+    for n, st in zip(v.shape, v.strides):
+        if n == 1 or st % N == 0:
+            strides.append(0 if n == 1 else st // N * NT)
+        elif st > 0:
+            strides.append(st)
+            reach += (n - 1) * st
+        else:
+            return None
+    return View(v.shape, tuple(strides), o_r * NT + o_c + off) if reach < N else None
+
+
+def _sibling_end(g: Graph, L: Node):
+    """(end node, bias (node, view) or None): L, or its only reader `L + b` with b [N] float32
+    broadcast over the rows (tg.nn.linear's bias), which the stacked kernel's store adds."""
+    M, N = L.shape
+    r = g.only_reader(L)
+    if r is not None:
+        c, i = r
+        if c.op is Op.ADD and c.buffer is None and len(c.srcs) == 2 and c.shape == L.shape and c.dtype is dt.float32 \
+                and c.srcs[i][1].is_identity(L.shape):
+            b, bv = c.srcs[1 - i]
+            if b.shape == (N,) and b.dtype is dt.float32 and bv.shape == (M, N) and bv.strides == (0, 1) \
+                    and bv.offset == 0:
+                return c, (b, View((N,), (1,), 0))
+    return L, None
+
+
+@rule
+def stack_sibling_matmuls(g: Graph) -> int:
+    """Two or three many-row linears of one x (LLaMA's and Qwen2's q, k and v projections of a
+    prompt): ONE tiled matmul over the weights side by side (customops.StackedMatmulKernel; each
+    weight stays its own tensor), biases added in its store; what read each projection reads its
+    columns. Why: k and v have few columns (TinyLlama: 256 of q's 2048), too few output tiles
+    to fill a GPU without splitting K, so three matmuls, three split-K reductions, ran where
+    one fills it. Only where each projection's readers are kernels of their own anyway (rope,
+    a cache write, a strided read), never an epilogue the stack would take away (gate/up's
+    silu(gate) * up stays in up's store)."""
+    from .customops import MatmulKernel, QuantMatmulKernel, StackedMatmulKernel
+    from .graph import IN_PLACE
+    from .kernels import matmul as mm, quant
+    from .nn import RopeKernel
+    from .tensor import Tensor, cat
+    groups: dict = {}
+    for L in g.nodes:
+        q = _is(L, QuantMatmulKernel)
+        if not ((q or _is(L, MatmulKernel)) and L is not g.root and len(L.shape) == 2 and len(L.srcs) == 2):
+            continue
+        (X, xv), (W, wv) = L.srcs
+        M, N = L.shape
+        K = xv.shape[-1] if len(xv.shape) == 2 else -1
+        if not (W.buffer is not None and W.shape == (N, K) and wv == View((K, N), (1, K), 0)
+                and (q or W.dtype in (dt.float32, dt.float16)) and X.dtype in (dt.float32, dt.float16)
+                and M > (quant.TUNING if q else mm.TUNING)["gemv_max_m"]):
+            continue
+        groups.setdefault((id(X), xv, W.dtype, q), []).append(L)
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for (_, xv, wd, q), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        parts = []
+        for L in sorted(nodes, key=lambda n: n.seq):
+            end, bias = _sibling_end(g, L)
+            ok = end is not g.root
+            for c, i in g.readers.get(id(end), ()):
+                v = c.srcs[i][1]
+                fine = (_is(c, RopeKernel) or (c.op in IN_PLACE and i == 1)
+                        or (c.is_elementwise and not v.is_identity(end.shape)))
+                ok = ok and fine
+            if ok:
+                parts.append((L, end, bias))
+        # a weight whose columns are not a multiple of 128 goes last; only one may be
+        parts.sort(key=lambda p: p[0].shape[1] % 128 != 0)
+        while len(parts) > 1 and (any(p[0].shape[1] % 128 for p in parts[:-1])
+                                  or 2 + len(parts) + sum(b is not None for _, _, b in parts) > limit):
+            parts.pop()
+        parts = parts[:3]
+        if len(parts) < 2:
+            continue
+        Ns = [L.shape[1] for L, _, _ in parts]
+        NT, M, K = sum(Ns), parts[0][0].shape[0], parts[0][0].srcs[1][0].shape[1]
+        offs = [sum(Ns[:j]) for j in range(len(Ns))]
+        views = []
+        for (L, end, _), N, off in zip(parts, Ns, offs):
+            views.append([(c, i, _cols_view(c.srcs[i][1], N, NT, off)) for c, i in g.readers.get(id(end), ())])
+        if any(nv is None for vs in views for _, _, nv in vs):
+            continue
+        st = Node(Op.CUSTOM, (), dt.float32, (M, NT), arg=StackedMatmulKernel(wd, Ns, K))
+        st.set_srcs((parts[0][0].srcs[0],) + tuple(L.srcs[1] for L, _, _ in parts))
+        top = st
+        if any(b is not None for _, _, b in parts):
+            pieces = [Tensor(*b) if b is not None else Tensor.const(0.0, dt.float32, (N,))
+                      for (_, _, b), N in zip(parts, Ns)]
+            top = (Tensor(st) + cat(pieces)).node
+        for (L, end, _), N, off, vs in zip(parts, Ns, offs, views):
+            for c, i, nv in vs:
+                srcs = list(c.srcs)
+                srcs[i] = (top, nv)
+                c.set_srcs(tuple(srcs))
+            end.op, end.arg = Op.CAST, None          # for a Tensor holding it: the columns, copied
+            end.set_srcs(((top, View((M, N), (NT, 1), off)),))
+        fired += 1
+    return fired
+
+
 @rule
 def fuse_rope_cache_write(g: Graph) -> int:
     """A prompt's q = rope(qkv[:, 0]) and its two cache writes (rope(k) and v into rows
@@ -714,9 +1016,109 @@ def fuse_rope_cache_write(g: Graph) -> int:
     return fired
 
 
+def _match_prompt_sep(q, qv, ka, kav, va, vav, H, T, D):
+    """The pieces of a T-token attention input with separate q/k/v (LLaMA's and Qwen2's own
+    projections) and grouped-query heads: q = rope(q_x [T, H, D]) read as [H, T, D],
+    cache_k[:, p:p+T] = rope(k_x [T, Hkv, D]).swapaxes(0, 1), cache_v[:, p:p+T] = v_x.swapaxes(0, 1),
+    caches [Hkv, max_ctx, D] with Hkv dividing H, both ropes with the same arguments and
+    frequency factors, their positions an arange starting at p (the same one, or one with the
+    same start). Returns q / k / v as (node, [T, heads, D] view) and the rest; None when the
+    graph is not that."""
+    from .nn import RopeKernel
+    from .tensor import arange_start
+    import numpy as np
+    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
+            and va.buffer is None):
+        return None
+    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3 and ka.shape[2] == D
+            and va.shape == ka.shape):
+        return None
+    Hkv, max_ctx = ka.shape[0], ka.shape[1]
+    if Hkv <= 0 or H % Hkv:
+        return None
+    qT, qh, qd, rot, base, mode = q.arg.args
+    if (qT, qh, qd) != (T, H, D) or mode not in ("neox", "normal"):
+        return None
+    # q: rope of [T, H, D] (contiguous, the kernel's output) read as [H, T, D]
+    if qv.shape != (H, T, D) or qv.strides[0] != D or qv.strides[2] != 1 or (T > 1 and qv.strides[1] != H * D) \
+            or qv.offset != 0:
+        return None
+    (qx, qxv), qpos = q.srcs
+    start = arange_start(*qpos)
+    if start is None:
+        return None
+    kw, kwv = ka.srcs[1]
+    ff = q.arg.freq_factors
+    if not (_is(kw, RopeKernel) and kw.arg.args == (T, Hkv, D, rot, base, mode)):
+        return None
+    kff = kw.arg.freq_factors
+    if (ff is None) != (kff is None) or (ff is not None and not np.array_equal(np.asarray(ff), np.asarray(kff))):
+        return None
+    kstart = arange_start(*kw.srcs[1])     # k's positions: the same arange, or one with the same start
+    if not (kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]) and (kstart is None or not _same(kstart, start)):
+        return None
+    for a in (ka, va):
+        t = a.arg
+        if not (t.shape == (Hkv, T, D) and t.strides[0] == max_ctx * D and t.strides[2] == 1
+                and (T == 1 or t.strides[1] == D) and _same(t.offset, start * D)):
+            return None
+    if kwv.shape != (Hkv, T, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0 or \
+            (T > 1 and kwv.strides[1] != Hkv * D):
+        return None
+    (kx, kxv) = kw.srcs[0]
+    vw, vwv = va.srcs[1]
+    if vwv.shape != (Hkv, T, D):
+        return None
+    vx = View((T, Hkv, D), (vwv.strides[1], vwv.strides[0], vwv.strides[2]), vwv.offset)
+    for node, view, h in ((qx, qxv, H), (kx, kxv, Hkv), (vw, vx, Hkv)):
+        if view.shape != (T, h, D) or isinstance(view.offset, SymInt) or node.dtype not in (dt.float32, dt.float16):
+            return None
+        if any(st < 0 for st in view.strides) or view.offset < 0:
+            return None
+        if view.offset + sum((n - 1) * st for n, st in zip(view.shape, view.strides)) >= node.numel:
+            return None
+    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
+    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
+        return None
+    if kbase.shape != ka.shape or vbase.shape != va.shape:
+        return None
+    return dict(q=(qx, qxv), k=(kx, kxv), v=(vw, vx), pos=qpos, start=start, kbase=kbase, vbase=vbase, rot=rot,
+                base=base, mode=mode, max_ctx=max_ctx, Hkv=Hkv, ff=ff)
+
+
+@rule
+def fuse_rope_cache_write_gqa(g: Graph) -> int:
+    """A prompt's q = rope(q_x), cache_k[:, p:p+T] = rope(k_x) and cache_v[:, p:p+T] = v_x with
+    separate q/k/v projections and grouped-query heads (LLaMA: "normal" rope; Qwen2: "neox";
+    Llama 3.1's frequency factors) are ONE rope + cache-write kernel reading the three
+    projections where they are; the attention then reads the roped q it wrote. (The fused-QKV
+    form is fuse_rope_cache_write's.)"""
+    from .nn import AttentionKernel, RopeKVWriteKernel
+    fired = 0
+    if get_device().max_storage_buffers < 7:     # q, positions, q_out, both caches, k, v
+        return 0
+    for n in g.nodes:
+        if not (_is(n, AttentionKernel) and len(n.srcs) == 3 and n.arg.out_layout == "bsd" and len(n.shape) == 3):
+            continue
+        (q, qv), (ka, kav), (va, vav) = n.srcs
+        H, T, D = n.shape
+        m = _match_prompt_sep(q, qv, ka, kav, va, vav, H, T, D)
+        if m is None:
+            continue
+        kern = RopeKVWriteKernel(T, H, D, m["rot"], m["max_ctx"], m["base"], m["kbase"].dtype, m["mode"],
+                                 n_kv_heads=m["Hkv"], freq_factors=m["ff"])
+        r = Node(Op.CUSTOM, (), dt.float32, (H, T, D), arg=kern)
+        r.set_srcs((m["q"], m["pos"], (m["kbase"], View.contiguous(m["kbase"].shape)),
+                    (m["vbase"], View.contiguous(m["vbase"].shape)), m["k"], m["v"]))
+        _writes_done_by(r, ka, va, m)
+        n.set_srcs(((r, View.contiguous((H, T, D))), (ka, kav), (va, vav)))
+        fired += 1
+    return fired
+
+
 @rule
 def attention_writes_token_major(g: Graph) -> int:
-    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.transpose(0, 1).reshape(T, C)`,
+    """attention(...) [heads, T, d] copied to [T, heads, d] (`a.swapaxes(0, 1).reshape(T, C)`,
     the output projection's input): the attention kernel stores that layout itself, and the
     copy disappears."""
     from .nn import AttentionKernel

@@ -52,7 +52,7 @@ def locked(fn: Callable) -> Callable:
 
 
 class NoAdapterError(RuntimeError):
-    pass
+    """No WebGPU adapter (Vulkan, Metal, DX12) could be found or the one asked for is absent."""
 
 
 # ----------------------------------------------------------------------------- statistics

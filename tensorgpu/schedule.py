@@ -21,7 +21,7 @@ from math import prod
 from typing import Optional
 
 from . import dtypes as dt
-from .codegen import GraphEpilogue, elementwise_kernel, reduce_kernel
+from .codegen import GraphEpilogue, elementwise_kernel, reduce_kernel, row_kernel
 from .graph import IN_PLACE, REINDEXING, WRITE_CHAIN, CustomKernel, Node, ScatterArg, buffer_node
 from .ops import Op
 from . import runtime
@@ -176,11 +176,14 @@ def _realize(node: Node) -> None:
         realize(target)
         _done_writing(node, _base_buffer(target))
         return
-    core, root = _plan(node)
+    core, root = _plan(node, rows=True)
     out = Buffer(max(node.dtype.nbytes(node.numel), 4))
     if core is None:
         src, bindings, n_wg, params = elementwise_kernel(root, out, View.contiguous(root.shape))
         _dispatch(_name("E", root), src, bindings, n_wg, params)
+    elif isinstance(core, RowCores):
+        src, bindings, n_wg, params = row_kernel(root, core.cores, core.k, out, get_device().has_subgroups)
+        _dispatch(_name("RE", root, core.cores), src, bindings, n_wg, params)
     elif core.is_reduce:
         _emit_reduce(core, root, out)
     else:
@@ -264,21 +267,24 @@ def _dispatch(name: str, src: str, bindings, n_wg: int, params=()) -> None:
     dispatch(name, src, [(buf, access[a]) for buf, a, _, _ in bindings], grid_for(n_wg), params)
 
 
-def _name(prefix: str, root: Node, core: Optional[Node] = None) -> str:
+def _name(prefix: str, root: Node, core=None) -> str:
     ops, seen = [], set()
+    cores = list(core) if isinstance(core, (list, tuple)) else [core] if core is not None else []
 
     def walk(n, depth=0):
         if n.buffer is not None or n.op is Op.CONST or id(n) in seen or len(ops) >= 4:
             return
         seen.add(id(n))
-        if n is not core:
+        if all(n is not c for c in cores):
             for m, _ in n.srcs:
                 walk(m, depth + 1)
         ops.append(n.op.name.lower())
 
-    if core is not None:
-        walk(core.srcs[0][0]) if core.is_reduce and core.srcs else None
-        ops.append(core.op.name.lower() if core.op is not Op.CUSTOM else core.arg.name)
+    for c in cores:
+        walk(c.srcs[0][0]) if c.is_reduce and c.srcs else None
+        ops.append(c.op.name.lower() if c.op is not Op.CUSTOM else c.arg.name)
+        if isinstance(core, (list, tuple)):
+            seen.add(id(c))       # a row kernel's reductions are named once
     walk(root)
     return prefix + "_" + "_".join(ops[:6])
 
@@ -289,20 +295,32 @@ def _same_linear(view: View, m: Node) -> bool:
     return view.offset == 0 and view.is_contiguous and prod(view.shape) == m.numel
 
 
-def _over_a_kernel(m: Node) -> bool:
-    """Whether the elementwise node m is computed (through elementwise nodes only) from an
-    unrealized reduction or hand-written kernel."""
+def _cores_under(m: Node):
+    """The unrealized non-elementwise nodes (reductions, hand-written kernels) the elementwise
+    node m is computed from, through elementwise nodes only."""
     seen, stack = set(), [m]
     while stack:
         x = stack.pop()
         for s, _ in x.srcs:
             if s.buffer is not None or s.op is Op.CONST or id(s) in seen:
                 continue
-            if not s.is_elementwise:
-                return True
             seen.add(id(s))
-            stack.append(s)
-    return False
+            if s.is_elementwise:
+                stack.append(s)
+            else:
+                yield s
+
+
+def _over_a_kernel(m: Node) -> bool:
+    """Whether the elementwise node m is computed (through elementwise nodes only) from an
+    unrealized reduction or hand-written kernel."""
+    return next(_cores_under(m), None) is not None
+
+
+def _over_reductions_only(m: Node) -> bool:
+    """Whether every unrealized non-elementwise node the elementwise node m is computed from
+    (through elementwise nodes) is a reduction: what a row kernel may compute with it."""
+    return all(s.is_reduce for s in _cores_under(m))
 
 
 def _graph_reads(m: Node) -> int:
@@ -368,9 +386,11 @@ def _static_view(v: View) -> None:
             static(x)
 
 
-def _plan(root: Node, extra_bindings: int = 0):
+def _plan(root: Node, extra_bindings: int = 0, rows: bool = False):
     """Choose the core of root's kernel and materialize every source that can't be inlined
-    (`extra_bindings`: storage buffers the kernel binds besides root's, a scatter's index)."""
+    (`extra_bindings`: storage buffers the kernel binds besides root's, a scatter's index).
+    The core is None, a node (a reduction or a hand-written kernel root reads element for
+    element), or with `rows` a RowCores: row reductions root reads broadcast over their rows."""
     for x in root.shape:
         if type(x) is not int:
             static(x)
@@ -378,26 +398,113 @@ def _plan(root: Node, extra_bindings: int = 0):
     limit = get_device().max_storage_buffers - extra_bindings
     while True:
         try:
-            return _plan_once(root, limit)
+            return _plan_once(root, limit, rows)
         except _TooBig as e:
             # one node is read through so many different index mappings (x = x[1:] + x[:-1] in a
             # loop) that inlining it everywhere would explode the kernel: give it a buffer
             realize(e.args[0])
 
 
-def _plan_once(root: Node, limit: int):
+class RowCores:
+    """The core of a row kernel (codegen.row_kernel): reductions over the trailing axes (from
+    axis k on) of an elementwise root that reads them broadcast back over the same rows, as
+    RMSNorm, layer norm or softmax written in plain ops do. One workgroup per row computes
+    each reduction in turn (a later one may read an earlier one's row value), then the map
+    over the row: one kernel instead of a reduction kernel, a materialized [rows, 1] result and
+    an elementwise kernel."""
+
+    def __init__(self, cores: list, k: int):
+        self.cores, self.k = cores, k
+
+
+def _row_read(v: View, m: Node):
+    """k when the read of m through v (in a kernel domain of shape v.shape) is m broadcast over
+    the trailing axes from k on, each leading coordinate the domain's own: m [rows..., 1, ..., 1]
+    read by [rows..., row...]. Else None."""
+    nd = len(m.shape)
+    if len(v.shape) != nd or nd == 0 or is_symbolic(v.offset) or v.offset != 0:
+        return None
+    k = nd
+    while k > 0 and m.shape[k - 1] == 1:
+        k -= 1
+    if k == nd:
+        return None
+    cs = View.contiguous(m.shape).strides
+    for i in range(nd):
+        if i < k and (m.shape[i] != v.shape[i] or (m.shape[i] != 1 and v.strides[i] != cs[i])):
+            return None
+        if i >= k and v.shape[i] != 1 and v.strides[i] != 0:
+            return None
+    return k
+
+
+# A row kernel's reductions: ops it combines in a workgroup (the arg reductions keep their kernels)
+_ROW_OPS = (Op.SUM, Op.RMAX, Op.RMIN)
+ROW_MAP_MIN = 4096     # a row kernel may map rows this long whatever the length of its reductions
+
+
+def _row_cores_ok(root: Node, cores: list, shapes: set, edges: dict):
+    """k when the row reductions a plan found make one row kernel (codegen.row_kernel) that is
+    no slower than what it replaces, else None: every reduction over trailing axes of a
+    contiguous row, all with the root's leading shape, each read only there; rows neither
+    so short that one thread per row reduces them (reduce_kernel's choice) nor so long and few
+    that the reduction splits over workgroups; no loop past MAX_THREAD_TRIPS."""
+    from .codegen import compute_type
+    if root.dtype is dt.float16 and not get_device().has_f16:
+        return None                   # packed f16 stores need pairs per thread
+    O = cores[0].shape
+    nd = len(O)
+    if shapes != {O} or len(root.shape) != nd:
+        return None
+    k = nd
+    while k > 0 and O[k - 1] == 1:
+        k -= 1
+    if k == nd or tuple(root.shape[:k]) != tuple(O[:k]):
+        return None
+    n_rows = prod(O)
+    RL = prod(root.shape[k:])
+    for red in cores:
+        sv = red.srcs[0][1]
+        if red.op not in _ROW_OPS or compute_type(red.dtype) not in ("f32", "i32", "u32") or red.shape != O:
+            return None
+        if len(sv.shape) != nd or any(a < k for a in red.arg) or \
+                any(sv.shape[a] != 1 for a in range(k, nd) if a not in red.arg):
+            return None
+        rlen = prod(sv.shape[a] for a in red.arg)
+        inner = max(red.arg, key=lambda a: a if sv.shape[a] > 1 else -1)
+        if rlen <= 16 or sv.strides[inner] != 1 or (rlen >= SPLIT_MIN_LEN and n_rows <= 64):
+            return None
+        if -(-rlen // 64) > MAX_THREAD_TRIPS or len(edges.get(id(red), ())) != _graph_reads(red):
+            return None
+    # the workgroup of a row maps the row: worth it while the map is not much longer than the
+    # reductions it follows (x / x[:8].sum() over a long row stays two kernels, the map wide)
+    longest = max(prod(r.srcs[0][1].shape[a] for a in r.arg) for r in cores)
+    if RL == 0 or n_rows == 0 or -(-RL // 64) > MAX_THREAD_TRIPS or RL > max(4 * longest, ROW_MAP_MIN):
+        return None
+    return k
+
+
+def _plan_once(root: Node, limit: int, rows: bool = False):
+    rows = rows and root.is_elementwise
     while True:
         core = root if root.is_reduce else None
         inlined: list = []
         misread: list = []  # the core reached again on a path that needs another element of it
         memo: dict = {}
         reads: dict = {}
+        row_cores: list = []     # reductions read broadcast over their rows, in dependency order
+        row_shapes: set = set()  # their keepdims shapes
+        row_edges: dict = {}     # id(reduction) -> {(id(reader), src index)}
+        shared: dict = {}        # id(node) -> (node, {(id(reader), src index)}): inlined, read again
 
-        def visit(n: Node, identity_path: bool, path=()) -> set:
+        def visit(n: Node, identity_path: bool, path=(), dom=None) -> set:
             """Buffers the inlined computation of n binds. Memoized per index mapping (`path`,
-            the non-identity views from the root), so shared subgraphs cost one visit each."""
+            the non-identity views from the root), so shared subgraphs cost one visit each.
+            `dom` (row kernels): "full" when n is read at the coordinates of the kernel's
+            domain (the root's, or a row reduction's input) with its shape, "row" when at the
+            row's coordinates (a [rows, 1] value), else None."""
             nonlocal core
-            key = (id(n), identity_path, path)
+            key = (id(n), identity_path, path, dom)
             hit = memo.get(key)
             if hit is not None:
                 return hit
@@ -408,8 +515,23 @@ def _plan_once(root: Node, limit: int):
                 reads[id(n)] = (n, reads.get(id(n), (n, 0))[1] + 1)
             mine: set = set()
             memo[key] = mine
-            for m, v in n.srcs:
+            for i, (m, v) in enumerate(n.srcs):
                 _static_view(v)
+                sub_dom = None
+                if rows and dom is not None and n.op not in REINDEXING and m.buffer is None and m.op is not Op.CONST:
+                    if v.is_identity(m.shape):
+                        sub_dom = dom
+                    elif dom == "full" and _row_read(v, m) is not None:
+                        sub_dom = "row"     # identity reads below keep m's shape: a row core's
+                if sub_dom == "row" and m.is_reduce and core is None:
+                    # a row reduction: computed by the kernel's workgroup before the map
+                    row_edges.setdefault(id(m), set()).add((id(n), i))
+                    if all(m is not c for c in row_cores):
+                        mine |= visit(m, False, (path, id(m)), "full")
+                        if all(m is not c for c in row_cores):
+                            row_cores.append(m)   # after the row reductions its input reads
+                            row_shapes.add(m.shape)
+                    continue
                 if m.buffer is not None:
                     if m.buffer in _pending_writes:
                         writes_before(m.buffer, n.seq)
@@ -424,20 +546,26 @@ def _plan_once(root: Node, limit: int):
                         misread.append(m)
                     continue
                 if m.is_elementwise and _graph_reads(m) > 1 and _over_a_kernel(m):
-                    # read by several kernels and built on a matmul / reduction: its own kernel
-                    # (with that core in its store), not that core recomputed by every reader
-                    realize(m)
-                    mine.add(id(m.buffer))
-                    continue
+                    if sub_dom is not None and _over_reductions_only(m):
+                        # in a row kernel, read more than once but perhaps only here (softmax's
+                        # exp(x - max) in the sum and in the map): inlined if so (checked below)
+                        shared.setdefault(id(m), (m, set()))[1].add((id(n), i))
+                    else:
+                        # read by several kernels and built on a matmul / reduction: its own kernel
+                        # (with that core in its store), not that core recomputed by every reader
+                        realize(m)
+                        mine.add(id(m.buffer))
+                        continue
                 if m.is_elementwise:
                     sub_path = path if v.is_identity(m.shape) and n.op not in REINDEXING else (path, v, id(n))
                     # a core below an elementwise node that other kernels read too would be
                     # recomputed for each of them: only a node read once leads to a core
                     sub = visit(m, identity_path and _same_linear(v, m) and n.op not in REINDEXING
-                                and _graph_reads(m) <= 1, sub_path)
+                                and _graph_reads(m) <= 1, sub_path, sub_dom)
                     inlined.append((len(sub), m))
                     mine |= sub
-                elif core is None and identity_path and n.op not in REINDEXING and _eligible_core(m, v, root):
+                elif core is None and not row_cores and identity_path and n.op not in REINDEXING \
+                        and _eligible_core(m, v, root):
                     core = m
                     if m.is_reduce:
                         mine |= visit(m, False, (path, id(m)))
@@ -450,17 +578,23 @@ def _plan_once(root: Node, limit: int):
                     mine.add(id(m.buffer))
             return mine
 
-        used = visit(root, True)
+        used = visit(root, True, (), "full" if rows else None)
         if (core is not None and core is not root and core.buffer is not None) or \
-                any(m.buffer is not None for _, m in inlined):
+                any(m.buffer is not None for _, m in inlined) or any(c.buffer is not None for c in row_cores):
             # planning a source realized a node this plan inlined (or its core): the plan is
             # stale — it would recompute that work — so plan again reading the new buffer
             continue
         if misread:
             realize(misread[0])
             continue
+        k = None
+        if row_cores or shared:
+            k = _row_cores_ok(root, row_cores, row_shapes, row_edges) if row_cores else None
+            if k is None or any(len(e) != _graph_reads(m) for m, e in shared.values()):
+                rows = False          # the reductions get their own kernels: plan again without rows
+                continue
         if len(used) + 1 <= limit:
-            return core, root
+            return (RowCores(row_cores, k) if row_cores else core), root
         # too many bindings: give the biggest inlined subtree that fits its own kernel, then replan
         fitting = [t for t in inlined if 2 <= t[0] <= limit - 1]
         cats = [m for _, m in inlined if m.op is Op.CAT] + ([root] if root.op is Op.CAT else [])
@@ -571,11 +705,15 @@ def _emit_custom(node: Node, root: Node, out: Optional[Buffer]) -> None:
     # pending lazy read of their old contents
     # (a reader built on this kernel's own result, e.g. attention over the cache it fills, reads
     # the new contents by construction and is not one of them; nor is a read built after the
-    # kernel, which an `after_write` orders after it)
+    # lazy writes a rule folded into this kernel, or after the kernel itself, which an
+    # `after_write` orders after it: realizing such a read runs this kernel first)
+    folded = [a() for a in getattr(kernel, "afters", ())]
+    first_write = min([a.seq for a in folded if a is not None] + [node.seq])
     for i in getattr(kernel, "writes", ()):
         m = node.srcs[i][0]
         for r in list(m.readers or ()):
-            if r.buffer is None and r is not node and r is not root and r.seq < node.seq and not _depends_on(r, node):
+            if (r.buffer is None and r is not node and r is not root and r.seq < first_write
+                    and not _depends_on(r, node)):
                 realize(r)
     operands = []
     for i, (m, v) in enumerate(node.srcs):
@@ -632,12 +770,12 @@ def assign(target: Node, view: View, value: Node, value_view: View) -> Node:
 
 
 @runtime.locked
-def scatter(target: Node, arg: ScatterArg, value: Node, value_view: View, index: Node, index_view: View) -> Node:
-    """The in-place scatter `put_along_axis(t, index, value, axis)`, lazily: like `assign`, a
-    node standing for the written tensor, ordered with every other write and read of the
-    buffer by creation order. value_view and index_view are both broadcast to the iteration
-    shape (see graph.ScatterArg)."""
-    n = Node(Op.SCATTER, ((target, View.contiguous(target.shape)), (value, value_view), (index, index_view)),
+def scatter(target: Node, arg: ScatterArg, value: Node, value_view: View, indices) -> Node:
+    """The in-place scatter `put_along_axis(t, index, value, axis)` or `t[idx] = v`, lazily: like
+    `assign`, a node standing for the written tensor, ordered with every other write and read of
+    the buffer by creation order. value_view and the views of `indices` ((node, view) pairs) all
+    have the iteration shape (see graph.ScatterArg)."""
+    n = Node(Op.SCATTER, ((target, View.contiguous(target.shape)), (value, value_view)) + tuple(indices),
              target.dtype, target.shape, arg=arg)
     return _pend(n, target)
 
@@ -728,18 +866,20 @@ def _emit_assign(node: Node) -> None:
             root.seq = node.seq
         sc = None
         if is_scatter:
-            # the index is read from its own buffer (a lazy index is computed first, an index
+            # indices are read from their own buffers (a lazy index is computed first, an index
             # that reads the written buffer is copied out first)
-            index, index_view = node.srcs[2]
-            if index.op is not Op.CONST and (index.buffer is None or _reads_buffer(index, buf)):
-                ic = Node(Op.CAST, ((index, index_view),), index.dtype, shape)
-                ic.seq = node.seq
-                realize(ic)
-                index, index_view = ic, View.contiguous(shape)
-            elif index.buffer is not None and index.buffer in _pending_writes:
-                writes_before(index.buffer, node.seq)
-            sc = (index, index_view, node.arg.axis)
-        core, root = _plan(root, extra_bindings=1 if is_scatter else 0)
+            indices = []
+            for index, index_view in node.srcs[2:]:
+                if index.op is not Op.CONST and (index.buffer is None or _reads_buffer(index, buf)):
+                    ic = Node(Op.CAST, ((index, index_view),), index.dtype, shape)
+                    ic.seq = node.seq
+                    realize(ic)
+                    index, index_view = ic, View.contiguous(shape)
+                elif index.buffer is not None and index.buffer in _pending_writes:
+                    writes_before(index.buffer, node.seq)
+                indices.append((index, index_view))
+            sc = (indices, node.arg.dims)
+        core, root = _plan(root, extra_bindings=len(node.srcs) - 2)
         assert core is None
         src, bindings, n_wg, params = elementwise_kernel(root, buf, view, scatter=sc)
         _dispatch("E_scatter" if is_scatter else "E_assign", src, bindings, n_wg, params)
@@ -759,6 +899,14 @@ def _done_writing(node: Node, buf) -> None:
     """`node` (an ASSIGN, or an AFTER standing for a write another kernel did) holds buf now."""
     _unpend(node, buf)
     node.set_buffer(buf)
+
+
+def pending_writes_into(buf) -> list:
+    """The in-place writes not run yet into `buf`, in the order they were issued (a rule that
+    folds a write into the kernel reading it looks here: the write's node is not in the graph
+    when the reader reads the buffer through another tensor, as put_along_axis into a view)."""
+    with _writes_lock:
+        return [w for w in _pending_writes.get(buf, ()) if w.buffer is None]
 
 
 def pending_writes() -> list:

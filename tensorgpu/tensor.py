@@ -24,14 +24,27 @@ Scalar = Union[int, float, bool]
 
 
 def broadcast_shapes(*shapes: tuple, what: str = "broadcast") -> tuple:
+    """NumPy's broadcast_shapes: the shape arrays of these shapes broadcast to (a ValueError
+    naming them when they cannot; `what` names the operation in the message)."""
     nd = max((len(s) for s in shapes), default=0)
     out = []
     for i in range(nd):
-        dims = {s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0}
-        dims.discard(1)
-        if len(dims) > 1:
+        col = [s[len(s) - nd + i] for s in shapes if len(s) - nd + i >= 0]
+        big = [d for d in col if int(d) != 1]
+        if len({int(d) for d in big}) > 1:
             raise ValueError(f"{what}: shapes {' and '.join(str(tuple(s)) for s in shapes)} cannot be broadcast together")
-        out.append(dims.pop() if dims else 1)
+        if not big:
+            out.append(1)
+            continue
+        first = big[0]
+        if any(d is not first and not (is_symbolic(d) == is_symbolic(first) and d == first) for d in big) or \
+                any(is_symbolic(d) for d in col if int(d) == 1):
+            # a step variable's size meets another size: the broadcast holds for this value only
+            for d in col:
+                static(d)
+            out.append(int(first))
+        else:
+            out.append(first)
     return tuple(out)
 
 
@@ -57,6 +70,10 @@ def _norm_axes(axis, ndim: int) -> tuple:
 
 
 class Tensor:
+    """A lazy n-dimensional array: a graph node read through a View. Operations build graph
+    nodes and return at once; reading a value (.numpy(), .item(), printing, float(t)) computes
+    what it needs in a few fused GPU kernels. The API follows NumPy (operators, reductions,
+    indexing, np.* functions through NumPy's protocols), with torch names where NumPy has none."""
     __slots__ = ("node", "view", "__weakref__")
     __array_priority__ = 1000  # NumPy defers to our reflected operators
 
@@ -89,25 +106,19 @@ class Tensor:
 
     @staticmethod
     def from_numpy(a: np.ndarray, dtype=None) -> "Tensor":
+        """Upload host data. Without `dtype`, NumPy's types map to the stored ones: float64 ->
+        float32, signed ints -> int32, unsigned -> uint32 (a one-time DtypeConversionWarning when
+        that changes values: ints past int32, floats past float32's range). An explicit `dtype`
+        must be one tensorgpu holds (dtypes.as_dtype), and integers must fit it."""
         a = np.asarray(a)
-        d = dt.as_dtype(dtype) if dtype is not None else dt.from_numpy(a.dtype)
+        explicit = dtype is not None
+        d = dt.as_dtype(dtype) if explicit else dt.from_numpy(a.dtype)
         if d.is_quant:
             raise TypeError(f"tg.tensor cannot create {d} data from numbers; load a GGUF file or quantize with tg.save_gguf")
-        if a.dtype.kind == "c" or a.dtype.kind in "OUSV":
-            raise TypeError(f"unsupported dtype {a.dtype}: tensorgpu holds float32, float16, int32, uint32 and bool")
+        if a.dtype.kind == "c" or a.dtype.kind in "OUSVMm":
+            raise TypeError(f"unsupported dtype {a.dtype}: tensorgpu holds {dt.SUPPORTED}")
         _check_fits(a.shape, d, "tg.tensor")   # before any converted copy is made
-        if d is dt.uint32 and a.dtype.kind in "iu" and a.size and (a.max() > 2**32 - 1 or a.min() < 0):
-            raise OverflowError(f"values of {a.dtype} array do not fit uint32 (range {a.min()}..{a.max()})")
-        if d.kind in ("int", "uint") and a.dtype.kind == "f" and a.size and not np.all(np.isfinite(a)):
-            raise ValueError(f"tg.tensor: a {a.dtype} array with NaN or inf cannot become {d.name}")
-        if d is dt.bool_:
-            host = a.astype(np.bool_).astype(np.uint32)
-        elif d is dt.int32 and a.dtype.kind in "iu" and a.size and (a.max() > 2**31 - 1 or a.min() < -2**31):
-            raise OverflowError(f"values of {a.dtype} array do not fit int32 (range {a.min()}..{a.max()})")
-        else:
-            host = a.astype(d.np_dtype)
-        _check_fits(a.shape, d, "tg.tensor")
-        host = np.ascontiguousarray(host)
+        host = np.ascontiguousarray(dt.host_values(a, d, explicit))
         buf = runtime.upload(host.reshape(-1).view(np.uint8), max(host.nbytes, 4))
         t = Tensor(buffer_node(buf, a.shape, d))
         if d.kind in ("int", "uint") and host.size:
@@ -166,16 +177,50 @@ class Tensor:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        head = f"shape={self.shape}, dtype={self.dtype.name}"
-        if self.is_realized and self.size <= 10_000:
-            body = np.array2string(self.numpy(), separator=", ", prefix="tensor(")
-            return f"tensor({body}, {head})"
-        return f"Tensor({head}, {'realized' if self.is_realized else 'lazy'})"
+        """The values, as NumPy and PyTorch print them: `tensor([[1., 2.]], dtype=float32)`.
+        Computes the tensor (only the printed edges of a large one are read back: printing.py);
+        `tg.debug.describe(t)` is the cheap lazy description."""
+        from .printing import format_tensor
+        return format_tensor(self)
+
+    __str__ = __repr__
 
     def __bool__(self) -> bool:
+        """The truth of a one-element tensor (reads it back); ambiguous for other sizes, as NumPy."""
         if self.size != 1:
-            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous")
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous "
+                             "(use .any() or .all())")
         return bool(self.item())
+
+    def _scalar(self, what: str):
+        if self.size != 1:
+            raise TypeError(f"{what}() needs a tensor with exactly one element, got shape {self.shape} "
+                            f"({self.size} elements)")
+        return self.item()
+
+    def __float__(self) -> float:
+        """float(t) of a one-element tensor (reads it back)."""
+        return float(self._scalar("float"))
+
+    def __int__(self) -> int:
+        """int(t) of a one-element tensor, truncating a float toward zero (reads it back)."""
+        return int(self._scalar("int"))
+
+    def __index__(self) -> int:
+        """operator.index(t) of a 0-d integer tensor (so it can index a list or bound a slice),
+        as NumPy allows for 0-d integer arrays only."""
+        if self.ndim != 0 or self.dtype.kind not in ("int", "uint"):
+            raise TypeError(f"only 0-d integer tensors can be used as an index, got a {self.dtype.name} tensor "
+                            f"of shape {self.shape}")
+        return int(self.item())
+
+    def __format__(self, spec: str) -> str:
+        """format(t, ".3f") / f"{t:.3f}" of a one-element tensor; an empty spec is str(t)."""
+        if not spec:
+            return str(self)
+        if self.size != 1:
+            raise TypeError(f"format spec {spec!r} needs a tensor with exactly one element, got shape {self.shape}")
+        return format(self.item(), spec)
 
     def __iter__(self):
         for i in range(len(self)):
@@ -237,8 +282,21 @@ class Tensor:
         return self.numpy().tolist()
 
     def __array__(self, dtype=None, copy=None):
+        """np.asarray(t) / np.array(t): the values read back (always a fresh host array)."""
         a = self.numpy()
         return a.astype(dtype) if dtype is not None else a
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        """np.exp(t), np.add(t, x), np.add.reduce(t, axis)...: tensorgpu's own ops, returning
+        tensors (numpy_api.py lists them); other ufuncs run on the values read back."""
+        from .numpy_api import array_ufunc
+        return array_ufunc(ufunc, method, inputs, kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        """np.sum(t), np.mean(t), np.concatenate([t, u]), np.sort(t)...: tensorgpu's own ops,
+        returning tensors (numpy_api.py lists them); other functions run on the values read back."""
+        from .numpy_api import array_function
+        return array_function(func, types, args, kwargs)
 
     def contiguous(self) -> "Tensor":
         """An explicit copy into a fresh row-major buffer (a visible kernel)."""
@@ -312,6 +370,8 @@ class Tensor:
     def __rtruediv__(self, o): return self._binary(Op.DIV, o, True)
     def __pow__(self, o): return self._binary(Op.POW, o)
     def __rpow__(self, o): return self._binary(Op.POW, o, True)
+    def __floordiv__(self, o): return self._binary(Op.FLOORDIV, o)
+    def __rfloordiv__(self, o): return self._binary(Op.FLOORDIV, o, True)
     def __mod__(self, o): return self._binary(Op.MOD, o)
     def __rmod__(self, o): return self._binary(Op.MOD, o, True)
     def __lt__(self, o): return self._binary(Op.LT, o)
@@ -351,6 +411,48 @@ class Tensor:
     def floor(self): return self._unary(Op.FLOOR) if self.dtype.is_float else self
     def ceil(self): return self._unary(Op.CEIL) if self.dtype.is_float else self
 
+    def round(self, decimals: int = 0) -> "Tensor":
+        """NumPy's round: halfway values go to the even neighbour (0.5 -> 0, 1.5 -> 2, 2.5 -> 2).
+        With `decimals`, as NumPy does for float32: x * 10**d rounded, divided by 10**d
+        (negative d: divided first, multiplied after). Integer tensors are returned as they are
+        (negative decimals on integers are not supported)."""
+        if not isinstance(decimals, (int, np.integer)) or isinstance(decimals, bool):
+            raise TypeError(f"round: decimals must be an int, got {decimals!r}")
+        self._check_plain("round")
+        if not self.dtype.is_float:
+            if decimals < 0:
+                raise NotImplementedError(f"round with negative decimals ({decimals}) of a {self.dtype.name} tensor")
+            return self
+        if decimals == 0:
+            return self._unary(Op.ROUND)
+        if decimals > 0:
+            f = 10.0 ** decimals
+            return (self * f)._unary(Op.ROUND) / f
+        f = 10.0 ** -decimals
+        return (self / f)._unary(Op.ROUND) * f
+
+    def __round__(self, ndigits=None):
+        """Python's round(t) / round(t, n): a tensor, as NumPy's arrays give (not an int)."""
+        return self.round(0 if ndigits is None else ndigits)
+
+    def _float_test(self, op: Op, non_float: bool) -> "Tensor":
+        self._check_plain(op.name.lower())
+        if not self.dtype.is_float:      # integers and bools are never NaN or infinite
+            return full(self.shape, non_float, dt.bool_)
+        return self._unary(op)
+
+    def isnan(self) -> "Tensor":
+        """Elementwise: is the value NaN (bool tensor; always False for integers)."""
+        return self._float_test(Op.ISNAN, False)
+
+    def isinf(self) -> "Tensor":
+        """Elementwise: is the value +inf or -inf (bool tensor; always False for integers)."""
+        return self._float_test(Op.ISINF, False)
+
+    def isfinite(self) -> "Tensor":
+        """Elementwise: neither NaN nor infinite (bool tensor; always True for integers)."""
+        return self._float_test(Op.ISFINITE, True)
+
     def gelu(self, approximate: str = "none"):
         if approximate not in ("none", "tanh"):
             raise ValueError(f"gelu approximate must be 'none' or 'tanh', got {approximate!r}")
@@ -373,11 +475,11 @@ class Tensor:
         self._check_plain(op.name.lower())
         axes = _norm_axes(axis, self.ndim)
         src = self.astype(dt.int32) if self.dtype is dt.bool_ else self   # WGSL can't add or order bools
-        if any(self.shape[a] == 0 for a in axes) and op is not Op.SUM:
+        if any(self.shape[a] == 0 for a in axes) and op not in (Op.SUM, Op.PROD):
             raise ValueError(f"zero-size reduction ({op.name.lower()}) over axes {axes} of shape {self.shape} has no identity")
         kshape = tuple(1 if i in axes else s for i, s in enumerate(self.shape))
         rd = dt.int32 if op in (Op.ARGMAX, Op.ARGMIN) else src.dtype
-        if op is Op.SUM and src.dtype is dt.float16:
+        if op in (Op.SUM, Op.PROD) and src.dtype is dt.float16:
             rd = dt.float32
         if not axes:  # nothing to reduce (0-d tensor)
             out = Tensor(Node(Op.CAST, ((src.node, src.view),), rd, self.shape)) if op not in (Op.ARGMAX, Op.ARGMIN) \
@@ -385,7 +487,7 @@ class Tensor:
         else:
             node = Node(op, ((src.node, src.view),), rd, kshape, arg=axes)
             out = Tensor(node)
-        if op is Op.SUM and self.dtype is dt.float16:
+        if op in (Op.SUM, Op.PROD) and self.dtype is dt.float16:
             out = out.astype(dt.float16)
         if op in (Op.RMAX, Op.RMIN) and self.dtype is dt.bool_:
             out = out.astype(dt.bool_)
@@ -394,6 +496,31 @@ class Tensor:
         return out
 
     def sum(self, axis=None, keepdims: bool = False): return self._reduce(Op.SUM, axis, keepdims)
+
+    def prod(self, axis=None, keepdims: bool = False) -> "Tensor":
+        """Product over `axis` (None: all; int or tuple), as NumPy's prod: 1 for an empty
+        reduction; bool -> int32; float16 is multiplied in float32 and rounded once."""
+        return self._reduce(Op.PROD, axis, keepdims)
+
+    def _truth(self, op: Op, axis, keepdims: bool, empty: bool) -> "Tensor":
+        self._check_plain(op.name.lower())
+        b = self if self.dtype is dt.bool_ else self != 0      # NaN counts as true, as in NumPy
+        axes = _norm_axes(axis, self.ndim)
+        if any(self.shape[a] == 0 for a in axes):
+            shape = tuple(1 if i in axes else n for i, n in enumerate(self.shape)) if keepdims else \
+                tuple(n for i, n in enumerate(self.shape) if i not in axes)
+            return full(shape, empty, dt.bool_)
+        return b._reduce(op, axis, keepdims)
+
+    def any(self, axis=None, keepdims: bool = False) -> "Tensor":
+        """Whether any element along `axis` (None: all) is true / nonzero (a bool tensor; False
+        when empty). A max reduction over the values' truth, fused like every reduction."""
+        return self._truth(Op.RMAX, axis, keepdims, False)
+
+    def all(self, axis=None, keepdims: bool = False) -> "Tensor":
+        """Whether every element along `axis` (None: all) is true / nonzero (a bool tensor; True
+        when empty). A min reduction over the values' truth, fused like every reduction."""
+        return self._truth(Op.RMIN, axis, keepdims, True)
     def max(self, axis=None, keepdims: bool = False): return self._reduce(Op.RMAX, axis, keepdims)
     def min(self, axis=None, keepdims: bool = False): return self._reduce(Op.RMIN, axis, keepdims)
 
@@ -425,6 +552,47 @@ class Tensor:
         return self._reduce(op, axis, keepdims)
 
     def argmax(self, axis=None, keepdims: bool = False): return self._arg(Op.ARGMAX, axis, keepdims)
+
+    def cumsum(self, axis=None) -> "Tensor":
+        """NumPy's cumsum: running sums along `axis` (None: the flattened tensor), one scan kernel
+        (kernels/scan.py); bool counts as int32, float16 is summed in float32."""
+        from .customops import cumsum
+        return cumsum(self, axis)
+
+    def argsort(self, axis: int = -1, kind=None, descending: bool = False) -> "Tensor":
+        """Positions (int32) that sort the tensor along `axis`: NumPy's argsort with a stable
+        order whatever `kind` says (equal values keep their order), NaN last; descending=True
+        gives the largest first (NaN first). One workgroup sorts each row (kernels/sort.py):
+        rows of up to 2048 elements (a clear error beyond; topk takes longer rows)."""
+        from .customops import argsort
+        if kind not in (None, "quicksort", "mergesort", "heapsort", "stable"):
+            raise ValueError(f"argsort: unknown kind {kind!r}")
+        return argsort(self, axis, descending)
+
+    def sort(self, axis: int = -1, kind=None, descending: bool = False) -> None:
+        """In place, as NumPy's ndarray.sort: the tensor now holds its values sorted along
+        `axis` (a lazy write, like t[...] = v). tg.sort(t) returns a sorted copy instead."""
+        self[...] = sort(self, axis, kind, descending)
+
+    def topk(self, k: int, axis: int = -1, largest: bool = True, sorted: bool = True) -> tuple:  # noqa: A002
+        """(values, indices) of the k largest (smallest with largest=False) elements along `axis`,
+        largest first, as torch.topk: ties keep the lower index first, NaN counts as the largest.
+        Rows of any length (long rows are narrowed in chunks of one workgroup's sort; k at most
+        1024 then). The values are a gather of the indices, fused with what reads them."""
+        from .customops import topk
+        return topk(self, k, axis, largest)
+
+    def dot(self, other) -> "Tensor":
+        """NumPy's dot (see tg.dot)."""
+        return dot(self, other)
+
+    def ravel(self) -> "Tensor":
+        """The elements as a 1-d tensor: a view when strides allow, else a contiguous copy."""
+        return self.reshape(-1)
+
+    def copy(self) -> "Tensor":
+        """A copy in a buffer of its own (writes to either side do not show in the other)."""
+        return self.contiguous()
     def argmin(self, axis=None, keepdims: bool = False): return self._arg(Op.ARGMIN, axis, keepdims)
 
     def logsumexp(self, axis=-1, keepdims: bool = False):
@@ -482,13 +650,40 @@ class Tensor:
             raise ValueError(f"permute axes {axes} are not a permutation of {self.ndim} dims")
         return self._with_view(self.view.permute(ax))
 
-    def transpose(self, a: int = -2, b: int = -1) -> "Tensor":
-        if self.ndim < 2 and (a, b) == (-2, -1):
-            return self
-        a, b = _norm_axis(a, self.ndim), _norm_axis(b, self.ndim)
+    def transpose(self, *axes) -> "Tensor":
+        """NumPy's transpose: `t.transpose()` reverses the axes, `t.transpose(2, 0, 1)` or
+        `t.transpose((2, 0, 1))` permutes them (a view, no copy); exchanging two axes of any
+        tensor is `swapaxes(a, b)`."""
+        if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
+            axes = () if axes[0] is None else tuple(axes[0])
+        if not axes:
+            return self.permute(*reversed(range(self.ndim)))
+        if len(axes) != self.ndim:
+            raise ValueError(f"transpose: axes {axes} don't match a tensor of shape {self.shape} "
+                             f"({self.ndim} axes); use swapaxes(a, b) to exchange two axes")
+        return self.permute(*axes)
+
+    def swapaxes(self, axis1: int, axis2: int) -> "Tensor":
+        """The same tensor with two axes exchanged (a view, no copy), as NumPy's swapaxes."""
+        a, b = _norm_axis(axis1, self.ndim), _norm_axis(axis2, self.ndim)
         axes = list(range(self.ndim))
         axes[a], axes[b] = axes[b], axes[a]
         return self.permute(*axes)
+
+    def moveaxis(self, source, destination) -> "Tensor":
+        """NumPy's moveaxis: axes `source` (int or sequence) moved to `destination` (a view)."""
+        src = [source] if isinstance(source, (int, np.integer)) else list(source)
+        dst = [destination] if isinstance(destination, (int, np.integer)) else list(destination)
+        if len(src) != len(dst):
+            raise ValueError(f"moveaxis: source {source} and destination {destination} must have the same number of axes")
+        src = [_norm_axis(a, self.ndim) for a in src]
+        dst = [_norm_axis(a, self.ndim) for a in dst]
+        if len(set(src)) != len(src) or len(set(dst)) != len(dst):
+            raise ValueError(f"moveaxis: repeated axis in source {source} or destination {destination}")
+        order = [a for a in range(self.ndim) if a not in src]
+        for d, a in sorted(zip(dst, src)):
+            order.insert(d, a)
+        return self.permute(*order)
 
     def expand(self, *shape) -> "Tensor":
         shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
@@ -526,8 +721,6 @@ class Tensor:
     def _index_view(self, idx) -> View:
         if not isinstance(idx, tuple):
             idx = (idx,)
-        if any(isinstance(i, (Tensor, np.ndarray, list)) for i in idx):
-            raise TypeError("indexing with tensors/arrays/lists (advanced indexing) is not supported; use tg.nn.embedding to gather rows")
         n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
         if sum(1 for i in idx if i is Ellipsis) > 1:
             raise IndexError("an index can only have a single ellipsis ('...')")
@@ -552,22 +745,34 @@ class Tensor:
                     raise ValueError("slice step cannot be zero")
                 v = v.slice(axis, start, stop, step)
                 axis += 1
-            elif isinstance(i, (int, np.integer)) and not isinstance(i, bool):
-                n = v.shape[axis]
-                if not -n <= i < n or (is_symbolic(i) and i < 0):
-                    raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n} (shape {self.shape})")
-                guard(i, 0, n - 1, f"index along axis {axis} of a tensor of shape {self.shape}")
-                v = v.index(axis, i if is_symbolic(i) else int(i) % n)
+            elif isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)):
+                v = v.index(axis, _index_int(i, v.shape[axis], axis, self.shape))
+            elif isinstance(i, (bool, np.bool_)):
+                raise TypeError("a bool scalar index (t[True], t[False]) is not supported: use t[None] or t[:0]")
             else:
                 raise TypeError(f"unsupported index {i!r} of type {type(i).__name__}")
         return v
 
     def __getitem__(self, idx) -> "Tensor":
+        """NumPy indexing. Ints, slices, None and ... give a view (no copy, nothing runs);
+        integer arrays / lists / int tensors and boolean masks give a lazy gather
+        (tensorgpu/indexing.py: NumPy's advanced-indexing rules; a mask is read back to learn
+        the result's shape)."""
+        from .indexing import getitem, is_advanced
+        if is_advanced(idx):
+            return getitem(self, idx)
         return self._with_view(self._index_view(idx))
 
     def __setitem__(self, idx, value) -> None:
-        """In-place write, ordered after every pending read of the old contents."""
+        """In-place write, ordered after every pending read of the old contents. With integer
+        arrays or masks in the index it is a scatter (tensorgpu/indexing.py: with duplicate
+        indices one of the values lands, which one is unspecified; `t[mask] = scalar` needs no
+        readback)."""
+        from .indexing import is_advanced, setitem
         from .schedule import assign
+        if is_advanced(idx):
+            setitem(self, idx, value)
+            return
         self._check_plain("assignment")
         self._own_memory()
         target = self._index_view(idx)
@@ -667,6 +872,15 @@ class PendingRead:
             a = np.frombuffer(raw, np.uint32 if d is dt.bool_ else d.np_dtype, count=prod(self.shape))
             self._value = (a != 0 if d is dt.bool_ else a.copy()).reshape(self.shape)
         return self._value
+
+
+def _index_int(i, n: int, axis: int, shape: tuple):
+    """An integer index into an axis of length n, normalised (negative counts from the end); a
+    step variable must be in [0, n) and is re-checked on every replay of a capture."""
+    if not -n <= i < n or (is_symbolic(i) and i < 0):
+        raise IndexError(f"index {i} is out of bounds for axis {axis} with size {n} (shape {shape})")
+    guard(i, 0, n - 1, f"index along axis {axis} of a tensor of shape {shape}")
+    return i if is_symbolic(i) else int(i) % n
 
 
 def _slice_bounds(i: slice, n: int, axis: int, shape: tuple) -> tuple:
@@ -809,23 +1023,63 @@ def _as_operand(x, like: dt.DType) -> Tensor:
 
 
 def tensor(data, dtype=None) -> Tensor:
+    """A tensor of `data`: a Tensor (returned as is, or converted to `dtype`), a NumPy array,
+    nested lists or a scalar. Without `dtype`: floats become float32, ints int32, bools bool;
+    NumPy float64 / int64 arrays are stored as float32 / int32 (dtypes.from_numpy; a one-time
+    warning when that changes values). Python integers must fit int32 (an OutOfRangeError, a
+    ValueError, says how to store them otherwise). An explicit `dtype` must be one tensorgpu
+    holds: float32, float16, int32, uint32, bool (float64, int64, int8 ... are a TypeError)."""
     if isinstance(data, Tensor):
         return data.astype(dtype) if dtype is not None else data
+    d = dt.as_dtype(dtype) if dtype is not None else None      # refuse an unsupported dtype first
     if isinstance(data, (bool, np.bool_)):
         a = np.array(data)
     elif is_symbolic(data):
         # a step variable: computed on the GPU from a kernel parameter, so a capture replays it
-        d = dt.as_dtype(dtype) if dtype is not None else dt.int32
+        d = d if d is not None else dt.int32
         return Tensor.const(_cast_scalar(data, d), d).contiguous()
-    elif isinstance(data, numbers.Integral) and dtype is None:
-        a = np.array(data, np.int32) if -2**31 <= data < 2**31 else np.array(data)
-    elif isinstance(data, numbers.Real) and dtype is None:
-        a = np.array(data, np.float32)
-    else:
+    elif isinstance(data, np.ndarray) or isinstance(data, np.generic):
         a = np.asarray(data)
-        if dtype is None and a.dtype == np.float64:
+    else:
+        a = _python_data(data, d)
+        if d is None and a.dtype == np.float64:
             a = a.astype(np.float32)
-    return Tensor.from_numpy(a, dtype)
+    return Tensor.from_numpy(a, d)
+
+
+def _python_data(data, d) -> np.ndarray:
+    """Python scalars / nested sequences as a NumPy array; integers that do not fit int32 (or
+    the requested integer dtype) are refused with a message saying what to do instead."""
+    if isinstance(data, numbers.Integral) and d is None and -2**31 <= data < 2**31:
+        return np.array(data, np.int32)
+    if isinstance(data, numbers.Real) and not isinstance(data, numbers.Integral) and d is None:
+        return np.array(data, np.float32)
+    try:
+        a = np.asarray(data)
+    except OverflowError:
+        a = np.asarray(data, dtype=object)
+    big = None
+    if a.dtype == object:
+        ints = [x for x in a.reshape(-1) if isinstance(x, numbers.Integral) and not isinstance(x, bool)]
+        if ints and len(ints) == a.size:
+            big = max(ints, key=abs)
+        elif ints and all(isinstance(x, numbers.Real) for x in a.reshape(-1)):
+            a = a.astype(np.float64)       # floats and huge ints: a float array
+    elif a.dtype.kind in "iu" and a.size and (d is None or d.kind in ("int", "uint")):
+        lo, hi = (0, 2**32 - 1) if d is dt.uint32 else (-2**31, 2**31 - 1)
+        if a.min() < lo or a.max() > hi:
+            big = int(a.max()) if a.max() > hi else int(a.min())
+    if big is not None:
+        if d is not None and d.is_float:
+            return np.asarray(data, dtype=np.float64)
+        name = d.name if d is not None else "int32"
+        lo, hi = (0, 2**32 - 1) if d is dt.uint32 else (-2**31, 2**31 - 1)
+        raise dt.OutOfRangeError(
+            f"tg.tensor: the integer {big} does not fit {name} ({lo}..{hi}), "
+            f"{'the type asked for' if d is not None else 'the type tensorgpu stores Python integers in'}; "
+            "pass dtype=tg.float32 to store such values as floats"
+            + ("" if d is not None or big < 0 or big > 2**32 - 1 else ", or dtype=tg.uint32 for 2**31..2**32-1"))
+    return a
 
 
 def _shape_arg(shape) -> tuple:
@@ -841,6 +1095,8 @@ def _shape_arg(shape) -> tuple:
 
 
 def full(shape, value, dtype=None) -> Tensor:
+    """A tensor of `shape` filled with `value` (dtype from the value: bool, int32 or float32,
+    unless given). Lazy and free: a constant read by whatever uses it, no buffer."""
     shape = _shape_arg(shape)
     d = dt.as_dtype(dtype) if dtype is not None else (dt.bool_ if isinstance(value, bool) else dt.int32 if isinstance(value, int) else dt.float32)
     if d.is_quant:
@@ -867,6 +1123,7 @@ def zeros(*shape, dtype=dt.float32) -> Tensor:
 
 
 def ones(*shape, dtype=dt.float32) -> Tensor:
+    """tg.ones(2, 3), tg.ones((2, 3)) or tg.ones((2, 3), tg.float16): a constant of ones."""
     shape, dtype = _shape_and_dtype(shape, dtype, "ones")
     return full(shape, 1, dtype)
 
@@ -881,10 +1138,12 @@ def empty(*shape, dtype=dt.float32) -> Tensor:
 
 
 def zeros_like(t: Tensor, dtype=None) -> Tensor:
+    """Zeros of t's shape (and dtype, unless given)."""
     return zeros(t.shape, dtype or t.dtype)
 
 
 def ones_like(t: Tensor, dtype=None) -> Tensor:
+    """Ones of t's shape (and dtype, unless given)."""
     return ones(t.shape, dtype or t.dtype)
 
 
@@ -900,6 +1159,8 @@ def arange_start(node: Node, view: View):
 
 
 def arange(start, stop=None, step=1, dtype=None) -> Tensor:
+    """NumPy's arange: int32 for int arguments, float32 otherwise. Under tg.capture, a step
+    variable start (arange(pos, pos + T)) stays a runtime value of the captured step."""
     t = _arange(start, stop, step, dtype)
     s = 0 if stop is None else start
     if step == 1 and isinstance(s, (int, np.integer)) and t.dtype is dt.int32 and t.view.is_identity(t.node.shape):
@@ -959,6 +1220,8 @@ def randn(*shape, seed: Optional[int] = None, dtype=dt.float32) -> Tensor:
 
 
 def where(cond, a, b) -> Tensor:
+    """NumPy's where(cond, a, b): elementwise choice with broadcasting; a non-bool cond means
+    cond != 0. Fused like any elementwise op."""
     c = cond if isinstance(cond, Tensor) else tensor(cond)
     if c.dtype is not dt.bool_:
         c = c != 0
@@ -979,15 +1242,129 @@ def where(cond, a, b) -> Tensor:
                                   (tb.node, tb.view.expand(shape))), d, shape))
 
 
+def sort(a, axis: int = -1, kind=None, descending: bool = False) -> Tensor:
+    """NumPy's sort: a sorted copy along `axis` (stable; NaN last; descending=True reverses the
+    order with NaN first), the gather of `argsort`'s positions. axis=None sorts the flattened
+    tensor."""
+    t = a if isinstance(a, Tensor) else tensor(a)
+    if axis is None:
+        t, axis = t.reshape(-1), 0
+    from .indexing import take_along_axis
+    return take_along_axis(t, t.argsort(axis, kind, descending), axis)
+
+
+def argsort(a, axis: int = -1, kind=None, descending: bool = False) -> Tensor:
+    """NumPy's argsort (see Tensor.argsort); axis=None sorts the flattened tensor."""
+    t = a if isinstance(a, Tensor) else tensor(a)
+    if axis is None:
+        t, axis = t.reshape(-1), 0
+    return t.argsort(axis, kind, descending)
+
+
+def topk(a, k: int, axis: int = -1, largest: bool = True, sorted: bool = True) -> tuple:  # noqa: A002
+    """(values, indices) of the k largest (or smallest) along `axis` (see Tensor.topk)."""
+    t = a if isinstance(a, Tensor) else tensor(a)
+    return t.topk(k, axis, largest, sorted)
+
+
+def cumsum(a, axis=None) -> Tensor:
+    """NumPy's cumsum (see Tensor.cumsum)."""
+    t = a if isinstance(a, Tensor) else tensor(a)
+    return t.cumsum(axis)
+
+
+def dot(a, b) -> Tensor:
+    """NumPy's dot: a scalar times a tensor for 0-d operands; the inner product of 1-d ones;
+    matmul for 2-d (and for an N-d a with a 1-d or 2-d b); for an N-d b, a sum over a's last
+    axis and b's second-to-last: shape a.shape[:-1] + b.shape[:-2] + b.shape[-1:]. Integer and
+    bool operands give exact int32 sums (a fused multiply-and-reduce); float operands go through
+    matmul (float32 result, f32 accumulation)."""
+    a = a if isinstance(a, Tensor) else tensor(a)
+    b = b if isinstance(b, Tensor) else tensor(b)
+    if a.ndim == 0 or b.ndim == 0:
+        return a * b
+    K = a.shape[-1]
+    kb = b.shape[0] if b.ndim == 1 else b.shape[-2]
+    if K != kb:
+        raise ValueError(f"dot: shapes {a.shape} and {b.shape} not aligned: {K} (dim {a.ndim - 1}) != {kb} "
+                         f"(dim {max(b.ndim - 2, 0)})")
+    if not a.dtype.is_float and not b.dtype.is_float and not a.dtype.is_quant and not b.dtype.is_quant:
+        ia = a.astype(dt.int32) if a.dtype is dt.bool_ else a
+        ib = b.astype(dt.int32) if b.dtype is dt.bool_ else b
+        if b.ndim == 1:
+            return (ia * ib).sum(-1)
+        bm = ib.moveaxis(-2, 0)                                   # [K, *b_lead, N]
+        a_ = ia.reshape(ia.shape + (1,) * (bm.ndim - 1))           # [*a_lead, K, 1.., 1]
+        return (a_ * bm).sum(a.ndim - 1)
+    if b.ndim <= 2:
+        return matmul(a, b)
+    bm = b.moveaxis(-2, 0)
+    out = matmul(a, bm.reshape(K, -1))
+    return out.reshape(a.shape[:-1] + b.shape[:-2] + b.shape[-1:])
+
+
+def concatenate(tensors: Sequence, axis=0) -> Tensor:
+    """NumPy's concatenate: `cat` under NumPy's name; axis=None joins the flattened tensors."""
+    if axis is None:
+        return cat([(t if isinstance(t, Tensor) else tensor(t)).reshape(-1) for t in tensors], 0)
+    return cat(tensors, axis)
+
+
+def expand_dims(a, axis) -> Tensor:
+    """NumPy's expand_dims: size-1 axes inserted at `axis` (an int or a tuple, positions in the
+    result), a view."""
+    t = a if isinstance(a, Tensor) else tensor(a)
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    nd = t.ndim + len(axes)
+    norm = sorted(_norm_axis(x, nd) for x in axes)
+    if len(set(norm)) != len(norm):
+        raise ValueError(f"expand_dims: repeated axis in {axis}")
+    for x in norm:
+        t = t.unsqueeze(x)
+    return t
+
+
+def linspace(start, stop, num: int = 50, endpoint: bool = True, retstep: bool = False, dtype=None, axis: int = 0):
+    """NumPy's linspace, computed on the host in float64 and stored as float32 (or `dtype`)."""
+    d = dt.as_dtype(dtype) if dtype is not None else dt.float32
+    if not isinstance(num, (int, np.integer)) or isinstance(num, bool) or num < 0:
+        raise ValueError(f"linspace: num must be a non-negative int, got {num!r}")
+    host, step = np.linspace(np.asarray(start, np.float64), np.asarray(stop, np.float64), int(num), endpoint=endpoint,
+                             retstep=True, axis=axis)
+    if d.kind in ("int", "uint"):
+        host = np.floor(host)            # NumPy's linspace(..., dtype=int) floors
+    t = tensor(host.astype(d.np_dtype) if d is not dt.bool_ else host.astype(bool), d)
+    return (t, float(step)) if retstep else t
+
+
+def eye(N: int, M: Optional[int] = None, k: int = 0, dtype=dt.float32) -> Tensor:
+    """NumPy's eye: ones on diagonal k of an N x M matrix (lazy: computed where it is read,
+    only the row and column numbers are uploaded)."""
+    M = N if M is None else M
+    for name, v in (("N", N), ("M", M), ("k", k)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"eye: {name} must be an int, got {v!r}")
+    if N < 0 or M < 0:
+        raise ValueError(f"eye: negative dimensions are not allowed: N={N}, M={M}")
+    d = dt.as_dtype(dtype)
+    if N == 0 or M == 0:
+        return zeros((N, M), dtype=d)
+    return (arange(N).reshape(N, 1) + int(k) == arange(M).reshape(1, M)).astype(d)
+
+
 def maximum(a, b) -> Tensor:
+    """Elementwise maximum with broadcasting (NaN propagates, as NumPy's maximum)."""
     return (a if isinstance(a, Tensor) else _as_operand(a, b.dtype))._binary(Op.MAX, b)
 
 
 def minimum(a, b) -> Tensor:
+    """Elementwise minimum with broadcasting (NaN propagates, as NumPy's minimum)."""
     return (a if isinstance(a, Tensor) else _as_operand(a, b.dtype))._binary(Op.MIN, b)
 
 
 def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis (torch.cat; tg.concatenate is NumPy's name). Lazy:
+    a reader of the result reads each piece where it lies, no copy is made first."""
     tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
     if not tensors:
         raise ValueError("cat needs at least one tensor")
@@ -1009,6 +1386,7 @@ def cat(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 
 
 def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
+    """Join equally shaped tensors along a new axis (NumPy's stack)."""
     tensors = [t if isinstance(t, Tensor) else tensor(t) for t in tensors]
     if not tensors:
         raise ValueError("stack needs at least one tensor")
@@ -1023,5 +1401,108 @@ def stack(tensors: Sequence[Tensor], axis: int = 0) -> Tensor:
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """NumPy's matmul (a @ b): batched with broadcast batch dims, 1-d operands promoted;
+    float32 result with f32 accumulation; quantized weights as `x @ w.T`."""
     from .customops import matmul as _mm
     return _mm(a, b)
+
+
+# ---------------------------------------------------------------------- method docstrings
+# The one-line methods above (operators, elementwise math, views) are documented here, in one
+# table, rather than each inside its one-liner.
+_UNARY_DOC = "Elementwise {} (NumPy's np.{}); int and bool tensors are computed in float32."
+_METHOD_DOCS = {
+    "__add__": "a + b, elementwise with broadcasting; Python scalars are weakly typed (NumPy 2 promotion).",
+    "__radd__": "b + a (a Python scalar or array on the left).",
+    "__sub__": "a - b, elementwise with broadcasting.",
+    "__rsub__": "b - a (a Python scalar or array on the left).",
+    "__mul__": "a * b, elementwise with broadcasting.",
+    "__rmul__": "b * a (a Python scalar or array on the left).",
+    "__truediv__": "a / b: true division (integers give float32).",
+    "__rtruediv__": "b / a (a Python scalar or array on the left).",
+    "__pow__": "a ** b (integer powers of integers stay integer, as NumPy).",
+    "__rpow__": "b ** a (a Python scalar or array on the left).",
+    "__floordiv__": "a // b: NumPy's floor division (rounds toward -inf for negatives; integer division by zero gives 0).",
+    "__rfloordiv__": "b // a (a Python scalar or array on the left).",
+    "__mod__": "a % b: NumPy's remainder (the sign of b).",
+    "__rmod__": "b % a (a Python scalar or array on the left).",
+    "__lt__": "a < b, elementwise (a bool tensor).",
+    "__le__": "a <= b, elementwise (a bool tensor).",
+    "__gt__": "a > b, elementwise (a bool tensor).",
+    "__ge__": "a >= b, elementwise (a bool tensor).",
+    "__eq__": "a == b, elementwise (a bool tensor, as NumPy; not an identity test).",
+    "__ne__": "a != b, elementwise (a bool tensor; NaN != NaN).",
+    "__and__": "a & b: logical and of bool tensors.",
+    "__or__": "a | b: logical or of bool tensors.",
+    "__invert__": "~a: logical not of a bool tensor.",
+    "__neg__": "-a (wraps for uint32, as NumPy).",
+    "__pos__": "+a: the tensor itself.",
+    "__abs__": "abs(a), elementwise.",
+    "__matmul__": "a @ b: NumPy's matmul (see tg.matmul).",
+    "__rmatmul__": "b @ a (an array on the left).",
+    "__len__": "The length of the first axis (a TypeError for a 0-d tensor).",
+    "__iter__": "Iterate over the first axis (views, no copies).",
+    "__del__": "Release this wrapper's hold on its node (its buffer goes back to the pool when unused).",
+    "abs": "Elementwise absolute value (np.abs).",
+    "exp": _UNARY_DOC.format("e**x", "exp"),
+    "log": _UNARY_DOC.format("natural logarithm", "log"),
+    "sqrt": _UNARY_DOC.format("square root", "sqrt"),
+    "rsqrt": "Elementwise 1 / sqrt(x); int and bool tensors are computed in float32.",
+    "sin": _UNARY_DOC.format("sine", "sin"),
+    "cos": _UNARY_DOC.format("cosine", "cos"),
+    "tanh": _UNARY_DOC.format("hyperbolic tangent", "tanh"),
+    "erf": "Elementwise error function (scipy.special.erf); computed in float32.",
+    "sigmoid": "Elementwise 1 / (1 + exp(-x)); computed in float32.",
+    "relu": "Elementwise max(x, 0).",
+    "silu": "Elementwise x * sigmoid(x) (SiLU / swish); computed in float32.",
+    "reciprocal": "Elementwise 1 / x (np.reciprocal for floats); integers give float32.",
+    "floor": "Elementwise floor (np.floor); integer tensors are returned as they are.",
+    "ceil": "Elementwise ceiling (np.ceil); integer tensors are returned as they are.",
+    "gelu": "GELU: x * Phi(x) with erf, or approximate='tanh' for the tanh form.",
+    "maximum": "Elementwise maximum with another tensor or scalar (NaN propagates).",
+    "minimum": "Elementwise minimum with another tensor or scalar (NaN propagates).",
+    "clip": "NumPy's clip: values limited to [min, max] (either may be None).",
+    "sum": "Sum over `axis` (None: all; int or tuple), NumPy's sum; float16 sums in float32, bool as int32.",
+    "max": "Maximum over `axis` (None: all), NumPy's max; NaN propagates.",
+    "min": "Minimum over `axis` (None: all), NumPy's min; NaN propagates.",
+    "mean": "Mean over `axis` (None: all), NumPy's mean (integers give float32; empty gives NaN).",
+    "var": "Variance over `axis` with `ddof` (NumPy's var), two-pass: sum((x - mean)**2) / (n - ddof).",
+    "std": "Standard deviation over `axis` with `ddof` (NumPy's std).",
+    "argmax": "Index (int32) of the maximum along `axis` (None: the flattened tensor); the first NaN wins.",
+    "argmin": "Index (int32) of the minimum along `axis` (None: the flattened tensor); the first NaN wins.",
+    "logsumexp": "log(sum(exp(x))) along `axis`, stable (the maximum is subtracted first).",
+    "softmax": "Softmax along `axis` (a one-pass row kernel for the last axis).",
+    "log_softmax": "log(softmax(x)) along `axis`, stable.",
+    "reshape": "NumPy's reshape (one -1 allowed): a view when strides allow, else a visible contiguous copy.",
+    "view_as": "reshape to another tensor's shape.",
+    "flatten": "torch's flatten: axes start_dim..end_dim merged into one (a view when strides allow).",
+    "permute": "The axes in a new order (a view); NumPy's transpose(axes).",
+    "expand": "Broadcast to a larger shape (-1 keeps a dimension): a view with stride 0, no copy.",
+    "broadcast_to": "NumPy's broadcast_to: a view with stride 0 along the broadcast axes.",
+    "squeeze": "Remove axes of length 1 (all of them, or those in `axis`): a view.",
+    "unsqueeze": "Insert an axis of length 1 at `axis`: a view (NumPy: expand_dims).",
+    "split": "torch's split: pieces of a given size (or a list of sizes) along `axis`, as views.",
+    "chunk": "torch's chunk: `chunks` nearly equal views along `axis`.",
+    "numpy": "The values as a NumPy array (computes the tensor; quantized types are dequantized).",
+    "item": "The value of a one-element tensor as a Python scalar.",
+    "tolist": "The values as nested Python lists (NumPy's tolist).",
+    "astype": "A converted copy (lazy): floats to ints truncate toward zero, NaN to bool is True; the same dtype is returned as is.",
+    "const": "A constant tensor of `value` (no buffer: it is a literal or parameter of the kernels reading it).",
+}
+_PROPERTY_DOCS = {
+    "shape": "The tensor's dimensions, a tuple of ints.",
+    "ndim": "The number of dimensions.",
+    "size": "The number of elements.",
+    "numel": "The number of elements (torch's name).",
+    "dtype": "The element type (tg.float32, tg.float16, tg.int32, tg.uint32, tg.bool, or a GGML block type).",
+    "strides": "Strides of the view in elements (not bytes, unlike NumPy).",
+    "T": "The axes reversed (a view), NumPy's .T.",
+    "is_realized": "Whether the value is computed (held in a buffer) or a constant.",
+}
+for _name, _doc in _METHOD_DOCS.items():
+    _f = Tensor.__dict__[_name]
+    (_f.__func__ if isinstance(_f, staticmethod) else _f).__doc__ = _doc
+for _name, _doc in _PROPERTY_DOCS.items():
+    _p = Tensor.__dict__[_name]
+    setattr(Tensor, _name, property(_p.fget, _p.fset, _p.fdel, _doc))
+del _name, _doc, _f, _p

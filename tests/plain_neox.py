@@ -53,9 +53,9 @@ class PlainNeoX:
             h = self.ln(x, f"{b}.attn_norm")
             qkv = tg.nn.linear(h, self.p(f"{b}.attn_qkv.weight"), self.p(f"{b}.attn_qkv.bias"))
             qkv = qkv.reshape(T, 3, self.H, self.D)
-            q = tg.nn.rope(qkv[:, 0], positions, self.rot, self.base).transpose(0, 1)   # [H, T, D]
-            k = tg.nn.rope(qkv[:, 1], positions, self.rot, self.base).transpose(0, 1)
-            v = qkv[:, 2].transpose(0, 1)
+            q = tg.nn.rope(qkv[:, 0], positions, self.rot, self.base).swapaxes(0, 1)   # [H, T, D]
+            k = tg.nn.rope(qkv[:, 1], positions, self.rot, self.base).swapaxes(0, 1)
+            v = qkv[:, 2].swapaxes(0, 1)
             kc, vc = cache[i]
             if grow:
                 kc = tg.cat([kc, k], axis=1).contiguous()
@@ -67,7 +67,7 @@ class PlainNeoX:
                 vc[:, pos:pos + T] = v
                 keys, values = kc[:, :pos + T], vc[:, :pos + T]
             a = tg.nn.scaled_dot_product_attention(q, keys, values, causal=True)    # [H, T, D]
-            a = a.transpose(0, 1).reshape(T, self.C)
+            a = a.swapaxes(0, 1).reshape(T, self.C)
             attn = tg.nn.linear(a, self.p(f"{b}.attn_output.weight"), self.p(f"{b}.attn_output.bias"))
             if self.parallel:
                 x = x + attn + self.mlp(self.ln(x, f"{b}.ffn_norm"), b)

@@ -158,6 +158,24 @@ def test_batched_kv_cache_write_under_capture():
         check(cache, ref)
 
 
+def test_batched_kv_cache_write_under_capture_with_the_batch_as_an_int():
+    """B a step variable: cache[:B] broadcasts against pos's length, so the trace is kept per B."""
+    cache = tg.tensor(np.zeros((S, H, L, D), np.float32))
+    ref = np.zeros((S, H, L, D), np.float32)
+
+    @tg.capture
+    def write(pos, k, B):
+        tg.put_along_axis(cache[:B], pos[:, None, None, None], k[:, :, None, :], axis=2)
+
+    for B in (3, 3, 2, 3):
+        pos = (np.arange(B) + B).astype(np.int32)
+        k = rng.standard_normal((B, H, D)).astype(np.float32)
+        write(tg.tensor(pos), tg.tensor(k), B)
+        ref = _kv_ref(ref, pos, k)
+        check(cache, ref)
+    assert len(write.traces) == 2        # one signature per pos length, each specialized to its B
+
+
 def test_kv_write_ordering_with_reads_and_slice_writes():
     base = rng.standard_normal((S, H, L, D)).astype(np.float32)
     cache = tg.tensor(base)

@@ -231,3 +231,49 @@ def test_stop_text_never_shows_a_stop_string(pieces, stops, shown):
     st = StopText(stops)
     out = "".join(st.add(p) for p in pieces) + st.finish()
     assert out == shown == st.shown
+
+
+@pytest.mark.parametrize("B", [4, 1])
+@pytest.mark.parametrize("path", ["tiny-neox/tiny-neox-q8_0.gguf", "tiny-llama/tiny-llama-q8_0.gguf",
+                                  "tiny-qwen2/tiny-qwen2-q8_0.gguf"])
+def test_batched_step_attention_is_one_dispatch_per_layer(path, B, monkeypatch):
+    """The engine's decode step (the model's own forward over slotted caches, positions an int32
+    [B] tensor): per layer ONE attention kernel (rope, both cache writes, `pos + 1`, attention and
+    combine in one dispatch, by the fuse_batched_decode_attention rule) and the other kernels
+    those of the same step with that rule off (B = 1 too, where the one-row GEMV rules stack the
+    projections first), with the same logits and caches (the first layer's byte for byte: later
+    layers' inputs differ by the attention's summation order)."""
+    import os
+
+    import models
+    from tensorgpu import rewrites
+    m = models.load(os.path.join(os.path.dirname(models.__file__), path))
+    L = m.config.n_layer
+    ids = np.array([5, 17, 3, 9], np.int32)[:B]
+    pos = np.array([70, 3, 0, 64], np.int32)[:B]        # a short row, rows across a 64-key split boundary
+    runs = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(rewrites, "RULES", [r for r in rewrites.RULES
+                                                    if r is not rewrites.fuse_batched_decode_attention])
+        engine = Engine(m, max_batch=4, max_context=128)
+        before = tg.debug.stats().get("rule_fuse_batched_decode_attention", 0)
+        with tg.debug.kernel_log() as log:
+            logits = m.forward(tg.tensor(ids), tg.tensor(pos), engine.cache).numpy()
+        fired = tg.debug.stats().get("rule_fuse_batched_decode_attention", 0) - before
+        caches = [c.numpy().astype(np.float32) for kv in engine.cache for c in kv]
+        runs.append(([e.name.split("[")[0] for e in log], logits, caches, fired))
+    (fused, lf, cf, n_fired), (plain, lp, cp, _) = runs
+    pieces = ("rope", "E_scatter", "attention", "attention_combine", "E_add_cast", "E_cast")
+    attn = [nm for nm in fused if nm.startswith("attention_decode")]
+    assert n_fired == L and len(attn) == L and set(attn) <= {"attention_decode_batch", "attention_decode_gqa_batch"}
+    assert not [nm for nm in fused if nm in pieces], fused
+    # everything else is the same step: the 7 attention dispatches per layer (8 where the k row is
+    # first copied out of the stacked projection) became the one
+    assert [nm for nm in fused if nm not in attn] == [nm for nm in plain if nm not in pieces], (fused, plain)
+    assert len(plain) - len(fused) >= 6 * L, (fused, plain)
+    np.testing.assert_allclose(lf, lp, rtol=1e-4, atol=1e-4 * np.abs(lp).max())
+    np.testing.assert_array_equal(cf[0], cp[0])
+    np.testing.assert_array_equal(cf[1], cp[1])
+    for a, b in zip(cf, cp):
+        np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())

@@ -369,3 +369,172 @@ def test_rope_attention_decode_gqa_errors():
         rope_attention_decode(out, kc, vc, q, 0, 1, H, D, D, max_ctx, k=q, v=k, n_kv_heads=Hkv)
     with pytest.raises(ValueError, match="n_kv_heads"):
         rope_attention_decode(out, kc, vc, q, 0, 1, H, D, D, max_ctx, n_kv_heads=Hkv)
+
+
+# ----------------------------------------------------------------------------- fused decode step, a batch
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+def _ref_batched_decode(K, V, q, k, v, pos, rot, mode, ff=None):
+    """NumPy: row b ropes q[b], k[b] to pos[b], writes k/v at row pos[b] of slot b (a negative
+    position counting from the end, as np.put_along_axis; outside [-L, L) nothing), attends over
+    the slot's first pos[b] + 1 rows (GQA: query head h reads KV head h // (H / Hkv)). Updates
+    K, V [S, Hkv, L, D] in place; returns out [B, H, D]."""
+    B, H, D = q.shape
+    Hkv, L = K.shape[1], K.shape[2]
+    out = np.zeros((B, H, D))
+    for b in range(B):
+        p = int(pos[b])
+        kr = _ref_rope_mode_ff(k[b], p, rot, mode, ff)
+        if -L <= p < L:
+            K[b, :, p % L] = kr.astype(K.dtype)
+            V[b, :, p % L] = v[b].astype(V.dtype)
+        n = max(0, min(p + 1, L))
+        if n == 0:
+            continue
+        qr = _ref_rope_mode_ff(q[b], p, rot, mode, ff)[:, None, :]
+        Kb = np.repeat(K[b, :, :n].astype(np.float64), H // Hkv, 0)
+        Vb = np.repeat(V[b, :, :n].astype(np.float64), H // Hkv, 0)
+        out[b] = ref_attention(qr, Kb, Vb, n)[:, 0]
+    return out
+
+
+def _ref_rope_mode_ff(x, pos, rot, mode, ff=None):
+    from tensorgpu.kernels.rope import scaled_inv_freq
+    ang = (np.float32(pos) * scaled_inv_freq(rot, 10000.0, ff)).astype(np.float64)
+    c, s = np.cos(ang), np.sin(ang)
+    y = x.astype(np.float64).copy()
+    if mode == "neox":
+        i, j = np.arange(rot // 2), np.arange(rot // 2) + rot // 2
+    else:
+        i, j = np.arange(0, rot, 2), np.arange(1, rot, 2)
+    a, b = y[..., i].copy(), y[..., j].copy()
+    y[..., i] = a * c - b * s
+    y[..., j] = b * c + a * s
+    return y
+
+
+def _run_batched_decode(B, S, H, Hkv, D, rot, L, pos, cache_dtype, mode, block, ff, f16_inputs=False):
+    """One batched rope_attention_decode call on random inputs; returns (got, want, K/V on the
+    GPU, K/V of NumPy)."""
+    K = rng.standard_normal((S, Hkv, L, D)).astype(cache_dtype)
+    V = rng.standard_normal((S, Hkv, L, D)).astype(cache_dtype)
+    kc, vc = runtime.upload(K), runtime.upload(V)
+    out = runtime.Buffer(4 * B * H * D)
+    xdt = np.float16 if f16_inputs else np.float32
+    pb = runtime.upload(np.asarray(pos, np.int32))
+    cd = dtypes.from_numpy(cache_dtype)
+    with tg_debug.kernel_log() as log:
+        if block:   # one [B, 3, H, D] block inside a bigger row (an offset and a row stride)
+            big = rng.standard_normal((B, 3 * H * D + 4)).astype(xdt)
+            qkv = big[:, 4:].reshape(B, 3, H, D)
+            rope_attention_decode(out, kc, vc, Base(big).view(qkv), pb, None, H, D, rot, L, cache_dtype=cd, mode=mode,
+                                  freq_factors=ff)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        else:       # LLaMA's own projections: q [B, H, D], k and v slices of one [B, 2 * Hkv * D + 2] row
+            qa = rng.standard_normal((B, H, D)).astype(xdt)
+            kv = rng.standard_normal((B, 2 + 2 * Hkv * D)).astype(xdt)
+            k, v = kv[:, 2:2 + Hkv * D].reshape(B, Hkv, D), kv[:, 2 + Hkv * D:].reshape(B, Hkv, D)
+            kvb = Base(kv)
+            rope_attention_decode(out, kc, vc, Base(qa).whole(), pb, None, H, D, rot, L, cache_dtype=cd, mode=mode,
+                                  k=kvb.view(k), v=kvb.view(v), n_kv_heads=Hkv, freq_factors=ff)
+            q = qa
+    assert [e.name.split("[")[0] for e in log] == ["attention_decode_batch" if block else "attention_decode_gqa_batch"]
+    got = read_f32(out, B * H * D, (B, H, D))
+    want = _ref_batched_decode(K, V, q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), pos, rot,
+                               mode, ff)
+    Kg = np.frombuffer(runtime.read(kc), cache_dtype).reshape(K.shape)
+    Vg = np.frombuffer(runtime.read(vc), cache_dtype).reshape(V.shape)
+    return got, want, (Kg, Vg), (K, V)
+
+
+def _check_batched(got, want, gpu, ref, cache_dtype):
+    np.testing.assert_allclose(got, want, atol=2e-5 if cache_dtype == np.float32 else 2e-3, rtol=2e-4)
+    np.testing.assert_array_equal(gpu[1], ref[1])                   # V rows: a plain copy (cast)
+    np.testing.assert_allclose(gpu[0].astype(np.float64), ref[0].astype(np.float64),
+                               atol=2e-3 if cache_dtype == np.float16 else 2e-6)
+
+
+_BATCH_CASES = [
+    (3, 4, 4, 4, 32, 16, 200, (0, 130, 63)),          # short, split and chunk-edge positions
+    (5, 5, 4, 2, 16, 16, 70, (69, 1, 64, 10, 0)),     # GQA, the last row of the cache
+    (2, 6, 6, 3, 8, 4, 9, (8, 3)),                     # tiny head, slots past B untouched
+    (4, 4, 8, 1, 64, 64, 130, (-1, 130, -131, 129)),  # negative / past-the-end positions
+    (1, 2, 4, 2, 32, 32, 40, (17,)),                   # one sequence
+]
+
+
+@pytest.mark.parametrize("B,S,H,Hkv,D,rot,L,pos,block",
+                         [c + (blk,) for c in _BATCH_CASES for blk in (True, False) if not blk or c[2] == c[3]],
+                         ids=str)
+@pytest.mark.parametrize("cache_dtype", [np.float16, np.float32], ids=["f16", "f32"])
+def test_rope_attention_decode_batch(paths, B, S, H, Hkv, D, rot, L, pos, block, cache_dtype):
+    """B sequences in one dispatch: row b ropes to its own position, writes K/V row pos[b] of
+    cache slot b only (other slots and rows untouched) and attends over that slot's first
+    pos[b] + 1 rows, against NumPy; with the q/k/v block (heads equal) or separate q, k, v."""
+    mode = "normal" if D % 16 else "neox"
+    got, want, gpu, ref = _run_batched_decode(B, S, H, Hkv, D, rot, L, pos, cache_dtype, mode, block, None)
+    _check_batched(got, want, gpu, ref, cache_dtype)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_rope_attention_decode_batch_random(data):
+    """Random batch sizes, slot counts, heads (GQA), head sizes, rope modes and frequency factors,
+    positions anywhere in the cache, f16/f32 caches and f16/f32 inputs."""
+    B = data.draw(st.integers(1, 6), "B")
+    S = B + data.draw(st.integers(0, 2), "extra slots")
+    Hkv = data.draw(st.sampled_from([1, 2, 3]), "Hkv")
+    H = Hkv * data.draw(st.sampled_from([1, 2, 4]), "group")
+    D = data.draw(st.sampled_from([8, 16, 32, 64]), "D")
+    rot = data.draw(st.sampled_from([r for r in (4, 8, D // 2, D) if r <= D and r % 2 == 0]), "rot")
+    L = data.draw(st.integers(2, 150), "L")
+    pos = data.draw(st.lists(st.integers(-2, L), min_size=B, max_size=B), "pos")
+    block = data.draw(st.booleans(), "block") and H == Hkv
+    mode = data.draw(st.sampled_from(["neox", "normal"]), "mode")
+    cache_dtype = data.draw(st.sampled_from([np.float16, np.float32]), "cache")
+    ff = (1 + 3 * rng.random(rot // 2)).astype(np.float32) if data.draw(st.booleans(), "ff") else None
+    got, want, gpu, ref = _run_batched_decode(B, S, H, Hkv, D, rot, L, pos, cache_dtype, mode, block, ff,
+                                              f16_inputs=data.draw(st.booleans(), "f16 inputs"))
+    _check_batched(got, want, gpu, ref, cache_dtype)
+
+
+def test_rope_attention_decode_batch_of_one_is_the_one_sequence_step():
+    """B = 1 with kv_len=None computes what the one-sequence kernel does with kv_len = pos + 1:
+    the same bytes in the output and both caches."""
+    H, D, rot, L, pos = 4, 32, 16, 100, 70
+    qkv = rng.standard_normal((1, 3, H, D)).astype(np.float32)
+    K0 = rng.standard_normal((H, L, D)).astype(np.float16)
+    outs = []
+    for batched in (False, True):
+        kc, vc = runtime.upload(K0), runtime.upload(K0[::-1].copy())
+        out = runtime.Buffer(4 * H * D)
+        pb = runtime.upload(np.array([pos], np.int32))
+        rope_attention_decode(out, kc, vc, Base(qkv).whole(), pb, None if batched else runtime.upload(
+            np.array([pos + 1], np.int32)), H, D, rot, L)
+        outs.append([runtime.read(b) for b in (out, kc, vc)])
+    assert outs[0] == outs[1]
+
+
+def test_rope_attention_decode_batch_errors():
+    B, H, D, L = 3, 4, 16, 8
+    kc, vc = runtime.Buffer(2 * B * H * L * D), runtime.Buffer(2 * B * H * L * D)
+    out = runtime.Buffer(4 * B * H * D)
+    qkv = Base(np.zeros((B, 3, H, D), np.float32)).whole()
+    pb = runtime.upload(np.zeros(B, np.int32))
+    with pytest.raises(ValueError, match="positions must be a Buffer holding 3 int32"):
+        rope_attention_decode(out, kc, vc, qkv, runtime.upload(np.zeros(2, np.int32)), None, H, D, D, L)
+    with pytest.raises(ValueError, match="positions must be a Buffer"):
+        rope_attention_decode(out, kc, vc, qkv, 0, None, H, D, D, L)
+    with pytest.raises(ValueError, match="qkv has shape"):      # one length for 3 sequences: not this kernel
+        rope_attention_decode(out, kc, vc, qkv, pb, runtime.upload(np.ones(1, np.int32)), H, D, D, L)
+    with pytest.raises(ValueError, match="k_cache"):           # caches of 2 slots for 3 sequences
+        rope_attention_decode(out, runtime.Buffer(2 * 2 * H * L * D), vc, qkv, pb, None, H, D, D, L)
+    with pytest.raises(ValueError, match="out"):
+        rope_attention_decode(runtime.Buffer(4 * H * D), kc, vc, qkv, pb, None, H, D, D, L)
+    q = Base(np.zeros((B, H, D), np.float32)).whole()
+    k = Base(np.zeros((B - 1, 2, D), np.float32)).whole()
+    with pytest.raises(ValueError, match="k has shape"):
+        rope_attention_decode(out, kc, vc, q, pb, None, H, D, D, L, k=k, v=k, n_kv_heads=2)

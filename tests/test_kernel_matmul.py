@@ -427,3 +427,273 @@ def test_errors_name_shapes():
     bad = Operand(b.buffer, F32, (4, 5), (5, 1), 3)   # runs past the buffer's 20 elements
     with pytest.raises(ValueError, match="reaches elements"):
         mm.matmul(out, op(rand(2, 4)), bad)
+
+
+# ----------------------------------------------------------------------------- small-M tiles (batched decode)
+
+SMALL_TILES = [(16, 64), (16, 128), (32, 64), (32, 128)]
+OLD_TILES = ((128, 128), (128, 64), (64, 128), (64, 64))
+PYTHIA_NK = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)]   # pythia-1.4b's linears, (N, K)
+
+
+class BiasResidual:
+    """Hand-written Epilogue: out = acc + bias[n] + res[i] (a linear layer's bias and the residual
+    stream, as the model's output projections fuse them)."""
+
+    def __init__(self, bias: np.ndarray, res: np.ndarray):
+        self.bias, self.res = bias.astype(np.float32), res.astype(np.float32)
+        self.N = len(bias)
+        self.operands = [op(self.bias), op(self.res)]
+
+    def wgsl(self, first_binding: int) -> str:
+        return (f"@group(0) @binding({first_binding}) var<storage, read> ep_bias: array<f32>;\n"
+                f"@group(0) @binding({first_binding + 1}) var<storage, read> ep_res: array<f32>;\n"
+                f"fn epilogue(acc: f32, i: u32) -> f32 {{ return acc + ep_bias[i % {self.N}u] + ep_res[i]; }}\n")
+
+    def ref(self, x):
+        return x + self.bias.astype(np.float64) + self.res.astype(np.float64).reshape(x.shape)
+
+
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("layout", ["NT", "TN", "NN", "TT"])
+@pytest.mark.parametrize("da,db", [(np.float32, np.float32), (np.float16, np.float16), (np.float32, np.float16)],
+                         ids=["f32", "f16", "f32xf16"])
+def test_small_tiles_layouts_and_dtypes(paths, tuning, tile, layout, da, db):
+    """Every 16/32-row tile on every operand layout (vector loads along K, along M/N, scalar),
+    f32 and f16 (shader-f16 and packed), M and N not multiples of the tile (2 row tiles for M),
+    K not a multiple of 16."""
+    tuning["tile_mn"] = tile
+    M, N, K = tile[0] + 5, tile[1] + 12, 52
+    av, ao, bv, bo = make(M, K, N, ta=layout[0] == "T", tb=layout[1] == "T", da=da, db=db)
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.info["tile"] == tile and launch.info["block"] == mm.TILE_BLOCKS[tile]
+    assert launch.info["threads"] == 128 and "@workgroup_size(128)" in launch.wgsl
+
+
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("M,N,K", [(1, 3, 5), (7, 33, 19), (16, 64, 64), (33, 130, 100)])
+def test_small_tiles_odd_edges(tuning, tile, M, N, K):
+    """Odd M / N / K (scalar loads and stores where K or N is odd), one row, exact multiples."""
+    tuning["tile_mn"] = tile
+    av, ao, bv, bo = make(M, K, N, tb=True)
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.info["tile"] == tile
+
+
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+@pytest.mark.parametrize("split", [1, 3])
+def test_small_tiles_epilogues(paths, tuning, tile, split):
+    """bias + gelu and bias + residual epilogues, in the store (no split) or in the split-K
+    reduce pass (3 partials, the last one short: K = 136 is 5 steps of bk_small = 32, the last
+    partial, and 9 steps of 16)."""
+    tuning.update(tile_mn=tile, split_k=split)
+    M, N, K = 2 * tile[0] - 3, 90, 136
+    av, ao, bv, bo = make(M, K, N, tb=True, db=np.float16)
+    for ep in (BiasGelu(rand(N)), BiasResidual(rand(N), rand(M, N))):
+        launch = run(av, ao, bv, bo, epilogue=ep, force="tiled", ref_fn=ep.ref)
+        assert launch.info["tile"] == tile and launch.info["split"] == split
+        assert len(launch.extra) == (split > 1)
+
+
+@pytest.mark.parametrize("tile,block", [((16, 64), (1, 4)), ((16, 64), (4, 4)), ((16, 128), (1, 8)),
+                                        ((16, 128), (4, 4)), ((32, 64), (2, 4)), ((32, 128), (2, 8)),
+                                        ((32, 128), (8, 8)), ((64, 64), (8, 4))], ids=str)
+@pytest.mark.parametrize("layout", ["NT", "TN"])
+def test_register_blocks(tuning, tile, block, layout):
+    """TUNING["tile_blocks"]: 1, 2, 4 and 8 rows per thread (a's shared tile as f32, vec2, vec4
+    elements; two vec4 reads for 8), 4 or 8 columns, 32..256 threads."""
+    tuning.update(tile_mn=tile, tile_blocks=((tile, block),))
+    M, N, K = tile[0] + 3, tile[1] + 4, 40
+    av, ao, bv, bo = make(M, K, N, ta=layout[0] == "T", tb=layout[1] == "T")
+    launch = run(av, ao, bv, bo, force="tiled")
+    threads = (tile[0] // block[0]) * (tile[1] // block[1])
+    assert launch.info["block"] == block and launch.info["threads"] == threads
+    assert f"@workgroup_size({threads})" in launch.wgsl and f"_r{block[0]}x{block[1]}_" in launch.name
+
+
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_small_tiles_batched_and_aliased(tuning, tile):
+    """A batch of products (b broadcast with stride 0), and a and b views of one buffer (scalar loads)."""
+    tuning["tile_mn"] = tile
+    A, W = Base(rand(3, 20, 24)), Base(rand(36, 24, dtype=np.float16))
+    wv = np.broadcast_to(W.arr.T, (3, 24, 36))
+    run(A.arr, A.view(A.arr), wv, W.view(wv), force="tiled")
+    X = Base(rand(tile[0] + 40, 32))
+    av, bv = X.arr[:tile[0] - 1], X.arr[tile[0]:tile[0] + 40].T
+    run(av, X.view(av), bv, X.view(bv), force="tiled")
+
+
+def _plan_info(M, N, K, wdt=F16, **knobs):
+    """The tiled plan of x [M, K] f32 @ w.T (w [N, K] of wdt), under knobs: (tile, split, kernel name)."""
+    a = Operand(runtime.Buffer(M * K * 4), F32, (M, K), (K, 1), 0)
+    b = Operand(runtime.Buffer(N * K * wdt.itemsize), wdt, (K, N), (1, K), 0)
+    with debug.tuning(mm.TUNING, **knobs):
+        launch = mm.plan(runtime.Buffer(M * N * 4), a, b, force="tiled")
+    return launch.info["tile"], launch.info["split"], launch.name
+
+
+@pytest.mark.parametrize("M", [16, 32, 64])
+@pytest.mark.parametrize("N,K", PYTHIA_NK, ids=str)
+def test_cost_model_small_m_at_pythia_shapes(M, N, K):
+    """Batched decode of B = 16/32/64 sequences at pythia-1.4b's linears (plan only; nothing runs),
+    what the H200 small-M sweep measured best: B = 16 and 32 take a tile of exactly B rows (the
+    64-row choice before them was 1.2-1.6x slower), with no more split-K partials than it and a
+    workgroup count that fills the GPU (128..512); B = 64 keeps the 64-row tiles."""
+    (tm, tn), split, _ = _plan_info(M, N, K)
+    (old_tm, old_tn), old_split, _ = _plan_info(M, N, K, tile_candidates=OLD_TILES)
+    tiles = (M // tm) * -(-N // tn)
+    assert old_tm == 64 and 128 <= tiles * split <= 512, (tm, tn, split)
+    if M < 64:
+        assert tm == M and split <= old_split
+    else:
+        assert (tm, tn, split) == (old_tm, old_tn, old_split)
+
+
+@pytest.mark.parametrize("M", [65, 96, 128, 256, 512, 1024, 2048])
+@pytest.mark.parametrize("N,K", PYTHIA_NK + [(4096, 4096), (11008, 4096), (4096, 11008), (64, 64), (131, 45)], ids=str)
+def test_cost_model_prefill_unchanged(M, N, K):
+    """Past small_tile_max_m rows the small tiles are no candidates: prefill plans exactly the
+    kernel it did with the 64/128 tiles alone."""
+    assert _plan_info(M, N, K) == _plan_info(M, N, K, tile_candidates=OLD_TILES)
+
+
+def test_tile_candidates_still_choose_the_split():
+    """One candidate tile (a benchmark sweep) keeps the planned split-K; tile_mn forces no split."""
+    assert _plan_info(16, 2048, 2048, tile_candidates=((16, 128),))[:2] == ((16, 128), 8)
+    assert _plan_info(16, 2048, 2048, tile_mn=(16, 128))[:2] == ((16, 128), 1)
+
+
+@pytest.mark.parametrize("knobs,match", [
+    ({"tile_mn": (48, 64)}, r"output tile 48x64 is not one of.*16x64"),
+    ({"tile_mn": (16, 32)}, r"output tile 16x32"),
+    ({"tile": 32}, r"output tile 32x32"),
+    ({"tile_candidates": ((16, 256),)}, r"output tile 16x256.*tile_candidates"),
+    ({"tile_mn": (16, 64), "tile_blocks": (((16, 64), (3, 4)),)}, r"register block 3x4 for output tile 16x64"),
+    ({"tile_mn": (16, 64), "tile_blocks": (((16, 64), (2, 2)),)}, r"register block 2x2"),
+    ({"tile_mn": (16, 64), "tile_blocks": (((16, 64), (8, 8)),)}, r"8x8 .* \(this gives 16\)"),
+    ({"tile_eff": ((64, 64, 0.6),), "tile_candidates": ((16, 64),)}, r"16x64, which has no TUNING\['tile_eff'\]"),
+    ({"bk_small": 6}, r"TUNING\['bk_small'\] = 6.*multiple of 4"),
+    ({"tile_mn": (64, 64), "bk": 0}, r"TUNING\['bk'\] = 0"),
+])
+def test_bad_tile_knobs_name_the_knob(knobs, match):
+    with pytest.raises(ValueError, match=match):
+        _plan_info(20, 64, 64, **knobs)
+
+
+@pytest.mark.parametrize("bk_small", [8, 16, 32, None])
+def test_bk_small_is_the_small_tiles_k_step(tuning, bk_small):
+    """The 16/32-row tiles stage K in steps of bk_small (None: bk); the 64/128-row tiles keep bk."""
+    tuning["bk_small"] = bk_small
+    av, ao, bv, bo = make(20, 72, 40, tb=True)
+    want = bk_small or mm.TUNING["bk"]
+    launch = run(av, ao, bv, bo, force="tiled")
+    assert launch.info["tile"][0] in (16, 32) and launch.info["bk"] == want and f"_k{want}" in launch.name
+    assert _plan_info(512, 2048, 2048)[2] == _plan_info(512, 2048, 2048, bk_small=8)[2]
+
+
+@pytest.mark.parametrize("bk", [16, 32, 64])
+def test_tile_fits_shared_memory_by_its_footprint(bk):
+    """A forced 128x128 tile stays 128x128 while a [bk x 128] + [bk x 128] f32 stage fits the
+    adapter's workgroup storage, and falls back to 64x64 past it."""
+    fits = bk * 256 * 4 <= runtime.get_device().max_workgroup_storage
+    assert _plan_info(200, 200, 256, tile_mn=(128, 128), bk=bk)[0] == ((128, 128) if fits else (64, 64))
+
+
+def test_split_partials_fit_one_binding(tuning):
+    """The split-K partials (S copies of the output, one scratch binding) never pass the adapter's
+    max_storage_buffer_binding_size: a prefill whose wave-quantization term asks for 2 splits of a
+    big output (2048 x 11008, LLaMA-7B's mlp up) takes fewer where they would not fit, and a
+    forced split_k is clamped the same way (plan only; nothing runs)."""
+    lim = runtime.get_device().max_binding_size
+    M, N, K = 2048, 11008, 4096
+    cap = max(1, lim // (M * N * 4))
+    _, split, _ = _plan_info(M, N, K)
+    assert split <= cap
+    _, forced, _ = _plan_info(M, N, K, split_k=8)
+    assert forced == min(8, cap)
+
+
+# ----------------------------------------------------------------------------- stacked right operands
+
+
+def run_stacked(a_view, a_op, parts, epilogue=None, ref_fn=None):
+    """mm.plan with b_parts: a @ [b_0 | b_1 | ...] against NumPy (same tolerance as `run`)."""
+    Ns = [bv.shape[1] for bv, _ in parts]
+    M, N = a_view.shape[0], sum(Ns)
+    out = runtime.Buffer(M * N * 4)
+    launch = mm.plan(out, a_op, parts[0][1], epilogue, b_parts=[(bo, None) for _, bo in parts[1:]])
+    runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+    for e in launch.extra:
+        runtime.dispatch(*e)
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+    a64 = a_view.astype(np.float64)
+    b64 = np.concatenate([bv.astype(np.float64) for bv, _ in parts], axis=1)
+    ref, bound = a64 @ b64, RTOL * (np.abs(a64) @ np.abs(b64)) + 1e-6
+    if ref_fn is not None:
+        ref, bound = ref_fn(ref), bound * 2 + 1e-5
+    err = np.abs(got - ref)
+    assert np.all(err <= bound), f"{launch.name}: max err {err.max()}"
+    return launch
+
+
+@pytest.mark.parametrize("M,K,Ns", [(40, 64, (128, 128, 64)), (130, 96, (256, 128)), (17, 48, (128, 128, 7)),
+                                    (200, 2048 // 16, (384, 128, 128))], ids=str)
+@pytest.mark.parametrize("db", [np.float32, np.float16], ids=["f32", "f16"])
+def test_stacked_parts(paths, M, K, Ns, db):
+    """Two or three weights [N_j, K] read as w.T side by side: one tiled kernel writing
+    [M, sum(N_j)] (the last part's columns need not fill a tile), f32 and f16 weights, both
+    code paths."""
+    a = rand(M, K)
+    parts = []
+    for n in Ns:
+        W = Base(rand(n, K, dtype=db))
+        parts.append((W.arr.T, W.view(W.arr.T)))
+    launch = run_stacked(a, op(a), parts)
+    assert launch.kind == "tiled" and launch.name.endswith(f"_x{len(Ns)}")
+    assert len(launch.bindings) == 2 + len(Ns)           # out (or the partials), a, each weight
+
+
+@pytest.mark.parametrize("tile,split", [((128, 128), 1), ((64, 128), 3), ((64, 64), 2), ((16, 64), 1)], ids=str)
+def test_stacked_tiles_split_k_and_epilogue(tuning, tile, split):
+    """Forced tile shapes and split-K (the reduce pass applies the epilogue over the stacked
+    columns); a strided x."""
+    tuning.update(tile_mn=tile, split_k=split)
+    M, K, Ns = 67, 160, (128, 128, 40)
+    X = Base(rand(M, 2 * K))
+    av = X.arr[:, ::2]
+    parts = [(W.arr.T, W.view(W.arr.T)) for W in (Base(rand(n, K)) for n in Ns)]
+    ep = BiasGelu(rand(sum(Ns)))
+    launch = run_stacked(av, X.view(av), parts, epilogue=ep, ref_fn=ep.ref)
+    assert launch.info["tile"] == tile and launch.info["split"] == split
+
+
+def test_stacked_parts_of_other_alignment_load_one_way():
+    """A part at an odd element offset cannot take vector loads: every part then loads
+    scalars (one shared-memory layout), with the same values."""
+    M, K, Ns = 33, 64, (128, 64)
+    W0 = Base(rand(Ns[0], K))
+    W1 = Base(rand(Ns[1] * K + 1))
+    w1 = W1.arr[1:].reshape(Ns[1], K)
+    a = rand(M, K)
+    launch = run_stacked(a, op(a), [(W0.arr.T, W0.view(W0.arr.T)), (w1.T, W1.view(w1.T))])
+    assert launch.info["modes"][1] == "s", launch.name
+    launch = run_stacked(a, op(a), [(W0.arr.T, W0.view(W0.arr.T)), (W0.arr[:64].T, W0.view(W0.arr[:64].T))])
+    assert launch.info["modes"][1] == "vk", launch.name
+
+
+def test_stacked_errors_name_the_operand():
+    a = op(rand(20, 32))
+    W = [Base(rand(n, 32)) for n in (100, 128)]
+    bs = [w.view(w.arr.T) for w in W]
+    out = runtime.Buffer(20 * 228 * 4)
+    with pytest.raises(ValueError, match=r"multiple of 128"):
+        mm.plan(out, a, bs[0], b_parts=[(bs[1], None)])
+    with pytest.raises(ValueError, match="tiled path only"):
+        mm.plan(out, a, bs[1], force="gemv_k", b_parts=[(bs[0], None)])
+    h = Base(rand(64, 32, dtype=np.float16))
+    with pytest.raises(TypeError, match=r"b_parts\[0\]"):
+        mm.plan(out, a, bs[1], b_parts=[(h.view(h.arr.T), None)])
+    with pytest.raises(ValueError, match=r"\[K, N_j\]"):
+        mm.plan(out, a, bs[1], b_parts=[(op(rand(16, 64)), None)])
+    with pytest.raises(ValueError, match="output buffer holds"):
+        mm.plan(runtime.Buffer(64), a, bs[1], b_parts=[(bs[0], None)])

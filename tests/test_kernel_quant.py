@@ -409,3 +409,112 @@ def test_one_row_takes_decode_gemv(dt):
     t = _rng.standard_normal((K, 3)).astype(np.float32)
     assert run_matmul(dt, t.T[:1], 9).info.get("kernel") is None
     assert run_matmul(dt, x.repeat(2, 0), 9).info.get("kernel") is None
+
+
+# ----------------------------------------------------------------------------- small-M tiles (batched decode)
+
+SMALL_TILES = [(16, 64), (16, 128), (32, 64), (32, 128)]
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+@pytest.mark.parametrize("tile", SMALL_TILES, ids=lambda t: f"{t[0]}x{t[1]}")
+def test_small_tiles_every_format(mm_tuning, dt, tile):
+    """Every block type through each 16/32-row tile of the decoding binding: M and N not multiples
+    of the tile (two row tiles), a bias + gelu epilogue in the split-K reduce pass (2 splits) and in
+    the store (no split); bf16 with a K that is no multiple of 16."""
+    K = 512 if dt.block_size == 256 else 160
+    if dt is dtypes.bfloat16:
+        K = 203
+    M, N = tile[0] + 3, tile[1] + 9
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raw = random_blocks(dt, N * K // dt.block_size)
+    for split in (2, 1):
+        mm_tuning.update(tile_mn=tile, split_k=split)
+        launch = run_matmul(dt, x, N, epilogue=ep, ep_ref=ep.ref(bias), raw=raw, force="tiled")
+        assert launch.kind == "tiled" and launch.info["tile"] == tile and launch.info["split"] == split
+        assert len(launch.passes) == split and dt.name in launch.passes[0][0]
+
+
+@pytest.mark.parametrize("dt", KEY, ids=lambda d: d.name)
+@pytest.mark.parametrize("tile,block", [((16, 128), None), ((32, 64), None), ((16, 64), (1, 4))], ids=str)
+def test_small_tiles_x16_paths(paths, mm_tuning, dt, tile, block):
+    """f16 x (array<f16> / packed u32 words) through the small tiles, one row of x (M = 1), odd N,
+    a bias + gelu epilogue; a 1-row register block (a's shared tile as f32) too."""
+    mm_tuning.update(tile_mn=tile, tile_blocks=((tile, block),) if block else None)
+    K = 512 if dt.block_size == 256 else 96
+    N = 21
+    bias = _rng.standard_normal(N).astype(np.float32)
+    ep = BiasGelu(bias)
+    for M in (1, 2 * tile[0] - 1):
+        x = _rng.standard_normal((M, K)).astype(np.float32)
+        launch = run_matmul(dt, x, N, xdt=F16, epilogue=ep, ep_ref=ep.ref(bias), force="tiled")
+        assert launch.info["tile"] == tile
+
+
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0, dtypes.q4_k], ids=lambda d: d.name)
+@pytest.mark.parametrize("M", [16, 32, 64])
+@pytest.mark.parametrize("N,K", [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)], ids=str)
+def test_small_m_plans_at_pythia_shapes(mm_tuning, dt, M, N, K):
+    """Batched decode through the decoding binding (plan only): the float planner's choice, so
+    16/32 rows take a tile of exactly that many rows (64 rows: the 64-row tiles) and no shape
+    wastes rows."""
+    x = Operand(runtime.Buffer(M * K * 4), F32, (M, K), (K, 1), 0)
+    w = runtime.Buffer(quant.quant_nbytes(dt, N * K))
+    launch = quant.plan_matmul(runtime.Buffer(M * N * 4), x, w, dt, N, K, force="tiled")
+    tm, tn = launch.info["tile"]
+    assert M % tm == 0 and (M == 64 or tm == M)
+    assert 128 <= -(-N // tn) * (M // tm) * launch.info["split"] <= 512
+
+
+# ----------------------------------------------------------------------------- stacked weights
+
+
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+def test_stacked_matmul_every_format(dt):
+    """Several GGUF weights of one format side by side in one tiled matmul (LLaMA's q, k, v):
+    x @ [W_0 | W_1 | W_2].T against the dequantized weights, the last part's columns not a
+    multiple of the tile; each extra weight's decoders are renamed copies reading its own array."""
+    K = 512 if dt.block_size == 256 else 192
+    if dt is dtypes.bfloat16:
+        K = 200
+    M, Ns = 37, (128, 128, 41)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raws = [random_blocks(dt, n * K // dt.block_size) for n in Ns]
+    W = np.concatenate([ref_dequant(dt, r)[:n * K].reshape(n, K) for r, n in zip(raws, Ns)]).astype(np.float64)
+    xop, _ = x_operand(x)
+    out = runtime.Buffer(M * sum(Ns) * 4)
+    launch = quant.plan_stacked_matmul(out, xop, [runtime.upload(r) for r in raws], dt, Ns, K)
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    ref = x.astype(np.float64) @ W.T
+    got = read_f32(out, M * sum(Ns)).reshape(M, sum(Ns))
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max(), launch.passes[0][0]
+    assert launch.kind == "tiled" and launch.passes[0][0].endswith("_x3")
+    assert "W1" in launch.passes[0][1] and "W2" in launch.passes[0][1]
+
+
+def test_stacked_matmul_split_k_epilogue_and_errors(mm_tuning):
+    dt, K, M, Ns = dtypes.q8_0, 256, 50, (128, 64)
+    mm_tuning.update(split_k=2)
+    x = _rng.standard_normal((M, K)).astype(np.float32)
+    raws = [random_blocks(dt, n * K // 32) for n in Ns]
+    W = np.concatenate([ref_dequant(dt, r).reshape(n, K) for r, n in zip(raws, Ns)]).astype(np.float64)
+    bias = _rng.standard_normal(sum(Ns)).astype(np.float32)
+    ep = BiasGelu(bias)
+    xop, _ = x_operand(x)
+    out = runtime.Buffer(M * sum(Ns) * 4)
+    wbufs = [runtime.upload(r) for r in raws]
+    launch = quant.plan_stacked_matmul(out, xop, wbufs, dt, Ns, K, ep)
+    assert len(launch.passes) == 2
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    ref = ep.ref(bias)(x.astype(np.float64) @ W.T)
+    assert np.abs(read_f32(out, M * sum(Ns)).reshape(M, -1) - ref).max() <= RTOL * np.abs(ref).max()
+    with pytest.raises(ValueError, match="weight 1"):
+        quant.plan_stacked_matmul(out, xop, [wbufs[0], runtime.upload(raws[1][:64])], dt, Ns, K)
+    with pytest.raises(ValueError, match="K=250"):
+        quant.plan_stacked_matmul(out, xop, wbufs, dt, Ns, 250)
+    with pytest.raises(ValueError, match="one each"):
+        quant.plan_stacked_matmul(out, xop, wbufs[:1], dt, Ns[:1], K)

@@ -1,6 +1,8 @@
 """tg.nn.sample_rows (kernels/sampling.py, "many rows") against sample_rows_reference (float64
 NumPy): one token per row, every row with its own temperature / top_k / top_p / min_p / u, the
 log-softmax of the choice and of the top-N, and the in-place count bump."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -233,6 +235,30 @@ def test_min_p_edges():
     assert set(over.tolist()) == {0}                 # min_p > 1: the first is always kept
     off = check(np.tile(l, (B, 1)), [1.0] * B, [0] * B, [1.0] * B, [0.0] * B, us)
     assert set(off.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_u_zero_picks_the_first_id_with_a_weight_above_flt_min():
+    """The row hypothesis found (V = 300 > KCAP, T = 0.0625, k = 0, p = 1, no min_p, u = 0): the
+    draw is the first id with a nonzero weight. Ids 0 and 1 have weights 3.7e-51 and 4.7e-54
+    (nonzero in float64, 0 in float32), id 2 has 2.7e-38. Weights below 2^-126 count as 0 in the
+    kernel and the reference alike, so both pick id 2 (the reference used to pick 0)."""
+    d = np.load(Path(__file__).parent / "data" / "sample_rows_u0_underflow.npz")
+    l, T = d["logits"], float(d["temperature"][0])
+    w = np.exp((l.astype(np.float64) - l.max()) / T)
+    assert l.shape == (300,) and 0 < w[0] < 2.0**-149 and 0 < w[1] < 2.0**-149 and 2.0**-126 <= w[2] < 1e-37
+    assert sample_row_reference(l, T, 0, 1.0, 0.0, 0.0) == 2
+    B = 3                                   # u = 0, the smallest subnormal u, and one past the first weight
+    U = np.array([0.0, 1e-45, 3e-38], F32)      # u * sum(w) = 3.4e-38 passes w[2]
+    tok = check(np.tile(l, (B, 1)), [T] * B, [0] * B, [1.0] * B, [0.0] * B, U)
+    assert list(tok) == [2, 2, 3]
+    # a subnormal float32 weight (exp(-92) = 1.1e-40) counts as 0 whether or not the GPU flushes
+    # subnormals, on the id-order walk (V > KCAP) and on the sorted candidates (top_k = 300)
+    l2 = np.full(300, -200.0, F32)
+    l2[0], l2[5], l2[7] = -92.0, 0.0, -1.0
+    for k in (0, 300):
+        assert sample_row_reference(l2, 1.0, k, 1.0, 0.0, 0.0) == 5
+        tok, *_ = gpu(l2[None], [1.0], [k], [1.0], [0.0], [0.0])
+        assert tok[0] == 5, k
 
 
 def test_top_k_one_is_argmax_whatever_u():

@@ -1,4 +1,6 @@
 """On-GPU sampling against sample_reference (float64 NumPy) for the same uniform number."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -146,3 +148,15 @@ def test_greedy_on_all_nan_logits_is_minus_one():
     row = np.arange(300, dtype=np.float32)
     row[7] = nan
     assert int(tg.nn.sample(tg.tensor(row)).numpy()[0]) == 299
+
+
+def test_u_zero_ignores_weights_below_flt_min():
+    """u = 0 draws the first id with a nonzero weight; weights below 2^-126 count as 0 (in float32
+    they are subnormal or underflow, and GPUs differ on subnormals). The row is the one
+    test_kernel_sample_rows found: ids 0 and 1 weigh < 2^-149, id 2 weighs 2.7e-38."""
+    d = np.load(Path(__file__).parent / "data" / "sample_rows_u0_underflow.npz")
+    l, T = d["logits"], float(d["temperature"][0])
+    assert gpu_pick(l, temperature=T, rand=0.0) == sample_reference(l, T, 0, 1.0, 0.0) == 2
+    l2 = np.array([-92.0, 0.0, -1.0], np.float32)      # exp(-92) = 1.1e-40: a subnormal weight
+    assert gpu_pick(l2, temperature=1.0, rand=0.0) == sample_reference(l2, 1.0, 0, 1.0, 0.0) == 1
+    assert gpu_pick(l2, temperature=1.0, top_p=0.9999, rand=0.9999999) == sample_reference(l2, 1.0, 0, 0.9999, 0.9999999) == 2

@@ -119,6 +119,33 @@ def test_decode_step_kernels_per_layer(models, name):
     assert len(names) == 5 * L + 4, names
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_prompt_kernels_per_layer(models, name):
+    """A prompt forward (32 tokens, the last row's logits) of plain LLaMA / Qwen2 code: each
+    RMSNorm one row kernel (schedule.RowCores), q, k and v one matmul (stack_sibling_matmuls,
+    Qwen2's biases in its store), rope(q), rope(k) and both cache writes one rope_kv_write
+    (fuse_rope_cache_write_gqa); per layer norm, qkv, rope_kv_write, attention (+ its
+    combine), output, norm, gate, up, down (+ its split-K reduce): 10-11 dispatches (was 18).
+    The final norm and the vocabulary projection run for the last row only, as one GEMV
+    (rows_before_linear, fold_rms_norm_into_gemv)."""
+    m = models(name, "q8_0")
+    cache = m.new_cache(64)
+    T = 32
+    ids = tg.tensor((np.arange(T) * 7 % m.config.n_vocab).astype(np.int32))
+    with tg.debug.kernel_log() as log:
+        m.forward(ids, 0, cache)[T - 1:T].contiguous().numpy()
+    names = [e.name.split("[")[0] for e in log]
+    L = m.config.n_layer
+    assert names[0].startswith("embedding") and names[-1] == "gemv_rms_q8_0", names
+    layers = names[1:-1]
+    assert layers.count("rope_kv_write") == L and layers.count("attention_tiled") == L, names
+    assert sum(n.startswith("RE_") for n in layers) == 2 * L, names              # the two norms
+    assert not any(n.startswith(("R_", "E_", "rope")) and n != "rope_kv_write" for n in layers), names
+    mm = [n for n in layers if n.startswith("matmul") and not n.startswith("matmul_splitk_reduce")]
+    assert sum(n.endswith("_x3") for n in mm) == L and len(mm) == 5 * L, names   # qkv o gate up down
+    assert len(layers) <= 11 * L, names
+
+
 # ----------------------------------------------------------------------------- quantized files vs NumPy
 
 

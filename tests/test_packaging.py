@@ -37,12 +37,19 @@ def _lines(value: str) -> list[str]:
 
 # --- setup.cfg ------------------------------------------------------------------
 
-def test_wgsl_is_package_data():
+def test_wgsl_and_the_default_model_are_package_data():
     cfg = _setup_cfg()
     assert "*.wgsl" in cfg.get("options.package_data", "tensorgpu.kernels").split()
-    include = _lines(cfg.get("options.packages.find", "include"))
-    assert "tensorgpu" in include and "tensorgpu.*" in include
-    assert "models" in include
+    data = cfg.get("options.package_data", "tensorgpu_models").split()
+    assert data == ["tiny-neox/tiny-neox-q8_0.gguf"] and (ROOT / "models" / data[0]).is_file()
+    from models.tools.common import DEFAULT_MODEL
+    assert DEFAULT_MODEL == ROOT / "models" / data[0]   # found beside the package, installed or not
+
+
+def test_console_script():
+    cfg = _setup_cfg()
+    scripts = _lines(cfg.get("options.entry_points", "console_scripts"))
+    assert scripts == ["tensorgpu = tensorgpu_models.cli:main"]
 
 
 def test_kernels_dir_is_a_package_if_it_has_wgsl():
@@ -68,21 +75,51 @@ def test_install_requires_and_extras():
     assert "slow" in cfg.get("tool:pytest", "markers")
 
 
-def test_setuptools_finds_packages():
-    setupcfg = pytest.importorskip("setuptools.config.setupcfg")
-    old = os.getcwd()
-    os.chdir(ROOT)  # find: and file: are resolved relative to the cwd
+def _setup_py_arguments() -> dict:
+    """What setup.py hands to setuptools.setup() (run with setup() recorded, not executed)."""
+    import runpy
+    import setuptools
+    got = {}
+    old_setup, old_cwd = setuptools.setup, os.getcwd()
+    setuptools.setup = lambda **kw: got.update(kw)
+    os.chdir(ROOT)          # find_packages looks in the cwd
     try:
-        conf = setupcfg.read_configuration("setup.cfg")
+        runpy.run_path(str(ROOT / "setup.py"), run_name="__main__")
     finally:
-        os.chdir(old)
-    packages = set(conf["options"]["packages"])
-    assert "models" in packages
-    if (ROOT / "tensorgpu" / "__init__.py").is_file():
-        assert "tensorgpu" in packages
-        if (ROOT / "tensorgpu" / "kernels" / "__init__.py").is_file():
-            assert "tensorgpu.kernels" in packages
+        setuptools.setup = old_setup
+        os.chdir(old_cwd)
+    return got
+
+
+def test_models_installs_as_tensorgpu_models():
+    """models/ is the package `tensorgpu_models` once installed (no top-level `models` to collide
+    with other projects'), every sub-package of it included; tensorgpu keeps its name."""
+    kw = _setup_py_arguments()
+    packages, package_dir = set(kw["packages"]), kw["package_dir"]
+    assert package_dir == {"tensorgpu_models": "models"}
+    assert not any(p == "models" or p.startswith("models.") for p in packages)
+    models = ROOT / "models"
+    want = {"tensorgpu_models"} | {"tensorgpu_models." + ".".join(d.relative_to(models).parts)
+                                   for d in models.rglob("*") if d.is_dir() and (d / "__init__.py").is_file()}
+    assert want <= packages and "tensorgpu_models.tools" in packages
+    assert {"tensorgpu", "tensorgpu.kernels"} <= packages
     assert not any(p.startswith(("tests", "benchmarks")) for p in packages)
+    assert "packages" not in _setup_cfg()["options"]   # one place says what is installed: setup.py
+
+
+def test_models_imports_itself_relatively():
+    """`from models.x import` inside models/ would break the installed tensorgpu_models."""
+    import ast
+    offenders = []
+    for path in (ROOT / "models").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            if any(n == "models" or n.startswith("models.") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"absolute imports of `models` in {offenders}: use relative imports"
+    from models.registry import MODELS
+    assert all(spec.startswith(".") for spec in MODELS.values())
 
 
 # --- README / make / CI --------------------------------------------------------
@@ -152,3 +189,18 @@ def test_nothing_reads_shared_folder():
             if pattern.search(path.read_text(encoding="utf-8", errors="replace")):
                 offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, f"these files refer to the shared folder: {offenders}"
+
+
+def test_tiny_neox_readme_lists_exactly_the_files_here(tiny_neox_dir):
+    """models/tiny-neox/README.md's file table names every file of the folder, with its size."""
+    text = (tiny_neox_dir / "README.md").read_text(encoding="utf-8")
+    table = text.split("What this folder holds in the repository:", 1)[1].split("\n\n", 2)[1]
+    listed = {}
+    for row in table.splitlines()[2:]:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        names = re.findall(r"`([^`]+)`", cells[0])
+        sizes = [int(x.replace(",", "")) for x in re.findall(r"[\d,]+", cells[1])] or [None] * len(names)
+        listed.update(zip(names, sizes))
+    present = {str(p.relative_to(tiny_neox_dir)): p.stat().st_size for p in tiny_neox_dir.rglob("*") if p.is_file()}
+    assert set(listed) == set(present)
+    assert {k: v for k, v in listed.items() if v is not None} == {k: present[k] for k, v in listed.items() if v}

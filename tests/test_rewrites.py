@@ -162,9 +162,9 @@ def _decode_layer(x, qkv_w, cache_k, cache_v, pos, positions, H, D, rot):
     qkv = tg.nn.linear(x, qkv_w).reshape(T, 3, H, D)
     q = tg.nn.rope(qkv[:, 0], positions, rot)
     k = tg.nn.rope(qkv[:, 1], positions, rot)
-    cache_k[:, pos:pos + T] = k.transpose(0, 1)
-    cache_v[:, pos:pos + T] = qkv[:, 2].transpose(0, 1)
-    return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
+    cache_k[:, pos:pos + T] = k.swapaxes(0, 1)
+    cache_v[:, pos:pos + T] = qkv[:, 2].swapaxes(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), cache_k[:, :pos + T], cache_v[:, :pos + T])
 
 
 def _np_rope(x, p, rot, base=10000.0):
@@ -382,9 +382,9 @@ def test_fuse_decode_attention_gqa(mode, Hkv, bias, cache_dtype, with_ff):
         positions = tg.arange(pos, pos + 1)
         q = tg.nn.rope(q, positions, rot, mode=mode, freq_factors=ff)
         k = tg.nn.rope(k, positions, rot, mode=mode, freq_factors=ff)
-        ck[:, pos:pos + 1] = k.transpose(0, 1)
-        cv[:, pos:pos + 1] = v.transpose(0, 1)
-        return tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, pos:pos + 1] = k.swapaxes(0, 1)
+        cv[:, pos:pos + 1] = v.swapaxes(0, 1)
+        return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
 
     cap = tg.capture(step)
     K, V = np.zeros((Hkv, max_ctx, D)), np.zeros((Hkv, max_ctx, D))
@@ -429,9 +429,9 @@ def test_fuse_decode_attention_gqa_checks_the_pattern():
         kp = tg.arange(pos + 1, pos + 2) if case == "k_positions" else tg.arange(pos, pos + 1)
         k = tg.nn.rope(k, kp, rot, freq_factors=np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None)
         w = pos + 1 if case == "row" else pos
-        ck[:, w:w + 1] = k.transpose(0, 1)
-        cv[:, w:w + 1] = v.transpose(0, 1)
-        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, w:w + 1] = k.swapaxes(0, 1)
+        cv[:, w:w + 1] = v.swapaxes(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         with tg.debug.kernel_log() as log:
             y.numpy()
         assert "attention_decode_gqa" not in names(log), (case, names(log))
@@ -561,9 +561,9 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         pos = 3
         q = tg.nn.rope(tg.nn.linear(x, wq).reshape(1, H, D), tg.arange(pos, pos + 1), rot, mode="normal")
         k = tg.nn.rope(tg.nn.linear(x, wk).reshape(1, Hkv, D), tg.arange(pos, pos + 1), rot, mode="normal")
-        ck[:, pos:pos + 1] = k.transpose(0, 1)
-        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).transpose(0, 1)
-        y = tg.nn.scaled_dot_product_attention(q.transpose(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
+        ck[:, pos:pos + 1] = k.swapaxes(0, 1)
+        cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).swapaxes(0, 1)
+        y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         old = runtime.OPTIONS.max_storage_buffers
         if limit:
             runtime.OPTIONS.max_storage_buffers = limit
@@ -575,3 +575,491 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         assert ("attention_decode_gqa" in names(log)) == (limit is None), names(log)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _prompt_attention(x, ws, bs, ck, cv, pos, T, H, Hkv, D, rot, mode, ff, positions=None, row=None):
+    """LLaMA-style plain code for T prompt tokens: separate q/k/v linears (biases optional),
+    rope, slice-assignment cache writes, grouped-query attention over cache[:, :pos + T]."""
+    q = tg.nn.linear(x, ws[0], bs[0]).reshape(T, H, D)
+    k = tg.nn.linear(x, ws[1], bs[1]).reshape(T, Hkv, D)
+    v = tg.nn.linear(x, ws[2], bs[2]).reshape(T, Hkv, D)
+    p = tg.arange(pos, pos + T)
+    q = tg.nn.rope(q, p, rot, mode=mode, freq_factors=ff)
+    k = tg.nn.rope(k, p if positions is None else positions, rot, mode=mode, freq_factors=ff)
+    w = pos if row is None else row
+    ck[:, w:w + T] = k.swapaxes(0, 1)
+    cv[:, w:w + T] = v.swapaxes(0, 1)
+    return tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+
+
+@pytest.mark.parametrize("mode", ["normal", "neox"])
+@pytest.mark.parametrize("Hkv,bias,cache_dtype", [(2, False, tg.float16), (1, True, tg.float32), (4, True, tg.float16)],
+                         ids=str)
+@pytest.mark.parametrize("with_ff", [False, True], ids=["", "freq_factors"])
+def test_fuse_rope_cache_write_gqa(mode, Hkv, bias, cache_dtype, with_ff):
+    """A prompt of LLaMA / Qwen2 plain code (separate q/k/v linears, rope in either mode, with or
+    without frequency factors, fewer KV heads, slice-assignment cache writes after earlier rows):
+    rope(q), rope(k) and both cache writes are ONE rope_kv_write kernel, under tg.capture with
+    the position a step variable too; the attention output and both caches as NumPy says, rows
+    outside the prompt untouched."""
+    H, D, rot, max_ctx, C, T = 4, 32, 16, 24, 128, 5
+    ws, (Wq, Wk, Wv) = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    bq, bk, bv = (rng.standard_normal(n).astype(np.float32) for n in (H * D, Hkv * D, Hkv * D))
+    B = (tg.tensor(bq), tg.tensor(bk), tg.tensor(bv)) if bias else (None, None, None)
+    ff = (1 + 7 * rng.random(rot // 2)).astype(np.float32) if with_ff else None
+    ck = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+    cv = tg.zeros((Hkv, max_ctx, D), cache_dtype).contiguous().realize()
+    K, V = np.zeros((Hkv, max_ctx, D)), np.zeros((Hkv, max_ctx, D))
+    cap = tg.capture(lambda x, pos: _prompt_attention(x, ws, B, ck, cv, pos, T, H, Hkv, D, rot, mode, ff))
+    G = H // Hkv
+    for step, pos in enumerate((0, T, 2 * T)):
+        x = rng.standard_normal((T, C)).astype(np.float32)
+        if step == 2:     # eagerly, the same kernels
+            with tg.debug.kernel_log() as log:
+                got = _prompt_attention(tg.tensor(x), ws, B, ck, cv, pos, T, H, Hkv, D, rot, mode, ff).numpy()
+        else:
+            with tg.debug.kernel_log() as log:
+                got = cap(tg.tensor(x), pos).numpy()
+        if step != 1:     # (step 1 replays the trace)
+            assert names(log).count("rope_kv_write") == 1, names(log)
+            assert not any(n in ("rope", "E_assign") for n in names(log)), names(log)
+        q = (x @ Wq.T + (bq if bias else 0)).reshape(T, H, D)
+        k = (x @ Wk.T + (bk if bias else 0)).reshape(T, Hkv, D)
+        v = (x @ Wv.T + (bv if bias else 0)).reshape(T, Hkv, D)
+        for t in range(T):
+            K[:, pos + t] = _np_rope_mode(k[t], pos + t, rot, mode, ff=ff)
+            V[:, pos + t] = v[t]
+        L = pos + T
+        Kr, Vr = np.repeat(K[:, :L], G, 0), np.repeat(V[:, :L], G, 0)
+        qr = np.stack([_np_rope_mode(q[t], pos + t, rot, mode, ff=ff) for t in range(T)], 1)   # [H, T, D]
+        s = np.einsum("htd,hkd->htk", qr, Kr) / np.sqrt(D)
+        s = np.where(np.arange(L)[None, None, :] <= pos + np.arange(T)[None, :, None], s, -np.inf)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        want = np.einsum("htk,hkd->htd", p / p.sum(-1, keepdims=True), Vr)
+        tol = 2e-3 if cache_dtype is tg.float16 else 1e-4
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ck.numpy()[:, :3 * T], K[:, :3 * T], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cv.numpy()[:, :3 * T], V[:, :3 * T], rtol=2e-3, atol=2e-3)
+    assert np.all(ck.numpy()[:, 3 * T:] == 0) and np.all(cv.numpy()[:, 3 * T:] == 0)
+
+
+def test_fuse_rope_cache_write_gqa_checks_the_pattern():
+    """Near misses keep their rope and cache-write kernels, with the values of the plain code:
+    k roped at other positions than q, cache rows other than the rope positions, k with
+    frequency factors q has not."""
+    H, Hkv, D, rot, max_ctx, C, T, pos = 4, 2, 16, 16, 16, 64, 3, 2
+    ws, _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    x = tg.tensor(rng.standard_normal((T, C)).astype(np.float32))
+    for case in ("k_positions", "row", "k_ff"):
+        outs = []
+        for fused in (True, False):
+            ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+            cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+            kp = tg.arange(pos + 1, pos + 1 + T) if case == "k_positions" else None
+            row = pos + 1 if case == "row" else None
+            if fused:
+                ff = np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None
+                q = tg.nn.rope(tg.nn.linear(x, ws[0]).reshape(T, H, D), tg.arange(pos, pos + T), rot, mode="normal")
+                k = tg.nn.rope(tg.nn.linear(x, ws[1]).reshape(T, Hkv, D), kp if kp is not None else tg.arange(pos, pos + T),
+                               rot, mode="normal", freq_factors=ff)
+                w = row if row is not None else pos
+                ck[:, w:w + T] = k.swapaxes(0, 1)
+                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).swapaxes(0, 1)
+                y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+                with tg.debug.kernel_log() as log:
+                    outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+                assert "rope_kv_write" not in names(log), (case, names(log))
+            else:     # the same computation, every piece realized on its own
+                ff = np.full(rot // 2, 2.0, np.float32) if case == "k_ff" else None
+                q = tg.nn.rope(tg.nn.linear(x, ws[0]).reshape(T, H, D), tg.arange(pos, pos + T), rot,
+                               mode="normal").realize()
+                k = tg.nn.rope(tg.nn.linear(x, ws[1]).reshape(T, Hkv, D), kp if kp is not None else tg.arange(pos, pos + T),
+                               rot, mode="normal", freq_factors=ff).realize()
+                w = row if row is not None else pos
+                ck[:, w:w + T] = k.swapaxes(0, 1)
+                cv[:, w:w + T] = tg.nn.linear(x, ws[2]).reshape(T, Hkv, D).swapaxes(0, 1)
+                ck.realize(), cv.realize()
+                y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + T], cv[:, :pos + T], causal=True)
+                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+        for a, b in zip(*outs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_rope_cache_write_gqa_respects_the_storage_limit():
+    """The kernel binds 7 storage buffers (q, positions, q_out, both caches, k, v): at 6 the rope
+    and cache-write kernels stay, with the same values."""
+    H, Hkv, D, rot, max_ctx, C, T, pos = 4, 2, 16, 16, 16, 64, 4, 1
+    ws, _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    x = tg.tensor(rng.standard_normal((T, C)).astype(np.float32))
+    outs = []
+    for limit in (None, 6):
+        ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
+        y = _prompt_attention(x, ws, (None,) * 3, ck, cv, pos, T, H, Hkv, D, rot, "neox", None)
+        old = runtime.OPTIONS.max_storage_buffers
+        if limit:
+            runtime.OPTIONS.max_storage_buffers = limit
+        try:
+            with tg.debug.kernel_log() as log:
+                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
+        finally:
+            runtime.OPTIONS.max_storage_buffers = old
+        assert ("rope_kv_write" in names(log)) == (limit is None), names(log)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [np.float32, "q8_0"], ids=_kind_name)
+def test_rows_before_linear(kind):
+    """The last row (or rows) of linear(rms_norm(x)) in plain ops, a prompt's last logits: the
+    norm and the projection run for those rows only (one row: one GEMV with the norm folded
+    in), under tg.capture with the row a step variable too; values as NumPy says."""
+    T, C, V = 12, 128, 96
+    (w,), (W,) = _weights(kind, [(V, C)])
+    x = (rng.standard_normal((T, C)) * 2 + 1).astype(np.float32)
+    g = rng.standard_normal(C).astype(np.float32)
+    X, G = tg.tensor(x), tg.tensor(g)
+    want = _rms(x, g, 1e-5) @ W.T
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    def head(r, k=1):
+        return tg.nn.linear(tg.nn.rms_norm(X, G, 1e-5), w)[r:r + k].contiguous()
+
+    with tg.debug.kernel_log() as log:
+        got = head(T - 1).numpy()
+    assert names(log) == [f"gemv_rms_{_kind_name(kind)}"], names(log)
+    np.testing.assert_allclose(got, want[T - 1:], **tol)
+    with tg.debug.kernel_log() as log:
+        got = head(3, 2).numpy()       # two rows: the norm of two rows, a two-row product
+    assert not any(n.startswith("R_") or n.startswith("E_") for n in names(log)), names(log)
+    np.testing.assert_allclose(got, want[3:5], **tol)
+    step = tg.capture(head)
+    for r in (T - 1, 0, 6):
+        np.testing.assert_allclose(step(r).numpy(), want[r:r + 1], **tol)
+    assert sum(len(e[1]) for e in step.traces.values()) == 1
+
+
+def test_rows_before_linear_reads_what_the_plain_code_reads():
+    """Rows of a linear of a row-wise expression over a transposed input, a column reduction
+    (not row-wise: computed over every row) and a lazy write issued after the expression was
+    built (the rows read the old contents, as the plain code does)."""
+    T, C, V = 6, 40, 24
+    (w,), (W,) = _weights(np.float32, [(V, C)])
+    a = rng.standard_normal((C, T)).astype(np.float32)
+    b = rng.standard_normal((T, C)).astype(np.float32)
+    A, Bt = tg.tensor(a), tg.tensor(b).contiguous().realize()
+    h = A.T * (Bt.sum(0, keepdims=True) + Bt.max(-1, keepdims=True))      # [T, C]
+    y = tg.nn.linear(h, w)[2:4].contiguous()
+    Bt[:, :] = 0.0                                                        # after y was built
+    hh = a.T.astype(np.float64) * (b.sum(0, keepdims=True) + b.max(-1, keepdims=True))
+    want = (hh @ W.T)[2:4]
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.all(Bt.numpy() == 0)
+
+
+# ----------------------------------------------------------------------------- batched decode attention
+
+
+def _batched_attention(q, k, v, pos, ck, cv):
+    """models.base.cached_attention's batch form in plain code: sequence b's K/V row written at
+    row pos[b] of cache slot b, its query attending over the slot's first pos[b] + 1 rows."""
+    B = q.shape[0]
+    rows = pos[:, None, None, None]
+    tg.put_along_axis(ck[:B], rows, k[:, :, None, :], axis=2)
+    tg.put_along_axis(cv[:B], rows, v[:, :, None, :], axis=2)
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], ck[:B], cv[:B], causal=True, kv_len=pos + 1)
+    return a.reshape(q.shape)
+
+
+def _np_batched_attention(q, k, v, pos, K, V, rot, mode, ff):
+    """NumPy of _batched_attention after rope: updates K, V [S, Hkv, L, D]; returns [B, H, D]."""
+    B, H, D = q.shape
+    Hkv = K.shape[1]
+    out = np.zeros((B, H, D))
+    for b, p in enumerate(pos):
+        K[b, :, p] = _np_rope_mode(k[b], p, rot, mode, ff=ff)
+        V[b, :, p] = v[b]
+        qr = _np_rope_mode(q[b], p, rot, mode, ff=ff)
+        Kr, Vr = np.repeat(K[b, :, :p + 1], H // Hkv, 0), np.repeat(V[b, :, :p + 1], H // Hkv, 0)
+        s = np.einsum("hd,hkd->hk", qr, Kr) / np.sqrt(D)
+        e = np.exp(s - s.max(-1, keepdims=True))
+        out[b] = np.einsum("hk,hkd->hd", e / e.sum(-1, keepdims=True), Vr)
+    return out
+
+
+_ATTENTION_PIECES = ("rope", "E_scatter", "attention", "attention_combine")
+
+
+def _attention_kernels(log):
+    """The kernels of a decode step that are not the projections (linears) or capture copies."""
+    return [nm for nm in names(log) if not nm.startswith(("gemv", "matmul", "qgemv", "capture", "E_add_matmul"))]
+
+
+@pytest.mark.parametrize("layout,mode,Hkv,bias,with_ff", [
+    ("block", "neox", 4, True, False),          # GPT-NeoX: one qkv projection, q/k/v slices of it
+    ("separate", "normal", 2, False, False),    # LLaMA: own projections, grouped-query heads
+    ("separate", "neox", 1, True, True),        # Qwen2-like biases, one KV head, Llama 3.1 frequency factors
+    ("separate", "normal", 4, False, True),
+], ids=str)
+@pytest.mark.parametrize("cache_dtype", [tg.float16, tg.float32], ids=["f16", "f32"])
+def test_fuse_batched_decode_attention(layout, mode, Hkv, bias, with_ff, cache_dtype):
+    """A batch of B sequences, one token each, in plain code (rope at positions pos [B], the
+    put_along_axis cache writes, attention with kv_len = pos + 1) under tg.capture with new
+    positions per replay: the projections and ONE attention kernel (no rope, scatter, `pos + 1`,
+    attention or combine kernels); outputs and both slotted caches as NumPy says, slots past the
+    batch untouched."""
+    B, S, H, D, rot, L, C = 3, 4, 4, 16, 16, 80, 64
+    ff = (1 + 3 * rng.random(rot // 2)).astype(np.float32) if with_ff else None
+    if layout == "block":
+        (wqkv,), (Wqkv,) = _weights(np.float32, [(3 * H * D, C)])
+        bqkv = rng.standard_normal(3 * H * D).astype(np.float32) if bias else None
+    else:
+        (wq, wk, wv), (Wq, Wk, Wv) = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+        bs = [rng.standard_normal(n).astype(np.float32) if bias else None for n in (H * D, Hkv * D, Hkv * D)]
+    ck = tg.zeros((S, Hkv, L, D), cache_dtype).contiguous().realize()
+    cv = tg.zeros((S, Hkv, L, D), cache_dtype).contiguous().realize()
+
+    def project(x):
+        if layout == "block":
+            qkv = tg.nn.linear(x, wqkv, None if bqkv is None else tg.tensor(bqkv)).reshape(B, 3, H, D)
+            return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        b = [None if t is None else tg.tensor(t) for t in bs]
+        return (tg.nn.linear(x, wq, b[0]).reshape(B, H, D), tg.nn.linear(x, wk, b[1]).reshape(B, Hkv, D),
+                tg.nn.linear(x, wv, b[2]).reshape(B, Hkv, D))
+
+    def step(x, pos):
+        q, k, v = project(x)
+        q = tg.nn.rope(q, pos, rot, mode=mode, freq_factors=ff)
+        k = tg.nn.rope(k, pos, rot, mode=mode, freq_factors=ff)
+        return _batched_attention(q, k, v, pos, ck, cv)
+
+    cap = tg.capture(step)
+    K, V = np.zeros((S, Hkv, L, D)), np.zeros((S, Hkv, L, D))
+    fused = "attention_decode_batch" if layout == "block" else "attention_decode_gqa_batch"
+    pos = np.array([0, 62, 20], np.int32)            # the second crosses a 64-key split boundary
+    for it in range(4):
+        x = rng.standard_normal((B, C)).astype(np.float32)
+        with tg.debug.kernel_log() as log:
+            got = cap(tg.tensor(x), pos).numpy()
+        if it == 0:
+            assert _attention_kernels(log) == [fused], names(log)
+        if layout == "block":
+            qkv = (x @ Wqkv.T + (0 if bqkv is None else bqkv)).reshape(B, 3, H, D)
+            q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        else:
+            q, k, v = ((x @ W.T + (0 if bb is None else bb)).reshape(B, h, D)
+                       for W, bb, h in ((Wq, bs[0], H), (Wk, bs[1], Hkv), (Wv, bs[2], Hkv)))
+        want = _np_batched_attention(q, k, v, pos, K, V, rot, mode, ff)
+        tol = 2e-3 if cache_dtype is tg.float16 else 1e-4
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        pos = pos + 1
+    np.testing.assert_allclose(ck.numpy(), K, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cv.numpy(), V, rtol=2e-3, atol=2e-3)
+    assert np.all(ck.numpy()[B:] == 0) and np.all(cv.numpy()[B:] == 0)
+
+
+def test_fuse_batched_decode_attention_one_sequence_and_unfused_values(monkeypatch):
+    """A batch of one (positions an int32 [1] tensor) fuses too; fused and unfused plain code give
+    the same outputs and the same cache bytes."""
+    from tensorgpu import rewrites
+    B, H, D, rot, L = 1, 2, 32, 32, 16
+    qkv = rng.standard_normal((B, 3, H, D)).astype(np.float32)
+    outs = []
+    for fuse in (True, False):
+        if not fuse:
+            monkeypatch.setattr(rewrites, "RULES", [r for r in rewrites.RULES
+                                                    if r is not rewrites.fuse_batched_decode_attention])
+        ck = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
+        cv = tg.zeros((2, H, L, D), tg.float16).contiguous().realize()
+        pos = tg.tensor(np.array([9], np.int32))
+        t = tg.tensor(qkv) * 1.0
+        q, k = tg.nn.rope(t[:, 0], pos, rot), tg.nn.rope(t[:, 1], pos, rot)
+        with tg.debug.kernel_log() as log:
+            got = _batched_attention(q, k, t[:, 2], pos, ck, cv).numpy()
+        outs.append((got, ck.numpy(), cv.numpy()))
+        assert ("attention_decode_batch" in names(log)) == fuse, names(log)
+    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(outs[0][1:], outs[1][1:]):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("case", ["index", "k_positions", "kv_len", "slots", "late_write", "extra_write",
+                                  "positions_rewritten"])
+def test_fuse_batched_decode_attention_checks_the_pattern(case):
+    """Near misses keep their kernels (and their values): the write index another tensor than the
+    rope positions (equal values), k roped at other positions, kv_len other than pos + 1, slots
+    not starting at 0, the V write issued after the attention, another write into the cache
+    between the K write and the attention, the positions written between their reads."""
+    B, S, H, D, rot, L = 2, 3, 2, 16, 16, 8
+    ck = tg.zeros((S, H, L, D)).contiguous().realize()
+    cv = tg.zeros((S, H, L, D)).contiguous().realize()
+    vals = np.array([3, 5], np.int32)
+    pos = tg.tensor(vals)
+    alias = pos[:]                        # the same memory, read after a write through `pos`
+    t = tg.tensor(rng.standard_normal((B, 3, H, D)).astype(np.float32)) * 1.0
+    q = tg.nn.rope(t[:, 0], pos, rot)
+    if case == "positions_rewritten":
+        pos[0:1] = tg.tensor(np.array([4], np.int32))
+        pos = alias
+    k = tg.nn.rope(t[:, 1], tg.tensor(vals + 1) if case == "k_positions" else pos, rot)
+    v = t[:, 2]
+    rows = (tg.tensor(vals) if case == "index" else pos)[:, None, None, None]
+    lo = 1 if case == "slots" else 0
+    tg.put_along_axis(ck[lo:lo + B], rows, k[:, :, None, :], axis=2)
+    if case == "extra_write":
+        tg.put_along_axis(ck[:B], rows, k[:, :, None, :] * 2.0, axis=2)
+    if case != "late_write":
+        tg.put_along_axis(cv[lo:lo + B], rows, v[:, :, None, :], axis=2)
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], ck[lo:lo + B], cv[lo:lo + B], causal=True,
+                                           kv_len=pos + (2 if case == "kv_len" else 1))
+    if case == "late_write":
+        tg.put_along_axis(cv[:B], rows, v[:, :, None, :], axis=2)
+    with tg.debug.kernel_log() as log:
+        got = a.numpy()
+    assert not any(nm.startswith("attention_decode") for nm in names(log)), (case, names(log))
+    assert "attention" in names(log) and np.all(np.isfinite(got))
+
+
+def test_batched_decode_attention_keeps_the_order_of_reads():
+    """A lazy read of a cache built before its write sees the old rows, one built after the write
+    (and before the attention) sees the new ones; the fused kernel runs once."""
+    B, S, H, D, rot, L = 2, 2, 2, 16, 16, 8
+    K0 = rng.standard_normal((S, H, L, D)).astype(np.float32)
+    ck = tg.tensor(K0).contiguous().realize()
+    cv = tg.zeros((S, H, L, D)).contiguous().realize()
+    pos = tg.tensor(np.array([2, 6], np.int32))
+    t = tg.tensor(rng.standard_normal((B, 3, H, D)).astype(np.float32)) * 1.0
+    q, k = tg.nn.rope(t[:, 0], pos, rot), tg.nn.rope(t[:, 1], pos, rot)
+    before = ck * 1.0
+    rows = pos[:, None, None, None]
+    tg.put_along_axis(ck[:B], rows, k[:, :, None, :], axis=2)
+    tg.put_along_axis(cv[:B], rows, t[:, 2][:, :, None, :], axis=2)
+    after = ck * 1.0
+    a = tg.nn.scaled_dot_product_attention(q[:, :, None, :], ck[:B], cv[:B], causal=True, kv_len=pos + 1)
+    with tg.debug.kernel_log() as log:
+        a.numpy()
+    assert names(log).count("attention_decode_batch") == 1, names(log)
+    np.testing.assert_array_equal(before.numpy(), K0)
+    kr = k.numpy()
+    new = after.numpy()
+    for b, p in enumerate((2, 6)):
+        np.testing.assert_allclose(new[b, :, p], kr[b], rtol=1e-6, atol=1e-6)
+    mask = np.ones(K0.shape, bool)
+    mask[0, :, 2] = mask[1, :, 6] = False
+    np.testing.assert_array_equal(new[mask], K0[mask])
+
+
+def test_fuse_batched_decode_attention_respects_the_storage_limit():
+    """Separate q, k, v bind 8 storage buffers (q, positions, k, v, both caches, out, scratch): at 7
+    that form keeps its kernels, the qkv-block form (6) still fuses; the values are the same."""
+    B, S, H, Hkv, D, rot, L = 2, 2, 4, 2, 16, 16, 8
+    xs = [rng.standard_normal(s).astype(np.float32) for s in ((B, H, D), (B, Hkv, D), (B, Hkv, D), (B, 3, H, D))]
+    for layout in ("separate", "block"):
+        outs = []
+        for limit in (None, 7):
+            def block():
+                ck = tg.zeros((S, Hkv if layout == "separate" else H, L, D)).contiguous().realize()
+                cv = tg.zeros(ck.shape).contiguous().realize()
+                pos = tg.tensor(np.array([1, 4], np.int32))
+                if layout == "separate":
+                    q, k, v = (tg.tensor(x) * 1.0 for x in xs[:3])
+                else:
+                    t = tg.tensor(xs[3]) * 1.0
+                    q, k, v = t[:, 0], t[:, 1], t[:, 2]
+                a = _batched_attention(tg.nn.rope(q, pos, rot), tg.nn.rope(k, pos, rot), v, pos, ck, cv)
+                return [a, ck, cv]
+            log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
+            outs.append(vals)
+            fused = any(nm.startswith("attention_decode") for nm in names(log))
+            assert fused == (limit is None or layout == "block"), (layout, limit, names(log))
+        for a, b in zip(*outs):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float16, "q8_0"], ids=_kind_name)
+@pytest.mark.parametrize("bias", [False, True], ids=["", "bias"])
+def test_stack_sibling_matmuls(kind, bias):
+    """A prompt's q, k and v linears of one x (LLaMA; Qwen2 with biases) read by rope and the
+    cache writes: ONE matmul over the three weights side by side (biases in its store), then
+    one rope_kv_write; attention output and caches as NumPy says."""
+    T, H, Hkv, D, rot, max_ctx, C, pos = 24, 4, 2, 64, 32, 64, 128, 5
+    ws, (Wq, Wk, Wv) = _weights(kind, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
+    bs = [rng.standard_normal(n).astype(np.float32) for n in (H * D, Hkv * D, Hkv * D)]
+    B = tuple(tg.tensor(b) for b in bs) if bias else (None,) * 3
+    ck = tg.zeros((Hkv, max_ctx, D), tg.float32).contiguous().realize()
+    cv = tg.zeros((Hkv, max_ctx, D), tg.float32).contiguous().realize()
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    y = _prompt_attention(tg.tensor(x), ws, B, ck, cv, pos, T, H, Hkv, D, rot, "normal", None)
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    mms = [n for n in names(log) if n.startswith("matmul") and "splitk_reduce" not in n]
+    assert len(mms) == 1 and mms[0].endswith("_x3"), names(log)
+    assert "rope_kv_write" in names(log) and not any(n.startswith("E_") for n in names(log)), names(log)
+    q, k, v = (x @ W.T + (b if bias else 0) for W, b in zip((Wq, Wk, Wv), bs))
+    q, k, v = q.reshape(T, H, D), k.reshape(T, Hkv, D), v.reshape(T, Hkv, D)
+    K_ = np.stack([_np_rope_mode(k[t], pos + t, rot, "normal") for t in range(T)], 1)     # [Hkv, T, D]
+    V_ = v.transpose(1, 0, 2)
+    qr = np.stack([_np_rope_mode(q[t], pos + t, rot, "normal") for t in range(T)], 1)     # [H, T, D]
+    G = H // Hkv
+    s = np.einsum("htd,hkd->htk", qr, np.repeat(K_, G, 0)) / np.sqrt(D)
+    L = pos + T
+    s_full = np.full((H, T, L), -np.inf)
+    s_full[:, :, pos:] = np.where(np.arange(T)[None, None, :] <= np.arange(T)[None, :, None], s, -np.inf)
+    s_full[:, :, :pos] = 0.0          # the zero rows already in the cache: scores 0
+    p = np.exp(s_full - s_full.max(-1, keepdims=True))
+    Vfull = np.concatenate([np.zeros((H, pos, D)), np.repeat(V_, G, 0)], 1)
+    want = np.einsum("htk,hkd->htd", p / p.sum(-1, keepdims=True), Vfull)
+    tol = 2e-3 if kind is np.float16 else 1e-4
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    np.testing.assert_allclose(ck.numpy()[:, pos:L], K_, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(cv.numpy()[:, pos:L], V_, rtol=1e-4, atol=1e-4)
+
+
+def test_stack_sibling_matmuls_leaves_epilogues_and_small_batches():
+    """Not stacked: gate and up (silu(gate) * up stays in up's store), a projection another
+    elementwise kernel reads element for element (it would lose its store), 16 rows or fewer
+    (the GEMV path). Values as NumPy says, and a projection held in a variable reads right."""
+    C = 128
+    (wg, wu, wd), (Wg, Wu, Wd) = _weights(np.float32, [(256, C), (256, C), (C, 256)])
+    for T in (24, 8):
+        x = rng.standard_normal((T, C)).astype(np.float32)
+        X = tg.tensor(x)
+        y = tg.nn.linear(tg.nn.linear(X, wg).silu() * tg.nn.linear(X, wu), wd)
+        with tg.debug.kernel_log() as log:
+            got = y.numpy()
+        assert not any(n.endswith(("_x2", "_x3")) for n in names(log)), names(log)
+        g = x.astype(np.float64) @ Wg.T
+        want = (g / (1 + np.exp(-g)) * (x @ Wu.T)) @ Wd.T
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    x = rng.standard_normal((24, C)).astype(np.float32)
+    X = tg.tensor(x)
+    a, b = tg.nn.linear(X, wg), tg.nn.linear(X, wu)
+    outs = (a.reshape(24, 4, 64).swapaxes(0, 1) * 2.0, b + 1.0)     # b + 1: b's epilogue
+    with tg.debug.kernel_log() as log:
+        tg.realize(*outs)
+    assert not any(n.endswith("_x2") for n in names(log)), names(log)
+    np.testing.assert_allclose(outs[1].numpy(), x @ Wu.T + 1, rtol=1e-4, atol=1e-4)
+    # both read through strided views: stacked; `a` itself, held here, reads its columns
+    a, b = tg.nn.linear(X, wg), tg.nn.linear(X, wu)
+    outs = (a.reshape(24, 4, 64).swapaxes(0, 1) * 2.0, b.T * 3.0)
+    with tg.debug.kernel_log() as log:
+        tg.realize(*outs)
+    assert sum(n.endswith("_x2") for n in names(log)) == 1, names(log)
+    np.testing.assert_allclose(outs[0].numpy(), (x @ Wg.T).reshape(24, 4, 64).transpose(1, 0, 2) * 2, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outs[1].numpy(), (x @ Wu.T).T * 3, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.numpy(), x @ Wg.T, rtol=1e-4, atol=1e-4)
+
+
+def test_rows_before_head_reads_what_the_plain_code_reads():
+    """A lazy write into the prompt's x issued after the head was built: the rows the rule
+    rebuilds read the old contents, as the plain code does."""
+    T, C, V = 6, 64, 24
+    (w,), (W,) = _weights("q8_0", [(V, C)])
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    g, c = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    X = tg.tensor(x).contiguous().realize()
+    y = tg.nn.linear(tg.nn.layer_norm(X, tg.tensor(g), tg.tensor(c)), w)[2:4].contiguous()
+    X[:, :] = 0.0                                                         # after y was built
+    want = (_ln(x, g, c) @ W.T)[2:4]
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    assert np.all(X.numpy() == 0)

@@ -410,3 +410,96 @@ def test_no_padding_past_the_context(q8):
     ids = np.arange(37) % 100                                  # bucket 48 > 40: runs at 37
     np.testing.assert_allclose(s.forward(ids, last_only=True).numpy(), _exact_logits(q8, ids)[-1:], rtol=1e-3, atol=1e-3)
     assert s.position == 37
+
+
+# ----------------------------------------------------------------------------- context shift, truncate, stop reasons
+
+
+@pytest.mark.parametrize("top_k", [None, 300], ids=["gpu-sampling", "host-sampling"])
+def test_context_shift_continues_as_a_fresh_session_of_the_shifted_context(seq, top_k):
+    """llama-cli's shift: keep the first `keep` tokens, drop half of the rest, run what is left
+    again. The tokens after the shift are those of a new session given that shifted context."""
+    C, keep, prompt = 16, 3, [5, 6, 7, 8, 9]
+    s = seq.session(max_context=C)
+    got = list(s.generate(prompt, max_new_tokens=30, top_k=top_k, stop_on_eos=False, context_shift=True, keep=keep))
+    assert len(got) == 30 and s.last_stats["stop"] == "length" and s.last_stats["context_shifts"] >= 2
+    # without the shift it stops when the context is full
+    r = seq.session(max_context=C)
+    first = list(r.generate(prompt, max_new_tokens=30, top_k=top_k, stop_on_eos=False))
+    assert r.last_stats["stop"] == "context" and len(first) == C - len(prompt) and got[:len(first)] == first
+    ctx = r.context                                   # the full context at the shift
+    shifted = ctx[:keep] + ctx[keep + (C - keep) // 2:]
+    assert len(shifted) == C - (C - keep) // 2
+    fresh = seq.session(max_context=C)
+    after = list(fresh.generate(shifted, max_new_tokens=30, top_k=top_k, stop_on_eos=False))
+    assert got[len(first):len(first) + len(after)] == after
+    assert s.last_stats["decode_tokens"] == 29 and s.last_stats["decode_s"] > 0
+
+
+def test_context_shift_arguments(seq):
+    s = seq.session(max_context=16)
+    for keep in (-1, 15, 1.0, True):
+        with pytest.raises(ValueError, match="keep must be an int in"):
+            s.generate([1, 2], context_shift=True, keep=keep)
+    assert s.position == 0
+    s.generate([1, 2], keep=99)      # keep means nothing without a shift
+
+
+def test_stop_reasons(seq):
+    s = seq.session(max_context=12)
+    full = list(s.generate([5, 6, 7], max_new_tokens=3, stop_on_eos=False))
+    assert s.last_stats["stop"] == "length"
+    s.reset()
+    assert list(s.generate([5, 6, 7], max_new_tokens=9, stop=[full[1]], stop_on_eos=False)) == full[:2]
+    assert s.last_stats["stop"] == "stop"
+    s.reset()
+    assert len(list(s.generate([5, 6, 7], max_new_tokens=50, stop_on_eos=False))) == 9
+    assert s.last_stats["stop"] == "context" and s.remaining == 0
+    tok, eos = seq.tokenizer, seq.tokenizer.eos_id
+    tok.eos_id = full[0]                       # the first greedy token as "EOS"
+    try:
+        s.reset()
+        assert list(s.generate([5, 6, 7], max_new_tokens=5)) == full[:1] and s.last_stats["stop"] == "eos"
+    finally:
+        tok.eos_id = eos
+
+
+def test_stop_string_spanning_tokens_is_found_with_a_bounded_tail(q8, ref):
+    from models.session import _StopText
+    tok = q8.tokenizer
+    ids = ref["p0_greedy_ids_q8_0"][:32].tolist()
+    text = tok.decode(ids)
+    target = text[text.index("earth") - 3:text.index("earth") + 3]   # crosses a token boundary
+    st = _StopText(tok, [target, "zz"])
+    hit = next(i for i, t in enumerate(ids) if st.hit(t))
+    assert target in tok.decode(ids[:hit + 1]) and target not in tok.decode(ids[:hit])
+    assert len(st.tail) <= len(target) - 1
+
+
+def test_truncate_then_generate_equals_a_session_of_the_prefix(q8, ref):
+    ids = ref["p1_ids"].tolist()
+    s = q8.session(max_context=64)
+    list(s.generate(ids, max_new_tokens=6, stop_on_eos=False))
+    ctx = s.context
+    s.truncate(len(ids) - 2)
+    assert s.context == ids[:-2] and s.position == len(ids) - 2
+    got = list(s.generate([7, 8], max_new_tokens=5, stop_on_eos=False))
+    want = list(q8.session(max_context=64).generate(ids[:-2] + [7, 8], max_new_tokens=5, stop_on_eos=False))
+    assert got == want
+    s.truncate(1000)                  # longer than the context: nothing changes
+    assert s.context[:len(ids) - 2] == ctx[:len(ids) - 2]
+    with pytest.raises(ValueError, match="truncate"):
+        s.truncate(-1)
+
+
+def test_perplexity_uncertainty_and_running_values():
+    """llama-perplexity's estimate: ppl * sqrt(var(nll) / (n - 1)); running values per window."""
+    from models.session import Perplexity
+    rng = np.random.default_rng(0)
+    nll = rng.gamma(2.0, 2.0, size=(5, 31))
+    r = Perplexity(float(np.exp(nll.mean())), float(nll.sum()), nll.size, 5, nll)
+    x = nll[:, 15:].ravel()
+    assert r.uncertainty(16) == pytest.approx(np.exp(x.mean()) * np.std(x) / np.sqrt(x.size - 1), rel=1e-12)
+    assert r.running(16)[-1] == pytest.approx(r.ppl_from(16), rel=1e-12)
+    assert r.running(1)[1] == pytest.approx(np.exp(nll[:2].mean()), rel=1e-12)
+    assert np.isnan(Perplexity(1.0, 0.0, 1, 1, np.zeros((1, 1))).uncertainty())

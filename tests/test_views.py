@@ -79,12 +79,15 @@ def test_permute_transpose_T(t):
     check(t.permute(2, 0, 1), A.transpose(2, 0, 1))
     check(t.permute((1, 2, 0)), A.transpose(1, 2, 0))
     check(t.permute(-1, 0, 1), A.transpose(2, 0, 1))
-    check(t.transpose(0, 2), A.swapaxes(0, 2))
-    check(t.transpose(), A.swapaxes(-2, -1))
+    check(t.swapaxes(0, 2), A.swapaxes(0, 2))
+    check(t.transpose(), A.transpose())                  # NumPy: all axes reversed (issue 16)
+    check(t.transpose(1, 2, 0), A.transpose(1, 2, 0))
+    check(t.swapaxes(-2, -1), A.swapaxes(-2, -1))
     check(t.T, A.T)
     check(t[0].T, A[0].T)
     check(tg.tensor([1, 2]).T, np.array([1, 2], np.int32))
-    check(tg.transpose(t, 0, 1), A.swapaxes(0, 1))
+    check(tg.swapaxes(t, 0, 1), A.swapaxes(0, 1))
+    check(tg.transpose(t, (1, 0, 2)), A.transpose(1, 0, 2))
     check(tg.permute(t, 2, 1, 0), A.transpose(2, 1, 0))
 
 
@@ -311,7 +314,7 @@ def test_random_views_property(data):
             a, t = np.expand_dims(a, ax), t.unsqueeze(ax)
         elif op == "transpose" and nd >= 2:
             i, j = draw(st.integers(0, nd - 1)), draw(st.integers(0, nd - 1))
-            a, t = a.swapaxes(i, j), t.transpose(i, j)
+            a, t = a.swapaxes(i, j), t.swapaxes(i, j)
         assert t.shape == a.shape
     assert t.strides is not None
     check(t, a)

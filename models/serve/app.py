@@ -343,19 +343,20 @@ def _take_output(c: _Choice, out, lps, tok) -> Optional[str]:
     return out.text
 
 
-async def _events(choices) -> AsyncIterator[tuple]:
-    """(choice, Output) pairs as the engine produces them, over all choices of a response."""
+async def _event_batches(choices) -> AsyncIterator[tuple]:
+    """(choice, [Output, ...]) as the engine produces them, over all choices of a response: the
+    outputs of one choice that arrived together come as one list."""
     if len(choices) == 1:
         c = choices[0]
-        async for out in c.req.aoutputs():
-            yield c, out
+        async for batch in c.req.aoutput_batches():
+            yield c, batch
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(c):
         try:
-            async for out in c.req.aoutputs():
-                queue.put_nowait((c, out))
+            async for batch in c.req.aoutput_batches():
+                queue.put_nowait((c, batch))
         finally:
             queue.put_nowait((c, None))
 
@@ -363,11 +364,11 @@ async def _events(choices) -> AsyncIterator[tuple]:
     try:
         live = len(tasks)
         while live:
-            c, out = await queue.get()
-            if out is None:
+            c, batch = await queue.get()
+            if batch is None:
                 live -= 1
             else:
-                yield c, out
+                yield c, batch
     finally:
         for t in tasks:
             t.cancel()
@@ -376,8 +377,9 @@ async def _events(choices) -> AsyncIterator[tuple]:
 async def _collect(choices, is_disconnected, lps, tok) -> None:
     """Run all choices to their final Output; cancel them if the client goes away."""
     async def consume():
-        async for c, out in _events(choices):
-            _take_output(c, out, lps, tok)
+        async for c, batch in _event_batches(choices):
+            for out in batch:
+                _take_output(c, out, lps, tok)
 
     task = asyncio.ensure_future(consume())
     try:
@@ -436,8 +438,11 @@ class _Stream:
                                         "logprobs": None, "finish_reason": None}])
                 elif c.prefix:
                     yield self._chunk([{"index": c.index, "text": c.prefix, "logprobs": None, "finish_reason": None}])
-            async for c, out in _events(self.choices):
-                text = _take_output(c, out, lps, tok)
+            # the outputs a choice got since its last chunk go out as one chunk: under load (many
+            # streams, the event loop behind the engine) a stream costs one message per wakeup
+            async for c, batch in _event_batches(self.choices):
+                text = "".join(_take_output(c, out, lps, tok) or "" for out in batch)
+                n_tok = sum(out.token_id is not None for out in batch)
                 if c.finish in ("cancelled", "error"):
                     err = ApiError(500, f"generation failed: {c.error or 'engine error'}", code="engine_error") \
                         if c.finish == "error" else ApiError(503, "the request was cancelled (the server is "
@@ -446,9 +451,9 @@ class _Stream:
                     yield P.sse("[DONE]")
                     return
                 lp = None
-                if lps is not None and out.token_id is not None:
+                if lps is not None and n_tok:
                     if chat:
-                        lp = {"content": lps[c.index][-1:]}
+                        lp = {"content": lps[c.index][-n_tok:]}
                     else:
                         lp = lps[c.index].take()
                 if not text and lp is None and c.finish is None:

@@ -45,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray instance)")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="OpenAI-compatible HTTP server (/v1/completions, "
+def parser(prog: str = PROG) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible HTTP server (/v1/completions, "
                                 "/v1/chat/completions, /v1/models, /health, /metrics) with continuous batching.")
     add_arguments(p)
     return p
@@ -91,8 +91,9 @@ def engine_factory(path: str, max_batch: int, ctx: Optional[int], max_waiting: i
     return make
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = parser().parse_args(argv)
+def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
+    """`tensorgpu serve` (prog names the command in usage lines); returns the exit status."""
+    a = parser(prog).parse_args(argv)
     err = check_args(a)
     if err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,9 +13,10 @@ Why this shape:
   in use, idle slots inside it compute a throw-away row (their cache row 0 is rewritten when the
   slot is taken), so steady-state serving replays captures and compiles nothing.
 * Prompts are prefilled between decode steps on a scratch Session (the single-sequence path,
-  with its captured, bucketed prefill), `prefill_chunk` tokens per engine iteration so a long
-  prompt does not stall the running sequences for long; its cache rows are then copied into
-  the sequence's slot.
+  with its captured, bucketed prefill) in chunks of `prefill_chunk` tokens, at most about
+  `prefill_budget` tokens per engine iteration, so a long prompt does not stall the running
+  sequences for long and a burst of short ones joins in a few iterations; the cache rows are
+  then copied into the sequence's slot.
 * All GPU work happens on one thread (the engine thread, or the caller of `step()`); other
   threads only submit and cancel, under `self._lock`.
 """
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import threading
 import time
 import uuid
@@ -128,8 +128,10 @@ class Request:
                 if out.finish_reason is not None:
                     return
 
-    async def aoutputs(self):
-        """The same as outputs(), for asyncio consumers."""
+    async def aoutput_batches(self):
+        """For asyncio consumers: lists of the outputs that arrived since the last one (at least
+        one each); ends after the list holding the final output. A consumer that falls behind
+        gets several tokens at once and can answer them with one message."""
         loop = asyncio.get_running_loop()
         ev = asyncio.Event()
         with self._cond:
@@ -144,13 +146,20 @@ class Request:
                     await ev.wait()
                     continue
                 i += len(batch)
-                for out in batch:
-                    yield out
+                for j, out in enumerate(batch):
                     if out.finish_reason is not None:
+                        yield batch[:j + 1]
                         return
+                yield batch
         finally:
             with self._cond:
                 self._waiters.remove((loop, ev))
+
+    async def aoutputs(self):
+        """The same as outputs(), for asyncio consumers."""
+        async for batch in self.aoutput_batches():
+            for out in batch:
+                yield out
 
     def result(self, timeout: Optional[float] = None) -> "Request":
         """Wait until finished; returns self (text, output_ids, finish_reason are final)."""
@@ -194,16 +203,6 @@ class _Inflight:
     tickets: list
 
 
-class _Host:
-    """A host array where _picks expects a tensor (it calls .numpy())."""
-
-    def __init__(self, a):
-        self.a = a
-
-    def numpy(self):
-        return self.a
-
-
 def _next_bucket(n: int, cap: int) -> int:
     b = 1
     while b < n:
@@ -213,14 +212,15 @@ def _next_bucket(n: int, cap: int) -> int:
 
 class Engine:
     def __init__(self, model, max_batch: int = 64, max_context: Optional[int] = None, max_waiting: int = 256,
-                 cache_dtype=tg.float16, prefill_chunk: int = 256):
+                 cache_dtype=tg.float16, prefill_chunk: int = 256, prefill_budget: int = 512):
         c = model.config
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
             raise ValueError(f"max_batch must be an int in [1, 1024], got {max_batch!r}")
         if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
             raise ValueError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
-        if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        for name, v in (("prefill_chunk", prefill_chunk), ("prefill_budget", prefill_budget)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         L = c.n_ctx if max_context is None else max_context
         if isinstance(L, bool) or not isinstance(L, int) or not 2 <= L <= c.n_ctx:
             raise ValueError(f"max_context must be an int in [2, {c.n_ctx}] (the model's context_length), got {L!r}")
@@ -231,7 +231,8 @@ class Engine:
         self.model = model
         self.tokenizer = model.tokenizer
         self.max_batch, self.max_context, self.max_waiting = max_batch, L, max_waiting
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk      # prompt tokens per prefill forward
+        self.prefill_budget = prefill_budget    # prompt tokens per iteration (several prompts when many wait)
         self.vocab_size = c.n_vocab
         shape = (max_batch, kv_heads, L, c.head_dim)                       # [S, Hkv, L, D] per layer
         self.cache = [(tg.zeros(shape, cache_dtype).contiguous().realize(),
@@ -247,7 +248,6 @@ class Engine:
         self._prefill: Optional[_Seq] = None
         self._steps: dict = {}                                             # (bucket, mode, n_lp) -> captured step
         self._inflight: Optional[_Inflight] = None                         # the decode step queued, not read yet
-        self._ids = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._closed = False
@@ -360,7 +360,12 @@ class Engine:
         Returns whether work remains."""
         t0 = time.perf_counter()
         self._reap_cancelled()
-        n_pre = self._prefill_some()
+        n_pre = 0
+        while n_pre < self.prefill_budget:      # a burst of arrivals joins in a few iterations, not one per step
+            n = self._prefill_some()
+            if n == 0:
+                break
+            n_pre += n
         n_dec, bucket = self._decode()
         if n_pre or n_dec:
             info = StepInfo(n_dec, bucket, n_pre, time.perf_counter() - t0)
@@ -515,7 +520,8 @@ class Engine:
             seen, counts = self._penalty_tables()
             logits = _penalize(logits, seen[s.slot:s.slot + 1], counts[s.slot:s.slot + 1], *rp[5:])
         r = tg.nn.sample_rows(logits, *rp[:5], n_logprobs=p.logprobs or 0)
-        picks = _picks(r.tokens.numpy(), r.logprobs.numpy(), r.top_ids, r.top_logprobs, [s], lambda _: 0)
+        tops = (r.top_ids.numpy(), r.top_logprobs.numpy()) if r.top_ids is not None else (None, None)
+        picks = _picks(r.tokens.numpy(), r.logprobs.numpy(), *tops, [s], lambda _: 0)
         if p.penalized:
             self._penalty_tables()[1][s.slot, picks[0][0]] = tg.tensor(np.ones((), np.int32))
         return picks[0]
@@ -593,7 +599,7 @@ class Engine:
         if inf.mode == "argmax":
             picks = [(int(vals[0][s.slot]), None, None) for s in live]
         else:
-            tops = (_Host(vals[2]), _Host(vals[3])) if inf.n_lp else (None, None)
+            tops = (vals[2], vals[3]) if inf.n_lp else (None, None)
             picks = _picks(vals[0], vals[1], *tops, live, lambda s: s.slot)
         for s, pick in zip(live, picks):
             self._accept(s, *pick)
@@ -641,10 +647,9 @@ def _penalize(logits: tg.Tensor, seen: tg.Tensor, counts: tg.Tensor, rep: tg.Ten
     return l - freq[:, None] * counts.astype(tg.float32) - pres[:, None] * out.astype(tg.float32)
 
 
-def _picks(tokens: np.ndarray, logprobs: np.ndarray, top_ids, top_lps, seqs: list, index) -> list:
-    """(token, logprob, top_logprobs) per sequence from a sampler's outputs."""
-    if top_ids is not None:
-        top_ids, top_lps = top_ids.numpy(), top_lps.numpy()
+def _picks(tokens: np.ndarray, logprobs: np.ndarray, top_ids: Optional[np.ndarray], top_lps: Optional[np.ndarray],
+           seqs: list, index) -> list:
+    """(token, logprob, top_logprobs) per sequence from a sampler's outputs read back (row index(s))."""
     res = []
     for s in seqs:
         i, k = index(s), s.req.params.logprobs

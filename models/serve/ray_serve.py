@@ -87,8 +87,9 @@ def application(model_path: str, model_name: Optional[str] = None, *, replicas: 
 
 
 def _repo_root() -> str:
-    import models
-    return os.path.dirname(os.path.dirname(os.path.abspath(models.__file__)))
+    # the folder above the models package (this file is <root>/models/serve/ray_serve.py; installed,
+    # <site-packages>/tensorgpu_models/serve/ray_serve.py)
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def run_ray(model_path: str, model_name: str, *, replicas: int = 1, num_gpus: float = 0, host: str = "127.0.0.1",

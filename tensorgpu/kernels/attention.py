@@ -792,16 +792,24 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return t
 
 
-def rope_attention_decode_supported(qkv: Operand, n_heads: int, head_dim: int, cache_dtype) -> bool:
-    """Whether `rope_attention_decode` takes these shapes (else: rope_kv_write + attention)."""
+def rope_attention_decode_supported(qkv: Operand, n_heads: int, head_dim: int, cache_dtype,
+                                    max_ctx: Optional[int] = None) -> bool:
+    """Whether `rope_attention_decode` takes these shapes (else: rope_kv_write + attention):
+    qkv [B, 3, n_heads, head_dim] for B >= 1 tokens (one per sequence of a batch). With max_ctx,
+    also whether the B * n_heads rows' split partials fit one storage binding of this device."""
     from .. import dtypes
     D4 = head_dim // 4
-    return (head_dim % 4 == 0 and 0 < D4 <= DECODE_WG and cache_dtype in (dtypes.float16, dtypes.float32)
-            and qkv.dtype in (dtypes.float32, dtypes.float16) and len(qkv.shape) == 4 and qkv.shape[0] == 1)
+    ok = (head_dim % 4 == 0 and 0 < D4 <= DECODE_WG and cache_dtype in (dtypes.float16, dtypes.float32)
+          and qkv.dtype in (dtypes.float32, dtypes.float16) and len(qkv.shape) == 4 and qkv.shape[0] >= 1)
+    if ok and max_ctx is not None:
+        rows = int(qkv.shape[0]) * int(n_heads)
+        NS = max(1, -(-int(max_ctx) // DECODE_CHUNK))
+        ok = 4 * _decode_layout(rows, NS, head_dim)[2] <= get_device().max_binding_size
+    return ok
 
 
-def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Operand, positions: Buffer,
-                          kv_len: Buffer, n_heads: int, head_dim: int, rot_dims: int, max_ctx: int,
+def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Operand, positions,
+                          kv_len, n_heads: int, head_dim: int, rot_dims: int, max_ctx: int,
                           base: float = 10000.0, cache_dtype=None, scale: Optional[float] = None,
                           mode: str = "neox", k: Optional[Operand] = None, v: Optional[Operand] = None,
                           n_kv_heads: Optional[int] = None, freq_factors=None) -> None:
@@ -827,14 +835,26 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
     attention). Every query head of a group ropes the new key itself (it uses it from registers);
     only the group's first head stores the row.
 
+    A batch (kv_len=None; continuous batching's decode step): qkv [B, 3, n_heads, head_dim] (or
+    q [B, n_heads, head_dim] with k, v [B, n_kv_heads, head_dim]) holds the next token of B
+    sequences, token b of the sequence in cache slot b: the caches are [S >= B, heads, max_ctx,
+    head_dim] (slot b starts at element b * heads * max_ctx * head_dim), positions is an int32
+    Buffer of B positions, and row b is roped to positions[b], writes row positions[b] of slot b
+    and attends over the slot's first positions[b] + 1 rows; out is [B, n_heads, head_dim]. As
+    put_along_axis writes, a negative position counts from the end of the cache (its key length
+    is then 0: zeros out) and one past the cache writes nothing (it attends over all max_ctx rows).
+    B = 1 with kv_len=None is the same computation for one sequence.
+
     freq_factors: float32 [rot_dims/2] (Llama 3.1's rope_freqs, linear scaling), as `rope` takes."""
     from .. import dtypes
-    from .rope import _check_common, _rope_wgsl
+    from .rope import _check_common
     fn = "rope_attention_decode"
     cache_dtype = dtypes.float16 if cache_dtype is None else dtypes.as_dtype(cache_dtype)
     _check_common(fn, head_dim, rot_dims, mode)
     check_float_operand("qkv", qkv, fn)
     H, D = int(n_heads), int(head_dim)
+    batched = kv_len is None
+    B = int(qkv.shape[0]) if batched and len(qkv.shape) in (3, 4) and int(qkv.shape[0]) >= 1 else 1
     sep = None
     if k is not None or v is not None:
         Hkv = int(n_kv_heads if n_kv_heads is not None else H)
@@ -842,65 +862,71 @@ def rope_attention_decode(out: Buffer, k_cache: Buffer, v_cache: Buffer, qkv: Op
             raise ValueError(f"{fn}: separate q/k/v need both k and v and n_kv_heads dividing n_heads={H}")
         for name, op, h in (("q", qkv, H), ("k", k, Hkv), ("v", v, Hkv)):
             check_float_operand(name, op, fn)
-            if tuple(op.shape) != (1, h, D):
-                raise ValueError(f"{fn}: {name} has shape {tuple(op.shape)}, expected [1, {h}, head_dim={D}]")
+            if tuple(op.shape) != (B, h, D):
+                raise ValueError(f"{fn}: {name} has shape {tuple(op.shape)}, expected [{B}, {h}, head_dim={D}]")
             check_fits(name, op, fn)
         sep = (k, v, Hkv)
     elif n_kv_heads is not None and int(n_kv_heads) != H:
         raise ValueError(f"{fn}: n_kv_heads {n_kv_heads} != n_heads {H} needs separate q, k and v operands")
-    elif tuple(qkv.shape) != (1, 3, H, D):
-        raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected [1, 3, n_heads={H}, head_dim={D}]")
-    if not rope_attention_decode_supported(qkv if sep is None else Operand(qkv.buffer, qkv.dtype, (1, 3, H, D),
-                                                                        (0, 0, 0, 0), 0), H, D, cache_dtype):
+    elif tuple(qkv.shape) != (B, 3, H, D):
+        raise ValueError(f"{fn}: qkv has shape {tuple(qkv.shape)}, expected [{B}, 3, n_heads={H}, head_dim={D}]")
+    probe = qkv if sep is None else Operand(qkv.buffer, qkv.dtype, (B, 3, H, D), (0, 0, 0, 0), 0)
+    if not rope_attention_decode_supported(probe, H, D, cache_dtype):
         raise ValueError(f"{fn}: head_dim {D} / cache {cache_dtype} not supported (head_dim % 4 == 0, <= {4 * DECODE_WG})")
+    if not rope_attention_decode_supported(probe, H, D, cache_dtype, max_ctx):
+        raise ValueError(f"{fn}: the split partials of {B} x {H} heads over max_ctx={max_ctx} exceed this device's "
+                         f"max_storage_buffer_binding_size ({get_device().max_binding_size} bytes)")
     if sep is None:
         check_fits("qkv", qkv, fn)
-    by_param = not isinstance(positions, Buffer)
-    for name, b in (("positions", positions), ("kv_len", kv_len)):
-        if by_param:
-            if isinstance(b, Buffer) or not isinstance(b, int):
-                raise ValueError(f"{fn}: positions and kv_len must both be Buffers or both ints, got {name}={b!r}")
-        elif not isinstance(b, Buffer) or b.nbytes < 4:
-            raise ValueError(f"{fn}: {name} must be a Buffer holding an int32")
-    csize = (H if sep is None else sep[2]) * max_ctx * D * cache_dtype.itemsize
+    if batched:
+        pos_mode = "batch"
+        if not isinstance(positions, Buffer) or positions.nbytes < 4 * B:
+            raise ValueError(f"{fn}: with kv_len=None, positions must be a Buffer holding {B} int32 (one per "
+                             f"sequence of qkv {tuple(qkv.shape)}), got {positions!r}")
+    else:
+        pos_mode = "params" if not isinstance(positions, Buffer) else "buffers"
+        for name, b in (("positions", positions), ("kv_len", kv_len)):
+            if pos_mode == "params":
+                if isinstance(b, Buffer) or not isinstance(b, int):
+                    raise ValueError(f"{fn}: positions and kv_len must both be Buffers or both ints, got {name}={b!r}")
+            elif not isinstance(b, Buffer) or b.nbytes < 4:
+                raise ValueError(f"{fn}: {name} must be a Buffer holding an int32")
+    csize = B * (H if sep is None else sep[2]) * max_ctx * D * cache_dtype.itemsize
     check_out("k_cache", k_cache, csize, fn)
     check_out("v_cache", v_cache, csize, fn)
-    check_out("out", out, 4 * H * D, fn)
+    check_out("out", out, 4 * B * H * D, fn)
     distinct(fn, out=out, k_cache=k_cache, v_cache=v_cache, qkv=qkv.buffer,
-             positions=None if by_param else positions, kv_len=None if by_param else kv_len)
+             positions=positions if isinstance(positions, Buffer) else None,
+             kv_len=kv_len if isinstance(kv_len, Buffer) else None)
     if sep is not None:
         for name, op in (("k", sep[0]), ("v", sep[1])):
             if op.buffer in (out, k_cache, v_cache):
                 raise ValueError(f"{fn}: {name} shares a buffer with an output")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    src, NS = _decode_source(qkv, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale, sep, freq_factors)
-    scratch = _decode_scratch(H, NS, D)
-    name = f"attention_decode[{H}x{max_ctx}x{D}]" if sep is None else f"attention_decode_gqa[{H}x{sep[2]}x{max_ctx}x{D}]"
-    kv_in = [] if sep is None else [(sep[0].buffer, "read"), (sep[1].buffer, "read")]
-    if by_param:
-        # the position and the key length as kernel parameters (step variables under tg.capture):
-        # no buffers to fill for them, so no kernel before this one in a decode step
-        src = (src.replace("@group(0) @binding(1) var<storage, read> positions: array<i32>;\n", "")
-               .replace("@group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;\n", "")
-               .replace("@binding(3) var<storage, read_write> kc", "@binding(1) var<storage, read_write> kc")
-               .replace("@binding(4) var<storage, read_write> vc", "@binding(2) var<storage, read_write> vc")
-               .replace("@binding(5) var<storage, read_write> out", "@binding(3) var<storage, read_write> out")
-               .replace("@binding(6) var<storage, read_write> scr: array<atomic<u32>>;",
-                        "@binding(4) var<storage, read_write> scr: array<atomic<u32>>;\n"
-                        f"@group(0) @binding({5 + len(kv_in)}) var<uniform> tgp: array<vec4<u32>, 1>;")
-               .replace("@binding(7) var<storage, read> xk", "@binding(5) var<storage, read> xk")
-               .replace("@binding(8) var<storage, read> xv", "@binding(6) var<storage, read> xv")
-               .replace("positions[0]", "bitcast<i32>(tgp[0].x)").replace("kvlen_buf[0]", "bitcast<i32>(tgp[0].y)"))
-        dispatch(name, src, [(qkv.buffer, "read"), (k_cache, "rw"), (v_cache, "rw"), (out, "rw"), (scratch, "rw")]
-                 + kv_in, grid_for(H * NS), ((positions, "i32"), (kv_len, "i32")))
-        return
-    dispatch(name, src,
-             [(qkv.buffer, "read"), (positions, "read"), (kv_len, "read"), (k_cache, "rw"), (v_cache, "rw"),
-              (out, "rw"), (scratch, "rw")] + kv_in, grid_for(H * NS))
+    src, NS = _decode_source(qkv, B, H, D, rot_dims, max_ctx, base, mode, cache_dtype, scale, sep, freq_factors,
+                             pos_mode)
+    scratch = _decode_scratch(B * H, NS, D)
+    heads = f"{H}" if sep is None else f"{H}x{sep[2]}"
+    name = (f"attention_decode{'' if sep is None else '_gqa'}"
+            f"{'_batch' if batched else ''}[{f'{B}x' if batched else ''}{heads}x{max_ctx}x{D}]")
+    # bindings in the order _decode_source declares them
+    binds = [(qkv.buffer, "read")]
+    if pos_mode == "buffers":
+        binds += [(positions, "read"), (kv_len, "read")]
+    elif pos_mode == "batch":
+        binds.append((positions, "read"))
+    binds += [(k_cache, "rw"), (v_cache, "rw"), (out, "rw"), (scratch, "rw")]
+    if sep is not None:
+        binds += [(sep[0].buffer, "read"), (sep[1].buffer, "read")]
+    # params: the position and the key length as kernel parameters (step variables under
+    # tg.capture): no buffers to fill for them, so no kernel before this one in a decode step
+    params = ((positions, "i32"), (kv_len, "i32")) if pos_mode == "params" else ()
+    dispatch(name, src, binds, grid_for(B * H * NS), params)
 
 
 def _decode_layout(H: int, NS: int, D: int) -> tuple:
-    """u32 offsets in the scratch buffer: counters [H] (padded), (m, l) [H, NS], acc [H, NS, D]."""
+    """u32 offsets in the scratch buffer: counters [H] (padded), (m, l) [H, NS], acc [H, NS, D]
+    (H: the rows of the kernel, batch x heads)."""
     ml = -(-H // 4) * 4
     acc = ml + 2 * H * NS
     return ml, acc, acc + H * NS * D
@@ -935,8 +961,12 @@ def _conv(ctype: str, w: str) -> str:
     return f"vec4<f32>(unpack2x16float({w}.x), unpack2x16float({w}.y))"
 
 
-def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
-                   cache_dtype, scale: float, sep=None, freq_factors=None) -> tuple:
+def _decode_source(qkv: Operand, B: int, H: int, D: int, rot: int, max_ctx: int, base: float, mode: str,
+                   cache_dtype, scale: float, sep=None, freq_factors=None, pos_mode: str = "buffers") -> tuple:
+    """WGSL of rope_attention_decode: one workgroup per (row r = b * H + h, key split s).
+    pos_mode: "buffers" (positions[0] and kv_len from int32 buffers), "params" (both from the
+    uniform), "batch" (row b's position from positions[b], its key length positions[b] + 1,
+    a negative position counting from the end of the cache)."""
     from .. import dtypes
     from .rope import _rope_val_wgsl, _rope_wgsl
     dev = get_device()
@@ -950,7 +980,7 @@ def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: f
     PASSES = -(-CH // KPP)
     KG = WG // D4                        # key groups in p.v
     JPG = -(-CH // KG)
-    ML, ACC, _ = _decode_layout(H, NS, D)
+    ML, ACC, _ = _decode_layout(B * H, NS, D)
     f16 = cache_dtype is dtypes.float16
     native = f16 and dev.has_f16
     if not f16:
@@ -959,41 +989,57 @@ def _decode_source(qkv: Operand, H: int, D: int, rot: int, max_ctx: int, base: f
         ctype, st = "vec4<f16>", "vec4<f16>({v})"
     else:
         ctype, st = "vec2<u32>", "vec2<u32>(pack2x16float(({v}).xy), pack2x16float(({v}).zw))"
+    # bindings: x, [positions, [kv_len]], kc, vc, out, scr, [xk, xv], [the parameter uniform]
+    nb = {"buffers": 3, "batch": 2, "params": 1}[pos_mode]
+    decls = ""
+    if pos_mode != "params":
+        decls += "@group(0) @binding(1) var<storage, read> positions: array<i32>;\n"
+    if pos_mode == "buffers":
+        decls += "@group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;\n"
+    decls += (f"@group(0) @binding({nb}) var<storage, read_write> kc: array<{ctype}>;\n"
+              f"@group(0) @binding({nb + 1}) var<storage, read_write> vc: array<{ctype}>;\n"
+              f"@group(0) @binding({nb + 2}) var<storage, read_write> out: array<vec4<f32>>;\n"
+              f"@group(0) @binding({nb + 3}) var<storage, read_write> scr: array<atomic<u32>>;\n")
+    if pos_mode == "params":
+        decls += f"@group(0) @binding({nb + 4 + (0 if sep is None else 2)}) var<uniform> tgp: array<vec4<u32>, 1>;\n"
+    if pos_mode == "buffers":
+        ipos, kvl, wrow = "positions[0]", f"min(u32(max(kvlen_buf[0], 0)), {max_ctx}u)", "ipos"
+    elif pos_mode == "params":
+        ipos, kvl, wrow = "bitcast<i32>(tgp[0].x)", f"min(u32(max(bitcast<i32>(tgp[0].y), 0)), {max_ctx}u)", "ipos"
+    else:
+        ipos, kvl, wrow = "positions[b]", f"min(u32(max(ipos + 1, 0)), {max_ctx}u)", f"select(ipos, ipos + {max_ctx}, ipos < 0)"
     rd = Reader("x", qkv, 0, False)
     readers = [rd]
     if sep is None:
-        ss, s3, sh, sd = qkv.strides
-        G = 1
+        sb, s3, sh, sd = qkv.strides
+        G, Hkv = 1, H
         kdecl = ""
-    else:   # q [1, H, D], k / v [1, Hkv, D] at their own bindings; query head h reads KV head h / G
+    else:   # q [B, H, D], k / v [B, Hkv, D] at their own bindings; query head h reads KV head h / G
         kop, vop, Hkv = sep
         G = H // Hkv
-        ss, sh, sd = qkv.strides
+        sb, sh, sd = qkv.strides
         s3 = 0
-        rk, rv = Reader("xk", kop, 7, False), Reader("xv", vop, 8, False)
+        rk, rv = Reader("xk", kop, nb + 4, False), Reader("xv", vop, nb + 5, False)
         readers += [rk, rv]
         kdecl = rk.decl() + rv.decl() + _rope_val_wgsl(kop.strides[2], "valk", "xk_at")
     if sep is None:
         kval = "val4(bq + {s3}u, d4, posf)".format(s3=s3)
         vbase = f"bq + {2 * s3}u + d4 * {4 * sd}u"
         vat, vsd = "x_at", sd
-        kvarg, kvpar, hk = "bq", "bq: u32", "h"
+        kvarg, kvpar = "bq", "bq: u32"
     else:
         kval = "vec4<f32>(valk(bk, d4 * 4u, posf), valk(bk, d4 * 4u + 1u, posf), valk(bk, d4 * 4u + 2u, posf), " \
                "valk(bk, d4 * 4u + 3u, posf))"
         vsd = vop.strides[2]
         vbase = f"bv + d4 * {4 * vsd}u"
         vat = "xv_at"
-        kvarg, kvpar, hk = "bk, bv", "bk: u32, bv: u32", "hk"
+        kvarg, kvpar = "bk, bv", "bk: u32, bv: u32"
+    kvoff = "" if sep is None else (
+        f"  let bk = {kop.offset}u + b * {kop.strides[0]}u + hk * {kop.strides[1]}u;\n"
+        f"  let bv = {vop.offset}u + b * {vop.strides[0]}u + hk * {vop.strides[1]}u;\n")
     sgp, sg = sg_builtin(sub)
     cv = lambda w: _conv(ctype, w)   # noqa: E731
-    src = f"""{enable_f16(*readers, native)}{rd.decl()}{kdecl}
-@group(0) @binding(1) var<storage, read> positions: array<i32>;
-@group(0) @binding(2) var<storage, read> kvlen_buf: array<i32>;
-@group(0) @binding(3) var<storage, read_write> kc: array<{ctype}>;
-@group(0) @binding(4) var<storage, read_write> vc: array<{ctype}>;
-@group(0) @binding(5) var<storage, read_write> out: array<vec4<f32>>;
-@group(0) @binding(6) var<storage, read_write> scr: array<atomic<u32>>;
+    src = f"""{enable_f16(*readers, native)}{rd.decl()}{kdecl}{decls}
 {_rope_wgsl(rot, base, mode, freq_factors)}
 {seg_reduce("red_max", "max", WG, WG, sub, NEG_INF)}
 {seg_reduce("red_sum", "+", WG, WG, sub, "0.0")}
@@ -1009,8 +1055,8 @@ var<workgroup> Vn: array<vec4<f32>, {D4}>;
   let d = d4 * 4u;
   return vec4<f32>(val(b, d, pos), val(b, d + 1u, pos), val(b, d + 2u, pos), val(b, d + 3u, pos));
 }}
-fn write_row(h: u32, pos: u32, {kvpar}, posf: f32, lid: u32, store: bool) {{
-  let row = (h * {max_ctx}u + pos) * {D4}u;
+fn write_row(ch: u32, pos: u32, {kvpar}, posf: f32, lid: u32, store: bool) {{
+  let row = (ch * {max_ctx}u + pos) * {D4}u;
   for (var d4 = lid; d4 < {D4}u; d4 = d4 + {WG}u) {{
     let kv = {kval};
     let kq = {st.format(v="kv")};
@@ -1029,27 +1075,30 @@ fn ld_f(i: u32) -> f32 {{ return bitcast<f32>(atomicLoad(&scr[i])); }}
 fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
         @builtin(local_invocation_index) lid: u32{sgp}) {{
   let wg = wid.x + wid.y * nwg.x;
-  if (wg >= {H * NS}u) {{ return; }}
-  let h = wg / {NS}u;
+  if (wg >= {B * H * NS}u) {{ return; }}
+  let r = wg / {NS}u;           // output row: sequence b, query head h
   let s = wg % {NS}u;
-  let ipos = positions[0];
+  let b = r / {H}u;
+  let h = r % {H}u;
+  let ipos = {ipos};
   let posf = f32(ipos);
-  let kvl = min(u32(max(kvlen_buf[0], 0)), {max_ctx}u);
+  let kvl = {kvl};
+  let wrow = {wrow};            // the cache row this token's K/V go to
   let nse = clamp((kvl + {CH - 1}u) / {CH}u, 1u, {NS}u);
-  let bq = {qkv.offset}u + h * {sh}u;
+  let bq = {qkv.offset}u + b * {sb}u + h * {sh}u;
   let hk = h / {G}u;
+  let ch = b * {Hkv}u + hk;     // the (slot, KV head) whose cache rows this row reads
   let store = h % {G}u == 0u;   // one query head per KV head writes the new row
-{"" if sep is None else f"  let bk = {sep[0].offset}u + hk * {sep[0].strides[1]}u;{chr(10)}  let bv = {sep[1].offset}u + hk * {sep[1].strides[1]}u;"}
-  let k_lo = s * {CH}u;
+{kvoff}  let k_lo = s * {CH}u;
   let nk = min(kvl - min(kvl, k_lo), {CH}u);
   let klast = k_lo + max(nk, 1u) - 1u;
-  let kbase = hk * {max_ctx}u;
+  let kbase = ch * {max_ctx}u;
   // the new key/value row is written by the split that holds it; that split uses the values
   // from registers (Kn/Vn) instead of reading the row back, so no load waits for the store
-  let writer = ipos >= 0 && ipos < {max_ctx} && u32(ipos) / {CH}u == s;
-  let jpos = u32(ipos) - k_lo;
+  let writer = wrow >= 0 && wrow < {max_ctx} && u32(wrow) / {CH}u == s;
+  let jpos = u32(wrow) - k_lo;
   if (s >= nse) {{
-    if (writer && store) {{ write_row({hk}, u32(ipos), {kvarg}, posf, lid, true); }}
+    if (writer && store) {{ write_row(ch, u32(wrow), {kvarg}, posf, lid, true); }}
     return;
   }}
   // every cache load of this workgroup, issued at once: the K rows of the scores (TPK threads
@@ -1068,7 +1117,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for i in range(JPG):
         L.append(f"  let vw{i} = vc[(kbase + min(k_lo + gg + {i * KG}u, klast)) * {D4}u + d4];")
     src += "\n".join(L) + f"""
-  if (writer) {{ write_row({hk}, u32(ipos), {kvarg}, posf, lid, store); }}
+  if (writer) {{ write_row(ch, u32(wrow), {kvarg}, posf, lid, store); }}
   if (lid < {D4}u) {{ Qs[lid] = val4(bq, lid, posf) * SCALE_LOG2E; }}
   workgroupBarrier();
 """
@@ -1108,10 +1157,10 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var q = 0u; q < {KG}u; q = q + 1u) {{ o += Xs[q * {D4}u + lid]; }}
   }}
   if (nse == 1u) {{
-    if (lid < {D4}u) {{ out[h * {D4}u + lid] = select(vec4<f32>(0.0), o / l, l > 0.0); }}
+    if (lid < {D4}u) {{ out[r * {D4}u + lid] = select(vec4<f32>(0.0), o / l, l > 0.0); }}
     return;
   }}
-  let slot = h * {NS}u + s;
+  let slot = r * {NS}u + s;
   if (lid < {D4}u) {{
     let a = {ACC}u + (slot * {D4}u + lid) * 4u;
     st_f(a, o.x); st_f(a + 1u, o.y); st_f(a + 2u, o.z); st_f(a + 3u, o.w);
@@ -1119,9 +1168,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   if (lid == 0u) {{ st_f({ML}u + 2u * slot, m); st_f({ML}u + 2u * slot + 1u, l); }}
   storageBarrier();
   if (lid == 0u) {{
-    let done = atomicAdd(&scr[h], 1u) + 1u;
+    let done = atomicAdd(&scr[r], 1u) + 1u;
     let last = done == nse;
-    if (last) {{ atomicStore(&scr[h], 0u); }}
+    if (last) {{ atomicStore(&scr[r], 0u); }}
     last_sh = select(0u, 1u, last);
   }}
   let is_last = workgroupUniformLoad(&last_sh);
@@ -1129,17 +1178,17 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
   storageBarrier();
   if (lid < {D4}u) {{
     var M = {NEG_INF};
-    for (var q = 0u; q < nse; q = q + 1u) {{ M = max(M, ld_f({ML}u + 2u * (h * {NS}u + q))); }}
+    for (var q = 0u; q < nse; q = q + 1u) {{ M = max(M, ld_f({ML}u + 2u * (r * {NS}u + q))); }}
     var Ls = 0.0;
     var O = vec4<f32>(0.0);
     for (var q = 0u; q < nse; q = q + 1u) {{
-      let sl = h * {NS}u + q;
+      let sl = r * {NS}u + q;
       let w = exp2(ld_f({ML}u + 2u * sl) - M);
       Ls += ld_f({ML}u + 2u * sl + 1u) * w;
       let a = {ACC}u + (sl * {D4}u + lid) * 4u;
       O += vec4<f32>(ld_f(a), ld_f(a + 1u), ld_f(a + 2u), ld_f(a + 3u)) * w;
     }}
-    out[h * {D4}u + lid] = select(vec4<f32>(0.0), O / Ls, Ls > 0.0);
+    out[r * {D4}u + lid] = select(vec4<f32>(0.0), O / Ls, Ls > 0.0);
   }}
 }}
 """

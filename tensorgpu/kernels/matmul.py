@@ -2,7 +2,7 @@
 
 Three paths, picked by `plan()` from shapes, strides, dtypes and device features:
 
-  gemv_k   M <= TUNING['gemv_max_m'] (16) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
+  gemv_k   M <= TUNING['gemv_max_m'] (4) and b's K axis is the fast one (the `x @ w.T` decode case, w stored
            [N, K]): a workgroup owns COLS output columns and its threads stride along K with
            vector loads (vec4 f32, 8 f16 as one vec4<u32>), then reduce across the workgroup
            (subgroupAdd + a few shared slots, or a shared-memory tree without subgroups).
@@ -10,13 +10,29 @@ Three paths, picked by `plan()` from shapes, strides, dtypes and device features
            full width; the activation rows are tiny and stay in cache.
   gemv_n   M <= TUNING['gemv_max_m'] and b's N axis is the fast one (x @ w with w stored [K, N], attention's
            p @ v): adjacent threads own adjacent columns (coalesced), K split across thread rows.
-  tiled    everything else: a 128x128 (8x8 per thread) or 64x64 (4x4 per thread) output tile per
-           256-thread workgroup, K in steps of 16 staged through shared memory with the next
-           step's global loads prefetched into registers. Each operand's tile load is specialised
-           to its layout: vec4 along K (row-major a, `w.T` b), vec4 along M/N (transposed a,
-           row-major b) or scalar strided reads for anything else. No copy is ever made.
+  tiled    everything else: an output tile per workgroup, 128 or 64 rows (prefill: 8x8 .. 4x4
+           outputs per thread, 256 threads) or 32 or 16 rows (batched decode: 4x8 .. 2x4 per
+           thread, 128 threads) by 128 or 64 columns, picked with a split-K factor by a cost
+           model (`_tiled_config`); K in steps of 16 (32 for the 16/32-row tiles) staged through
+           shared memory with the next step's global loads prefetched into registers. Each
+           operand's tile load is specialised to its layout: vec4 along K (row-major a, `w.T`
+           b), vec4 along M/N (transposed a, row-major b) or scalar strided reads for anything
+           else. No copy is ever made.
            quant.py's prefill runs through it too, with a b binding that decodes GGUF blocks.
   naive    one thread per output; used for K == 0 (the epilogue of 0) and tiny problems.
+
+Where GEMV stops (TUNING["gemv_max_m"]; quant.TUNING["gemv_max_m"] for GGUF weights). A GEMV
+reads each weight once, but every workgroup re-reads all M activation rows for its few columns
+(gemv_k: M x K floats per column at M >= 8, i.e. 16-32x the weight bytes from L1/L2 at M = 16)
+and each thread keeps cols x M accumulators, so its loads per FMA grow with M; quant's GEMV
+decodes each weight unit once per 4-row chunk (4x at M = 16, 16x at M = 64). Raising its reach
+(8-row chunks, more rows per pass) costs registers: the H200 sweep of 2026-12-03 measured 36-38 ms
+for a B = 64 q4_0 step through GEMV against 16-17 ms tiled. The tiled kernel stages the rows once
+per workgroup in shared memory and reuses each weight element for TM rows from registers; with
+16-row tiles M = 16 no longer pays for 64 rows: in the H200 small-M sweep they beat the float
+GEMV at M = 16 by 1.02-1.6x (hence gemv_max_m 4) and quant's within -4%..+40% (8 there);
+benchmarks/bench_matmul.py's small-M sweep (M = 8 and 16: "gemv" against the tiles) re-decides
+both knobs.
 
 Strides are element strides of any sign (0 for a broadcast batch); offsets and strides are baked
 into the WGSL as u32 constants and all index arithmetic wraps modulo 2**32, so a negative stride
@@ -39,7 +55,7 @@ from .. import dtypes, runtime
 from ..runtime import Buffer
 from .common import NoEpilogue, Operand, epilogue_bindings
 
-GEMV_MAX_M = 16         # default of TUNING["gemv_max_m"] (a batch of 16 sequences: H200, benchmarks/RESULTS.md)
+GEMV_MAX_M = 4          # default of TUNING["gemv_max_m"] (M = 16: the tiled planner wins on the H200, RESULTS.md)
 
 # Knobs the benchmarks sweep; plan() reads them at every call (values are chosen for H100-like
 # GPUs from H100-FACTS.md: 256-thread GEMV workgroups, 128x128 tiles with 8x8 per thread).
@@ -49,12 +65,19 @@ TUNING = {
     "gemv_threads": None,   # GEMV workgroup size; None: by K
     "tile": None,           # 128 or 64: force a square tile (no split-K unless split_k); None: chosen
     "tile128_min_wgs": 128,
-    "tile_mn": None,        # (TM, TN) in {64, 128}^2: force the tiled kernel's output tile
+    "tile_mn": None,        # (TM, TN) in {16, 32, 64, 128} x {64, 128}: force the tiled kernel's output tile
+    "tile_candidates": None,  # the tiles the cost model chooses among, e.g. ((16, 128),); None: every tile_eff one
+    "small_tile_max_m": 64,   # the 16/32-row tiles are chosen for up to this many rows (M) only
+    "tile_blocks": None,    # ((TM, TN), (RM, RN)), ...: a register block other than TILE_BLOCKS' for a tile
+    # the cost model's FMA rate of each tile relative to 128x128 (_tiled_config says where from)
+    "tile_eff": ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6),
+                 (32, 128, 0.55), (32, 64, 0.49), (16, 128, 0.35), (16, 64, 0.32)),
     "split_k": None,        # force a split-K factor (None: chosen with the tile)
     "target_wgs": 256,      # workgroups the tile / split-K choice aims for (about 2 per SM on an H100)
     "split_min_k": 256,     # K elements per split, at least
     "tile_policy": "auto",  # "auto": rectangular tiles + split-K by the cost model; "square": the first policy
     "bk": 16,               # K step of the tiled kernel
+    "bk_small": None,       # K step of the 16/32-row tiles (None: bk; 32 halves the steps, unmeasured on a GPU yet)
 }
 
 _U32 = 1 << 32
@@ -237,14 +260,22 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
 
 
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
-         b_binding: Optional["_Binding"] = None) -> Launch:
+         b_binding: Optional["_Binding"] = None, b_parts: Optional[list] = None) -> Launch:
     """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive")
     overrides the choice (tests use it to cover every path on every shape).
 
     `b_binding` (tiled path only) replaces b's storage declaration and loads, so b may be a
     non-float dtype the binding decodes (quant.py's GGUF weights): the planner, split-K and
-    epilogue handling are then shared with the float path."""
+    epilogue handling are then shared with the float path.
+
+    `b_parts` (tiled path only, no batch dims): more right operands [K, N_j] stacked after b
+    along N, each in its own buffer, as [(Operand, binding or None)]: out = a @ [b | b_1 | ...]
+    in one dispatch (LLaMA's q, k and v projections of one x: rewrites.stack_sibling_matmuls).
+    b's and every part's columns but the last are a multiple of 128, so an output tile never
+    straddles two of them; a workgroup loads its b tiles from the one its columns lie in."""
     ep = epilogue if epilogue is not None else NoEpilogue()
+    if b_parts:
+        return _plan_parts(out, a, b, list(b_parts), ep, force, b_binding)
     _check_float("a", a)
     if b_binding is None:
         _check_float("b", b)
@@ -334,6 +365,8 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
         key = (kind, numel, c.M, c.N, c.K, c.nb, tuple(c.dims), mat(c.A), mat(c.B), c.aliased,
                dev.has_f16, dev.has_subgroups, dev.max_workgroup_storage,
                tuple(sorted(TUNING.items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
+        if c.parts:
+            key += tuple((mat(pm), start, pb and pb.functions()) for pm, pb, start in c.parts)
         hash(key)
     except TypeError:      # an unhashable knob value: no caching
         return None
@@ -343,11 +376,13 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
 class _Ctx:
     """Shared state of one generation: operands, their binding declarations, epilogue text."""
 
-    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None):
+    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None, parts=()):
         self.dev, self.A, self.B, self.M, self.N, self.K, self.nb, self.dims, self.ep = dev, A, B, M, N, K, nb, dims, ep
         self.b_binding = b_binding
         self.lanes = {"a": 1, "b": 1}
         self.out_vec = False
+        # stacked right operands after B (plan's b_parts): [(_Mat, binding or None, first column)]
+        self.parts = list(parts)
 
     def want(self, which: str, lanes: int) -> None:
         self.lanes[which] = lanes
@@ -366,7 +401,12 @@ class _Ctx:
             return [one], one, one
         ba = _Binding("mm_a", A.dtype, la, f16n)
         bb = self.b_binding or _Binding("mm_b", B.dtype, lb, f16n)
-        return [ba, bb], ba, bb
+        more = [pb or _Binding(f"mm_b{j + 1}", pm.dtype, lb, f16n) for j, (pm, pb, _) in enumerate(self.parts)]
+        return [ba, bb] + more, ba, bb
+
+    def part_bindings(self) -> list:
+        """The bindings of B and of each stacked part after it, in column order."""
+        return self._bindings()[0][1:] if self.parts else [self.bind_b]
 
     @property
     def bind_a(self) -> _Binding:
@@ -386,7 +426,8 @@ class _Ctx:
 
     def input_bindings(self) -> list:
         binds = self._bindings()[0]
-        return [(self.A.op.buffer, "read")] + ([(self.B.op.buffer, "read")] if len(binds) == 2 else [])
+        return ([(self.A.op.buffer, "read")] + ([(self.B.op.buffer, "read")] if len(binds) >= 2 else [])
+                + [(pm.op.buffer, "read") for pm, _, _ in self.parts])
 
     def header(self) -> str:
         binds = self._bindings()[0]
@@ -627,12 +668,15 @@ def _gen_naive(c: _Ctx):
 # ----------------------------------------------------------------------------- tiled
 
 
-def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True):
+def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True,
+               threads: int = 256, lanes: int = 4):
     """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
-    memory into registers (`load`) and from registers into shared memory (`store`).
+    memory into registers (`load`) and from registers into shared memory (`store`), spread over
+    the workgroup's `threads` invocations.
 
-    Shared layout: S[k * T/4 + t/4][t % 4] (vec4 rows along t) so the inner loop reads a thread's
-    4 consecutive m (or n) values as one vec4."""
+    Shared layout: S[k * T/L + t/L][t % L] with L = `lanes` (4: vec4 rows along t, so the inner
+    loop reads a thread's 4 consecutive m (or n) values as one vec4; 2 or 1 for a's tile when a
+    thread owns fewer than 4 rows: vec2 or f32 elements)."""
     m = c.A if which == "a" else c.B
     X = "a" if which == "a" else "b"
     S = "mm_As" if which == "a" else "mm_Bs"
@@ -642,8 +686,17 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
     else:
         sk, st, kaxis, taxis = m.srow, m.scol, "row", "col"
     T4 = T // 4
+    NT = threads
     regs, load, store = [], [], []
     conds = ([f"gt < {_u(tdim)}"] if tdim % T else []) + ([f"gk < {_u(K)}"] if K % BK else [])
+
+    def slot(kexpr: str, t: str = "t") -> str:
+        """The shared-memory element of (k, t)."""
+        if lanes == 4:
+            return f"{S}[{kexpr} * {T4}u + {t} / 4u][{t} % 4u]"
+        if lanes == 2:
+            return f"{S}[{kexpr} * {T // 2}u + {t} / 2u][{t} % 2u]"
+        return f"{S}[{kexpr} * {T}u + {t}]"
 
     def guarded(reg: str, zero: str, value: str) -> str:
         """reg = value, behind the tile-edge bounds (gt, gk) when the tile can pass an edge; the
@@ -657,61 +710,146 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
         c.want(which, 4)
         per = BK // 4                       # vec4s per tile row
         count = T * per
-        R = -(-count // 256)
+        R = -(-count // NT)
         for r in range(R):
             regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
-            load.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n"
+            load.append(f"        {{ let e = lid + {NT * r}u; let t = e / {per}u; let kv = e % {per}u;\n"
                         f"          let gt = {X}t0 + t; let gk = k0 + kv * 4u;\n")
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gt * {_u(st)} + gk)"))
-            store.append(f"        {{ let e = lid + {256 * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
+            store.append(f"        {{ let e = lid + {NT * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
             for j in range(4):
-                store.append(f"          {S}[(kv * 4u + {j}u) * {T4}u + t / 4u][t % 4u] = r{X}{r}[{j}];\n")
+                store.append(f"          {slot(f'(kv * 4u + {j}u)')} = r{X}{r}[{j}];\n")
             store.append("        }\n")
     elif allow_vec and c.can_vec(which, taxis, 4):
         mode = "vt"
         c.want(which, 4)
         count = BK * T4
-        R = -(-count // 256)
+        R = -(-count // NT)
         for r in range(R):
             regs.append(f"    var r{X}{r} = vec4<f32>(0.0);\n")
-            load.append(f"        {{ let e = lid + {256 * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
+            load.append(f"        {{ let e = lid + {NT * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
                         f"          let gt = {X}t0 + tv * 4u; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gk * {_u(sk)} + gt)"))
-            store.append(f"        {{ let e = lid + {256 * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
+            if lanes == 4:
+                store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
+            else:   # 4 consecutive t as 2 vec2 (or 4 f32) elements
+                w = 4 // lanes
+                parts = " ".join(f"{S}[(e / {T4}u) * {T // lanes}u + (e % {T4}u) * {w}u + {q}u] = "
+                                 f"r{X}{r}{'.' + ('xy', 'zw')[q] if lanes == 2 else f'[{q}]'};" for q in range(w))
+                store.append(f"        {{ let e = lid + {NT * r}u; {parts} }}\n")
     else:
         mode = "s"
         count = BK * T
-        R = -(-count // 256)
+        R = -(-count // NT)
         kfast = abs(sk) <= abs(st)
         for r in range(R):
             regs.append(f"    var r{X}{r} = 0.0;\n")
             if kfast:
-                idx = f"let e = lid + {256 * r}u; let kk = e % {BK}u; let t = e / {BK}u;"
+                idx = f"let e = lid + {NT * r}u; let kk = e % {BK}u; let t = e / {BK}u;"
             else:
-                idx = f"let e = lid + {256 * r}u; let t = e % {T}u; let kk = e / {T}u;"
+                idx = f"let e = lid + {NT * r}u; let t = e % {T}u; let kk = e / {T}u;"
             load.append(f"        {{ {idx}\n          let gt = {X}t0 + t; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "0.0", f"ld_{{B}}({X}base + gt * {_u(st)} + gk * {_u(sk)})"))
-            store.append(f"        {{ {idx} {S}[kk * {T4}u + t / 4u][t % 4u] = r{X}{r}; }}\n")
-    if count % 256:
-        # the last item of each thread exists only for the first count % 256 threads
-        guard = f"if (lid + {256 * (R - 1)}u < {count}u) "
-        load = [(guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {256 * (R - 1)}u;") else x for x in load]
-        store = [(" " * 8 + guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {256 * (R - 1)}u;") else x for x in store]
+            store.append(f"        {{ {idx} {slot('kk')} = r{X}{r}; }}\n")
+    if count % NT:
+        # the last item of each thread exists only for the first count % NT threads
+        guard = f"if (lid + {NT * (R - 1)}u < {count}u) "
+        load = [(guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {NT * (R - 1)}u;") else x for x in load]
+        store = [(" " * 8 + guard + x.lstrip()) if x.lstrip().startswith(f"{{ let e = lid + {NT * (R - 1)}u;") else x for x in store]
     return mode, "".join(regs), "".join(load), "".join(store)
 
 
-def _tiled_config(c: _Ctx, BK: int) -> tuple:
-    """(TM, TN, S): output tile and split-K factor.
+# Output tiles of the tiled kernel and the register block each uses by default: a thread
+# accumulates RM rows x RN columns of its tile, so a workgroup has (TM / RM) * (TN / RN) threads.
+# Every default keeps 16 threads across N (TN / RN = 16), the access pattern the prefill tiles
+# were tuned with: a warp's b reads from shared memory are 16 distinct vec4s (the other half-warp
+# reads the same ones) and its a reads touch 2 addresses. The small-M tiles (TM = 16, 32: batched
+# decode, M = B sequences) have 128 threads, one warp per SM sub-partition, with 2x4..4x8 blocks.
+TILE_BLOCKS = {
+    (128, 128): (8, 8), (128, 64): (8, 4), (64, 128): (4, 8), (64, 64): (4, 4),   # 256 threads
+    (32, 128): (4, 8), (32, 64): (4, 4), (16, 128): (2, 8), (16, 64): (2, 4),     # 128 threads
+}
+
+
+def _tile_block(TM: int, TN: int) -> tuple:
+    """(RM, RN, threads) of output tile (TM, TN): its TILE_BLOCKS entry, or TUNING["tile_blocks"]'s."""
+    if (TM, TN) not in TILE_BLOCKS:
+        raise ValueError(f"matmul: output tile {TM}x{TN} is not one of the tiled kernel's "
+                         f"({', '.join(f'{a}x{b}' for a, b in TILE_BLOCKS)}); check TUNING['tile_mn'], "
+                         f"TUNING['tile'] and TUNING['tile_candidates']")
+    RM, RN = TILE_BLOCKS[(TM, TN)]
+    for tile, block in (TUNING.get("tile_blocks") or ()):
+        if tuple(int(x) for x in tile) == (TM, TN):
+            RM, RN = (int(x) for x in block)
+    threads = (TM // RM) * (TN // RN) if RM > 0 and RN > 0 else 0
+    if RM not in (1, 2, 4, 8) or RN not in (4, 8) or TM % RM or TN % RN or not 32 <= threads <= 256:
+        raise ValueError(f"matmul: register block {RM}x{RN} for output tile {TM}x{TN} (TUNING['tile_blocks']): "
+                         f"a thread takes 1, 2, 4 or 8 rows and 4 or 8 columns, dividing the tile, and a "
+                         f"workgroup 32..256 threads (this gives {threads})")
+    return RM, RN, threads
+
+
+def _tile_bk(TM: int) -> int:
+    """K step of a tile: TUNING["bk_small"] for the 16/32-row tiles, TUNING["bk"] for the others."""
+    knob = "bk_small" if TM < 64 and TUNING.get("bk_small") else "bk"
+    bk = TUNING[knob]
+    if not isinstance(bk, int) or bk <= 0 or bk % 4:
+        raise ValueError(f"matmul: TUNING[{knob!r}] = {bk!r}; the tiled kernel's K step must be a positive multiple of 4")
+    return bk
+
+
+def _tiled_config(c: _Ctx) -> tuple:
+    """(TM, TN, BK, S, KC, (RM, RN, threads)): output tile, K step, split-K factor, K steps per
+    split and the tile's register block.
 
     Why: a prefill-sized matmul (M = 512 rows) has few 128x128 tiles (N = 2048 gives 64
     workgroups for 132 SMs on an H100), so most of the GPU idles while the big tiles that make
     2048^3 fast run one wave. Rectangular tiles and splitting K over several workgroups (partial
     sums reduced, epilogue applied, by a second small kernel) raise the workgroup count while
     keeping the 8x8 (or 8x4) register blocks that reach ~70% of the FMA peak.
-    Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape; TUNING["tile"] forces
-    a square tile (no split unless split_k says so)."""
+
+    Batched decode (M = B = 16..64 sequences, every weight read once per step) is the opposite
+    end: a 64-row tile over 16 rows does 4x the useful FMAs, and N = 2048 has 32 such tiles, so
+    the 64-row tiles need an 8-way split and a reduce pass to fill the GPU. The 16- and 32-row
+    tiles waste no rows. What the H200 sweep of them showed (benchmarks/bench_matmul.py
+    small-M sweep, results/2026-12-03b/small_m.json, BK 16): a decode-sized tiled matmul costs
+    ~4 us + ~0.86 us per K step a workgroup walks (the serial chain of load latency and barriers;
+    at M = 16 about half the time) + its padded FMAs at a per-tile rate (64x64: ~16 TFMA/s;
+    32-row tiles 0.82-0.92 of that, 16-row 0.55) + ~1 us and ~1 us per MB of partials for a
+    split. So at M = 16 and 32 the tile of M rows wins (by 1.2-1.6x over the 64-row one), while
+    at M = 64 the 64-row tiles stay best: a 32-row tile's 2 row tiles either double the K steps
+    per workgroup (fewer splits: 1.5x slower at N = 2048) or keep them at a lower rate (-3%).
+    TUNING["bk_small"] = 32 would stage K in steps of 32 for the 16/32-row tiles: half the K
+    steps per workgroup for the same work, a q4_0 row's step one whole 32-element block. It is
+    tested for correctness but not yet timed on a GPU (the sweep's "autok16" variant compares
+    it), so the default keeps the measured K step of 16.
+
+    The model, one score per (tile, split), the highest wins (ties: the earlier, larger tile):
+      eff     the tile's FMA rate relative to 128x128 (TUNING["tile_eff"]). 128/64 values from
+              the H100 prefill sweep; the 16/32-row ones from the H200 small-M sweep, relative
+              to 64x64 (0.6): 32x128 0.92x, 32x64 0.82x, 16x128 and 16x64 0.55x (16x128 gets
+              0.35 rather than 0.33: the model has no term for K steps per workgroup, which
+              make a 4-way split of 16x128 beat a 2-way split of 16x64 at N = 8192).
+      fill    min(1, workgroups / TUNING["target_wgs"]): latency hiding needs ~2 per SM.
+      quant   past one "wave" of target_wgs, the last wave's idle share (wave quantization).
+      split   1 - 3% per extra split: partial sums written and read, a second dispatch. Once
+              fill is 1, more splits only cost, so a tile with enough tiles takes few or none.
+      useful  M * N / (tiles * TM * TN): rows and columns past the matrix edges are wasted FMAs.
+    On the sweep's 24 shapes (M = 16/32/64, pythia-1.4b's linears, f16 and q4_0) it picks the
+    measured best or one within 2%. The 16/32-row tiles are candidates only up to M =
+    TUNING["small_tile_max_m"] (64) rows, so every larger matmul (prefill) keeps the choice it
+    had before them: with few tiles of any size (a tiny N) the fill term alone would prefer the
+    many small tiles, unmeasured there.
+
+    Knobs: TUNING["tile_mn"] = (TM, TN) and TUNING["split_k"] force a shape (no split unless
+    split_k says so); TUNING["tile"] forces a square tile; TUNING["tile_candidates"] limits the
+    tiles the model chooses among (its split still chosen: one tile for a sweep, the four
+    64/128 tiles for the choice before the small ones); TUNING["tile_blocks"] changes a tile's
+    register block; TUNING["bk"] / TUNING["bk_small"] set the K steps."""
     M, N, K, nb = c.M, c.N, c.K, c.nb
-    smem_ok = lambda tm, tn: 2 * BK * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
+    # shared memory of a tile: a [BK x TM] and b [BK x TN] f32 (the rule was 2x that, which demoted a
+    # 128x128 tile at bk = 32 to 64x64 on a 32 KiB adapter although it fits)
+    smem_ok = lambda tm, tn: _tile_bk(tm) * (tm + tn) * 4 <= c.dev.max_workgroup_storage   # noqa: E731
     forced = TUNING.get("tile_mn")
     if forced:
         TM, TN = (int(x) for x in forced)
@@ -721,21 +859,34 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
         TM = TN = 128 if -(-M // 128) * -(-N // 128) * nb >= TUNING["tile128_min_wgs"] else 64
     else:
         TM = TN = None
-    if TM is not None and not smem_ok(TM, TN):
-        TM = TN = 64
-    KT = -(-K // BK)
+    if TM is not None:
+        _tile_block(TM, TN)
+        if not smem_ok(TM, TN):
+            TM = TN = 64
     S = TUNING.get("split_k")
+    # a split's partial sums (S copies of the output) are one binding: at most max_binding_size
+    max_s = max(1, c.dev.max_binding_size // max(1, nb * M * N * 4))
     if TM is not None:
         S = int(S or 1)
     else:
+        effs = {(int(tm), int(tn)): float(e) for tm, tn, e in TUNING["tile_eff"]}
+        cands = [tuple(int(x) for x in t) for t in (TUNING.get("tile_candidates") or effs)]
+        if not TUNING.get("tile_candidates") and M > int(TUNING.get("small_tile_max_m") or 0):
+            cands = [t for t in cands if t[0] >= 64] or cands   # prefill: the 64/128-row tiles, as before
         target = int(TUNING.get("target_wgs", 256))
-        min_kt = max(1, int(TUNING.get("split_min_k", 256)) // BK)   # K steps per split, at least
         best = None
-        for tm, tn, eff in ((128, 128, 1.0), (128, 64, 0.9), (64, 128, 0.9), (64, 64, 0.6)):
+        for tm, tn in cands:
+            _tile_block(tm, tn)
+            if (tm, tn) not in effs:
+                raise ValueError(f"matmul: TUNING['tile_candidates'] names tile {tm}x{tn}, which has no "
+                                 f"TUNING['tile_eff'] entry")
             if not smem_ok(tm, tn):
                 continue
+            eff = effs[(tm, tn)]
+            KT = -(-K // _tile_bk(tm))
+            min_kt = max(1, int(TUNING.get("split_min_k", 256)) // _tile_bk(tm))   # K steps per split, at least
             tiles = -(-M // tm) * -(-N // tn) * nb
-            for s in ((int(S),) if S else range(1, 9)):
+            for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
                 if s > 1 and not S and KT // s < min_kt:
                     break
                 wgs = tiles * s
@@ -754,40 +905,45 @@ def _tiled_config(c: _Ctx, BK: int) -> tuple:
             S = 1
         else:
             _, TM, TN, S = best
-    S = max(1, min(int(S), KT))
+    BK = _tile_bk(TM)
+    KT = -(-K // BK)
+    S = max(1, min(int(S), KT, max_s))
     KC = -(-KT // S)            # K steps per split
     S = -(-KT // KC)            # no empty splits
-    return TM, TN, S, KC
+    return TM, TN, BK, S, KC, _tile_block(TM, TN)
 
 
 def _gen_tiled(c: _Ctx):
     A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
-    BK = TUNING["bk"]
-    TM, TN, S, KC = _tiled_config(c, BK)
-    GM, GN = TM // 64, TN // 64     # vec4 groups per thread along m and along n
-    RM = 4 * GM                     # rows per thread
+    TM, TN, BK, S, KC, (RM, RN, NT) = _tiled_config(c)
+    TY, TX = TM // RM, TN // RN     # threads along m and along n
+    LA = min(RM, 4)                 # a's shared elements: vec4 (4 rows), vec2 or f32
+    GM, GN = RM // LA, RN // 4      # a reads and b vec4 reads per thread and k
+    at = {1: "f32", 2: "vec2<f32>", 4: "vec4<f32>"}[LA]
     gm, gn = -(-M // TM), -(-N // TN)
     tiles = gm * gn * c.nb
     total = tiles * S
     KT = -(-K // BK)
     if S > 1:
         c.ep = NoEpilogue()         # raw partial sums; the reduction kernel applies the epilogue
-    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K)
-    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K)
+    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, threads=NT, lanes=LA)
+    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, threads=NT)
+    if c.parts:
+        modb, regs_b, load_b, store_b = _part_loads(c, TN, BK, K, NT)
     if c.aliased and c.lanes["a"] != c.lanes["b"]:
         # one declaration serves both views: scalar loads for both
         c.want("a", 1)
         c.want("b", 1)
-        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False)
-        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False)
+        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False, threads=NT, lanes=LA)
+        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False, threads=NT)
     c.out_vec = N % 4 == 0
     ba, bb = c.bind_a, c.bind_b
     load_a = load_a.replace("{B}", ba.name)
-    load_b = load_b.replace("{B}", bb.name)
+    load_b = load_b.replace("{B}", bb.name)     # (stacked parts: their names are in already)
     pre, boa, bob = _batch_code(c.dims)
-    s = [f"var<workgroup> mm_As: array<vec4<f32>, {BK * TM // 4}>;\n",
+    s = [f"var<workgroup> mm_As: array<{at}, {BK * TM // LA}>;\n",
          f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
-         "@compute @workgroup_size(256)\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+         f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
          "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
          _GRID_PRELUDE.format(total=_u(total))]
     if S > 1:
@@ -800,7 +956,9 @@ def _gen_tiled(c: _Ctx):
           f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
           pre,
           f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
-          "    let tx = lid % 16u;\n    let ty = lid / 16u;\n"]
+          "".join(f"    let bbase{j + 1} = {_u(pm.offset)};\n    let btl{j + 1} = bt0 - {_u(start)};\n"
+                  for j, (pm, _, start) in enumerate(c.parts)),
+          f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n"]
     for r in range(RM):
         for h in range(GN):
             s.append(f"    var c{r}_{h} = vec4<f32>(0.0);\n")
@@ -812,31 +970,31 @@ def _gen_tiled(c: _Ctx):
     s.append(f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
     s.append(f"        for (var kk = 0u; kk < {BK}u; kk++) {{\n")
     for gi in range(GM):
-        s.append(f"            let a{gi} = mm_As[kk * {TM // 4}u + {gi * 16}u + ty];\n")
+        s.append(f"            let a{gi} = mm_As[kk * {TM // LA}u + {gi * TY}u + ty];\n")
     for h in range(GN):
-        s.append(f"            let b{h} = mm_Bs[kk * {TN // 4}u + {h * 16}u + tx];\n")
+        s.append(f"            let b{h} = mm_Bs[kk * {TN // 4}u + {h * TX}u + tx];\n")
     comp = "xyzw"
     for r in range(RM):
-        gi, i = divmod(r, 4)
+        gi, i = divmod(r, LA)
+        av = f"a{gi}.{comp[i]}" if LA > 1 else f"a{gi}"
         for h in range(GN):
-            s.append(f"            c{r}_{h} = fma(vec4<f32>(a{gi}.{comp[i]}), b{h}, c{r}_{h});\n")
+            s.append(f"            c{r}_{h} = fma(vec4<f32>({av}), b{h}, c{r}_{h});\n")
     s.append("        }\n        workgroupBarrier();\n    }\n")
     # store (a split stores its raw partial sums at partial si's copy of the output)
     if S > 1:
         s.append(f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n")
-        ep = ("v.x", "v.y", "v.z", "v.w")
         st_vec = "mm_out[o >> 2u] = v;"
     else:
         s.append(f"    let ob = bi * {_u(M * N)};\n")
         st_vec = ("mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
                   "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
     for r in range(RM):
-        gi, i = divmod(r, 4)
-        s.append(f"    {{ let m = at0 + {gi * 64 + i}u + ty * 4u;\n")
+        gi, i = divmod(r, LA)
+        s.append(f"    {{ let m = at0 + {gi * TY * LA + i}u + ty * {LA}u;\n")
         if M % TM:
             s.append(f"      if (m < {_u(M)}) {{\n")
         for h in range(GN):
-            s.append(f"        {{ let n = bt0 + {h * 64}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
+            s.append(f"        {{ let n = bt0 + {h * TX * 4}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
             if c.out_vec:
                 st = st_vec
                 if N % TN:
@@ -854,8 +1012,107 @@ def _gen_tiled(c: _Ctx):
             s.append("      }\n")
         s.append("    }\n")
     s.append("}\n")
-    name = f"matmul_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
-    return name, "".join(s), runtime.grid_for(total), {"tile": (TM, TN), "modes": (moda, modb), "bk": BK, "split": S}
+    block = "" if (RM, RN) == TILE_BLOCKS[(TM, TN)] else f"_r{RM}x{RN}"   # a swept register block
+    name = f"matmul_{c.dtag()}_t{TM}x{TN}{block}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
+    if c.parts:
+        name += f"_x{len(c.parts) + 1}"
+    info = {"tile": (TM, TN), "block": (RM, RN), "threads": NT, "modes": (moda, modb), "bk": BK, "split": S}
+    return name, "".join(s), runtime.grid_for(total), info
+
+
+def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int) -> tuple:
+    """The b tile loads of a stacked right operand (plan's b_parts): each part's own loads
+    (its binding, offset and column count), the one the workgroup's columns lie in chosen by a
+    uniform branch on bt0; one shared-memory layout (every part loads the same way, else all
+    scalar)."""
+    B = c.B
+    parts = [(B, c.bind_b, 0)] + c.parts
+    ends = [start for _, _, start in parts[1:]] + [c.N]
+    for allow_vec in (True, False):
+        if not allow_vec:
+            c.want("b", 1)
+        gens = []
+        for j, (pm, _, start) in enumerate(parts):
+            c.B = pm
+            gens.append(_tile_load(c, "b", TN, BK, ends[j] - start, K, allow_vec=allow_vec, threads=NT))
+        c.B = B
+        if len({g[0] for g in gens}) == 1 and len({g[1] for g in gens}) == 1 and len({g[3] for g in gens}) == 1:
+            break
+    binds = c.part_bindings()
+    code = ""
+    for j, ((_, _, load, _), bd) in enumerate(zip(gens, binds)):
+        load = load.replace("{B}", bd.name)
+        if j:
+            load = load.replace("bbase", f"bbase{j}").replace("bt0", f"btl{j}")
+        cond = f"if (bt0 < {_u(ends[j])}) " if j < len(parts) - 1 else ""
+        code += ("        " if j == 0 else " else ") + cond + "{\n" + load + "        }"
+    mode, regs, _, store = gens[0]
+    return mode, regs, code + "\n", store
+
+
+def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_binding) -> Launch:
+    """plan() with b_parts: validated here, generated by the tiled path."""
+    if force not in (None, "tiled"):
+        raise ValueError(f"matmul: stacked right operands (b_parts) run on the tiled path only, not {force!r}")
+    _check_float("a", a)
+    ops = [(b, b_binding)] + [(p, pb) for p, pb in parts]
+    for j, (p, pb) in enumerate(ops):
+        name = "b" if j == 0 else f"b_parts[{j - 1}]"
+        if len(p.shape) != 2 or len(p.strides) != 2:
+            raise ValueError(f"matmul: {name} has shape {tuple(p.shape)}; stacked right operands are [K, N_j]")
+        if pb is None:
+            _check_float(name, p)
+        if p.dtype is not b.dtype or (pb is None) != (b_binding is None):
+            raise TypeError(f"matmul: {name} is {p.dtype}{' (bound)' if pb else ''}, b is {b.dtype}"
+                            f"{' (bound)' if b_binding else ''}: stacked right operands share a dtype and a binding kind")
+        if p.buffer is a.buffer or p.buffer is out:
+            raise ValueError(f"matmul: {name} shares a buffer with a or the output")
+    if len(a.shape) != 2 or int(a.shape[1]) != int(b.shape[0]) or any(int(p.shape[0]) != int(b.shape[0]) for p, _ in parts):
+        raise ValueError(f"matmul: a {tuple(a.shape)} @ stacked {[tuple(p.shape) for p, _ in ops]}: a is [M, K], "
+                         f"each right operand [K, N_j]")
+    Ns = [int(p.shape[1]) for p, _ in ops]
+    if any(n <= 0 for n in Ns) or any(n % 128 for n in Ns[:-1]):
+        raise ValueError(f"matmul: stacked column counts {Ns}: each but the last must be a positive multiple of 128")
+    M, K, N = int(a.shape[0]), int(a.shape[1]), sum(Ns)
+    if out.nbytes < M * N * 4:
+        raise ValueError(f"matmul: output buffer holds {out.nbytes} bytes, {M * N * 4} needed for float32 ({M}, {N})")
+    if any(buf is out for buf in [a.buffer] + [o.buffer for o in getattr(ep, "operands", ())]):
+        raise ValueError("matmul: the output buffer is also an input (a or an epilogue operand)")
+    if M * N == 0:
+        return Launch("empty", "matmul_empty")
+    _check_bounds("a", a)
+    for j, (p, pb) in enumerate(ops):
+        if pb is None:
+            _check_bounds("b" if j == 0 else f"b_parts[{j - 1}]", p)
+
+    def z(n, st):
+        return 0 if n == 1 else int(st)
+
+    A = _Mat(a, M, K, z(M, a.strides[0]), z(K, a.strides[1]), int(a.offset), ())
+    mats = [_Mat(p, K, n, z(K, p.strides[0]), z(n, p.strides[1]), int(p.offset), ()) for (p, _), n in zip(ops, Ns)]
+    starts = [sum(Ns[:j]) for j in range(len(Ns))]
+    ctx = _Ctx(runtime.get_device(), A, mats[0], M, N, K, 1, [], ep, b_binding,
+               [(m, pb, st) for m, (_, pb), st in zip(mats[1:], parts, starts[1:])])
+    key = _tiled_key(ctx, "tiled", M * N)
+    hit = _tiled_cache.get(key) if key is not None else None
+    if hit is None:
+        name, body, grid, info = _gen_tiled(ctx)
+        wgsl = ctx.header() + body
+        split = info.get("split", 1)
+        red = _splitk_reduce(out, None, M * N, split, ep) if split > 1 else None
+        if key is not None:
+            if len(_tiled_cache) > 512:
+                _tiled_cache.clear()
+            _tiled_cache[key] = (name, wgsl, grid, info, red)
+    else:
+        name, wgsl, grid, info, red = hit
+    inputs = ctx.input_bindings()
+    if red is not None:
+        part = _scratch_buffer("splitk", info["split"] * M * N * 4)
+        rname, rsrc, _, rgrid = red
+        reduce = (rname, rsrc, [(out, "rw"), (part, "read")] + epilogue_bindings(ep), rgrid)
+        return Launch("tiled", name, wgsl, [(part, "rw")] + inputs, grid, dict(info), [reduce])
+    return Launch("tiled", name, wgsl, [(out, "rw")] + inputs + epilogue_bindings(ep), grid, dict(info))
 
 
 _scratch: dict = {}

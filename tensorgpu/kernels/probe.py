@@ -93,6 +93,18 @@ def fma_peak(buf: Buffer, workgroups: int, iters: int) -> tuple:
 # ----------------------------------------------------------------------------- timing
 
 
+def recorded(enqueue: Callable[[], None]) -> list:
+    """The Dispatch objects `enqueue()` queues, for timestamped replay (gpu_time*): what every
+    kernel benchmark times."""
+    rec: list = []
+    runtime._recorders.append(rec.append)
+    try:
+        enqueue()
+    finally:
+        runtime._recorders.remove(rec.append)
+    return rec
+
+
 def warm_up(enqueue: Callable[[], None], seconds: float = 0.3) -> None:
     """Run `enqueue` (queue one dispatch) back to back for `seconds`: compiles the pipeline and lifts
     the GPU clocks, which drop to a fraction within a second or two of short bursts."""

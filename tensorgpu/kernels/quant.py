@@ -47,7 +47,7 @@ SUPPORTED = (dtypes.q8_0, dtypes.q4_0, dtypes.q4_1, dtypes.q5_0, dtypes.q5_1,
 # Knobs the benchmarks sweep (TENSORGPU_QGEMV="threads,rows" overrides in bench_quant_gemv.py).
 # The tiled (prefill) path is the float tiled matmul: its tile / split-K / BK knobs are matmul.TUNING.
 TUNING = {
-    "gemv_max_m": 16,     # x rows (batch*M) up to this use the GEMV kernel, else tiled (16: H200, RESULTS.md)
+    "gemv_max_m": 8,      # x rows (batch*M) up to this use the GEMV kernel, else tiled (M = 16: tiled wins, RESULTS.md)
     "gemv_m_chunk": 4,    # x rows per GEMV dispatch pass (registers: 16 x floats per row)
     "gemv_threads": None, # GEMV workgroup size; None: from K (256 for K >= 4096)
     "gemv_rows": None,    # weight rows per GEMV workgroup; None: from the M chunk (4 for M=1)
@@ -685,6 +685,40 @@ def plan_matmul(out: Buffer, x: Operand, w: Buffer, w_dtype: dtypes.DType, N: in
     raise ValueError(f"quant_matmul: unknown path {force!r}")
 
 
+def plan_stacked_matmul(out: Buffer, x: Operand, ws: list, w_dtype: dtypes.DType, Ns: list, K: int,
+                        epilogue=None) -> Launch:
+    """out[m, :] = epilogue(x[m] @ [W_0 | W_1 | ...].T) for GGML weights W_j [N_j, K] of one type,
+    each a whole buffer of blocks: several projections of one x (LLaMA's q, k and v) in one
+    tiled matmul (mm.plan's b_parts; each N_j but the last a multiple of 128). x is [M, K], any
+    strides; out a contiguous float32 [M, sum(N_j)]."""
+    w_dtype = dtypes.as_dtype(w_dtype)
+    _fmt(w_dtype)
+    ep = epilogue if epilogue is not None else NoEpilogue()
+    K, Ns = int(K), [int(n) for n in Ns]
+    if len(ws) != len(Ns) or len(ws) < 2:
+        raise ValueError(f"quant stacked matmul: {len(ws)} weights for column counts {Ns} (two or more, one each)")
+    if x.dtype not in (dtypes.float32, dtypes.float16) or len(x.shape) != 2 or int(x.shape[1]) != K:
+        raise ValueError(f"quant stacked matmul: x {x.dtype} {tuple(x.shape)} must be float32/float16 [M, K={K}]")
+    if K % w_dtype.block_size:
+        raise ValueError(f"quant stacked matmul: K={K} is not a multiple of {w_dtype.name}'s block size {w_dtype.block_size}")
+    dev = runtime.get_device()
+    for j, (w, n) in enumerate(zip(ws, Ns)):
+        need = n * (K // w_dtype.block_size * w_dtype.block_bytes)
+        if w.nbytes < need or w.nbytes > dev.max_binding_size:
+            raise ValueError(f"quant stacked matmul: weight {j} [{n}, {K}] {w_dtype.name} needs {need} bytes in a "
+                             f"binding of at most {dev.max_binding_size}; its buffer holds {w.nbytes}")
+        if w is x.buffer or w is out:
+            raise ValueError(f"quant stacked matmul: weight {j} is also x or the output")
+    _check_x_bounds(x)
+    fast = bool(TUNING["tiled_fast_decode"])
+    a = Operand(x.buffer, x.dtype, (int(x.shape[0]), K), tuple(int(v) for v in x.strides), int(x.offset))
+    bs = [Operand(w, w_dtype, (K, n), (1, K), 0) for w, n in zip(ws, Ns)]
+    binds = [_WeightBinding("mm_b" if j == 0 else f"mm_b{j}", w_dtype, 4, dev.has_f16, fast,
+                            "W" if j == 0 else f"W{j}") for j in range(len(ws))]
+    ml = mm.plan(out, a, bs[0], ep, force="tiled", b_binding=binds[0], b_parts=list(zip(bs[1:], binds[1:])))
+    return Launch("empty") if ml.kind == "empty" else _launch("tiled", ml)
+
+
 def _check_x_bounds(x: Operand) -> None:
     if any(int(s) == 0 for s in x.shape):
         return
@@ -884,11 +918,15 @@ class _WeightBinding(mm._Binding):
     virtual row-major [N, K] float matrix is element i % BS of block i / BS. The 4 elements an
     aligned vector load asks for (i a multiple of 4) lie in one block, so one `wld4` (or `dq4`)
     decodes them in registers; the scalar load (unaligned views) takes one lane of that.
-    `fast`: the `_TILED_LD4` decoder where the format has one (TUNING["tiled_fast_decode"])."""
+    `fast`: the `_TILED_LD4` decoder where the format has one (TUNING["tiled_fast_decode"]).
+    `arr`: the storage array's name; a weight stacked after the first (mm.plan's b_parts) is
+    `W1`, `W2`, ..., with copies of the decoders that read it (renamed) and the shared helpers
+    left to the first."""
     fast: bool = True
+    arr: str = "W"
 
     def decl(self, binding: int) -> str:
-        return f"@group(0) @binding({binding}) var<storage, read> W: array<u32>;\n"
+        return f"@group(0) @binding({binding}) var<storage, read> {self.arr}: array<u32>;\n"
 
     def functions(self) -> str:
         bs, bb, X = self.dtype.block_size, self.dtype.block_bytes, self.name
@@ -897,5 +935,9 @@ class _WeightBinding(mm._Binding):
         if fast:
             src += _mant(fast[0]) + fast[1]
         dec = "wld4" if fast else "dq4"
+        if self.arr != "W":
+            from .gemv import _reading_copy
+            sfx = "_" + self.arr
+            src, dec = _reading_copy(src, "W", self.arr, sfx), dec + sfx
         return (src + f"fn ld4_{X}(i: u32) -> vec4<f32> {{ return {dec}((i / {bs}u) * {bb}u, (i % {bs}u) >> 2u); }}\n"
                 f"fn ld_{X}(i: u32) -> f32 {{ return ld4_{X}(i & ~3u)[i & 3u]; }}\n")

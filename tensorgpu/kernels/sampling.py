@@ -1,8 +1,10 @@
-"""On-GPU token selection from one row of logits, so decode step N+1 can be queued before
-token N is read back (the chosen id stays in a GPU buffer that the next step's embedding
-gather reads).
+"""On-GPU token selection from one row of logits (`sample`), or from each of B rows with
+per-row parameters read from buffers (`sample_rows`, continuous batching: see "many rows"
+below), so decode step N+1 can be queued before token N is read back (the chosen id stays in
+a GPU buffer that the next step's embedding gather reads). Both kernels are built from the
+same WGSL blocks (radix select, compaction, bitonic sort, inverse-CDF walk).
 
-Semantics (sample_reference below is the executable definition, in float64 NumPy):
+Semantics of `sample` (sample_reference below is the executable definition, in float64 NumPy):
   1. repetition penalty (HF): every distinct id t in prev_tokens[:n_prev] with 0 <= t < vocab
      gets l[t] * p if l[t] < 0 else l[t] / p.
   2. temperature == 0: greedy, argmax with the first maximum winning (like numpy.argmax);
@@ -17,6 +19,7 @@ Semantics (sample_reference below is the executable definition, in float64 NumPy
        mass of the ones before it is < top_p (the first is always kept).
      * draw: with weights w_r = exp(z_r - z_max) over the kept ids, pick the first r whose
        running sum exceeds u * sum(w) (u uniform in [0, 1) from the host, so seeds reproduce).
+     * a weight below 2^-126 (FLT_MIN) counts as 0 everywhere (see `flush_weights`).
      * top_k = 0 and top_p >= 1: the same inverse-CDF draw over the whole vocabulary in id order.
 GPU and reference agree except when u * sum lands within float32 rounding of a boundary.
 
@@ -38,6 +41,25 @@ from .nn_wgsl import (NEG_INF, check_fits, check_out, distinct, f32_lit, max_wor
                       sg_builtin)
 
 KCAP = 256          # candidates kept when top_k is 0 but top_p < 1 (and the largest top_k allowed)
+FLT_MIN = float(np.finfo(np.float32).tiny)       # 2^-126: smaller parameters and weights count as 0
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def flush_weights(w: np.ndarray) -> np.ndarray:
+    """Sampling weights below FLT_MIN set to 0 (the references' side of `_WFLUSH`).
+
+    Why: with u = 0 (or a u * sum below the smallest weight) the draw picks the first id with a
+    nonzero weight, so a weight that one arithmetic keeps and another loses decides the token.
+    float64 keeps exp(-700); float32 loses anything below 2^-149, and GPUs may flush float32
+    subnormals (lavapipe does) or keep them. Declaring every weight under 2^-126 zero, in the
+    kernels and the references alike, makes that pick the same everywhere; the mass dropped is
+    < V * 2^-126 against a best weight of 1."""
+    w = np.asarray(w, np.float64)
+    return np.where(w >= FLT_MIN, w, 0.0)
+
+
+# the kernels' side of flush_weights: the explicit test decides, not the GPU's subnormal mode
+_WFLUSH = "fn wflush(e: f32) -> f32 { return select(0.0, e, e >= 0x1p-126f); }"
 
 
 # ----------------------------------------------------------------------------- reference
@@ -60,14 +82,14 @@ def sample_reference(logits, temperature: float = 0.0, top_k: int = 0, top_p: fl
     z = l / np.float64(np.float32(temperature))
     u = float(min(max(u, 0.0), np.nextafter(1.0, 0.0)))
     if top_k <= 0 and top_p >= 1.0:
-        w = np.exp(z - z.max())
+        w = flush_weights(np.exp(z - z.max()))
         c = np.cumsum(w)
         hit = np.nonzero(c > u * c[-1])[0]
         return int(hit[0]) if hit.size else int(np.nonzero(w > 0)[0][-1])
     k = min(top_k if top_k > 0 else KCAP, V)
     order = np.lexsort((np.arange(V), -z))[:k]     # z descending, id ascending
-    w = np.exp(z[order] - z[order[0]])
-    norm = w.sum() if top_k > 0 else np.exp(z - z[order[0]]).sum()
+    w = flush_weights(np.exp(z[order] - z[order[0]]))
+    norm = w.sum() if top_k > 0 else flush_weights(np.exp(z - z[order[0]])).sum()
     keep = k
     if top_p < 1.0:
         before = np.concatenate([[0.0], np.cumsum(w)[:-1]])
@@ -250,7 +272,7 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
             names.append("n_prev")
     decl.append(f"@group(0) @binding({len(names)}) var<storage, read_write> out_token: array<i32>;")
     names.append("out_token")
-    L = decl + [_KEY, seg_reduce("red_max", "max", WG, WG, False, NEG_INF), seg_reduce("red_sum", "+", WG, WG, False, "0.0"),
+    L = decl + [_KEY, _WFLUSH, seg_reduce("red_max", "max", WG, WG, False, NEG_INF), seg_reduce("red_sum", "+", WG, WG, False, "0.0"),
                 f"const V: u32 = {vocab}u;", f"const OFF: u32 = {logits_offset}u;"]
     pen = penalty is not None and penalty != 1.0 and prev is not None
     if pen:
@@ -299,19 +321,19 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
               # every logit NaN: no id won; -1 says so (never a silent token 0)
               "  let tok = bi[0];"]
     elif full:
-        L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
+        L += ["  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);",
               "  var m = ninf;",
               f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
               "  let M = red_max(m, lid, 1u);"]
-        L += _walk_lines(WG, CH, "exp(zval(i) - M)", "exp(zval(i) - M)")
+        L += _walk_lines(WG, CH, "wflush(exp(zval(i) - M))", "wflush(exp(zval(i) - M))")
     else:
-        L += [f"  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
+        L += ["  let u = clamp(rnd[0], 0.0, 0x1.fffffep-1f);"]
         if top_k <= 0:   # top-p against the full-vocabulary normaliser
             L += ["  var m = ninf;",
                   f"  for (var i = lid; i < V; i = i + {WG}u) {{ m = max(m, zval(i)); }}",
                   "  let M = red_max(m, lid, 1u);",
                   "  var zs = 0.0;",
-                  f"  for (var i = lid; i < V; i = i + {WG}u) {{ zs += exp(zval(i) - M); }}",
+                  f"  for (var i = lid; i < V; i = i + {WG}u) {{ zs += wflush(exp(zval(i) - M)); }}",
                   "  let Z = red_sum(zs, lid, 1u);"]
         L += _radix_select_lines(WG, f"{K}u", "okey(zval(i))")
         L += _compact_lines(WG, CH, "zval", "okey", "z", f"{K}u", f"{KP}u", "ninf")
@@ -320,22 +342,22 @@ def _source(vocab: int, logits_offset: int, temperature: float, top_k: int, top_
               "  if (lid == 0u) {",
               "    let z0 = cv[0];",
               "    var wsum = 0.0;",
-              f"    for (var r = 0u; r < {K}u; r = r + 1u) {{ wsum += exp(cv[r] - z0); }}",
+              f"    for (var r = 0u; r < {K}u; r = r + 1u) {{ wsum += wflush(exp(cv[r] - z0)); }}",
               f"    let norm = {'wsum' if top_k > 0 else 'Z * exp(M - z0)'};",
               f"    var keep = {K}u;"]
         if top_p < 1.0:
             L += ["    var cb = 0.0;",
                   f"    for (var r = 0u; r < {K}u; r = r + 1u) {{",
                   f"      if (r > 0u && cb >= {f32_lit(top_p)} * norm) {{ keep = r; break; }}",
-                  "      cb += exp(cv[r] - z0);",
+                  "      cb += wflush(exp(cv[r] - z0));",
                   "    }"]
         L += ["    var wk = 0.0;",
-              "    for (var r = 0u; r < keep; r = r + 1u) { wk += exp(cv[r] - z0); }",
+              "    for (var r = 0u; r < keep; r = r + 1u) { wk += wflush(exp(cv[r] - z0)); }",
               "    let goal = u * wk;",
               "    var c = 0.0;",
               "    tok = ci[keep - 1u];",
               "    for (var r = 0u; r < keep; r = r + 1u) {",
-              "      c += exp(cv[r] - z0);",
+              "      c += wflush(exp(cv[r] - z0));",
               "      if (c > goal) { tok = ci[r]; break; }",
               "    }",
               "  }"]
@@ -436,8 +458,8 @@ def sample(out_token: Buffer, logits: Buffer, vocab: int, temperature: float = 0
 #     when M is not finite (a row of -inf, or one holding +inf) or t is -1.
 #   * greedy (token a) unless T >= 2^-126 (0, negative, NaN and subnormal temperatures are
 #     greedy), M is finite and K > 1, where K = min(k, V) if k > 0 else V.
-#   * otherwise weights w_j = exp((l[j] - M) / min(T, FLT_MAX)) (0 for NaN), so w <= 1 and the
-#     best id has w = 1 (no overflow at tiny temperatures). Order: (l descending, id ascending),
+#   * otherwise weights w_j = exp((l[j] - M) / min(T, FLT_MAX)) (0 for NaN, and 0 below 2^-126:
+#     see flush_weights), so w <= 1 and the best id has w = 1 (no overflow at tiny temperatures). Order: (l descending, id ascending),
 #     NaN last; the distribution is the K best ids renormalised (HF/vLLM top-k).
 #     - top_p < 1 or min_p >= 2^-126 (else min_p is off), or K <= KCAP: the candidates are the
 #       C = min(K, KCAP) best ids. Walking them best first, top-p keeps id r while the mass
@@ -460,8 +482,6 @@ def sample(out_token: Buffer, logits: Buffer, vocab: int, temperature: float = 0
 # sorted candidates when there are enough, else selects them the same way.
 
 MAX_LOGPROBS = 20
-FLT_MIN = float(np.finfo(np.float32).tiny)       # 2^-126: smaller parameters count as 0
-FLT_MAX = float(np.finfo(np.float32).max)
 U_MAX = float(np.nextafter(np.float32(1.0), np.float32(0.0)))
 ROW_PARAMS = ("temperature", "top_k", "top_p", "min_p", "u")
 
@@ -500,7 +520,7 @@ def sample_row_reference(logits, temperature, top_k, top_p, min_p, u) -> int:
     if not (T >= FLT_MIN) or not np.isfinite(M) or K == 1:
         return a
     u = 0.0 if np.isnan(u) else min(max(u, 0.0), U_MAX)
-    w = np.where(ok, np.exp((np.where(ok, l, M) - M) / min(T, FLT_MAX)), 0.0)
+    w = flush_weights(np.where(ok, np.exp((np.where(ok, l, M) - M) / min(T, FLT_MAX)), 0.0))
     order = _row_order(l)
     usep, usem = p < 1.0, q >= FLT_MIN
     if not usep and not usem and K > KCAP:
@@ -560,7 +580,7 @@ fn before(a: u32, ia: u32, b: u32, ib: u32) -> bool { return a > b || (a == b &&
 var<private> ROWBASE: u32;
 var<private> LM: f32;
 var<private> TT: f32;
-fn wexp(x: f32) -> f32 { return select(exp((x - LM) / TT), 0.0, isnan32(x)); }
+fn wexp(x: f32) -> f32 { return select(wflush(exp((x - LM) / TT)), 0.0, isnan32(x)); }
 // the weight of id i among the K best: key > thr, or key == thr and among the first `take`
 // such ids of this invocation's chunk (*eqc counts the ones seen)
 fn wm(i: u32, thr: u32, take: u32, eqc: ptr<function, u32>) -> f32 {
@@ -657,7 +677,7 @@ def _rows_source(B: int, V: int, logits: Operand, params: dict, n_logprobs: int,
     cb = bind(counts.buffer, "i32", "read_write") if counts is not None else None
     sgp, sg = sg_builtin(subgroups)
     fns += [f"fn ib_store(i: u32, v: i32) {{ {ib}[i] = v; }}", f"fn fb_store(i: u32, v: f32) {{ {fb}[i] = v; }}"]
-    L = decl + [_KEY] + fns + [
+    L = decl + [_KEY, _WFLUSH] + fns + [
         f"const V: u32 = {V}u;", f"const B: u32 = {B}u;", f"const N: u32 = {N}u;", f"const KCAP: u32 = {KCAP}u;",
         _ROWS_HELPERS, _reduce_acc_fn(WG, subgroups), _scan_fn("scan_u", "u32", WG), _scan_fn("scan_f", "f32", WG),
         "var<workgroup> hist: array<atomic<u32>, 256>;", "var<workgroup> ctl: array<u32, 2>;",
