@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import gc
+
 import httpx
+import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_NEOX = REPO_ROOT / "models" / "tiny-neox" / "tiny-neox-q8_0.gguf"
@@ -103,3 +106,13 @@ def metric(m: dict, name: str, **labels) -> float:
 def metric_sum(m: dict, name: str) -> float:
     """All samples of `name` summed over their labels."""
     return sum(v for (n, _), v in m.items() if n == name)
+
+
+@pytest.fixture(scope="module")
+def collect_garbage():
+    """Collect this module's cyclic garbage (models, engines, captures) on the main thread when it
+    ends. Why: runtime.Buffer.__del__ takes runtime.LOCK, and a collection that runs on wgpu's poll
+    thread while another thread holds the lock and waits in map_sync for that thread deadlocks
+    (seen in tests/test_threads.py after these modules); garbage left behind makes that likelier."""
+    yield
+    gc.collect()

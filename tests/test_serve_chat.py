@@ -7,7 +7,9 @@ import openai
 import pytest
 
 from models import load
-from serve_util import TINY_QWEN2, ServerProcess
+from serve_util import TINY_QWEN2, ServerProcess, collect_garbage  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 NAME = "tiny-qwen2"
 CTX = 256

@@ -6,7 +6,6 @@ in this process, and sampled / penalized / logprob results from an in-process En
 same SamplingParams (so every HTTP parameter must reach the sampler as the engine defines it)."""
 import asyncio
 import json
-import threading
 import time
 
 import httpx
@@ -16,7 +15,9 @@ import pytest
 
 from models.gpt_neox import GPTNeoX
 from models.serve.engine import Engine, SamplingParams
-from serve_util import TINY_NEOX, ServerProcess, metric, metric_sum
+from serve_util import TINY_NEOX, ServerProcess, metric, metric_sum, collect_garbage  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 NAME = "tiny-neox"
 CTX = 256

@@ -13,7 +13,9 @@ import uvicorn
 
 from models.gpt_neox import GPTNeoX
 from models.serve.app import build_app
-from serve_util import TINY_NEOX, ServerProcess, free_port, metric
+from serve_util import TINY_NEOX, ServerProcess, free_port, metric, collect_garbage  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 PROMPT = "In the beginning God created"
 

@@ -18,10 +18,11 @@ import httpx
 import pytest
 
 from models.gpt_neox import GPTNeoX
-from serve_util import TINY_NEOX, ServerProcess, metric, metric_sum
+from serve_util import TINY_NEOX, ServerProcess, metric, metric_sum, collect_garbage  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(os.environ.get("TENSORGPU_SERVE_LOAD", "") in ("", "0"),
-                                reason="TENSORGPU_SERVE_LOAD=1 runs it (.ci/run does)")
+pytestmark = [pytest.mark.skipif(os.environ.get("TENSORGPU_SERVE_LOAD", "") in ("", "0"),
+                                 reason="TENSORGPU_SERVE_LOAD=1 runs it (.ci/run does)"),
+              pytest.mark.usefixtures("collect_garbage")]
 
 N_REQUESTS = 300
 CONCURRENCY = 32

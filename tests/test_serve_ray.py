@@ -1,26 +1,28 @@
 """The Ray Serve deployment (models/serve/ray_serve.py).
 
-* In the normal suite: `serve.run(app, _local_testing_mode=True)`: the replica class loads the
-  model, builds the app over its engine and runs its lifespan in this process; a
-  DeploymentHandle calls the OpenAI methods.
+* In the normal suite: `serve.run(app, _local_testing_mode=True)` (in a worker process, whose
+  replica threads cannot outlive it): the replica class loads the model, builds the app over its
+  engine and runs its lifespan; a DeploymentHandle calls the OpenAI methods.
 * With TENSORGPU_RAY=1 (the long step of .ci/run): a real local Ray instance
   (`ray.init(num_cpus=2, include_dashboard=False)`), 2 replicas, streaming over HTTP on
   127.0.0.1 through Ray's proxy with the openai client, bounded in time.
 """
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import time
 
 import openai
 import pytest
 
 from models.gpt_neox import GPTNeoX
-from serve_util import REPO_ROOT, TINY_NEOX, free_port
+from serve_util import REPO_ROOT, TINY_NEOX, free_port, collect_garbage  # noqa: F401 (a fixture)
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-serve = pytest.importorskip("ray.serve")
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
-from models.serve.ray_serve import application  # noqa: E402
+pytest.importorskip("ray.serve")
 
 PROMPTS = ["In the beginning God created", "The quick brown fox", "Once upon a time there was", "And",
            "He said unto them,", "The colorsys module defines", "A dictionary is", "Blessed are the"]
@@ -34,27 +36,29 @@ def greedy():
 
 
 def test_local_testing_mode(greedy):
-    handle = serve.run(application(str(TINY_NEOX), "tiny", max_batch=4, ctx=128), _local_testing_mode=True)
-    assert handle.check_health.remote().result() is None
-    resps = [handle.completions.remote({"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0,
-                                        "ignore_eos": True}) for p in PROMPTS[:4]]
-    for p, r in zip(PROMPTS, resps):
-        out = r.result(timeout_s=300)
-        assert out["choices"][0]["text"] == greedy[p] and out["usage"]["completion_tokens"] == 8
-    err = handle.completions.remote({"model": "gpt-5", "prompt": "x"}).result()
-    assert err["error"]["code"] == "model_not_found"
-    err = handle.completions.remote({"model": "tiny", "prompt": "x", "top_p": 2}).result()
-    assert err["error"]["param"] == "top_p"
-    err = handle.chat_completions.remote({"model": "tiny", "messages": [{"role": "user", "content": "x"}]}).result()
-    assert err["error"]["code"] == "no_chat_template"
-    err = handle.completions.remote({"model": "tiny", "prompt": "x", "stream": True}).result()
-    assert err["error"]["param"] == "stream"
+    """serve.run(app, _local_testing_mode=True), in a worker process (tests/ray_local_worker.py)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "tests" / "ray_local_worker.py"), str(TINY_NEOX),
+                        *PROMPTS[:4]], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["health"] is None
+    for p, c in zip(PROMPTS, out["completions"]):
+        assert c["choices"][0]["text"] == greedy[p] and c["usage"]["completion_tokens"] == 8
+    assert out["unknown_model"]["error"]["code"] == "model_not_found"
+    assert out["bad_top_p"]["error"]["param"] == "top_p"
+    assert out["chat"]["error"]["code"] == "no_chat_template"
+    assert out["stream"]["error"]["param"] == "stream"
 
 
 @pytest.mark.skipif(os.environ.get("TENSORGPU_RAY", "") in ("", "0"),
                     reason="TENSORGPU_RAY=1 runs it (the long step of .ci/run)")
-def test_real_ray_two_replicas_stream_over_http(greedy):
+def test_real_ray_two_replicas_stream_over_http(greedy, monkeypatch):
     import ray
+    from ray import serve
+
+    from models.serve.ray_serve import application
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     port = free_port()
     t0 = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False,
