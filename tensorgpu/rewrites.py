@@ -655,59 +655,29 @@ def _match_decode_sep(q, qv, ka, kav, va, vav, H, D):
 def _match_rope_cache_write(q, qv, ka, kav, va, vav, H, D):
     """The pieces of plain-code attention input for T tokens: q = rope(qkv[:, 0]),
     cache_k[:, p:p+T] = rope(qkv[:, 1]), cache_v[:, p:p+T] = qkv[:, 2], with the rope positions
-    an arange starting at p (so the rows written are the rows the rope angles are for). None
-    when the graph is not that."""
+    an arange starting at p (so the rows written are the rows the rope angles are for): the
+    separate-q/k/v match (_match_prompt_sep) with neox rope, no frequency factors, as many KV
+    heads as query heads, and q, k, v read from one [T, 3, H, D] block. None when the graph is
+    not that."""
     from .nn import RopeKernel
-    from .tensor import arange_start
-    if not (_is(q, RopeKernel) and ka.op is Op.ASSIGN and va.op is Op.ASSIGN and ka.buffer is None
-            and va.buffer is None and q.arg.freq_factors is None):
+    if not (_is(q, RopeKernel) and q.arg.freq_factors is None and q.arg.args[5] == "neox"):
         return None
-    if not (kav.is_identity(ka.shape) and vav.is_identity(va.shape) and len(ka.shape) == 3
-            and ka.shape[0] == H and ka.shape[2] == D and va.shape == ka.shape):
+    T = q.arg.args[0]
+    m = _match_prompt_sep(q, qv, ka, kav, va, vav, H, T, D)
+    if m is None or m["Hkv"] != H:
         return None
-    T, qh, qd, rot, base, mode = q.arg.args
-    if (qh, qd, mode) != (H, D, "neox"):
-        return None
-    # q: rope of [T, H, D] read as [H, T, D]
-    if qv.shape != (H, T, D) or qv.strides[0] != D or qv.strides[2] != 1 or (T > 1 and qv.strides[1] != H * D) \
-            or qv.offset != 0:
-        return None
-    (qx, qxv), qpos = q.srcs
-    start = arange_start(*qpos)
-    if start is None:
-        return None
-    kw, kwv = ka.srcs[1]
-    max_ctx = ka.shape[1]
-    if not (_is(kw, RopeKernel) and kw.arg.args == q.arg.args and kw.arg.freq_factors is None
-            and kw.srcs[1][0] is qpos[0] and kw.srcs[1][1] == qpos[1]):
-        return None
-    for a in (ka, va):
-        t = a.arg
-        if not (t.shape == (H, T, D) and t.strides == (max_ctx * D, D, 1) and _same(t.offset, start * D)):
-            return None
-    if kwv.shape != (H, T, D) or kwv.strides[0] != D or kwv.strides[2] != 1 or kwv.offset != 0 or \
-            (T > 1 and kwv.strides[1] != H * D):
-        return None
-    (kx, kxv) = kw.srcs[0]
-    vw, vwv = va.srcs[1]
+    (qx, qxv), (kx, kxv), (vw, vxv) = m["q"], m["k"], m["v"]
     # q, k and v all read one [T, 3, H, D] block (GGUF's fused QKV order): qkv[:, 0 / 1 / 2]
-    if not (qx is kx is vw) or isinstance(qxv.offset, SymInt):
+    if not (qx is kx is vw):
         return None
     o, R = qxv.offset, 3 * H * D
-    if not (qxv.shape == (T, H, D) and qxv.strides[1:] == (D, 1) and (T == 1 or qxv.strides[0] == R)
-            and kxv.shape == (T, H, D) and kxv.strides == qxv.strides and _same(kxv.offset, o + H * D)):
-        return None
-    if not (vwv.shape == (H, T, D) and vwv.strides[0] == D and vwv.strides[2] == 1 and (T == 1 or vwv.strides[1] == R)
-            and _same(vwv.offset, o + 2 * H * D)):
-        return None
+    for view, at in ((qxv, o), (kxv, o + H * D), (vxv, o + 2 * H * D)):
+        if not (view.strides[1:] == (D, 1) and (T == 1 or view.strides[0] == R) and _same(view.offset, at)):
+            return None
     if qx.numel < o + T * R:
         return None
-    qkv_view = View((T, 3, H, D), (R, H * D, D, 1), o)
-    kbase, vbase = ka.srcs[0][0], va.srcs[0][0]
-    if kbase.dtype not in (dt.float16, dt.float32) or vbase.dtype is not kbase.dtype:
-        return None
-    return dict(T=T, qkv=qx, qkv_view=qkv_view, pos=qpos, start=start, kbase=kbase, vbase=vbase, rot=rot,
-                base=base, max_ctx=max_ctx)
+    return dict(T=T, qkv=qx, qkv_view=View((T, 3, H, D), (R, H * D, D, 1), o), pos=m["pos"], start=m["start"],
+                kbase=m["kbase"], vbase=m["vbase"], rot=m["rot"], base=m["base"], max_ctx=m["max_ctx"])
 
 
 def _writes_done_by(n: Node, ka: Node, va: Node, m: dict) -> None:
