@@ -324,6 +324,14 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
         else:
             kind = "tiled"
     ctx = _Ctx(dev, A, B, M, N, K, nb, dims, ep, b_binding)
+    inputs = [(A.op.buffer, "read")] + ([] if ctx.aliased else [(B.op.buffer, "read")])
+    return _launch(ctx, kind, numel, out, ep, inputs)
+
+
+def _launch(ctx: "_Ctx", kind: str, numel: int, out: Buffer, ep, inputs: list) -> Launch:
+    """The Launch of ctx's kernel of `kind` (generated, or taken from _tiled_cache for a tiled
+    one) reading `inputs`: one pass storing into out, or with split-K a pass writing partial sums
+    to a scratch buffer and a second pass reducing them (epilogue applied)."""
     key = _tiled_key(ctx, kind, numel) if kind == "tiled" else None
     hit = _tiled_cache.get(key) if key is not None else None
     if hit is None:
@@ -338,14 +346,12 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
             _tiled_cache[key] = (name, wgsl, grid, info, red)
     else:
         name, wgsl, grid, info, red = hit
-    inputs = [(A.op.buffer, "read")] + ([] if ctx.aliased else [(B.op.buffer, "read")])
-    if red is not None:   # the main pass writes partial sums to a scratch buffer; a second pass reduces
+    if red is not None:
         part = _scratch_buffer("splitk", info["split"] * numel * 4)
         rname, rsrc, _, rgrid = red
         reduce = (rname, rsrc, [(out, "rw"), (part, "read")] + epilogue_bindings(ep), rgrid)
         return Launch(kind, name, wgsl, [(part, "rw")] + inputs, grid, dict(info), [reduce])
-    bindings = [(out, "rw")] + inputs + epilogue_bindings(ep)
-    return Launch(kind, name, wgsl, bindings, grid, dict(info))
+    return Launch(kind, name, wgsl, [(out, "rw")] + inputs + epilogue_bindings(ep), grid, dict(info))
 
 
 # Generated tiled kernels by everything their text depends on: re-generating the unrolled
@@ -1093,26 +1099,7 @@ def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_b
     starts = [sum(Ns[:j]) for j in range(len(Ns))]
     ctx = _Ctx(runtime.get_device(), A, mats[0], M, N, K, 1, [], ep, b_binding,
                [(m, pb, st) for m, (_, pb), st in zip(mats[1:], parts, starts[1:])])
-    key = _tiled_key(ctx, "tiled", M * N)
-    hit = _tiled_cache.get(key) if key is not None else None
-    if hit is None:
-        name, body, grid, info = _gen_tiled(ctx)
-        wgsl = ctx.header() + body
-        split = info.get("split", 1)
-        red = _splitk_reduce(out, None, M * N, split, ep) if split > 1 else None
-        if key is not None:
-            if len(_tiled_cache) > 512:
-                _tiled_cache.clear()
-            _tiled_cache[key] = (name, wgsl, grid, info, red)
-    else:
-        name, wgsl, grid, info, red = hit
-    inputs = ctx.input_bindings()
-    if red is not None:
-        part = _scratch_buffer("splitk", info["split"] * M * N * 4)
-        rname, rsrc, _, rgrid = red
-        reduce = (rname, rsrc, [(out, "rw"), (part, "read")] + epilogue_bindings(ep), rgrid)
-        return Launch("tiled", name, wgsl, [(part, "rw")] + inputs, grid, dict(info), [reduce])
-    return Launch("tiled", name, wgsl, [(out, "rw")] + inputs + epilogue_bindings(ep), grid, dict(info))
+    return _launch(ctx, "tiled", M * N, out, ep, ctx.input_bindings())
 
 
 _scratch: dict = {}
