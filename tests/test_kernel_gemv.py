@@ -31,15 +31,7 @@ def ref_ln(x, w, b, eps):
 
 def run(wdt, N, K, ln=False, ep=None, xdt=np.float32, lnb_none=False, lnw_none=False, mean=5.0, std=3.0, tol=2e-5):
     x = (rng.standard_normal(K) * std + mean).astype(xdt)   # |mean| > std: the norm must not cancel
-    if wdt in ("f16", "f32"):
-        npdt = np.float16 if wdt == "f16" else np.float32
-        W = (rng.standard_normal((N, K)) * 0.05).astype(npdt)
-        wb = Base(W)
-        w, wd, Wf = wb.whole(), wb.dtype, W.astype(np.float64)
-    else:
-        wd = dtypes.as_dtype(wdt)
-        raw, Wf = qweights(wd, N, K)
-        w = runtime.upload(raw)
+    w, wd, Wf = _weight(wdt, N, K)
     xb = Base(x)
     lnops = None
     h = x.astype(np.float64)
@@ -260,14 +252,7 @@ def test_rms_norm_folded(paths, wdt, K):
     N = 37
     for lw_none, ep in ((False, None), (True, AffineGelu(rng.standard_normal(N), 0.5))):
         x = (rng.standard_normal(K) * 3.0 + 5.0).astype(np.float32)
-        if wdt in ("f16", "f32"):
-            W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
-            wb = Base(W)
-            w, wd, Wf = wb.whole(), wb.dtype, W.astype(np.float64)
-        else:
-            wd = dtypes.as_dtype(wdt)
-            raw, Wf = qweights(wd, N, K)
-            w = runtime.upload(raw)
+        w, wd, Wf = _weight(wdt, N, K)
         lw = None if lw_none else rng.standard_normal(K).astype(np.float32)
         eps = 1e-6
         x64 = x.astype(np.float64)
@@ -308,17 +293,9 @@ def test_rms_stack_of_two_or_three(paths, wdt, Ns):
     lw = rng.standard_normal(K).astype(np.float32)
     ws, Wf = [], []
     for N in Ns:
-        if wdt in ("f16", "f32"):
-            W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
-            wb = Base(W)
-            ws.append(wb.whole())
-            wd = wb.dtype
-            Wf.append(W.astype(np.float64))
-        else:
-            wd = dtypes.as_dtype(wdt)
-            raw, Wq = qweights(wd, N, K)
-            ws.append(runtime.upload(raw))
-            Wf.append(Wq)
+        w, wd, Wq = _weight(wdt, N, K)
+        ws.append(w)
+        Wf.append(Wq)
     NT = sum(Ns)
     ep = AffineGelu(rng.standard_normal(NT), 0.5, gelu=False)
     xb = Base(x)
@@ -341,14 +318,7 @@ def test_glu_row(paths, wdt, K, d, off):
     """glu=d: the row is silu(x[k]) * x[k + d] (SwiGLU's gate and up halves of one buffer)."""
     N = 19
     xs = (rng.standard_normal(off + d + K) * 2).astype(np.float32)
-    if wdt in ("f16", "f32"):
-        W = (rng.standard_normal((N, K)) * 0.05).astype(np.float16 if wdt == "f16" else np.float32)
-        wb = Base(W)
-        w, wd, Wf = wb.whole(), wb.dtype, W.astype(np.float64)
-    else:
-        wd = dtypes.as_dtype(wdt)
-        raw, Wf = qweights(wd, N, K)
-        w = runtime.upload(raw)
+    w, wd, Wf = _weight(wdt, N, K)
     xb = Base(xs)
     out = runtime.Buffer(4 * N)
     with debug.kernel_log() as log:
