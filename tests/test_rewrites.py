@@ -554,8 +554,7 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
     H, Hkv, D, rot, max_ctx, C = 4, 2, 16, 16, 8, 64
     (wq, wk, wv), _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
     x = tg.tensor(rng.standard_normal((1, C)).astype(np.float32))
-    outs = []
-    for limit in (None, 6):
+    def block():
         ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
         cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
         pos = 3
@@ -564,14 +563,12 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         ck[:, pos:pos + 1] = k.swapaxes(0, 1)
         cv[:, pos:pos + 1] = tg.nn.linear(x, wv).reshape(1, Hkv, D).swapaxes(0, 1)
         y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
-        old = runtime.OPTIONS.max_storage_buffers
-        if limit:
-            runtime.OPTIONS.max_storage_buffers = limit
-        try:
-            with tg.debug.kernel_log() as log:
-                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
-        finally:
-            runtime.OPTIONS.max_storage_buffers = old
+        return y, ck, cv
+
+    outs = []
+    for limit in (None, 6):
+        log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
+        outs.append(vals)
         assert ("attention_decode_gqa" in names(log)) == (limit is None), names(log)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -691,19 +688,15 @@ def test_fuse_rope_cache_write_gqa_respects_the_storage_limit():
     H, Hkv, D, rot, max_ctx, C, T, pos = 4, 2, 16, 16, 16, 64, 4, 1
     ws, _ = _weights(np.float32, [(H * D, C), (Hkv * D, C), (Hkv * D, C)])
     x = tg.tensor(rng.standard_normal((T, C)).astype(np.float32))
-    outs = []
-    for limit in (None, 6):
+    def block():
         ck = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
         cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
-        y = _prompt_attention(x, ws, (None,) * 3, ck, cv, pos, T, H, Hkv, D, rot, "neox", None)
-        old = runtime.OPTIONS.max_storage_buffers
-        if limit:
-            runtime.OPTIONS.max_storage_buffers = limit
-        try:
-            with tg.debug.kernel_log() as log:
-                outs.append((y.numpy(), ck.numpy(), cv.numpy()))
-        finally:
-            runtime.OPTIONS.max_storage_buffers = old
+        return _prompt_attention(x, ws, (None,) * 3, ck, cv, pos, T, H, Hkv, D, rot, "neox", None), ck, cv
+
+    outs = []
+    for limit in (None, 6):
+        log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
+        outs.append(vals)
         assert ("rope_kv_write" in names(log)) == (limit is None), names(log)
     for a, b in zip(*outs):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
