@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as QT
 
 from tensorgpu import debug, dtypes, runtime
 from tensorgpu.kernels import matmul as mm
+from tensorgpu.kernels import matmul_coop as coop
 from tensorgpu.kernels import probe, quant
 from tensorgpu.kernels.common import Operand
 from tensorgpu.testing import random_blocks
@@ -167,6 +168,8 @@ def test_gemv_reach_sweep(benchmark, wdt, M, path):
 # (kBK: matmul.TUNING["bk_small"]).
 
 SMALL_M = [8, 16, 32, 64] if FULL else [16, 32]
+if os.environ.get("TENSORGPU_SMALLM_M"):          # e.g. "16,64,512": other row counts (512: a prefill chunk)
+    SMALL_M = [int(m) for m in os.environ["TENSORGPU_SMALLM_M"].split(",")]
 SMALL_M_NK = [(6144, 2048), (2048, 2048), (8192, 2048), (2048, 8192)] if FULL else [(200, 256)]
 SMALL_M_WDT = ["float16", "q4_0"]
 OLD_TILES = ((128, 128), (128, 64), (64, 128), (64, 64))
@@ -179,14 +182,29 @@ def _variants(M: int) -> list:
     block or K step). By default the 16-row tiles up to M = 16 and the 32-row ones above (the
     H200 sweep measured 16-row tiles at M = 32 and 64 1.05-2.7x slower than the best), and
     "old" from M = 16 (at M = 8 it is a 64-row tile: 8x the FMAs)."""
+    if M > 64:   # a prefill chunk: the WGSL tiles' choice against the tensor cores'
+        return ["auto"] + (["coop"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm >= 64]
+                           if runtime.get_device().has_coopmat else [])
     v = ["auto"] + (["autok16", "old"] if M > 8 else []) + (["gemv"] if M <= 16 else [])
     v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm == (16 if M <= 16 else 32)]
+    if runtime.get_device().has_coopmat:   # the tensor cores: the planner's tile, and each tile of M rows or fewer
+        v += ["coop"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm <= max(M, 16)]
     extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
     return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
 
 
 def _variant_knobs(variant: str) -> tuple:
-    """(force, matmul.TUNING overrides) of a variant name."""
+    """(force, matmul.TUNING overrides, matmul_coop.TUNING overrides) of a variant name: every
+    variant but "coop*" keeps the tensor cores off, so "auto" is the WGSL tiles' choice."""
+    if variant.startswith("coop"):
+        m = re.fullmatch(r"coop(?:(\d+)x(\d+))?", variant)
+        return "tiled", {}, {"enabled": True, **({"tile": (int(m[1]), int(m[2]))} if m[1] else {})}
+    force, knobs = _wgsl_variant_knobs(variant)
+    return force, knobs, {"enabled": False}
+
+
+def _wgsl_variant_knobs(variant: str) -> tuple:
+    """(force, matmul.TUNING overrides) of a WGSL variant name."""
     if variant == "gemv":
         return "gemv", {}
     if variant == "auto":
@@ -258,13 +276,13 @@ def small_m_table():
 @pytest.mark.parametrize("N,K", SMALL_M_NK, ids=lambda x: str(x))
 @pytest.mark.parametrize("M,variant", [(m, v) for m in SMALL_M for v in _variants(m)], ids=lambda x: str(x))
 def test_small_m_sweep(benchmark, small_m_table, M, variant, N, K, wdt):
-    force, knobs = _variant_knobs(variant)
+    force, knobs, coop_knobs = _variant_knobs(variant)
     x = np.random.default_rng(M).standard_normal((M, K)).astype(np.float32)
     xop = Operand(runtime.upload(x), dtypes.float32, (M, K), (K, 1), 0)
     out = runtime.Buffer(M * N * 4)
     host, copies = _small_m_weight(wdt, N, K)
     ds = []
-    with debug.tuning(mm.TUNING, **knobs):
+    with debug.tuning(mm.TUNING, **knobs), debug.tuning(coop.TUNING, **coop_knobs):
         for w in copies:
             if wdt == "float16":
                 la = mm.plan(out, xop, Operand(w, dtypes.float16, (K, N), (1, K), 0),

@@ -35,6 +35,10 @@ import numpy as np
 
 os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
 
+from . import wgpu_unlock  # noqa: E402
+
+wgpu_unlock.unlock()      # before anything loads wgpu-native (see wgpu_unlock: tensor cores)
+
 import wgpu  # noqa: E402
 
 MAX_WORKGROUPS_PER_DIM = 65535
@@ -128,6 +132,7 @@ class Options:
     same bytes as array<f16>)."""
     use_f16: bool = True
     use_subgroups: bool = True
+    use_coopmat: bool = True   # tensor-core matmuls where the adapter has them (Device.has_coopmat)
     max_storage_buffers: Optional[int] = None  # None: the adapter's limit
     # memory bounds (ARCHITECTURE.md, "Memory bounds"): compiled pipelines kept (least recently
     # used dropped first), and bytes of free buffers the pool keeps for reuse (beyond it, the
@@ -139,6 +144,7 @@ class Options:
 OPTIONS = Options(
     use_f16=os.environ.get("TENSORGPU_DISABLE_F16", "") in ("", "0"),
     use_subgroups=os.environ.get("TENSORGPU_DISABLE_SUBGROUPS", "") in ("", "0"),
+    use_coopmat=os.environ.get("TENSORGPU_DISABLE_COOPMAT", "") in ("", "0"),
     max_storage_buffers=int(os.environ["TENSORGPU_MAX_STORAGE_BUFFERS"]) if os.environ.get("TENSORGPU_MAX_STORAGE_BUFFERS") else None,
 )
 
@@ -149,6 +155,7 @@ class Device:
     WANTED_FEATURES = ("shader-f16", "subgroup", "timestamp-query", "timestamp-query-inside-passes", "pipeline-cache")
 
     def __init__(self):
+        coop_lib = wgpu_unlock.STATE["patched"]
         adapters = [a for a in wgpu.gpu.enumerate_adapters_sync()]
         want = os.environ.get("TENSORGPU_ADAPTER", "")
         if want:
@@ -172,6 +179,8 @@ class Device:
                 "install its Vulkan driver. TENSORGPU_ADAPTER=<substring> picks one of several.")
         self.adapter = adapter
         features = [f for f in self.WANTED_FEATURES if f in adapter.features]
+        if coop_lib and OPTIONS.use_coopmat and "cooperative-matrix" in adapter.features and "shader-f16" in features:
+            features.append("cooperative-matrix")
         limit_names = ("max-storage-buffer-binding-size", "max-buffer-size", "max-storage-buffers-per-shader-stage",
                        "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
                        "max-compute-workgroup-size-x", "max-compute-workgroup-size-y",
@@ -189,6 +198,18 @@ class Device:
     @property
     def has_f16(self) -> bool:
         return "shader-f16" in self.features and OPTIONS.use_f16
+
+    @functools.cached_property
+    def _coopmat_works(self) -> bool:
+        from .kernels import matmul_coop
+        return matmul_coop.self_test(self)
+
+    @property
+    def has_coopmat(self) -> bool:
+        """Tensor cores through wgpu's cooperative matrices: the feature was granted (see
+        wgpu_unlock), f16 is on, and the 16x16 f16 -> f32 kernel shape passed its self-test."""
+        return ("cooperative-matrix" in self.features and OPTIONS.use_coopmat and self.has_f16
+                and self._coopmat_works)
 
     @property
     def has_subgroups(self) -> bool:
@@ -210,7 +231,7 @@ class Device:
     def describe(self) -> dict:
         return {"name": self.name, "backend": self.backend, "adapter_type": self.adapter_type,
                 "limits": dict(self.limits), "features": sorted(self.features),
-                "f16": self.has_f16, "subgroups": self.has_subgroups}
+                "f16": self.has_f16, "subgroups": self.has_subgroups, "coopmat": self.has_coopmat}
 
 
 _DEVICE: Optional[Device] = None

@@ -261,8 +261,9 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
 
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
          b_binding: Optional["_Binding"] = None, b_parts: Optional[list] = None) -> Launch:
-    """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive")
-    overrides the choice (tests use it to cover every path on every shape).
+    """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive",
+    "coop") overrides the choice; "tiled" still goes to the tensor cores where matmul_coop.eligible
+    says so (set matmul_coop.TUNING["enabled"] = False for the WGSL tiles) (tests use it to cover every path on every shape).
 
     `b_binding` (tiled path only) replaces b's storage declaration and loads, so b may be a
     non-float dtype the binding decodes (quant.py's GGUF weights): the planner, split-K and
@@ -279,8 +280,8 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
     _check_float("a", a)
     if b_binding is None:
         _check_float("b", b)
-    elif force != "tiled":
-        raise ValueError("matmul: a b_binding needs force='tiled'")
+    elif force not in ("tiled", "coop"):
+        raise ValueError("matmul: a b_binding needs force='tiled' (or 'coop')")
     if len(a.shape) < 2 or len(b.shape) < 2:
         raise ValueError(f"matmul needs a [*batch, M, K] and b [*batch, K, N]; got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     if tuple(a.shape[:-2]) != tuple(b.shape[:-2]) or a.shape[-1] != b.shape[-2]:
@@ -332,12 +333,18 @@ def _launch(ctx: "_Ctx", kind: str, numel: int, out: Buffer, ep, inputs: list) -
     """The Launch of ctx's kernel of `kind` (generated, or taken from _tiled_cache for a tiled
     one) reading `inputs`: one pass storing into out, or with split-K a pass writing partial sums
     to a scratch buffer and a second pass reducing them (epilogue applied)."""
-    key = _tiled_key(ctx, kind, numel) if kind == "tiled" else None
+    from . import matmul_coop
+    if kind == "tiled" and matmul_coop.eligible(ctx):
+        kind = "coop"
+    elif kind == "coop" and not ctx.dev.has_coopmat:
+        raise ValueError("matmul: force='coop' needs an adapter with cooperative matrices (Device.has_coopmat)")
+    key = _tiled_key(ctx, kind, numel) if kind in ("tiled", "coop") else None
     hit = _tiled_cache.get(key) if key is not None else None
     if hit is None:
-        gen = {"gemv_k": _gen_gemv_k, "gemv_n": _gen_gemv_n, "tiled": _gen_tiled, "naive": _gen_naive}[kind]
+        gen = {"gemv_k": _gen_gemv_k, "gemv_n": _gen_gemv_n, "tiled": _gen_tiled, "naive": _gen_naive,
+               "coop": matmul_coop.gen}[kind]
         name, body, grid, info = gen(ctx)
-        wgsl = ctx.header() + body
+        wgsl = _hoist_enables(ctx.header() + body)
         split = info.get("split", 1)
         red = _splitk_reduce(out, None, numel, split, ep) if split > 1 else None
         if key is not None:
@@ -352,6 +359,15 @@ def _launch(ctx: "_Ctx", kind: str, numel: int, out: Buffer, ep, inputs: list) -
         reduce = (rname, rsrc, [(out, "rw"), (part, "read")] + epilogue_bindings(ep), rgrid)
         return Launch(kind, name, wgsl, [(part, "rw")] + inputs, grid, dict(info), [reduce])
     return Launch(kind, name, wgsl, [(out, "rw")] + inputs + epilogue_bindings(ep), grid, dict(info))
+
+
+def _hoist_enables(wgsl: str) -> str:
+    """WGSL wants every `enable` directive before any declaration: move them up, once each."""
+    lines = wgsl.splitlines(keepends=True)
+    en = [ln.strip() for ln in lines if ln.startswith("enable ")]
+    if not en:
+        return wgsl
+    return "".join(e + "\n" for e in dict.fromkeys(en)) + "".join(ln for ln in lines if not ln.startswith("enable "))
 
 
 # Generated tiled kernels by everything their text depends on: re-generating the unrolled
@@ -370,13 +386,18 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
     try:
         key = (kind, numel, c.M, c.N, c.K, c.nb, tuple(c.dims), mat(c.A), mat(c.B), c.aliased,
                dev.has_f16, dev.has_subgroups, dev.max_workgroup_storage,
-               tuple(sorted(TUNING.items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
+               tuple(sorted(TUNING.items())), kind == "coop" and tuple(sorted(_coop_tuning().items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
         if c.parts:
             key += tuple((mat(pm), start, pb and pb.functions()) for pm, pb, start in c.parts)
         hash(key)
     except TypeError:      # an unhashable knob value: no caching
         return None
     return key
+
+
+def _coop_tuning() -> dict:
+    from . import matmul_coop
+    return matmul_coop.TUNING
 
 
 class _Ctx:
@@ -675,10 +696,11 @@ def _gen_naive(c: _Ctx):
 
 
 def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True,
-               threads: int = 256, lanes: int = 4):
+               threads: int = 256, lanes: int = 4, cast: str = ""):
     """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
     memory into registers (`load`) and from registers into shared memory (`store`), spread over
-    the workgroup's `threads` invocations.
+    the workgroup's `threads` invocations. `cast` names a conversion applied to each value as it
+    is stored (matmul_coop's f16 tiles: "f16").
 
     Shared layout: S[k * T/L + t/L][t % L] with L = `lanes` (4: vec4 rows along t, so the inner
     loop reads a thread's 4 consecutive m (or n) values as one vec4; 2 or 1 for a's tile when a
@@ -693,6 +715,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
         sk, st, kaxis, taxis = m.srow, m.scol, "row", "col"
     T4 = T // 4
     NT = threads
+    cv = (lambda v: f"{cast}({v})") if cast else (lambda v: v)   # noqa: E731
     regs, load, store = [], [], []
     conds = ([f"gt < {_u(tdim)}"] if tdim % T else []) + ([f"gk < {_u(K)}"] if K % BK else [])
 
@@ -724,7 +747,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gt * {_u(st)} + gk)"))
             store.append(f"        {{ let e = lid + {NT * r}u; let t = e / {per}u; let kv = e % {per}u;\n")
             for j in range(4):
-                store.append(f"          {slot(f'(kv * 4u + {j}u)')} = r{X}{r}[{j}];\n")
+                store.append(f"          {slot(f'(kv * 4u + {j}u)')} = {cv(f'r{X}{r}[{j}]')};\n")
             store.append("        }\n")
     elif allow_vec and c.can_vec(which, taxis, 4):
         mode = "vt"
@@ -737,11 +760,13 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
                         f"          let gt = {X}t0 + tv * 4u; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gk * {_u(sk)} + gt)"))
             if lanes == 4:
-                store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
+                store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = "
+                             f"{f'vec4<{cast}>(r{X}{r})' if cast else f'r{X}{r}'}; }}\n")
             else:   # 4 consecutive t as 2 vec2 (or 4 f32) elements
                 w = 4 // lanes
                 parts = " ".join(f"{S}[(e / {T4}u) * {T // lanes}u + (e % {T4}u) * {w}u + {q}u] = "
-                                 f"r{X}{r}{'.' + ('xy', 'zw')[q] if lanes == 2 else f'[{q}]'};" for q in range(w))
+                                 f"{cv(f'r{X}{r}' + ('.' + ('xy', 'zw')[q] if lanes == 2 else f'[{q}]'))};"
+                                 for q in range(w))
                 store.append(f"        {{ let e = lid + {NT * r}u; {parts} }}\n")
     else:
         mode = "s"
@@ -756,7 +781,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
                 idx = f"let e = lid + {NT * r}u; let t = e % {T}u; let kk = e / {T}u;"
             load.append(f"        {{ {idx}\n          let gt = {X}t0 + t; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "0.0", f"ld_{{B}}({X}base + gt * {_u(st)} + gk * {_u(sk)})"))
-            store.append(f"        {{ {idx} {slot('kk')} = r{X}{r}; }}\n")
+            store.append(f"        {{ {idx} {slot('kk')} = {cv(f'r{X}{r}')}; }}\n")
     if count % NT:
         # the last item of each thread exists only for the first count % NT threads
         guard = f"if (lid + {NT * (R - 1)}u < {count}u) "
@@ -1026,7 +1051,7 @@ def _gen_tiled(c: _Ctx):
     return name, "".join(s), runtime.grid_for(total), info
 
 
-def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int) -> tuple:
+def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int, lanes: int = 4, cast: str = "") -> tuple:
     """The b tile loads of a stacked right operand (plan's b_parts): each part's own loads
     (its binding, offset and column count), the one the workgroup's columns lie in chosen by a
     uniform branch on bt0; one shared-memory layout (every part loads the same way, else all
@@ -1040,7 +1065,8 @@ def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int) -> tuple:
         gens = []
         for j, (pm, _, start) in enumerate(parts):
             c.B = pm
-            gens.append(_tile_load(c, "b", TN, BK, ends[j] - start, K, allow_vec=allow_vec, threads=NT))
+            gens.append(_tile_load(c, "b", TN, BK, ends[j] - start, K, allow_vec=allow_vec, threads=NT,
+                                   lanes=lanes, cast=cast))
         c.B = B
         if len({g[0] for g in gens}) == 1 and len({g[1] for g in gens}) == 1 and len({g[3] for g in gens}) == 1:
             break
@@ -1058,7 +1084,7 @@ def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int) -> tuple:
 
 def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_binding) -> Launch:
     """plan() with b_parts: validated here, generated by the tiled path."""
-    if force not in (None, "tiled"):
+    if force not in (None, "tiled", "coop"):
         raise ValueError(f"matmul: stacked right operands (b_parts) run on the tiled path only, not {force!r}")
     _check_float("a", a)
     ops = [(b, b_binding)] + [(p, pb) for p, pb in parts]
@@ -1099,7 +1125,7 @@ def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_b
     starts = [sum(Ns[:j]) for j in range(len(Ns))]
     ctx = _Ctx(runtime.get_device(), A, mats[0], M, N, K, 1, [], ep, b_binding,
                [(m, pb, st) for m, (_, pb), st in zip(mats[1:], parts, starts[1:])])
-    return _launch(ctx, "tiled", M * N, out, ep, ctx.input_bindings())
+    return _launch(ctx, force or "tiled", M * N, out, ep, ctx.input_bindings())
 
 
 _scratch: dict = {}

@@ -1,0 +1,273 @@
+"""Tiled matmul on tensor cores: wgpu's cooperative matrices, 16x16 f16 fragments accumulated in f32.
+
+Why: prefill and batched decode are compute-bound, and the WGSL f32 FMA tiles (matmul.py) reach
+15-21 TFLOP/s on the H200 while its tensor cores do an order of magnitude more. wgpu exposes them
+as `coop_mat16x16<f16, A|B>` / `coop_mat16x16<f32, C>` with coopLoad / coopLoadT /
+coopMultiplyAdd / coopStoreT (on the H200: coopLoad reads a column-major fragment, coopLoadT a
+row-major one; self_test checks both on every adapter before the path is used).
+
+The kernel is matmul's tiled kernel with another inner loop. The tile loads are matmul._tile_load's
+(any layout and stride, f32 or f16 operands, quant.py's GGUF block decoders, stacked b parts), with
+values rounded to f16 as they are stored into shared memory: a [BK x TM] and b [BK x TN], k-major.
+A workgroup has 4 or 8 subgroups of 32 invocations; subgroup w owns a WM x WN block of the output
+tile as (WM/16) x (WN/16) accumulator fragments. Read from shared memory, a's [16 m x 16 k] fragment
+is column-major (stride TM) and b's [16 k x 16 n] fragment row-major (stride TN). After the K loop
+each fragment goes through a 1 KiB per-subgroup scratch in shared memory, from which the
+subgroup's invocations apply the fused epilogue and store (or store raw partial sums for split-K,
+reduced by matmul's reduce pass).
+
+Precision: operands rounded to f16 (11-bit significand; f16 and GGUF-quant weights lose nothing
+beyond their own dequantization rounding), products and sums in f32. matmul.plan uses this path
+only when an operand is stored in f16 or a quant format (never for f32 x f32, which keeps full f32
+precision) and the adapter passed self_test; TUNING["enabled"] = False or TENSORGPU_DISABLE_COOPMAT=1
+turns it off. Subgroups are assumed to be 32 consecutive invocations (NVIDIA); self_test fails on
+any adapter where that does not hold, and the WGSL tiles are used there."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import matmul as mm
+from .common import NoEpilogue
+
+# output tile (TM, TN) -> the block (WM, WN) one subgroup computes; subgroups = (TM/WM) * (TN/WN)
+COOP_TILES = {
+    (16, 64): (16, 16), (32, 64): (16, 32), (64, 64): (32, 32),
+    (64, 128): (32, 32), (128, 64): (32, 32), (128, 128): (64, 32),
+}
+
+TUNING = {
+    "enabled": True,     # use the tensor-core path where plan() allows it
+    "min_m": 16,         # rows (M) from which a tiled matmul goes to the tensor cores
+    "tile": None,        # force (TM, TN), one of COOP_TILES
+    "split_k": None,     # force a split-K factor
+    "bk": 32,            # K step (a multiple of 16)
+    # relative throughput of each tile for the cost model (the same model as matmul._tiled_config)
+    "tile_eff": ((128, 128, 1.0), (128, 64, 0.85), (64, 128, 0.85), (64, 64, 0.7),
+                 (32, 64, 0.45), (16, 64, 0.3)),
+    "target_wgs": 264,   # workgroups to aim for (2 per SM on an H200)
+    "split_min_k": 256,
+}
+
+_SELF_TEST = """enable f16;
+enable wgpu_cooperative_matrix;
+@group(0) @binding(0) var<storage, read> a: array<f16>;
+@group(0) @binding(1) var<storage, read> at: array<f16>;
+@group(0) @binding(2) var<storage, read> b: array<f16>;
+@group(0) @binding(3) var<storage, read_write> c: array<f32>;
+@compute @workgroup_size(64)
+fn main(@builtin(local_invocation_index) lid: u32) {
+    let w = lid / 32u;
+    var acc = coop_mat16x16<f32, C>();
+    let x = coopLoadT<coop_mat16x16<f16, A>>(&a[w * 256u], 16u);
+    let xt = coopLoad<coop_mat16x16<f16, A>>(&at[w * 256u], 16u);
+    let y = coopLoadT<coop_mat16x16<f16, B>>(&b[0], 16u);
+    acc = coopMultiplyAdd(x, y, acc);
+    acc = coopMultiplyAdd(xt, y, acc);
+    coopStoreT(acc, &c[w * 256u], 16u);
+}
+"""
+
+
+def self_test(dev) -> bool:
+    """Whether this adapter computes 2 * A_w @ B right for two subgroups w of a 64-invocation
+    workgroup, with row-major (coopLoadT) and column-major (coopLoad) fragment loads: the layout
+    semantics and the 32-wide subgroups the kernel relies on."""
+    import wgpu
+    try:
+        rng = np.random.default_rng(7)
+        a = rng.standard_normal((2, 16, 16)).astype(np.float16)
+        b = rng.standard_normal((16, 16)).astype(np.float16)
+        at = np.ascontiguousarray(a.transpose(0, 2, 1))
+        d = dev.device
+        U = wgpu.BufferUsage
+        bufs = [d.create_buffer_with_data(data=x.tobytes(), usage=U.STORAGE) for x in (a, at, b)]
+        out = d.create_buffer(size=2 * 256 * 4, usage=U.STORAGE | U.COPY_SRC)
+        pipe = d.create_compute_pipeline(layout="auto", compute={
+            "module": d.create_shader_module(code=_SELF_TEST), "entry_point": "main"})
+        bg = d.create_bind_group(layout=pipe.get_bind_group_layout(0), entries=[
+            {"binding": i, "resource": {"buffer": x}} for i, x in enumerate(bufs + [out])])
+        enc = d.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        cp.set_pipeline(pipe)
+        cp.set_bind_group(0, bg)
+        cp.dispatch_workgroups(1)
+        cp.end()
+        d.queue.submit([enc.finish()])
+        got = np.frombuffer(d.queue.read_buffer(out), np.float32).reshape(2, 16, 16)
+        want = 2 * (a.astype(np.float32) @ b.astype(np.float32))
+        return bool(np.abs(got - want).max() <= 1e-3 * max(1.0, float(np.abs(want).max())))
+    except Exception:   # noqa: BLE001 -- any refusal (parse, validation, driver) means "not here"
+        return False
+
+
+def eligible(c) -> bool:
+    """Whether plan() sends this tiled matmul to the tensor cores (see the module docstring)."""
+    if not TUNING["enabled"] or c.M < int(TUNING["min_m"]) or not c.dev.has_coopmat:
+        return False
+    f16 = mm.dtypes.float16
+    return c.A.dtype is f16 or c.B.dtype is f16 or c.b_binding is not None or \
+        any(pm.dtype is f16 or pb is not None for pm, pb, _ in c.parts)
+
+
+def config(c) -> tuple:
+    """(TM, TN, BK, S, KC): output tile, K step, split-K factor and K steps per split, by
+    matmul._tiled_config's model (tile efficiency x fill of the target workgroup count x wave
+    quantization x useful share, -3% per extra split) over COOP_TILES."""
+    M, N, K, nb = c.M, c.N, c.K, c.nb
+    BK = int(TUNING["bk"])
+    if BK <= 0 or BK % 16:
+        raise ValueError(f"matmul_coop: TUNING['bk'] = {BK}; the K step must be a positive multiple of 16")
+    KT = -(-K // BK)
+    max_s = max(1, c.dev.max_binding_size // max(1, nb * M * N * 4))
+    smem = c.dev.max_workgroup_storage
+
+    def fits(tm, tn):
+        warps = (tm // COOP_TILES[(tm, tn)][0]) * (tn // COOP_TILES[(tm, tn)][1])
+        return BK * (tm + tn) * 2 + warps * 1024 <= smem
+
+    forced = TUNING.get("tile")
+    S = TUNING.get("split_k")
+    if forced:
+        TM, TN = (int(x) for x in forced)
+        if (TM, TN) not in COOP_TILES:
+            raise ValueError(f"matmul_coop: tile {TM}x{TN} is not one of {sorted(COOP_TILES)}")
+        S = int(S or 1)
+    else:
+        target = int(TUNING["target_wgs"])
+        min_kt = max(1, int(TUNING["split_min_k"]) // BK)
+        best = None
+        for tm, tn, eff in TUNING["tile_eff"]:
+            tm, tn = int(tm), int(tn)
+            if (tm, tn) not in COOP_TILES or not fits(tm, tn):
+                continue
+            tiles = -(-M // tm) * -(-N // tn) * nb
+            for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
+                if s > 1 and not S and KT // s < min_kt:
+                    break
+                wgs = tiles * s
+                fill = min(1.0, wgs / target)
+                waves = -(-wgs // target)
+                quant = wgs / (waves * target) if wgs > target else 1.0
+                score = float(eff) * fill * quant * (1.0 - 0.03 * (s - 1)) * (M * N * nb) / (tiles * tm * tn)
+                if best is None or score > best[0] + 1e-9:
+                    best = (score, tm, tn, s)
+        _, TM, TN, S = best if best else (0, 16, 64, 1)
+    S = max(1, min(int(S), KT, max_s))
+    KC = -(-KT // S)
+    S = -(-KT // KC)
+    return TM, TN, BK, S, KC
+
+
+def gen(c):
+    """(name, WGSL body, grid, info) of the tensor-core tiled kernel for matmul._Ctx c."""
+    _u = mm._u
+    M, N, K = c.M, c.N, c.K
+    A, B = c.A, c.B
+    TM, TN, BK, S, KC = config(c)
+    WM, WN = COOP_TILES[(TM, TN)]
+    WX = TN // WN                       # subgroups along n
+    NW = (TM // WM) * WX
+    NT = 32 * NW
+    FM, FN = WM // 16, WN // 16
+    gm, gn = -(-M // TM), -(-N // TN)
+    tiles = gm * gn * c.nb
+    total = tiles * S
+    KT = -(-K // BK)
+    if S > 1:
+        c.ep = NoEpilogue()
+    kw = dict(threads=NT, lanes=1, cast="f16")
+    moda, regs_a, load_a, store_a = mm._tile_load(c, "a", TM, BK, M, K, **kw)
+    modb, regs_b, load_b, store_b = mm._tile_load(c, "b", TN, BK, N, K, **kw)
+    if c.parts:
+        modb, regs_b, load_b, store_b = mm._part_loads(c, TN, BK, K, NT, lanes=1, cast="f16")
+    if c.aliased and c.lanes["a"] != c.lanes["b"]:
+        c.want("a", 1)
+        c.want("b", 1)
+        moda, regs_a, load_a, store_a = mm._tile_load(c, "a", TM, BK, M, K, allow_vec=False, **kw)
+        modb, regs_b, load_b, store_b = mm._tile_load(c, "b", TN, BK, N, K, allow_vec=False, **kw)
+    c.out_vec = N % 4 == 0
+    load_a = load_a.replace("{B}", c.bind_a.name)
+    load_b = load_b.replace("{B}", c.bind_b.name)
+    pre, boa, bob = mm._batch_code(c.dims)
+    s = ["enable f16;\nenable wgpu_cooperative_matrix;\n",
+         f"var<workgroup> mm_As: array<f16, {BK * TM}>;\n",
+         f"var<workgroup> mm_Bs: array<f16, {BK * TN}>;\n",
+         f"var<workgroup> mm_Cs: array<f32, {NW * 256}>;\n",
+         f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+         "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
+         mm._GRID_PRELUDE.format(total=_u(total))]
+    if S > 1:
+        s.append(f"    let si = g / {_u(tiles)};\n    let gt = g % {_u(tiles)};\n"
+                 f"    let kt0 = si * {_u(KC)};\n    let kt1 = min(kt0 + {_u(KC)}, {_u(KT)});\n")
+    else:
+        s.append(f"    let gt = g;\n    let kt0 = 0u;\n    let kt1 = {_u(KT)};\n")
+    s += [f"    let tni = gt % {_u(gn)};\n    let rest = gt / {_u(gn)};\n"
+          f"    let tmi = rest % {_u(gm)};\n    let bi = rest / {_u(gm)};\n",
+          f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
+          pre,
+          f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
+          "".join(f"    let bbase{j + 1} = {_u(pm.offset)};\n    let btl{j + 1} = bt0 - {_u(start)};\n"
+                  for j, (pm, _, start) in enumerate(c.parts)),
+          f"    let w = lid / 32u;\n    let wm0 = (w / {WX}u) * {WM}u;\n    let wn0 = (w % {WX}u) * {WN}u;\n"]
+    for i in range(FM):
+        for j in range(FN):
+            s.append(f"    var acc{i}_{j} = coop_mat16x16<f32, C>();\n")
+    s.append(regs_a + regs_b)
+    s.append(f"    {{\n        let k0 = kt0 * {BK}u;\n" + load_a + load_b + "    }\n")
+    s.append("    for (var kt = kt0; kt < kt1; kt++) {\n")
+    s.append(store_a + store_b)
+    s.append("        workgroupBarrier();\n")
+    s.append(f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
+    for kf in range(BK // 16):
+        s.append("        {\n")
+        for i in range(FM):
+            s.append(f"            let fa{i} = coopLoad<coop_mat16x16<f16, A>>(&mm_As[{kf * 16 * TM + 16 * i}u + wm0], {TM}u);\n")
+        for j in range(FN):
+            s.append(f"            let fb{j} = coopLoadT<coop_mat16x16<f16, B>>(&mm_Bs[{kf * 16 * TN + 16 * j}u + wn0], {TN}u);\n")
+        for i in range(FM):
+            for j in range(FN):
+                s.append(f"            acc{i}_{j} = coopMultiplyAdd(fa{i}, fb{j}, acc{i}_{j});\n")
+        s.append("        }\n")
+    s.append("        workgroupBarrier();\n    }\n")
+    # epilogue: each fragment through the subgroup's scratch; lane l takes row l / 2, 8 columns
+    if S > 1:
+        s.append(f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n")
+    else:
+        s.append(f"    let ob = bi * {_u(M * N)};\n")
+    s.append("    let lane = lid % 32u;\n    let er = lane / 2u;\n    let ec = (lane % 2u) * 8u;\n"
+             "    let cs = w * 256u + er * 16u + ec;\n")
+    for i in range(FM):
+        for j in range(FN):
+            s.append(f"    coopStoreT(acc{i}_{j}, &mm_Cs[w * 256u], 16u);\n    workgroupBarrier();\n")
+            s.append(f"    {{ let m = at0 + wm0 + {16 * i}u + er;\n")
+            if M % TM:
+                s.append(f"      if (m < {_u(M)}) {{\n")
+            for q in range(2):
+                s.append(f"        {{ let n = bt0 + wn0 + {16 * j + 4 * q}u + ec; let o = ob + m * {_u(N)} + n;\n"
+                         f"          let v = vec4<f32>(mm_Cs[cs + {4 * q}u], mm_Cs[cs + {4 * q + 1}u], "
+                         f"mm_Cs[cs + {4 * q + 2}u], mm_Cs[cs + {4 * q + 3}u]);\n")
+                if c.out_vec:
+                    st = ("mm_out[o >> 2u] = v;" if S > 1 else
+                          "mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
+                          "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
+                    if N % TN:
+                        st = f"if (n < {_u(N)}) {{ {st} }}"
+                    s.append(f"          {st} }}\n")
+                else:
+                    for e, comp in enumerate("xyzw"):
+                        val = f"v.{comp}" if S > 1 else f"epilogue(v.{comp}, o + {e}u)"
+                        st = f"mm_out[o + {e}u] = {val};"
+                        if N % TN:
+                            st = f"if (n + {e}u < {_u(N)}) {{ {st} }}"
+                        s.append(f"          {st}\n")
+                    s.append("        }\n")
+            if M % TM:
+                s.append("      }\n")
+            s.append("    }\n    workgroupBarrier();\n")
+    s.append("}\n")
+    name = f"matmul_coop_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
+    if c.parts:
+        name += f"_x{len(c.parts) + 1}"
+    info = {"tile": (TM, TN), "warp_tile": (WM, WN), "threads": NT, "modes": (moda, modb), "bk": BK,
+            "split": S, "coop": True}
+    return name, "".join(s), mm.runtime.grid_for(total), info

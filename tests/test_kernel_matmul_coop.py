@@ -1,0 +1,199 @@
+"""The tensor-core matmul (kernels/matmul_coop.py) and the library unlock it needs (wgpu_unlock.py).
+
+On an adapter with cooperative matrices (an NVIDIA GPU through Vulkan) the kernel tests compare
+against NumPy with f16 tolerance: both operands rounded to f16 (a conversion may round toward zero,
+2^-10 relative each), f32 accumulation, so |gpu - ref| <= 2.5e-3 * (|a| @ |b|) + 1e-5 elementwise.
+Elsewhere (lavapipe in CI) they are skipped, and the tests of the fallback check that nothing
+reaches the tensor-core path; the unlock tests run everywhere."""
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tensorgpu import debug, dtypes, runtime, wgpu_unlock
+from tensorgpu.kernels import matmul as mm
+from tensorgpu.kernels import matmul_coop as coop
+from tensorgpu.kernels import quant
+
+from test_kernel_matmul import Base, BiasGelu, make, rand
+
+COOP_RTOL = 2.5e-3
+F16 = dtypes.float16
+
+needs_coop = pytest.mark.skipif(not runtime.get_device().has_coopmat,
+                                reason="the adapter has no cooperative matrices (tensor cores)")
+
+
+@pytest.fixture
+def knobs():
+    with debug.tuning(coop.TUNING) as k:
+        yield k
+
+
+def run(av, ao, bv, bo, epilogue=None, ref_fn=None, force=None):
+    shape = np.broadcast_shapes(av.shape[:-2], bv.shape[:-2]) + (av.shape[-2], bv.shape[-1])
+    n = int(np.prod(shape))
+    out = runtime.Buffer(n * 4)
+    launch = mm.plan(out, ao, bo, epilogue, force=force)
+    runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+    for e in launch.extra:
+        runtime.dispatch(*e)
+    got = np.frombuffer(runtime.read(out, 0, n * 4), np.float32).reshape(shape)
+    a64, b64 = av.astype(np.float64), bv.astype(np.float64)
+    ref, bound = a64 @ b64, COOP_RTOL * (np.abs(a64) @ np.abs(b64)) + 1e-5
+    if ref_fn is not None:
+        ref, bound = ref_fn(ref), bound * 2
+    err = np.abs(got - ref)
+    assert np.all(err <= bound), f"{launch.name}: max err {err.max()} a {av.shape} b {bv.shape}"
+    return launch
+
+
+# ----------------------------------------------------------------------------- the library unlock
+
+
+def test_unlock_writes_a_verified_patched_copy(tmp_path):
+    src = wgpu_unlock.shipped_library()
+    if src is None or hashlib.sha256(open(src, "rb").read()).hexdigest() not in wgpu_unlock.KNOWN_BUILDS:
+        pytest.skip("not the wgpu-native build the unlock knows")
+    path, reason = wgpu_unlock.patched_copy(src, str(tmp_path))
+    assert reason == "patched" and path.startswith(str(tmp_path))
+    want, edits = wgpu_unlock.KNOWN_BUILDS[hashlib.sha256(open(src, "rb").read()).hexdigest()]
+    data = open(path, "rb").read()
+    assert hashlib.sha256(data).hexdigest() == want
+    assert all(data[off:off + 2].hex() == new for off, _, new in edits)
+    # the original is untouched, and a second call reuses the verified copy
+    assert hashlib.sha256(open(src, "rb").read()).hexdigest() in wgpu_unlock.KNOWN_BUILDS
+    assert wgpu_unlock.patched_copy(src, str(tmp_path)) == (path, "patched")
+
+
+def test_unlock_refuses_an_unknown_build(tmp_path):
+    fake = tmp_path / "libwgpu_native-release.so"
+    fake.write_bytes(b"\x7fELF not the known library")
+    path, reason = wgpu_unlock.patched_copy(str(fake), str(tmp_path))
+    assert path is None and "unknown wgpu-native build" in reason
+
+
+def test_unlock_refuses_unexpected_bytes(tmp_path, monkeypatch):
+    fake = tmp_path / "lib.so"
+    fake.write_bytes(bytes(64))
+    digest = hashlib.sha256(bytes(64)).hexdigest()
+    monkeypatch.setitem(wgpu_unlock.KNOWN_BUILDS, digest, ("0" * 64, ((16, "7528", "9090"),)))
+    path, reason = wgpu_unlock.patched_copy(str(fake), str(tmp_path))
+    assert path is None and "0x10" in reason and "expected 7528" in reason
+
+
+def test_unlock_is_off_when_disabled_or_the_user_chose_a_library():
+    code = "from tensorgpu import wgpu_unlock as u; print(u.STATE['patched'], u.STATE['reason'])"
+    env = {k: v for k, v in os.environ.items() if k != "WGPU_LIB_PATH"}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, TENSORGPU_DISABLE_COOPMAT="1"),
+                         capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("False TENSORGPU_DISABLE_COOPMAT")
+    lib = wgpu_unlock.shipped_library()
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, WGPU_LIB_PATH=lib),
+                         capture_output=True, text=True, timeout=120).stdout
+    assert out.startswith("False WGPU_LIB_PATH is set by the user")
+
+
+# ----------------------------------------------------------------------------- the fallback
+
+
+@pytest.mark.skipif(runtime.get_device().has_coopmat, reason="this adapter has tensor cores")
+def test_without_cooperative_matrices_every_matmul_stays_wgsl():
+    av, ao, bv, bo = make(64, 64, 64, tb=True, da=np.float16, db=np.float16)
+    out = runtime.Buffer(64 * 64 * 4)
+    assert mm.plan(out, ao, bo).kind == "tiled"
+    with pytest.raises(ValueError, match="force='coop' needs an adapter with cooperative matrices"):
+        mm.plan(out, ao, bo, force="coop")
+
+
+def test_f32_times_f32_never_takes_the_tensor_cores():
+    av, ao, bv, bo = make(128, 64, 128, tb=True)
+    assert mm.plan(runtime.Buffer(128 * 128 * 4), ao, bo).kind == "tiled"
+
+
+# ----------------------------------------------------------------------------- the kernel (tensor cores)
+
+
+@needs_coop
+@pytest.mark.parametrize("M,K,N", [(16, 64, 64), (67, 45, 131), (130, 96, 200), (512, 256, 384)])
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN", "TT"])
+@pytest.mark.parametrize("da", [np.float32, np.float16], ids=["a32", "a16"])
+def test_coop_layouts_and_edges(M, K, N, layout, da):
+    av, ao, bv, bo = make(M, K, N, ta=layout[0] == "T", tb=layout[1] == "T", da=da, db=np.float16)
+    assert run(av, ao, bv, bo).kind == "coop"
+
+
+@needs_coop
+@pytest.mark.parametrize("tile", sorted(coop.COOP_TILES))
+@pytest.mark.parametrize("split", [1, 3])
+def test_coop_every_tile_and_split(knobs, tile, split):
+    knobs["tile"], knobs["split_k"] = tile, split
+    av, ao, bv, bo = make(70, 200, 150, tb=True, db=np.float16)
+    launch = run(av, ao, bv, bo)
+    assert launch.info["tile"] == tile and launch.info["split"] == split
+
+
+@needs_coop
+@pytest.mark.parametrize("split", [1, 2])
+def test_coop_epilogue(knobs, split):
+    knobs["split_k"] = split
+    knobs["tile"] = (64, 64)
+    av, ao, bv, bo = make(40, 128, 44, tb=True, db=np.float16)
+    ep = BiasGelu(rand(44))
+    run(av, ao, bv, bo, epilogue=ep, ref_fn=ep.ref)
+
+
+@needs_coop
+def test_coop_batched_broadcast_and_aliased():
+    av, ao, bv, bo = make(33, 64, 48, tb=False, da=np.float16, db=np.float16, batch=(3,))
+    run(av, ao, bv, bo)
+    base = Base(rand(96, 64, dtype=np.float16))      # a and b views of one f16 buffer
+    a, b = base.arr[:48], base.arr[48:].T
+    run(a, base.view(a), b, base.view(b))
+
+
+@needs_coop
+@pytest.mark.parametrize("dt", [dtypes.q4_0, dtypes.q8_0, dtypes.q4_k, dtypes.q6_k], ids=lambda d: d.name)
+def test_coop_quant_weights(dt):
+    from test_kernel_quant import random_blocks, ref_dequant, x_operand
+    M, N, K = 67, 96, 512
+    raw = random_blocks(dt, N * K // dt.block_size)
+    W = ref_dequant(dt, raw).reshape(N, K).astype(np.float64)
+    x = np.random.default_rng(3).standard_normal((M, K)).astype(np.float32)
+    xop, _ = x_operand(x)
+    out = runtime.Buffer(M * N * 4)
+    launch = quant.plan_matmul(out, xop, runtime.upload(raw), dt, N, K)
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+    bound = COOP_RTOL * (np.abs(x.astype(np.float64)) @ np.abs(W).T) + 1e-5
+    assert "coop" in " ".join(str(p[0]) for p in launch.passes)
+    assert np.all(np.abs(got - x @ W.T) <= bound)
+
+
+@needs_coop
+def test_coop_stacked_parts():
+    x = rand(40, 64)
+    ws = [rand(64, n, dtype=np.float16) for n in (128, 128, 72)]
+    out = runtime.Buffer(40 * 328 * 4)
+    ops = [Base(w) for w in ws]
+    xo = Base(x)
+    launch = mm.plan(out, xo.view(xo.arr), ops[0].view(ops[0].arr),
+                     b_parts=[(o.view(o.arr), None) for o in ops[1:]])
+    assert launch.kind == "coop"
+    runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+    for e in launch.extra:
+        runtime.dispatch(*e)
+    got = np.frombuffer(runtime.read(out, 0, 40 * 328 * 4), np.float32).reshape(40, 328)
+    w = np.concatenate(ws, axis=1).astype(np.float64)
+    assert np.all(np.abs(got - x @ w) <= COOP_RTOL * (np.abs(x) @ np.abs(w)) + 1e-5)
+
+
+@needs_coop
+def test_coop_off_switch_gives_the_wgsl_tiles(knobs):
+    knobs["enabled"] = False
+    av, ao, bv, bo = make(64, 64, 64, tb=True, db=np.float16)
+    assert mm.plan(runtime.Buffer(64 * 64 * 4), ao, bo).kind == "tiled"
