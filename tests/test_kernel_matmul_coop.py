@@ -137,6 +137,15 @@ def test_coop_every_tile_and_split(knobs, tile, split):
 
 
 @needs_coop
+@pytest.mark.parametrize("layout", ["NN", "NT", "TN"])
+@pytest.mark.parametrize("tile", [(16, 64), (64, 128), (128, 128)])
+def test_coop_k_major_shared_layout(knobs, layout, tile):
+    knobs["layout"], knobs["tile"] = "k", tile
+    av, ao, bv, bo = make(70, 96, 150, ta=layout[0] == "T", tb=layout[1] == "T", db=np.float16)
+    assert "_kmaj" in run(av, ao, bv, bo).name
+
+
+@needs_coop
 @pytest.mark.parametrize("split", [1, 2])
 def test_coop_epilogue(knobs, split):
     knobs["split_k"] = split

@@ -696,11 +696,12 @@ def _gen_naive(c: _Ctx):
 
 
 def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True,
-               threads: int = 256, lanes: int = 4, cast: str = ""):
+               threads: int = 256, lanes: int = 4, cast: str = "", tmajor: int = 0):
     """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
     memory into registers (`load`) and from registers into shared memory (`store`), spread over
     the workgroup's `threads` invocations. `cast` names a conversion applied to each value as it
-    is stored (matmul_coop's f16 tiles: "f16").
+    is stored (matmul_coop's f16 tiles: "f16"). `tmajor` > 0 (with lanes 1): the t-major layout
+    S[t * tmajor + k] instead (matmul_coop: a thread's 4 k-consecutive values land side by side).
 
     Shared layout: S[k * T/L + t/L][t % L] with L = `lanes` (4: vec4 rows along t, so the inner
     loop reads a thread's 4 consecutive m (or n) values as one vec4; 2 or 1 for a's tile when a
@@ -721,6 +722,8 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
 
     def slot(kexpr: str, t: str = "t") -> str:
         """The shared-memory element of (k, t)."""
+        if tmajor:
+            return f"{S}[{t} * {tmajor}u + {kexpr}]"
         if lanes == 4:
             return f"{S}[{kexpr} * {T4}u + {t} / 4u][{t} % 4u]"
         if lanes == 2:
@@ -759,7 +762,10 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
             load.append(f"        {{ let e = lid + {NT * r}u; let kk = e / {T4}u; let tv = e % {T4}u;\n"
                         f"          let gt = {X}t0 + tv * 4u; let gk = k0 + kk;\n")
             load.append(guarded(f"r{X}{r}", "vec4<f32>(0.0)", f"ld4_{{B}}({X}base + gk * {_u(sk)} + gt)"))
-            if lanes == 4:
+            if tmajor:
+                parts = " ".join(f"{slot('kk', f'(tv * 4u + {q}u)')} = {cv(f'r{X}{r}[{q}]')};" for q in range(4))
+                store.append(f"        {{ let e = lid + {NT * r}u; let kk = e / {T4}u; let tv = e % {T4}u; {parts} }}\n")
+            elif lanes == 4:
                 store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = "
                              f"{f'vec4<{cast}>(r{X}{r})' if cast else f'r{X}{r}'}; }}\n")
             else:   # 4 consecutive t as 2 vec2 (or 4 f32) elements
@@ -1051,7 +1057,7 @@ def _gen_tiled(c: _Ctx):
     return name, "".join(s), runtime.grid_for(total), info
 
 
-def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int, lanes: int = 4, cast: str = "") -> tuple:
+def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int, lanes: int = 4, cast: str = "", tmajor: int = 0) -> tuple:
     """The b tile loads of a stacked right operand (plan's b_parts): each part's own loads
     (its binding, offset and column count), the one the workgroup's columns lie in chosen by a
     uniform branch on bt0; one shared-memory layout (every part loads the same way, else all
@@ -1066,7 +1072,7 @@ def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int, lanes: int = 4, cast
         for j, (pm, _, start) in enumerate(parts):
             c.B = pm
             gens.append(_tile_load(c, "b", TN, BK, ends[j] - start, K, allow_vec=allow_vec, threads=NT,
-                                   lanes=lanes, cast=cast))
+                                   lanes=lanes, cast=cast, tmajor=tmajor))
         c.B = B
         if len({g[0] for g in gens}) == 1 and len({g[1] for g in gens}) == 1 and len({g[3] for g in gens}) == 1:
             break

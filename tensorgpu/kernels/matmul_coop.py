@@ -8,13 +8,14 @@ row-major one; self_test checks both on every adapter before the path is used).
 
 The kernel is matmul's tiled kernel with another inner loop. The tile loads are matmul._tile_load's
 (any layout and stride, f32 or f16 operands, quant.py's GGUF block decoders, stacked b parts), with
-values rounded to f16 as they are stored into shared memory: a [BK x TM] and b [BK x TN], k-major.
+values rounded to f16 as they are stored into shared memory: a [TM x BK] and b [TN x BK], t-major
+with each row padded by TUNING["pad"] (or k-major [BK x T]: TUNING["layout"] = "k").
 A workgroup has 4 or 8 subgroups of 32 invocations; subgroup w owns a WM x WN block of the output
-tile as (WM/16) x (WN/16) accumulator fragments. Read from shared memory, a's [16 m x 16 k] fragment
-is column-major (stride TM) and b's [16 k x 16 n] fragment row-major (stride TN). After the K loop
-each fragment goes through a 1 KiB per-subgroup scratch in shared memory, from which the
-subgroup's invocations apply the fused epilogue and store (or store raw partial sums for split-K,
-reduced by matmul's reduce pass).
+tile as (WM/16) x (WN/16) accumulator fragments. Read from the t-major tiles, a's [16 m x 16 k]
+fragment is row-major and b's [16 k x 16 n] fragment column-major (the other way round k-major).
+After the K loop each fragment goes through a 1 KiB per-subgroup scratch in shared memory, from
+which the subgroup's invocations apply the fused epilogue and store (or store raw partial sums for
+split-K, reduced by matmul's reduce pass).
 
 Precision: operands rounded to f16 (11-bit significand; f16 and GGUF-quant weights lose nothing
 beyond their own dequantization rounding), products and sums in f32. matmul.plan uses this path
@@ -41,6 +42,8 @@ TUNING = {
     "tile": None,        # force (TM, TN), one of COOP_TILES
     "split_k": None,     # force a split-K factor
     "bk": 32,            # K step (a multiple of 16)
+    "layout": "t",       # shared tiles t-major [T][BK + pad] ("t") or k-major [BK][T] ("k")
+    "pad": 8,            # f16 elements after each t-major row (bank spread of the fragment loads)
     # relative throughput of each tile for the cost model (the same model as matmul._tiled_config)
     "tile_eff": ((128, 128, 1.0), (128, 64, 0.85), (64, 128, 0.85), (64, 64, 0.7),
                  (32, 64, 0.45), (16, 64, 0.3)),
@@ -121,9 +124,11 @@ def config(c) -> tuple:
     max_s = max(1, c.dev.max_binding_size // max(1, nb * M * N * 4))
     smem = c.dev.max_workgroup_storage
 
+    row = BK + (int(TUNING["pad"]) if TUNING["layout"] == "t" else 0)
+
     def fits(tm, tn):
         warps = (tm // COOP_TILES[(tm, tn)][0]) * (tn // COOP_TILES[(tm, tn)][1])
-        return BK * (tm + tn) * 2 + warps * 1024 <= smem
+        return row * (tm + tn) * 2 + warps * 1024 <= smem
 
     forced = TUNING.get("tile")
     S = TUNING.get("split_k")
@@ -175,11 +180,13 @@ def gen(c):
     KT = -(-K // BK)
     if S > 1:
         c.ep = NoEpilogue()
-    kw = dict(threads=NT, lanes=1, cast="f16")
+    tmaj = TUNING["layout"] == "t"
+    SK = BK + int(TUNING["pad"]) if tmaj else 0     # t-major row stride (f16 elements)
+    kw = dict(threads=NT, lanes=1, cast="f16", tmajor=SK)
     moda, regs_a, load_a, store_a = mm._tile_load(c, "a", TM, BK, M, K, **kw)
     modb, regs_b, load_b, store_b = mm._tile_load(c, "b", TN, BK, N, K, **kw)
     if c.parts:
-        modb, regs_b, load_b, store_b = mm._part_loads(c, TN, BK, K, NT, lanes=1, cast="f16")
+        modb, regs_b, load_b, store_b = mm._part_loads(c, TN, BK, K, NT, lanes=1, cast="f16", tmajor=SK)
     if c.aliased and c.lanes["a"] != c.lanes["b"]:
         c.want("a", 1)
         c.want("b", 1)
@@ -190,8 +197,8 @@ def gen(c):
     load_b = load_b.replace("{B}", c.bind_b.name)
     pre, boa, bob = mm._batch_code(c.dims)
     s = ["enable f16;\nenable wgpu_cooperative_matrix;\n",
-         f"var<workgroup> mm_As: array<f16, {BK * TM}>;\n",
-         f"var<workgroup> mm_Bs: array<f16, {BK * TN}>;\n",
+         f"var<workgroup> mm_As: array<f16, {(SK or BK) * TM}>;\n",
+         f"var<workgroup> mm_Bs: array<f16, {(SK or BK) * TN}>;\n",
          f"var<workgroup> mm_Cs: array<f32, {NW * 256}>;\n",
          f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
          "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
@@ -221,9 +228,15 @@ def gen(c):
     for kf in range(BK // 16):
         s.append("        {\n")
         for i in range(FM):
-            s.append(f"            let fa{i} = coopLoad<coop_mat16x16<f16, A>>(&mm_As[{kf * 16 * TM + 16 * i}u + wm0], {TM}u);\n")
+            if tmaj:   # a's [16 m x 16 k] fragment: row-major, stride SK
+                s.append(f"            let fa{i} = coopLoadT<coop_mat16x16<f16, A>>(&mm_As[(wm0 + {16 * i}u) * {SK}u + {kf * 16}u], {SK}u);\n")
+            else:      # column-major, stride TM
+                s.append(f"            let fa{i} = coopLoad<coop_mat16x16<f16, A>>(&mm_As[{kf * 16 * TM + 16 * i}u + wm0], {TM}u);\n")
         for j in range(FN):
-            s.append(f"            let fb{j} = coopLoadT<coop_mat16x16<f16, B>>(&mm_Bs[{kf * 16 * TN + 16 * j}u + wn0], {TN}u);\n")
+            if tmaj:   # b's [16 k x 16 n] fragment: column-major, stride SK
+                s.append(f"            let fb{j} = coopLoad<coop_mat16x16<f16, B>>(&mm_Bs[(wn0 + {16 * j}u) * {SK}u + {kf * 16}u], {SK}u);\n")
+            else:      # row-major, stride TN
+                s.append(f"            let fb{j} = coopLoadT<coop_mat16x16<f16, B>>(&mm_Bs[{kf * 16 * TN + 16 * j}u + wn0], {TN}u);\n")
         for i in range(FM):
             for j in range(FN):
                 s.append(f"            acc{i}_{j} = coopMultiplyAdd(fa{i}, fb{j}, acc{i}_{j});\n")
@@ -265,7 +278,8 @@ def gen(c):
                 s.append("      }\n")
             s.append("    }\n    workgroupBarrier();\n")
     s.append("}\n")
-    name = f"matmul_coop_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
+    name = (f"matmul_coop_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + ("" if tmaj else "_kmaj")
+            + (f"_s{S}" if S > 1 else ""))
     if c.parts:
         name += f"_x{len(c.parts) + 1}"
     info = {"tile": (TM, TN), "warp_tile": (WM, WN), "threads": NT, "modes": (moda, modb), "bk": BK,
