@@ -183,12 +183,12 @@ def _variants(M: int) -> list:
     H200 sweep measured 16-row tiles at M = 32 and 64 1.05-2.7x slower than the best), and
     "old" from M = 16 (at M = 8 it is a 64-row tile: 8x the FMAs)."""
     if M > 64:   # a prefill chunk: the WGSL tiles' choice against the tensor cores'
-        return ["auto"] + (["coop", "coopK"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm >= 64]
+        return ["auto"] + (["coop", "coopk64"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm >= 64]
                            if runtime.get_device().has_coopmat else [])
     v = ["auto"] + (["autok16", "old"] if M > 8 else []) + (["gemv"] if M <= 16 else [])
     v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm == (16 if M <= 16 else 32)]
     if runtime.get_device().has_coopmat:   # the tensor cores: the planner's tile, and each tile of M rows or fewer
-        v += ["coop", "coopK"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm <= max(M, 16)]
+        v += ["coop", "coopk64"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm <= max(M, 16)]
     extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
     return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
 
@@ -197,9 +197,11 @@ def _variant_knobs(variant: str) -> tuple:
     """(force, matmul.TUNING overrides, matmul_coop.TUNING overrides) of a variant name: every
     variant but "coop*" keeps the tensor cores off, so "auto" is the WGSL tiles' choice."""
     if variant.startswith("coop"):
-        m = re.fullmatch(r"coop(K)?(?:(\d+)x(\d+))?", variant)    # K: the k-major shared layout
+        # K: the k-major shared layout; kBK: another K step
+        m = re.fullmatch(r"coop(K)?(?:(\d+)x(\d+))?(?:k(\d+))?", variant)
         return "tiled", {}, {"enabled": True, **({"layout": "k"} if m[1] else {}),
-                             **({"tile": (int(m[2]), int(m[3]))} if m[2] else {})}
+                             **({"tile": (int(m[2]), int(m[3]))} if m[2] else {}),
+                             **({"bk": int(m[4])} if m[4] else {})}
     force, knobs = _wgsl_variant_knobs(variant)
     return force, knobs, {"enabled": False}
 

@@ -25,6 +25,8 @@ turns it off. Subgroups are assumed to be 32 consecutive invocations (NVIDIA); s
 any adapter where that does not hold, and the WGSL tiles are used there."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import matmul as mm
@@ -41,7 +43,7 @@ TUNING = {
     "min_m": 16,         # rows (M) from which a tiled matmul goes to the tensor cores
     "tile": None,        # force (TM, TN), one of COOP_TILES
     "split_k": None,     # force a split-K factor
-    "bk": 32,            # K step (a multiple of 16)
+    "bk": int(os.environ.get("TENSORGPU_COOP_BK", "32")),   # K step (a multiple of 16); the env var is for A/B runs
     "layout": "t",       # shared tiles t-major [T][BK + pad] ("t") or k-major [BK][T] ("k")
     "pad": 8,            # f16 elements after each t-major row (bank spread of the fragment loads)
     # relative throughput of each tile for the cost model (the same model as matmul._tiled_config)
