@@ -201,7 +201,7 @@ def _variant_knobs(variant: str) -> tuple:
         m = re.fullmatch(r"coop(K)?(?:(\d+)x(\d+))?(?:k(\d+))?", variant)
         return "tiled", {}, {"enabled": True, **({"layout": "k"} if m[1] else {}),
                              **({"tile": (int(m[2]), int(m[3]))} if m[2] else {}),
-                             **({"bk": int(m[4])} if m[4] else {})}
+                             **({"bk": int(m[4]), "bk_small": int(m[4])} if m[4] else {})}
     force, knobs = _wgsl_variant_knobs(variant)
     return force, knobs, {"enabled": False}
 

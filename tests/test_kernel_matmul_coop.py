@@ -146,6 +146,23 @@ def test_coop_k_major_shared_layout(knobs, layout, tile):
 
 
 @needs_coop
+@pytest.mark.parametrize("bk", [16, 32, 64])
+@pytest.mark.parametrize("M", [40, 200])
+def test_coop_k_steps(knobs, bk, M):
+    knobs["bk"] = knobs["bk_small"] = bk
+    av, ao, bv, bo = make(M, 200, 136, tb=True, db=np.float16)
+    assert run(av, ao, bv, bo).info["bk"] == bk
+
+
+def test_coop_bad_k_step_names_the_knob(knobs):
+    from types import SimpleNamespace
+    knobs["bk"] = 40
+    c = SimpleNamespace(M=128, N=64, K=64, nb=1, dev=runtime.get_device())
+    with pytest.raises(ValueError, match=r"TUNING\['bk'\] = 40"):
+        coop.config(c)
+
+
+@needs_coop
 @pytest.mark.parametrize("split", [1, 2])
 def test_coop_epilogue(knobs, split):
     knobs["split_k"] = split
