@@ -244,3 +244,65 @@ def test_coop_prompt_logits_of_the_bundled_model(tiny_neox_dir, knobs):
     top2 = np.sort(want, axis=-1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 0.05
     assert clear.sum() > 100 and (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
+# ----------------------------------------------------------------------------- the generator, on any adapter
+
+
+@pytest.fixture
+def as_if_coop(monkeypatch):
+    """Plans as on an adapter with tensor cores (generation only: nothing is dispatched), so CI
+    walks every generator path that NVIDIA runs."""
+    monkeypatch.setattr(runtime.Device, "has_coopmat", property(lambda self: True))
+
+
+@pytest.mark.parametrize("layout,modes", [("NT", ("vk", "vk")), ("TN", ("vt", "vt")), ("NN", ("vk", "vt"))])
+@pytest.mark.parametrize("kmajor", [False, True], ids=["tmajor", "kmajor"])
+def test_generated_kernel_shape(as_if_coop, knobs, layout, modes, kmajor):
+    if kmajor:
+        knobs["layout"] = "k"
+    av, ao, bv, bo = make(200, 96, 136, ta=layout[0] == "T", tb=layout[1] == "T", db=np.float16)
+    la = mm.plan(runtime.Buffer(200 * 136 * 4), ao, bo, BiasGelu(rand(136)))
+    assert la.kind == "coop" and la.info["modes"] == modes
+    head = la.wgsl.splitlines()[:2]
+    assert head == ["enable f16;", "enable wgpu_cooperative_matrix;"]       # hoisted above every declaration
+    assert la.wgsl.count("enable ") == 2
+    TM, TN = la.info["tile"]
+    a_load, b_load = ("coopLoad<", "coopLoadT<") if kmajor else ("coopLoadT<", "coopLoad<")
+    assert f"{a_load}coop_mat16x16<f16, A>>" in la.wgsl and f"{b_load}coop_mat16x16<f16, B>>" in la.wgsl
+    assert "coopStoreT(acc0_0, &mm_Cs[w * 256u], 16u);" in la.wgsl and "epilogue(v.x, o)" in la.wgsl
+    assert la.info["threads"] == 32 * (TM // coop.COOP_TILES[(TM, TN)][0]) * (TN // coop.COOP_TILES[(TM, TN)][1])
+
+
+def test_generated_split_quant_parts_and_aliased(as_if_coop, knobs):
+    from test_kernel_quant import random_blocks, x_operand
+    knobs["split_k"] = 2
+    x = rand(64, 512)
+    xop, _ = x_operand(x)
+    raw = random_blocks(dtypes.q4_0, 96 * 512 // 32)
+    la = quant.plan_matmul(runtime.Buffer(64 * 96 * 4), xop, runtime.upload(raw), dtypes.q4_0, 96, 512)
+    names = [p[0] for p in la.passes]
+    assert names[0].startswith("matmul_coop_f32q4_0") and names[0].endswith("_s2") and "splitk" in names[1]
+    ws = [Base(rand(64, n, dtype=np.float16)) for n in (128, 72)]
+    xo = Base(rand(40, 64))
+    la = mm.plan(runtime.Buffer(40 * 200 * 4), xo.view(xo.arr), ws[0].view(ws[0].arr), b_parts=[(ws[1].view(ws[1].arr), None)])
+    assert la.kind == "coop" and la.name.endswith("_x2")
+    base = Base(rand(96, 64, dtype=np.float16))
+    a, b = base.arr[:48], base.arr[48:].T
+    assert mm.plan(runtime.Buffer(48 * 48 * 4), base.view(a), base.view(b)).kind == "coop"
+
+
+def test_min_rows_and_f32_keep_the_wgsl_tiles(as_if_coop):
+    av, ao, bv, bo = make(8, 64, 64, tb=True, db=np.float16)
+    assert mm.plan(runtime.Buffer(8 * 64 * 4), ao, bo, force="tiled").kind == "tiled"     # M < min_m
+    av, ao, bv, bo = make(128, 64, 64, tb=True)
+    assert mm.plan(runtime.Buffer(128 * 64 * 4), ao, bo).kind == "tiled"                  # f32 x f32
+
+
+def test_config_fits_the_adapters_shared_memory(as_if_coop, monkeypatch):
+    from types import SimpleNamespace
+    small = SimpleNamespace(max_workgroup_storage=16384, max_binding_size=1 << 30)
+    TM, TN, BK, S, KC = coop.config(SimpleNamespace(M=512, N=2048, K=2048, nb=1, dev=small))
+    row = BK + coop.TUNING["pad"]
+    warps = (TM // coop.COOP_TILES[(TM, TN)][0]) * (TN // coop.COOP_TILES[(TM, TN)][1])
+    assert row * (TM + TN) * 2 + warps * 1024 <= 16384
