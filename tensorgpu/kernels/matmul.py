@@ -950,39 +950,38 @@ def _tiled_config(c: _Ctx) -> tuple:
     return TM, TN, BK, S, KC, _tile_block(TM, TN)
 
 
-def _gen_tiled(c: _Ctx):
-    A, B, M, N, K = c.A, c.B, c.M, c.N, c.K
-    TM, TN, BK, S, KC, (RM, RN, NT) = _tiled_config(c)
-    TY, TX = TM // RM, TN // RN     # threads along m and along n
-    LA = min(RM, 4)                 # a's shared elements: vec4 (4 rows), vec2 or f32
-    GM, GN = RM // LA, RN // 4      # a reads and b vec4 reads per thread and k
-    at = {1: "f32", 2: "vec2<f32>", 4: "vec4<f32>"}[LA]
-    gm, gn = -(-M // TM), -(-N // TN)
-    tiles = gm * gn * c.nb
-    total = tiles * S
-    KT = -(-K // BK)
-    if S > 1:
-        c.ep = NoEpilogue()         # raw partial sums; the reduction kernel applies the epilogue
-    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, threads=NT, lanes=LA)
-    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, threads=NT)
+def _tile_loads(c: _Ctx, TM: int, TN: int, BK: int, NT: int, a_lanes: int = 4, b_lanes: int = 4, **kw) -> tuple:
+    """(a mode, b mode, register declarations, global->register loads, register->shared stores)
+    of a tiled kernel's two operand tiles (stacked b parts included); `kw` goes to _tile_load
+    (matmul_coop's f16 cast and t-major layout). One declaration serving both operands (a and
+    b views of one buffer) with different vector widths makes both loads scalar. Sets c.out_vec."""
+    M, N, K = c.M, c.N, c.K
+    moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, threads=NT, lanes=a_lanes, **kw)
+    modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, threads=NT, lanes=b_lanes, **kw)
     if c.parts:
-        modb, regs_b, load_b, store_b = _part_loads(c, TN, BK, K, NT)
+        modb, regs_b, load_b, store_b = _part_loads(c, TN, BK, K, NT, lanes=b_lanes, **kw)
     if c.aliased and c.lanes["a"] != c.lanes["b"]:
-        # one declaration serves both views: scalar loads for both
         c.want("a", 1)
         c.want("b", 1)
-        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False, threads=NT, lanes=LA)
-        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False, threads=NT)
+        moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, allow_vec=False, threads=NT, lanes=a_lanes, **kw)
+        modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, allow_vec=False, threads=NT, lanes=b_lanes, **kw)
     c.out_vec = N % 4 == 0
-    ba, bb = c.bind_a, c.bind_b
-    load_a = load_a.replace("{B}", ba.name)
-    load_b = load_b.replace("{B}", bb.name)     # (stacked parts: their names are in already)
+    load_a = load_a.replace("{B}", c.bind_a.name)
+    load_b = load_b.replace("{B}", c.bind_b.name)     # (stacked parts: their names are in already)
+    return moda, modb, regs_a + regs_b, load_a + load_b, store_a + store_b
+
+
+def _tile_prologue(c: _Ctx, TM: int, TN: int, BK: int, S: int, KC: int, NT: int) -> str:
+    """A tiled kernel's entry point up to its thread layout: the flat workgroup index, the split
+    (si, kt0..kt1) and output tile (tmi, tni, at0, bt0, batch bi) it owns, and operand bases."""
+    M, N = c.M, c.N
+    gm, gn = -(-M // TM), -(-N // TN)
+    tiles = gm * gn * c.nb
+    KT = -(-c.K // BK)
     pre, boa, bob = _batch_code(c.dims)
-    s = [f"var<workgroup> mm_As: array<{at}, {BK * TM // LA}>;\n",
-         f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
-         f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
+    s = [f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
          "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
-         _GRID_PRELUDE.format(total=_u(total))]
+         _GRID_PRELUDE.format(total=_u(tiles * S))]
     if S > 1:
         s.append(f"    let si = g / {_u(tiles)};\n    let gt = g % {_u(tiles)};\n"
                  f"    let kt0 = si * {_u(KC)};\n    let kt1 = min(kt0 + {_u(KC)}, {_u(KT)});\n")
@@ -992,19 +991,70 @@ def _gen_tiled(c: _Ctx):
           f"    let tmi = rest % {_u(gm)};\n    let bi = rest / {_u(gm)};\n",
           f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
           pre,
-          f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
+          f"    let abase = {_u(c.A.offset)} + {boa};\n    let bbase = {_u(c.B.offset)} + {bob};\n",
           "".join(f"    let bbase{j + 1} = {_u(pm.offset)};\n    let btl{j + 1} = bt0 - {_u(start)};\n"
-                  for j, (pm, _, start) in enumerate(c.parts)),
-          f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n"]
+                  for j, (pm, _, start) in enumerate(c.parts))]
+    return "".join(s)
+
+
+def _k_loop_head(BK: int, regs: str, loads: str, stores: str) -> str:
+    """The K loop up to its inner product: the first step's tiles loaded into registers, then per
+    step: registers to shared memory, a barrier, the next step's loads issued (they overlap the
+    product), after which the caller's product code and the loop's closing barrier follow."""
+    return (regs + f"    {{\n        let k0 = kt0 * {BK}u;\n" + loads + "    }\n"
+            "    for (var kt = kt0; kt < kt1; kt++) {\n" + stores + "        workgroupBarrier();\n"
+            f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + loads + "        }\n")
+
+
+def _out_base(c: _Ctx, S: int) -> str:
+    """`ob`: where the tile's batch lies in the output, or in split si's copy of it (raw partial sums)."""
+    M, N = c.M, c.N
+    if S > 1:
+        return f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n"
+    return f"    let ob = bi * {_u(M * N)};\n"
+
+
+def _store4(c: _Ctx, S: int, TN: int) -> str:
+    """Stores vec4 `v` at output element `o` (column `n`) and closes the caller's block: one vec4
+    store when rows are vec4-aligned, else four scalar stores; through the epilogue unless split
+    (partials stay raw); guarded against the matrix's last columns when TN does not divide N."""
+    N = c.N
+    if c.out_vec:
+        st = ("mm_out[o >> 2u] = v;" if S > 1 else
+              "mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
+              "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
+        if N % TN:
+            st = f"if (n < {_u(N)}) {{ {st} }}"
+        return f"          {st} }}\n"
+    out = ""
+    for j, comp in enumerate("xyzw"):
+        val = f"v.{comp}" if S > 1 else f"epilogue(v.{comp}, o + {j}u)"
+        st = f"mm_out[o + {j}u] = {val};"
+        if N % TN:
+            st = f"if (n + {j}u < {_u(N)}) {{ {st} }}"
+        out += f"          {st}\n"
+    return out + "        }\n"
+
+
+def _gen_tiled(c: _Ctx):
+    M, N = c.M, c.N
+    TM, TN, BK, S, KC, (RM, RN, NT) = _tiled_config(c)
+    TY, TX = TM // RM, TN // RN     # threads along m and along n
+    LA = min(RM, 4)                 # a's shared elements: vec4 (4 rows), vec2 or f32
+    GM, GN = RM // LA, RN // 4      # a reads and b vec4 reads per thread and k
+    at = {1: "f32", 2: "vec2<f32>", 4: "vec4<f32>"}[LA]
+    total = -(-M // TM) * -(-N // TN) * c.nb * S
+    if S > 1:
+        c.ep = NoEpilogue()         # raw partial sums; the reduction kernel applies the epilogue
+    moda, modb, regs, loads, stores = _tile_loads(c, TM, TN, BK, NT, a_lanes=LA)
+    s = [f"var<workgroup> mm_As: array<{at}, {BK * TM // LA}>;\n",
+         f"var<workgroup> mm_Bs: array<vec4<f32>, {BK * TN // 4}>;\n",
+         _tile_prologue(c, TM, TN, BK, S, KC, NT),
+         f"    let tx = lid % {TX}u;\n    let ty = lid / {TX}u;\n"]
     for r in range(RM):
         for h in range(GN):
             s.append(f"    var c{r}_{h} = vec4<f32>(0.0);\n")
-    s.append(regs_a + regs_b)
-    s.append(f"    {{\n        let k0 = kt0 * {BK}u;\n" + load_a + load_b + "    }\n")
-    s.append("    for (var kt = kt0; kt < kt1; kt++) {\n")
-    s.append(store_a + store_b)
-    s.append("        workgroupBarrier();\n")
-    s.append(f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
+    s.append(_k_loop_head(BK, regs, loads, stores))
     s.append(f"        for (var kk = 0u; kk < {BK}u; kk++) {{\n")
     for gi in range(GM):
         s.append(f"            let a{gi} = mm_As[kk * {TM // LA}u + {gi * TY}u + ty];\n")
@@ -1017,34 +1067,15 @@ def _gen_tiled(c: _Ctx):
         for h in range(GN):
             s.append(f"            c{r}_{h} = fma(vec4<f32>({av}), b{h}, c{r}_{h});\n")
     s.append("        }\n        workgroupBarrier();\n    }\n")
-    # store (a split stores its raw partial sums at partial si's copy of the output)
-    if S > 1:
-        s.append(f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n")
-        st_vec = "mm_out[o >> 2u] = v;"
-    else:
-        s.append(f"    let ob = bi * {_u(M * N)};\n")
-        st_vec = ("mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
-                  "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
+    s.append(_out_base(c, S))
     for r in range(RM):
         gi, i = divmod(r, LA)
         s.append(f"    {{ let m = at0 + {gi * TY * LA + i}u + ty * {LA}u;\n")
         if M % TM:
             s.append(f"      if (m < {_u(M)}) {{\n")
         for h in range(GN):
-            s.append(f"        {{ let n = bt0 + {h * TX * 4}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n")
-            if c.out_vec:
-                st = st_vec
-                if N % TN:
-                    st = f"if (n < {_u(N)}) {{ {st} }}"
-                s.append(f"          {st} }}\n")
-            else:
-                for j in range(4):
-                    val = f"v.{comp[j]}" if S > 1 else f"epilogue(v.{comp[j]}, o + {j}u)"
-                    st = f"mm_out[o + {j}u] = {val};"
-                    if N % TN:
-                        st = f"if (n + {j}u < {_u(N)}) {{ {st} }}"
-                    s.append(f"          {st}\n")
-                s.append("        }\n")
+            s.append(f"        {{ let n = bt0 + {h * TX * 4}u + tx * 4u; let o = ob + m * {_u(N)} + n; let v = c{r}_{h};\n"
+                     + _store4(c, S, TN))
         if M % TM:
             s.append("      }\n")
         s.append("    }\n")

@@ -173,8 +173,7 @@ def config(c) -> tuple:
 def gen(c):
     """(name, WGSL body, grid, info) of the tensor-core tiled kernel for matmul._Ctx c."""
     _u = mm._u
-    M, N, K = c.M, c.N, c.K
-    A, B = c.A, c.B
+    M, N = c.M, c.N
     TM, TN, BK, S, KC = config(c)
     WM, WN = COOP_TILES[(TM, TN)]
     WX = TN // WN                       # subgroups along n
@@ -182,56 +181,22 @@ def gen(c):
     NT = 32 * NW
     FM, FN = WM // 16, WN // 16
     gm, gn = -(-M // TM), -(-N // TN)
-    tiles = gm * gn * c.nb
-    total = tiles * S
-    KT = -(-K // BK)
+    total = gm * gn * c.nb * S
     if S > 1:
         c.ep = NoEpilogue()
     tmaj = TUNING["layout"] == "t"
     SK = BK + int(TUNING["pad"]) if tmaj else 0     # t-major row stride (f16 elements)
-    kw = dict(threads=NT, lanes=1, cast="f16", tmajor=SK)
-    moda, regs_a, load_a, store_a = mm._tile_load(c, "a", TM, BK, M, K, **kw)
-    modb, regs_b, load_b, store_b = mm._tile_load(c, "b", TN, BK, N, K, **kw)
-    if c.parts:
-        modb, regs_b, load_b, store_b = mm._part_loads(c, TN, BK, K, NT, lanes=1, cast="f16", tmajor=SK)
-    if c.aliased and c.lanes["a"] != c.lanes["b"]:
-        c.want("a", 1)
-        c.want("b", 1)
-        moda, regs_a, load_a, store_a = mm._tile_load(c, "a", TM, BK, M, K, allow_vec=False, **kw)
-        modb, regs_b, load_b, store_b = mm._tile_load(c, "b", TN, BK, N, K, allow_vec=False, **kw)
-    c.out_vec = N % 4 == 0
-    load_a = load_a.replace("{B}", c.bind_a.name)
-    load_b = load_b.replace("{B}", c.bind_b.name)
-    pre, boa, bob = mm._batch_code(c.dims)
+    moda, modb, regs, loads, stores = mm._tile_loads(c, TM, TN, BK, NT, a_lanes=1, b_lanes=1, cast="f16", tmajor=SK)
     s = ["enable f16;\nenable wgpu_cooperative_matrix;\n",
          f"var<workgroup> mm_As: array<f16, {(SK or BK) * TM}>;\n",
          f"var<workgroup> mm_Bs: array<f16, {(SK or BK) * TN}>;\n",
          f"var<workgroup> mm_Cs: array<f32, {NW * 256}>;\n",
-         f"@compute @workgroup_size({NT})\nfn main(@builtin(workgroup_id) wid: vec3<u32>, "
-         "@builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_index) lid: u32) {\n",
-         mm._GRID_PRELUDE.format(total=_u(total))]
-    if S > 1:
-        s.append(f"    let si = g / {_u(tiles)};\n    let gt = g % {_u(tiles)};\n"
-                 f"    let kt0 = si * {_u(KC)};\n    let kt1 = min(kt0 + {_u(KC)}, {_u(KT)});\n")
-    else:
-        s.append(f"    let gt = g;\n    let kt0 = 0u;\n    let kt1 = {_u(KT)};\n")
-    s += [f"    let tni = gt % {_u(gn)};\n    let rest = gt / {_u(gn)};\n"
-          f"    let tmi = rest % {_u(gm)};\n    let bi = rest / {_u(gm)};\n",
-          f"    let at0 = tmi * {TM}u;\n    let bt0 = tni * {TN}u;\n",
-          pre,
-          f"    let abase = {_u(A.offset)} + {boa};\n    let bbase = {_u(B.offset)} + {bob};\n",
-          "".join(f"    let bbase{j + 1} = {_u(pm.offset)};\n    let btl{j + 1} = bt0 - {_u(start)};\n"
-                  for j, (pm, _, start) in enumerate(c.parts)),
-          f"    let w = lid / 32u;\n    let wm0 = (w / {WX}u) * {WM}u;\n    let wn0 = (w % {WX}u) * {WN}u;\n"]
+         mm._tile_prologue(c, TM, TN, BK, S, KC, NT),
+         f"    let w = lid / 32u;\n    let wm0 = (w / {WX}u) * {WM}u;\n    let wn0 = (w % {WX}u) * {WN}u;\n"]
     for i in range(FM):
         for j in range(FN):
             s.append(f"    var acc{i}_{j} = coop_mat16x16<f32, C>();\n")
-    s.append(regs_a + regs_b)
-    s.append(f"    {{\n        let k0 = kt0 * {BK}u;\n" + load_a + load_b + "    }\n")
-    s.append("    for (var kt = kt0; kt < kt1; kt++) {\n")
-    s.append(store_a + store_b)
-    s.append("        workgroupBarrier();\n")
-    s.append(f"        if (kt + 1u < kt1) {{\n            let k0 = (kt + 1u) * {BK}u;\n" + load_a + load_b + "        }\n")
+    s.append(mm._k_loop_head(BK, regs, loads, stores))
     for kf in range(BK // 16):
         s.append("        {\n")
         for i in range(FM):
@@ -250,10 +215,7 @@ def gen(c):
         s.append("        }\n")
     s.append("        workgroupBarrier();\n    }\n")
     # epilogue: each fragment through the subgroup's scratch; lane l takes row l / 2, 8 columns
-    if S > 1:
-        s.append(f"    let ob = si * {_u(c.nb * M * N)} + bi * {_u(M * N)};\n")
-    else:
-        s.append(f"    let ob = bi * {_u(M * N)};\n")
+    s.append(mm._out_base(c, S))
     s.append("    let lane = lid % 32u;\n    let er = lane / 2u;\n    let ec = (lane % 2u) * 8u;\n"
              "    let cs = w * 256u + er * 16u + ec;\n")
     for i in range(FM):
@@ -265,22 +227,7 @@ def gen(c):
             for q in range(2):
                 s.append(f"        {{ let n = bt0 + wn0 + {16 * j + 4 * q}u + ec; let o = ob + m * {_u(N)} + n;\n"
                          f"          let v = vec4<f32>(mm_Cs[cs + {4 * q}u], mm_Cs[cs + {4 * q + 1}u], "
-                         f"mm_Cs[cs + {4 * q + 2}u], mm_Cs[cs + {4 * q + 3}u]);\n")
-                if c.out_vec:
-                    st = ("mm_out[o >> 2u] = v;" if S > 1 else
-                          "mm_out[o >> 2u] = vec4<f32>(epilogue(v.x, o), epilogue(v.y, o + 1u), "
-                          "epilogue(v.z, o + 2u), epilogue(v.w, o + 3u));")
-                    if N % TN:
-                        st = f"if (n < {_u(N)}) {{ {st} }}"
-                    s.append(f"          {st} }}\n")
-                else:
-                    for e, comp in enumerate("xyzw"):
-                        val = f"v.{comp}" if S > 1 else f"epilogue(v.{comp}, o + {e}u)"
-                        st = f"mm_out[o + {e}u] = {val};"
-                        if N % TN:
-                            st = f"if (n + {e}u < {_u(N)}) {{ {st} }}"
-                        s.append(f"          {st}\n")
-                    s.append("        }\n")
+                         f"mm_Cs[cs + {4 * q + 2}u], mm_Cs[cs + {4 * q + 3}u]);\n" + mm._store4(c, S, TN))
             if M % TM:
                 s.append("      }\n")
             s.append("    }\n    workgroupBarrier();\n")
