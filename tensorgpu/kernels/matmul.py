@@ -910,44 +910,50 @@ def _tiled_config(c: _Ctx) -> tuple:
         cands = [tuple(int(x) for x in t) for t in (TUNING.get("tile_candidates") or effs)]
         if not TUNING.get("tile_candidates") and M > int(TUNING.get("small_tile_max_m") or 0):
             cands = [t for t in cands if t[0] >= 64] or cands   # prefill: the 64/128-row tiles, as before
-        target = int(TUNING.get("target_wgs", 256))
-        best = None
         for tm, tn in cands:
             _tile_block(tm, tn)
             if (tm, tn) not in effs:
                 raise ValueError(f"matmul: TUNING['tile_candidates'] names tile {tm}x{tn}, which has no "
                                  f"TUNING['tile_eff'] entry")
-            if not smem_ok(tm, tn):
-                continue
-            eff = effs[(tm, tn)]
-            KT = -(-K // _tile_bk(tm))
-            min_kt = max(1, int(TUNING.get("split_min_k", 256)) // _tile_bk(tm))   # K steps per split, at least
-            tiles = -(-M // tm) * -(-N // tn) * nb
-            for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
-                if s > 1 and not S and KT // s < min_kt:
-                    break
-                wgs = tiles * s
-                # work done per unit time: tile efficiency x how full the target workgroup count is,
-                # a small cost per extra split (partials written and reduced)
-                fill = min(1.0, wgs / target)
-                waves = -(-wgs // target)
-                quant = wgs / (waves * target) if wgs > target else 1.0
-                score = eff * fill * quant * (1.0 - 0.03 * (s - 1))
-                # useless work on partial tiles at the M / N edges
-                score *= (M * N * nb) / (tiles * tm * tn)
-                if best is None or score > best[0] + 1e-9:
-                    best = (score, tm, tn, s)
-        if best is None:
-            TM = TN = 64
-            S = 1
-        else:
-            _, TM, TN, S = best
+        best = _best_tile(c, [(tm, tn, effs[(tm, tn)], _tile_bk(tm)) for tm, tn in cands if smem_ok(tm, tn)],
+                          S, max_s, int(TUNING.get("target_wgs", 256)), int(TUNING.get("split_min_k", 256)))
+        TM, TN, S = best or (64, 64, 1)
     BK = _tile_bk(TM)
-    KT = -(-K // BK)
-    S = max(1, min(int(S), KT, max_s))
-    KC = -(-KT // S)            # K steps per split
-    S = -(-KT // KC)            # no empty splits
+    S, KC = _split_steps(-(-K // BK), S, max_s)
     return TM, TN, BK, S, KC, _tile_block(TM, TN)
+
+
+def _best_tile(c: "_Ctx", cands: list, S, max_s: int, target: int, split_min_k: int):
+    """(TM, TN, split) with the highest score among `cands` [(TM, TN, eff, K step)] and their
+    splits (S: forced), or None: the cost model _tiled_config describes, shared with matmul_coop.
+
+    Score: eff x fill (workgroups / target, at most 1) x wave quantization x (1 - 3% per extra
+    split: partials written and reduced) x the useful share of the tiles' rows and columns."""
+    M, N, K, nb = c.M, c.N, c.K, c.nb
+    best = None
+    for tm, tn, eff, bk in cands:
+        KT = -(-K // bk)
+        min_kt = max(1, split_min_k // bk)     # K steps per split, at least
+        tiles = -(-M // tm) * -(-N // tn) * nb
+        for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
+            if s > 1 and not S and KT // s < min_kt:
+                break
+            wgs = tiles * s
+            fill = min(1.0, wgs / target)
+            waves = -(-wgs // target)
+            quant = wgs / (waves * target) if wgs > target else 1.0
+            score = float(eff) * fill * quant * (1.0 - 0.03 * (s - 1)) * (M * N * nb) / (tiles * tm * tn)
+            if best is None or score > best[0] + 1e-9:
+                best = (score, tm, tn, s)
+    return best[1:] if best else None
+
+
+def _split_steps(KT: int, S, max_s: int) -> tuple:
+    """(splits, K steps per split) for KT steps and a wanted split S: no more splits than steps
+    or than one binding of partials holds, and no empty split."""
+    S = max(1, min(int(S), KT, max_s))
+    KC = -(-KT // S)
+    return -(-KT // KC), KC
 
 
 def _tile_loads(c: _Ctx, TM: int, TN: int, BK: int, NT: int, a_lanes: int = 4, b_lanes: int = 4, **kw) -> tuple:

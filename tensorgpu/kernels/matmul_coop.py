@@ -145,28 +145,11 @@ def config(c) -> tuple:
             raise ValueError(f"matmul_coop: tile {TM}x{TN} is not one of {sorted(COOP_TILES)}")
         S = int(S or 1)
     else:
-        target = int(TUNING["target_wgs"])
-        min_kt = max(1, int(TUNING["split_min_k"]) // BK)
-        best = None
-        for tm, tn, eff in TUNING["tile_eff"]:
-            tm, tn = int(tm), int(tn)
-            if (tm, tn) not in COOP_TILES or not fits(tm, tn):
-                continue
-            tiles = -(-M // tm) * -(-N // tn) * nb
-            for s in ((min(int(S), max_s),) if S else range(1, min(8, max_s) + 1)):
-                if s > 1 and not S and KT // s < min_kt:
-                    break
-                wgs = tiles * s
-                fill = min(1.0, wgs / target)
-                waves = -(-wgs // target)
-                quant = wgs / (waves * target) if wgs > target else 1.0
-                score = float(eff) * fill * quant * (1.0 - 0.03 * (s - 1)) * (M * N * nb) / (tiles * tm * tn)
-                if best is None or score > best[0] + 1e-9:
-                    best = (score, tm, tn, s)
-        _, TM, TN, S = best if best else (0, 16, 64, 1)
-    S = max(1, min(int(S), KT, max_s))
-    KC = -(-KT // S)
-    S = -(-KT // KC)
+        best = mm._best_tile(c, [(int(tm), int(tn), eff, BK) for tm, tn, eff in TUNING["tile_eff"]
+                                 if (int(tm), int(tn)) in COOP_TILES and fits(int(tm), int(tn))],
+                             S, max_s, int(TUNING["target_wgs"]), int(TUNING["split_min_k"]))
+        TM, TN, S = best or (16, 64, 1)
+    S, KC = mm._split_steps(KT, S, max_s)
     return TM, TN, BK, S, KC
 
 
