@@ -277,3 +277,22 @@ def test_batched_step_attention_is_one_dispatch_per_layer(path, B, monkeypatch):
     np.testing.assert_array_equal(cf[1], cp[1])
     for a, b in zip(cf, cp):
         np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max())
+
+
+def test_exact_batching_keeps_batched_steps_off_the_tensor_cores(model, solo, monkeypatch):
+    """Planned as on a GPU with tensor cores (where a 16-row step would round to f16), an
+    exact_batching engine decodes 16 sequences on the f32 tiles: no tensor-core kernel in the
+    step, the step's matmuls are the 16-row tiled ones the tensor cores would take otherwise, and
+    every sequence gets its solo greedy tokens."""
+    from tensorgpu.kernels import matmul_coop
+    monkeypatch.setattr(tg.runtime.Device, "has_coopmat", property(lambda self: True))
+    monkeypatch.setitem(matmul_coop.TUNING, "enabled", True)     # (conftest keeps it off elsewhere)
+    eng = Engine(model, max_batch=16, max_context=64, prefill_chunk=8, exact_batching=True)
+    prompts = (PROMPTS * 3)[:16]
+    sp = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    with tg.debug.kernel_log() as log:
+        outs = eng.generate(prompts, sp)
+    names = [e.name for e in log]
+    assert not [n for n in names if n.startswith("matmul_coop")]
+    assert [n for n in names if n.startswith("matmul_") and "_t16x" in n]
+    assert [o.output_ids for o in outs] == [solo[p][:4] for p in prompts]

@@ -13,7 +13,7 @@ def test_serve_is_listed_and_has_help(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--model", "--host", "--port", "--max-batch", "--ctx", "--max-waiting", "--model-name", "--ray",
-                 "--replicas", "--num-gpus", "--shutdown-timeout"):
+                 "--replicas", "--num-gpus", "--shutdown-timeout", "--exact-batching"):
         assert flag in out, flag
 
 
@@ -37,3 +37,12 @@ def test_model_name_defaults_to_the_file_name():
     from models.serve.cli import model_name_of, parser
     assert model_name_of(parser().parse_args(["--model", "/x/pythia-1.4b-q4_0.gguf"])) == "pythia-1.4b-q4_0"
     assert model_name_of(parser().parse_args(["--model", "a.gguf", "--model-name", "m"])) == "m"
+
+
+def test_exact_batching_reaches_the_engine():
+    from models.gpt_neox import DEFAULT_MODEL
+    from models.serve.cli import engine_factory, parser
+    assert parser().parse_args(["--model", "m.gguf", "--exact-batching"]).exact_batching
+    assert not parser().parse_args(["--model", "m.gguf"]).exact_batching
+    assert engine_factory(str(DEFAULT_MODEL), 2, 32, 4, True)().exact_batching
+    assert not engine_factory(str(DEFAULT_MODEL), 2, 32, 4)().exact_batching

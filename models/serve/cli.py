@@ -31,6 +31,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length of every sequence, prompt + completion (default: the model's)")
     p.add_argument("--max-waiting", type=int, default=256,
                    help="requests that may wait for a batch slot; beyond it requests get 503 (default 256)")
+    p.add_argument("--exact-batching", action="store_true",
+                   help="keep batched decode steps off the tensor cores (f32 WGSL matmuls): greedy tokens are "
+                        "then the same at every batch size, bit for bit, at the cost of batch throughput; "
+                        "without it they agree to f16 rounding on GPUs with tensor cores")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds in-flight responses get to finish after SIGTERM before they are cancelled")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
@@ -80,14 +84,15 @@ def model_name_of(a) -> str:
     return base[:-5] if base.lower().endswith(".gguf") else base
 
 
-def engine_factory(path: str, max_batch: int, ctx: Optional[int], max_waiting: int):
+def engine_factory(path: str, max_batch: int, ctx: Optional[int], max_waiting: int, exact_batching: bool = False):
     """A function that loads the model and builds its Engine (called where the model will live:
     the server's loader thread, or a Ray replica)."""
     def make():
         from ..registry import load
         from .engine import Engine
         model = load(path, progress=False)
-        return Engine(model, max_batch=max_batch, max_context=ctx, max_waiting=max_waiting)
+        return Engine(model, max_batch=max_batch, max_context=ctx, max_waiting=max_waiting,
+                      exact_batching=exact_batching)
     return make
 
 
@@ -102,9 +107,10 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
     if a.ray:
         from .ray_serve import run_ray
         return run_ray(a.model, name, replicas=a.replicas, num_gpus=a.num_gpus, host=a.host, port=a.port,
-                       max_batch=a.max_batch, ctx=a.ctx, max_waiting=a.max_waiting, address=a.ray_address)
+                       max_batch=a.max_batch, ctx=a.ctx, max_waiting=a.max_waiting, address=a.ray_address,
+                       exact_batching=a.exact_batching)
     from .app import build_app
-    app = build_app(engine_factory(a.model, a.max_batch, a.ctx, a.max_waiting), name)
+    app = build_app(engine_factory(a.model, a.max_batch, a.ctx, a.max_waiting, a.exact_batching), name)
     print(f"tensorgpu serve: {name} ({a.model}) on http://{a.host}:{a.port} (loading; GET /health is 200 when "
           f"ready)", file=sys.stderr, flush=True)
     serve_uvicorn(app, a.host, a.port, a.shutdown_timeout, log_level=a.log_level, access_log=a.access_log)

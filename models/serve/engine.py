@@ -23,6 +23,7 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import threading
 import time
@@ -34,6 +35,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import numpy as np
 
 import tensorgpu as tg
+from tensorgpu.kernels import matmul_coop
 
 from ..base import check_cache_fits
 from ..session import ContextOverflowError, bucket_length
@@ -212,7 +214,8 @@ def _next_bucket(n: int, cap: int) -> int:
 
 class Engine:
     def __init__(self, model, max_batch: int = 64, max_context: Optional[int] = None, max_waiting: int = 256,
-                 cache_dtype=tg.float16, prefill_chunk: int = 256, prefill_budget: int = 512):
+                 cache_dtype=tg.float16, prefill_chunk: int = 256, prefill_budget: int = 512,
+                 exact_batching: bool = False):
         c = model.config
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= 1024:
             raise ValueError(f"max_batch must be an int in [1, 1024], got {max_batch!r}")
@@ -234,6 +237,11 @@ class Engine:
         self.prefill_chunk = prefill_chunk      # prompt tokens per prefill forward
         self.prefill_budget = prefill_budget    # prompt tokens per iteration (several prompts when many wait)
         self.vocab_size = c.n_vocab
+        # On an adapter with tensor cores a step of >= 16 rows rounds its matmul operands to f16
+        # (kernels/matmul_coop.py) while a 1-row step (GEMV) keeps f32, so greedy tokens alone and in
+        # a batch agree to f16 rounding. exact_batching keeps the decode steps on the f32 WGSL tiles:
+        # slower batches, the same tokens at any batch size. (No effect where there are no tensor cores.)
+        self.exact_batching = bool(exact_batching)
         shape = (max_batch, kv_heads, L, c.head_dim)                       # [S, Hkv, L, D] per layer
         self.cache = [(tg.zeros(shape, cache_dtype).contiguous().realize(),
                        tg.zeros(shape, cache_dtype).contiguous().realize()) for _ in range(c.n_layer)]
@@ -587,7 +595,8 @@ class Engine:
             pos[s.slot] = s.n_cache
             s.n_cache += 1
         mode, n_lp = self._mode(seqs)
-        outs = self._step_fn(bucket, mode, n_lp)(ids, pos, *self._row_params(seqs, bucket, lambda s: s.slot))
+        with (tg.debug.tuning(matmul_coop.TUNING, enabled=False) if self.exact_batching else contextlib.nullcontext()):
+            outs = self._step_fn(bucket, mode, n_lp)(ids, pos, *self._row_params(seqs, bucket, lambda s: s.slot))
         tickets = [o.read_async() for o in outs]     # the capture's outputs are rewritten by the next replay
         tg.flush()
         self._stats["steps"] += 1

@@ -43,8 +43,8 @@ class TensorGPUDeployment:
     """One replica: loads the model, builds its Engine and the OpenAI app over it."""
 
     def __init__(self, model_path: str, model_name: str, max_batch: int = 64, ctx: Optional[int] = None,
-                 max_waiting: int = 256):
-        engine = engine_factory(model_path, max_batch, ctx, max_waiting)()
+                 max_waiting: int = 256, exact_batching: bool = False):
+        engine = engine_factory(model_path, max_batch, ctx, max_waiting, exact_batching)()
         self._app = build_app(engine, model_name, load_in_background=False)
         self._server = self._app.state.server
 
@@ -76,14 +76,15 @@ class TensorGPUDeployment:
 
 
 def application(model_path: str, model_name: Optional[str] = None, *, replicas: int = 1, num_gpus: float = 0,
-                num_cpus: float = 1, max_batch: int = 64, ctx: Optional[int] = None, max_waiting: int = 256):
+                num_cpus: float = 1, max_batch: int = 64, ctx: Optional[int] = None, max_waiting: int = 256,
+                exact_batching: bool = False):
     """The bound Serve application: `replicas` copies, each reserving num_gpus GPUs (1 on a GPU
     cluster: one replica per GPU) and num_cpus CPUs."""
     path = os.path.abspath(model_path)
     name = model_name or os.path.basename(path).removesuffix(".gguf")
     d = TensorGPUDeployment.options(num_replicas=replicas,
                                     ray_actor_options={"num_gpus": num_gpus, "num_cpus": num_cpus})
-    return d.bind(path, name, max_batch, ctx, max_waiting)
+    return d.bind(path, name, max_batch, ctx, max_waiting, exact_batching)
 
 
 def _repo_root() -> str:
@@ -94,7 +95,7 @@ def _repo_root() -> str:
 
 def run_ray(model_path: str, model_name: str, *, replicas: int = 1, num_gpus: float = 0, host: str = "127.0.0.1",
             port: int = 8000, max_batch: int = 64, ctx: Optional[int] = None, max_waiting: int = 256,
-            address: Optional[str] = None) -> int:
+            address: Optional[str] = None, exact_batching: bool = False) -> int:
     """`python -m models serve --ray`: deploy, serve until SIGTERM / Ctrl-C, then shut Serve down."""
     import ray
 
@@ -110,7 +111,8 @@ def run_ray(model_path: str, model_name: str, *, replicas: int = 1, num_gpus: fl
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(model_path, model_name, replicas=replicas, num_gpus=num_gpus, max_batch=max_batch,
-                              ctx=ctx, max_waiting=max_waiting), name="tensorgpu", route_prefix="/")
+                              ctx=ctx, max_waiting=max_waiting, exact_batching=exact_batching),
+                    name="tensorgpu", route_prefix="/")
         print(f"tensorgpu serve (Ray): {model_name} in {replicas} replica(s) on http://{host}:{port}",
               file=sys.stderr, flush=True)
         stop.wait()
