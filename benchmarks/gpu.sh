@@ -1,8 +1,11 @@
 #!/bin/bash
 # The GPU-machine benchmark run (see README "Benchmarks on the GPU machine").
 # Usage, on the GPU machine from the repo root (after `source .device/setup.sh`):
-#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [llamacpp] [serve] [batch] [bench]
+#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [llamacpp] [serve] [batch] [bench] [coop]
 #   (default: kernels models baseline llamacpp)
+# coop: the tensor-core matmuls' NumPy tests on this GPU (tests/test_kernel_matmul_coop.py), then the
+# small-M sweep at M = 16, 64, 512 with every coop variant beside the WGSL tiles (into $OUT/coop_sweep.json).
+# For clean host-bound figures run it without llamacpp, whose build runs in the background of every step.
 # llamacpp: llama.cpp's CUDA llama-bench (-p 512 -n 128 -fa 1) on the same GGUFs as the models step, and its
 # llama-batched-bench (B = 1/4/16/64) on pythia-1.4b f16/q4_0, built on the machine from the tarball in
 # .device/llamacpp (`build_cuda.sh`, ~4.5 min, started first in the background); into $OUT/llamacpp*.
@@ -30,6 +33,12 @@ if [[ " $what " == *" llamacpp "* ]]; then   # the build overlaps our own steps
   ( nice -n 19 bash /tmp/llsrc/build_cuda.sh > "$OUT/llamacpp_build.log" 2>&1; echo done >> "$OUT/llamacpp_build.log" ) &
 fi
 python3 -c "import tensorgpu as tg; d = tg.device(); print('adapter:', d['name'], d['backend'], 'f16' if d['f16'] else 'no-f16', 'subgroups' if d['subgroups'] else '')"
+if [[ " $what " == *" coop "* ]]; then
+  timeout "${T_COOP_TESTS:-150}" python3 -m pytest tests/test_kernel_matmul_coop.py -q -p no:cacheprovider 2>&1 | tail -n 15
+  TENSORGPU_SMALLM_M=${COOP_M:-16,64,512} timeout "${T_COOP:-330}" python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep \
+    -s -q -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/coop_sweep.json" 2>&1 \
+    | grep -E "M=|x[0-9]+: |passed|failed" | tail -n 40
+fi
 if [[ " $what " == *" kernels "* ]]; then
   # each benchmark warms the GPU >= 300 ms before timing (kernels/probe.py: warm_up)
   timeout "${T_KERNELS:-300}" python3 -m pytest benchmarks/ -q -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/kernels.json" \
