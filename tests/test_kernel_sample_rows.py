@@ -38,6 +38,10 @@ def near_choices(l, T, k, p, m, u) -> set:
             for fm in (1 - 1e-5, 1.0, 1 + 1e-5):
                 uu = u if np.isnan(u) else min(max(float(u) + du, 0.0), 0.9999999)
                 out.add(sample_row_reference(l, T, k, F32(p * fp), F32(m * fm), uu))
+    if not np.isnan(u) and u > 0.9999:
+        # near u = 1 a float32 sum over the vocabulary cannot place the threshold: any token in the
+        # tail of tiny weights after the float64 pick may be where the GPU's sum crosses it
+        out |= sample_row_reference(l, T, k, p, m, u, band=2e-5)
     return out
 
 

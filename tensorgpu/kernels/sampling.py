@@ -505,8 +505,13 @@ def _row_logprobs(l: np.ndarray, ids) -> np.ndarray:
     return out
 
 
-def sample_row_reference(logits, temperature, top_k, top_p, min_p, u) -> int:
-    """The token sample_rows picks for one row (float64 NumPy; parameters as float32/int32)."""
+def sample_row_reference(logits, temperature, top_k, top_p, min_p, u, band: float = 0.0):
+    """The token sample_rows picks for one row (float64 NumPy; parameters as float32/int32).
+
+    band > 0: instead the set of tokens a float32 evaluation could pick, those whose share of the
+    cumulative weight (in the order the pick walks) overlaps [u - band, u + band]: near u = 1 a
+    vocabulary-long float32 sum cannot resolve the threshold, and any token in the tail of tiny
+    weights after the float64 pick may be the one the GPU's sum crosses at."""
     l = np.asarray(logits, np.float32).astype(np.float64)
     V = l.shape[0]
     T, p, q, u = (float(np.float32(x)) for x in (temperature, top_p, min_p, u))
@@ -528,6 +533,8 @@ def sample_row_reference(logits, temperature, top_k, top_p, min_p, u) -> int:
         allowed[order[:K]] = True
         ww = np.where(allowed, w, 0.0)
         c = np.cumsum(ww)
+        if band > 0:
+            return _in_band(np.arange(V), ww, c, u, band)
         hit = np.nonzero(c > u * c[-1])[0]
         return int(hit[0]) if hit.size else int(np.nonzero(ww > 0)[0][-1])
     C = min(K, KCAP)
@@ -543,8 +550,23 @@ def sample_row_reference(logits, temperature, top_k, top_p, min_p, u) -> int:
         drop = np.nonzero((np.arange(keep) > 0) & (wc[:keep] < q))[0]
         keep = int(drop[0]) if drop.size else keep
     c = np.cumsum(wc[:keep])
+    if band > 0:
+        return _in_band(cand[:keep], wc[:keep], c, u, band)
     hit = np.nonzero(c > u * c[-1])[0]
     return int(cand[hit[0]] if hit.size else cand[keep - 1])
+
+
+def _in_band(tokens, w, c, u: float, band: float) -> set:
+    """The tokens (walk order, weights w, cumulative c) whose cumulative-weight interval overlaps
+    [u - band, u + band] of the total, plus the last one with weight (a sum that never reaches u)."""
+    total = c[-1]
+    before = c - w
+    ok = (c > (u - band) * total) & (before <= (u + band) * total) & (w > 0)
+    out = {int(t) for t in np.asarray(tokens)[ok]}
+    nz = np.nonzero(w > 0)[0]
+    if nz.size and u + band >= 1.0:
+        out.add(int(np.asarray(tokens)[nz[-1]]))
+    return out or {int(np.asarray(tokens)[-1])}
 
 
 def sample_rows_reference(logits, temperature, top_k, top_p, min_p, u, n_logprobs: int = 0) -> tuple:
