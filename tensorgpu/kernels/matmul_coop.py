@@ -18,7 +18,9 @@ which the subgroup's invocations apply the fused epilogue and store (or store ra
 split-K, reduced by matmul's reduce pass).
 
 Precision: operands rounded to f16 (11-bit significand; f16 and GGUF-quant weights lose nothing
-beyond their own dequantization rounding), products and sums in f32. matmul.plan uses this path
+beyond their own dequantization rounding), products and sums in f32. Range: an activation beyond
+f16's +-65504 becomes inf (transformer linears see normalized inputs, far inside it; a model that
+does not should run with TUNING["enabled"] = False). matmul.plan uses this path
 only when an operand is stored in f16 or a quant format (never for f32 x f32, which keeps full f32
 precision) and the adapter passed self_test; TUNING["enabled"] = False or TENSORGPU_DISABLE_COOPMAT=1
 turns it off. Subgroups are assumed to be 32 consecutive invocations (NVIDIA); self_test fails on
