@@ -71,9 +71,12 @@ def patched_copy(src: str, cache_dir: Optional[str] = None) -> tuple:
         data[off:off + len(new) // 2] = bytes.fromhex(new)
     if hashlib.sha256(data).hexdigest() != want:
         return None, "the patched copy's sha256 differs from the expected one"
-    for d in ([cache_dir] if cache_dir else [_cache_dir(), tempfile.gettempdir()]):
-        path = os.path.join(d, f"libwgpu_native-{want[:16]}.so")
+    # the user's cache, else a private temporary directory (never a shared one: a file another
+    # user could swap between our check and wgpu's dlopen)
+    for d in ([cache_dir] if cache_dir else [_cache_dir(), None]):
         try:
+            d = d or tempfile.mkdtemp(prefix="tensorgpu-")
+            path = os.path.join(d, f"libwgpu_native-{want[:16]}.so")
             if os.path.exists(path) and hashlib.sha256(open(path, "rb").read()).hexdigest() == want:
                 return path, "patched"
             os.makedirs(d, exist_ok=True)

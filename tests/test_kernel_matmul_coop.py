@@ -306,3 +306,17 @@ def test_config_fits_the_adapters_shared_memory(as_if_coop, monkeypatch):
     row = BK + coop.TUNING["pad"]
     warps = (TM // coop.COOP_TILES[(TM, TN)][0]) * (TN // coop.COOP_TILES[(TM, TN)][1])
     assert row * (TM + TN) * 2 + warps * 1024 <= 16384
+
+
+def test_unlock_falls_back_to_a_private_temporary_directory(monkeypatch):
+    src = wgpu_unlock.shipped_library()
+    if src is None or hashlib.sha256(open(src, "rb").read()).hexdigest() not in wgpu_unlock.KNOWN_BUILDS:
+        pytest.skip("not the wgpu-native build the unlock knows")
+    monkeypatch.setattr(wgpu_unlock, "_cache_dir", lambda: "/proc/no-such-dir/tensorgpu")   # not writable
+    path, reason = wgpu_unlock.patched_copy(src)
+    try:
+        assert reason == "patched" and os.path.basename(os.path.dirname(path)).startswith("tensorgpu-")
+        assert os.stat(os.path.dirname(path)).st_mode & 0o077 == 0      # private to this user
+    finally:
+        import shutil
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
