@@ -20,9 +20,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,18 +28,13 @@ import httpx
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(ROOT))
+from models.serve.process import ServerProcess  # noqa: E402
+from models.tokenizer import read_gguf_metadata  # noqa: E402
 
 
 def vocab_of(path: str) -> tuple:
     """(vocab size, ids of special tokens) from the GGUF's tokenizer metadata."""
-    sys.path.insert(0, str(ROOT))
-    from models.tokenizer import read_gguf_metadata
     md = read_gguf_metadata(path)
     toks = md["tokenizer.ggml.tokens"]
     types = md.get("tokenizer.ggml.token_type") or [1] * len(toks)
@@ -63,38 +55,15 @@ def random_prompts(n: int, length: int, vocab: int, special: set, seed: int) -> 
     return out
 
 
-class Server:
+class Server(ServerProcess):
+    """The server under test (models/serve/process.py), its output in `log`."""
+
     def __init__(self, model: str, max_batch: int, ctx: int, max_waiting: int, log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log, "w")
-        cmd = [sys.executable, "-m", "models", "serve", "--model", model, "--port", str(self.port),
-               "--max-batch", str(max_batch), "--ctx", str(ctx), "--max-waiting", str(max_waiting),
-               "--model-name", "bench"]
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited ({self.proc.returncode}); see {log}")
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"the server was not ready in 600 s; see {log}")
-            time.sleep(0.2)
+        super().__init__(model, "--max-batch", str(max_batch), "--ctx", str(ctx), "--max-waiting", str(max_waiting),
+                         log=open(log, "w"), name="bench", ready_timeout=600, poll_s=0.2)
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.terminate()
         self.log.close()
 
 
@@ -178,7 +147,10 @@ def main(argv=None) -> int:
     if not a.url:
         log = Path(a.log or (Path(a.out).with_suffix(".server.log") if a.out else "/tmp/bench_serve.server.log"))
         t = time.perf_counter()
-        server = Server(a.model, max(levels), a.prompt_tokens + a.output_tokens + 8, 4 * max(levels), log)
+        try:
+            server = Server(a.model, max(levels), a.prompt_tokens + a.output_tokens + 8, 4 * max(levels), log)
+        except RuntimeError as e:      # exited or never ready: its output is in the log
+            raise SystemExit(f"{str(e).splitlines()[0]}; see {log}")
         print(f"server ready in {time.perf_counter() - t:.1f} s ({a.model})", file=sys.stderr)
         url, name = server.url, "bench"
     else:

@@ -1,63 +1,31 @@
-"""A real `python -m models serve` process on 127.0.0.1 for the server tests: started on a free
-port, ready when /health answers 200, stopped with SIGTERM (killed if it does not exit)."""
+"""What the server tests share: a real `python -m models serve` process on 127.0.0.1
+(models/serve/process.py's launcher with a temporary log), /metrics helpers, the reference models,
+an OpenAI client for a server, and the garbage-collection fixture."""
 from __future__ import annotations
 
+import gc
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Optional
 
-import gc
-
 import httpx
 import pytest
+
+from models.serve.process import ServerProcess as _Launched, free_port  # noqa: F401 (free_port: for tests)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_NEOX = REPO_ROOT / "models" / "tiny-neox" / "tiny-neox-q8_0.gguf"
 TINY_QWEN2 = REPO_ROOT / "models" / "tiny-qwen2" / "tiny-qwen2-q8_0.gguf"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProcess(_Launched):
+    """The package's server launcher (models/serve/process.py) with a temporary log, plus what
+    the tests read: memory, /metrics, and close() (stop, remove the log)."""
 
-
-class ServerProcess:
     def __init__(self, model: Path, *args: str, name: Optional[str] = None, ready_timeout: float = 120.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "models", "serve", "--model", str(model), "--port", str(self.port), *args]
-        if name:
-            cmd += ["--model-name", name]
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
-        self.health_seen = []       # /health status codes while waiting
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before it was ready:\n{self.output()}")
-            try:
-                r = httpx.get(self.url + "/health", timeout=5)
-                self.health_seen.append(r.status_code)
-                if r.status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"server not ready after {ready_timeout} s:\n{self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        self.log.flush()
-        return Path(self.log.name).read_text(errors="replace")
+        log = tempfile.NamedTemporaryFile("w+", prefix="serve-", suffix=".log", delete=False)
+        super().__init__(model, *args, log=log, name=name, ready_timeout=ready_timeout)
 
     def rss_mb(self) -> float:
         """Resident memory of the server process, MB (Linux /proc)."""
@@ -77,25 +45,16 @@ class ServerProcess:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
 
-    def terminate(self, timeout: float = 60.0) -> int:
-        """SIGTERM, then wait; kill after `timeout` s. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
     def close(self) -> None:
         self.terminate()
         self.log.close()
         os.unlink(self.log.name)
+
+
+def openai_client(server, timeout: float = 300):
+    """The official client for `server`, without retries (a failure shows as it happens)."""
+    import openai
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
 
 
 def metric(m: dict, name: str, **labels) -> float:

@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from models import load
-from serve_util import TINY_QWEN2, ServerProcess, collect_garbage  # noqa: F401 (a fixture)
+from serve_util import TINY_QWEN2, ServerProcess, openai_client, collect_garbage  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("collect_garbage")
 
@@ -25,7 +25,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from models.gpt_neox import GPTNeoX
 from models.serve.engine import Engine, SamplingParams
-from serve_util import TINY_NEOX, ServerProcess, metric, metric_sum, collect_garbage  # noqa: F401 (a fixture)
+from serve_util import TINY_NEOX, ServerProcess, metric, metric_sum, openai_client, collect_garbage  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("collect_garbage")
 
@@ -37,7 +37,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")

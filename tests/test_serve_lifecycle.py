@@ -7,13 +7,12 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 import uvicorn
 
 from models.gpt_neox import GPTNeoX
 from models.serve.app import build_app
-from serve_util import TINY_NEOX, ServerProcess, free_port, metric, collect_garbage  # noqa: F401 (a fixture)
+from serve_util import TINY_NEOX, ServerProcess, free_port, metric, openai_client, collect_garbage  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("collect_garbage")
 
@@ -55,7 +54,7 @@ def small_server(tmp_path_factory, greedy_ids):
 
 def test_eos_stops_unless_ignore_eos(small_server, greedy_ids):
     ids, tok = greedy_ids
-    client = openai.OpenAI(base_url=small_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    client = openai_client(small_server, timeout=120)
     r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, temperature=0)
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 4
     assert r.choices[0].text == tok.decode(ids[:3])          # EOS ends the text, it is not part of it
