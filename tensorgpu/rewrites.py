@@ -125,6 +125,28 @@ def _rows_of_a_matmul(g: Graph, n, i: int, L, v) -> Optional[tuple]:
     return T, V, k, SymInt._make(int(v.offset) // V, v.offset.const // V, {vv: c // V for vv, c in v.offset.terms})
 
 
+def _matmul_row_reads(g: Graph):
+    """(n, i, L, v, (T, V, k, r), (X, xv), (W, wv)) for each source i = (L, v) of a node n that
+    reads rows of a matmul L = x @ w.T (_rows_of_a_matmul), with the matmul's two operands."""
+    for n in list(g.nodes):
+        for i, (L, v) in enumerate(n.srcs):
+            rows = _rows_of_a_matmul(g, n, i, L, v)
+            if rows is not None:
+                yield n, i, L, v, rows, L.srcs[0], L.srcs[1]
+
+
+def _read_linear(n, i: int, v, V: int, h, W, wv):
+    """Make source i of n (k rows of a [T, V] matmul, viewed as v) read linear(h, w) instead, w
+    the matmul's [V, C] weight; returns that linear (a Tensor)."""
+    from .nn import linear
+    from .tensor import Tensor
+    y = linear(h, Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset)))      # w back to [V, C]
+    srcs = list(n.srcs)
+    srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
+    n.set_srcs(tuple(srcs))
+    return y
+
+
 # ----------------------------------------------------------------------------- rules
 
 
@@ -133,37 +155,27 @@ def rows_before_head(g: Graph) -> int:
     """Some rows of linear(layer_norm(x)) — a prompt's last-token logits out of [T, vocab] — are
     the linear of the layer norm of those rows of x: the vocabulary projection runs for the
     rows read, not for the whole prompt."""
-    from .nn import LayerNormKernel, layer_norm, linear
+    from .nn import LayerNormKernel, layer_norm
     from .tensor import Tensor
     fired = 0
-    for n in list(g.nodes):
-        for i, (L, v) in enumerate(n.srcs):
-            rows = _rows_of_a_matmul(g, n, i, L, v)
-            if rows is None:
-                continue
-            T, V, k, r = rows
-            (X, xv), (W, wv) = L.srcs
-            if not (_is(X, LayerNormKernel) and g.only_reader(X) == (L, 0) and xv.is_identity(X.shape)
-                    and len(X.shape) == 2):
-                continue
-            (Y, yv) = X.srcs[0]
-            if len(yv.shape) != 2:
-                continue
-            rows = View((k, yv.shape[1]), yv.strides, yv.offset + r * yv.strides[0])
-            ln = X.arg
-            extra = [Tensor(m, mv) for m, mv in X.srcs[1:]]
-            lw = extra.pop(0) if ln.has_w else None
-            lb = extra.pop(0) if ln.has_b else None
-            floor = next(_node_seq)
-            h = layer_norm(Tensor(Y, rows), lw, lb, ln.eps)
-            w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
-            y = linear(h, w)
-            _age_as(y.node, floor, X.seq)      # the new nodes read what the norm read (in-place write order)
-            y.node.seq = L.seq
-            srcs = list(n.srcs)
-            srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
-            n.set_srcs(tuple(srcs))
-            fired += 1
+    for n, i, L, v, (T, V, k, r), (X, xv), (W, wv) in _matmul_row_reads(g):
+        if not (_is(X, LayerNormKernel) and g.only_reader(X) == (L, 0) and xv.is_identity(X.shape)
+                and len(X.shape) == 2):
+            continue
+        (Y, yv) = X.srcs[0]
+        if len(yv.shape) != 2:
+            continue
+        rows = View((k, yv.shape[1]), yv.strides, yv.offset + r * yv.strides[0])
+        ln = X.arg
+        extra = [Tensor(m, mv) for m, mv in X.srcs[1:]]
+        lw = extra.pop(0) if ln.has_w else None
+        lb = extra.pop(0) if ln.has_b else None
+        floor = next(_node_seq)
+        h = layer_norm(Tensor(Y, rows), lw, lb, ln.eps)
+        y = _read_linear(n, i, v, V, h, W, wv)
+        _age_as(y.node, floor, X.seq)      # the new nodes read what the norm read (in-place write order)
+        y.node.seq = L.seq
+        fired += 1
     return fired
 
 
@@ -215,25 +227,13 @@ def rows_before_linear(g: Graph) -> int:
     x * rsqrt(mean(x * x) + eps) * w) — a prompt's last-token logits out of [T, vocab] — are the
     linear of f of those rows: the vocabulary projection (and the norm) run for the rows read,
     not for the whole prompt. (A hand-written layer_norm is rows_before_head's.)"""
-    from .nn import linear
     from .tensor import Tensor
     fired = 0
-    for n in list(g.nodes):
-        for i, (L, v) in enumerate(n.srcs):
-            rows = _rows_of_a_matmul(g, n, i, L, v)
-            if rows is None:
-                continue
-            T, V, k, r = rows
-            (X, xv), (W, wv) = L.srcs
-            if len(xv.shape) != 2 or xv.shape[0] != T or len(wv.shape) != 2:
-                continue
-            h = Tensor(*_rows_of(X, xv, r, k, {}))
-            w = Tensor(W, View(wv.shape[::-1], wv.strides[::-1], wv.offset))      # back to [V, C]
-            y = linear(h, w)
-            srcs = list(n.srcs)
-            srcs[i] = (y.node, View(v.shape, y.view.strides if y.view.shape == v.shape else (V, 1), y.view.offset))
-            n.set_srcs(tuple(srcs))
-            fired += 1
+    for n, i, L, v, (T, V, k, r), (X, xv), (W, wv) in _matmul_row_reads(g):
+        if len(xv.shape) != 2 or xv.shape[0] != T or len(wv.shape) != 2:
+            continue
+        _read_linear(n, i, v, V, Tensor(*_rows_of(X, xv, r, k, {})), W, wv)
+        fired += 1
     return fired
 
 
