@@ -31,6 +31,18 @@ def _realize_under_limit(block, limit: int):
         runtime.OPTIONS.max_storage_buffers = old
 
 
+def _fused_only_within_the_limit(block, kernel: str) -> None:
+    """block()'s tensors realize through `kernel` on this adapter and without it on one of 6
+    storage buffers per kernel (the rule steps aside), to the same values."""
+    outs = []
+    for limit in (None, 6):
+        log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
+        outs.append(vals)
+        assert (kernel in names(log)) == (limit is None), names(log)
+    for a, b in zip(*outs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def _ln(x, g, c, eps=1e-5):
     x = x.astype(np.float64)
     return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * g + c
@@ -565,13 +577,7 @@ def test_fuse_decode_attention_gqa_respects_the_storage_limit():
         y = tg.nn.scaled_dot_product_attention(q.swapaxes(0, 1), ck[:, :pos + 1], cv[:, :pos + 1], causal=True)
         return y, ck, cv
 
-    outs = []
-    for limit in (None, 6):
-        log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
-        outs.append(vals)
-        assert ("attention_decode_gqa" in names(log)) == (limit is None), names(log)
-    for a, b in zip(*outs):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _fused_only_within_the_limit(block, "attention_decode_gqa")
 
 
 def _prompt_attention(x, ws, bs, ck, cv, pos, T, H, Hkv, D, rot, mode, ff, positions=None, row=None):
@@ -693,13 +699,7 @@ def test_fuse_rope_cache_write_gqa_respects_the_storage_limit():
         cv = tg.zeros((Hkv, max_ctx, D)).contiguous().realize()
         return _prompt_attention(x, ws, (None,) * 3, ck, cv, pos, T, H, Hkv, D, rot, "neox", None), ck, cv
 
-    outs = []
-    for limit in (None, 6):
-        log, vals = _realize_under_limit(block, limit or runtime.get_device().max_storage_buffers)
-        outs.append(vals)
-        assert ("rope_kv_write" in names(log)) == (limit is None), names(log)
-    for a, b in zip(*outs):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _fused_only_within_the_limit(block, "rope_kv_write")
 
 
 @pytest.mark.parametrize("kind", [np.float32, "q8_0"], ids=_kind_name)
