@@ -202,7 +202,8 @@ class Device:
     @functools.cached_property
     def _coopmat_works(self) -> bool:
         from .kernels import matmul_coop
-        return matmul_coop.self_test(self)
+        with LOCK:      # the self-test submits and reads back: wgpu work, so under the one lock
+            return matmul_coop.self_test(self)
 
     @property
     def has_coopmat(self) -> bool:

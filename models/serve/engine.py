@@ -464,6 +464,17 @@ class Engine:
 
     # -- decode -------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _step_planning(self):
+        """Where a decode step is traced and run: with exact_batching, matmul_coop's switch is off
+        for it. The switch is process-wide, so it flips under runtime.LOCK, which every planner
+        holds: no other thread plans a kernel while it is off or half restored."""
+        if not self.exact_batching:
+            yield
+            return
+        with tg.runtime.LOCK, tg.debug.tuning(matmul_coop.TUNING, enabled=False):
+            yield
+
     def _step_fn(self, bucket: int, mode: str, n_logprobs: int):
         """The captured decode step of `bucket` rows. mode "argmax": every running sequence is
         greedy without penalties or logprobs, the step returns the chosen ids int32 [bucket]
@@ -595,7 +606,7 @@ class Engine:
             pos[s.slot] = s.n_cache
             s.n_cache += 1
         mode, n_lp = self._mode(seqs)
-        with (tg.debug.tuning(matmul_coop.TUNING, enabled=False) if self.exact_batching else contextlib.nullcontext()):
+        with self._step_planning():
             outs = self._step_fn(bucket, mode, n_lp)(ids, pos, *self._row_params(seqs, bucket, lambda s: s.slot))
         tickets = [o.read_async() for o in outs]     # the capture's outputs are rewritten by the next replay
         tg.flush()
