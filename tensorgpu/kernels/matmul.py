@@ -262,8 +262,9 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
          b_binding: Optional["_Binding"] = None, b_parts: Optional[list] = None) -> Launch:
     """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive",
-    "coop") overrides the choice; "tiled" still goes to the tensor cores where matmul_coop.eligible
-    says so (set matmul_coop.TUNING["enabled"] = False for the WGSL tiles) (tests use it to cover every path on every shape).
+    "coop") overrides the choice (tests use it to cover every path on every shape); "tiled" still
+    goes to the tensor cores where matmul_coop.eligible says so (matmul_coop.TUNING["enabled"] =
+    False keeps the WGSL tiles).
 
     `b_binding` (tiled path only) replaces b's storage declaration and loads, so b may be a
     non-float dtype the binding decodes (quant.py's GGUF weights): the planner, split-K and
@@ -333,7 +334,6 @@ def _launch(ctx: "_Ctx", kind: str, numel: int, out: Buffer, ep, inputs: list) -
     """The Launch of ctx's kernel of `kind` (generated, or taken from _tiled_cache for a tiled
     one) reading `inputs`: one pass storing into out, or with split-K a pass writing partial sums
     to a scratch buffer and a second pass reducing them (epilogue applied)."""
-    from . import matmul_coop
     if kind == "tiled" and matmul_coop.eligible(ctx):
         kind = "coop"
     elif kind == "coop" and not ctx.dev.has_coopmat:
@@ -362,12 +362,13 @@ def _launch(ctx: "_Ctx", kind: str, numel: int, out: Buffer, ep, inputs: list) -
 
 
 def _hoist_enables(wgsl: str) -> str:
-    """WGSL wants every `enable` directive before any declaration: move them up, once each."""
+    """WGSL wants every `enable` directive before any declaration: move them up, once each, in
+    the order they first appear (the header's f16, an epilogue's, matmul_coop's)."""
     lines = wgsl.splitlines(keepends=True)
-    en = [ln.strip() for ln in lines if ln.startswith("enable ")]
+    en = [ln.strip() for ln in lines if ln.lstrip().startswith("enable ")]
     if not en:
         return wgsl
-    return "".join(e + "\n" for e in dict.fromkeys(en)) + "".join(ln for ln in lines if not ln.startswith("enable "))
+    return "".join(e + "\n" for e in dict.fromkeys(en)) + "".join(ln for ln in lines if not ln.lstrip().startswith("enable "))
 
 
 # Generated tiled kernels by everything their text depends on: re-generating the unrolled
@@ -386,18 +387,13 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
     try:
         key = (kind, numel, c.M, c.N, c.K, c.nb, tuple(c.dims), mat(c.A), mat(c.B), c.aliased,
                dev.has_f16, dev.has_subgroups, dev.max_workgroup_storage,
-               tuple(sorted(TUNING.items())), kind == "coop" and tuple(sorted(_coop_tuning().items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
+               tuple(sorted(TUNING.items())), kind == "coop" and tuple(sorted(matmul_coop.TUNING.items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
         if c.parts:
             key += tuple((mat(pm), start, pb and pb.functions()) for pm, pb, start in c.parts)
         hash(key)
     except TypeError:      # an unhashable knob value: no caching
         return None
     return key
-
-
-def _coop_tuning() -> dict:
-    from . import matmul_coop
-    return matmul_coop.TUNING
 
 
 class _Ctx:
@@ -457,18 +453,14 @@ class _Ctx:
                 + [(pm.op.buffer, "read") for pm, _, _ in self.parts])
 
     def header(self) -> str:
+        """Bindings, the epilogue and the load functions; the `enable` directives in it (f16, an
+        epilogue's own) are hoisted to the top of the module by _launch (_hoist_enables)."""
         binds = self._bindings()[0]
-        # `enable` directives must open the module: hoist any the epilogue brings
-        ep_lines = self.ep.wgsl(1 + len(binds)).splitlines(keepends=True)
-        enables = [ln.strip() for ln in ep_lines if ln.lstrip().startswith("enable ")]
-        ep_text = "".join(ln for ln in ep_lines if not ln.lstrip().startswith("enable "))
-        if any(bd.is_f16 and not bd._packed() for bd in binds):
-            enables.insert(0, "enable f16;")
-        h = "".join(e + "\n" for e in dict.fromkeys(enables))
+        h = "enable f16;\n" if any(bd.is_f16 and not bd._packed() for bd in binds) else ""
         h += f"@group(0) @binding(0) var<storage, read_write> mm_out: array<{'vec4<f32>' if self.out_vec else 'f32'}>;\n"
         for i, bd in enumerate(binds):
             h += bd.decl(1 + i)
-        h += ep_text
+        h += self.ep.wgsl(1 + len(binds))
         h += _UP4
         for bd in binds:
             h += bd.functions()
@@ -766,8 +758,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
                 parts = " ".join(f"{slot('kk', f'(tv * 4u + {q}u)')} = {cv(f'r{X}{r}[{q}]')};" for q in range(4))
                 store.append(f"        {{ let e = lid + {NT * r}u; let kk = e / {T4}u; let tv = e % {T4}u; {parts} }}\n")
             elif lanes == 4:
-                store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = "
-                             f"{f'vec4<{cast}>(r{X}{r})' if cast else f'r{X}{r}'}; }}\n")
+                store.append(f"        {{ let e = lid + {NT * r}u; {S}[(e / {T4}u) * {T4}u + e % {T4}u] = r{X}{r}; }}\n")
             else:   # 4 consecutive t as 2 vec2 (or 4 f32) elements
                 w = 4 // lanes
                 parts = " ".join(f"{S}[(e / {T4}u) * {T // lanes}u + (e % {T4}u) * {w}u + {q}u] = "
@@ -1210,3 +1201,7 @@ def _splitk_reduce(out: Buffer, part: Buffer, numel: int, S: int, ep) -> tuple:
         src += "    mm_out[i] = epilogue(v, i);\n}\n"
     binds = [(out, "rw"), (part, "read")] + epilogue_bindings(ep)
     return (f"matmul_splitk_reduce_s{S}", src, binds, runtime.grid_for(-(-n // 256)))
+
+
+# the tensor-core variant builds on this module's pieces, so it is imported once they exist
+from . import matmul_coop  # noqa: E402
