@@ -77,7 +77,7 @@ def patched_copy(src: str, cache_dir: Optional[str] = None) -> tuple:
         try:
             d = d or tempfile.mkdtemp(prefix="tensorgpu-")
             path = os.path.join(d, f"libwgpu_native-{want[:16]}.so")
-            if os.path.exists(path) and hashlib.sha256(open(path, "rb").read()).hexdigest() == want:
+            if os.path.exists(path) and open(path, "rb").read() == data:    # the verified bytes, exactly
                 return path, "patched"
             os.makedirs(d, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"

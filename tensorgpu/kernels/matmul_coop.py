@@ -122,7 +122,7 @@ def eligible(c) -> bool:
 
 def config(c) -> tuple:
     """(TM, TN, BK, S, KC): output tile, K step, split-K factor and K steps per split, by
-    matmul._tiled_config's model (tile efficiency x fill of the target workgroup count x wave
+    matmul's tile cost model (_best_tile) (tile efficiency x fill of the target workgroup count x wave
     quantization x useful share, -3% per extra split) over COOP_TILES."""
     M, N, K, nb = c.M, c.N, c.K, c.nb
     knob = "bk" if M > 64 else "bk_small"
