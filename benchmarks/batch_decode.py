@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import tensorgpu as tg  # noqa: E402
 from models import load  # noqa: E402
 from models.serve.engine import Engine, SamplingParams  # noqa: E402
+import tuning  # noqa: E402  (benchmarks/tuning.py)
 
 
 def session_decode(model, prompt_len: int, gen: int) -> float:
@@ -45,22 +46,9 @@ def session_decode(model, prompt_len: int, gen: int) -> float:
     return best
 
 
-def apply_tuning(spec: str) -> dict:
-    """--tune quant.gemv_max_m=16,matmul.gemv_max_m=8: set kernel TUNING knobs for this run."""
-    from tensorgpu.kernels import matmul, quant
-    mods = {"quant": quant.TUNING, "matmul": matmul.TUNING}
-    done = {}
-    for item in filter(None, spec.split(",")):
-        key, val = item.split("=")
-        mod, knob = key.split(".")
-        if knob not in mods[mod]:
-            raise SystemExit(f"--tune: {mod}.TUNING has no {knob!r} (knobs: {', '.join(mods[mod])})")
-        mods[mod][knob] = None if val == "None" else int(val)
-        done[key] = mods[mod][knob]
-    return done
-
-
-def batch_steps(engine: Engine, B: int, prompt_len: int, steps: int) -> float:
+def batch_steps(engine: Engine, B: int, prompt_len: int, steps: int) -> tuple:
+    """(median step seconds, host ms per step by part): where a step's wall time goes, so a slow
+    step shows whether the host (encode/finish/submit) or the wait for the GPU (map) sets it."""
     rng = np.random.default_rng(B)
     sp = SamplingParams(max_tokens=10 ** 6, temperature=0.0, ignore_eos=True)
     reqs = [engine.submit(list(rng.integers(1, engine.vocab_size - 1, prompt_len)), sp) for _ in range(B)]
@@ -69,14 +57,17 @@ def batch_steps(engine: Engine, B: int, prompt_len: int, steps: int) -> float:
     for _ in range(5):                                                   # warm: every kernel of this bucket
         engine.step()
     times = []
+    h0, chained0 = dict(tg.runtime.HOST_TIME), engine.stats()["chained_steps"]
     for _ in range(steps):
         t = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - t)
+    host = {k[:-2] + "_ms": round((v - h0[k]) / steps * 1e3, 3) for k, v in tg.runtime.HOST_TIME.items()}
+    host["chained"] = (engine.stats()["chained_steps"] - chained0) / steps
     for r in reqs:
         r.cancel()
     engine.step()
-    return statistics.median(times)
+    return statistics.median(times), host
 
 
 def profile_step(engine: Engine, B: int, prompt_len: int) -> None:
@@ -139,7 +130,7 @@ def main(argv=None):
     ap.add_argument("--rules-off", default="", help="graph rules left out for an A/B run, e.g. "
                     "fuse_batched_decode_attention (names in tensorgpu/rewrites.py)")
     a = ap.parse_args(argv)
-    tuned = apply_tuning(a.tune)
+    tuned = tuning.apply(a.tune)
     off = rules_off(a.rules_off)
     batches = [int(b) for b in a.batches.split(",")]
     model = load(a.gguf)
@@ -151,16 +142,16 @@ def main(argv=None):
     engine = Engine(model, max_batch=max(batches), max_context=a.ctx)
     rows = []
     for B in batches:
-        step = batch_steps(engine, B, a.prompt, a.steps)
+        step, host = batch_steps(engine, B, a.prompt, a.steps)
         e2e = end_to_end(engine, B, a.prompt, a.gen)
         if a.profile:
             profile_step(engine, B, a.prompt)
-        rows.append({"B": B, "step_ms": step * 1e3, "tok_s": B / step, "e2e_tok_s": e2e})
+        rows.append({"B": B, "step_ms": step * 1e3, "tok_s": B / step, "e2e_tok_s": e2e, "host": host})
     base = rows[0]["step_ms"]
     for r in rows:
         r["step_ratio"] = r["step_ms"] / base
         print(f"B={r['B']:3d}  step {r['step_ms']:7.2f} ms  x{r['step_ratio']:.2f} of B={batches[0]}  "
-              f"{r['tok_s']:8.1f} tok/s  end-to-end {r['e2e_tok_s']:8.1f} tok/s", flush=True)
+              f"{r['tok_s']:8.1f} tok/s  end-to-end {r['e2e_tok_s']:8.1f} tok/s  host/step {r['host']}", flush=True)
     res["batches"] = rows
     res["stats"] = tg.debug.stats()
     print("RESULT " + json.dumps(res), flush=True)

@@ -2,7 +2,11 @@
 (the SM clock drops within ~1 s of idle, which skews a profile taken after load/compile), then
 the pipelined decode tok/s. A quick tuning tool; run_models.py gives the reported figures.
 
-    python benchmarks/decode_profile.py --dir /tmp/ggufs --specs "pythia-1.4b:f16 pythia-1.4b:q4_0"
+    python benchmarks/decode_profile.py --dir /tmp/ggufs --specs "pythia-1.4b:f16 tinyllama-1.1b:f16" \
+        [--tune "gemv.rows=4;gemv.glu_rows=8"]
+
+--tune: knob settings separated by ";" (benchmarks/tuning.py), each measured in turn on the same
+loaded model after the defaults (a same-run A/B; every setting traces its own decode step).
 """
 from __future__ import annotations
 
@@ -17,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorgpu as tg  # noqa: E402
 from tensorgpu import runtime  # noqa: E402
-from models.gpt_neox import GPTNeoX  # noqa: E402
+from models import load  # noqa: E402
+import tuning  # noqa: E402  (benchmarks/tuning.py)
 
 
 def run(model, prompt=32, new=128, profile=True):
@@ -68,12 +73,23 @@ def main():
     ap.add_argument("--dir", required=True)
     ap.add_argument("--specs", required=True)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--tune", default="", help='knob settings to A/B, ";"-separated, e.g. "gemv.rows=4;gemv.rows=8"')
     a = ap.parse_args()
+    settings = [""] + [t for t in a.tune.split(";") if t]
+    mods = tuning.modules()
     for spec in a.specs.split():
-        model = GPTNeoX.from_gguf(os.path.join(a.dir, spec.replace(":", "-") + ".gguf"), progress=False)
-        print(f"=== {spec}", flush=True)
-        tps, dpl = run(model, profile=not a.no_profile)
-        print(f"RESULT {spec}: decode {tps:.1f} tok/s, {dpl:.2f} dispatches/layer", flush=True)
+        model = load(os.path.join(a.dir, spec.replace(":", "-") + ".gguf"), progress=False)
+        for knobs in settings:
+            print(f"=== {spec} [{knobs or 'defaults'}]", flush=True)
+            saved = {k: dict(v) for k, v in mods.items()}
+            try:
+                tuning.apply(knobs)
+                tps, dpl = run(model, profile=not a.no_profile)
+            finally:
+                for k, v in mods.items():
+                    v.clear()
+                    v.update(saved[k])
+            print(f"RESULT {spec} [{knobs or 'defaults'}]: decode {tps:.1f} tok/s, {dpl:.2f} dispatches/layer", flush=True)
         del model
 
 

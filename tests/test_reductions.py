@@ -298,7 +298,7 @@ def test_logsumexp_over_tuple_axes():
 
 
 def test_long_rows_two_stage_path(subgroup_path):
-    """Rows of >= 32768 elements with few outputs run as two kernels (partials per chunk, then
+    """Rows of >= schedule.SPLIT_MIN_LEN elements with few outputs run as two kernels (partials per chunk, then
     the partials): ties, NaN, dtypes and fused consumers behave as in one stage."""
     x = rng.standard_normal((3, 50000)).astype(np.float32)
     x[0, [40000, 45000]] = 9.0          # a tie across chunks: the first wins
