@@ -105,17 +105,6 @@ def end_to_end(engine: Engine, B: int, prompt_len: int, gen: int) -> float:
     return sum(len(r.output_ids) for r in reqs) / dt
 
 
-def rules_off(spec: str) -> list:
-    """--rules-off a,b: drop these graph rules for this run (what they save, measured)."""
-    from tensorgpu import rewrites
-    off = [r for r in spec.split(",") if r]
-    unknown = set(off) - {r.__name__ for r in rewrites.RULES}
-    if unknown:
-        raise SystemExit(f"--rules-off: no rule {sorted(unknown)} (rules: {', '.join(r.__name__ for r in rewrites.RULES)})")
-    rewrites.RULES[:] = [r for r in rewrites.RULES if r.__name__ not in off]
-    return off
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", required=True)
@@ -131,7 +120,7 @@ def main(argv=None):
                     "fuse_batched_decode_attention (names in tensorgpu/rewrites.py)")
     a = ap.parse_args(argv)
     tuned = tuning.apply(a.tune)
-    off = rules_off(a.rules_off)
+    off = tuning.rules_off(a.rules_off)
     batches = [int(b) for b in a.batches.split(",")]
     model = load(a.gguf)
     d = tg.device()

@@ -5,8 +5,9 @@ the pipelined decode tok/s. A quick tuning tool; run_models.py gives the reporte
     python benchmarks/decode_profile.py --dir /tmp/ggufs --specs "pythia-1.4b:f16 tinyllama-1.1b:f16" \
         [--tune "gemv.rows=4;gemv.glu_rows=8"]
 
---tune: knob settings separated by ";" (benchmarks/tuning.py), each measured in turn on the same
-loaded model after the defaults (a same-run A/B; every setting traces its own decode step).
+--tune: settings separated by ";", each measured in turn on the same loaded model after the
+defaults (a same-run A/B; every setting traces its own decode step). A setting is comma-separated
+knobs (benchmarks/tuning.py) and graph rules to leave out, written "off:rule": "off:fold_glu_into_gemv".
 """
 from __future__ import annotations
 
@@ -76,20 +77,16 @@ def main():
     ap.add_argument("--tune", default="", help='knob settings to A/B, ";"-separated, e.g. "gemv.rows=4;gemv.rows=8"')
     a = ap.parse_args()
     settings = [""] + [t for t in a.tune.split(";") if t]
-    mods = tuning.modules()
     for spec in a.specs.split():
         model = load(os.path.join(a.dir, spec.replace(":", "-") + ".gguf"), progress=False)
-        for knobs in settings:
-            print(f"=== {spec} [{knobs or 'defaults'}]", flush=True)
-            saved = {k: dict(v) for k, v in mods.items()}
-            try:
-                tuning.apply(knobs)
+        for setting in settings:
+            print(f"=== {spec} [{setting or 'defaults'}]", flush=True)
+            items = [x for x in setting.split(",") if x]
+            with tuning.restored():
+                tuning.apply(",".join(x for x in items if not x.startswith("off:")))
+                tuning.rules_off(",".join(x[4:] for x in items if x.startswith("off:")))
                 tps, dpl = run(model, profile=not a.no_profile)
-            finally:
-                for k, v in mods.items():
-                    v.clear()
-                    v.update(saved[k])
-            print(f"RESULT {spec} [{knobs or 'defaults'}]: decode {tps:.1f} tok/s, {dpl:.2f} dispatches/layer", flush=True)
+            print(f"RESULT {spec} [{setting or 'defaults'}]: decode {tps:.1f} tok/s, {dpl:.2f} dispatches/layer", flush=True)
         del model
 
 

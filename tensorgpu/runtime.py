@@ -134,6 +134,11 @@ class Options:
     use_subgroups: bool = True
     use_coopmat: bool = True   # tensor-core matmuls where the adapter has them (Device.has_coopmat)
     max_storage_buffers: Optional[int] = None  # None: the adapter's limit
+    # shader modules without naga's runtime checks (index clamping, loop bounding) on wgpu-native:
+    # generated code indexes inside its bindings by construction, and the checks cost 4-5% of a
+    # decode step's GPU time on the H200 (RESULTS.md, seventh session). TENSORGPU_TRUSTED_SHADERS=0
+    # keeps them (a kernel bug then reads clamped values instead of another binding's memory).
+    trusted_shaders: bool = True
     # memory bounds (ARCHITECTURE.md, "Memory bounds"): compiled pipelines kept (least recently
     # used dropped first), and bytes of free buffers the pool keeps for reuse (beyond it, the
     # oldest free buffers are released to the driver)
@@ -146,6 +151,7 @@ OPTIONS = Options(
     use_subgroups=os.environ.get("TENSORGPU_DISABLE_SUBGROUPS", "") in ("", "0"),
     use_coopmat=os.environ.get("TENSORGPU_DISABLE_COOPMAT", "") in ("", "0"),
     max_storage_buffers=int(os.environ["TENSORGPU_MAX_STORAGE_BUFFERS"]) if os.environ.get("TENSORGPU_MAX_STORAGE_BUFFERS") else None,
+    trusted_shaders=os.environ.get("TENSORGPU_TRUSTED_SHADERS", "1") not in ("", "0"),
 )
 
 
@@ -500,7 +506,7 @@ _bind_groups: dict = {}
 def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -> Pipeline:
     """Compile (once) a compute pipeline. `access[i]` is "read" or "rw" for `@binding(i)` of
     group 0; the layout is explicit so unused bindings never break bind-group creation."""
-    key = (wgsl, tuple(access), entry)
+    key = (wgsl, tuple(access), entry, OPTIONS.trusted_shaders)
     p = _pipelines.get(key)
     if p is not None:
         _pipelines.move_to_end(key)
@@ -513,7 +519,7 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
     bgl = dev.device.create_bind_group_layout(entries=entries)
     layout = dev.device.create_pipeline_layout(bind_group_layouts=[bgl])
     try:
-        module = dev.device.create_shader_module(code=wgsl, label=name)
+        module = _shader_module(dev.device, wgsl, name)
         pipe = dev.device.create_compute_pipeline(layout=layout, compute={"module": module, "entry_point": entry}, label=name)
     except Exception as e:
         raise RuntimeError(f"tensorgpu internal error: WGSL of kernel {name!r} failed to compile:\n{e}\n--- source ---\n{wgsl}") from e
@@ -528,6 +534,28 @@ def pipeline(name: str, wgsl: str, access: Sequence[str], entry: str = "main") -
             del _bind_groups[k]
         STATS["pipelines_evicted"] += 1
     return p
+
+
+def _shader_module(device, wgsl: str, name: str):
+    """The WGSL module, through wgpu-native's wgpuDeviceCreateShaderModuleTrusted without runtime
+    checks when OPTIONS.trusted_shaders: naga then neither clamps every storage index nor adds a
+    counter to every loop (ShaderRuntimeChecks None). Another backend: the checked module."""
+    if not OPTIONS.trusted_shaders:
+        return device.create_shader_module(code=wgsl, label=name)
+    try:
+        from wgpu.backends.wgpu_native import _api
+        from wgpu.backends.wgpu_native._api import ffi, lib, libf
+    except Exception:   # noqa: BLE001 -- not wgpu-native: the checked module
+        return device.create_shader_module(code=wgsl, label=name)
+    src = _api.new_struct_p("WGPUShaderSourceWGSL *", code=_api.to_c_string_view(wgsl))
+    src[0].chain.next = ffi.NULL
+    src[0].chain.sType = lib.WGPUSType_ShaderSourceWGSL
+    desc = _api.new_struct_p("WGPUShaderModuleDescriptor *", nextInChain=ffi.cast("WGPUChainedStruct *", src),
+                             label=_api.to_c_string_view(name))
+    handle = libf.wgpuDeviceCreateShaderModuleTrusted(device._internal, desc, 0)   # WGPUShaderRuntimeChecks_None
+    if handle == ffi.NULL:
+        raise RuntimeError(f"wgpuDeviceCreateShaderModuleTrusted refused kernel {name!r}")
+    return _api.GPUShaderModule(name, handle, device)
 
 
 def _bind_group(p: Pipeline, buffers: Sequence[Buffer]):

@@ -783,6 +783,8 @@ def attention(out: Buffer, q: Operand, k_cache: Operand, v_cache: Operand,
 # partial (max, sum, acc) the last workgroup of each head to finish merges (no second dispatch).
 DECODE_CHUNK = 64
 DECODE_WG = 128
+# knobs for same-run A/Bs (benchmarks' --tune attention.chunk=128): keys per workgroup of the decode kernel
+DECODE_TUNING = {"chunk": DECODE_CHUNK}
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -803,7 +805,7 @@ def rope_attention_decode_supported(qkv: Operand, n_heads: int, head_dim: int, c
           and qkv.dtype in (dtypes.float32, dtypes.float16) and len(qkv.shape) == 4 and qkv.shape[0] >= 1)
     if ok and max_ctx is not None:
         rows = int(qkv.shape[0]) * int(n_heads)
-        NS = max(1, -(-int(max_ctx) // DECODE_CHUNK))
+        NS = max(1, -(-int(max_ctx) // int(DECODE_TUNING["chunk"])))
         ok = 4 * _decode_layout(rows, NS, head_dim)[2] <= get_device().max_binding_size
     return ok
 
@@ -971,7 +973,7 @@ def _decode_source(qkv: Operand, B: int, H: int, D: int, rot: int, max_ctx: int,
     from .rope import _rope_val_wgsl, _rope_wgsl
     dev = get_device()
     sub = dev.has_subgroups
-    WG, CH = DECODE_WG, DECODE_CHUNK
+    WG, CH = DECODE_WG, int(DECODE_TUNING["chunk"])
     NS = max(1, -(-max_ctx // CH))
     D4 = D // 4
     TPK = _pow2_divisor(D4, 8)          # threads per key in q.k (interleaved vec4s: coalesced)
