@@ -1,6 +1,6 @@
 """Continuous batching in-process (no HTTP): what one decode step of B sequences costs.
 
-    python benchmarks/batch_decode.py --gguf FILE [--batches 1,4,16,64] [--ctx 512] [--json OUT]
+    python benchmarks/batch_decode.py --gguf FILE [--batches 1,4,16,64] [--ctx 512] [--max-batch N] [--json OUT]
 
 For each B it prints (and writes as JSON):
   step_ms       one captured batched decode step with B running sequences (engine.step(), greedy,
@@ -110,6 +110,9 @@ def main(argv=None):
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--batches", default="1,4,16,64")
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-batch", type=int, default=None,
+                    help="slots of the engine (default: the largest of --batches); a B = 1 step in an engine "
+                         "of 64 slots waited ~4.8 ms per step on the H200, in one of 1 slot ~0.5 (RESULTS.md)")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
@@ -128,7 +131,7 @@ def main(argv=None):
     res = {"model": os.path.basename(a.gguf), "device": d["name"], "tuning": tuned, "rules_off": off,
            "session_decode_tok_s": session_decode(model, 32, a.gen)}
     print(f"batch-1 Session decode: {res['session_decode_tok_s']:.1f} tok/s", flush=True)
-    engine = Engine(model, max_batch=max(batches), max_context=a.ctx)
+    engine = Engine(model, max_batch=a.max_batch or max(batches), max_context=a.ctx)
     rows = []
     for B in batches:
         step, host = batch_steps(engine, B, a.prompt, a.steps)

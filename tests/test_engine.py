@@ -213,6 +213,38 @@ def test_async_consumers_get_every_output(model, solo):
     assert outs[-1].finish_reason == "length"
 
 
+def test_a_step_wakes_each_async_consumer_loop_once(model, solo):
+    """Four async consumers on one event loop: every one gets all its outputs, and the engine
+    thread wakes the loop at most once per step (one call_soon_threadsafe for all of the step's
+    tokens), not once per token per consumer."""
+    e = Engine(model, max_batch=4, max_context=128)
+    e.start()
+    calls = []
+
+    async def run():
+        loop = asyncio.get_running_loop()
+        real = loop.call_soon_threadsafe
+
+        def counted(cb, *args):
+            calls.append(len(args[0]) if args and isinstance(args[0], list) else 1)
+            return real(cb, *args)
+        loop.call_soon_threadsafe = counted
+
+        async def one(p):
+            r = e.submit(model.tokenizer.encode(p), GREEDY)
+            return [o async for o in r.aoutputs()]
+        return await asyncio.gather(*[one(p) for p in PROMPTS[:4]])
+
+    outs = asyncio.run(run())
+    steps = e.stats()["steps"]
+    e.shutdown()
+    for p, o in zip(PROMPTS[:4], outs):
+        assert [x.token_id for x in o if x.token_id is not None] == solo[p]
+    tokens = sum(len(o) for o in outs)
+    assert sum(calls) >= tokens - len(outs) and len(calls) <= steps + 2 * len(PROMPTS[:4]), (len(calls), steps, tokens)
+    assert max(calls) > 1                   # some wake-up carried several consumers' events
+
+
 def test_shutdown_cancels_what_is_in_flight(model):
     e = Engine(model, max_batch=1, max_context=128)
     reqs = [e.submit([1, 2, 3], SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)) for _ in range(2)]
