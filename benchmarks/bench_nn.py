@@ -70,18 +70,28 @@ def test_softmax(benchmark, rows, cols):
     measure(benchmark, ds, nbytes=2 * 4 * rows * cols)
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["one", "stacked"])
 @pytest.mark.parametrize("rows,cols", ROWS_COLS, ids=lambda s: str(s))
-def test_layer_norm(benchmark, rows, cols):
+def test_layer_norm(benchmark, rows, cols, stacked):
+    """stacked: the second weight/bias of the same rows in the same dispatch (GPT-NeoX's two
+    norms of one x): one read of x, two writes."""
     x = rng.standard_normal((rows, cols)).astype(np.float32)
     w, b = rng.standard_normal(cols).astype(np.float32), rng.standard_normal(cols).astype(np.float32)
-    xb, wb, bb, out = runtime.upload(x), runtime.upload(w), runtime.upload(b), runtime.Buffer(4 * rows * cols)
+    n_out = 2 if stacked else 1
+    xb, wb, bb, out = runtime.upload(x), runtime.upload(w), runtime.upload(b), runtime.Buffer(4 * n_out * rows * cols)
+    w2b, b2b = runtime.upload(-w), runtime.upload(b + 1)
     op = lambda buf, shape, strides: Operand(buf, dtypes.float32, shape, strides)  # noqa: E731
+    stack = (op(w2b, (cols,), (1,)), op(b2b, (cols,), (1,))) if stacked else None
     ds = recorded(lambda: layer_norm(out, op(xb, (rows, cols), (cols, 1)), op(wb, (cols,), (1,)), op(bb, (cols,), (1,)),
-                                     rows, cols, 1e-5))
-    got = np.frombuffer(runtime.read(out, 0, 4 * cols), np.float32)
+                                     rows, cols, 1e-5, stack=stack))
     r = x[0].astype(np.float64)
-    assert np.allclose(got, (r - r.mean()) / np.sqrt(r.var() + 1e-5) * w + b, rtol=1e-4, atol=1e-5)
-    measure(benchmark, ds, nbytes=2 * 4 * rows * cols + 8 * cols)
+    nrm = (r - r.mean()) / np.sqrt(r.var() + 1e-5)
+    got = np.frombuffer(runtime.read(out, 0, 4 * cols), np.float32)
+    assert np.allclose(got, nrm * w + b, rtol=1e-4, atol=1e-5)
+    if stacked:
+        got = np.frombuffer(runtime.read(out, 4 * rows * cols, 4 * cols), np.float32)
+        assert np.allclose(got, nrm * -w + b + 1, rtol=1e-4, atol=1e-5)
+    measure(benchmark, ds, nbytes=(1 + n_out) * 4 * rows * cols + 8 * n_out * cols)
 
 
 @pytest.mark.parametrize("H,D,kvl,cap", DECODE, ids=lambda s: str(s))

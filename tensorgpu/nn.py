@@ -87,6 +87,26 @@ class LayerNormKernel(CustomKernel):
         k(out, x, w, b, *x.shape, self.eps, epilogue)
 
 
+class StackedLayerNormKernel(CustomKernel):
+    """Two layer_norms of one x with their own weight / bias: out [2, *x.shape], the rows' mean
+    and variance reduced once (kernels/layernorm.py's stack; rewrites.stack_sibling_layer_norms
+    puts it in the graph). flags: (has_w, has_b) of the first norm, then of the second."""
+    name = "layer_norm_stack"
+
+    def __init__(self, eps: float, flags: tuple):
+        self.eps, self.flags = eps, tuple(bool(f) for f in flags)
+
+    def key(self) -> tuple:
+        return (self.name, self.eps, self.flags)
+
+    def emit(self, out, operands, epilogue):
+        from .kernels.layernorm import layer_norm as k
+        x = rows_operand(operands[0])
+        rest = list(operands[1:])
+        w1, b1, w2, b2 = (rest.pop(0) if f else None for f in self.flags)
+        k(out, x, w1, b1, *x.shape, self.eps, stack=(w2, b2))
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """(x - mean) / sqrt(var + eps) * weight + bias over the last axis, in f32."""
     x._check_plain("layer_norm")

@@ -963,6 +963,44 @@ def stack_sibling_matmuls(g: Graph) -> int:
 
 
 @rule
+def stack_sibling_layer_norms(g: Graph) -> int:
+    """Two layer_norms of one x (GPT-NeoX's parallel residual: the attention and MLP inputs of a
+    prompt or a batched decode step): ONE kernel that reduces each row once and stores both
+    affines, [2, *x.shape] (nn.StackedLayerNormKernel); what read each norm reads its block.
+    Why: each norm re-read x and re-reduced its rows in a dispatch of its own (a B = 64 pythia
+    step had 49 of them). Only where every reader of both is a kernel of its own (a matmul),
+    never an elementwise consumer a norm's store would take as its epilogue; the one-row case is
+    fold_norm_into_gemv's (this rule runs after it)."""
+    from .nn import LayerNormKernel, StackedLayerNormKernel
+    groups: dict = {}
+    for L in g.nodes:
+        if _is(L, LayerNormKernel) and L is not g.root and len(L.srcs) >= 1:
+            groups.setdefault((id(L.srcs[0][0]), L.srcs[0][1], L.arg.eps), []).append(L)
+    fired = 0
+    limit = get_device().max_storage_buffers
+    for nodes in groups.values():
+        pair = [L for L in sorted(nodes, key=lambda n: n.seq)
+                if g.reads(L) and all(c.op is Op.CUSTOM for c, _ in g.readers[id(L)])][:2]
+        if len(pair) < 2 or len(pair[0].srcs) + len(pair[1].srcs) > limit:   # x once, params, out
+            continue
+        a, b = pair
+        numel = prod(a.shape)
+        flags = (a.arg.has_w, a.arg.has_b, b.arg.has_w, b.arg.has_b)
+        st = Node(Op.CUSTOM, (), dt.float32, (2,) + tuple(a.shape), arg=StackedLayerNormKernel(a.arg.eps, flags))
+        st.set_srcs((a.srcs[0],) + tuple(a.srcs[1:]) + tuple(b.srcs[1:]))
+        for j, L in enumerate(pair):
+            for c, i in g.readers[id(L)]:
+                v = c.srcs[i][1]
+                srcs = list(c.srcs)
+                srcs[i] = (st, View(v.shape, v.strides, v.offset + j * numel))
+                c.set_srcs(tuple(srcs))
+            L.op, L.arg = Op.CAST, None          # for a Tensor holding it: its block, copied
+            L.set_srcs(((st, View(tuple(a.shape), View.contiguous(a.shape).strides, j * numel)),))
+        fired += 1
+    return fired
+
+
+@rule
 def fuse_rope_cache_write(g: Graph) -> int:
     """A prompt's q = rope(qkv[:, 0]) and its two cache writes (rope(k) and v into rows
     p..p+T) are one kernel; the attention then reads the roped q it wrote."""

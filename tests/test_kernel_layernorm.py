@@ -105,3 +105,35 @@ def test_errors():
         layer_norm(runtime.Buffer(128), x.whole(), w.whole(), None, 4, 8, 1e-5)
     with pytest.raises(ValueError, match="expected a view"):
         layer_norm(runtime.Buffer(128), x.whole(), None, None, 8, 4, 1e-5)
+
+
+@pytest.mark.parametrize("rows,cols,xdt", [(1, 2048, np.float32), (33, 100, np.float32), (5, 257, np.float16),
+                                           (2, 16384, np.float32), (7, 13, np.float16)], ids=str)
+@pytest.mark.parametrize("which", ["wb,wb", "w,b", "-,wb"])
+def test_stacked_second_affine(paths, rows, cols, xdt, which):
+    """stack=(weight2, bias2): the same normalised rows twice, each with its own affine, the second
+    block after the first (register-cached rows, rows re-read, f16 x, vec4 and scalar paths)."""
+    x = rng.standard_normal((rows, cols)).astype(xdt)
+    p = [rng.standard_normal(cols).astype(np.float32) for _ in range(4)]
+    first, second = which.split(",")
+    w1, b1 = (p[0] if "w" in first else None), (p[1] if "b" in first else None)
+    w2, b2 = (p[2] if "w" in second else None), (p[3] if "b" in second else None)
+    ops = [Base(a).whole() if a is not None else None for a in (w1, b1, w2, b2)]
+    out = runtime.Buffer(8 * rows * cols)
+    layer_norm(out, Base(x).whole(), ops[0], ops[1], rows, cols, 1e-5, stack=(ops[2], ops[3]))
+    got = read_f32(out, 2 * rows * cols, (2, rows, cols))
+    check(got[0], ref_ln(x, w1, b1, 1e-5), 2e-6)
+    check(got[1], ref_ln(x, w2, b2, 1e-5), 2e-6)
+
+
+def test_stacked_errors():
+    x, w = Base(np.zeros((4, 8), np.float32)), Base(np.zeros(8, np.float32))
+    with pytest.raises(ValueError, match="weight2"):
+        layer_norm(runtime.Buffer(256), x.whole(), None, None, 4, 8, 1e-5, stack=(Base(np.zeros(7, np.float32)).whole(), None))
+    with pytest.raises(ValueError, match="out"):
+        layer_norm(runtime.Buffer(128), x.whole(), None, None, 4, 8, 1e-5, stack=(w.whole(), None))   # needs 2 x 128 bytes
+    with pytest.raises(ValueError, match="without an epilogue"):
+        layer_norm(runtime.Buffer(256), x.whole(), None, None, 4, 8, 1e-5, stack=(w.whole(), None),
+                   epilogue=AffineGelu(np.zeros(8), scale=1.0))
+    with pytest.raises(ValueError, match="weight and weight2 are the same Buffer"):
+        layer_norm(runtime.Buffer(256), x.whole(), w.whole(), None, 4, 8, 1e-5, stack=(w.whole(), None))

@@ -1056,3 +1056,44 @@ def test_rows_before_head_reads_what_the_plain_code_reads():
     want = (_ln(x, g, c) @ W.T)[2:4]
     np.testing.assert_allclose(y.numpy(), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     assert np.all(X.numpy() == 0)
+
+
+@pytest.mark.parametrize("kind", [np.float16, "q8_0"])
+def test_stack_sibling_layer_norms(kind):
+    """GPT-NeoX's parallel residual over a prompt: two layer_norms of one x, each read by its
+    own matmul, are one `layer_norm2` kernel (x read and each row reduced once); values as
+    NumPy says, and a norm held in a variable still reads its own block."""
+    T, C = 24, 128
+    (w1, w2), (W1, W2) = _weights(kind, [(96, C), (160, C)])
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    g1, c1, g2 = (rng.standard_normal(C).astype(np.float32) for _ in range(3))
+    X = tg.tensor(x)
+    h1 = tg.nn.layer_norm(X, tg.tensor(g1), tg.tensor(c1))
+    h2 = tg.nn.layer_norm(X, tg.tensor(g2))
+    y = (tg.nn.linear(h1, w1).sum(-1) + tg.nn.linear(h2, w2).sum(-1))
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    assert names(log).count("layer_norm2") == 1 and "layer_norm" not in names(log), names(log)
+    want = (_ln(x, g1, c1) @ W1.T).sum(-1) + (_ln(x, g2, np.zeros(C)) @ W2.T).sum(-1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(h1.numpy(), _ln(x, g1, c1), rtol=1e-5, atol=1e-5)
+
+
+def test_stack_sibling_layer_norms_leaves_epilogues_and_other_inputs():
+    """Not stacked: a norm an elementwise kernel reads (its store takes it as an epilogue), and
+    two norms of different x or different eps."""
+    T, C = 24, 64
+    (w1,), (W1,) = _weights(np.float32, [(32, C)])
+    x, x2 = (rng.standard_normal((T, C)).astype(np.float32) for _ in range(2))
+    X, X2 = tg.tensor(x), tg.tensor(x2)
+    cases = [lambda: tg.nn.linear(tg.nn.layer_norm(X), w1).sum(-1) + (tg.nn.layer_norm(X) * 2.0).sum(-1),
+             lambda: tg.nn.linear(tg.nn.layer_norm(X), w1).sum(-1) + tg.nn.linear(tg.nn.layer_norm(X2), w1).sum(-1),
+             lambda: tg.nn.linear(tg.nn.layer_norm(X), w1).sum(-1) + tg.nn.linear(tg.nn.layer_norm(X, eps=1e-3), w1).sum(-1)]
+    wants = [(_ln(x, 1.0, 0.0) @ W1.T).sum(-1) + (_ln(x, 1.0, 0.0) * 2).sum(-1),
+             (_ln(x, 1.0, 0.0) @ W1.T).sum(-1) + (_ln(x2, 1.0, 0.0) @ W1.T).sum(-1),
+             (_ln(x, 1.0, 0.0) @ W1.T).sum(-1) + (_ln(x, 1.0, 0.0, eps=1e-3) @ W1.T).sum(-1)]
+    for make, want in zip(cases, wants):
+        with tg.debug.kernel_log() as log:
+            got = make().numpy()
+        assert "layer_norm2" not in names(log), names(log)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -5,6 +5,11 @@ registers once (see nn_wgsl.RowPlan), the mean is reduced, then the sum of squar
 deviations of the same registers — exact to ~1e-7 relative even when |mean| >> std, and the
 memory traffic is still one read and one write. Rows too long for registers re-read x for the
 variance and the store. A single row (decode) is spread over the whole workgroup.
+
+`stack`: a second weight/bias of the same normalised rows, stored after the first [rows, cols]
+block. GPT-NeoX's parallel residual normalises one x twice (attention and MLP inputs); a prompt
+or a batched decode step then reads x and reduces its rows once, in one dispatch instead of two
+(rewrites.stack_sibling_layer_norms).
 """
 from __future__ import annotations
 
@@ -34,10 +39,12 @@ _FINISH = ["  let c = CQ.x * INV_N;",
            "  let rstd = 1.0 / sqrt(max(CQ.y * INV_N - c * c, 0.0) + EPS);"]
 
 
-def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, cols: int, eps: float, ep) -> tuple:
+def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, cols: int, eps: float, ep,
+            stack: Optional[tuple] = None) -> tuple:
     dev = get_device()
     sub = dev.has_subgroups
-    vec = vec4_ok(x, cols) and all(p is None or vec4_ok(p, cols) for p in (w, b))
+    w2, b2 = stack if stack is not None else (None, None)
+    vec = vec4_ok(x, cols) and all(p is None or vec4_ok(p, cols) for p in (w, b, w2, b2))
     plan = RowPlan(rows, cols, vec)
     V, T, WG, K, NV = plan.V, plan.T, plan.WG, plan.K, plan.nv
     readers = [Reader("x", x, 0, vec)]
@@ -46,27 +53,36 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
         readers.append(Reader("w", w, nb, vec)); nb += 1
     if b is not None:
         readers.append(Reader("b", b, nb, vec)); nb += 1
+    for name, p in (("w2", w2), ("b2", b2)):
+        if p is not None:
+            readers.append(Reader(name, p, nb, vec)); nb += 1
     out_binding = nb
     cs = x.strides[-1] if cols > 1 else 1
     if V == 4:
         ld = lambda j: f"x_at4(base + ({j}) * 4u)"
-        ldw = lambda j: f"w_at4({w.offset}u + ({j}) * 4u)"
-        ldb = lambda j: f"b_at4({b.offset}u + ({j}) * 4u)"
+        ldp = lambda name, p, j: f"{name}_at4({p.offset}u + ({j}) * 4u)"
     else:
         ld = lambda j: f"x_at(base + ({j}) * {cs}u)"
-        ldw = lambda j: f"w_at({w.offset}u + ({j}) * {w.strides[-1] if w.shape else 1}u)"
-        ldb = lambda j: f"b_at({b.offset}u + ({j}) * {b.strides[-1] if b.shape else 1}u)"
+        ldp = lambda name, p, j: f"{name}_at({p.offset}u + ({j}) * {p.strides[-1] if p.shape else 1}u)"
     vt = plan.vtype()
     sp = plan.splat
     sgp, sg = sg_builtin(sub)
 
-    def affine(d: str, j: str) -> str:
+    def affine(d: str, j: str, wn: str = "w", bn: str = "b", wp=w, bp=b) -> str:
         e = f"{d} * {sp('rstd')}"
-        if w is not None:
-            e = f"({e}) * {ldw(j)}"
-        if b is not None:
-            e = f"{e} + {ldb(j)}"
+        if wp is not None:
+            e = f"({e}) * {ldp(wn, wp, j)}"
+        if bp is not None:
+            e = f"{e} + {ldp(bn, bp, j)}"
         return e
+
+    def stores(d: str, j: str, item: str, elem: str) -> str:
+        """The store of normalised item d (and, stacked, its second affine one block later)."""
+        st = plan.store("out", item, elem, affine(d, j))
+        if stack is not None:
+            st += " " + plan.store("out", f"{rows * NV}u + {item}", f"{rows * cols}u + {elem}",
+                                   affine(d, j, "w2", "b2", w2, b2))
+        return st
 
     lines = [enable_f16(*readers)] + [r.decl() for r in readers] + [
         index_fn("x_row", x.shape[:-1], x.strides[:-1], x.offset),
@@ -93,8 +109,8 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
         cv = sp("c")
         for k in range(K):
             j = f"t + {k * T}u"
-            val = affine(f"(v{k} - {cv})", j)
-            body.append(f"  if (ok{k}) {plan.store('out', f'row * NV + {j}', f'row * COLS + ({j}) * {V}u', val)}")
+            body.append(f"  if (ok{k}) {{ let d = v{k} - {cv}; "
+                        f"{stores('d', j, f'row * NV + {j}', f'row * COLS + ({j}) * {V}u')} }}")
     else:
         loop = f"  for (var j = t; j < select(0u, NV, valid); j = j + {T}u) {{"
         body += ["  var s = 0.0;", loop, f"    s += {plan.hsum(ld('j'))};", "  }",
@@ -103,30 +119,40 @@ def _source(x: Operand, w: Optional[Operand], b: Optional[Operand], rows: int, c
                  f"    cq += vec2<f32>({plan.hsum('d')}, {plan.hsum('d2')});", "  }",
                  f"  let CQ = red_sum2(cq, lid, {sg});", *_FINISH,
                  loop, f"    let d = ({ld('j')} - {sp('mean')}) - {sp('c')};",
-                 f"    {plan.store('out', 'row * NV + j', f'row * COLS + j * {V}u', affine('d', 'j'))}", "  }"]
+                 f"    {stores('d', 'j', 'row * NV + j', f'row * COLS + j * {V}u')}", "  }"]
     src = "\n".join(lines + body + ["}\n"])
     return src, plan
 
 
 def layer_norm(out: Buffer, x: Operand, weight: Optional[Operand], bias: Optional[Operand],
-               rows: int, cols: int, eps: float = 1e-5, epilogue=None) -> None:
+               rows: int, cols: int, eps: float = 1e-5, epilogue=None, stack: Optional[tuple] = None) -> None:
     """out[r, c] = epilogue((x[r,c] - mean_r) / sqrt(var_r + eps) * weight[c] + bias[c], r*cols + c)
     as contiguous float32 [rows, cols]; mean/var (biased, like torch) accumulated in f32.
 
     x: f32/f16 Operand viewed as [rows, cols] (leading axes multiply to rows, any strides).
-    weight, bias: f32/f16 Operands of shape [cols], or None."""
+    weight, bias: f32/f16 Operands of shape [cols], or None.
+    stack = (weight2, bias2) (each an Operand [cols] or None): out is [2, rows, cols], its second
+    block the same normalised rows times weight2 plus bias2. Not with an epilogue."""
     row_operand_check("layer_norm", "x", x, rows, cols)
     _param_check("weight", weight, cols)
     _param_check("bias", bias, cols)
+    if stack is not None:
+        if len(stack) != 2 or epilogue is not None:
+            raise ValueError("layer_norm: stack is (weight2, bias2), without an epilogue")
+        _param_check("weight2", stack[0], cols)
+        _param_check("bias2", stack[1], cols)
     if rows <= 0:
         return
     if cols <= 0:
         raise ValueError(f"layer_norm: cols must be >= 1, got {cols} (rows={rows})")
-    check_out("out", out, 4 * rows * cols, "layer_norm")
+    n_out = 2 if stack is not None else 1
+    check_out("out", out, 4 * n_out * rows * cols, "layer_norm")
     ep = epilogue_or_default(epilogue)
-    distinct("layer_norm", out=out, x=x.buffer, weight=weight.buffer if weight is not None else None,
-             bias=bias.buffer if bias is not None else None,
+    params = [weight, bias] + (list(stack) if stack is not None else [])
+    distinct("layer_norm", out=out, x=x.buffer,
+             **{name: p.buffer for name, p in zip(("weight", "bias", "weight2", "bias2"), params) if p is not None},
              **{f"epilogue{i}": o.buffer for i, o in enumerate(ep.operands)})
-    src, plan = _source(x, weight, bias, rows, cols, eps, ep)
-    binds = [(x.buffer, "read")] + [(p.buffer, "read") for p in (weight, bias) if p is not None] + [(out, "rw")]
-    dispatch(f"layer_norm[{rows}x{cols}]", src, binds + epilogue_bindings(ep), grid_for(plan.n_wg))
+    src, plan = _source(x, weight, bias, rows, cols, eps, ep, stack)
+    binds = [(x.buffer, "read")] + [(p.buffer, "read") for p in params if p is not None] + [(out, "rw")]
+    dispatch(f"layer_norm{'2' if stack is not None else ''}[{rows}x{cols}]", src, binds + epilogue_bindings(ep),
+             grid_for(plan.n_wg))
