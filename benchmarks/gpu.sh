@@ -1,8 +1,11 @@
 #!/bin/bash
 # The GPU-machine benchmark run (see README "Benchmarks on the GPU machine").
 # Usage, on the GPU machine from the repo root (after `source .device/setup.sh`):
-#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [llamacpp] [serve] [batch] [bench] [coop]
+#   bash benchmarks/gpu.sh [kernels] [models] [baseline] [llamacpp] [serve] [batch] [bench] [coop] [profile]
 #   (default: kernels models baseline llamacpp)
+# profile: warm per-kernel decode profiles (benchmarks/decode_profile.py) of $PROFILE_SPECS (default
+# TinyLlama-1.1B and pythia-1.4b f16), each setting of $TUNE (";"-separated knob settings and off:rule
+# graph rules, e.g. TUNE="gemv.rows=4;off:fold_glu_into_gemv") measured after the defaults in one process.
 # coop: the tensor-core matmuls' NumPy tests on this GPU (tests/test_kernel_matmul_coop.py), then the
 # small-M sweep at M = 16, 64, 512 with every coop variant beside the WGSL tiles (into $OUT/coop_sweep.json).
 # For clean host-bound figures run it without llamacpp, whose build runs in the background of every step.
@@ -38,6 +41,19 @@ if [[ " $what " == *" coop "* ]]; then
   TENSORGPU_SMALLM_M=${COOP_M:-16,64,512} timeout "${T_COOP:-330}" python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep \
     -s -q -p no:randomly -p no:cacheprovider --benchmark-only --benchmark-json="$OUT/coop_sweep.json" 2>&1 \
     | grep -E "M=|x[0-9]+: |passed|failed" | tail -n 40
+fi
+if [[ " $what " == *" profile "* ]]; then
+  mkdir -p /tmp/ggufs
+  for spec in ${PROFILE_SPECS:-tinyllama-1.1b:f16 pythia-1.4b:f16}; do
+    m=${spec%%:*}; d=${spec##*:}; f=/tmp/ggufs/$m-$d.gguf
+    [ -f "$f" ] && continue
+    case $m in
+      tinyllama*) python3 benchmarks/make_random_llama_gguf.py --preset "$m" --dtype "$d" -o "$f" >/dev/null ;;
+      *) python3 .device/make_random_neox_gguf.py --preset "$m" --dtype "$d" -o "$f" >/dev/null ;;
+    esac
+  done
+  timeout "${T_PROFILE:-300}" python3 benchmarks/decode_profile.py --dir /tmp/ggufs --specs "${PROFILE_SPECS:-tinyllama-1.1b:f16 pythia-1.4b:f16}" \
+    --tune "${TUNE:-}" 2>&1 | tee "$OUT/profile.txt" | grep -E "===|RESULT|total"
 fi
 if [[ " $what " == *" kernels "* ]]; then
   # each benchmark warms the GPU >= 300 ms before timing (kernels/probe.py: warm_up)
@@ -83,7 +99,8 @@ if [[ " $what " == *" batch "* ]]; then
   for d in ${BATCH_DTYPES:-f16 q4_0}; do
     g=/tmp/ggufs/pythia-1.4b-$d.gguf
     [ -f "$g" ] || python3 .device/make_random_neox_gguf.py --preset pythia-1.4b --dtype "$d" -o "$g" >/dev/null
-    timeout "${T_BATCH:-200}" python3 benchmarks/batch_decode.py --gguf "$g" --batches 1,4,16,64 --json "$OUT/batch-pythia-1.4b-$d.json" \
+    timeout "${T_BATCH:-200}" python3 benchmarks/batch_decode.py --gguf "$g" --batches "${BATCHES:-1,4,16,64}" \
+      ${BATCH_MAX:+--max-batch $BATCH_MAX} --json "$OUT/batch-pythia-1.4b-$d.json" \
       2>&1 | grep -v -E "RESULT|loading"
   done
 fi
