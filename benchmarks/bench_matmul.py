@@ -176,6 +176,10 @@ OLD_TILES = ((128, 128), (128, 64), (64, 128), (64, 64))
 PYTHIA_LAYERS = 24
 
 
+# "coopw": the 32/64-row tensor-core tiles on twice their subgroups (matmul_coop.TUNING["warp_tiles"])
+SMALL_WARPS = "32x64:16x16+64x64:16x32+64x128:16x64"
+
+
 def _variants(M: int) -> list:
     """What runs a case: "auto" (the planner), "autok16" (the planner with bk_small = 16),
     "old", "gemv" (M <= 16), "TMxTN[rRMxRN][kBK]" (one tile, optionally with another register
@@ -188,7 +192,7 @@ def _variants(M: int) -> list:
     v = ["auto"] + (["autok16", "old"] if M > 8 else []) + (["gemv"] if M <= 16 else [])
     v += [f"{tm}x{tn}" for tm, tn in mm.TILE_BLOCKS if tm == (16 if M <= 16 else 32)]
     if runtime.get_device().has_coopmat:   # the tensor cores: the planner's tile, and each tile of M rows or fewer
-        v += ["coop", "coopk64"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm <= max(M, 16)]
+        v += ["coop", "coopk64", "coopw"] + [f"coop{tm}x{tn}" for tm, tn in coop.COOP_TILES if tm <= max(M, 16)]
     extra = [e.strip() for e in os.environ.get("TENSORGPU_SMALLM", "").split(",") if e.strip()]
     return v + [e for e in extra if int(e.split("x")[0]) <= max(M, 16)]
 
@@ -197,11 +201,12 @@ def _variant_knobs(variant: str) -> tuple:
     """(force, matmul.TUNING overrides, matmul_coop.TUNING overrides) of a variant name: every
     variant but "coop*" keeps the tensor cores off, so "auto" is the WGSL tiles' choice."""
     if variant.startswith("coop"):
-        # K: the k-major shared layout; kBK: another K step
-        m = re.fullmatch(r"coop(K)?(?:(\d+)x(\d+))?(?:k(\d+))?", variant)
+        # K: the k-major shared layout; kBK: another K step; w: the small tiles on twice the subgroups
+        m = re.fullmatch(r"coop(K)?(?:(\d+)x(\d+))?(?:k(\d+))?(w)?", variant)
         return "tiled", {}, {"enabled": True, **({"layout": "k"} if m[1] else {}),
                              **({"tile": (int(m[2]), int(m[3]))} if m[2] else {}),
-                             **({"bk": int(m[4]), "bk_small": int(m[4])} if m[4] else {})}
+                             **({"bk": int(m[4]), "bk_small": int(m[4])} if m[4] else {}),
+                             **({"warp_tiles": SMALL_WARPS} if m[5] else {})}
     force, knobs = _wgsl_variant_knobs(variant)
     return force, knobs, {"enabled": False}
 

@@ -15,7 +15,7 @@ def parse(spec: str) -> dict:
     mods = modules()
     out = {}
     for item in filter(None, spec.split(",")):
-        key, val = item.split("=")
+        key, val = item.split("=", 1)
         mod, knob = key.split(".")
         if mod not in mods or knob not in mods[mod]:
             raise SystemExit(f"--tune: no knob {key!r} (modules {', '.join(mods)}; {mod}.TUNING has "

@@ -320,3 +320,35 @@ def test_unlock_falls_back_to_a_private_temporary_directory(monkeypatch):
     finally:
         import shutil
         shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
+def test_generated_warp_tile_override(as_if_coop, knobs):
+    """TUNING["warp_tiles"] runs a tile on more (smaller) subgroup blocks: 8 subgroups of 16x32 for
+    the 64x64 tile, named so a profile tells it apart; a block that does not divide the tile, or
+    more than 8 subgroups, is refused by name."""
+    knobs.update(tile=(64, 64), split_k=2, warp_tiles="64x64:16x32+64x128:32x64")
+    av, ao, bv, bo = make(64, 256, 128, tb=True, db=np.float16)
+    la = mm.plan(runtime.Buffer(64 * 128 * 4), ao, bo)
+    assert la.kind == "coop" and la.info["warp_tile"] == (16, 32) and la.info["threads"] == 256
+    assert "_w16x32" in la.name and "var acc0_1 = coop_mat16x16<f32, C>();" in la.wgsl
+    assert "acc1_0" not in la.wgsl                                  # one 16-row fragment per subgroup
+    knobs["tile"] = (64, 128)
+    la = mm.plan(runtime.Buffer(64 * 128 * 4), ao, bo)
+    assert la.info["warp_tile"] == (32, 64) and la.info["threads"] == 128 and "_w32x64" in la.name
+    knobs["tile"] = (128, 128)                                      # not overridden: COOP_TILES' block
+    la = mm.plan(runtime.Buffer(64 * 128 * 4), ao, bo)
+    assert la.info["warp_tile"] == coop.COOP_TILES[(128, 128)] and "_w" not in la.name.split("_k")[-1]
+    for bad in ("64x64:24x32", "64x64:16x16"):
+        knobs.update(tile=(64, 64), warp_tiles=bad)
+        with pytest.raises(ValueError, match="warp tile"):
+            mm.plan(runtime.Buffer(64 * 128 * 4), ao, bo)
+
+
+@needs_coop
+@pytest.mark.parametrize("tile,warps", [((64, 64), "16x32"), ((64, 128), "16x64"), ((32, 64), "16x16")])
+def test_coop_warp_tile_override(knobs, tile, warps):
+    knobs.update(tile=tile, split_k=2, warp_tiles=f"{tile[0]}x{tile[1]}:{warps}")
+    av, ao, bv, bo = make(70, 200, 150, tb=True, db=np.float16)
+    ep = BiasGelu(rand(150))
+    la = run(av, ao, bv, bo, epilogue=ep, ref_fn=ep.ref)
+    assert f"_w{warps}" in la.name

@@ -56,6 +56,10 @@ TUNING = {
     "tile_eff": ((128, 128, 1.0), (128, 64, 0.85), (64, 128, 0.85), (64, 64, 0.7),
                  (32, 64, 0.45), (16, 64, 0.3)),
     "target_wgs": 264,   # workgroups to aim for (2 per SM on an H200)
+    # subgroup tiles other than COOP_TILES', as "TMxTN:WMxWN+...": e.g. "64x64:16x32" runs a 64x64
+    # output tile on 8 subgroups instead of 4 (more loads in flight for the 64-row batched decode
+    # tiles, whose K loop is latency-bound: RESULTS.md, seventh session); None: COOP_TILES
+    "warp_tiles": None,
     "split_min_k": 256,
 }
 
@@ -111,6 +115,22 @@ def self_test(dev) -> bool:
         return False
 
 
+def warp_tile(TM: int, TN: int) -> tuple:
+    """(WM, WN): the output block one subgroup owns in a TM x TN tile (TUNING["warp_tiles"], else
+    COOP_TILES): multiples of 16 dividing the tile, 8 subgroups at most."""
+    spec = TUNING.get("warp_tiles")
+    if spec:
+        for item in str(spec).split("+"):
+            tile, _, warp = item.partition(":")
+            if tuple(int(v) for v in tile.split("x")) == (TM, TN):
+                WM, WN = (int(v) for v in warp.split("x"))
+                if WM % 16 or WN % 16 or TM % WM or TN % WN or (TM // WM) * (TN // WN) > 8:
+                    raise ValueError(f"matmul_coop: warp tile {WM}x{WN} for the {TM}x{TN} tile: multiples of 16 "
+                                     f"that divide it, at most 8 subgroups")
+                return WM, WN
+    return COOP_TILES[(TM, TN)]
+
+
 def eligible(c) -> bool:
     """Whether plan() sends this tiled matmul to the tensor cores (see the module docstring)."""
     if not TUNING["enabled"] or c.M < int(TUNING["min_m"]) or not c.dev.has_coopmat:
@@ -136,7 +156,8 @@ def config(c) -> tuple:
     row = BK + (int(TUNING["pad"]) if TUNING["layout"] == "t" else 0)
 
     def fits(tm, tn):
-        warps = (tm // COOP_TILES[(tm, tn)][0]) * (tn // COOP_TILES[(tm, tn)][1])
+        wm, wn = warp_tile(tm, tn)
+        warps = (tm // wm) * (tn // wn)
         return row * (tm + tn) * 2 + warps * 1024 <= smem
 
     forced = TUNING.get("tile")
@@ -160,7 +181,7 @@ def gen(c):
     _u = mm._u
     M, N = c.M, c.N
     TM, TN, BK, S, KC = config(c)
-    WM, WN = COOP_TILES[(TM, TN)]
+    WM, WN = warp_tile(TM, TN)
     WX = TN // WN                       # subgroups along n
     NW = (TM // WM) * WX
     NT = 32 * NW
@@ -219,6 +240,8 @@ def gen(c):
     s.append("}\n")
     name = (f"matmul_coop_{c.dtag()}_t{TM}x{TN}_{moda}{modb}_k{BK}" + ("" if tmaj else "_kmaj")
             + (f"_s{S}" if S > 1 else ""))
+    if (WM, WN) != COOP_TILES[(TM, TN)]:
+        name += f"_w{WM}x{WN}"
     if c.parts:
         name += f"_x{len(c.parts) + 1}"
     info = {"tile": (TM, TN), "warp_tile": (WM, WN), "threads": NT, "modes": (moda, modb), "bk": BK,
