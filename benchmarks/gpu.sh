@@ -35,7 +35,7 @@ if [[ " $what " == *" llamacpp "* ]]; then   # the build overlaps our own steps
       .device/llamacpp/build_cuda.sh > /tmp/llsrc/build_cuda.sh
   ( nice -n 19 bash /tmp/llsrc/build_cuda.sh > "$OUT/llamacpp_build.log" 2>&1; echo done >> "$OUT/llamacpp_build.log" ) &
 fi
-python3 -c "import tensorgpu as tg; d = tg.device(); print('adapter:', d['name'], d['backend'], 'f16' if d['f16'] else 'no-f16', 'subgroups' if d['subgroups'] else '', 'tensor-cores' if d['coopmat'] else 'no-tensor-cores')"
+python3 -c "import tensorgpu as tg; d = tg.device(); print('adapter:', d['name'], d['backend'], 'f16' if d['f16'] else 'no-f16', 'subgroups' if d['subgroups'] else '', 'tensor-cores' if d['coopmat'] else 'no-tensor-cores', 'trusted-shaders' if d['trusted_shaders'] else 'checked-shaders')"
 if [[ " $what " == *" coop "* ]]; then
   timeout "${T_COOP_TESTS:-150}" python3 -m pytest tests/test_kernel_matmul_coop.py -q -p no:cacheprovider 2>&1 | tail -n 15
   TENSORGPU_SMALLM_M=${COOP_M:-16,64,512} timeout "${T_COOP:-330}" python3 -m pytest benchmarks/bench_matmul.py -k small_m_sweep \

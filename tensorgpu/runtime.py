@@ -238,7 +238,8 @@ class Device:
     def describe(self) -> dict:
         return {"name": self.name, "backend": self.backend, "adapter_type": self.adapter_type,
                 "limits": dict(self.limits), "features": sorted(self.features),
-                "f16": self.has_f16, "subgroups": self.has_subgroups, "coopmat": self.has_coopmat}
+                "f16": self.has_f16, "subgroups": self.has_subgroups, "coopmat": self.has_coopmat,
+                "trusted_shaders": OPTIONS.trusted_shaders}
 
 
 _DEVICE: Optional[Device] = None

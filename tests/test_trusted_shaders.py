@@ -38,3 +38,10 @@ def test_checked_and_trusted_modules_agree():
 def test_broken_kernel_is_refused_either_way(trusted):
     with options(trusted_shaders=trusted), pytest.raises(RuntimeError, match="'broken' failed to compile"):
         runtime.pipeline("broken", "@compute @workgroup_size(1) fn main() { let x: u32 = 1.5; }", [])
+
+
+def test_device_reports_the_setting():
+    """tg.device() says which modules the kernels get (benchmark tables print it)."""
+    for trusted in (True, False):
+        with options(trusted_shaders=trusted):
+            assert tg.device()["trusted_shaders"] is trusted

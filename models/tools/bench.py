@@ -225,7 +225,8 @@ def run(a) -> int:
                 print("\n".join(text if len(results) == 1 else text[-1:]), flush=True)
     if md:
         from ..cli import version
-        cores = "; matmuls on the tensor cores" if dev.get("coopmat") else ""
+        cores = ("; matmuls on the tensor cores" if dev.get("coopmat") else "") + \
+            ("" if dev.get("trusted_shaders") else "; shader runtime checks on")
         print(f"\ndevice: {dev['name']} ({dev['backend']}){cores}; tensorgpu {version()}")
     else:
         json.dump([r.to_json() for r in results], sys.stdout, indent=2)
