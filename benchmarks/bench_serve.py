@@ -58,9 +58,9 @@ def random_prompts(n: int, length: int, vocab: int, special: set, seed: int) -> 
 class Server(ServerProcess):
     """The server under test (models/serve/process.py), its output in `log`."""
 
-    def __init__(self, model: str, max_batch: int, ctx: int, max_waiting: int, log: Path):
+    def __init__(self, model: str, max_batch: int, ctx: int, max_waiting: int, log: Path, *extra: str):
         super().__init__(model, "--max-batch", str(max_batch), "--ctx", str(ctx), "--max-waiting", str(max_waiting),
-                         log=open(log, "w"), name="bench", ready_timeout=600, poll_s=0.2)
+                         *extra, log=open(log, "w"), name="bench", ready_timeout=600, poll_s=0.2)
 
     def stop(self):
         self.terminate()
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON here")
     ap.add_argument("--log", default=None, help="server log file (default: next to --out, or /tmp)")
+    ap.add_argument("--server-args", default="", help="more arguments for the server it starts, e.g. '--gil-switch-ms 0.5'")
     a = ap.parse_args(argv)
     levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     if not levels or min(levels) < 1:
@@ -148,7 +149,8 @@ def main(argv=None) -> int:
         log = Path(a.log or (Path(a.out).with_suffix(".server.log") if a.out else "/tmp/bench_serve.server.log"))
         t = time.perf_counter()
         try:
-            server = Server(a.model, max(levels), a.prompt_tokens + a.output_tokens + 8, 4 * max(levels), log)
+            server = Server(a.model, max(levels), a.prompt_tokens + a.output_tokens + 8, 4 * max(levels), log,
+                            *a.server_args.split())
         except RuntimeError as e:      # exited or never ready: its output is in the log
             raise SystemExit(f"{str(e).splitlines()[0]}; see {log}")
         print(f"server ready in {time.perf_counter() - t:.1f} s ({a.model})", file=sys.stderr)

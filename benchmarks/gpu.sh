@@ -91,6 +91,7 @@ if [[ " $what " == *" serve "* ]]; then
     g=/tmp/ggufs/pythia-1.4b-$d.gguf
     [ -f "$g" ] || python3 .device/make_random_neox_gguf.py --preset pythia-1.4b --dtype "$d" -o "$g" >/dev/null
     timeout "${T_SERVE:-500}" python3 benchmarks/bench_serve.py --model "$g" --concurrency "${SERVE_CONCURRENCY:-1,4,16,64}" \
+      ${SERVE_ARGS:+--server-args "$SERVE_ARGS"} \
       --out "$OUT/serve-pythia-1.4b-$d.json" 2>&1 | tail -n 12
   done
 fi

@@ -13,7 +13,7 @@ def test_serve_is_listed_and_has_help(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     for flag in ("--model", "--host", "--port", "--max-batch", "--ctx", "--max-waiting", "--model-name", "--ray",
-                 "--replicas", "--num-gpus", "--shutdown-timeout", "--exact-batching"):
+                 "--replicas", "--num-gpus", "--shutdown-timeout", "--exact-batching", "--gil-switch-ms"):
         assert flag in out, flag
 
 
@@ -26,6 +26,7 @@ def test_serve_is_listed_and_has_help(capsys):
     (["--replicas", "0", "--ray"], "--replicas must be >= 1, got 0"),
     (["--num-gpus", "-1", "--ray"], "--num-gpus must be >= 0, got -1"),
     (["--shutdown-timeout", "-2"], "--shutdown-timeout must be >= 0"),
+    (["--gil-switch-ms", "0"], "--gil-switch-ms must be in [0.01, 100], got 0.0"),
 ])
 def test_bad_arguments_exit_2_naming_them(capsys, argv, needle):
     assert cli.main(["serve", *argv]) == 2
@@ -46,3 +47,20 @@ def test_exact_batching_reaches_the_engine():
     assert not parser().parse_args(["--model", "m.gguf"]).exact_batching
     assert engine_factory(str(DEFAULT_MODEL), 2, 32, 4, True)().exact_batching
     assert not engine_factory(str(DEFAULT_MODEL), 2, 32, 4)().exact_batching
+
+
+def test_gil_switch_interval_is_set_before_serving(monkeypatch):
+    """--gil-switch-ms sets Python's thread switch interval for the server process (the engine
+    thread waits for the GIL after each wgpu call while the HTTP thread runs)."""
+    import sys
+
+    from models.serve import app as app_mod, cli as serve_cli
+    seen = {}
+    monkeypatch.setattr(app_mod, "build_app", lambda factory, name: object())
+    monkeypatch.setattr(serve_cli, "serve_uvicorn", lambda *a, **k: seen.setdefault("interval", sys.getswitchinterval()))
+    old = sys.getswitchinterval()
+    try:
+        assert serve_cli.main(["--gil-switch-ms", "0.5"]) == 0
+    finally:
+        sys.setswitchinterval(old)
+    assert abs(seen["interval"] - 0.0005) < 1e-9

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--gil-switch-ms", type=float, default=None,
+                   help="Python's thread switch interval (sys.setswitchinterval) in ms; default Python's 5. The "
+                        "engine thread re-takes the GIL after every wgpu call, and while the HTTP thread runs "
+                        "Python it waits up to this long each time")
     r = p.add_argument_group("Ray Serve (pip install -e '.[serve]')")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas instead of one process")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each loading the model (default 1)")
@@ -74,6 +78,8 @@ def check_args(a) -> Optional[str]:
         return f"--replicas must be >= 1, got {a.replicas}"
     if a.num_gpus < 0:
         return f"--num-gpus must be >= 0, got {a.num_gpus}"
+    if a.gil_switch_ms is not None and not 0.01 <= a.gil_switch_ms <= 100:
+        return f"--gil-switch-ms must be in [0.01, 100], got {a.gil_switch_ms}"
     return None
 
 
@@ -104,6 +110,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     name = model_name_of(a)
+    if a.gil_switch_ms is not None:
+        sys.setswitchinterval(a.gil_switch_ms / 1000)
     if a.ray:
         from .ray_serve import run_ray
         return run_ray(a.model, name, replicas=a.replicas, num_gpus=a.num_gpus, host=a.host, port=a.port,
