@@ -7,6 +7,9 @@ model splits K 8 ways (a partial-sum pass and a reduce dispatch each); stacked, 
 columns fill it with the big tiles and one split. The FLOPs are the same, so the figure is
 GFLOP/s of each form and stacked/separate. M = 512 with TENSORGPU_BENCH_FULL=1 (the GPU
 machine), else 32 (lavapipe).
+
+Also pythia's attention output and MLP down projections, two matmuls against one over the
+concatenated K (k_parts; test_output_and_down_projections).
 """
 import os
 
@@ -91,3 +94,60 @@ def test_qkv_projections(benchmark, kind):
     print(f"\nq/k/v {kind} M={M}: separate ({len(sep_ds)} dispatches) {sep * 1e3:.2f} ms "
           f"({flops / sep / 1e9:.1f} GFLOP/s), stacked ({len(stk_ds)}) {stk * 1e3:.2f} ms "
           f"({flops / stk / 1e9:.1f} GFLOP/s): {sep / stk:.2f}x")
+
+
+# GPT-NeoX's attention output and MLP down projections, summed into the residual (pythia-1.4b:
+# a [M, 2048] @ Wo.T [2048, 2048] + u [M, 8192] @ Wd.T [8192, 2048]): two matmuls (each with its
+# split-K reduce when it splits) against one over the concatenated K (matmul's k_parts,
+# rewrites.pair_matmuls_in_sum). M = 64 (a batched decode step) and 512 on the GPU machine.
+PAIR_KS, PAIR_N = (2048, 8192), 2048
+PAIR_M = [64, 512] if FULL else [32]
+
+
+def _pair_forms(kind, Mp):
+    rng = np.random.default_rng(1)
+    xs = [runtime.upload(rng.standard_normal((Mp, k)).astype(np.float32)) for k in PAIR_KS]
+    xo = [Operand(x, dtypes.float32, (Mp, k), (k, 1), 0) for x, k in zip(xs, PAIR_KS)]
+    outs = [runtime.Buffer(4 * Mp * PAIR_N) for _ in PAIR_KS]
+    paired = runtime.Buffer(4 * Mp * PAIR_N)
+    if kind == "f16":
+        ws = [runtime.upload((rng.standard_normal((PAIR_N, k)) * 0.02).astype(np.float16)) for k in PAIR_KS]
+        bs = [Operand(w, dtypes.float16, (k, PAIR_N), (1, k), 0) for w, k in zip(ws, PAIR_KS)]
+
+        def separate():
+            for o, x, b in zip(outs, xo, bs):
+                mm.matmul(o, x, b)
+
+        def pair():
+            L = mm.plan(paired, xo[0], bs[0], k_parts=[(xo[1], bs[1], None)])
+            for name, wgsl, binds, grid in [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra):
+                runtime.dispatch(name, wgsl, binds, grid)
+    else:
+        dt = dtypes.as_dtype(kind)
+        ws = [runtime.upload(random_blocks(kind, (PAIR_N, k), 0.02, rng)) for k in PAIR_KS]
+
+        def separate():
+            for o, x, w, k in zip(outs, xo, ws, PAIR_KS):
+                quant.quant_matmul(o, x, w, dt, PAIR_N, k)
+
+        def pair():
+            for p in quant.plan_paired_matmul(paired, xo, ws, dt, PAIR_N, PAIR_KS).passes:
+                runtime.dispatch(*p)
+    return separate, pair
+
+
+@pytest.mark.parametrize("Mp", PAIR_M)
+@pytest.mark.parametrize("kind", ["f16", "q4_0"])
+def test_output_and_down_projections(benchmark, kind, Mp):
+    separate, pair = _pair_forms(kind, Mp)
+    sep_ds, pair_ds = recorded(separate), recorded(pair)
+    runtime.sync()
+    sep, prd = _interleaved(sep_ds, pair_ds)
+    bench_dispatches(benchmark, pair_ds, reps=2)
+    flops = 2 * Mp * PAIR_N * sum(PAIR_KS)
+    benchmark.extra_info.update({"M": Mp, "K": list(PAIR_KS), "N": PAIR_N, "dispatches": [len(sep_ds), len(pair_ds)],
+                                 "separate_ms": sep * 1e3, "paired_ms": prd * 1e3, "paired_speedup": sep / prd,
+                                 "device": runtime.get_device().name})
+    print(f"\no + down {kind} M={Mp}: separate ({len(sep_ds)} dispatches) {sep * 1e3:.3f} ms "
+          f"({flops / sep / 1e9:.1f} GFLOP/s), paired ({len(pair_ds)}) {prd * 1e3:.3f} ms "
+          f"({flops / prd / 1e9:.1f} GFLOP/s): {sep / prd:.2f}x")

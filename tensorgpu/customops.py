@@ -74,6 +74,33 @@ class StackedMatmulKernel(CustomKernel):
             runtime.dispatch(name, wgsl, bindings, grid)
 
 
+class PairedMatmulKernel(CustomKernel):
+    """x_0 @ W_0.T + x_1 @ W_1.T, x_j [M, K_j] and W_j [N, K_j] of one dtype (float or GGUF blocks),
+    each its own tensor: ONE tiled matmul over the concatenated K (kernels/matmul.py's k_parts;
+    rewrites.pair_matmuls_in_sum puts it in the graph). Sources: x_0, W_0.T, x_1, W_1.T."""
+    name = "matmul_pair"
+    supports_epilogue = True
+
+    def __init__(self, w_dtype, N, Ks):
+        self.w_dtype, self.N, self.Ks = w_dtype, int(N), tuple(int(k) for k in Ks)
+
+    def key(self) -> tuple:
+        return (self.name, self.w_dtype.name, self.N, self.Ks)
+
+    def emit(self, out, operands, epilogue):
+        from . import runtime
+        xs, ws = operands[0::2], operands[1::2]
+        if self.w_dtype.is_quant:
+            from .kernels.quant import plan_paired_matmul
+            passes = plan_paired_matmul(out, xs, [w.buffer for w in ws], self.w_dtype, self.N, self.Ks, epilogue).passes
+        else:
+            from .kernels.matmul import plan
+            L = plan(out, xs[0], ws[0], epilogue, force="tiled", k_parts=[(x, w, None) for x, w in zip(xs[1:], ws[1:])])
+            passes = [] if L.kind == "empty" else [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra)
+        for name, wgsl, bindings, grid in passes:
+            runtime.dispatch(name, wgsl, bindings, grid)
+
+
 def _is_quant_transposed(b: Tensor) -> bool:
     """b is W.T for a whole quantized [N, K] tensor W (the only quantized view matmul reads)."""
     v = b.view

@@ -1001,6 +1001,66 @@ def stack_sibling_layer_norms(g: Graph) -> int:
 
 
 @rule
+def pair_matmuls_in_sum(g: Graph) -> int:
+    """A sum with two many-row linears among its terms (GPT-NeoX's parallel residual over a
+    prompt or a batched decode step: x + attn_output(a) + mlp_down(u)): ONE tiled matmul over the
+    concatenated K (customops.PairedMatmulKernel), the other terms (biases, the residual) added
+    in its store. Why: the two projections were two matmuls, each with its own split-K
+    reduction pass and residual add, where one longer K loop fills the GPU as well. The
+    one-row case is pair_gemvs_in_sum's."""
+    from .customops import MatmulKernel, PairedMatmulKernel, QuantMatmulKernel
+    from .kernels import matmul as mm, quant
+    fired = 0
+    for n in reversed(g.nodes):           # consumers first: the largest sums
+        if n.op is not Op.ADD or n.buffer is not None or n.dtype is not dt.float32 or len(n.shape) != 2:
+            continue
+        if g.only_reader(n) is not None and g.only_reader(n)[0].op is Op.ADD:
+            continue                      # part of a bigger sum, seen from its top
+        M, N = n.shape
+        leaves: list = []
+        _add_leaves(g, n, View.contiguous(n.shape), leaves, True)
+        cands = []
+        for m, v in leaves:
+            q = _is(m, QuantMatmulKernel)
+            if not ((q or _is(m, MatmulKernel)) and g.reads(m) == 1 and m.shape == (M, N) and v.is_identity(n.shape)
+                    and len(m.srcs) == 2 and M > (quant.TUNING if q else mm.TUNING)["gemv_max_m"]):
+                continue
+            (X, xv), (W, wv) = m.srcs
+            if X.dtype not in (dt.float32, dt.float16) or len(xv.shape) != 2 or len(wv.shape) != 2:
+                continue
+            if not q and W.dtype not in (dt.float32, dt.float16):
+                continue
+            cands.append((m, W.dtype, xv.shape[1]))
+        pair = None
+        for i, (m1, d1, k1) in enumerate(cands):
+            for m2, d2, k2 in cands[i + 1:]:
+                if d1 is d2 and (k1 % 64 == 0 or k2 % 64 == 0):
+                    pair = (m1, m2) if k1 % 64 == 0 else (m2, m1)   # the part with whole K steps first
+                    break
+            if pair:
+                break
+        if pair is None:
+            continue
+        m1, m2 = pair
+        Ks = (m1.srcs[0][1].shape[1], m2.srcs[0][1].shape[1])
+        node = Node(Op.CUSTOM, (), dt.float32, (M, N), arg=PairedMatmulKernel(m1.srcs[1][0].dtype, N, Ks))
+        node.set_srcs(m1.srcs + m2.srcs)
+        rest = [lv for lv in leaves if lv[0] is not m1 and lv[0] is not m2]
+        acc = (node, View.contiguous(n.shape))
+        if not rest:
+            n.op = Op.CAST
+            n.set_srcs((acc,))
+        else:
+            for m, v in rest[:-1]:
+                s_ = Node(Op.ADD, (), n.dtype, n.shape)
+                s_.set_srcs((acc, (m, v)))
+                acc = (s_, View.contiguous(n.shape))
+            n.set_srcs((acc, rest[-1]))
+        fired += 1
+    return fired
+
+
+@rule
 def fuse_rope_cache_write(g: Graph) -> int:
     """A prompt's q = rope(qkv[:, 0]) and its two cache writes (rope(k) and v into rows
     p..p+T) are one kernel; the attention then reads the roped q it wrote."""

@@ -340,8 +340,10 @@ def test_mixed_k_quant_file_matches_its_float_values(tiny_neox_dir, tmp_path):
 def test_prompt_kernels_per_layer(tiny_neox_dir):
     """A prompt forward (32 tokens, the last row's logits) of the parallel-residual model: per
     layer the two layer_norms of x are one kernel (rewrites.stack_sibling_layer_norms), then
-    qkv, rope + cache write, attention, and the attention output and MLP projections; the final
-    norm and the vocabulary projection run for the last row only, as one GEMV."""
+    qkv, rope + cache write, attention, the MLP up projection, and the attention output and MLP
+    down projections as one matmul over both K (rewrites.pair_matmuls_in_sum, the residual in
+    its store); the final norm and the vocabulary projection run for the last row only, as one
+    GEMV."""
     m = _model(tiny_neox_dir / "tiny-neox-q8_0.gguf")
     cache = m.new_cache(64)
     ids = tg.tensor((np.arange(32) * 7 % m.config.n_vocab).astype(np.int32))
@@ -350,5 +352,6 @@ def test_prompt_kernels_per_layer(tiny_neox_dir):
     names = [e.name.split("[")[0] for e in log]
     L = m.config.n_layer
     assert names.count("layer_norm2") == L and "layer_norm" not in names, names
+    assert sum(n.startswith("matmul") and n.endswith("_kc2") for n in names) == L, names
     assert names[0].startswith("embedding") and names[-1] == "gemv_ln_q8_0", names
-    assert len(names) <= 9 * L + 2, names
+    assert len(names) <= 8 * L + 2, names

@@ -697,3 +697,64 @@ def test_stacked_errors_name_the_operand():
         mm.plan(out, a, bs[1], b_parts=[(op(rand(16, 64)), None)])
     with pytest.raises(ValueError, match="output buffer holds"):
         mm.plan(runtime.Buffer(64), a, bs[1], b_parts=[(bs[0], None)])
+
+
+# ----------------------------------------------------------------------------- K-concatenated operands
+
+
+def run_kparts(pairs, epilogue=None, ref_fn=None, **plan_kw):
+    """mm.plan with k_parts: a_0 @ b_0 + a_1 @ b_1 + ... against NumPy (same tolerance as `run`)."""
+    (a0v, a0o, b0v, b0o), rest = pairs[0], pairs[1:]
+    M, N = a0v.shape[0], b0v.shape[1]
+    out = runtime.Buffer(M * N * 4)
+    launch = mm.plan(out, a0o, b0o, epilogue, k_parts=[(ao, bo, None) for _, ao, _, bo in rest], **plan_kw)
+    runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
+    for e in launch.extra:
+        runtime.dispatch(*e)
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float64 if False else np.float32).reshape(M, N)
+    ref = sum(av.astype(np.float64) @ bv.astype(np.float64) for av, _, bv, _ in pairs)
+    bound = RTOL * sum(np.abs(av.astype(np.float64)) @ np.abs(bv.astype(np.float64)) for av, _, bv, _ in pairs) + 1e-6
+    if ref_fn is not None:
+        ref, bound = ref_fn(ref), bound * 2 + 1e-5
+    err = np.abs(got - ref)
+    assert np.all(err <= bound), f"{launch.name}: max err {err.max()}"
+    return launch
+
+
+@pytest.mark.parametrize("split", [None, 1, 3])
+@pytest.mark.parametrize("M,Ks,N,dts", [(70, (128, 200), 66, (np.float32, np.float32)),
+                                         (33, (64, 80), 130, (np.float16, np.float16)),
+                                         (128, (256, 1024), 256, (np.float32, np.float16)),
+                                         (40, (64, 128, 72), 64, (np.float32, np.float32))], ids=str)
+def test_k_parts(paths, tuning, M, Ks, N, dts, split):
+    """a_0 @ b_0 + a_1 @ b_1 (+ a_2 @ b_2) as one tiled matmul over the concatenated K: ragged
+    M, N and last K, f16 and f32 operands, with and without split-K (splits crossing parts)."""
+    if split:
+        tuning.update(split_k=split, tile_mn=(64, 64))
+    pairs = [make(M, k, N, tb=True, da=dts[0], db=dts[1]) for k in Ks]
+    ep = BiasGelu(rand(N))
+    launch = run_kparts(pairs, epilogue=ep, ref_fn=ep.ref, force="tiled")
+    assert launch.name.endswith(f"_kc{len(Ks)}") and launch.kind == "tiled"
+
+
+def test_k_parts_strided_and_mixed_load_modes(tuning):
+    """A transposed left operand beside a row-major one, and a right operand stored [K, N]: the
+    parts load differently, so every part falls back to the same (scalar) shared-memory layout."""
+    p0 = make(48, 128, 96, ta=True, tb=True)
+    p1 = make(48, 64, 96, ta=False, tb=False)
+    run_kparts([p0, p1], force="tiled")
+
+
+def test_k_parts_refused_with_reasons():
+    a, ao, b, bo = make(16, 100, 32)
+    a1, ao1, b1, bo1 = make(16, 64, 32)
+    out = runtime.Buffer(16 * 32 * 4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mm.plan(out, ao, bo, k_parts=[(ao1, bo1, None)])          # K_0 = 100: a K step would straddle
+    a2, ao2, b2, bo2 = make(16, 64, 40)
+    with pytest.raises(ValueError, match=r"N=32"):
+        mm.plan(out, ao1, bo1, k_parts=[(ao2, bo2, None)])
+    with pytest.raises(ValueError, match="tiled path only"):
+        mm.plan(out, ao1, bo1, force="gemv_k", k_parts=[(ao1, bo1, None)])
+    with pytest.raises(ValueError, match="do not combine"):
+        mm.plan(out, ao1, bo1, b_parts=[(bo1, None)], k_parts=[(ao1, bo1, None)])

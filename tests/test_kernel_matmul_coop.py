@@ -352,3 +352,30 @@ def test_coop_warp_tile_override(knobs, tile, warps):
     ep = BiasGelu(rand(150))
     la = run(av, ao, bv, bo, epilogue=ep, ref_fn=ep.ref)
     assert f"_w{warps}" in la.name
+
+
+def test_generated_k_parts(as_if_coop, knobs):
+    """A K-concatenated matmul (matmul's k_parts) goes to the tensor cores like any tiled one:
+    each part's tile loads behind a uniform branch on k0, the second part's at k0 - K_0."""
+    pairs = [make(64, k, 96, tb=True, db=np.float16) for k in (128, 192)]
+    la = mm.plan(runtime.Buffer(64 * 96 * 4), pairs[0][1], pairs[0][3], k_parts=[(pairs[1][1], pairs[1][3], None)])
+    assert la.kind == "coop" and la.name.endswith("_kc2")
+    assert "if (k0 < 128u)" in la.wgsl and "(k0 - 128u)" in la.wgsl and "mm_a1" in la.wgsl and "mm_b1" in la.wgsl
+
+
+@needs_coop
+@pytest.mark.parametrize("split", [1, 3])
+def test_coop_k_parts(knobs, split):
+    knobs.update(tile=(64, 64), split_k=split)
+    pairs = [make(70, k, 150, tb=True, db=np.float16) for k in (128, 200)]
+    M, N = 70, 150
+    out = runtime.Buffer(M * N * 4)
+    la = mm.plan(out, pairs[0][1], pairs[0][3], k_parts=[(pairs[1][1], pairs[1][3], None)])
+    runtime.dispatch(la.name, la.wgsl, la.bindings, la.grid)
+    for e in la.extra:
+        runtime.dispatch(*e)
+    got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
+    a64 = [(av.astype(np.float64), bv.astype(np.float64)) for av, _, bv, _ in pairs]
+    ref = sum(a @ b for a, b in a64)
+    bound = COOP_RTOL * sum(np.abs(a) @ np.abs(b) for a, b in a64) + 1e-5
+    assert la.kind == "coop" and np.all(np.abs(got - ref) <= bound)

@@ -518,3 +518,46 @@ def test_stacked_matmul_split_k_epilogue_and_errors(mm_tuning):
         quant.plan_stacked_matmul(out, xop, wbufs, dt, Ns, 250)
     with pytest.raises(ValueError, match="one each"):
         quant.plan_stacked_matmul(out, xop, wbufs[:1], dt, Ns[:1], K)
+
+
+# ----------------------------------------------------------------------------- paired weights (K parts)
+
+
+@pytest.mark.parametrize("split", [1, 3])
+@pytest.mark.parametrize("dt", ALL, ids=IDS)
+def test_paired_matmul_every_format(mm_tuning, dt, split):
+    """x_0 @ W_0.T + x_1 @ W_1.T for two GGUF weights of one format in one tiled matmul over the
+    concatenated K (GPT-NeoX's attention output + MLP down of a prompt), against the dequantized
+    weights, with and without split-K across the parts; the second weight's decoders are renamed
+    copies reading its own array."""
+    mm_tuning.update(split_k=split, tile_mn=(64, 64))
+    Ks = (256, 512) if dt.block_size == 256 else (128, 192)
+    M, N = 37, 72
+    xs = [_rng.standard_normal((M, k)).astype(np.float32) for k in Ks]
+    raws = [random_blocks(dt, N * k // dt.block_size) for k in Ks]
+    Ws = [ref_dequant(dt, r)[:N * k].reshape(N, k).astype(np.float64) for r, k in zip(raws, Ks)]
+    xops = [x_operand(x)[0] for x in xs]
+    out = runtime.Buffer(M * N * 4)
+    launch = quant.plan_paired_matmul(out, xops, [runtime.upload(r) for r in raws], dt, N, Ks)
+    for p in launch.passes:
+        runtime.dispatch(*p)
+    ref = sum(x.astype(np.float64) @ W.T for x, W in zip(xs, Ws))
+    got = read_f32(out, M * N).reshape(M, N)
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max(), launch.passes[0][0]
+    assert launch.passes[0][0].endswith("_kc2") and "W1" in launch.passes[0][1]
+    assert len(launch.passes) == (2 if split > 1 else 1)
+
+
+def test_paired_matmul_errors():
+    dt, N = dtypes.q8_0, 64
+    xs = [x_operand(_rng.standard_normal((8, k)).astype(np.float32))[0] for k in (64, 96)]
+    ws = [runtime.upload(random_blocks(dt, N * k // 32)) for k in (64, 96)]
+    out = runtime.Buffer(8 * N * 4)
+    with pytest.raises(ValueError, match="weight 1"):
+        quant.plan_paired_matmul(out, xs, [ws[0], runtime.upload(random_blocks(dt, 8))], dt, N, (64, 96))
+    with pytest.raises(ValueError, match="x 1"):
+        quant.plan_paired_matmul(out, xs, ws, dt, N, (64, 128))
+    with pytest.raises(ValueError, match="one each"):
+        quant.plan_paired_matmul(out, xs[:1], ws[:1], dt, N, (64,))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        quant.plan_paired_matmul(out, xs[::-1], ws[::-1], dt, N, (96, 64))

@@ -1097,3 +1097,52 @@ def test_stack_sibling_layer_norms_leaves_epilogues_and_other_inputs():
             got = make().numpy()
         assert "layer_norm2" not in names(log), names(log)
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("kind", [np.float32, np.float16, "q8_0", "q4_0"])
+def test_pair_matmuls_in_sum(kind):
+    """GPT-NeoX's parallel residual over a prompt, x + linear(a, Wo, bo) + linear(gelu(u), Wd, bd)
+    in plain code: ONE matmul over the concatenated K (`_kc2`), the residual and both biases in
+    its store; values as NumPy says."""
+    T, C, F = 24, 128, 256
+    (wo, wd), (Wo, Wd) = _weights(kind, [(C, C), (C, F)])
+    x, a, u = (rng.standard_normal(s).astype(np.float32) for s in ((T, C), (T, C), (T, F)))
+    bo, bd = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    y = tg.tensor(x) + tg.nn.linear(tg.tensor(a), wo, tg.tensor(bo)) + tg.nn.linear(tg.tensor(u).gelu(), wd, tg.tensor(bd))
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    mms = [n for n in names(log) if "matmul" in n]
+    assert len(mms) == 1 and mms[0].endswith("_kc2") and len(names(log)) == 2, names(log)   # + the gelu
+    g = tg.tensor(u).gelu().numpy().astype(np.float64)
+    want = x + a @ Wo.T + bo + g @ Wd.T + bd
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_pair_matmuls_in_sum_leaves_what_it_cannot_pair():
+    """Not paired: a projection read elsewhere too (it must exist on its own), one row or a few
+    (the GEMV paths), two K that are not whole K steps; the sum is still right."""
+    T, C = 24, 96
+    (w1, w2), (W1, W2) = _weights(np.float32, [(C, C), (C, 100)])
+    x, a, b = rng.standard_normal((T, C)).astype(np.float32), rng.standard_normal((T, C)).astype(np.float32), \
+        rng.standard_normal((T, 100)).astype(np.float32)
+    A, B = tg.tensor(a), tg.tensor(b)
+    # K = 96 and 100: neither a multiple of 64
+    y = tg.tensor(x) + tg.nn.linear(A, w1) + tg.nn.linear(B, w2)
+    with tg.debug.kernel_log() as log:
+        got = y.numpy()
+    assert not any(n.endswith("_kc2") for n in names(log)), names(log)
+    np.testing.assert_allclose(got, x + a @ W1.T + b @ W2.T, rtol=1e-4, atol=1e-4)
+    (w3, w4), (W3, W4) = _weights(np.float32, [(C, 64), (C, 128)])
+    a3, b4 = rng.standard_normal((T, 64)).astype(np.float32), rng.standard_normal((T, 128)).astype(np.float32)
+    p = tg.nn.linear(tg.tensor(a3), w3)
+    outs = (tg.tensor(x) + p + tg.nn.linear(tg.tensor(b4), w4), p * 2.0)          # p read twice
+    with tg.debug.kernel_log() as log:
+        tg.realize(*outs)
+    assert not any(n.endswith("_kc2") for n in names(log)), names(log)
+    np.testing.assert_allclose(outs[0].numpy(), x + a3 @ W3.T + b4 @ W4.T, rtol=1e-4, atol=1e-4)
+    for rows in (1, 3):
+        y = tg.tensor(x[:rows]) + tg.nn.linear(tg.tensor(a3[:rows]), w3) + tg.nn.linear(tg.tensor(b4[:rows]), w4)
+        with tg.debug.kernel_log() as log:
+            got = y.numpy()
+        assert not any(n.endswith("_kc2") for n in names(log)), (rows, names(log))
+        np.testing.assert_allclose(got, x[:rows] + a3[:rows] @ W3.T + b4[:rows] @ W4.T, rtol=1e-4, atol=1e-4)

@@ -48,6 +48,7 @@ are hoisted to the top). Each binding must fit max_storage_buffer_binding_size (
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -260,7 +261,8 @@ def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
 
 
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
-         b_binding: Optional["_Binding"] = None, b_parts: Optional[list] = None) -> Launch:
+         b_binding: Optional["_Binding"] = None, b_parts: Optional[list] = None,
+         k_parts: Optional[list] = None) -> Launch:
     """Validate, pick a path and generate its WGSL. `force` ("gemv_k", "gemv_n", "tiled", "naive",
     "coop") overrides the choice (tests use it to cover every path on every shape); "tiled" still
     goes to the tensor cores where matmul_coop.eligible says so (matmul_coop.TUNING["enabled"] =
@@ -274,10 +276,20 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
     along N, each in its own buffer, as [(Operand, binding or None)]: out = a @ [b | b_1 | ...]
     in one dispatch (LLaMA's q, k and v projections of one x: rewrites.stack_sibling_matmuls).
     b's and every part's columns but the last are a multiple of 128, so an output tile never
-    straddles two of them; a workgroup loads its b tiles from the one its columns lie in."""
+    straddles two of them; a workgroup loads its b tiles from the one its columns lie in.
+
+    `k_parts` (tiled path only, no batch dims): more (a_j [M, K_j], b_j [K_j, N], binding or None)
+    products added in the same dispatch, out = a @ b + a_1 @ b_1 + ... as ONE matmul over the
+    concatenated K (GPT-NeoX's attention output and MLP down projections of a prompt or a batch,
+    whose sum is the residual: rewrites.pair_matmuls_in_sum). Every K_j but the last is a
+    multiple of 64, so a K step never straddles two parts."""
     ep = epilogue if epilogue is not None else NoEpilogue()
+    if b_parts and k_parts:
+        raise ValueError("matmul: b_parts (along N) and k_parts (along K) do not combine")
     if b_parts:
         return _plan_parts(out, a, b, list(b_parts), ep, force, b_binding)
+    if k_parts:
+        return _plan_kparts(out, a, b, list(k_parts), ep, force, b_binding)
     _check_float("a", a)
     if b_binding is None:
         _check_float("b", b)
@@ -390,6 +402,8 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
                tuple(sorted(TUNING.items())), kind == "coop" and tuple(sorted(matmul_coop.TUNING.items())), c.ep.wgsl(3), c.b_binding and c.b_binding.functions())
         if c.parts:
             key += tuple((mat(pm), start, pb and pb.functions()) for pm, pb, start in c.parts)
+        if c.kparts:
+            key += ("k",) + tuple((mat(am), mat(bm), start, kb and kb.functions()) for am, bm, kb, start in c.kparts)
         hash(key)
     except TypeError:      # an unhashable knob value: no caching
         return None
@@ -399,13 +413,15 @@ def _tiled_key(c: "_Ctx", kind: str, numel: int):
 class _Ctx:
     """Shared state of one generation: operands, their binding declarations, epilogue text."""
 
-    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None, parts=()):
+    def __init__(self, dev, A, B, M, N, K, nb, dims, ep, b_binding=None, parts=(), kparts=()):
         self.dev, self.A, self.B, self.M, self.N, self.K, self.nb, self.dims, self.ep = dev, A, B, M, N, K, nb, dims, ep
         self.b_binding = b_binding
         self.lanes = {"a": 1, "b": 1}
         self.out_vec = False
         # stacked right operands after B (plan's b_parts): [(_Mat, binding or None, first column)]
         self.parts = list(parts)
+        # more (a, b) pairs after A and B along K (plan's k_parts): [(A_j, B_j, b binding or None, first k)]
+        self.kparts = list(kparts)
 
     def want(self, which: str, lanes: int) -> None:
         self.lanes[which] = lanes
@@ -425,6 +441,9 @@ class _Ctx:
         ba = _Binding("mm_a", A.dtype, la, f16n)
         bb = self.b_binding or _Binding("mm_b", B.dtype, lb, f16n)
         more = [pb or _Binding(f"mm_b{j + 1}", pm.dtype, lb, f16n) for j, (pm, pb, _) in enumerate(self.parts)]
+        for j, (am, bm, kb, _) in enumerate(self.kparts):
+            more += [_Binding(f"mm_a{j + 1}", am.dtype, max(self.lanes["a"], base(am)), f16n),
+                     kb or _Binding(f"mm_b{j + 1}", bm.dtype, max(self.lanes["b"], base(bm)), f16n)]
         return [ba, bb] + more, ba, bb
 
     def part_bindings(self) -> list:
@@ -450,7 +469,8 @@ class _Ctx:
     def input_bindings(self) -> list:
         binds = self._bindings()[0]
         return ([(self.A.op.buffer, "read")] + ([(self.B.op.buffer, "read")] if len(binds) >= 2 else [])
-                + [(pm.op.buffer, "read") for pm, _, _ in self.parts])
+                + [(pm.op.buffer, "read") for pm, _, _ in self.parts]
+                + [(m.op.buffer, "read") for am, bm, _, _ in self.kparts for m in (am, bm)])
 
     def header(self) -> str:
         """Bindings, the epilogue and the load functions; the `enable` directives in it (f16, an
@@ -688,7 +708,7 @@ def _gen_naive(c: _Ctx):
 
 
 def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True,
-               threads: int = 256, lanes: int = 4, cast: str = "", tmajor: int = 0):
+               threads: int = 256, lanes: int = 4, cast: str = "", tmajor: int = 0, kfast: Optional[bool] = None):
     """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
     memory into registers (`load`) and from registers into shared memory (`store`), spread over
     the workgroup's `threads` invocations. `cast` names a conversion applied to each value as it
@@ -697,7 +717,8 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
 
     Shared layout: S[k * T/L + t/L][t % L] with L = `lanes` (4: vec4 rows along t, so the inner
     loop reads a thread's 4 consecutive m (or n) values as one vec4; 2 or 1 for a's tile when a
-    thread owns fewer than 4 rows: vec2 or f32 elements)."""
+    thread owns fewer than 4 rows: vec2 or f32 elements). `kfast` forces the scalar layout's item
+    order (k fastest or t fastest; default: along the operand's smaller stride)."""
     m = c.A if which == "a" else c.B
     X = "a" if which == "a" else "b"
     S = "mm_As" if which == "a" else "mm_Bs"
@@ -769,7 +790,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
         mode = "s"
         count = BK * T
         R = -(-count // NT)
-        kfast = abs(sk) <= abs(st)
+        kfast = abs(sk) <= abs(st) if kfast is None else kfast
         for r in range(R):
             regs.append(f"    var r{X}{r} = 0.0;\n")
             if kfast:
@@ -952,6 +973,8 @@ def _tile_loads(c: _Ctx, TM: int, TN: int, BK: int, NT: int, a_lanes: int = 4, b
     of a tiled kernel's two operand tiles (stacked b parts included); `kw` goes to _tile_load
     (matmul_coop's f16 cast and t-major layout). One declaration serving both operands (a and
     b views of one buffer) with different vector widths makes both loads scalar. Sets c.out_vec."""
+    if c.kparts:
+        return _kpart_loads(c, TM, TN, BK, NT, a_lanes, b_lanes, **kw)
     M, N, K = c.M, c.N, c.K
     moda, regs_a, load_a, store_a = _tile_load(c, "a", TM, BK, M, K, threads=NT, lanes=a_lanes, **kw)
     modb, regs_b, load_b, store_b = _tile_load(c, "b", TN, BK, N, K, threads=NT, lanes=b_lanes, **kw)
@@ -990,7 +1013,9 @@ def _tile_prologue(c: _Ctx, TM: int, TN: int, BK: int, S: int, KC: int, NT: int)
           pre,
           f"    let abase = {_u(c.A.offset)} + {boa};\n    let bbase = {_u(c.B.offset)} + {bob};\n",
           "".join(f"    let bbase{j + 1} = {_u(pm.offset)};\n    let btl{j + 1} = bt0 - {_u(start)};\n"
-                  for j, (pm, _, start) in enumerate(c.parts))]
+                  for j, (pm, _, start) in enumerate(c.parts)),
+          "".join(f"    let abase{j + 1} = {_u(am.offset)};\n    let bbase{j + 1} = {_u(bm.offset)};\n"
+                  for j, (am, bm, _, _) in enumerate(c.kparts))]
     return "".join(s)
 
 
@@ -1081,6 +1106,8 @@ def _gen_tiled(c: _Ctx):
     name = f"matmul_{c.dtag()}_t{TM}x{TN}{block}_{moda}{modb}_k{BK}" + (f"_s{S}" if S > 1 else "")
     if c.parts:
         name += f"_x{len(c.parts) + 1}"
+    if c.kparts:
+        name += f"_kc{len(c.kparts) + 1}"
     info = {"tile": (TM, TN), "block": (RM, RN), "threads": NT, "modes": (moda, modb), "bk": BK, "split": S}
     return name, "".join(s), runtime.grid_for(total), info
 
@@ -1114,6 +1141,102 @@ def _part_loads(c: _Ctx, TN: int, BK: int, K: int, NT: int, lanes: int = 4, cast
         code += ("        " if j == 0 else " else ") + cond + "{\n" + load + "        }"
     mode, regs, _, store = gens[0]
     return mode, regs, code + "\n", store
+
+
+def _kpart_loads(c: _Ctx, TM: int, TN: int, BK: int, NT: int, a_lanes: int, b_lanes: int, **kw) -> tuple:
+    """_tile_loads of a K-concatenated matmul (plan's k_parts): each (a_j, b_j) pair's own loads
+    (bindings, offsets, its K_j), the one a K step lies in chosen by a uniform branch on k0
+    (every part but the last spans whole K steps); one shared-memory layout (every part loads
+    the same way, else all scalar)."""
+    A, B = c.A, c.B
+    parts = [(A, B, c.bind_b, 0)] + c.kparts
+    ends = [start for _, _, _, start in parts[1:]] + [c.K]
+    for allow_vec in (True, False):
+        if not allow_vec:
+            c.want("a", 1)
+            c.want("b", 1)
+        gens = []
+        order = {}     # scalar layouts: every part in part 0's item order (its registers are stored alike)
+        for j, (am, bm, _, start) in enumerate(parts):
+            c.A, c.B = am, bm
+            Kj = ends[j] - start
+            if j == 0:
+                order = {"a": abs(am.scol) <= abs(am.srow), "b": abs(bm.srow) <= abs(bm.scol)}
+            ko = {} if allow_vec else order
+            gens.append((_tile_load(c, "a", TM, BK, c.M, Kj, allow_vec=allow_vec, threads=NT, lanes=a_lanes,
+                                    kfast=ko.get("a"), **kw),
+                         _tile_load(c, "b", TN, BK, c.N, Kj, allow_vec=allow_vec, threads=NT, lanes=b_lanes,
+                                    kfast=ko.get("b"), **kw)))
+        c.A, c.B = A, B
+        same = all(len({g[w][i] for g in gens}) == 1 for w in (0, 1) for i in (0, 3))
+        if same:
+            break
+    if not same:
+        raise AssertionError(f"matmul k_parts: the parts' shared-memory stores differ ({[g[0][0] for g in gens]})")
+    c.out_vec = c.N % 4 == 0
+    binds = c._bindings()[0]
+    names = [(binds[0].name, binds[1].name)] + [(binds[2 + 2 * j].name, binds[3 + 2 * j].name)
+                                                for j in range(len(c.kparts))]
+    code = ""
+    for j, ((ga, gb), (na, nb_), (_, _, _, start)) in enumerate(zip(gens, names, parts)):
+        load = ga[2].replace("{B}", na) + gb[2].replace("{B}", nb_)
+        if j:
+            load = re.sub(r"\bk0\b", f"(k0 - {_u(start)})", load)
+            load = load.replace("abase", f"abase{j}").replace("bbase", f"bbase{j}")
+        cond = f"if (k0 < {_u(ends[j])}) " if j < len(parts) - 1 else ""
+        code += ("        " if j == 0 else " else ") + cond + "{\n" + load + "        }"
+    (moda, regs_a, _, store_a), (modb, regs_b, _, store_b) = gens[0]
+    return moda, modb, regs_a + regs_b, code + "\n", store_a + store_b
+
+
+def _plan_kparts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_binding) -> Launch:
+    """plan() with k_parts: out = epilogue(a @ b + a_1 @ b_1 + ...), validated here and
+    generated by the tiled path as one matmul over K = K_0 + K_1 + ..."""
+    if force not in (None, "tiled", "coop"):
+        raise ValueError(f"matmul: K-concatenated operands (k_parts) run on the tiled path only, not {force!r}")
+    ops = [(a, b, b_binding)] + [tuple(p) for p in parts]
+    if len(a.shape) != 2 or len(b.shape) != 2:
+        raise ValueError(f"matmul: k_parts needs a [M, K] and b [K, N]; got {tuple(a.shape)} and {tuple(b.shape)}")
+    M, N = int(a.shape[0]), int(b.shape[1])
+    Ks = []
+    for j, (aj, bj, kb) in enumerate(ops):
+        name = "" if j == 0 else f"k_parts[{j - 1}] "
+        _check_float(f"{name}a", aj)
+        if kb is None:
+            _check_float(f"{name}b", bj)
+        if (kb is None) != (b_binding is None) or bj.dtype is not b.dtype:
+            raise TypeError(f"matmul: {name}b is {bj.dtype}{' (bound)' if kb else ''}, b is {b.dtype}"
+                            f"{' (bound)' if b_binding else ''}: K parts share a weight dtype and binding kind")
+        if (len(aj.shape) != 2 or len(bj.shape) != 2 or int(aj.shape[0]) != M or int(bj.shape[1]) != N
+                or int(aj.shape[1]) != int(bj.shape[0])):
+            raise ValueError(f"matmul: {name}a {tuple(aj.shape)} @ b {tuple(bj.shape)}: each K part is [M={M}, K_j] @ "
+                             f"[K_j, N={N}]")
+        if aj.buffer is out or bj.buffer is out:
+            raise ValueError(f"matmul: {name}a or b is also the output")
+        Ks.append(int(aj.shape[1]))
+    if any(k <= 0 for k in Ks) or any(k % 64 for k in Ks[:-1]):
+        raise ValueError(f"matmul: K parts {Ks}: each but the last must be a positive multiple of 64 (whole K steps)")
+    if out.nbytes < M * N * 4:
+        raise ValueError(f"matmul: output buffer holds {out.nbytes} bytes, {M * N * 4} needed for float32 ({M}, {N})")
+    if any(o.buffer is out for o in getattr(ep, "operands", ())):
+        raise ValueError("matmul: the output buffer is also an epilogue operand")
+    if M * N == 0:
+        return Launch("empty", "matmul_empty")
+    for j, (aj, bj, kb) in enumerate(ops):
+        _check_bounds("a", aj)
+        if kb is None:
+            _check_bounds("b", bj)
+
+    def z(n, st):
+        return 0 if n == 1 else int(st)
+
+    mats = [(_Mat(aj, M, k, z(M, aj.strides[0]), z(k, aj.strides[1]), int(aj.offset), ()),
+             _Mat(bj, k, N, z(k, bj.strides[0]), z(N, bj.strides[1]), int(bj.offset), ()), kb)
+            for (aj, bj, kb), k in zip(ops, Ks)]
+    starts = [sum(Ks[:j]) for j in range(len(Ks))]
+    ctx = _Ctx(runtime.get_device(), mats[0][0], mats[0][1], M, N, sum(Ks), 1, [], ep, b_binding,
+               kparts=[(am, bm, kb, st) for (am, bm, kb), st in zip(mats[1:], starts[1:])])
+    return _launch(ctx, force or "tiled", M * N, out, ep, ctx.input_bindings())
 
 
 def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_binding) -> Launch:

@@ -244,6 +244,8 @@ def gen(c):
         name += f"_w{WM}x{WN}"
     if c.parts:
         name += f"_x{len(c.parts) + 1}"
+    if c.kparts:
+        name += f"_kc{len(c.kparts) + 1}"
     info = {"tile": (TM, TN), "warp_tile": (WM, WN), "threads": NT, "modes": (moda, modb), "bk": BK,
             "split": S, "coop": True}
     return name, "".join(s), mm.runtime.grid_for(total), info

@@ -719,6 +719,40 @@ def plan_stacked_matmul(out: Buffer, x: Operand, ws: list, w_dtype: dtypes.DType
     return Launch("empty") if ml.kind == "empty" else _launch("tiled", ml)
 
 
+def plan_paired_matmul(out: Buffer, xs: list, ws: list, w_dtype: dtypes.DType, N: int, Ks: list,
+                       epilogue=None) -> Launch:
+    """out[m, :] = epilogue(sum_j x_j[m] @ W_j.T) for GGML weights W_j [N, K_j] of one type, each a
+    whole buffer of blocks: products whose sum is wanted (GPT-NeoX's attention output and MLP down
+    projections of a prompt or a batch) in one tiled matmul over the concatenated K (mm.plan's
+    k_parts; every K_j but the last a multiple of 64). x_j are [M, K_j], any strides."""
+    w_dtype = dtypes.as_dtype(w_dtype)
+    _fmt(w_dtype)
+    ep = epilogue if epilogue is not None else NoEpilogue()
+    N, Ks = int(N), [int(k) for k in Ks]
+    if not (len(xs) == len(ws) == len(Ks) >= 2):
+        raise ValueError(f"quant paired matmul: {len(xs)} inputs, {len(ws)} weights, K parts {Ks} (two or more, one each)")
+    dev = runtime.get_device()
+    for j, (x, w, k) in enumerate(zip(xs, ws, Ks)):
+        if x.dtype not in (dtypes.float32, dtypes.float16) or len(x.shape) != 2 or int(x.shape[1]) != k:
+            raise ValueError(f"quant paired matmul: x {j} {x.dtype} {tuple(x.shape)} must be float32/float16 [M, K={k}]")
+        if k % w_dtype.block_size:
+            raise ValueError(f"quant paired matmul: K={k} is not a multiple of {w_dtype.name}'s block size {w_dtype.block_size}")
+        need = N * (k // w_dtype.block_size * w_dtype.block_bytes)
+        if w.nbytes < need or w.nbytes > dev.max_binding_size:
+            raise ValueError(f"quant paired matmul: weight {j} [{N}, {k}] {w_dtype.name} needs {need} bytes in a "
+                             f"binding of at most {dev.max_binding_size}; its buffer holds {w.nbytes}")
+        if w is x.buffer or w is out:
+            raise ValueError(f"quant paired matmul: weight {j} is also an input or the output")
+        _check_x_bounds(x)
+    fast = bool(TUNING["tiled_fast_decode"])
+    bs = [Operand(w, w_dtype, (k, N), (1, k), 0) for w, k in zip(ws, Ks)]
+    binds = [_WeightBinding("mm_b" if j == 0 else f"mm_b{j}", w_dtype, 4, dev.has_f16, fast,
+                            "W" if j == 0 else f"W{j}") for j in range(len(ws))]
+    ml = mm.plan(out, xs[0], bs[0], ep, force="tiled", b_binding=binds[0],
+                 k_parts=[(x, b, bd) for x, b, bd in zip(xs[1:], bs[1:], binds[1:])])
+    return Launch("empty") if ml.kind == "empty" else _launch("tiled", ml)
+
+
 def _check_x_bounds(x: Operand) -> None:
     if any(int(s) == 0 for s in x.shape):
         return
