@@ -558,19 +558,24 @@ def pair_gemvs_in_sum(g: Graph) -> int:
         pair = Node(Op.CUSTOM, (), dt.float32, g1.shape,
                     arg=DecodeLinearKernel(k1.w_dtype, k1.N, k1.K, None, k2.K, k2.w_dtype))
         pair.set_srcs((g1.srcs[0], g1.srcs[1], g2.srcs[0], g2.srcs[1]))
-        rest = [lv for lv in leaves if lv[0] is not g1 and lv[0] is not g2]
-        acc = (pair, View.contiguous(n.shape))   # [1, N] read as the sum's shape (same elements)
-        if not rest:
-            n.op = Op.CAST
-            n.set_srcs((acc,))
-        else:
-            for m, v in rest[:-1]:
-                s = Node(Op.ADD, (), n.dtype, n.shape)
-                s.set_srcs((acc, (m, v)))
-                acc = (s, View.contiguous(n.shape))
-            n.set_srcs((acc, rest[-1]))
+        _sum_with(n, pair, [lv for lv in leaves if lv[0] is not g1 and lv[0] is not g2])   # [1, N] read as [N]
         fired += 1
     return fired
+
+
+def _sum_with(n: Node, node: Node, rest: list) -> None:
+    """Make sum node n read `node` (its shape's elements in order) plus the `rest` of its terms:
+    what is left of a sum after a rule replaced some of its terms by one kernel."""
+    acc = (node, View.contiguous(n.shape))
+    if not rest:
+        n.op = Op.CAST
+        n.set_srcs((acc,))
+        return
+    for m, v in rest[:-1]:
+        s = Node(Op.ADD, (), n.dtype, n.shape)
+        s.set_srcs((acc, (m, v)))
+        acc = (s, View.contiguous(n.shape))
+    n.set_srcs((acc, rest[-1]))
 
 
 def _one_token_attentions(g: Graph):
@@ -1045,17 +1050,7 @@ def pair_matmuls_in_sum(g: Graph) -> int:
         Ks = (m1.srcs[0][1].shape[1], m2.srcs[0][1].shape[1])
         node = Node(Op.CUSTOM, (), dt.float32, (M, N), arg=PairedMatmulKernel(m1.srcs[1][0].dtype, N, Ks))
         node.set_srcs(m1.srcs + m2.srcs)
-        rest = [lv for lv in leaves if lv[0] is not m1 and lv[0] is not m2]
-        acc = (node, View.contiguous(n.shape))
-        if not rest:
-            n.op = Op.CAST
-            n.set_srcs((acc,))
-        else:
-            for m, v in rest[:-1]:
-                s_ = Node(Op.ADD, (), n.dtype, n.shape)
-                s_.set_srcs((acc, (m, v)))
-                acc = (s_, View.contiguous(n.shape))
-            n.set_srcs((acc, rest[-1]))
+        _sum_with(n, node, [lv for lv in leaves if lv[0] is not m1 and lv[0] is not m2])
         fired += 1
     return fired
 

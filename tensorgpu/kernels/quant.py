@@ -701,20 +701,12 @@ def plan_stacked_matmul(out: Buffer, x: Operand, ws: list, w_dtype: dtypes.DType
         raise ValueError(f"quant stacked matmul: x {x.dtype} {tuple(x.shape)} must be float32/float16 [M, K={K}]")
     if K % w_dtype.block_size:
         raise ValueError(f"quant stacked matmul: K={K} is not a multiple of {w_dtype.name}'s block size {w_dtype.block_size}")
-    dev = runtime.get_device()
     for j, (w, n) in enumerate(zip(ws, Ns)):
-        need = n * (K // w_dtype.block_size * w_dtype.block_bytes)
-        if w.nbytes < need or w.nbytes > dev.max_binding_size:
-            raise ValueError(f"quant stacked matmul: weight {j} [{n}, {K}] {w_dtype.name} needs {need} bytes in a "
-                             f"binding of at most {dev.max_binding_size}; its buffer holds {w.nbytes}")
-        if w is x.buffer or w is out:
-            raise ValueError(f"quant stacked matmul: weight {j} is also x or the output")
+        _check_weight("quant stacked matmul", j, w, w_dtype, n, K, (x.buffer, out))
     _check_x_bounds(x)
-    fast = bool(TUNING["tiled_fast_decode"])
     a = Operand(x.buffer, x.dtype, (int(x.shape[0]), K), tuple(int(v) for v in x.strides), int(x.offset))
     bs = [Operand(w, w_dtype, (K, n), (1, K), 0) for w, n in zip(ws, Ns)]
-    binds = [_WeightBinding("mm_b" if j == 0 else f"mm_b{j}", w_dtype, 4, dev.has_f16, fast,
-                            "W" if j == 0 else f"W{j}") for j in range(len(ws))]
+    binds = _weight_bindings(w_dtype, len(ws))
     ml = mm.plan(out, a, bs[0], ep, force="tiled", b_binding=binds[0], b_parts=list(zip(bs[1:], binds[1:])))
     return Launch("empty") if ml.kind == "empty" else _launch("tiled", ml)
 
@@ -731,26 +723,39 @@ def plan_paired_matmul(out: Buffer, xs: list, ws: list, w_dtype: dtypes.DType, N
     N, Ks = int(N), [int(k) for k in Ks]
     if not (len(xs) == len(ws) == len(Ks) >= 2):
         raise ValueError(f"quant paired matmul: {len(xs)} inputs, {len(ws)} weights, K parts {Ks} (two or more, one each)")
-    dev = runtime.get_device()
     for j, (x, w, k) in enumerate(zip(xs, ws, Ks)):
         if x.dtype not in (dtypes.float32, dtypes.float16) or len(x.shape) != 2 or int(x.shape[1]) != k:
             raise ValueError(f"quant paired matmul: x {j} {x.dtype} {tuple(x.shape)} must be float32/float16 [M, K={k}]")
         if k % w_dtype.block_size:
             raise ValueError(f"quant paired matmul: K={k} is not a multiple of {w_dtype.name}'s block size {w_dtype.block_size}")
-        need = N * (k // w_dtype.block_size * w_dtype.block_bytes)
-        if w.nbytes < need or w.nbytes > dev.max_binding_size:
-            raise ValueError(f"quant paired matmul: weight {j} [{N}, {k}] {w_dtype.name} needs {need} bytes in a "
-                             f"binding of at most {dev.max_binding_size}; its buffer holds {w.nbytes}")
-        if w is x.buffer or w is out:
-            raise ValueError(f"quant paired matmul: weight {j} is also an input or the output")
+        _check_weight("quant paired matmul", j, w, w_dtype, N, k, (x.buffer, out))
         _check_x_bounds(x)
-    fast = bool(TUNING["tiled_fast_decode"])
     bs = [Operand(w, w_dtype, (k, N), (1, k), 0) for w, k in zip(ws, Ks)]
-    binds = [_WeightBinding("mm_b" if j == 0 else f"mm_b{j}", w_dtype, 4, dev.has_f16, fast,
-                            "W" if j == 0 else f"W{j}") for j in range(len(ws))]
+    binds = _weight_bindings(w_dtype, len(ws))
     ml = mm.plan(out, xs[0], bs[0], ep, force="tiled", b_binding=binds[0],
                  k_parts=[(x, b, bd) for x, b, bd in zip(xs[1:], bs[1:], binds[1:])])
     return Launch("empty") if ml.kind == "empty" else _launch("tiled", ml)
+
+
+def _check_weight(fn: str, j: int, w: Buffer, w_dtype: dtypes.DType, n: int, k: int, others: tuple) -> None:
+    """Weight j of a multi-weight matmul: [n, k] blocks of w_dtype fit its buffer and one binding,
+    and it is none of `others` (the inputs, the output)."""
+    dev = runtime.get_device()
+    need = n * (k // w_dtype.block_size * w_dtype.block_bytes)
+    if w.nbytes < need or w.nbytes > dev.max_binding_size:
+        raise ValueError(f"{fn}: weight {j} [{n}, {k}] {w_dtype.name} needs {need} bytes in a "
+                         f"binding of at most {dev.max_binding_size}; its buffer holds {w.nbytes}")
+    if any(w is o for o in others):
+        raise ValueError(f"{fn}: weight {j} is also an input or the output")
+
+
+def _weight_bindings(w_dtype: dtypes.DType, n: int) -> list:
+    """The decoding bindings of n weights of one type in one tiled matmul: mm_b / W, then
+    mm_b1 / W1, ... (renamed decoder copies, each reading its own array)."""
+    dev = runtime.get_device()
+    fast = bool(TUNING["tiled_fast_decode"])
+    return [_WeightBinding("mm_b" if j == 0 else f"mm_b{j}", w_dtype, 4, dev.has_f16, fast, "W" if j == 0 else f"W{j}")
+            for j in range(n)]
 
 
 def _check_x_bounds(x: Operand) -> None:
