@@ -1014,7 +1014,7 @@ def pair_matmuls_in_sum(g: Graph) -> int:
     reduction pass and residual add, where one longer K loop fills the GPU as well. The
     one-row case is pair_gemvs_in_sum's."""
     from .customops import MatmulKernel, PairedMatmulKernel, QuantMatmulKernel
-    from .kernels import matmul as mm, quant
+    from .kernels import matmul as mm, matmul_coop as coop, quant
     fired = 0
     for n in reversed(g.nodes):           # consumers first: the largest sums
         if n.op is not Op.ADD or n.buffer is not None or n.dtype is not dt.float32 or len(n.shape) != 2:
@@ -1047,6 +1047,9 @@ def pair_matmuls_in_sum(g: Graph) -> int:
         if pair is None:
             continue
         m1, m2 = pair
+        dts = tuple(src.dtype for m in pair for src, _ in m.srcs)
+        if coop.takes(M, dts) and not coop.TUNING["k_parts"]:
+            continue                      # two tensor-core matmuls, until paired ones have run on a GPU
         Ks = (m1.srcs[0][1].shape[1], m2.srcs[0][1].shape[1])
         node = Node(Op.CUSTOM, (), dt.float32, (M, N), arg=PairedMatmulKernel(m1.srcs[1][0].dtype, N, Ks))
         node.set_srcs(m1.srcs + m2.srcs)

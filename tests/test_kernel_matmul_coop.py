@@ -359,6 +359,9 @@ def test_generated_k_parts(as_if_coop, knobs):
     each part's tile loads behind a uniform branch on k0, the second part's at k0 - K_0."""
     pairs = [make(64, k, 96, tb=True, db=np.float16) for k in (128, 192)]
     la = mm.plan(runtime.Buffer(64 * 96 * 4), pairs[0][1], pairs[0][3], k_parts=[(pairs[1][1], pairs[1][3], None)])
+    assert la.kind == "tiled"                  # TUNING["k_parts"] off: the WGSL tiles until run on a GPU
+    knobs["k_parts"] = True
+    la = mm.plan(runtime.Buffer(64 * 96 * 4), pairs[0][1], pairs[0][3], k_parts=[(pairs[1][1], pairs[1][3], None)])
     assert la.kind == "coop" and la.name.endswith("_kc2")
     assert "if (k0 < 128u)" in la.wgsl and "(k0 - 128u)" in la.wgsl and "mm_a1" in la.wgsl and "mm_b1" in la.wgsl
 
@@ -366,7 +369,7 @@ def test_generated_k_parts(as_if_coop, knobs):
 @needs_coop
 @pytest.mark.parametrize("split", [1, 3])
 def test_coop_k_parts(knobs, split):
-    knobs.update(tile=(64, 64), split_k=split)
+    knobs.update(tile=(64, 64), split_k=split, k_parts=True)
     pairs = [make(70, k, 150, tb=True, db=np.float16) for k in (128, 200)]
     M, N = 70, 150
     out = runtime.Buffer(M * N * 4)

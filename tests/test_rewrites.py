@@ -1146,3 +1146,26 @@ def test_pair_matmuls_in_sum_leaves_what_it_cannot_pair():
             got = y.numpy()
         assert not any(n.endswith("_kc2") for n in names(log)), (rows, names(log))
         np.testing.assert_allclose(got, x[:rows] + a3[:rows] @ W3.T + b4[:rows] @ W4.T, rtol=1e-4, atol=1e-4)
+
+
+def test_pair_matmuls_waits_for_tensor_cores_to_be_run(monkeypatch):
+    """On an adapter with tensor cores, f16 / quantized pairs of 16 rows or more stay two
+    matmuls (tensor-core k_parts have not run on a GPU yet: matmul_coop.TUNING["k_parts"]); f32
+    pairs (never on the tensor cores) and fewer rows still pair. Planned only: nothing runs."""
+    from tensorgpu.kernels import matmul_coop as coop
+    from tensorgpu.rewrites import Graph, pair_matmuls_in_sum
+    monkeypatch.setattr(runtime.Device, "has_coopmat", property(lambda self: True))
+    C = 128
+
+    def fires(kind, T):
+        (w1, w2), _ = _weights(kind, [(C, C), (C, 2 * C)])
+        x, a, b = (tg.tensor(rng.standard_normal(s).astype(np.float32)) for s in ((T, C), (T, C), (T, 2 * C)))
+        y = x + tg.nn.linear(a, w1) + tg.nn.linear(b, w2)
+        return pair_matmuls_in_sum(Graph(y.node))
+
+    with tg.debug.tuning(coop.TUNING, enabled=True):      # (conftest keeps them off elsewhere)
+        assert fires(np.float16, 24) == 0 and fires("q8_0", 24) == 0
+        assert fires(np.float32, 24) == 1 and fires(np.float16, 12) == 1
+        with tg.debug.tuning(coop.TUNING, k_parts=True):
+            assert fires(np.float16, 24) == 1
+    assert fires(np.float16, 24) == 1                        # tensor cores switched off: the WGSL tiles pair

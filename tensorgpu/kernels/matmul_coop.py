@@ -60,6 +60,10 @@ TUNING = {
     # output tile on 8 subgroups instead of 4 (more loads in flight for the 64-row batched decode
     # tiles, whose K loop is latency-bound: RESULTS.md, seventh session); None: COOP_TILES
     "warp_tiles": None,
+    # K-concatenated matmuls (matmul's k_parts) on the tensor cores: generated and tested as if on
+    # every CI run, not yet run on a GPU (tests/test_kernel_matmul_coop.py::test_coop_k_parts);
+    # until then rewrites.pair_matmuls_in_sum leaves such sums as two matmuls on these adapters
+    "k_parts": False,
     "split_min_k": 256,
 }
 
@@ -135,9 +139,19 @@ def eligible(c) -> bool:
     """Whether plan() sends this tiled matmul to the tensor cores (see the module docstring)."""
     if not TUNING["enabled"] or c.M < int(TUNING["min_m"]) or not c.dev.has_coopmat:
         return False
+    if c.kparts and not TUNING["k_parts"]:
+        return False
     f16 = mm.dtypes.float16
     return c.A.dtype is f16 or c.B.dtype is f16 or c.b_binding is not None or \
         any(pm.dtype is f16 or pb is not None for pm, pb, _ in c.parts)
+
+
+def takes(M: int, dtypes_: tuple) -> bool:
+    """Whether a tiled matmul of M rows whose operands have these dtypes would run here (the
+    adapter, the switches and eligible()'s dtype rule, without planning it)."""
+    f16 = mm.dtypes.float16
+    return (bool(TUNING["enabled"]) and M >= int(TUNING["min_m"]) and mm.runtime.get_device().has_coopmat
+            and any(d is f16 or d.is_quant for d in dtypes_))
 
 
 def config(c) -> tuple:
