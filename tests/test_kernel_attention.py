@@ -181,9 +181,25 @@ def _ref_rope(x, pos, rot, base=10000.0):
 @pytest.mark.parametrize("H,D,rot,max_ctx,kvls", [(3, 32, 16, 200, (1, 30, 64, 65, 130, 200, 64)),
                                                   (2, 80, 80, 70, (70, 5)), (2, 8, 4, 9, (9,))], ids=str)
 @pytest.mark.parametrize("cache_dtype", [np.float16, np.float32], ids=["f16", "f32"])
-def test_rope_attention_decode(paths, H, D, rot, max_ctx, kvls, cache_dtype):
+@pytest.mark.parametrize("chunk", [None, 32, 128], ids=["chunk64", "chunk32", "chunk128"])
+def test_rope_attention_decode(paths, H, D, rot, max_ctx, kvls, cache_dtype, chunk):
     """One dispatch = rope_kv_write + attention (+ the split combine) for one token, over short
-    and split contexts; repeated calls reuse the per-head counters (they must come back to 0)."""
+    and split contexts; repeated calls reuse the per-head counters (they must come back to 0).
+    chunk: keys per workgroup (attention.DECODE_TUNING, a benchmark knob), other than 64."""
+    from tensorgpu import debug
+    from tensorgpu.kernels import attention as att
+    with debug.tuning(att.DECODE_TUNING, **({"chunk": chunk} if chunk else {})):
+        _decode_case(H, D, rot, max_ctx, kvls, cache_dtype)
+
+
+def test_decode_chunk_knob_is_checked():
+    from tensorgpu import debug
+    from tensorgpu.kernels import attention as att
+    with debug.tuning(att.DECODE_TUNING, chunk=256), pytest.raises(ValueError, match="keys per decode workgroup"):
+        _decode_case(2, 16, 16, 40, (10,), np.float32)
+
+
+def _decode_case(H, D, rot, max_ctx, kvls, cache_dtype):
     K = rng.standard_normal((H, max_ctx, D)).astype(cache_dtype)
     V = rng.standard_normal((H, max_ctx, D)).astype(cache_dtype)
     kc, vc = runtime.upload(K), runtime.upload(V)

@@ -787,6 +787,14 @@ DECODE_WG = 128
 DECODE_TUNING = {"chunk": DECODE_CHUNK}
 
 
+def _decode_chunk() -> int:
+    """DECODE_TUNING["chunk"], checked: a workgroup's DECODE_WG invocations hold one score each."""
+    ch = int(DECODE_TUNING["chunk"])
+    if not 1 <= ch <= DECODE_WG:
+        raise ValueError(f"attention: DECODE_TUNING['chunk'] = {ch}; keys per decode workgroup are 1..{DECODE_WG}")
+    return ch
+
+
 def _pow2_divisor(n: int, cap: int) -> int:
     t = 1
     while t * 2 <= cap and n % (t * 2) == 0:
@@ -805,7 +813,7 @@ def rope_attention_decode_supported(qkv: Operand, n_heads: int, head_dim: int, c
           and qkv.dtype in (dtypes.float32, dtypes.float16) and len(qkv.shape) == 4 and qkv.shape[0] >= 1)
     if ok and max_ctx is not None:
         rows = int(qkv.shape[0]) * int(n_heads)
-        NS = max(1, -(-int(max_ctx) // int(DECODE_TUNING["chunk"])))
+        NS = max(1, -(-int(max_ctx) // _decode_chunk()))
         ok = 4 * _decode_layout(rows, NS, head_dim)[2] <= get_device().max_binding_size
     return ok
 
@@ -973,7 +981,7 @@ def _decode_source(qkv: Operand, B: int, H: int, D: int, rot: int, max_ctx: int,
     from .rope import _rope_val_wgsl, _rope_wgsl
     dev = get_device()
     sub = dev.has_subgroups
-    WG, CH = DECODE_WG, int(DECODE_TUNING["chunk"])
+    WG, CH = DECODE_WG, _decode_chunk()
     NS = max(1, -(-max_ctx // CH))
     D4 = D // 4
     TPK = _pow2_divisor(D4, 8)          # threads per key in q.k (interleaved vec4s: coalesced)
