@@ -29,6 +29,12 @@ M, K, NS = (512 if FULL else 32), 2048, (2048, 256, 256)
 
 
 
+def _run(L) -> None:
+    """Queue a matmul Launch: its pass and any split-K reduce after it."""
+    for name, wgsl, binds, grid in [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra):
+        runtime.dispatch(name, wgsl, binds, grid)
+
+
 def _forms(kind):
     rng = np.random.default_rng(0)
     x = runtime.upload(rng.standard_normal((M, K)).astype(np.float32))
@@ -44,9 +50,7 @@ def _forms(kind):
                 mm.matmul(o, xo, b)
 
         def stack():
-            L = mm.plan(stacked, xo, bs[0], b_parts=[(b, None) for b in bs[1:]])
-            for name, wgsl, binds, grid in [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra):
-                runtime.dispatch(name, wgsl, binds, grid)
+            _run(mm.plan(stacked, xo, bs[0], b_parts=[(b, None) for b in bs[1:]]))
     else:
         dt = dtypes.as_dtype(kind)
         ws = [runtime.upload(random_blocks(kind, (n, K), 0.05, rng)) for n in NS]
@@ -119,9 +123,7 @@ def _pair_forms(kind, Mp):
                 mm.matmul(o, x, b)
 
         def pair():
-            L = mm.plan(paired, xo[0], bs[0], k_parts=[(xo[1], bs[1], None)])
-            for name, wgsl, binds, grid in [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra):
-                runtime.dispatch(name, wgsl, binds, grid)
+            _run(mm.plan(paired, xo[0], bs[0], k_parts=[(xo[1], bs[1], None)]))
     else:
         dt = dtypes.as_dtype(kind)
         ws = [runtime.upload(random_blocks(kind, (PAIR_N, k), 0.02, rng)) for k in PAIR_KS]
