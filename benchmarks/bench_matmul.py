@@ -295,7 +295,7 @@ def test_small_m_sweep(benchmark, small_m_table, M, variant, N, K, wdt):
             if wdt == "float16":
                 la = mm.plan(out, xop, Operand(w, dtypes.float16, (K, N), (1, K), 0),
                              force="gemv_k" if force == "gemv" else "tiled")
-                passes, name, info = [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra), la.name, la.info
+                passes, name, info = la.passes, la.name, la.info
             else:
                 la = quant.plan_matmul(out, xop, w, dtypes.as_dtype(wdt), N, K, force=force)
                 passes, name, info = la.passes, la.passes[0][0], la.info

@@ -70,7 +70,7 @@ def _time(passes, check=None, warm=0.1) -> float:
 def _mm_passes(out, A, B, tuning=None):
     with debug.tuning(mm.TUNING, **(tuning or {})):
         la = mm.plan(out, A, B)
-    return la, [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra)
+    return la, la.passes
 
 
 def _mm_check(out, x, w, M, N):

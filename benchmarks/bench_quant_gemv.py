@@ -181,7 +181,7 @@ def _prefill_launch(wdt: str, M: int, K: int, N: int):
     if wdt == "float16":
         w = _prefill_weights(wdt, N, K)
         la = mm.plan(out, xop, Operand(runtime.upload(w), dtypes.float16, (K, N), (1, K), 0))
-        passes = [(la.name, la.wgsl, la.bindings, la.grid)] + list(la.extra)
+        passes = la.passes
 
         def check():
             got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)

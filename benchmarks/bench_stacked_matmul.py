@@ -31,8 +31,8 @@ M, K, NS = (512 if FULL else 32), 2048, (2048, 256, 256)
 
 def _run(L) -> None:
     """Queue a matmul Launch: its pass and any split-K reduce after it."""
-    for name, wgsl, binds, grid in [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra):
-        runtime.dispatch(name, wgsl, binds, grid)
+    for p in L.passes:
+        runtime.dispatch(*p)
 
 
 def _forms(kind):

@@ -68,8 +68,7 @@ class StackedMatmulKernel(CustomKernel):
             passes = plan_stacked_matmul(out, x, [w.buffer for w in ws], self.w_dtype, self.Ns, self.K, epilogue).passes
         else:
             from .kernels.matmul import plan
-            L = plan(out, x, ws[0], epilogue, force="tiled", b_parts=[(w, None) for w in ws[1:]])
-            passes = [] if L.kind == "empty" else [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra)
+            passes = plan(out, x, ws[0], epilogue, force="tiled", b_parts=[(w, None) for w in ws[1:]]).passes
         for name, wgsl, bindings, grid in passes:
             runtime.dispatch(name, wgsl, bindings, grid)
 
@@ -95,8 +94,8 @@ class PairedMatmulKernel(CustomKernel):
             passes = plan_paired_matmul(out, xs, [w.buffer for w in ws], self.w_dtype, self.N, self.Ks, epilogue).passes
         else:
             from .kernels.matmul import plan
-            L = plan(out, xs[0], ws[0], epilogue, force="tiled", k_parts=[(x, w, None) for x, w in zip(xs[1:], ws[1:])])
-            passes = [] if L.kind == "empty" else [(L.name, L.wgsl, L.bindings, L.grid)] + list(L.extra)
+            passes = plan(out, xs[0], ws[0], epilogue, force="tiled",
+                          k_parts=[(x, w, None) for x, w in zip(xs[1:], ws[1:])]).passes
         for name, wgsl, bindings, grid in passes:
             runtime.dispatch(name, wgsl, bindings, grid)
 

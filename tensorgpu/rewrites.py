@@ -522,6 +522,19 @@ def fold_glu_into_gemv(g: Graph) -> int:
     return fired
 
 
+def _top_sums(g: Graph):
+    """(n, terms) for each unrealized float32 sum n that no bigger sum holds, consumers first (the
+    largest sums), with its terms (_add_leaves): what the pairing rules look through."""
+    for n in reversed(g.nodes):
+        if n.op is not Op.ADD or n.buffer is not None or n.dtype is not dt.float32:
+            continue
+        if g.only_reader(n) is not None and g.only_reader(n)[0].op is Op.ADD:
+            continue                      # part of a bigger sum, seen from its top
+        leaves: list = []
+        _add_leaves(g, n, View.contiguous(n.shape), leaves, True)
+        yield n, leaves
+
+
 def _add_leaves(g: Graph, n: Node, v: View, out: list, top: bool) -> None:
     """The terms of a sum of same-shape tensors (x + a + b, in any grouping)."""
     if (n.op is Op.ADD and n.buffer is None and (top or (g.reads(n) == 1 and v.is_identity(n.shape)))
@@ -539,13 +552,9 @@ def pair_gemvs_in_sum(g: Graph) -> int:
     (biases, the residual) added in its store."""
     from .nn import DecodeLinearKernel
     fired = 0
-    for n in reversed(g.nodes):           # consumers first: the largest sums
-        if n.op is not Op.ADD or n.buffer is not None or n.dtype is not dt.float32 or n.numel == 0:
+    for n, leaves in _top_sums(g):
+        if n.numel == 0:
             continue
-        if g.only_reader(n) is not None and g.only_reader(n)[0].op is Op.ADD:
-            continue                      # part of a bigger sum, seen from its top
-        leaves: list = []
-        _add_leaves(g, n, View.contiguous(n.shape), leaves, True)
         gemvs = [(m, v) for m, v in leaves
                  if _is(m, DecodeLinearKernel) and m.arg.ln is None and not m.arg.K2 and not m.arg.glu and g.reads(m) == 1
                  and v.shape == n.shape and _row_view(v, m) and m.numel == n.numel]
@@ -1016,14 +1025,10 @@ def pair_matmuls_in_sum(g: Graph) -> int:
     from .customops import MatmulKernel, PairedMatmulKernel, QuantMatmulKernel
     from .kernels import matmul as mm, matmul_coop as coop, quant
     fired = 0
-    for n in reversed(g.nodes):           # consumers first: the largest sums
-        if n.op is not Op.ADD or n.buffer is not None or n.dtype is not dt.float32 or len(n.shape) != 2:
+    for n, leaves in _top_sums(g):
+        if len(n.shape) != 2:
             continue
-        if g.only_reader(n) is not None and g.only_reader(n)[0].op is Op.ADD:
-            continue                      # part of a bigger sum, seen from its top
         M, N = n.shape
-        leaves: list = []
-        _add_leaves(g, n, View.contiguous(n.shape), leaves, True)
         cands = []
         for m, v in leaves:
             q = _is(m, QuantMatmulKernel)

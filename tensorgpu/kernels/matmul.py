@@ -206,6 +206,17 @@ def _check_bounds(name: str, op: Operand) -> None:
                          f"{op.dtype.name} elements")
 
 
+def _stride(n: int, s) -> int:
+    """An operand's element stride along a dim of size n: a size-1 dim never advances, so stride 0
+    keeps it out of the alignment checks."""
+    return 0 if n == 1 else int(s)
+
+
+def _mat2d(op: Operand, rows: int, cols: int) -> "_Mat":
+    """An unbatched [rows, cols] operand (the stacked and K-concatenated plans' parts)."""
+    return _Mat(op, rows, cols, _stride(rows, op.strides[0]), _stride(cols, op.strides[1]), int(op.offset), ())
+
+
 def _merge_batch(shape: tuple, sa: tuple, sb: tuple):
     """Drop size-1 batch dims and merge adjacent ones that are contiguous in both operands (the
     output is contiguous), so a kernel does as few div/mods per workgroup as possible."""
@@ -248,16 +259,18 @@ class Launch:
     info: dict = field(default_factory=dict)
     extra: list = field(default_factory=list)   # follow-up dispatches (name, wgsl, bindings, grid): split-K reduction
 
+    @property
+    def passes(self) -> list:
+        """Every dispatch (name, wgsl, bindings, grid) in queue order: the kernel, then `extra`."""
+        return [] if self.kind == "empty" else [(self.name, self.wgsl, self.bindings, self.grid)] + list(self.extra)
+
 
 def matmul(out: Buffer, a: Operand, b: Operand, epilogue=None) -> None:
     """Queue out = epilogue(a @ b): a [*batch, M, K], b [*batch, K, N] (identical batch shapes; the
     caller broadcasts with stride 0), float32/float16 each, any strides and offsets; out is a
     contiguous float32 [*batch, M, N]. Accumulates in f32."""
-    launch = plan(out, a, b, epilogue)
-    if launch.kind != "empty":
-        runtime.dispatch(launch.name, launch.wgsl, launch.bindings, launch.grid)
-        for name, wgsl, bindings, grid in launch.extra:
-            runtime.dispatch(name, wgsl, bindings, grid)
+    for name, wgsl, bindings, grid in plan(out, a, b, epilogue).passes:
+        runtime.dispatch(name, wgsl, bindings, grid)
 
 
 def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str] = None,
@@ -317,9 +330,7 @@ def plan(out: Buffer, a: Operand, b: Operand, epilogue=None, force: Optional[str
     if b_binding is None:
         _check_bounds("b", b)
 
-    def z(n, s):  # a size-1 dim never advances: stride 0 keeps it out of alignment checks
-        return 0 if n == 1 else int(s)
-
+    z = _stride
     dims = _merge_batch(batch, tuple(z(n, s) for n, s in zip(batch, a.strides[:-2])),
                         tuple(z(n, s) for n, s in zip(batch, b.strides[:-2])))
     A = _Mat(a, M, K, z(M, a.strides[-2]), z(K, a.strides[-1]), int(a.offset), tuple(d[1] for d in dims))
@@ -707,6 +718,12 @@ def _gen_naive(c: _Ctx):
 # ----------------------------------------------------------------------------- tiled
 
 
+def _k_fastest(m: "_Mat", which: str) -> bool:
+    """A scalar tile load's item order: k fastest when k is operand `which`'s smaller stride."""
+    sk, st = (m.scol, m.srow) if which == "a" else (m.srow, m.scol)
+    return abs(sk) <= abs(st)
+
+
 def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_vec: bool = True,
                threads: int = 256, lanes: int = 4, cast: str = "", tmajor: int = 0, kfast: Optional[bool] = None):
     """Code moving one [BK x T] tile of operand `which` (a: T = M rows; b: T = N cols) from global
@@ -790,7 +807,7 @@ def _tile_load(c: _Ctx, which: str, T: int, BK: int, tdim: int, K: int, allow_ve
         mode = "s"
         count = BK * T
         R = -(-count // NT)
-        kfast = abs(sk) <= abs(st) if kfast is None else kfast
+        kfast = _k_fastest(m, which) if kfast is None else kfast
         for r in range(R):
             regs.append(f"    var r{X}{r} = 0.0;\n")
             if kfast:
@@ -1151,17 +1168,16 @@ def _kpart_loads(c: _Ctx, TM: int, TN: int, BK: int, NT: int, a_lanes: int, b_la
     A, B = c.A, c.B
     parts = [(A, B, c.bind_b, 0)] + c.kparts
     ends = [start for _, _, _, start in parts[1:]] + [c.K]
+    # scalar layouts: every part in part 0's item order (their registers are stored alike)
+    order = {"a": _k_fastest(A, "a"), "b": _k_fastest(B, "b")}
     for allow_vec in (True, False):
         if not allow_vec:
             c.want("a", 1)
             c.want("b", 1)
         gens = []
-        order = {}     # scalar layouts: every part in part 0's item order (its registers are stored alike)
         for j, (am, bm, _, start) in enumerate(parts):
             c.A, c.B = am, bm
             Kj = ends[j] - start
-            if j == 0:
-                order = {"a": abs(am.scol) <= abs(am.srow), "b": abs(bm.srow) <= abs(bm.scol)}
             ko = {} if allow_vec else order
             gens.append((_tile_load(c, "a", TM, BK, c.M, Kj, allow_vec=allow_vec, threads=NT, lanes=a_lanes,
                                     kfast=ko.get("a"), **kw),
@@ -1227,12 +1243,7 @@ def _plan_kparts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_
         if kb is None:
             _check_bounds("b", bj)
 
-    def z(n, st):
-        return 0 if n == 1 else int(st)
-
-    mats = [(_Mat(aj, M, k, z(M, aj.strides[0]), z(k, aj.strides[1]), int(aj.offset), ()),
-             _Mat(bj, k, N, z(k, bj.strides[0]), z(N, bj.strides[1]), int(bj.offset), ()), kb)
-            for (aj, bj, kb), k in zip(ops, Ks)]
+    mats = [(_mat2d(aj, M, k), _mat2d(bj, k, N), kb) for (aj, bj, kb), k in zip(ops, Ks)]
     starts = [sum(Ks[:j]) for j in range(len(Ks))]
     ctx = _Ctx(runtime.get_device(), mats[0][0], mats[0][1], M, N, sum(Ks), 1, [], ep, b_binding,
                kparts=[(am, bm, kb, st) for (am, bm, kb), st in zip(mats[1:], starts[1:])])
@@ -1274,11 +1285,8 @@ def _plan_parts(out: Buffer, a: Operand, b: Operand, parts: list, ep, force, b_b
         if pb is None:
             _check_bounds("b" if j == 0 else f"b_parts[{j - 1}]", p)
 
-    def z(n, st):
-        return 0 if n == 1 else int(st)
-
-    A = _Mat(a, M, K, z(M, a.strides[0]), z(K, a.strides[1]), int(a.offset), ())
-    mats = [_Mat(p, K, n, z(K, p.strides[0]), z(n, p.strides[1]), int(p.offset), ()) for (p, _), n in zip(ops, Ns)]
+    A = _mat2d(a, M, K)
+    mats = [_mat2d(p, K, n) for (p, _), n in zip(ops, Ns)]
     starts = [sum(Ns[:j]) for j in range(len(Ns))]
     ctx = _Ctx(runtime.get_device(), A, mats[0], M, N, K, 1, [], ep, b_binding,
                [(m, pb, st) for m, (_, pb), st in zip(mats[1:], parts, starts[1:])])

@@ -902,7 +902,7 @@ def _mm_operands(X: _X, w: Buffer, dt: dtypes.DType, N: int, K: int, wbase: int)
 
 def _launch(kind: str, ml, pre: tuple = ()) -> Launch:
     """A quant Launch of the float matmul's dispatches (main pass + split-K reduction)."""
-    return Launch(kind, list(pre) + [(ml.name, ml.wgsl, ml.bindings, ml.grid)] + list(ml.extra), dict(ml.info))
+    return Launch(kind, list(pre) + ml.passes, dict(ml.info))
 
 
 def _plan_dequant(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
@@ -923,8 +923,7 @@ def _plan_tiled(dev, X, w, dt, fmt, N, K, rb, wbase, ep, out) -> Launch:
     weights the same tuning, while each W element is still decoded from the GGUF blocks in
     registers on its way to workgroup memory, so no float copy of W is ever made."""
     a, b = _mm_operands(X, w, dt, N, K, wbase)
-    binding = _WeightBinding("mm_b", dt, 4, dev.has_f16, bool(TUNING["tiled_fast_decode"]))
-    return _launch("tiled", mm.plan(out, a, b, ep, force="tiled", b_binding=binding))
+    return _launch("tiled", mm.plan(out, a, b, ep, force="tiled", b_binding=_weight_bindings(dt, 1)[0]))
 
 
 # Tiled-path loads of 4 consecutive weights (group j of the block at byte bb) for the formats
