@@ -39,11 +39,17 @@ from tensorgpu.testing import random_blocks
 FULL = os.environ.get("TENSORGPU_BENCH_FULL", "") not in ("", "0")
 
 GEMV_SHAPES = [(1, 4096, 4096), (1, 2048, 8192)] if FULL else [(1, 512, 256)]      # (M, K, N)
+# TENSORGPU_QGEMV_SHAPES="pythia" / "K,N;K,N": issue 15's table, decode GEMVs of pythia-1.4b (qkv,
+# down) and redpajama-3b (up, down); TENSORGPU_QGEMV_TYPES="float16,q8_0,..." the weight formats.
+_NAMED_SHAPES = {"pythia": "2048,6144;8192,2048;2560,10240;10240,2560"}
+if os.environ.get("TENSORGPU_QGEMV_SHAPES"):
+    _spec = _NAMED_SHAPES.get(os.environ["TENSORGPU_QGEMV_SHAPES"], os.environ["TENSORGPU_QGEMV_SHAPES"])
+    GEMV_SHAPES = [(1, *(int(v) for v in kn.split(","))) for kn in _spec.split(";") if kn.strip()]
 # the four pythia-1.4b linear layers (qkv, attention out, mlp up, mlp down) at a 512-token prefill
 PREFILL_SHAPES = ([(512, 2048, 6144), (512, 2048, 2048), (512, 2048, 8192), (512, 8192, 2048)] if FULL
                   else [(64, 256, 128), (40, 512, 96)])
 COPY_BYTES = (256 << 20) if FULL else (4 << 20)
-GEMV_TYPES = ["q8_0", "q4_0", "q4_k"]
+GEMV_TYPES = os.environ.get("TENSORGPU_QGEMV_TYPES", "q8_0,q4_0,q4_k").split(",")   # float16: gemv.py on f16 rows
 PREFILL_TYPES = ["q8_0", "q4_0", "float16"]   # float16: the float tiled matmul on f16 weights, for comparison
 
 
@@ -70,6 +76,9 @@ def _weights(dt, N, K):
     (quantizing 16M floats in NumPy takes long; the bytes read are what matter)."""
     rng = np.random.default_rng(0)
     rows = min(N, 256)
+    if dt is dtypes.float16:
+        slab = (rng.standard_normal((rows, K)) / np.sqrt(K)).astype(np.float16).view(np.uint8)
+        return np.ascontiguousarray(np.tile(slab, (-(-N // rows), 1))[:N]).reshape(-1)
     try:
         slab = np.asarray(gguf.quants.quantize(rng.standard_normal((rows, K)).astype(np.float32) / np.sqrt(K),
                                                QT(dt.ggml_type)), np.uint8).reshape(rows, -1)
@@ -83,9 +92,12 @@ def _check(out, raw, dt, x, N, K):
     M = x.shape[0]
     got = np.frombuffer(runtime.read(out, 0, M * N * 4), np.float32).reshape(M, N)
     rows = np.unique(np.linspace(0, N - 1, 64).astype(int))
-    rb = K // dt.block_size * dt.block_bytes
-    W = np.stack([np.asarray(gguf.quants.dequantize(raw[r * rb:(r + 1) * rb], QT(dt.ggml_type)), np.float64).reshape(-1)
-                  for r in rows])
+    if dt is dtypes.float16:
+        W = raw.view(np.float16).reshape(N, K)[rows].astype(np.float64)
+    else:
+        rb = K // dt.block_size * dt.block_bytes
+        W = np.stack([np.asarray(gguf.quants.dequantize(raw[r * rb:(r + 1) * rb], QT(dt.ggml_type)),
+                                 np.float64).reshape(-1) for r in rows])
     ref = x.astype(np.float64) @ W.T
     err = np.abs(got[:, rows] - ref).max() / max(np.abs(ref).max(), 1e-30)
     assert err < 1e-3, f"quant {dt.name}: wrong result (rel err {err:.2e})"
@@ -119,7 +131,11 @@ def _gemv_dispatches(dt, raw, xop, N, K, copies, outs):
     bufs = [runtime.Buffer(N * 4) for _ in range(outs)]
     ds, launch = [], None
     for i, w in enumerate(ws):
-        launch = quant.plan_matmul(bufs[i % outs], xop, w, dt, N, K)
+        if dt is dtypes.float16:     # float rows: decode's own kernel (quant_matmul takes GGML blocks)
+            name, src, binds, grid, info = gm.plan(bufs[i % outs], xop, Operand(w, dt, (N, K), (K, 1), 0), dt, N, K)
+            launch = mm.Launch("gemv", name, src, binds, grid, info)
+        else:
+            launch = quant.plan_matmul(bufs[i % outs], xop, w, dt, N, K)
         ds += [runtime.dispatch(*p) for p in launch.passes]
     return ds, launch, bufs[0], ws
 
