@@ -1,10 +1,12 @@
 """Where the host time of a replayed decode step goes, by layer (issue 15: Python, wgpu-py,
 wgpu-native, the driver), from a sampling profiler rather than timers.
 
-Run the decode loop under py-spy, then fold its samples by the layer of their innermost frame:
+Run the decode loop, attach py-spy once it prints WARM (the load and capture under a native
+profiler take minutes), then fold the samples by the layer of their innermost frame:
 
-    py-spy record --native -r 400 -f raw -o /tmp/spy.txt -- \
-        python benchmarks/host_profile.py --gguf pythia-1.4b-f16.gguf --seconds 8
+    python benchmarks/host_profile.py --gguf pythia-1.4b-f16.gguf --seconds 12 > log & P=$!
+    until grep -q WARM log; do sleep 0.2; done
+    py-spy record --native -r 200 -d 5 -f raw -o /tmp/spy.txt -p $P; wait $P
     python benchmarks/host_profile.py --fold /tmp/spy.txt
 
 The loop is decode_profile.py's pipelined one (step N+1 queued before step N's token is read).
@@ -54,6 +56,7 @@ def run(gguf: str, seconds: float) -> None:
     ids = np.random.default_rng(1).integers(0, model.config.n_vocab, prompt).astype(np.int32)
     t = model.forward(tg.tensor(ids), 0, cache)[prompt - 1:].argmax(-1).realize()
     decode_loop(step, t, prompt, 0.5)                  # warm: clocks up, step captured
+    print("WARM", flush=True)                          # attach the profiler now (py-spy record -p PID)
     t0 = time.perf_counter()
     n = decode_loop(step, t, prompt, seconds)
     dt = time.perf_counter() - t0

@@ -17,7 +17,10 @@ for l in open('$OUT/llamacpp.jsonl'):
     r = json.loads(l); print(r.get('model_filename', '').split('/')[-1], r.get('n_prompt'), r.get('n_gen'), round(r.get('avg_ts', 0), 1), '+-', round(r.get('stddev_ts', 0), 1))
 "
 for m in pythia-160m-f16 pythia-1.4b-f16; do
-  timeout 45 /tmp/site/bin/py-spy record --native -r 400 -f raw -o /tmp/spy_$m.txt -- python3 benchmarks/host_profile.py --gguf /tmp/ggufs/$m.gguf --seconds 6 2>&1 | grep -E "RESULT|rror"
+  timeout 60 python3 benchmarks/host_profile.py --gguf /tmp/ggufs/$m.gguf --seconds 12 > /tmp/hp_$m.log 2>&1 & P=$!
+  for i in $(seq 200); do grep -q WARM /tmp/hp_$m.log && break; sleep 0.2; done
+  timeout 30 /tmp/site/bin/py-spy record --native -r 200 -d 5 -f raw -o /tmp/spy_$m.txt -p $P > /dev/null 2>&1 || echo "py-spy: $?"
+  wait $P; grep -E "RESULT|rror" /tmp/hp_$m.log
   python3 benchmarks/host_profile.py --fold /tmp/spy_$m.txt
 done
 tar czf $OUT/spy.tgz /tmp/spy_*.txt 2>/dev/null
