@@ -28,9 +28,12 @@ PROMPTS = ["In the beginning God created", "The quick brown fox", "Once upon a t
            "Now the serpent was more subtle", "The function returns"]
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = ServerProcess(TINY_NEOX, "--max-batch", "16", "--ctx", str(CTX), name=NAME)
+@pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
+def server(request):
+    """Every test below runs against both server forms: the engine on a thread of the server
+    process (the default) and in its own process (--engine-process)."""
+    extra = ("--engine-process",) if request.param == "engine-process" else ()
+    s = ServerProcess(TINY_NEOX, "--max-batch", "16", "--ctx", str(CTX), *extra, name=NAME)
     yield s
     s.close()
 

@@ -1,6 +1,7 @@
 """The server's lifecycle and limits: /health while loading and after a failed load, the queue
 limit (503), EOS handling (ignore_eos), and SIGTERM with requests in flight."""
 import json
+import os
 import shutil
 import struct
 import threading
@@ -121,10 +122,12 @@ def test_health_is_503_while_loading_and_after_a_failed_load():
         t.join(30)
 
 
-def test_sigterm_with_requests_in_flight():
+@pytest.mark.parametrize("engine", [(), ("--engine-process",)], ids=["engine-thread", "engine-process"])
+def test_sigterm_with_requests_in_flight(engine):
     """SIGTERM: the listener closes at once, in-flight responses get --shutdown-timeout to finish,
-    then are cancelled; the process exits 0 without a traceback."""
-    s = ServerProcess(TINY_NEOX, "--max-batch", "2", "--ctx", "512", "--shutdown-timeout", "2")
+    then are cancelled; the process exits 0 without a traceback (with --engine-process, the
+    engine's process too)."""
+    s = ServerProcess(TINY_NEOX, "--max-batch", "2", "--ctx", "512", "--shutdown-timeout", "2", *engine)
     try:
         body = {"prompt": "Hello", "max_tokens": 500, "temperature": 0, "ignore_eos": True, "stream": True}
         seen, ended = [], threading.Event()
@@ -145,6 +148,8 @@ def test_sigterm_with_requests_in_flight():
         while not seen:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == s.proc.pid]
+        assert bool(kids) == bool(engine), kids     # the engine process (and multiprocessing's resource tracker)
         t0 = time.monotonic()
         s.proc.send_signal(15)
         time.sleep(0.5)
@@ -156,6 +161,10 @@ def test_sigterm_with_requests_in_flight():
         th.join(30)
         assert rc == 0, s.output()
         assert took < 20, f"shutdown took {took:.1f} s with --shutdown-timeout 2"
+        deadline = time.monotonic() + 10                    # no engine process outlives the server
+        while any(os.path.exists(f"/proc/{k}") for k in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [k for k in kids if os.path.exists(f"/proc/{k}")], f"left behind by the server: {kids}"
         assert "Traceback" not in s.output(), s.output()
         # finished, or cancelled at the timeout with an OpenAI error event; either way it ends with [DONE]
         events = [line for line in seen if line]
@@ -167,3 +176,12 @@ def test_sigterm_with_requests_in_flight():
             assert last["choices"][0]["finish_reason"] == "length"
     finally:
         s.close()
+
+
+def _parent_of(pid: int) -> int:
+    """The parent pid of a live process (Linux /proc), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0

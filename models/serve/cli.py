@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    p.add_argument("--engine-process", action="store_true",
+                   help="run the engine (model, GPU, batching) in a child process, so the HTTP thread and the "
+                        "engine thread never wait for each other's GIL (models/serve/engine_process.py)")
     p.add_argument("--gil-switch-ms", type=float, default=None,
                    help="Python's thread switch interval (sys.setswitchinterval) in ms; default Python's 5. The "
                         "engine thread re-takes the GIL after every wgpu call, and while the HTTP thread runs "
@@ -80,6 +83,8 @@ def check_args(a) -> Optional[str]:
         return f"--num-gpus must be >= 0, got {a.num_gpus}"
     if a.gil_switch_ms is not None and not 0.01 <= a.gil_switch_ms <= 100:
         return f"--gil-switch-ms must be in [0.01, 100], got {a.gil_switch_ms}"
+    if a.engine_process and a.ray:
+        return "--engine-process and --ray do not combine (each Ray replica runs its own engine)"
     return None
 
 
@@ -118,7 +123,13 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
                        max_batch=a.max_batch, ctx=a.ctx, max_waiting=a.max_waiting, address=a.ray_address,
                        exact_batching=a.exact_batching)
     from .app import build_app
-    app = build_app(engine_factory(a.model, a.max_batch, a.ctx, a.max_waiting, a.exact_batching), name)
+    if a.engine_process:
+        def factory():
+            from .engine_process import EngineProcess
+            return EngineProcess(a.model, a.max_batch, a.ctx, a.max_waiting, a.exact_batching)
+    else:
+        factory = engine_factory(a.model, a.max_batch, a.ctx, a.max_waiting, a.exact_batching)
+    app = build_app(factory, name)
     print(f"tensorgpu serve: {name} ({a.model}) on http://{a.host}:{a.port} (loading; GET /health is 200 when "
           f"ready)", file=sys.stderr, flush=True)
     serve_uvicorn(app, a.host, a.port, a.shutdown_timeout, log_level=a.log_level, access_log=a.access_log)

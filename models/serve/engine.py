@@ -93,17 +93,32 @@ def _wake(loop, events) -> None:
 @contextlib.contextmanager
 def _batched_wakeups():
     """Within the block (one engine step, on the engine's thread), Request._emit collects its
-    consumers' events; they are set at the end, per loop in one callback."""
+    consumers' events; they are set at the end, per loop in one callback. Callables passed to
+    `after_step` inside the block run once at its end too (engine_process sends a step's
+    outputs as one message)."""
     if getattr(_WAKEUPS, "batch", None) is not None:     # nested: the outer block sets them
         yield
         return
-    _WAKEUPS.batch = {}
+    _WAKEUPS.batch, _WAKEUPS.after = {}, set()
     try:
         yield
     finally:
         batch, _WAKEUPS.batch = _WAKEUPS.batch, None
+        after, _WAKEUPS.after = _WAKEUPS.after, None
         for loop, events in batch.items():
             _wake(loop, events)
+        for fn in after:
+            fn()
+
+
+def after_step(fn: Callable[[], None]) -> bool:
+    """Inside an engine step on this thread: run fn once when the step ends (True). Outside one:
+    False, and the caller acts now."""
+    after = getattr(_WAKEUPS, "after", None)
+    if after is None:
+        return False
+    after.add(fn)       # a bound method hashes by its object and function: once per step
+    return True
 
 
 class Request:
@@ -122,6 +137,7 @@ class Request:
         self._cond = threading.Condition()
         self._waiters: list = []             # (loop, asyncio.Event) of async consumers
         self._cancelled = False
+        self._sink: Optional[Callable[[str, "Output"], None]] = None   # engine_process: forwards each output
 
     @property
     def finished(self) -> bool:
@@ -141,6 +157,9 @@ class Request:
                 self.finish_reason = out.finish_reason
             self._cond.notify_all()
             waiters = list(self._waiters)
+            sink = self._sink
+        if sink is not None:
+            sink(self.id, out)
         batch = getattr(_WAKEUPS, "batch", None)
         if batch is not None:            # inside an engine step: one wake-up per loop when it ends
             for loop, ev in waiters:
@@ -294,6 +313,9 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._closed = False
+        # called with (request id, Output) for every output of every request submitted from now
+        # on, on the thread that produces it (engine_process forwards them to the server process)
+        self.output_sink: Optional[Callable[[str, Output], None]] = None
         self.listeners: List[Callable[[StepInfo], None]] = []
         self._stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "requests": 0,
                        "finished": 0, "cancelled": 0, "chained_steps": 0}
@@ -319,6 +341,7 @@ class Engine:
                 f"the prompt has {ids.size} tokens; with one generated token that is more than the context "
                 f"of {self.max_context} tokens")
         req = Request(request_id or f"req-{uuid.uuid4().hex[:16]}", [int(i) for i in ids], params)
+        req._sink = self.output_sink
         with self._lock:
             if self._closed:
                 raise EngineStoppedError("the engine is shut down")
