@@ -14,7 +14,7 @@ def test_serve_is_listed_and_has_help(capsys):
     assert e.value.code == 0
     for flag in ("--model", "--host", "--port", "--max-batch", "--ctx", "--max-waiting", "--model-name", "--ray",
                  "--replicas", "--num-gpus", "--shutdown-timeout", "--exact-batching", "--gil-switch-ms",
-                 "--engine-process"):
+                 "--engine"):
         assert flag in out, flag
 
 
@@ -28,7 +28,7 @@ def test_serve_is_listed_and_has_help(capsys):
     (["--num-gpus", "-1", "--ray"], "--num-gpus must be >= 0, got -1"),
     (["--shutdown-timeout", "-2"], "--shutdown-timeout must be >= 0"),
     (["--gil-switch-ms", "0"], "--gil-switch-ms must be in [0.01, 100], got 0.0"),
-    (["--engine-process", "--ray"], "--engine-process and --ray do not combine"),
+    (["--engine", "process", "--ray"], "--engine process and --ray do not combine"),
 ])
 def test_bad_arguments_exit_2_naming_them(capsys, argv, needle):
     assert cli.main(["serve", *argv]) == 2

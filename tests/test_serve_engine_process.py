@@ -1,7 +1,8 @@
 """The engine in its own process (models/serve/engine_process.py), through its Python interface:
 the same tokens and request fields as an Engine in this process, the Engine's submit errors
 raised in the caller, cancellation, and what a caller sees when the engine process fails to
-load or dies. (tests/test_serve_http.py runs the whole HTTP suite against `--engine-process`.)"""
+load or dies. (tests/test_serve_http.py runs the whole HTTP suite against both `--engine process`,
+the default, and `--engine thread`.)"""
 from __future__ import annotations
 
 import os

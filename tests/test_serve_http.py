@@ -30,9 +30,9 @@ PROMPTS = ["In the beginning God created", "The quick brown fox", "Once upon a t
 
 @pytest.fixture(scope="module", params=["engine-thread", "engine-process"])
 def server(request):
-    """Every test below runs against both server forms: the engine on a thread of the server
-    process (the default) and in its own process (--engine-process)."""
-    extra = ("--engine-process",) if request.param == "engine-process" else ()
+    """Every test below runs against both server forms: the engine in its own process (the
+    default) and on a thread of the server process (--engine thread)."""
+    extra = ("--engine", "thread") if request.param == "engine-thread" else ()
     s = ServerProcess(TINY_NEOX, "--max-batch", "16", "--ctx", str(CTX), *extra, name=NAME)
     yield s
     s.close()

@@ -40,13 +40,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    p.add_argument("--engine-process", action="store_true",
-                   help="run the engine (model, GPU, batching) in a child process, so the HTTP thread and the "
-                        "engine thread never wait for each other's GIL (models/serve/engine_process.py)")
+    p.add_argument("--engine", choices=["process", "thread"], default=None,
+                   help="where the engine (model, GPU, batching) runs: 'process' (default) a child process, so "
+                        "HTTP work and decode steps never wait for one GIL (models/serve/engine_process.py); "
+                        "'thread' a thread of the server process. With --ray each replica runs its own, on a thread")
     p.add_argument("--gil-switch-ms", type=float, default=None,
-                   help="Python's thread switch interval (sys.setswitchinterval) in ms; default Python's 5. The "
-                        "engine thread re-takes the GIL after every wgpu call, and while the HTTP thread runs "
-                        "Python it waits up to this long each time")
+                   help="Python's thread switch interval (sys.setswitchinterval) in ms; default Python's 5. With "
+                        "--engine thread the engine thread re-takes the GIL after every wgpu call, and while the "
+                        "HTTP thread runs Python it waits up to this long each time")
     r = p.add_argument_group("Ray Serve (pip install -e '.[serve]')")
     r.add_argument("--ray", action="store_true", help="serve through Ray Serve replicas instead of one process")
     r.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each loading the model (default 1)")
@@ -83,8 +84,8 @@ def check_args(a) -> Optional[str]:
         return f"--num-gpus must be >= 0, got {a.num_gpus}"
     if a.gil_switch_ms is not None and not 0.01 <= a.gil_switch_ms <= 100:
         return f"--gil-switch-ms must be in [0.01, 100], got {a.gil_switch_ms}"
-    if a.engine_process and a.ray:
-        return "--engine-process and --ray do not combine (each Ray replica runs its own engine)"
+    if a.engine == "process" and a.ray:
+        return "--engine process and --ray do not combine (each Ray replica runs its engine on a thread)"
     return None
 
 
@@ -123,7 +124,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = PROG) -> int:
                        max_batch=a.max_batch, ctx=a.ctx, max_waiting=a.max_waiting, address=a.ray_address,
                        exact_batching=a.exact_batching)
     from .app import build_app
-    if a.engine_process:
+    if (a.engine or "process") == "process":
         def factory():
             from .engine_process import EngineProcess
             return EngineProcess(a.model, a.max_batch, a.ctx, a.max_waiting, a.exact_batching)
